@@ -1,0 +1,148 @@
+"""The `gacq` command line: one thin function per subcommand over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import GacqError
+
+app = typer.Typer(
+    help="gacq: post-training quantization of diffusion models (Gradient-Aligned Calibration and baselines).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = "Local diffusers folder (model or pipeline layout) or hub id; default: the bundled CIFAR-10 model."
+
+
+def _fail(e: GacqError) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Training images: folder, zip, mosaic zip, idx file or npz."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, logs, grids, model/)."),
+    config: str = typer.Option("small", help="Named model config: tiny, small or ddpm-cifar10."),
+    batch_size: int = typer.Option(128, min=1, help="Images per step."),
+    lr: float = typer.Option(2e-4, help="AdamW learning rate after warm-up."),
+    warmup_steps: int = typer.Option(1000, min=0, help="Linear warm-up steps."),
+    weight_decay: float = typer.Option(0.0, min=0.0, help="AdamW weight decay."),
+    grad_clip: float = typer.Option(1.0, min=0.0, help="Max gradient norm."),
+    ema_decay: float = typer.Option(0.9999, help="EMA decay of the weights."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Total steps of the run."),
+    time_budget: Optional[float] = typer.Option(None, min=0.1, help="Stop with a checkpoint after this many minutes."),
+    ckpt_every: int = typer.Option(5000, min=1, help="Checkpoint and sample grid every N steps."),
+    log_every: int = typer.Option(100, min=1, help="Log line every N steps."),
+    hflip: bool = typer.Option(True, help="Random horizontal flips."),
+    bf16: bool = typer.Option(True, help="bf16 autocast on CUDA."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    seed: int = typer.Option(0, help="Seed for weights, data order and noise."),
+    grid_num: int = typer.Option(64, min=0, help="Images in each checkpoint grid (0: none)."),
+    grid_steps: int = typer.Option(50, min=0, help="DDIM steps for the grid."),
+    resize: bool = typer.Option(False, help="Resize and centre-crop images of another size."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Train a full-precision DDPM denoiser (epsilon prediction, T=1000, linear betas)."""
+    from .train import TrainConfig
+    from .train import train as train_fn
+
+    try:
+        cfg = TrainConfig(
+            data=str(data), config=config, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, max_steps=max_steps,
+            time_budget_min=time_budget, ckpt_every=ckpt_every, log_every=log_every, hflip=hflip, bf16=bf16,
+            compile=compile, seed=seed, grid_num=grid_num, grid_steps=grid_steps, resize=resize,
+        )
+        summary = train_fn(cfg, out, resume=resume, device=device)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
+
+
+@app.command()
+def sample(
+    out: Path = typer.Option(..., "--out", help="Output folder: samples.npz, grid.png, meta.json."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    scheduler: str = typer.Option("ddim", help="ddim, ddpm or dpm (DPM-Solver++ 2M)."),
+    steps: int = typer.Option(100, min=1, help="Denoising steps."),
+    eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta."),
+    num: int = typer.Option(64, min=1, help="Number of images."),
+    batch_size: int = typer.Option(64, min=1, help="Images per model call (images do not depend on it)."),
+    seed: int = typer.Option(0, min=0, help="Base seed; image i uses seed*2^32+i."),
+    shard_size: int = typer.Option(5000, min=1, help="Images per resumable shard."),
+    timestep_spacing: str = typer.Option("leading", help="leading, trailing or linspace."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (GPU)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Sample images from a diffusers model; rerun the same command to resume."""
+    from .models import load_model
+    from .sampling import SampleConfig
+    from .sampling import sample as sample_fn
+    from .utils import resolve_device
+
+    try:
+        cfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, num=num, batch_size=batch_size, seed=seed,
+                           shard_size=shard_size, timestep_spacing=timestep_spacing, precision=precision)
+        dev = resolve_device(device)
+        loaded = load_model(model, device=dev)
+        meta = sample_fn(loaded, cfg, out, device=dev)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(f"wrote {meta['shape'][0]} images to {out / 'samples.npz'} and {out / 'grid.png'} "
+               f"in {meta['wall_seconds_this_run']:.1f} s")
+
+
+@app.command()
+def info(model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP)) -> None:
+    """Describe a model: class, parameters, sample shape, noise schedule."""
+    from .models import count_parameters, load_model
+
+    try:
+        loaded = load_model(model)
+    except GacqError as e:
+        _fail(e)
+    m = loaded.model
+    desc = {
+        "source": loaded.source,
+        "class": type(m).__name__,
+        "parameters": count_parameters(m),
+        "sample_shape": list(loaded.sample_shape),
+        "scheduler": {k: loaded.scheduler_config[k] for k in ("num_train_timesteps", "beta_schedule",
+                                                                "beta_start", "beta_end", "prediction_type")
+                      if k in loaded.scheduler_config},
+    }
+    typer.echo(json.dumps(desc, indent=2))
+
+
+@app.command()
+def configs() -> None:
+    """List the named model configs and their parameter counts."""
+    from .models import NAMED_CONFIGS, build_model, count_parameters
+
+    for name, cfg in NAMED_CONFIGS.items():
+        n = count_parameters(build_model(name))
+        typer.echo(f"{name:14s} {n / 1e6:8.3f}M params  {cfg['sample_size']}x{cfg['sample_size']}  "
+                   f"channels {tuple(cfg['block_out_channels'])}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except GacqError as e:  # errors raised outside a command's own handler
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

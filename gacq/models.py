@@ -1,0 +1,255 @@
+"""Diffusers models in and out: named configs, safetensors-only loading, the bundled model.
+
+A *model folder* is what `ModelMixin.save_pretrained` writes (config.json +
+safetensors). A *pipeline folder* is what `DiffusionPipeline.save_pretrained`
+writes (model_index.json, unet/ or transformer/, scheduler/). Both load with
+`load_model`, as does a hub id (downloaded with huggingface_hub, safetensors
+and JSON only). Pickle checkpoints are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import GacqError
+from .utils import atomic_dir
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+
+# The DDPM CIFAR-10 noise schedule (Ho et al. 2020): T=1000, linear betas 1e-4..0.02.
+DDPM_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+}
+
+_DDPM_CIFAR10_UNET: dict[str, Any] = {
+    # The exact UNet2DModel config of google/ddpm-cifar10-32 (the pesser/Ho et al. DDPM
+    # CIFAR-10 model used by Q-Diffusion, TFMQ-DM and the GAC paper): 35.7M parameters.
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 256, 256, 256),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": None,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "dropout": 0.1,
+    "act_fn": "silu",
+    "time_embedding_type": "positional",
+}
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    # Tests: 16x16, two levels, one attention level; about 30k parameters.
+    "tiny": {
+        **_DDPM_CIFAR10_UNET,
+        "sample_size": 16,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "dropout": 0.0,
+    },
+    # The project's CIFAR-10 model: the DDPM layout at base 64 channels, 9.0M parameters.
+    "small": {**_DDPM_CIFAR10_UNET, "block_out_channels": (64, 128, 128, 128)},
+    "ddpm-cifar10": dict(_DDPM_CIFAR10_UNET),
+}
+
+# Model classes gacq knows how to load from a config's `_class_name`.
+MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+# Sub-folders of a pipeline folder that hold the denoiser, in order of preference.
+DENOISER_SUBFOLDERS = ("unet", "transformer")
+
+BUNDLED_MODEL_NAME = "cifar10-small"
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser together with the noise schedule it was trained with."""
+
+    model: torch.nn.Module
+    scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(DDPM_SCHEDULE))
+    source: str = ""
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample."""
+        cfg = self.model.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, h, w)
+
+
+def build_model(config: str | dict[str, Any]) -> torch.nn.Module:
+    """A freshly initialised UNet2DModel from a named config or a config dict."""
+    from diffusers import UNet2DModel
+
+    if isinstance(config, str):
+        if config not in NAMED_CONFIGS:
+            raise GacqError(f"unknown model config {config!r}; choose one of {', '.join(NAMED_CONFIGS)}")
+        config = NAMED_CONFIGS[config]
+    return UNet2DModel(**config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def bundled_model_path() -> Path:
+    """Folder of the CIFAR-10 model shipped inside the package."""
+    return Path(str(resources.files("gacq") / "assets" / BUNDLED_MODEL_NAME))
+
+
+def _refuse_pickles(folder: Path) -> None:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise GacqError(
+            f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}); gacq never unpickles "
+            "files, which can run arbitrary code. Convert them once, in an environment you trust, with "
+            "`Model.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`."
+        )
+    raise GacqError(f"{folder} has a config but no .safetensors weights")
+
+
+def _model_class(folder: Path):
+    import diffusers
+
+    cfg_path = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise GacqError(f"{cfg_path} is not valid JSON: {e}") from e
+    name = cfg.get("_class_name")
+    if name not in MODEL_CLASSES:
+        raise GacqError(
+            f"{cfg_path} describes a {name!r}; gacq loads denoisers of type {', '.join(MODEL_CLASSES)}"
+        )
+    return getattr(diffusers, name)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch the JSON and safetensors files of a hub repository (never pickles)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt"])
+        )
+    except Exception as e:  # the hub client raises many types (offline, 404, auth)
+        raise GacqError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Check the id and your network, or pass a local folder."
+        ) from e
+
+
+def resolve_model_folder(spec: str | os.PathLike | None) -> tuple[Path, str]:
+    """Turn --model into a local folder: None -> bundled model, path -> itself, hub id -> download."""
+    if spec is None:
+        path = bundled_model_path()
+        if not (path / "model_index.json").exists():
+            raise GacqError(
+                f"the bundled model is missing from {path}; reinstall gacq from a full checkout "
+                "or pass --model"
+            )
+        return path, f"bundled:{BUNDLED_MODEL_NAME}"
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                raise GacqError(
+                    f"{path} is a pickle checkpoint; gacq never unpickles files. Pass a diffusers folder "
+                    "with safetensors weights (see `save_pretrained(..., safe_serialization=True)`)."
+                )
+            raise GacqError(
+                f"{path} is a file; --model wants a diffusers folder (config.json + "
+                "*.safetensors, or a pipeline folder with model_index.json) or a hub id"
+            )
+        return path, str(path)
+    text = str(spec)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _download(text), f"hub:{text}"
+    raise GacqError(f"model path {path} does not exist (and is not a hub id of the form owner/name)")
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a denoiser and its noise schedule.
+
+    Args:
+        spec: a model folder, a pipeline folder, a hub id, or None for the bundled model.
+        device: where to put the model.
+        dtype: the model's parameter dtype (weights stored in fp16 are upcast to fp32 by default).
+    """
+    folder, source = resolve_model_folder(spec)
+    sched_file: Path | None = None
+    if (folder / "model_index.json").exists():
+        sub = next((folder / s for s in DENOISER_SUBFOLDERS if (folder / s / "config.json").exists()), None)
+        if sub is None:
+            raise GacqError(f"pipeline folder {folder} has no {' or '.join(DENOISER_SUBFOLDERS)}/config.json")
+        sched_file = folder / "scheduler" / "scheduler_config.json"
+        folder = sub
+    elif not (folder / "config.json").exists():
+        raise GacqError(f"{folder} is not a diffusers folder: no config.json or model_index.json in it")
+    else:
+        sched_file = folder / "scheduler_config.json"
+    _refuse_pickles(folder)
+    cls = _model_class(folder)
+    try:
+        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise GacqError(f"could not load the model in {folder}: {e}") from e
+    model.to(device).eval()
+    sched = dict(DDPM_SCHEDULE)
+    if sched_file is not None and sched_file.exists():
+        sched.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
+    return LoadedModel(model=model, scheduler_config=sched, source=source)
+
+
+def save_model(
+    model: torch.nn.Module,
+    out: str | os.PathLike,
+    scheduler_config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str = "10GB",
+) -> Path:
+    """Save as a diffusers DDPM pipeline folder (model_index.json, unet/, scheduler/), atomically.
+
+    The folder loads back with `load_model` and with `diffusers.DDPMPipeline.from_pretrained`.
+    """
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    sched = DDPMScheduler(**{**DDPM_SCHEDULE, **(scheduler_config or {})})
+    out = Path(out)
+    if dtype is not None:
+        import copy
+
+        model = copy.deepcopy(model).to(dtype)
+    with atomic_dir(out) as tmp:
+        pipe = DDPMPipeline(unet=model, scheduler=sched)
+        pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    return out
