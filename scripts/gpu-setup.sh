@@ -11,5 +11,4 @@ export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=$PWD/runs/inductor-cache
 mkdir -p runs
-alias gacq="python3 -m gacq.cli"
 set +e
