@@ -50,6 +50,7 @@ def train(
     grid_steps: int = typer.Option(50, min=0, help="DDIM steps for the grid."),
     resize: bool = typer.Option(False, help="Resize and centre-crop images of another size."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+    init_from: Optional[str] = typer.Option(None, help="Start from this saved model's weights (fresh optimizer)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Train a full-precision DDPM denoiser (epsilon prediction, T=1000, linear betas)."""
@@ -62,6 +63,7 @@ def train(
             weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, max_steps=max_steps,
             time_budget_min=time_budget, ckpt_every=ckpt_every, log_every=log_every, hflip=hflip, bf16=bf16,
             compile=compile, seed=seed, grid_num=grid_num, grid_steps=grid_steps, resize=resize,
+            init_from=init_from,
         )
         summary = train_fn(cfg, out, resume=resume, device=device)
     except GacqError as e:

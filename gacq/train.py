@@ -59,6 +59,8 @@ class TrainConfig:
         seed: seeds the initial weights, data order, noise and timesteps.
         grid_num, grid_steps: size of the sample grid and its DDIM steps (0 disables grids).
         resize: allow resizing data whose size differs from the model's.
+        init_from: start model and EMA from the weights of this saved model (a new leg of
+            training with a fresh optimizer, e.g. when the full checkpoint could not be kept).
     """
 
     data: str
@@ -80,6 +82,7 @@ class TrainConfig:
     grid_num: int = 64
     grid_steps: int = 50
     resize: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.config not in NAMED_CONFIGS:
@@ -142,6 +145,18 @@ def _restore_rng(gen: torch.Generator, t: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(t["rng.torch_cuda"])
 
 
+def _init_weights(model: torch.nn.Module, source: str, config: str) -> None:
+    from .models import load_model
+
+    loaded = load_model(source)
+    want = dict(model.config)
+    got = dict(loaded.model.config)
+    diff = sorted(k for k in NAMED_CONFIGS[config] if list(np.atleast_1d(want.get(k))) != list(np.atleast_1d(got.get(k))))
+    if diff:
+        raise GacqError(f"--init-from {source} is not a {config!r} model ({', '.join(diff)} differ)")
+    model.load_state_dict(loaded.model.state_dict())
+
+
 # ---------------------------------------------------------------- training ---
 class _Run:
     """The mutable state of one training run."""
@@ -150,6 +165,8 @@ class _Run:
         self.cfg, self.out, self.device = cfg, out, device
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.config).to(device).train()
+        if cfg.init_from is not None:
+            _init_weights(self.model, cfg.init_from, cfg.config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)

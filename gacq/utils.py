@@ -64,6 +64,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def git_commit() -> str:
     """The commit of the gacq checkout, with '+dirty' if it has changes, or 'unknown'."""
+    if os.environ.get("GACQ_COMMIT"):  # set by device calls, whose copy of the tree has no .git
+        return os.environ["GACQ_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         res = subprocess.run(
