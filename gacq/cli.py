@@ -80,7 +80,7 @@ def sample(
     eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta."),
     num: int = typer.Option(64, min=1, help="Number of images."),
     batch_size: int = typer.Option(64, min=1, help="Images per model call (images do not depend on it)."),
-    seed: int = typer.Option(0, min=0, help="Base seed; image i uses seed*2^32+i."),
+    seed: int = typer.Option(0, min=0, help="Base seed; every image has its own generator derived from (seed, index)."),
     shard_size: int = typer.Option(5000, min=1, help="Images per resumable shard."),
     timestep_spacing: str = typer.Option("leading", help="leading, trailing or linspace."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (GPU)."),

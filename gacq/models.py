@@ -217,8 +217,8 @@ def load_model(
         raise GacqError(f"{folder} is not a diffusers folder: no config.json or model_index.json in it")
     else:
         sched_file = folder / "scheduler_config.json"
-    _refuse_pickles(folder)
     cls = _model_class(folder)
+    _refuse_pickles(folder)
     try:
         model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:

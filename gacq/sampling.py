@@ -1,7 +1,7 @@
 """Sampling with diffusers schedulers: per-sample seeds, sharded resumable output.
 
 Seeds belong to samples, not batches: sample i of seed s starts from noise
-drawn by its own CPU `torch.Generator` seeded with `s * 2**32 + i`, and every
+drawn by its own CPU `torch.Generator` (seeded by `sample_seed(s, i)`), and every
 later random draw of that sample (DDPM, DDIM with eta > 0) comes from the same
 generator. The same seed therefore gives the same images whatever the batch
 size, the shard size or the device the noise is used on.
@@ -37,7 +37,7 @@ class SampleConfig:
         eta: DDIM's eta (0 = deterministic DDIM).
         num: number of images.
         batch_size: images per model call (does not change the images).
-        seed: base seed; sample i uses generator seed `seed * 2**32 + i`.
+        seed: base seed; sample i uses the generator seed `sample_seed(seed, i)`.
         shard_size: images per shard file; a killed run resumes at the first missing shard.
         timestep_spacing: diffusers' timestep spacing ('leading' is DDIM's original).
         precision: 'fp32' or 'bf16' (autocast; GPU only).
@@ -90,9 +90,32 @@ def make_scheduler(cfg: SampleConfig, scheduler_config: dict[str, Any]):
     return sched
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: int) -> int:
+    """A bijection of 32-bit integers (the 'lowbias32' integer hash)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample `index` under base `seed`.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so
+    (seed, index) is mapped into 32 bits: `_mix32((_mix32(seed) + index) mod 2^32)`.
+    For a fixed seed this is injective in the index, so no two samples of one
+    run (fewer than 2^32 of them) share their noise.
+    """
+    return _mix32((_mix32(seed & _M32) + index) & _M32)
+
+
 def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:
     """One CPU generator per sample index."""
-    return [torch.Generator("cpu").manual_seed(seed * 2**32 + int(i)) for i in indices]
+    return [torch.Generator("cpu").manual_seed(sample_seed(seed, int(i))) for i in indices]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -305,7 +305,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
 
     call_start = time.monotonic()
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
-    reserve_s = 10.0  # time kept for the final checkpoint; grows to 1.5x the measured one
+    # time kept for the final checkpoint; grows to 1.5x the measured checkpoint time
+    reserve_s = min(10.0, 0.1 * budget_s)
     target = cfg.max_steps
     first_step, train_seconds_before = run.step, run.train_seconds
     bar = tqdm(total=target, initial=run.step, desc="training", unit="step", disable=not progress,

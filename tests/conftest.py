@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny real diffusers models and real data files on disk."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gacq.models import build_model, save_model
+
+
+def write_images(root: Path, classes=("cat", "dog"), per_class=6, size=16, seed=0, fmt="png") -> Path:
+    """A class-per-subfolder image folder with distinguishable classes."""
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+            arr[: size // 2] = 40 + 160 * k
+            Image.fromarray(arr).save(root / c / f"{i:03d}.{fmt}")
+    return root
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool = False) -> Path:
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_images(tmp_path / "imgs")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    return save_model(model, tmp_path / "tiny_model")

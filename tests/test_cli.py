@@ -1,0 +1,64 @@
+"""The `gacq` command run as a real subprocess, end to end on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def gacq(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gacq {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("sub", [None, "train", "sample", "info", "configs"])
+def test_help(sub):
+    proc = gacq(*([sub] if sub else []), "--help")
+    assert "Usage" in proc.stdout
+
+
+def test_train_sample_info_end_to_end(image_folder, tmp_path):
+    run = tmp_path / "run"
+    gacq("train", "--data", image_folder, "--config", "tiny", "--out", run, "--max-steps", 12, "--batch-size", 4,
+         "--log-every", 4, "--ckpt-every", 6, "--grid-num", 4, "--grid-steps", 2, "--device", "cpu")
+    gacq("train", "--data", image_folder, "--config", "tiny", "--out", run, "--max-steps", 16, "--batch-size", 4,
+         "--log-every", 4, "--ckpt-every", 6, "--grid-num", 4, "--grid-steps", 2, "--device", "cpu", "--resume")
+    assert json.loads((run / "ckpt" / "state.json").read_text())["step"] == 16
+    out = tmp_path / "samples"
+    proc = gacq("sample", "--model", run / "model", "--num", 5, "--batch-size", 2, "--steps", 3, "--out", out,
+                "--device", "cpu")
+    assert "wrote 5 images" in proc.stdout
+    assert np.load(out / "samples.npz")["images"].shape == (5, 16, 16, 3)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["scheduler"] == "ddim" and meta["steps"] == 3 and meta["model"] == str(run / "model")
+    info = json.loads(gacq("info", "--model", run / "model").stdout)
+    assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["sample", "--model", "/nonexistent/model", "--out", "x"], "does not exist"),
+    (["info", "--model", "weights.ckpt"], "never unpickles"),
+    (["sample", "--scheduler", "euler", "--out", "x"], "unknown scheduler"),
+    (["train", "--data", "/nonexistent", "--out", "r", "--max-steps", "1", "--config", "tiny"], "does not exist"),
+    (["train", "--data", ".", "--out", "r", "--config", "tiny"], "--max-steps or --time-budget"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, args, msg):
+    (tmp_path / "weights.ckpt").write_bytes(b"not really a pickle")
+    proc = subprocess.run([sys.executable, "-m", "gacq", *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert msg in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x" / "samples.npz").exists()
+
+
+def test_hub_id_uses_real_hub_code_offline(tmp_path):
+    proc = gacq("info", "--model", "nobody-here/no-such-model", check=False,
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2
+    assert "could not fetch 'nobody-here/no-such-model'" in proc.stderr and "Traceback" not in proc.stderr
