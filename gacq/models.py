@@ -220,7 +220,7 @@ def load_model(
     cls = _model_class(folder)
     _refuse_pickles(folder)
     try:
-        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype)
+        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise GacqError(f"could not load the model in {folder}: {e}") from e
     model.to(device).eval()

@@ -131,11 +131,13 @@ def generate(
     indices: range | list[int],
     device: torch.device | str = "cpu",
     model_fn: Callable[..., torch.Tensor] | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> np.ndarray:
     """Sample the images with the given indices in one batch; returns uint8 (N, H, W, C).
 
     `model_fn(x, t)` replaces the model's forward (a quantized model, say); by
-    default the loaded model is called.
+    default the loaded model is called. `on_step(fraction_of_batch_done)` is
+    called after every denoising step (progress bars).
     """
     device = torch.device(device)
     model = loaded.model
@@ -154,6 +156,8 @@ def generate(
         with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
             eps = model_fn(inp, tt) if model_fn is not None else model(inp, tt).sample
         x = sched.step(eps.float(), t, x, **step_kwargs).prev_sample
+        if on_step is not None:
+            on_step(len(gens) / len(sched.timesteps))
     return to_uint8(x)
 
 
@@ -195,7 +199,8 @@ def sample(
     n_shards = -(-cfg.num // cfg.shard_size)
     start = time.time()
     done_before = sum((shard_dir / f"shard_{k:05d}.npz").exists() for k in range(n_shards))
-    bar = tqdm(total=cfg.num, desc="sampling", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.num, desc="sampling", unit="img", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]")
     made = 0
     for k in range(n_shards):
         lo, hi = k * cfg.shard_size, min(cfg.num, (k + 1) * cfg.shard_size)
@@ -206,10 +211,10 @@ def sample(
         parts = []
         for b in range(lo, hi, cfg.batch_size):
             idx = range(b, min(hi, b + cfg.batch_size))
-            parts.append(generate(loaded, cfg, idx, device, model_fn))
+            parts.append(generate(loaded, cfg, idx, device, model_fn, on_step=bar.update))
             made += len(idx)
-            bar.update(len(idx))
-            bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.1f}")
+            bar.n = round(bar.n)  # undo float drift of the per-step fractions
+            bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.2f}")
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=np.concatenate(parts))
