@@ -15,6 +15,22 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_perms(path: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask modes."""
+    mode = (0o777 if is_dir else 0o666) & ~_umask()
+    os.chmod(path, mode)
+    if is_dir:
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` on success.
@@ -28,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _default_perms(tmp_path, is_dir=False)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -42,6 +59,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _default_perms(tmp, is_dir=True)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
