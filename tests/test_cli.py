@@ -62,3 +62,17 @@ def test_hub_id_uses_real_hub_code_offline(tmp_path):
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 2
     assert "could not fetch 'nobody-here/no-such-model'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hub_id_resolves_from_the_hub_cache(tmp_path, tiny_model_dir):
+    """A hub id goes through huggingface_hub's real snapshot lookup (offline, cache filled by hand)."""
+    import shutil
+
+    rev = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-ddpm"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    proc = gacq("info", "--model", "someone/tiny-ddpm", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    info = json.loads(proc.stdout)
+    assert info["source"] == "hub:someone/tiny-ddpm" and info["sample_shape"] == [3, 16, 16]
