@@ -1,0 +1,108 @@
+"""Uniform affine quantization as pure functions (no module state).
+
+Conventions, as in the released Q-Diffusion / TFMQ-DM code (shared/docs/baselines.md §1):
+    x_int = clamp(round(x / scale) + zero_point, qmin, qmax)
+    x_hat = (x_int - zero_point) * scale
+asymmetric: [qmin, qmax] = [0, 2^b - 1]; symmetric: [-2^(b-1), 2^(b-1) - 1], zero_point = 0.
+Per-channel parameters have the tensor's rank with size 1 on every axis but the channel axis,
+so they broadcast (e.g. (O, 1, 1, 1) for a conv weight).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import GacqError
+
+MIN_SCALE = 1e-8  # floor for the step size of constant channels (max == min)
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range of a `bits`-bit quantizer."""
+    if not 2 <= bits <= 8:
+        raise GacqError(f"bit width {bits} is not supported; use 2 to 8 bits")
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient backward (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize and dequantize `x`.
+
+    Gradients: w.r.t. x, 1 inside the clamp range and 0 outside (STE through round, exact through
+    clamp); w.r.t. scale, the plain STE gradient (Q-Diffusion's LSQ-style learning, no LSQ gradient
+    scale); zero_point is not learned (its gradient is cut).
+    """
+    zp = zero_point.detach()
+    x_int = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
+    return (x_int - zp) * scale
+
+
+def _reduce_dims(x: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
+    if channel_axis is None:
+        return tuple(range(x.ndim))
+    axis = channel_axis % x.ndim
+    return tuple(d for d in range(x.ndim) if d != axis)
+
+
+def _amin_amax(x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = _reduce_dims(x, channel_axis)
+    return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map [lo, hi] onto the integer grid.
+
+    Asymmetric: the range is widened to include 0 (so 0 is exactly representable, as padding and
+    ReLU/SiLU outputs need), scale = (hi - lo) / (2^b - 1), zero_point = round(-lo / scale).
+    Symmetric: scale = max(|lo|, |hi|) / (2^(b-1) - 1), zero_point = 0.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        scale = (absmax / qmax).clamp_min(MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
+    zero_point = torch.round(-lo / scale)
+    return scale, zero_point
+
+
+def choose_qparams_minmax(x: torch.Tensor, bits: int, symmetric: bool = False,
+                          channel_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max step size and zero point ([QD]'s 'max' init), per tensor or per channel."""
+    lo, hi = _amin_amax(x.detach(), channel_axis)
+    return qparams_from_range(lo, hi, bits, symmetric)
+
+
+def choose_qparams_mse(x: torch.Tensor, bits: int, symmetric: bool = False, channel_axis: int | None = None,
+                       p: float = 2.4, n_candidates: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping-range search for the least Lp reconstruction error (Q-Diffusion/TFMQ-DM 'mse' init).
+
+    For i = 0..n_candidates-1 the range [lo, hi] = (1 - 0.01 i) [min, max] is tried
+    (symmetric: the range is symmetrised first) and the candidate with the least
+    mean |x - Q(x)|^p (per channel when `channel_axis` is set) is kept.
+    """
+    x = x.detach()
+    dims = _reduce_dims(x, channel_axis)
+    qmin, qmax = qrange(bits, symmetric)
+    lo0, hi0 = _amin_amax(x, channel_axis)
+    if symmetric:
+        hi0 = torch.maximum(lo0.abs(), hi0.abs())
+        lo0 = -hi0
+    best_err = torch.full_like(lo0, float("inf"))
+    best_scale, best_zp = qparams_from_range(lo0, hi0, bits, symmetric)
+    for i in range(n_candidates):
+        shrink = 1.0 - 0.01 * i
+        scale, zp = qparams_from_range(lo0 * shrink, hi0 * shrink, bits, symmetric)
+        err = (x - fake_quantize(x, scale, zp, qmin, qmax)).abs().pow(p).mean(dim=dims, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp

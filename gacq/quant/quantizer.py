@@ -1,0 +1,146 @@
+"""Quantizer modules: a uniform affine quantizer and AdaRound on top of it.
+
+State is explicit: a quantizer's scale and zero point are buffers (or, for learned activation
+step sizes, a Parameter) created with their final shape, set by an explicit `init_*` call, and
+saved in the state dict. Nothing is initialised lazily from whatever batch arrives first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import GacqError
+from .primitives import choose_qparams_minmax, choose_qparams_mse, fake_quantize, qrange
+
+
+class UniformQuantizer(nn.Module):
+    """Fake quantizer: per-tensor (`channel_axis=None`) or per-channel, symmetric or asymmetric.
+
+    Args:
+        bits: 2..8.
+        symmetric: zero point 0 and a signed grid.
+        channel_axis: axis with one (scale, zero point) per index, or None for per-tensor.
+        shape: the shape of the tensors it will quantize (needed for per-channel parameters).
+        learn_scale: make the step size a Parameter (LSQ-style activation calibration).
+    """
+
+    def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = None,
+                 shape: tuple[int, ...] | None = None, learn_scale: bool = False):
+        super().__init__()
+        self.bits, self.symmetric, self.channel_axis = bits, symmetric, channel_axis
+        self.qmin, self.qmax = qrange(bits, symmetric)
+        if channel_axis is None:
+            pshape: tuple[int, ...] = ()
+        else:
+            if shape is None:
+                raise GacqError("a per-channel quantizer needs the tensor shape")
+            axis = channel_axis % len(shape)
+            pshape = tuple(s if d == axis else 1 for d, s in enumerate(shape))
+        scale = torch.ones(pshape)
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(pshape))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.enabled = True
+
+    def _set(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+            self.initialized.fill_(True)
+
+    def init_minmax(self, x: torch.Tensor) -> None:
+        """Step size from the min and max of `x` (per channel if per-channel)."""
+        self._set(*choose_qparams_minmax(x, self.bits, self.symmetric, self.channel_axis))
+
+    def init_mse(self, x: torch.Tensor, p: float = 2.4, n_candidates: int = 80) -> None:
+        """Step size by the clipping-range search for least Lp error."""
+        self._set(*choose_qparams_mse(x, self.bits, self.symmetric, self.channel_axis, p, n_candidates))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            raise GacqError("quantizer used before initialisation: call init_minmax or init_mse first")
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {gran}"
+
+
+# AdaRound (Nagel et al. 2020) rectified sigmoid stretch parameters, as in both baselines.
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def beta_schedule(it: int, iters: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float:
+    """AdaRound's annealed beta, as the released code does it (linear, not cosine).
+
+    beta = start while it < warmup * iters, then linear from start to end at it = iters.
+    The regulariser is switched off during the warm-up (see `AdaRoundQuantizer.regularizer`).
+    """
+    t0 = warmup * iters
+    if it < t0:
+        return start
+    frac = (it - t0) / max(iters - t0, 1e-12)
+    return end + (start - end) * max(0.0, 1.0 - frac)
+
+
+class AdaRoundQuantizer(nn.Module):
+    """Learned rounding of a weight on the (frozen) grid of an initialised per-channel quantizer.
+
+    Soft:  W_hat = scale * (clamp(floor(W/scale) + h(V) + z, qmin, qmax) - z)
+    Hard:  h(V) replaced by 1[V >= 0].
+    V starts so that h(V) = W/scale - floor(W/scale): the soft weight equals W inside the range.
+    """
+
+    def __init__(self, base: UniformQuantizer, weight: torch.Tensor):
+        super().__init__()
+        if not bool(base.initialized):
+            raise GacqError("AdaRound needs an initialised weight quantizer")
+        self.bits, self.qmin, self.qmax = base.bits, base.qmin, base.qmax
+        self.register_buffer("scale", base.scale.detach().clone())
+        self.register_buffer("zero_point", base.zero_point.detach().clone())
+        w = weight.detach()
+        self.register_buffer("w_floor", torch.floor(w / self.scale))
+        rest = (w / self.scale - self.w_floor).clamp(0, 1)
+        # V = -log((zeta - gamma) / (rest - gamma) - 1) inverts h on (0, 1)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.soft = True
+
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.alpha)
+
+    def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The rounded weight (the FP weight is baked into `w_floor`; the argument is ignored)."""
+        up = self.h() if self.soft else (self.alpha >= 0).to(self.alpha.dtype)
+        w_int = torch.clamp(self.w_floor + up + self.zero_point, self.qmin, self.qmax)
+        return (w_int - self.zero_point) * self.scale
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """sum over all elements of 1 - |2 h(V) - 1|^beta (a sum, not a mean, as in the baselines)."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def harden(self) -> None:
+        self.soft = False
+
+    def integer_weight(self) -> torch.Tensor:
+        """The hard-rounded integers (qmin..qmax), for packing into checkpoints."""
+        up = (self.alpha >= 0).to(self.w_floor.dtype)
+        return torch.clamp(self.w_floor + up + self.zero_point, self.qmin, self.qmax)
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's `compute_error`)."""
+    noise = (ref - approx).float().pow(2).sum()
+    return float(10 * torch.log10(ref.float().pow(2).sum() / noise)) if noise > 0 else math.inf
