@@ -1,0 +1,167 @@
+"""Calibration data: (x_t, t) pairs taken along full-precision sampling trajectories.
+
+Selections (baselines.md §4):
+- `uniform` (Q-Diffusion): every `steps // n_steps`-th sampling step (step indices 0, k, 2k, ...),
+  the same trajectories recorded at each chosen step; `n_per_step` trajectories.
+- `gaussian` (PTQ4DM's NDTC): each trajectory is recorded at one step whose diffusion timestep is
+  drawn as t = int(N(mu, sigma) * T), clamped to [0, T-1], and mapped to the sampling step whose
+  timestep is nearest. Unlike the released PTQ4DM code, the recorded t is the timestep at which x
+  was actually produced (that code fed a loop counter as t).
+- `all`: every sampling step (TFMQ-DM's activation set uses all of them).
+
+Trajectories use the per-sample generators of `gacq.sampling` (seed, index), so a set is
+reproducible from its metadata. Sets are saved as safetensors shards plus `calib.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import GacqError
+from ..models import LoadedModel
+from ..sampling import SampleConfig, generate, make_scheduler
+from ..utils import atomic_path, write_json
+
+SELECTIONS = ("uniform", "gaussian", "all")
+
+
+@dataclass(frozen=True)
+class CalibDataConfig:
+    """What to collect.
+
+    Attributes:
+        selection: 'uniform', 'gaussian' or 'all'.
+        n_trajectories: trajectories to run (Q-Diffusion: 256 per step on CIFAR-10).
+        n_steps: recorded steps for 'uniform' (Q-Diffusion: 20 of 100).
+        mu, sigma: mean and std of the Gaussian timestep draw, as fractions of T ('gaussian').
+        seed: trajectories use per-sample seeds derived from it; the Gaussian draw uses it too.
+        batch_size: trajectories per model call.
+    """
+
+    selection: str = "uniform"
+    n_trajectories: int = 256
+    n_steps: int = 20
+    mu: float = 0.5
+    sigma: float = 0.35
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise GacqError(f"unknown calibration selection {self.selection!r}; choose {', '.join(SELECTIONS)}")
+        if self.n_trajectories < 1 or self.n_steps < 1 or self.batch_size < 1:
+            raise GacqError("calibration counts (trajectories, steps, batch size) must be at least 1")
+        if self.sigma <= 0:
+            raise GacqError(f"sigma must be positive, got {self.sigma}")
+
+
+@dataclass
+class CalibrationSet:
+    """x: model inputs (N, C, H, W); t: their timesteps (N,); step: sampling-step index (N,)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    step: torch.Tensor
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def save(self, folder: str | Path, shard_size: int = 4096) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        n_shards = max(1, -(-len(self) // shard_size))
+        for k in range(n_shards):
+            sl = slice(k * shard_size, (k + 1) * shard_size)
+            with atomic_path(folder / f"calib_{k:05d}.safetensors") as tmp:
+                save_file({"x": self.x[sl].contiguous(), "t": self.t[sl].contiguous(),
+                           "step": self.step[sl].contiguous()}, str(tmp))
+        write_json(folder / "calib.json", {**self.meta, "count": len(self), "shards": n_shards})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "CalibrationSet":
+        folder = Path(folder)
+        meta_file = folder / "calib.json"
+        if not meta_file.exists():
+            raise GacqError(f"{folder} is not a calibration set (no calib.json)")
+        meta = json.loads(meta_file.read_text())
+        parts = []
+        for k in range(meta["shards"]):
+            path = folder / f"calib_{k:05d}.safetensors"
+            if not path.exists():
+                raise GacqError(f"calibration set {folder} is incomplete: {path.name} is missing")
+            parts.append(load_file(str(path)))
+        xs, ts, steps = (torch.cat([p[key] for p in parts]) for key in ("x", "t", "step"))
+        if len(ts) != meta["count"] or len(xs) != len(ts) or len(steps) != len(ts):
+            raise GacqError(f"calibration set {folder} is corrupt: {len(ts)} samples, calib.json says {meta['count']}")
+        meta = {k: v for k, v in meta.items() if k not in ("count", "shards")}
+        return cls(xs, ts, steps, meta)
+
+
+def select_steps(cfg: CalibDataConfig, timesteps: torch.Tensor, num_train_timesteps: int) -> list[list[int]]:
+    """For each trajectory, the sampling-step indices at which it is recorded."""
+    n_sampling = len(timesteps)
+    if cfg.selection == "all":
+        return [list(range(n_sampling))] * cfg.n_trajectories
+    if cfg.selection == "uniform":
+        if cfg.n_steps > n_sampling:
+            raise GacqError(f"cannot record {cfg.n_steps} steps of a {n_sampling}-step sampler")
+        stride = n_sampling // cfg.n_steps
+        return [list(range(0, stride * cfg.n_steps, stride))] * cfg.n_trajectories
+    g = torch.Generator().manual_seed(cfg.seed)
+    draws = torch.randn(cfg.n_trajectories, generator=g, dtype=torch.float64) * cfg.sigma + cfg.mu
+    t_star = (draws * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    nearest = (timesteps.double()[None, :] - t_star.double()[:, None]).abs().argmin(dim=1)
+    return [[int(k)] for k in nearest]
+
+
+@torch.no_grad()
+def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
+            device: torch.device | str = "cpu", progress: bool = True) -> CalibrationSet:
+    """Run the FP sampler and record the model inputs chosen by `cfg` (ordered by step, then sample)."""
+    device = torch.device(device)
+    sched = make_scheduler(sample_cfg, loaded.scheduler_config)
+    timesteps = sched.timesteps.clone()
+    wanted = select_steps(cfg, timesteps, sched.config.num_train_timesteps)
+    last_needed = max(max(w) for w in wanted)
+    records: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    scfg = SampleConfig(**{**asdict(sample_cfg), "seed": cfg.seed})
+    bar = tqdm(total=cfg.n_trajectories, desc="calibration data", unit="traj", disable=not progress)
+    for lo in range(0, cfg.n_trajectories, cfg.batch_size):
+        idx = list(range(lo, min(cfg.n_trajectories, lo + cfg.batch_size)))
+        step = {"k": 0}
+
+        def recording_model(x, t, idx=idx, step=step):
+            k = step["k"]
+            for row, i in enumerate(idx):
+                if k in wanted[i]:
+                    records.setdefault(k, []).append((i, x[row].detach().float().cpu().clone()))
+            step["k"] += 1
+            if k >= last_needed:  # nothing later is recorded: finish cheaply with a zero prediction
+                return torch.zeros_like(x)
+            return loaded.model(x, t).sample
+
+        generate(loaded, scfg, idx, device, model_fn=recording_model)
+        bar.update(len(idx))
+    bar.close()
+    xs, ts, steps = [], [], []
+    for k in sorted(records):
+        for _, x in sorted(records[k], key=lambda r: r[0]):
+            xs.append(x)
+            ts.append(int(timesteps[k]))
+            steps.append(k)
+    meta = {"model": loaded.source, "sampler": asdict(sample_cfg), "selection": asdict(cfg)}
+    return CalibrationSet(torch.stack(xs), torch.tensor(ts, dtype=torch.long), torch.tensor(steps, dtype=torch.long), meta)
+
+
+def timestep_histogram(cs: CalibrationSet) -> dict[int, int]:
+    values, counts = np.unique(cs.t.numpy(), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
