@@ -105,6 +105,41 @@ def sample(
 
 
 @app.command()
+def calib(
+    out: Path = typer.Option(..., "--out", help="Output folder: calib_*.safetensors shards + calib.json."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    selection: str = typer.Option("uniform", help="uniform (Q-Diffusion), gaussian (PTQ4DM) or all (every step)."),
+    trajectories: int = typer.Option(256, min=1, help="FP sampling trajectories to run."),
+    record_steps: int = typer.Option(20, min=1, help="Recorded sampling steps for 'uniform'."),
+    mu: float = typer.Option(0.5, help="Gaussian selection: mean timestep as a fraction of T."),
+    sigma: float = typer.Option(0.35, help="Gaussian selection: std as a fraction of T."),
+    scheduler: str = typer.Option("ddim", help="Sampler that produces the trajectories (use the evaluation one)."),
+    steps: int = typer.Option(100, min=1, help="Sampling steps."),
+    eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta."),
+    seed: int = typer.Option(0, min=0, help="Seed of the trajectories and of the Gaussian draw."),
+    batch_size: int = typer.Option(64, min=1, help="Trajectories per model call."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Collect calibration data (x_t, t) along full-precision sampling trajectories."""
+    from .models import load_model
+    from .quant.calib_data import CalibDataConfig, collect, timestep_histogram
+    from .sampling import SampleConfig
+    from .utils import resolve_device
+
+    try:
+        cfg = CalibDataConfig(selection=selection, n_trajectories=trajectories, n_steps=record_steps, mu=mu,
+                              sigma=sigma, seed=seed, batch_size=batch_size)
+        scfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, seed=seed)
+        dev = resolve_device(device)
+        cs = collect(load_model(model, device=dev), scfg, cfg, device=dev)
+        cs.save(out)
+    except GacqError as e:
+        _fail(e)
+    hist = timestep_histogram(cs)
+    typer.echo(f"wrote {len(cs)} calibration samples over {len(hist)} timesteps to {out}")
+
+
+@app.command()
 def info(model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP)) -> None:
     """Describe a model: class, parameters, sample shape, noise schedule."""
     from .models import count_parameters, load_model

@@ -17,7 +17,7 @@ def gacq(*args, env=None, check=True):
     return proc
 
 
-@pytest.mark.parametrize("sub", [None, "train", "sample", "info", "configs"])
+@pytest.mark.parametrize("sub", [None, "train", "sample", "calib", "info", "configs"])
 def test_help(sub):
     proc = gacq(*([sub] if sub else []), "--help")
     assert "Usage" in proc.stdout
@@ -76,3 +76,14 @@ def test_hub_id_resolves_from_the_hub_cache(tmp_path, tiny_model_dir):
     proc = gacq("info", "--model", "someone/tiny-ddpm", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
     info = json.loads(proc.stdout)
     assert info["source"] == "hub:someone/tiny-ddpm" and info["sample_shape"] == [3, 16, 16]
+
+
+def test_calib_command(tiny_model_dir, tmp_path):
+    out = tmp_path / "calib"
+    proc = gacq("calib", "--model", tiny_model_dir, "--trajectories", 3, "--record-steps", 2, "--steps", 4,
+                "--out", out, "--device", "cpu")
+    assert "wrote 6 calibration samples over 2 timesteps" in proc.stdout
+    from gacq.quant.calib_data import CalibrationSet
+
+    cs = CalibrationSet.load(out)
+    assert cs.x.shape == (6, 3, 16, 16) and cs.meta["selection"]["n_trajectories"] == 3
