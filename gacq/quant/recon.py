@@ -1,0 +1,173 @@
+"""BRECQ-style block reconstruction with AdaRound, with per-sample loss weights (the hook GAC needs).
+
+Units are found by type: a module of one of `BLOCK_TYPES` is a block; a quantized layer outside
+any block is a layer unit. Units are reconstructed in definition order (for diffusers' UNet2DModel
+that is also execution order).
+
+Inputs and targets follow the baselines' weight stage (baselines.md §3.2): the unit's input comes
+from the quantized model (weights quantized everywhere; already reconstructed units hard-rounded,
+the rest round-to-nearest; activations in FP), the target is the FP model's output of that unit on
+its FP input. Models run in eval mode (dropout off): the "sane" choice, unlike the released code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import GacqError
+from .modules import QuantLayer
+from .quantizer import beta_schedule
+
+
+def block_types() -> tuple[type, ...]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return (ResnetBlock2D, Attention, BasicTransformerBlock)
+
+
+def find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Top-most blocks and the quantized layers outside any block, in definition order."""
+    types = block_types()
+    units, inside = [], None
+    for name, m in model.named_modules():
+        if inside is not None and name.startswith(inside + "."):
+            continue
+        inside = None
+        if isinstance(m, types) and any(isinstance(c, QuantLayer) for c in m.modules()):
+            units.append((name, m))
+            inside = name
+        elif isinstance(m, QuantLayer):
+            units.append((name, m))
+    return units
+
+
+def lp_loss_per_sample(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """The baselines' lp_loss before the batch mean: |pred - target|^p summed over dim 1 (channels),
+    averaged over the remaining non-batch dims; one value per sample."""
+    err = (pred - target).abs().pow(p)
+    if err.ndim == 1:
+        return err
+    err = err.sum(1)
+    return err.flatten(1).mean(1) if err.ndim > 1 else err
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_unit_io(model: nn.Module, unit: nn.Module, run: Callable[[nn.Module, int, int], None], n: int,
+                    batch_size: int, want_output: bool) -> tuple[list[torch.Tensor], dict, torch.Tensor | None]:
+    """Record the unit's tensor positional args (and output) for samples 0..n-1.
+
+    `run(model, lo, hi)` must call the model on calibration samples lo..hi-1. Non-tensor kwargs
+    and tensor kwargs are recorded as well (tensor kwargs per sample).
+    """
+    args_store: list[list[torch.Tensor]] = []
+    kw_store: dict[str, list] = {}
+    outs: list[torch.Tensor] = []
+
+    def hook(mod, args, kwargs, output):
+        args_store.append([a.detach().cpu() if torch.is_tensor(a) else a for a in args])
+        for k, v in kwargs.items():
+            kw_store.setdefault(k, []).append(v.detach().cpu() if torch.is_tensor(v) else v)
+        if want_output:
+            outs.append(output.detach().cpu() if torch.is_tensor(output) else output[0].detach().cpu())
+        raise _Stop
+
+    h = unit.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for lo in range(0, n, batch_size):
+            try:
+                run(model, lo, min(n, lo + batch_size))
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if not args_store:
+        raise GacqError(f"no calibration sample reached unit {type(unit).__name__}")
+    n_args = len(args_store[0])
+    args = [torch.cat([a[i] for a in args_store]) if torch.is_tensor(args_store[0][i]) else args_store[0][i]
+            for i in range(n_args)]
+    kwargs = {k: (torch.cat(v) if torch.is_tensor(v[0]) else v[0]) for k, v in kw_store.items()}
+    return args, kwargs, (torch.cat(outs) if want_output else None)
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """AdaRound block reconstruction (defaults: the baselines' weight stage, baselines.md §1.3)."""
+
+    iters: int = 20000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    p: float = 2.0
+    seed: int = 0
+
+
+def _select(t, idx):
+    return t[idx] if torch.is_tensor(t) else t
+
+
+def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Tensor, cfg: ReconConfig,
+                     sample_weights: torch.Tensor | None = None, device: torch.device | str = "cpu") -> dict:
+    """AdaRound all quantized layers of `unit` to match `target` from the cached inputs; hardens them.
+
+    sample_weights: one weight per cached sample (summing to 1); the loss of a minibatch B is
+    mean_{i in B} (N * w_i * lp_i), which is the plain mean for uniform weights (GAC Algorithm 1).
+    Returns the weighted reconstruction loss on all samples before and after.
+    """
+    layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+    if not layers:
+        raise GacqError("unit has no quantized layers to reconstruct")
+    n = len(target)
+    if sample_weights is not None and sample_weights.shape != (n,):
+        raise GacqError(f"sample weights have shape {tuple(sample_weights.shape)}, expected ({n},)")
+    w = (sample_weights if sample_weights is not None else torch.full((n,), 1.0 / n)).to(device)
+    device = torch.device(device)
+
+    def forward(idx):
+        a = [_select(x, idx).to(device) if torch.is_tensor(x) else x for x in args]
+        k = {key: (_select(v, idx).to(device) if torch.is_tensor(v) and v.shape[:1] == (n,) else v)
+             for key, v in kwargs.items()}
+        out = unit(*a, **k)
+        return out if torch.is_tensor(out) else out[0]
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            total = 0.0
+            for lo in range(0, n, 256):
+                idx = torch.arange(lo, min(n, lo + 256))
+                total += float((n * w[idx] * lp_loss_per_sample(forward(idx), target[idx].to(device), cfg.p)).sum())
+            return total / n
+
+    for m in layers:
+        m.w_quant = True
+    before = full_loss()
+    adas = [m.enable_adaround() for m in layers]
+    opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for it in range(cfg.iters):
+        idx = torch.randperm(n, generator=g)[: cfg.batch_size]
+        rec = (n * w[idx] * lp_loss_per_sample(forward(idx), target[idx].to(device), cfg.p)).mean()
+        loss = rec
+        if it >= cfg.warmup * cfg.iters:
+            beta = beta_schedule(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            loss = rec + cfg.reg_weight * sum(a.regularizer(beta) for a in adas)
+        if not torch.isfinite(loss):
+            raise GacqError(f"reconstruction diverged (loss {loss.item()}) at iteration {it}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for a in adas:
+        a.harden()
+    return {"loss_before": before, "loss_after": full_loss()}
