@@ -1,8 +1,8 @@
 """BRECQ-style block reconstruction with AdaRound, with per-sample loss weights (the hook GAC needs).
 
-Units are found by type: a module of one of `BLOCK_TYPES` is a block; a quantized layer outside
-any block is a layer unit. Units are reconstructed in definition order (for diffusers' UNet2DModel
-that is also execution order).
+Units are found by type: a module of one of `block_types()` is a block; a quantized layer outside
+any block is a layer unit. Units are reconstructed in execution order, found by running the model
+once (definition order differs: diffusers' Attn*Block2D define their attentions before their resnets).
 
 Inputs and targets follow the baselines' weight stage (baselines.md §3.2): the unit's input comes
 from the quantized model (weights quantized everywhere; already reconstructed units hard-rounded,
@@ -47,6 +47,25 @@ def find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
+@torch.no_grad()
+def order_by_execution(model: nn.Module, units: list[tuple[str, nn.Module]], run_once: Callable[[nn.Module], None]
+                       ) -> list[tuple[str, nn.Module]]:
+    """Sort units by the first time each is called in `run_once(model)`."""
+    seen: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append(name) if name not in seen else None)
+               for name, m in units]
+    try:
+        run_once(model)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name, _ in units if name not in seen]
+    if missing:
+        raise GacqError(f"units never called by the model's forward: {', '.join(missing)}")
+    rank = {name: i for i, name in enumerate(seen)}
+    return sorted(units, key=lambda u: rank[u[0]])
+
+
 def lp_loss_per_sample(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """The baselines' lp_loss before the batch mean: |pred - target|^p summed over dim 1 (channels),
     averaged over the remaining non-batch dims; one value per sample."""
@@ -73,10 +92,15 @@ def capture_unit_io(model: nn.Module, unit: nn.Module, run: Callable[[nn.Module,
     kw_store: dict[str, list] = {}
     outs: list[torch.Tensor] = []
 
+    def keep(v):
+        # contiguous(): up-block inputs arrive with channels-last strides (diffusers' torch.cat), and
+        # backward through a ResnetBlock2D on such a tensor segfaulted in torch 2.13.0 (CPU).
+        return v.detach().cpu().contiguous() if torch.is_tensor(v) else v
+
     def hook(mod, args, kwargs, output):
-        args_store.append([a.detach().cpu() if torch.is_tensor(a) else a for a in args])
+        args_store.append([keep(a) for a in args])
         for k, v in kwargs.items():
-            kw_store.setdefault(k, []).append(v.detach().cpu() if torch.is_tensor(v) else v)
+            kw_store.setdefault(k, []).append(keep(v))
         if want_output:
             outs.append(output.detach().cpu() if torch.is_tensor(output) else output[0].detach().cpu())
         raise _Stop
@@ -171,3 +195,70 @@ def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Te
     for a in adas:
         a.harden()
     return {"loss_before": before, "loss_after": full_loss()}
+
+
+# ------------------------------------------------------------ whole model ---
+WeightFn = Callable[[str, nn.Module, list, dict, torch.Tensor], "torch.Tensor | None"]
+
+
+def _unit_file(ckpt_dir, i: int):
+    from pathlib import Path
+
+    return Path(ckpt_dir) / f"unit_{i:03d}.safetensors"
+
+
+def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg: ReconConfig,
+                      ckpt_dir=None, weight_fn: WeightFn | None = None, device: torch.device | str = "cpu",
+                      capture_batch: int = 64, on_unit_done: Callable[[int, str, dict], None] | None = None,
+                      progress: bool = True) -> list[dict]:
+    """Reconstruct every unit of `q_model` in order (weights stage), checkpointing each finished unit.
+
+    q_model must be wrapped, weight-initialised and in the weights-only quantization state.
+    `weight_fn(name, unit, args, kwargs, target)` may return per-sample loss weights (GAC).
+    With `ckpt_dir`, units already saved there are loaded instead of recomputed, so a killed run
+    resumes at the next unit and ends bit-identical to an uninterrupted one (each unit's minibatch
+    order is seeded by cfg.seed + its index).
+    """
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from ..utils import atomic_path
+
+    run = lambda model, lo, hi: model(x[lo:hi].to(device), t[lo:hi].to(device))  # noqa: E731
+    units = order_by_execution(q_model, find_units(q_model), lambda m: run(m, 0, 1))
+    stats = []
+    bar = tqdm(units, desc="reconstruction", unit="unit", disable=not progress)
+    for i, (name, unit) in enumerate(bar):
+        layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+        path = _unit_file(ckpt_dir, i) if ckpt_dir is not None else None
+        if path is not None and path.exists():
+            for m in layers:
+                m.enable_adaround()
+            state = load_file(str(path))
+            unit.load_state_dict({k: v.to(device) for k, v in state.items()})
+            for m in layers:
+                m.adaround.harden()
+            stats.append({"unit": name, "resumed": True})
+            continue
+        args, kwargs, _ = capture_unit_io(q_model, unit, run, len(t), capture_batch, want_output=False)
+        _, _, target = capture_unit_io(fp_model, fp_model.get_submodule(name), run, len(t), capture_batch,
+                                       want_output=True)
+        weights = weight_fn(name, unit, args, kwargs, target) if weight_fn is not None else None
+        try:
+            s = reconstruct_unit(unit, args, kwargs, target, dataclasses.replace(cfg, seed=cfg.seed + i), weights, device)
+        except GacqError as e:
+            raise GacqError(f"unit {i} ({name}): {e}; the {i} units before it are kept in {ckpt_dir}") from e
+        s = {"unit": name, "kind": type(unit).__name__, **s}
+        stats.append(s)
+        bar.set_postfix(loss=f"{s['loss_before']:.3g}->{s['loss_after']:.3g}")
+        if path is not None:
+            with atomic_path(path) as tmp:
+                save_file({k: v.detach().contiguous().cpu() for k, v in unit.state_dict().items()}, str(tmp))
+            with open(path.parent / "recon_log.jsonl", "a") as f:
+                f.write(json.dumps({"index": i, **s}) + "\n")
+        if on_unit_done is not None:
+            on_unit_done(i, name, s)
+    return stats
