@@ -140,6 +140,54 @@ def calib(
 
 
 @app.command()
+def quantize(
+    out: Path = typer.Option(..., "--out", help="Quantized checkpoint folder (QDIR)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    method: str = typer.Option("rtn", help="Quantization method (implemented: rtn)."),
+    wbits: int = typer.Option(4, help="Weight bits (2-8)."),
+    abits: int = typer.Option(8, help="Activation bits (2-8; 32 = float activations)."),
+    weight_init: str = typer.Option("mse", help="Weight grid init: mse or minmax."),
+    skip: list[str] = typer.Option([], "--skip", help="Layer-name pattern kept in float (repeatable)."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration set from `gacq calib`; collected if omitted."),
+    calib_trajectories: int = typer.Option(64, min=1, help="Trajectories when collecting calibration data."),
+    record_steps: int = typer.Option(20, min=1, help="Recorded steps per trajectory when collecting."),
+    steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration trajectories."),
+    seed: int = typer.Option(0, min=0, help="Calibration seed."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
+    import time
+
+    from .models import load_model
+    from .quant.api import QuantConfig
+    from .quant.api import quantize as quantize_fn
+    from .quant.calib_data import CalibDataConfig, CalibrationSet, collect
+    from .quant.checkpoint import save_quantized
+    from .sampling import SampleConfig
+    from .utils import git_commit, resolve_device
+
+    try:
+        t0 = time.time()
+        cfg = QuantConfig(method=method, wbits=wbits, abits=None if abits == 32 else abits, weight_init=weight_init,
+                          skip=tuple(skip), calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps,
+                                                     seed=seed))
+        dev = resolve_device(device)
+        loaded = load_model(model, device=dev)
+        cs = None
+        if cfg.abits is not None:
+            cs = CalibrationSet.load(calib) if calib is not None else collect(
+                loaded, SampleConfig(steps=steps, seed=seed), cfg.calib, device=dev)
+        qmodel = quantize_fn(loaded, cfg, cs, device=dev)
+        meta = {"config": cfg.to_json(), "base_model": loaded.source, "commit": git_commit(),
+                "calibration": str(calib) if calib is not None else "collected",
+                "wall_seconds": round(time.time() - t0, 2)}
+        save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(f"wrote W{wbits}A{abits} {method} checkpoint to {out} in {meta['wall_seconds']:.1f} s")
+
+
+@app.command()
 def info(model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP)) -> None:
     """Describe a model: class, parameters, sample shape, noise schedule."""
     from .models import count_parameters, load_model

@@ -201,11 +201,18 @@ def load_model(
     """Load a denoiser and its noise schedule.
 
     Args:
-        spec: a model folder, a pipeline folder, a hub id, or None for the bundled model.
+        spec: a model folder, a pipeline folder, a quantized folder (from `gacq quantize`), a hub id,
+            or None for the bundled model.
         device: where to put the model.
         dtype: the model's parameter dtype (weights stored in fp16 are upcast to fp32 by default).
     """
     folder, source = resolve_model_folder(spec)
+    from .quant.checkpoint import is_quantized_folder, load_quantized
+
+    if is_quantized_folder(folder):
+        qmodel, _, sched_cfg = load_quantized(folder)
+        sched = {**DDPM_SCHEDULE, **{k: v for k, v in sched_cfg.items() if not k.startswith("_")}}
+        return LoadedModel(model=qmodel.to(device).eval(), scheduler_config=sched, source=source)
     sched_file: Path | None = None
     if (folder / "model_index.json").exists():
         sub = next((folder / s for s in DENOISER_SUBFOLDERS if (folder / s / "config.json").exists()), None)

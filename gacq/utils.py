@@ -29,6 +29,8 @@ def _default_perms(path: Path, is_dir: bool) -> None:
         for root, dirs, files in os.walk(path):
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o777 & ~_umask())
+            for f in files:  # safetensors writes its files 0600
+                os.chmod(os.path.join(root, f), 0o666 & ~_umask())
 
 
 @contextlib.contextmanager

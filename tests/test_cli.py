@@ -17,7 +17,7 @@ def gacq(*args, env=None, check=True):
     return proc
 
 
-@pytest.mark.parametrize("sub", [None, "train", "sample", "calib", "info", "configs"])
+@pytest.mark.parametrize("sub", [None, "train", "sample", "calib", "quantize", "info", "configs"])
 def test_help(sub):
     proc = gacq(*([sub] if sub else []), "--help")
     assert "Usage" in proc.stdout
@@ -87,3 +87,17 @@ def test_calib_command(tiny_model_dir, tmp_path):
 
     cs = CalibrationSet.load(out)
     assert cs.x.shape == (6, 3, 16, 16) and cs.meta["selection"]["n_trajectories"] == 3
+
+
+def test_quantize_then_sample(tiny_model_dir, tmp_path):
+    q = tmp_path / "q"
+    proc = gacq("quantize", "--model", tiny_model_dir, "--method", "rtn", "--wbits", 4, "--abits", 8,
+                "--calib-trajectories", 4, "--record-steps", 5, "--steps", 5, "--out", q, "--device", "cpu")
+    assert "wrote W4A8 rtn checkpoint" in proc.stdout
+    info = json.loads(gacq("info", "--model", q).stdout)
+    assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
+    gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu")
+    assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (3, 16, 16, 3)
+    bad = gacq("quantize", "--model", tiny_model_dir, "--method", "tfmq", "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and "planned, not implemented" in bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,150 @@
+"""Quantized checkpoint folders: packed integer weights, scales, zero points and JSON.
+
+Layout of QDIR:
+    quant_config.json     method, bits, options, versions, and one entry per quantized layer
+    model_config.json     the base model's diffusers config and its noise schedule
+    quantized.safetensors per layer: qweight (uint8; two 4-bit values per byte when bits <= 4),
+                          scale, zero_point, and the input quantizer's act_scale / act_zero_point
+    float.safetensors     everything kept in floating point (norms, biases, unquantized layers)
+
+Loading rebuilds the architecture from model_config.json, wraps the same layers, and sets each
+quantized layer to its stored integer grid, so the loaded model's outputs equal the saved model's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import GacqError
+from ..utils import atomic_dir
+from .modules import QuantLayer
+from .wrap import quant_layers, wrap_layers
+
+FORMAT_VERSION = 1
+
+
+def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned integers (0..2^bits-1) -> uint8 bytes; two values per byte when bits <= 4."""
+    v = values.flatten().to(torch.uint8)
+    if bits > 4:
+        return v
+    if len(v) % 2:
+        v = torch.cat([v, v.new_zeros(1)])
+    return v[0::2] | (v[1::2] << 4)
+
+
+def unpack_int(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    if bits > 4:
+        return packed[:numel].to(torch.int64)
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()
+    return out[:numel].to(torch.int64)
+
+
+def _integer_weight(layer: QuantLayer) -> torch.Tensor:
+    if layer.adaround is not None:
+        return layer.adaround.integer_weight()
+    q = layer.weight_quantizer
+    return torch.clamp(torch.round(layer.weight / q.scale) + q.zero_point, q.qmin, q.qmax)
+
+
+def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, Any], model_config: dict[str, Any],
+                   scheduler_config: dict[str, Any]) -> Path:
+    """Write a quantized model (wrapped with gacq.quant) into QDIR, atomically."""
+    import diffusers
+
+    out = Path(out)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    quant_names = []
+    for name, m in quant_layers(model):
+        q = m.weight_quantizer
+        ints = _integer_weight(m).detach().cpu()
+        tensors[f"{name}.qweight"] = pack_int(ints, q.bits)
+        tensors[f"{name}.scale"] = q.scale.detach().cpu().float()
+        tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().float()
+        entry = {"type": type(m).__name__, "wbits": q.bits, "shape": list(m.weight.shape), "abits": m.abits,
+                 "a_symmetric": bool(m.act_quantizer.symmetric) if m.act_quantizer is not None else None}
+        if m.act_quantizer is not None:
+            if not bool(m.act_quantizer.initialized):
+                raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
+            tensors[f"{name}.act_scale"] = m.act_quantizer.scale.detach().cpu().float().reshape(1)
+            tensors[f"{name}.act_zero_point"] = m.act_quantizer.zero_point.detach().cpu().float().reshape(1)
+        layers[name] = entry
+        quant_names.append(name)
+    floats = {}
+    for k, v in model.state_dict().items():
+        owner = k.rsplit(".", 1)[0]
+        if any(owner == n or owner.startswith(n + ".") for n in quant_names) and not k.endswith(".bias"):
+            continue
+        floats[k] = v.detach().cpu().contiguous()
+    meta = {"format_version": FORMAT_VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__,
+            **config, "layers": layers}
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "quantized.safetensors"))
+        save_file(floats, str(tmp / "float.safetensors"))
+        (tmp / "quant_config.json").write_text(json.dumps(meta, indent=2))
+        base = {"_class_name": type(model).__name__,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items() if not k.startswith("_")}}
+        (tmp / "model_config.json").write_text(json.dumps({"model": base, "scheduler": scheduler_config}, indent=2))
+    return out
+
+
+def is_quantized_folder(path: Path) -> bool:
+    return (path / "quant_config.json").exists()
+
+
+def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """Rebuild a quantized model from QDIR; returns (model, quant_config, scheduler_config)."""
+    import diffusers
+
+    from ..models import MODEL_CLASSES
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "quant_config.json").read_text())
+        mcfg = json.loads((folder / "model_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GacqError(f"{folder} is not a readable quantized checkpoint: {e}") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise GacqError(f"{folder} has checkpoint format {meta.get('format_version')}; this gacq reads {FORMAT_VERSION}")
+    cls_name = mcfg["model"].get("_class_name")
+    if cls_name not in MODEL_CLASSES:
+        raise GacqError(f"{folder}: unsupported base model class {cls_name!r}")
+    try:
+        tensors = load_file(str(folder / "quantized.safetensors"))
+        floats = load_file(str(folder / "float.safetensors"))
+    except (OSError, Exception) as e:  # safetensors raises its own error types for corrupt files
+        raise GacqError(f"{folder}: cannot read the weight files ({e}); the checkpoint is corrupt or incomplete") from e
+    model = getattr(diffusers, cls_name).from_config(mcfg["model"]).eval()
+    layers = meta["layers"]
+    first = next(iter(layers.values()))
+    wrapped = wrap_layers(model, first["wbits"], first["abits"], skip=lambda n, m: n not in layers,
+                          a_symmetric=bool(first["a_symmetric"]))
+    if sorted(wrapped) != sorted(layers):
+        raise GacqError(f"{folder}: the quantized layers do not match the model architecture")
+    missing, unexpected = model.load_state_dict(floats, strict=False)
+    if unexpected:
+        raise GacqError(f"{folder}: float weights for unknown parameters: {unexpected[:3]}")
+    for name, m in quant_layers(model):
+        entry = layers[name]
+        if list(m.weight.shape) != entry["shape"] or m.weight_quantizer.bits != entry["wbits"]:
+            raise GacqError(f"{folder}: layer {name} has shape/bits {entry['shape']}/{entry['wbits']}, "
+                            f"the model has {list(m.weight.shape)}/{m.weight_quantizer.bits}")
+        q = m.weight_quantizer
+        scale, zp = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
+        ints = unpack_int(tensors[f"{name}.qweight"], q.bits, math.prod(entry["shape"])).view(entry["shape"])
+        if ints.max() > q.qmax or ints.min() < q.qmin:
+            raise GacqError(f"{folder}: layer {name} holds integers outside its {q.bits}-bit range")
+        q._set(scale, zp)
+        with torch.no_grad():
+            m.weight.copy_((ints.to(scale.dtype) - zp) * scale)
+        if m.act_quantizer is not None:
+            m.act_quantizer._set(tensors[f"{name}.act_scale"], tensors[f"{name}.act_zero_point"])
+        m.w_quant, m.a_quant = True, m.act_quantizer is not None
+    return model, meta, mcfg["scheduler"]
