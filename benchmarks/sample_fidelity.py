@@ -1,0 +1,75 @@
+"""Fidelity of quantized samples to full-precision samples drawn from the same noise.
+
+Until gacq has FID (issue 4), this is the cheap, honest check of a quantized model: with the same
+seeds, the FP and quantized samplers start from the same noise, so the per-image PSNR between the
+two sample sets measures how far quantization moves the generated images (higher is closer).
+It says nothing about sample quality or diversity on its own.
+
+    python benchmarks/sample_fidelity.py --ref S_FP --out results/rtn_fidelity S_Q1 S_Q2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gacq.utils import git_commit, machine_info, write_json  # noqa: E402
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 images (N, H, W, C)."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ref", required=True, help="sample folder of the FP model")
+    ap.add_argument("--out", required=True, help="results path without suffix")
+    ap.add_argument("--times", help="optional file of 'name seconds' lines to include")
+    ap.add_argument("--command", default="", help="the commands that produced the sample folders")
+    ap.add_argument("samples", nargs="+")
+    args = ap.parse_args()
+    ref_meta = json.loads((Path(args.ref) / "meta.json").read_text())
+    ref = np.load(Path(args.ref) / "samples.npz")["images"]
+    rows = []
+    for s in args.samples:
+        meta = json.loads((Path(s) / "meta.json").read_text())
+        for key in ("seed", "steps", "scheduler", "eta", "num"):
+            if meta[key] != ref_meta[key]:
+                raise SystemExit(f"{s}: {key} differs from the reference ({meta[key]} vs {ref_meta[key]})")
+        p = psnr(np.load(Path(s) / "samples.npz")["images"], ref)
+        rows.append({"samples": s, "model": meta["model"], "psnr_mean_db": round(float(p.mean()), 2),
+                     "psnr_median_db": round(float(np.median(p)), 2), "psnr_min_db": round(float(p.min()), 2)})
+    times = {}
+    if args.times:
+        for line in Path(args.times).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                times[parts[0]] = int(parts[1])
+    result = {"command": args.command, "this_script": "python " + " ".join(sys.argv), "commit": git_commit(),
+              "machine": machine_info(), "reference": args.ref, "num": ref_meta["num"], "seed": ref_meta["seed"],
+              "sampler": f"{ref_meta['scheduler']} {ref_meta['steps']} steps eta {ref_meta['eta']}",
+              "rows": rows, "wall_seconds": times}
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), result)
+    lines = [f"# Fidelity of quantized samples to FP samples (same noise), {result['num']} images",
+             "", f"Sampler: {result['sampler']}, seed {result['seed']}. Metric: per-image PSNR against the FP "
+             "sample from the same noise (higher = closer to FP). Not a quality metric: no FID yet.", "",
+             f"Commands: `{args.command}`  ", f"This table: `{result['this_script']}`  ",
+             f"Commit: {result['commit']}; machine: {result['machine']['cpus']} CPU cores, torch {result['machine']['torch']}",
+             "", "| model | mean PSNR (dB) | median | min |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['psnr_mean_db']} | {r['psnr_median_db']} | {r['psnr_min_db']} |" for r in rows]
+    if times:
+        lines += ["", "Wall times (s): " + ", ".join(f"{k} {v}" for k, v in times.items())]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
