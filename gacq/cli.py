@@ -143,7 +143,7 @@ def calib(
 def quantize(
     out: Path = typer.Option(..., "--out", help="Quantized checkpoint folder (QDIR)."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    method: str = typer.Option("rtn", help="Quantization method (implemented: rtn)."),
+    method: str = typer.Option("rtn", help="Quantization method (implemented: rtn, brecq)."),
     wbits: int = typer.Option(4, help="Weight bits (2-8)."),
     abits: int = typer.Option(8, help="Activation bits (2-8; 32 = float activations)."),
     weight_init: str = typer.Option("mse", help="Weight grid init: mse or minmax."),
@@ -153,6 +153,9 @@ def quantize(
     record_steps: int = typer.Option(20, min=1, help="Recorded steps per trajectory when collecting."),
     steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration trajectories."),
     seed: int = typer.Option(0, min=0, help="Calibration seed."),
+    iters: int = typer.Option(20000, min=1, help="brecq: AdaRound iterations per unit."),
+    recon_batch: int = typer.Option(32, min=1, help="brecq: reconstruction batch size."),
+    recon_lr: float = typer.Option(1e-3, help="brecq: Adam learning rate of the rounding variables."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
@@ -163,18 +166,20 @@ def quantize(
     from .quant.api import quantize as quantize_fn
     from .quant.calib_data import CalibDataConfig, CalibrationSet, collect
     from .quant.checkpoint import save_quantized
+    from .quant.recon import ReconConfig
     from .sampling import SampleConfig
     from .utils import git_commit, resolve_device
 
     try:
         t0 = time.time()
         cfg = QuantConfig(method=method, wbits=wbits, abits=None if abits == 32 else abits, weight_init=weight_init,
-                          skip=tuple(skip), calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps,
+                          skip=tuple(skip), recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
+                          recon_checkpoints=str(out) + ".recon-ckpt", calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps,
                                                      seed=seed))
         dev = resolve_device(device)
         loaded = load_model(model, device=dev)
         cs = None
-        if cfg.abits is not None:
+        if cfg.abits is not None or cfg.method == "brecq":
             cs = CalibrationSet.load(calib) if calib is not None else collect(
                 loaded, SampleConfig(steps=steps, seed=seed), cfg.calib, device=dev)
         qmodel = quantize_fn(loaded, cfg, cs, device=dev)
@@ -182,6 +187,10 @@ def quantize(
                 "calibration": str(calib) if calib is not None else "collected",
                 "wall_seconds": round(time.time() - t0, 2)}
         save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config)
+        if cfg.recon_checkpoints and Path(cfg.recon_checkpoints).exists():
+            import shutil
+
+            shutil.rmtree(cfg.recon_checkpoints)  # finished: per-unit resume points are no longer needed
     except GacqError as e:
         _fail(e)
     typer.echo(f"wrote W{wbits}A{abits} {method} checkpoint to {out} in {meta['wall_seconds']:.1f} s")

@@ -101,3 +101,16 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     bad = gacq("quantize", "--model", tiny_model_dir, "--method", "tfmq", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "planned, not implemented" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_brecq(tiny_model_dir, tmp_path):
+    calib = tmp_path / "c"
+    gacq("calib", "--model", tiny_model_dir, "--trajectories", 4, "--record-steps", 3, "--steps", 6, "--out", calib,
+         "--device", "cpu")
+    q = tmp_path / "q"
+    proc = gacq("quantize", "--model", tiny_model_dir, "--method", "brecq", "--wbits", 4, "--abits", 8,
+                "--calib", calib, "--iters", 4, "--recon-batch", 4, "--out", q, "--device", "cpu")
+    assert "wrote W4A8 brecq checkpoint" in proc.stdout
+    assert not (tmp_path / "q.recon-ckpt").exists()
+    meta = json.loads((q / "quant_config.json").read_text())
+    assert meta["config"]["method"] == "brecq" and meta["config"]["recon"]["iters"] == 4

@@ -11,10 +11,13 @@ import torch
 from ..errors import GacqError
 from ..models import LoadedModel
 from .calib_data import CalibDataConfig, CalibrationSet
+from .recon import ReconConfig, reconstruct_model
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
 
 # Methods implemented so far; the baselines and GAC are added here as they land.
-METHODS = ("rtn",)
+# 'brecq' is gacq's generic weight reconstruction (AdaRound per block, BRECQ-style, min-max
+# activation init); it is not one of the paper's baselines, which add their own choices on top.
+METHODS = ("rtn", "brecq")
 PLANNED = ("ptq4dm", "qdiffusion", "tfmq", "gac")
 
 
@@ -23,7 +26,8 @@ class QuantConfig:
     """What to quantize and how.
 
     Attributes:
-        method: 'rtn' (round-to-nearest on the initialised grid).
+        method: 'rtn' (round-to-nearest on the initialised grid) or 'brecq' (AdaRound block
+            reconstruction of the weights, then min-max activation ranges).
         wbits: weight bits (2..8), per output channel, asymmetric.
         abits: input-activation bits (2..8), per tensor; None keeps activations in float (W-only).
         weight_init: 'mse' (clipping search, Lp 2.4) or 'minmax'.
@@ -41,6 +45,8 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     calib: CalibDataConfig = field(default_factory=lambda: CalibDataConfig(n_trajectories=64, n_steps=20))
     calib_batch_size: int = 64
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    recon_checkpoints: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +77,13 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     for _, m in quant_layers(model):
         m.init_weight(config.weight_init)
     set_quant_state(model, weights=True, acts=False)
+    if config.method == "brecq":
+        if calib is None or len(calib) == 0:
+            raise GacqError("brecq reconstruction needs calibration data (run `gacq calib`)")
+        reconstruct_model(model, loaded.model.to(device), calib.x, calib.t, config.recon,
+                          ckpt_dir=config.recon_checkpoints, device=device,
+                          fingerprint={"quant": {k: v for k, v in config.to_json().items() if k != "recon"},
+                                       "model": loaded.source})
     if config.abits is not None:
         if calib is None or len(calib) == 0:
             raise GacqError("activation quantization needs calibration data (run `gacq calib` or pass --abits 32)")

@@ -210,14 +210,15 @@ def _unit_file(ckpt_dir, i: int):
 def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg: ReconConfig,
                       ckpt_dir=None, weight_fn: WeightFn | None = None, device: torch.device | str = "cpu",
                       capture_batch: int = 64, on_unit_done: Callable[[int, str, dict], None] | None = None,
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, fingerprint: dict | None = None) -> list[dict]:
     """Reconstruct every unit of `q_model` in order (weights stage), checkpointing each finished unit.
 
     q_model must be wrapped, weight-initialised and in the weights-only quantization state.
     `weight_fn(name, unit, args, kwargs, target)` may return per-sample loss weights (GAC).
     With `ckpt_dir`, units already saved there are loaded instead of recomputed, so a killed run
     resumes at the next unit and ends bit-identical to an uninterrupted one (each unit's minibatch
-    order is seeded by cfg.seed + its index).
+    order is seeded by cfg.seed + its index). `fingerprint` (settings that define the run) is stored
+    in `ckpt_dir/run.json`; resuming with a different one is refused.
     """
     import dataclasses
     import json
@@ -227,6 +228,16 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
 
     from ..utils import atomic_path
 
+    if ckpt_dir is not None:
+        from pathlib import Path
+
+        from ..utils import write_json
+
+        run_file = Path(ckpt_dir) / "run.json"
+        fp_json = json.loads(json.dumps({"recon": dataclasses.asdict(cfg), "n_samples": len(t), **(fingerprint or {})}))
+        if run_file.exists() and json.loads(run_file.read_text()) != fp_json:
+            raise GacqError(f"{ckpt_dir} holds reconstruction checkpoints of another run; delete it or change --out")
+        write_json(run_file, fp_json)
     run = lambda model, lo, hi: model(x[lo:hi].to(device), t[lo:hi].to(device))  # noqa: E731
     units = order_by_execution(q_model, find_units(q_model), lambda m: run(m, 0, 1))
     stats = []

@@ -124,3 +124,15 @@ def test_killed_run_resumes_bit_identical(setup, tmp_path):
         err_rtn = (rtn(cs.x[:16], cs.t[:16]).sample - ref).pow(2).mean()
         err_rec = (resumed(cs.x[:16], cs.t[:16]).sample - ref).pow(2).mean()
     assert err_rec < err_rtn
+
+
+def test_resume_refuses_other_settings(setup, tmp_path):
+    from gacq.errors import GacqError
+    from gacq.quant.recon import reconstruct_model
+
+    fp, cs = setup
+    reconstruct_model(_prepare(fp), fp, cs.x, cs.t, ReconConfig(iters=2, batch_size=8), ckpt_dir=tmp_path / "r",
+                      progress=False)
+    with pytest.raises(GacqError, match="another run"):
+        reconstruct_model(_prepare(fp), fp, cs.x, cs.t, ReconConfig(iters=3, batch_size=8), ckpt_dir=tmp_path / "r",
+                          progress=False)
