@@ -23,14 +23,14 @@ def _umask() -> int:
 
 def _default_perms(path: Path, is_dir: bool) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask modes."""
-    mode = (0o777 if is_dir else 0o666) & ~_umask()
-    os.chmod(path, mode)
+    mask = _umask()
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
     if is_dir:
         for root, dirs, files in os.walk(path):
             for d in dirs:
-                os.chmod(os.path.join(root, d), 0o777 & ~_umask())
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
             for f in files:  # safetensors writes its files 0600
-                os.chmod(os.path.join(root, f), 0o666 & ~_umask())
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 @contextlib.contextmanager

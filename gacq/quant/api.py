@@ -80,7 +80,10 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     if config.method == "brecq":
         if calib is None or len(calib) == 0:
             raise GacqError("brecq reconstruction needs calibration data (run `gacq calib`)")
-        reconstruct_model(model, loaded.model.to(device), calib.x, calib.t, config.recon,
+        fp = loaded.model
+        if next(fp.parameters()).device != torch.device(device):
+            fp = copy.deepcopy(fp).to(device)  # leave the caller's model where it is
+        reconstruct_model(model, fp, calib.x, calib.t, config.recon,
                           ckpt_dir=config.recon_checkpoints, device=device,
                           fingerprint={"quant": {k: v for k, v in config.to_json().items() if k != "recon"},
                                        "model": loaded.source})

@@ -119,7 +119,7 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
     try:
         tensors = load_file(str(folder / "quantized.safetensors"))
         floats = load_file(str(folder / "float.safetensors"))
-    except (OSError, Exception) as e:  # safetensors raises its own error types for corrupt files
+    except Exception as e:  # OSError, or safetensors' own error types for corrupt files
         raise GacqError(f"{folder}: cannot read the weight files ({e}); the checkpoint is corrupt or incomplete") from e
     model = getattr(diffusers, cls_name).from_config(mcfg["model"]).eval()
     layers = meta["layers"]

@@ -12,13 +12,19 @@ its FP input. Models run in eval mode (dropout off): the "sane" choice, unlike t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import GacqError
+from ..utils import atomic_path, write_json
 from .modules import QuantLayer
 from .quantizer import beta_schedule
 
@@ -156,22 +162,25 @@ def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Te
     n = len(target)
     if sample_weights is not None and sample_weights.shape != (n,):
         raise GacqError(f"sample weights have shape {tuple(sample_weights.shape)}, expected ({n},)")
-    w = (sample_weights if sample_weights is not None else torch.full((n,), 1.0 / n)).to(device)
     device = torch.device(device)
+    w = (sample_weights if sample_weights is not None else torch.full((n,), 1.0 / n)).to(device)
+    # The whole cache goes to the device once (baselines.md §7.15: per-iteration copies are the slow path).
+    args = [a.to(device) if torch.is_tensor(a) else a for a in args]
+    per_sample = {k for k, v in kwargs.items() if torch.is_tensor(v) and v.shape[:1] == (n,)}
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    target = target.to(device)
 
-    def forward(idx):
-        a = [_select(x, idx).to(device) if torch.is_tensor(x) else x for x in args]
-        k = {key: (_select(v, idx).to(device) if torch.is_tensor(v) and v.shape[:1] == (n,) else v)
-             for key, v in kwargs.items()}
+    def weighted_losses(idx: torch.Tensor) -> torch.Tensor:
+        """N * w_i * lp_i for the samples in idx."""
+        a = [_select(x, idx) for x in args]
+        k = {key: (v[idx] if key in per_sample else v) for key, v in kwargs.items()}
         out = unit(*a, **k)
-        return out if torch.is_tensor(out) else out[0]
+        out = out if torch.is_tensor(out) else out[0]
+        return n * w[idx] * lp_loss_per_sample(out, target[idx], cfg.p)
 
     def full_loss() -> float:
         with torch.no_grad():
-            total = 0.0
-            for lo in range(0, n, 256):
-                idx = torch.arange(lo, min(n, lo + 256))
-                total += float((n * w[idx] * lp_loss_per_sample(forward(idx), target[idx].to(device), cfg.p)).sum())
+            total = sum(float(weighted_losses(torch.arange(lo, min(n, lo + 256), device=device)).sum()) for lo in range(0, n, 256))
             return total / n
 
     for m in layers:
@@ -182,7 +191,7 @@ def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Te
     g = torch.Generator().manual_seed(cfg.seed)
     for it in range(cfg.iters):
         idx = torch.randperm(n, generator=g)[: cfg.batch_size]
-        rec = (n * w[idx] * lp_loss_per_sample(forward(idx), target[idx].to(device), cfg.p)).mean()
+        rec = weighted_losses(idx.to(device)).mean()
         loss = rec
         if it >= cfg.warmup * cfg.iters:
             beta = beta_schedule(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
@@ -201,9 +210,7 @@ def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Te
 WeightFn = Callable[[str, nn.Module, list, dict, torch.Tensor], "torch.Tensor | None"]
 
 
-def _unit_file(ckpt_dir, i: int):
-    from pathlib import Path
-
+def _unit_file(ckpt_dir, i: int) -> Path:
     return Path(ckpt_dir) / f"unit_{i:03d}.safetensors"
 
 
@@ -220,19 +227,7 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
     order is seeded by cfg.seed + its index). `fingerprint` (settings that define the run) is stored
     in `ckpt_dir/run.json`; resuming with a different one is refused.
     """
-    import dataclasses
-    import json
-
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
-    from ..utils import atomic_path
-
     if ckpt_dir is not None:
-        from pathlib import Path
-
-        from ..utils import write_json
-
         run_file = Path(ckpt_dir) / "run.json"
         fp_json = json.loads(json.dumps({"recon": dataclasses.asdict(cfg), "n_samples": len(t), **(fingerprint or {})}))
         if run_file.exists() and json.loads(run_file.read_text()) != fp_json:
