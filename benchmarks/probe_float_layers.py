@@ -69,6 +69,7 @@ def main() -> None:
     lines = [f"# Float-layer probe of {args.qdir} ({args.num} images, weights only)", "",
              f"Command: `{result['command']}`  ", f"Commit: {result['commit']}; wall {result['wall_seconds']} s on "
              f"{result['machine']['cpus']} CPU cores", "", f"FP mean RGB: {fp_rgb}", "",
+             "PSNR is pixel-space against FP samples of the same noise (no feature network).", "",
              "| float layers (restored cumulatively) | PSNR vs FP (dB) | mean RGB |", "|---|---|---|"]
     lines += [f"| {r['float_layers']} | {r['psnr_mean_db']} | {r['mean_rgb']} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -61,7 +61,7 @@ def main() -> None:
     write_json(out.with_suffix(".json"), result)
     lines = [f"# Fidelity of quantized samples to FP samples (same noise), {result['num']} images",
              "", f"Sampler: {result['sampler']}, seed {result['seed']}. Metric: per-image PSNR against the FP "
-             "sample from the same noise (higher = closer to FP). Not a quality metric: no FID yet.", "",
+             "sample from the same noise (higher = closer to FP), in pixel space: no feature network is involved. Not a quality metric: no FID yet.", "",
              f"Commands: `{args.command}`  ", f"This table: `{result['this_script']}`  ",
              f"Commit: {result['commit']}; machine: {result['machine']['cpus']} CPU cores, torch {result['machine']['torch']}",
              "", "| model | mean PSNR (dB) | median | min |", "|---|---|---|---|"]
