@@ -71,6 +71,30 @@ def train(
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
 
 
+@app.command("train-classifier")
+def train_classifier(
+    data: Path = typer.Option(..., "--data", help="Labelled training images (class folders, zip or mosaic zip)."),
+    out: Path = typer.Option(..., "--out", help="New folder for model.safetensors, config.json, log.jsonl."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Labelled test images, evaluated during training."),
+    epochs: int = typer.Option(40, min=1, help="Passes over the training data."),
+    batch_size: int = typer.Option(512, min=1, help="Images per step."),
+    lr: float = typer.Option(0.4, min=0.0, help="Peak SGD learning rate."),
+    seed: int = typer.Option(0, help="Seed for weights, data order and augmentation."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Train the CIFAR-10 feature network used by `gacq eval --features cifar10`."""
+    from .metrics.train_classifier import ClassifierConfig
+    from .metrics.train_classifier import train_classifier as train_fn
+
+    try:
+        cfg = ClassifierConfig(data=str(data), test=str(test) if test else None, epochs=epochs,
+                               batch_size=batch_size, lr=lr, seed=seed)
+        summary = train_fn(cfg, out, device=device)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
+
+
 @app.command()
 def sample(
     out: Path = typer.Option(..., "--out", help="Output folder: samples.npz, grid.png, meta.json."),
