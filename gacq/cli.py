@@ -77,6 +77,8 @@ def train_classifier(
     out: Path = typer.Option(..., "--out", help="New folder for model.safetensors, config.json, log.jsonl."),
     test: Optional[Path] = typer.Option(None, "--test", help="Labelled test images, evaluated during training."),
     epochs: int = typer.Option(40, min=1, help="Passes over the training data."),
+    cutout: int = typer.Option(8, min=0, help="Cutout square side (0: none)."),
+    weight_decay: float = typer.Option(5e-4, min=0.0, help="SGD weight decay."),
     batch_size: int = typer.Option(512, min=1, help="Images per step."),
     lr: float = typer.Option(0.4, min=0.0, help="Peak SGD learning rate."),
     seed: int = typer.Option(0, help="Seed for weights, data order and augmentation."),
@@ -88,7 +90,8 @@ def train_classifier(
 
     try:
         cfg = ClassifierConfig(data=str(data), test=str(test) if test else None, epochs=epochs,
-                               batch_size=batch_size, lr=lr, seed=seed)
+                               batch_size=batch_size, lr=lr, seed=seed, cutout=cutout,
+                               weight_decay=weight_decay)
         summary = train_fn(cfg, out, device=device)
     except GacqError as e:
         _fail(e)

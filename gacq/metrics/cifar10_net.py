@@ -52,8 +52,10 @@ class Cifar10Net(nn.Module):
     Input: float images in [0, 1], N x 3 x 32 x 32 (normalised inside).
     """
 
-    def __init__(self, widths: tuple[int, int, int, int] = DEFAULT_WIDTHS, num_classes: int = 10):
+    def __init__(self, widths: tuple[int, int, int, int] = DEFAULT_WIDTHS, num_classes: int = 10,
+                 flip_tta: bool = True):
         super().__init__()
+        self.flip_tta = flip_tta
         w0, w1, w2, w3 = widths
         self.widths = tuple(widths)
         self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -66,13 +68,25 @@ class Cifar10Net(nn.Module):
         self.logit_scale = 0.125  # Page's output scaling
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All taps at once: pool (N x w3), spatial (N x 8*8*8), logits (N x classes)."""
+        """All taps at once: pool (N x w3), spatial (N x 8*8*8), logits (N x classes).
+
+        In eval mode with `flip_tta` (the default for the shipped network) every tap is the
+        mean over the image and its mirror image (the mirrored spatial map flipped back), so
+        the features do not depend on left-right orientation.
+        """
+        if self.flip_tta and not self.training:
+            a, b = self._taps(x), self._taps(x.flip(3))
+            b["spatial"] = b["spatial"].flip(3)
+            return {k: ((a[k] + b[k]) / 2).flatten(1) for k in a}
+        return {k: v.flatten(1) for k, v in self._taps(x).items()}
+
+    def _taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (x - self.mean) / self.std
         h2 = self.layer2(self.layer1(self.prep(x)))
         h3 = self.layer3(h2)
         pool = torch.amax(h3, dim=(2, 3))
         logits = self.fc(pool) * self.logit_scale
-        spatial = h2[:, :SPATIAL_CHANNELS].flatten(1)
+        spatial = h2[:, :SPATIAL_CHANNELS]
         return {"pool": pool, "spatial": spatial, "logits": logits}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +105,7 @@ def save_cifar10_net(net: Cifar10Net, folder: str | Path, extra: dict | None = N
     state = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in net.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
     cfg = {"architecture": "resnet9", "widths": list(net.widths), "num_classes": net.fc.out_features,
-           "spatial_channels": SPATIAL_CHANNELS, **(extra or {})}
+           "spatial_channels": SPATIAL_CHANNELS, "flip_tta": net.flip_tta, **(extra or {})}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -110,7 +124,7 @@ def load_cifar10_net(folder: str | Path | None = None, device: str | torch.devic
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("architecture") != "resnet9":
         raise GacqError(f"{cfg_path}: unknown architecture {cfg.get('architecture')!r} (expected 'resnet9')")
-    net = Cifar10Net(tuple(cfg["widths"]), cfg.get("num_classes", 10))
+    net = Cifar10Net(tuple(cfg["widths"]), cfg.get("num_classes", 10), cfg.get("flip_tta", True))
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
@@ -122,8 +136,9 @@ def load_cifar10_net(folder: str | Path | None = None, device: str | torch.devic
     return net.to(device).eval()
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop (reflect padding) and horizontal flip of a uint8/float batch, N x C x H x W, on its device."""
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, cutout: int = 0) -> torch.Tensor:
+    """Random crop (reflect padding), horizontal flip and optional cutout (a `cutout` x `cutout`
+    square set to the data mean) of a uint8 batch N x C x H x W, on its device; returns float 0..255."""
     n, c, h, w = x.shape
     xp = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
     dev = x.device
@@ -133,4 +148,13 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
     cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
     out = xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
     flip = torch.rand(n, generator=gen, device=dev) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    if cutout > 0:
+        cy = torch.randint(0, h, (n,), generator=gen, device=dev)[:, None, None, None]
+        cx = torch.randint(0, w, (n,), generator=gen, device=dev)[:, None, None, None]
+        yy = torch.arange(h, device=dev)[None, None, :, None]
+        xx = torch.arange(w, device=dev)[None, None, None, :]
+        hole = ((yy - cy).abs() * 2 < cutout) & ((xx - cx).abs() * 2 < cutout)
+        fill = torch.tensor(CIFAR_MEAN, device=dev).view(1, 3, 1, 1) * 255
+        out = torch.where(hole, fill, out)
+    return out

@@ -37,6 +37,8 @@ class ClassifierConfig:
         batch_size: images per step (the last partial batch of an epoch is dropped).
         lr: peak SGD learning rate; warm-up from 0 over `warmup_epochs`, then linear down to 0.
         momentum, weight_decay, label_smoothing: as named.
+        cutout: side of the cutout square (0: none).
+        flip_tta: the saved network averages its features over each image and its mirror.
         widths: channel widths of prep, layer1, layer2, layer3.
         seed: seeds the initial weights, data order and augmentation.
         bf16: bf16 autocast on CUDA.
@@ -51,6 +53,8 @@ class ClassifierConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.2
+    cutout: int = 8
+    flip_tta: bool = True
     widths: tuple[int, int, int, int] = DEFAULT_WIDTHS
     seed: int = 0
     eval_every: int = 5
@@ -97,7 +101,7 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, device: str | None 
     warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
 
     torch.manual_seed(cfg.seed)
-    net = Cifar10Net(cfg.widths, len(classes)).to(dev).to(memory_format=torch.channels_last)
+    net = Cifar10Net(cfg.widths, len(classes), cfg.flip_tta).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -116,7 +120,7 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, device: str | None 
         loss_sum = torch.zeros((), device=dev)
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb = (augment(x[idx], gen) / 255).contiguous(memory_format=torch.channels_last)
+            xb = (augment(x[idx], gen, cutout=cfg.cutout) / 255).contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss = F.cross_entropy(net(xb), y[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
