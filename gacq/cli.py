@@ -22,6 +22,16 @@ app = typer.Typer(
 MODEL_HELP = "Local diffusers folder (model or pipeline layout) or hub id; default: the bundled CIFAR-10 model."
 
 
+def _int_tuple(text: str, n: int, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n or min(vals) < 1:
+        _fail(GacqError(f"{name} needs {n} positive integers separated by commas, got {text!r}"))
+    return vals
+
+
 def _fail(e: GacqError) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -76,8 +86,9 @@ def train_classifier(
     data: Path = typer.Option(..., "--data", help="Labelled training images (class folders, zip or mosaic zip)."),
     out: Path = typer.Option(..., "--out", help="New folder for model.safetensors, config.json, log.jsonl."),
     test: Optional[Path] = typer.Option(None, "--test", help="Labelled test images, evaluated during training."),
-    epochs: int = typer.Option(40, min=1, help="Passes over the training data."),
-    cutout: int = typer.Option(8, min=0, help="Cutout square side (0: none)."),
+    epochs: int = typer.Option(80, min=1, help="Passes over the training data."),
+    cutout: int = typer.Option(12, min=0, help="Cutout square side (0: none)."),
+    widths: str = typer.Option("64,128,256,384", help="Channel widths of prep,layer1,layer2,layer3."),
     weight_decay: float = typer.Option(5e-4, min=0.0, help="SGD weight decay."),
     batch_size: int = typer.Option(512, min=1, help="Images per step."),
     lr: float = typer.Option(0.4, min=0.0, help="Peak SGD learning rate."),
@@ -91,7 +102,7 @@ def train_classifier(
     try:
         cfg = ClassifierConfig(data=str(data), test=str(test) if test else None, epochs=epochs,
                                batch_size=batch_size, lr=lr, seed=seed, cutout=cutout,
-                               weight_decay=weight_decay)
+                               weight_decay=weight_decay, widths=_int_tuple(widths, 4, "--widths"))
         summary = train_fn(cfg, out, device=device)
     except GacqError as e:
         _fail(e)

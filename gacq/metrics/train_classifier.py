@@ -46,14 +46,14 @@ class ClassifierConfig:
 
     data: str
     test: str | None = None
-    epochs: int = 40
+    epochs: int = 80
     batch_size: int = 512
     lr: float = 0.4
     warmup_epochs: float = 5.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.2
-    cutout: int = 8
+    cutout: int = 12
     flip_tta: bool = True
     widths: tuple[int, int, int, int] = DEFAULT_WIDTHS
     seed: int = 0
