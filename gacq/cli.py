@@ -87,7 +87,7 @@ def train_classifier(
     out: Path = typer.Option(..., "--out", help="New folder for model.safetensors, config.json, log.jsonl."),
     test: Optional[Path] = typer.Option(None, "--test", help="Labelled test images, evaluated during training."),
     epochs: int = typer.Option(80, min=1, help="Passes over the training data."),
-    cutout: int = typer.Option(12, min=0, help="Cutout square side (0: none)."),
+    cutout: int = typer.Option(16, min=0, help="Cutout square side (0: none)."),
     widths: str = typer.Option("64,128,256,384", help="Channel widths of prep,layer1,layer2,layer3."),
     weight_decay: float = typer.Option(5e-4, min=0.0, help="SGD weight decay."),
     batch_size: int = typer.Option(512, min=1, help="Images per step."),
@@ -232,6 +232,59 @@ def quantize(
     except GacqError as e:
         _fail(e)
     typer.echo(f"wrote W{wbits}A{abits} {method} checkpoint to {out} in {meta['wall_seconds']:.1f} s")
+
+
+FEATURES_HELP = "Feature network: cifar10 (the bundled classifier, default) or inception (needs --inception-weights)."
+
+
+@app.command("eval")
+def eval_cmd(
+    samples: Path = typer.Option(..., "--samples", help="samples.npz from `gacq sample`, an image folder or zip, or a stats .npz."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: stats .npz, dataset or samples; default: bundled CIFAR-10 train stats."),
+    features: str = typer.Option("cifar10", "--features", help=FEATURES_HELP),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception-v3 weights (.pth state dict or .safetensors)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every metric to this JSON file."),
+    batch_size: int = typer.Option(500, min=1, help="Images per feature-network call."),
+    pr_k: int = typer.Option(3, min=1, help="Nearest neighbours for precision/recall."),
+    pr_max: int = typer.Option(10000, min=2, help="Features kept (uniform subset) for precision/recall."),
+    seed: int = typer.Option(0, help="Seed of the precision/recall subset."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """FID, sFID, Inception Score and precision/recall of samples against a reference."""
+    from .metrics import evaluate, format_result
+    from .utils import write_json
+
+    try:
+        res = evaluate(samples, ref, features=features, inception_weights=inception_weights, device=device,
+                       batch_size=batch_size, pr_k=pr_k, pr_max=pr_max, seed=seed)
+        res["command"] = " ".join(["gacq"] + sys.argv[1:])
+        if json_out is not None:
+            write_json(json_out, res)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(format_result(res))
+
+
+@app.command()
+def stats(
+    data: Path = typer.Option(..., "--data", help="Images: dataset folder/zip/mosaic zip/npz or samples.npz."),
+    out: Path = typer.Option(..., "--out", help="Statistics file to write (.npz)."),
+    features: str = typer.Option("cifar10", "--features", help=FEATURES_HELP),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception-v3 weights."),
+    batch_size: int = typer.Option(500, min=1, help="Images per feature-network call."),
+    pr_max: int = typer.Option(10000, min=2, help="Features kept (uniform subset) for precision/recall."),
+    seed: int = typer.Option(0, help="Seed of the precision/recall subset."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Precompute reference statistics (means, covariances, P/R features, IS sums) of a dataset."""
+    from .metrics import make_stats
+
+    try:
+        st = make_stats(data, out, features=features, inception_weights=inception_weights, device=device,
+                        batch_size=batch_size, pr_max=pr_max, seed=seed)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(f"wrote {out}: {st.n} images, features {st.feature_name} (hash {st.feature_hash})")
 
 
 @app.command()

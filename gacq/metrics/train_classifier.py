@@ -53,7 +53,7 @@ class ClassifierConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.2
-    cutout: int = 12
+    cutout: int = 16
     flip_tta: bool = True
     widths: tuple[int, int, int, int] = DEFAULT_WIDTHS
     seed: int = 0

@@ -1,0 +1,109 @@
+"""`gacq eval` / `gacq stats`: sample metrics between a set of samples and a reference set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data import load_images
+from ..errors import GacqError
+from .features import FeatureExtractor, compute_stats, get_feature_extractor
+from .fid import frechet_distance
+from .precision_recall import precision_recall
+from .stats import FeatureStats, is_stats_file, load_stats
+
+FID_UNBIASED_MIN = 10000
+
+
+def bundled_stats_path(split: str = "train") -> Path:
+    from .cifar10_net import bundled_features_path
+
+    return bundled_features_path() / f"stats_{split}.npz"
+
+
+def stats_for(src, extractor: FeatureExtractor, batch_size: int = 500, pr_max: int = 10000,
+              is_splits: int = 10, seed: int = 0, progress: bool = True, role: str = "samples") -> FeatureStats:
+    """FeatureStats of `src`: a FeatureStats, a statistics .npz, a uint8 image array, or an image
+    path (samples.npz from `gacq sample`, image folder, zip, mosaic zip)."""
+    if isinstance(src, FeatureStats):
+        stats = src
+    elif isinstance(src, np.ndarray):
+        return compute_stats(src, extractor, batch_size, pr_max, is_splits, seed, f"{role} array", progress)
+    elif is_stats_file(src):
+        stats = load_stats(src)
+    else:
+        ds = load_images(src)
+        return compute_stats(ds.images, extractor, batch_size, pr_max, is_splits, seed, str(src), progress)
+    if stats.feature_name != extractor.name or stats.feature_hash != extractor.hash:
+        where = stats.meta.get("source", "the statistics file")
+        raise GacqError(
+            f"{role}: statistics of {where} were made with feature network {stats.feature_name} "
+            f"(hash {stats.feature_hash}), but this evaluation uses {extractor.name} (hash {extractor.hash}); "
+            "recompute them with `gacq stats` and the same --features"
+        )
+    return stats
+
+
+def make_stats(data, out: str | Path, features: str = "cifar10", inception_weights=None, device=None,
+               batch_size: int = 500, pr_max: int = 10000, is_splits: int = 10, seed: int = 0,
+               progress: bool = True) -> FeatureStats:
+    """Compute and save the statistics of a dataset (what `gacq stats` runs)."""
+    ext = get_feature_extractor(features, device, inception_weights)
+    stats = stats_for(data, ext, batch_size, pr_max, is_splits, seed, progress, role="data")
+    stats.save(out)
+    return stats
+
+
+def evaluate(samples, ref=None, features: str = "cifar10", inception_weights=None, device=None,
+             batch_size: int = 500, pr_k: int = 3, pr_max: int = 10000, is_splits: int = 10, seed: int = 0,
+             progress: bool = True) -> dict:
+    """FID, sFID, Inception Score and precision/recall of `samples` against `ref`.
+
+    `samples` and `ref` are anything `stats_for` accepts; `ref=None` with the cifar10 features
+    uses the bundled CIFAR-10 training-set statistics. Returns a JSON-ready dict that names the
+    feature network (name, hash, note) next to every figure.
+    """
+    ext = get_feature_extractor(features, device, inception_weights)
+    if ref is None:
+        if features != "cifar10":
+            raise GacqError("--ref is needed with the inception features (no reference statistics ship for them)")
+        ref = bundled_stats_path("train")
+        if not ref.is_file():
+            raise GacqError(f"the bundled reference statistics {ref} are missing; pass --ref")
+    s = stats_for(samples, ext, batch_size, pr_max, is_splits, seed, progress, role="samples")
+    r = stats_for(ref, ext, batch_size, pr_max, is_splits, seed, progress, role="reference")
+    warnings = []
+    if min(s.n, r.n) < FID_UNBIASED_MIN:
+        warnings.append(f"FID/sFID from {min(s.n, r.n)} < {FID_UNBIASED_MIN} images: biased upwards, compare "
+                        "only at equal sample counts")
+    is_mean, is_std = s.inception_score()
+    precision, recall = precision_recall(r.pr_features, s.pr_features, k=pr_k, device=ext.device)
+    return {
+        "feature_network": {"name": ext.name, "hash": ext.hash, "note": ext.note},
+        "samples": {"source": s.meta.get("source", str(samples)), "n": s.n},
+        "reference": {"source": r.meta.get("source", str(ref)), "n": r.n},
+        "fid": frechet_distance(s.mu, s.sigma, r.mu, r.sigma),
+        "sfid": frechet_distance(s.mu_spatial, s.sigma_spatial, r.mu_spatial, r.sigma_spatial),
+        "fid_biased": min(s.n, r.n) < FID_UNBIASED_MIN,
+        "is_mean": is_mean, "is_std": is_std, "is_splits": int(len(s.is_count)),
+        "precision": precision, "recall": recall, "pr_k": pr_k,
+        "pr_n": {"samples": int(len(s.pr_features)), "reference": int(len(r.pr_features))},
+        "seed": seed, "warnings": warnings,
+    }
+
+
+def format_result(res: dict) -> str:
+    fn = res["feature_network"]
+    lines = [
+        f"feature network: {fn['name']} (hash {fn['hash']}) -- {fn['note']}",
+        f"samples: {res['samples']['n']} from {res['samples']['source']}",
+        f"reference: {res['reference']['n']} from {res['reference']['source']}",
+        f"  FID        {res['fid']:10.4f}" + ("  (biased: < 10k images)" if res["fid_biased"] else ""),
+        f"  sFID       {res['sfid']:10.4f}",
+        f"  IS         {res['is_mean']:10.4f} +- {res['is_std']:.4f} ({res['is_splits']} splits)",
+        f"  precision  {res['precision']:10.4f}  (k={res['pr_k']}, {res['pr_n']['samples']} vs "
+        f"{res['pr_n']['reference']})",
+        f"  recall     {res['recall']:10.4f}",
+    ]
+    return "\n".join(lines + [f"warning: {w}" for w in res["warnings"]])

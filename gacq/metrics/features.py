@@ -1,0 +1,113 @@
+"""Feature networks for the sample metrics, behind one interface.
+
+`get_feature_extractor("cifar10" | "inception", ...)` gives a callable that maps a uint8
+N x H x W x 3 batch to the taps every metric needs: `pool` (FID, precision/recall),
+`spatial` (sFID) and `logits` (Inception Score). Each extractor has a name and a hash of
+its weights, written next to every figure it produces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import GacqError
+from ..utils import resolve_device
+from .stats import FeatureStats, StatsAccumulator
+
+FEATURE_NAMES = ("cifar10", "inception")
+FEATURE_NOTES = {
+    "cifar10": "gacq's own CIFAR-10 ResNet-9 features: comparable only with figures from the same "
+               "feature hash, never with published (Inception) FID",
+    "inception": "FID Inception-v3 (TF 2015-12-05 graph) with the weights file given",
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class FeatureExtractor:
+    name: str
+    hash: str
+    net: torch.nn.Module
+    device: torch.device
+    input_size: int | None  # required image size (None: any size, resized inside)
+    float_input: bool  # the net takes float [0, 1] instead of uint8
+
+    @property
+    def note(self) -> str:
+        return FEATURE_NOTES[self.name]
+
+    def check(self, images: np.ndarray, source: str) -> None:
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise GacqError(f"{source}: expected uint8 images N x H x W x C, got {images.dtype} {images.shape}")
+        if images.shape[3] != 3:
+            raise GacqError(f"{source}: the {self.name} feature network needs RGB images, these have "
+                            f"{images.shape[3]} channel(s); convert them to RGB first")
+        if self.input_size is not None and images.shape[1:3] != (self.input_size, self.input_size):
+            raise GacqError(f"{source}: the {self.name} feature network needs {self.input_size}x{self.input_size} "
+                            f"images, these are {images.shape[1]}x{images.shape[2]}; resize them or use "
+                            "--features inception")
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+        if self.float_input:
+            x = x.float() / 255
+        taps = self.net.features(x)
+        return {k: v.double().cpu().numpy() for k, v in taps.items()}
+
+
+def get_feature_extractor(name: str = "cifar10", device: str | torch.device | None = None,
+                          inception_weights: str | Path | None = None,
+                          cifar10_weights: str | Path | None = None) -> FeatureExtractor:
+    """Build a feature extractor.
+
+    Args:
+        name: "cifar10" (the project's classifier, bundled) or "inception" (needs `inception_weights`).
+        device: where to run it (default: CUDA if available).
+        inception_weights: FID Inception-v3 weights file (.pth state dict or .safetensors).
+        cifar10_weights: a folder from `gacq train-classifier` instead of the bundled network.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if name == "cifar10":
+        from .cifar10_net import bundled_features_path, load_cifar10_net
+
+        folder = Path(cifar10_weights) if cifar10_weights else bundled_features_path()
+        net = load_cifar10_net(folder, dev)
+        return FeatureExtractor("cifar10", _sha256(folder / "model.safetensors")[:16], net, dev, 32, True)
+    if name == "inception":
+        from .inception import load_inception
+
+        net = load_inception(inception_weights, dev)
+        return FeatureExtractor("inception", _sha256(Path(inception_weights))[:16], net, dev, None, False)
+    raise GacqError(f"unknown feature network {name!r}; choose one of {', '.join(FEATURE_NAMES)}")
+
+
+def compute_stats(images: np.ndarray, extractor: FeatureExtractor, batch_size: int = 500, pr_max: int = 10000,
+                  is_splits: int = 10, seed: int = 0, source: str = "images", progress: bool = True,
+                  meta: dict | None = None) -> FeatureStats:
+    """Stream `images` (uint8 N x H x W x 3) through the extractor into FeatureStats.
+
+    Memory stays bounded: features are reduced batch by batch into running moments, a
+    reservoir of `pr_max` pooled features and the Inception Score sums.
+    """
+    extractor.check(images, source)
+    if len(images) < 2:
+        raise GacqError(f"{source}: {len(images)} image(s) are too few for a covariance (need at least 2)")
+    acc = StatsAccumulator(extractor.name, extractor.hash, pr_max=pr_max, is_splits=is_splits, seed=seed)
+    for i in tqdm(range(0, len(images), batch_size), desc=f"features ({extractor.name})", unit="batch",
+                  disable=not progress):
+        acc.add(extractor(images[i:i + batch_size]))
+    return acc.result({"source": source, "pr_max": pr_max, "is_splits": is_splits, "seed": seed, **(meta or {})})
