@@ -8,7 +8,6 @@ its weights, written next to every figure it produces.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import GacqError
-from ..utils import resolve_device
+from ..utils import file_sha256, resolve_device
 from .stats import FeatureStats, StatsAccumulator
 
 FEATURE_NAMES = ("cifar10", "inception")
@@ -26,14 +25,6 @@ FEATURE_NOTES = {
                "feature hash, never with published (Inception) FID",
     "inception": "FID Inception-v3 (TF 2015-12-05 graph) with the weights file given",
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -86,12 +77,12 @@ def get_feature_extractor(name: str = "cifar10", device: str | torch.device | No
 
         folder = Path(cifar10_weights) if cifar10_weights else bundled_features_path()
         net = load_cifar10_net(folder, dev)
-        return FeatureExtractor("cifar10", _sha256(folder / "model.safetensors")[:16], net, dev, 32, True)
+        return FeatureExtractor("cifar10", file_sha256(folder / "model.safetensors")[:16], net, dev, 32, True)
     if name == "inception":
         from .inception import load_inception
 
         net = load_inception(inception_weights, dev)
-        return FeatureExtractor("inception", _sha256(Path(inception_weights))[:16], net, dev, None, False)
+        return FeatureExtractor("inception", file_sha256(Path(inception_weights))[:16], net, dev, None, False)
     raise GacqError(f"unknown feature network {name!r}; choose one of {', '.join(FEATURE_NAMES)}")
 
 

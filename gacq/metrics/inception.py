@@ -28,7 +28,6 @@ No weights ship with gacq and none can be downloaded here: pass a file to `load_
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import GacqError
+from ..utils import file_sha256  # noqa: F401  (re-exported: the feature-network hash)
 
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM's sFID takes the first 7 channels of 'mixed_6/conv' (17 x 17)
@@ -270,15 +270,6 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.features(x)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict:

@@ -1,0 +1,234 @@
+"""Metric numerics against independent references (scipy, naive loops), and the eval pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from gacq.errors import GacqError
+from gacq.metrics import (
+    FeatureStats, StatsAccumulator, compute_stats, evaluate, frechet_distance, get_feature_extractor,
+    inception_score, load_stats, precision_recall,
+)
+from gacq.metrics.cifar10_net import Cifar10Net, augment, load_cifar10_net, save_cifar10_net
+
+
+def _random_stats(rng, d, n=400):
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+    return a.mean(0), np.atleast_2d(np.cov(a, rowvar=False))
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    for d in (1, 5, 32):
+        mu1, s1 = _random_stats(rng, d)
+        mu2, s2 = _random_stats(rng, d)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        got = frechet_distance(mu1, s1, mu2, s2)
+        assert got == pytest.approx(ref, rel=1e-7, abs=1e-9)
+        assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, rel=1e-9)
+        assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+
+
+def test_frechet_distance_rank_deficient_and_bad_input():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 20))  # 5 samples in 20 dims: singular covariance
+    mu, s = x.mean(0), np.cov(x, rowvar=False)
+    # zero eigenvalues come out as +-1e-16, whose square roots are 1e-8: the error floor of a singular case
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-5
+    with pytest.raises(GacqError, match="NaN"):
+        frechet_distance(mu, s * np.nan, mu, s)
+    with pytest.raises(GacqError, match="dimensions differ"):
+        frechet_distance(mu[:3], s[:3, :3], mu, s)
+
+
+def _naive_pr(real, fake, k):
+    def radii(a):
+        return np.array([sorted(np.linalg.norm(a - p, axis=1))[k] for p in a])
+
+    rr, rf = radii(real), radii(fake)
+    prec = np.mean([any(np.linalg.norm(f - r) <= rr[j] for j, r in enumerate(real)) for f in fake])
+    rec = np.mean([any(np.linalg.norm(r - f) <= rf[j] for j, f in enumerate(fake)) for r in real])
+    return prec, rec
+
+
+def test_precision_recall_matches_naive_loop():
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(60, 4))
+    fake = rng.normal(size=(45, 4)) * 1.5 + 0.5
+    p, r = precision_recall(real, fake, k=3, chunk=7)
+    pr, rr = _naive_pr(real, fake, 3)
+    assert (p, r) == (pytest.approx(pr, abs=1e-12), pytest.approx(rr, abs=1e-12))
+    assert 0 < p < 1 and 0 < r <= 1
+    assert precision_recall(real, real, k=3) == (1.0, 1.0)
+    with pytest.raises(GacqError, match="more than 3"):
+        precision_recall(real[:3], fake, k=3)
+
+
+def test_inception_score_limits():
+    n, c = 200, 10
+    assert inception_score(np.zeros((n, c)))[0] == pytest.approx(1.0, abs=1e-12)
+    confident = np.full((n, c), -1e4)
+    confident[np.arange(n), (np.arange(n) // 10) % c] = 0.0  # each split gets every class equally often
+    mean, std = inception_score(confident, splits=10)
+    assert mean == pytest.approx(c, rel=1e-9) and std < 1e-9
+
+
+def test_inception_score_matches_direct_kl():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(100, 7)) * 3
+    mean, _ = inception_score(logits, splits=4)
+    scores = []
+    for s in range(4):
+        lp = torch.log_softmax(torch.tensor(logits[s::4]), 1).numpy()
+        p = np.exp(lp)
+        q = p.mean(0)
+        scores.append(np.exp(np.mean([(p[i] * (lp[i] - np.log(q))).sum() for i in range(len(p))])))
+    assert mean == pytest.approx(np.mean(scores), rel=1e-10)
+
+
+def test_stats_accumulator_matches_numpy_and_roundtrips(tmp_path):
+    rng = np.random.default_rng(4)
+    pool = rng.normal(size=(103, 6)) + 1e3  # a large offset: the shifted accumulation must not cancel
+    spatial = rng.normal(size=(103, 4))
+    logits = rng.normal(size=(103, 3))
+    acc = StatsAccumulator("cifar10", "abc", pr_max=50, is_splits=5, seed=0)
+    for i in range(0, 103, 17):
+        acc.add({"pool": pool[i:i + 17], "spatial": spatial[i:i + 17], "logits": logits[i:i + 17]})
+    st = acc.result({"source": "test"})
+    np.testing.assert_allclose(st.mu, pool.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(st.sigma, np.cov(pool, rowvar=False), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(st.sigma_spatial, np.cov(spatial, rowvar=False), rtol=1e-8, atol=1e-12)
+    assert st.inception_score()[0] == pytest.approx(inception_score(logits, splits=5)[0], rel=1e-10)
+    # the reservoir holds 50 distinct input rows
+    assert st.pr_features.shape == (50, 6)
+    rows = {tuple(np.float32(r)) for r in pool}
+    assert all(tuple(r) in rows for r in st.pr_features)
+    assert len({tuple(r) for r in st.pr_features}) == 50
+    st.save(tmp_path / "s.npz")
+    back = load_stats(tmp_path / "s.npz")
+    assert (back.feature_name, back.feature_hash, back.n) == ("cifar10", "abc", 103)
+    np.testing.assert_allclose(back.sigma, st.sigma, rtol=1e-6)
+    assert back.meta["source"] == "test"
+    with pytest.raises(GacqError, match="NaN"):
+        acc.add({"pool": pool[:2] * np.nan, "spatial": spatial[:2], "logits": logits[:2]})
+
+
+def test_reservoir_is_uniform():
+    # every index should land in a 10-of-100 reservoir with probability 0.1
+    hits = np.zeros(100)
+    for seed in range(300):
+        acc = StatsAccumulator("x", "h", pr_max=10, is_splits=1, seed=seed)
+        f = np.arange(100, dtype=np.float64)[:, None].repeat(2, 1)
+        acc.add({"pool": f, "spatial": f, "logits": f})
+        hits[acc.reservoir[:, 0].astype(int)] += 1
+    assert hits[:10].mean() == pytest.approx(30, rel=0.25) and hits[90:].mean() == pytest.approx(30, rel=0.25)
+
+
+def test_classifier_roundtrip_and_flip_invariance(tmp_path):
+    torch.manual_seed(0)
+    net = Cifar10Net((8, 8, 16, 16)).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    save_cifar10_net(net, tmp_path)
+    back = load_cifar10_net(tmp_path)
+    x = torch.rand(3, 3, 32, 32)
+    a, b = net.features(x), back.features(x)
+    assert set(a) == {"pool", "spatial", "logits"} and a["spatial"].shape == (3, 8 * 8 * 8)
+    for k in a:  # fp16 storage
+        torch.testing.assert_close(a[k], b[k], atol=2e-2, rtol=2e-2)
+    f = back.features(x.flip(3))
+    torch.testing.assert_close(f["pool"], b["pool"], atol=1e-5, rtol=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vgg"}))
+    with pytest.raises(GacqError, match="unknown architecture"):
+        load_cifar10_net(tmp_path)
+
+
+def test_augment_crops_flips_and_cuts():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) % 251
+    y = augment(x.to(torch.uint8), g, pad=0, cutout=0)
+    for i in range(2):
+        assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(2))
+    z = augment(torch.full((4, 3, 8, 8), 255, dtype=torch.uint8), g, pad=2, cutout=4)
+    assert (z < 255).any() and (z == 255).float().mean() > 0.6
+
+
+def test_bundled_feature_network_and_stats_agree():
+    ext = get_feature_extractor("cifar10", "cpu")
+    from gacq.metrics import bundled_stats_path
+
+    for split in ("train", "test"):
+        st = load_stats(bundled_stats_path(split))
+        assert (st.feature_name, st.feature_hash) == ("cifar10", ext.hash)
+        assert st.n == {"train": 50000, "test": 10000}[split]
+        assert st.pr_features.shape == (10000, 384)
+    tr, te = load_stats(bundled_stats_path("train")), load_stats(bundled_stats_path("test"))
+    assert frechet_distance(tr.mu, tr.sigma, te.mu, te.sigma) < 5  # train vs test: the metric's floor
+
+
+def _imgs(n, size=32, seed=0, ch=3):
+    return (np.random.default_rng(seed).random((n, size, size, ch)) * 255).astype(np.uint8)
+
+
+def test_evaluate_inputs_and_errors(tmp_path):
+    ext = get_feature_extractor("cifar10", "cpu")
+    a = compute_stats(_imgs(40, seed=0), ext, batch_size=16, progress=False)
+    assert isinstance(a, FeatureStats) and a.n == 40
+    res = evaluate(_imgs(40, seed=1), a, device="cpu", batch_size=16, pr_max=40, is_splits=10, progress=False)
+    assert res["feature_network"]["name"] == "cifar10" and res["fid_biased"] and res["warnings"]
+    assert res["fid"] > 0 and 0 <= res["precision"] <= 1
+    with pytest.raises(GacqError, match="RGB"):
+        evaluate(_imgs(20, ch=1), a, device="cpu", progress=False)
+    with pytest.raises(GacqError, match="32x32"):
+        evaluate(_imgs(20, size=16), a, device="cpu", progress=False)
+    with pytest.raises(GacqError, match="too few"):
+        evaluate(_imgs(1), a, device="cpu", progress=False)
+    other = FeatureStats(**{**a.__dict__, "feature_hash": "0000"})
+    with pytest.raises(GacqError, match="recompute"):
+        evaluate(_imgs(20), other, device="cpu", progress=False)
+    with pytest.raises(GacqError, match="unknown feature network"):
+        evaluate(_imgs(20), a, features="vgg", device="cpu")
+    with pytest.raises(GacqError, match="--inception-weights"):
+        evaluate(_imgs(20), a, features="inception", device="cpu")
+
+
+def test_evaluate_with_inception_random_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from gacq.metrics.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    w = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(w))
+    res = evaluate(_imgs(12, size=16, seed=1), _imgs(12, size=24, seed=2), features="inception",
+                   inception_weights=w, device="cpu", batch_size=6, pr_max=12, progress=False)
+    assert res["feature_network"]["name"] == "inception" and np.isfinite(res["fid"]) and np.isfinite(res["sfid"])
+
+
+def test_cli_stats_and_eval(tmp_path):
+    np.savez(tmp_path / "ref.npz", images=_imgs(30, seed=0))
+    np.savez(tmp_path / "samples.npz", images=_imgs(30, seed=5))
+    cmd = [sys.executable, "-m", "gacq"]
+    r = subprocess.run(cmd + ["stats", "--data", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "ref_stats.npz"),
+                              "--device", "cpu", "--pr-max", "30"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cmd + ["eval", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref_stats.npz"),
+                              "--json", str(tmp_path / "m.json"), "--device", "cpu", "--pr-max", "30"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "feature network: cifar10" in r.stdout and "biased" in r.stdout
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["samples"]["n"] == 30 and m["reference"]["n"] == 30 and m["command"].startswith("gacq eval")
+    r = subprocess.run(cmd + ["eval", "--samples", str(tmp_path / "nope.npz"), "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
