@@ -120,7 +120,7 @@ def sample(
     batch_size: int = typer.Option(64, min=1, help="Images per model call (images do not depend on it)."),
     seed: int = typer.Option(0, min=0, help="Base seed; every image has its own generator derived from (seed, index)."),
     shard_size: int = typer.Option(5000, min=1, help="Images per resumable shard."),
-    timestep_spacing: str = typer.Option("leading", help="leading, trailing or linspace."),
+    timestep_spacing: str = typer.Option("leading", help="leading, trailing, linspace, or quad (DDIM only: the DDIM code's quadratic skip, as Q-Diffusion/TFMQ-DM on CIFAR-10)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (GPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:

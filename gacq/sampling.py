@@ -9,6 +9,7 @@ size, the shard size or the device the noise is used on.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from .models import LoadedModel
 from .utils import atomic_path, git_commit, image_grid, machine_info, save_image, write_json
 
 SCHEDULERS = ("ddim", "ddpm", "dpm")
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "quad")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class SampleConfig:
         batch_size: images per model call (does not change the images).
         seed: base seed; sample i uses the generator seed `sample_seed(seed, i)`.
         shard_size: images per shard file; a killed run resumes at the first missing shard.
-        timestep_spacing: diffusers' timestep spacing ('leading' is DDIM's original).
+        timestep_spacing: diffusers' timestep spacing ('leading', 'trailing', 'linspace'), or 'quad'
+            (DDIM only: the original DDIM code's quadratic skip, used by Q-Diffusion / TFMQ-DM on CIFAR-10).
         precision: 'fp32' or 'bf16' (autocast; GPU only).
     """
 
@@ -75,7 +77,12 @@ def make_scheduler(cfg: SampleConfig, scheduler_config: dict[str, Any]):
 
     base = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     base["timestep_spacing"] = cfg.timestep_spacing
-    if cfg.scheduler == "ddim":
+    if cfg.timestep_spacing == "quad":
+        if cfg.scheduler != "ddim":
+            raise GacqError("--timestep-spacing quad exists only for the ddim scheduler (as in the DDIM code)")
+        base["timestep_spacing"] = "leading"  # diffusers does not know 'quad'; QuadDDIMScheduler overrides it
+        sched = quad_ddim_class().from_config(base)
+    elif cfg.scheduler == "ddim":
         sched = DDIMScheduler.from_config(base)
     elif cfg.scheduler == "ddpm":
         sched = DDPMScheduler.from_config(base)
@@ -88,6 +95,60 @@ def make_scheduler(cfg: SampleConfig, scheduler_config: dict[str, Any]):
         raise GacqError(f"--steps {cfg.steps} exceeds the model's {num_train} training timesteps")
     sched.set_timesteps(cfg.steps)
     return sched
+
+
+@functools.lru_cache(maxsize=None)
+def quad_ddim_class():
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class QuadDDIMScheduler(DDIMScheduler):
+        """DDIM with the original code's 'quad' skip type (Song et al., `ddim` repo, used by Q-Diffusion
+        and TFMQ-DM on CIFAR-10): seq = int(linspace(0, sqrt(0.8 T), steps)^2), walked from the top;
+        the step from seq[i] goes to seq[i-1] (to 'alpha = 1' after seq[0]).
+
+        diffusers' DDIMScheduler assumes a constant stride (prev = t - T // steps), so the step is
+        written out here (the same generalized DDIM update; `clip_sample` as configured). The
+        sequence keeps the original's repeated 0s (four of them at 100 steps): those steps leave
+        x unchanged at eta 0, as in the original.
+        """
+
+        def set_timesteps(self, num_inference_steps: int, device=None):
+            T = self.config.num_train_timesteps
+            seq = (np.linspace(0, np.sqrt(T * 0.8), num_inference_steps) ** 2).astype(np.int64)
+            self.num_inference_steps = num_inference_steps
+            self.timesteps = torch.from_numpy(seq[::-1].copy()).to(device)
+            self._pos = 0  # position-based: repeated t values need the step counter, not t
+
+        def _alpha(self, t: int) -> torch.Tensor:
+            return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0, dtype=self.alphas_cumprod.dtype)
+
+        def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, variance_noise=None,
+                 return_dict: bool = True, **_):
+            seq = self.timesteps.tolist()
+            i = self._pos
+            if int(seq[i]) != int(timestep):
+                raise GacqError(f"quad DDIM stepped out of order: expected t={seq[i]}, got {int(timestep)}")
+            t, t_next = int(seq[i]), (int(seq[i + 1]) if i + 1 < len(seq) else -1)
+            self._pos = (i + 1) % len(seq)
+            at, at_next = self._alpha(t).to(sample.dtype), self._alpha(t_next).to(sample.dtype)
+            x0 = (sample - (1 - at).sqrt() * model_output) / at.sqrt()
+            if self.config.clip_sample:
+                x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+            c1 = eta * ((1 - at / at_next) * (1 - at_next) / (1 - at)).clamp(min=0).sqrt()
+            c2 = ((1 - at_next) - c1 ** 2).clamp(min=0).sqrt()
+            prev = at_next.sqrt() * x0 + c2 * model_output
+            if eta > 0:
+                if variance_noise is None:
+                    variance_noise = randn_tensor(model_output.shape, generator=generator,
+                                                  device=model_output.device, dtype=model_output.dtype)
+                prev = prev + c1 * variance_noise
+            if not return_dict:
+                return (prev, x0)
+            return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    return QuadDDIMScheduler
 
 
 _M32 = 0xFFFFFFFF

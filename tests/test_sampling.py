@@ -49,6 +49,45 @@ def test_ddim_matches_float64_reference(tiny):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_quad_ddim_matches_original_generalized_steps(tiny, eta):
+    """'quad' spacing against a float64 transcription of the DDIM repo's generalized_steps
+    (seq = int(linspace(0, sqrt(0.8 T), S)^2), seq_next = [-1] + seq[:-1]), same noise."""
+    steps, n = 12, 3
+    model = tiny.model.double()
+    cfg = SampleConfig(steps=steps, seed=5, eta=eta, timestep_spacing="quad")
+    got = generate(tiny, cfg, range(n), model_fn=lambda x, t: model(x.double(), t).sample.float())
+    T = DDPM_SCHEDULE["num_train_timesteps"]
+    ab = np.cumprod(1 - np.linspace(DDPM_SCHEDULE["beta_start"], DDPM_SCHEDULE["beta_end"], T, dtype=np.float64))
+    seq = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(int).tolist()
+    gens = sample_generators(5, range(n))
+    x = torch.stack([torch.randn(3, 16, 16, generator=g) for g in gens]).double()
+    with torch.no_grad():
+        for t, t_next in zip(reversed(seq), reversed([-1] + seq[:-1])):
+            a, a_next = ab[t], (ab[t_next] if t_next >= 0 else 1.0)
+            eps = model(x, torch.full((n,), t)).sample
+            x0 = ((x - np.sqrt(1 - a) * eps) / np.sqrt(a)).clamp(-1, 1)
+            c1 = eta * np.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
+            c2 = np.sqrt(max(1 - a_next - c1 ** 2, 0.0))
+            noise = torch.stack([torch.randn(3, 16, 16, generator=g) for g in gens]).double()
+            x = np.sqrt(a_next) * x0 + c2 * eps + (c1 * noise if eta > 0 else 0)
+    ref = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_quad_schedule_is_q_diffusions():
+    from gacq.sampling import make_scheduler
+
+    sched = make_scheduler(SampleConfig(steps=100, timestep_spacing="quad"), dict(DDPM_SCHEDULE))
+    # baselines.md section 4: the 20 calibration steps 0, 5, ..., 95 of Q-Diffusion's CIFAR-10 set
+    assert sched.timesteps.tolist()[::5] == [800, 721, 646, 575, 509, 446, 388, 334, 284, 238, 195, 158, 124,
+                                             94, 68, 47, 29, 15, 6, 1]
+    assert sched.timesteps.tolist()[-4:] == [0, 0, 0, 0]
+    with pytest.raises(GacqError, match="only for the ddim"):
+        make_scheduler(SampleConfig(scheduler="ddpm", timestep_spacing="quad"), dict(DDPM_SCHEDULE))
+
+
 def test_sample_writes_and_resumes(tiny, tmp_path):
     cfg = SampleConfig(steps=4, num=7, batch_size=3, shard_size=3, seed=1)
     out = tmp_path / "s"
@@ -73,7 +112,7 @@ def test_sample_refuses_other_settings_in_same_folder(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kw,msg", [({"scheduler": "euler"}, "unknown scheduler"), ({"steps": 0}, "--steps"),
-                                    ({"eta": 2.0}, "--eta"), ({"timestep_spacing": "quad"}, "spacing")])
+                                    ({"eta": 2.0}, "--eta"), ({"timestep_spacing": "cubic"}, "spacing")])
 def test_config_errors(kw, msg):
     with pytest.raises(GacqError, match=msg):
         SampleConfig(**kw)
