@@ -181,22 +181,26 @@ def calib(
 def quantize(
     out: Path = typer.Option(..., "--out", help="Quantized checkpoint folder (QDIR)."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    method: str = typer.Option("rtn", help="Quantization method (implemented: rtn, brecq)."),
+    method: str = typer.Option("rtn", help="rtn, brecq, ptq4dm, qdiffusion or tfmq (`gacq methods` describes them)."),
+    preset: str = typer.Option("common", help="common (the comparison's shared layer set) or faithful (the released code's choices)."),
     wbits: int = typer.Option(4, help="Weight bits (2-8)."),
     abits: int = typer.Option(8, help="Activation bits (2-8; 32 = float activations)."),
-    weight_init: str = typer.Option("mse", help="Weight grid init: mse or minmax."),
-    skip: list[str] = typer.Option([], "--skip", help="Layer-name pattern kept in float (repeatable)."),
+    weight_init: Optional[str] = typer.Option(None, help="Override the recipe's weight grid init: mse or minmax."),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", help="Override the recipe's float layers: name pattern (repeatable)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration set from `gacq calib`; collected if omitted."),
     calib_trajectories: int = typer.Option(64, min=1, help="Trajectories when collecting calibration data."),
-    record_steps: int = typer.Option(20, min=1, help="Recorded steps per trajectory when collecting."),
-    steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration trajectories."),
-    seed: int = typer.Option(0, min=0, help="Calibration seed."),
-    iters: int = typer.Option(20000, min=1, help="brecq: AdaRound iterations per unit."),
-    recon_batch: int = typer.Option(32, min=1, help="brecq: reconstruction batch size."),
-    recon_lr: float = typer.Option(1e-3, help="brecq: Adam learning rate of the rounding variables."),
+    record_steps: int = typer.Option(20, min=1, help="Recorded steps per trajectory (uniform selection; tfmq's weight subset)."),
+    steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration sampler (and of sampling, for tfmq)."),
+    timestep_spacing: str = typer.Option("leading", help="Calibration sampler spacing (as `gacq sample`): leading, trailing, linspace, or quad (the baselines' CIFAR-10 protocol)."),
+    seed: int = typer.Option(0, min=0, help="Calibration and reconstruction seed."),
+    iters: int = typer.Option(20000, min=1, help="AdaRound iterations per unit (and for tfmq's temporal block)."),
+    act_iters: int = typer.Option(5000, min=1, help="Activation step-size iterations per unit (qdiffusion, ptq4dm)."),
+    recon_batch: int = typer.Option(32, min=1, help="Reconstruction batch size."),
+    recon_lr: float = typer.Option(1e-3, help="Adam learning rate of the rounding variables."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
+    import dataclasses
     import time
 
     from .models import load_model
@@ -204,26 +208,36 @@ def quantize(
     from .quant.api import quantize as quantize_fn
     from .quant.calib_data import CalibDataConfig, CalibrationSet, collect
     from .quant.checkpoint import save_quantized
-    from .quant.recon import ReconConfig
+    from .quant.recon import ActReconConfig, ReconConfig
     from .sampling import SampleConfig
     from .utils import git_commit, resolve_device
 
     try:
         t0 = time.time()
-        cfg = QuantConfig(method=method, wbits=wbits, abits=None if abits == 32 else abits, weight_init=weight_init,
-                          skip=tuple(skip), recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
-                          recon_checkpoints=str(out) + ".recon-ckpt", calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps,
-                                                     seed=seed))
+        cfg = QuantConfig(method=method, preset=preset, wbits=wbits, abits=None if abits == 32 else abits,
+                          weight_init=weight_init, skip=tuple(skip) if skip else None,
+                          recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
+                          act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
+                          recon_checkpoints=str(out) + ".recon-ckpt",
+                          calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed))
+        spec = cfg.spec()
         dev = resolve_device(device)
         loaded = load_model(model, device=dev)
         cs = None
-        if cfg.abits is not None or cfg.method == "brecq":
+        if cfg.abits is not None or spec.weight_recon or spec.tib:
             cs = CalibrationSet.load(calib) if calib is not None else collect(
-                loaded, SampleConfig(steps=steps, seed=seed), cfg.calib, device=dev)
+                loaded, SampleConfig(steps=steps, seed=seed, timestep_spacing=timestep_spacing),
+                cfg.calib_config(), device=dev)
+        if dev.type == "cuda":
+            torch_mod = __import__("torch")
+            torch_mod.cuda.reset_peak_memory_stats(dev)
         qmodel = quantize_fn(loaded, cfg, cs, device=dev)
         meta = {"config": cfg.to_json(), "base_model": loaded.source, "commit": git_commit(),
                 "calibration": str(calib) if calib is not None else "collected",
+                "calibration_meta": cs.meta if cs is not None else None,
                 "wall_seconds": round(time.time() - t0, 2)}
+        if dev.type == "cuda":
+            meta["peak_gpu_memory_bytes"] = int(__import__("torch").cuda.max_memory_allocated(dev))
         save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config)
         if cfg.recon_checkpoints and Path(cfg.recon_checkpoints).exists():
             import shutil
@@ -231,7 +245,23 @@ def quantize(
             shutil.rmtree(cfg.recon_checkpoints)  # finished: per-unit resume points are no longer needed
     except GacqError as e:
         _fail(e)
-    typer.echo(f"wrote W{wbits}A{abits} {method} checkpoint to {out} in {meta['wall_seconds']:.1f} s")
+    typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}) checkpoint to {out} in {meta['wall_seconds']:.1f} s")
+
+
+@app.command()
+def methods() -> None:
+    """The registered quantization methods and their presets."""
+    from .quant.methods import METHOD_DOCS, METHODS, method_spec
+
+    for name in METHODS:
+        typer.echo(f"{name}: {METHOD_DOCS.get(name, '')}")
+        for preset in ("common", "faithful"):
+            s = method_spec(name, preset)
+            typer.echo(f"  {preset}: calib={s.calib_selection} init={s.weight_init} recon={s.weight_recon} "
+                       f"tib={s.tib} acts={s.act_mode} split={s.split_shortcuts} attn={s.attn_quant} "
+                       f"float={list(s.skip) + ([s.skip_fn + '-rule'] if s.skip_fn else [])}")
+            for d in s.deviations:
+                typer.echo(f"    deviation: {d}")
 
 
 FEATURES_HELP = "Feature network: cifar10 (the bundled classifier, default) or inception (needs --inception-weights)."

@@ -89,6 +89,9 @@ class LoadedModel:
     model: torch.nn.Module
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(DDPM_SCHEDULE))
     source: str = ""
+    # step_hook(step_index, sample_config) runs before every model call of `gacq.generate`
+    # (per-step activation parameters of TFMQ-DM's finite set calibration use it).
+    step_hook: Any = None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -212,7 +215,10 @@ def load_model(
     if is_quantized_folder(folder):
         qmodel, _, sched_cfg = load_quantized(folder)
         sched = {**DDPM_SCHEDULE, **{k: v for k, v in sched_cfg.items() if not k.startswith("_")}}
-        return LoadedModel(model=qmodel.to(device).eval(), scheduler_config=sched, source=source)
+        qmodel = qmodel.to(device).eval()
+        fsc = getattr(qmodel, "gacq_fsc", None)  # TFMQ-DM per-step activation sets
+        return LoadedModel(model=qmodel, scheduler_config=sched, source=source,
+                           step_hook=fsc.step_hook(qmodel) if fsc is not None else None)
     sched_file: Path | None = None
     if (folder / "model_index.json").exists():
         sub = next((folder / s for s in DENOISER_SUBFOLDERS if (folder / s / "config.json").exists()), None)

@@ -211,7 +211,9 @@ def generate(
     step_kwargs = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
     if cfg.scheduler != "dpm":
         step_kwargs["generator"] = gens
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
+        if loaded.step_hook is not None:
+            loaded.step_hook(i, cfg)
         inp = sched.scale_model_input(x, t)
         tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
@@ -251,6 +253,8 @@ def sample(
     Returns the metadata written to meta.json.
     """
     out = Path(out)
+    if loaded.step_hook is not None:
+        loaded.step_hook(0, cfg)  # a model calibrated for one sampler refuses another before anything is written
     device = torch.device(device)
     run = {"model": loaded.source, **{k: v for k, v in asdict(cfg).items() if k != "batch_size"}}
     out.mkdir(parents=True, exist_ok=True)

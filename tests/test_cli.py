@@ -93,12 +93,12 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     q = tmp_path / "q"
     proc = gacq("quantize", "--model", tiny_model_dir, "--method", "rtn", "--wbits", 4, "--abits", 8,
                 "--calib-trajectories", 4, "--record-steps", 5, "--steps", 5, "--out", q, "--device", "cpu")
-    assert "wrote W4A8 rtn checkpoint" in proc.stdout
+    assert "wrote W4A8 rtn (common) checkpoint" in proc.stdout
     info = json.loads(gacq("info", "--model", q).stdout)
     assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
     gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu")
     assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (3, 16, 16, 3)
-    bad = gacq("quantize", "--model", tiny_model_dir, "--method", "tfmq", "--out", tmp_path / "x", check=False)
+    bad = gacq("quantize", "--model", tiny_model_dir, "--method", "gac", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "planned, not implemented" in bad.stderr
     assert not (tmp_path / "x").exists()
 
@@ -110,7 +110,21 @@ def test_quantize_brecq(tiny_model_dir, tmp_path):
     q = tmp_path / "q"
     proc = gacq("quantize", "--model", tiny_model_dir, "--method", "brecq", "--wbits", 4, "--abits", 8,
                 "--calib", calib, "--iters", 4, "--recon-batch", 4, "--out", q, "--device", "cpu")
-    assert "wrote W4A8 brecq checkpoint" in proc.stdout
+    assert "wrote W4A8 brecq (common) checkpoint" in proc.stdout
     assert not (tmp_path / "q.recon-ckpt").exists()
     meta = json.loads((q / "quant_config.json").read_text())
     assert meta["config"]["method"] == "brecq" and meta["config"]["recon"]["iters"] == 4
+
+
+def test_quantize_tfmq_then_sample_needs_its_sampler(tiny_model_dir, tmp_path):
+    """TFMQ-DM end to end through the CLI: all-steps calibration, per-step activation sets in the
+    checkpoint, sampling with the calibration sampler, and a clear refusal of another step count."""
+    q = tmp_path / "q"
+    proc = gacq("quantize", "--model", tiny_model_dir, "--method", "tfmq", "--wbits", 4, "--abits", 8,
+                "--calib-trajectories", 4, "--record-steps", 2, "--steps", 4, "--iters", 3, "--recon-batch", 4,
+                "--out", q, "--device", "cpu")
+    assert "wrote W4A8 tfmq (common) checkpoint" in proc.stdout and (q / "fsc.safetensors").exists()
+    gacq("sample", "--model", q, "--num", 2, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu")
+    bad = gacq("sample", "--model", q, "--num", 2, "--steps", 5, "--out", tmp_path / "s2", "--device", "cpu",
+               check=False)
+    assert bad.returncode == 2 and "same settings" in bad.stderr and not (tmp_path / "s2").exists()

@@ -1,24 +1,29 @@
-"""`quantize`: one entry point from a float model, a QuantConfig and calibration data to a quantized model."""
+"""`quantize`: one entry point from a float model, a QuantConfig and calibration data to a quantized model.
+
+The pipeline (each step only where the method's recipe asks for it, see `methods.py`):
+wrap layers -> split shortcuts -> attention quantizers -> weight grid init -> temporal block
+reconstruction (TFMQ-DM) -> block reconstruction of the weights -> activations (min-max ranges,
+learned step sizes, or per-step sets).
+"""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import GacqError
 from ..models import LoadedModel
+from ..utils import atomic_path
 from .calib_data import CalibDataConfig, CalibrationSet
-from .recon import ReconConfig, reconstruct_model
+from .methods import MethodSpec, float_input_layers, float_layers, method_spec, with_overrides
+from .recon import ActReconConfig, ReconConfig, reconstruct_model
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
-
-# Methods implemented so far; the baselines and GAC are added here as they land.
-# 'brecq' is gacq's generic weight reconstruction (AdaRound per block, BRECQ-style, min-max
-# activation init); it is not one of the paper's baselines, which add their own choices on top.
-METHODS = ("rtn", "brecq")
-PLANNED = ("ptq4dm", "qdiffusion", "tfmq", "gac")
 
 
 @dataclass(frozen=True)
@@ -26,73 +31,210 @@ class QuantConfig:
     """What to quantize and how.
 
     Attributes:
-        method: 'rtn' (round-to-nearest on the initialised grid) or 'brecq' (AdaRound block
-            reconstruction of the weights, then min-max activation ranges).
+        method: a registered method (`gacq.quant.methods.METHODS`).
+        preset: 'common' (the comparison's shared layer set and choices) or 'faithful' (the
+            released code's choices).
         wbits: weight bits (2..8), per output channel, asymmetric.
         abits: input-activation bits (2..8), per tensor; None keeps activations in float (W-only).
-        weight_init: 'mse' (clipping search, Lp 2.4) or 'minmax'.
-        a_symmetric: symmetric activation grids.
-        skip: fnmatch patterns of layer names kept in full precision (e.g. 'conv_in', 'time_embedding.*').
-        calib: how calibration data are collected when none is given.
+        weight_init, a_symmetric, skip: override the recipe (None keeps it). skip: fnmatch
+            patterns of layer names kept in full precision.
+        calib: how calibration data are collected when none is given (selection None: the recipe's).
         calib_batch_size: samples per forward while observing activation ranges.
+        recon: AdaRound settings of the weight stage (and of TFMQ-DM's temporal block).
+        act_recon: learned activation step sizes (Q-Diffusion's act stage).
+        fsc_momentum, fsc_batch_size: TFMQ-DM's per-step range EMA.
+        recon_checkpoints: folder of per-unit resume points.
     """
 
     method: str = "rtn"
+    preset: str = "common"
     wbits: int = 4
     abits: int | None = 8
-    weight_init: str = "mse"
-    a_symmetric: bool = False
-    skip: tuple[str, ...] = ()
+    weight_init: str | None = None
+    a_symmetric: bool | None = None
+    skip: tuple[str, ...] | None = None
     calib: CalibDataConfig = field(default_factory=lambda: CalibDataConfig(n_trajectories=64, n_steps=20))
     calib_batch_size: int = 64
     recon: ReconConfig = field(default_factory=ReconConfig)
+    act_recon: ActReconConfig = field(default_factory=ActReconConfig)
+    fsc_momentum: float = 0.95
+    fsc_batch_size: int = 16
     recon_checkpoints: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            extra = f" ({self.method} is planned, not implemented yet)" if self.method in PLANNED else ""
-            raise GacqError(f"unknown method {self.method!r}{extra}; available: {', '.join(METHODS)}")
+        self.spec()  # validates method and preset
         if not 2 <= self.wbits <= 8:
             raise GacqError(f"--wbits {self.wbits} is not supported; use 2 to 8")
         if self.abits is not None and not 2 <= self.abits <= 8:
             raise GacqError(f"--abits {self.abits} is not supported; use 2 to 8, or 32 for float activations")
-        if self.weight_init not in ("mse", "minmax"):
+        if self.weight_init not in (None, "mse", "minmax"):
             raise GacqError(f"--weight-init must be 'mse' or 'minmax', not {self.weight_init!r}")
+
+    def spec(self) -> MethodSpec:
+        return with_overrides(method_spec(self.method, self.preset), weight_init=self.weight_init,
+                              a_symmetric=self.a_symmetric, skip=self.skip)
+
+    def calib_config(self) -> CalibDataConfig:
+        """The calibration collection settings, with the recipe's timestep selection."""
+        s = self.spec()
+        c = asdict(self.calib)
+        c["selection"] = s.calib_selection
+        if s.calib_selection == "gaussian":
+            c["mu"], c["sigma"] = s.gaussian_mu, s.gaussian_sigma
+        return CalibDataConfig(**c)
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["skip"] = list(self.skip)
+        d["skip"] = None if self.skip is None else list(self.skip)
+        d["recipe"] = self.spec().to_json()
         return d
 
 
+def _match(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _weight_subset(calib: CalibrationSet, spec: MethodSpec, n_steps: int) -> CalibrationSet:
+    """TFMQ-DM reconstructs weights on every `steps // n_steps`-th step of its all-steps set."""
+    if spec.calib_selection != "all":
+        return calib
+    steps = int(calib.meta.get("sampler", {}).get("steps", int(calib.step.max()) + 1))
+    stride = max(1, steps // n_steps)
+    keep = (calib.step % stride == 0) & (calib.step < stride * n_steps)
+    return CalibrationSet(calib.x[keep], calib.t[keep], calib.step[keep], calib.meta)
+
+
+def _check_selection(calib: CalibrationSet, spec: MethodSpec) -> None:
+    got = calib.meta.get("selection", {}).get("selection")
+    if got is not None and got != spec.calib_selection:
+        raise GacqError(f"method {spec.name} ({spec.preset}) calibrates on '{spec.calib_selection}' timesteps, "
+                        f"but the calibration set was collected with '{got}'; collect one with "
+                        f"`gacq calib --selection {spec.calib_selection}` or omit --calib")
+
+
 def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | None = None,
-             device: torch.device | str = "cpu") -> torch.nn.Module:
+             device: torch.device | str = "cpu", progress: bool = True) -> torch.nn.Module:
     """Return a quantized copy of `loaded.model` (the float model is left as it was).
 
-    Activation quantization needs `calib` (model inputs x_t and timesteps t); weight-only does not.
+    Needs `calib` (model inputs x_t, timesteps t, sampling-step indices) for any reconstruction
+    and for activation quantization; weight-only round-to-nearest does not.
     """
+    spec = config.spec()
+    device = torch.device(device)
+    abits = config.abits
+    needs_calib = spec.weight_recon or spec.tib or abits is not None
+    if needs_calib and (calib is None or len(calib) == 0):
+        raise GacqError(f"{spec.name} needs calibration data (run `gacq calib`, or pass --abits 32 for rtn)")
+    if calib is not None:
+        _check_selection(calib, spec)
     model = copy.deepcopy(loaded.model).to(device).eval()
-    skip = (lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in config.skip)) if config.skip else None
-    wrap_layers(model, config.wbits, config.abits, skip=skip, a_symmetric=config.a_symmetric)
+
+    # 1. which layers, at which bits
+    skip_names = float_layers(model, spec.skip_fn)
+    eight = set(spec.eight_bit)
+    skip = lambda n, m: _match(n, spec.skip) or n in skip_names or _match(n, eight)  # noqa: E731
+    wrap_layers(model, config.wbits, abits, skip=skip, a_symmetric=spec.a_symmetric)
+    if eight:
+        wrap_layers(model, 8, 8 if abits is not None else None, skip=lambda n, m: not _match(n, eight),
+                    a_symmetric=spec.a_symmetric)
+    float_inputs = float_input_layers(model, spec.act_skip_fn)
+    for name, m in quant_layers(model):
+        if name in float_inputs:
+            m.act_quantizer = None
+    if spec.split_shortcuts:
+        from .wrap import apply_shortcut_splits, find_shortcut_splits
+
+        splits = {n: k for n, k in find_shortcut_splits(model).items() if n in dict(quant_layers(model))}
+        apply_shortcut_splits(model, splits)
+    if spec.attn_quant and abits is not None:
+        from .attention import install_attention_quantizers
+
+        install_attention_quantizers(model, abits, softmax_bits=spec.softmax_bits, symmetric=spec.a_symmetric,
+                                     softmax_mode="symmetric" if spec.a_symmetric else "zero")
     for _, m in quant_layers(model):
-        m.init_weight(config.weight_init)
+        m.init_weight(spec.weight_init)
     set_quant_state(model, weights=True, acts=False)
-    if config.method == "brecq":
-        if calib is None or len(calib) == 0:
-            raise GacqError("brecq reconstruction needs calibration data (run `gacq calib`)")
-        fp = loaded.model
-        if next(fp.parameters()).device != torch.device(device):
-            fp = copy.deepcopy(fp).to(device)  # leave the caller's model where it is
-        reconstruct_model(model, fp, calib.x, calib.t, config.recon,
-                          ckpt_dir=config.recon_checkpoints, device=device,
-                          fingerprint={"quant": {k: v for k, v in config.to_json().items() if k != "recon"},
-                                       "model": loaded.source})
-    if config.abits is not None:
-        if calib is None or len(calib) == 0:
-            raise GacqError("activation quantization needs calibration data (run `gacq calib` or pass --abits 32)")
-        bs = config.calib_batch_size
-        batches = [(calib.x[i:i + bs].to(device), calib.t[i:i + bs].to(device)) for i in range(0, len(calib), bs)]
-        ranges = observe_input_ranges(model, batches, lambda m, x, t: m(x, t))
-        init_act_quantizers_minmax(model, ranges)
-        set_quant_state(model, weights=True, acts=True)
+
+    fp = loaded.model
+    if needs_calib and next(fp.parameters()).device != device:
+        fp = copy.deepcopy(fp).to(device)  # leave the caller's model where it is
+    fp = fp.eval()
+    ckpt = Path(config.recon_checkpoints) if config.recon_checkpoints else None
+    fingerprint = {"quant": {k: v for k, v in config.to_json().items() if k not in ("recon", "act_recon")},
+                   "model": loaded.source}
+    wcal = _weight_subset(calib, spec, config.calib.n_steps) if calib is not None else None
+
+    # 2. TFMQ-DM temporal information block
+    if spec.tib:
+        _run_tib(model, fp, wcal, config, ckpt, device, progress)
+    # 3. weights
+    if spec.weight_recon:
+        reconstruct_model(model, fp, wcal.x, wcal.t, config.recon, ckpt_dir=ckpt, device=device,
+                          fingerprint=fingerprint, progress=progress)
+    # 4. activations
+    if abits is not None:
+        _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress)
     return model
+
+
+def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
+    from .tfmq import TIB, freeze_tib, reconstruct_tib
+
+    path = ckpt / "tib.safetensors" if ckpt is not None else None
+    if path is not None and path.exists():
+        layers = TIB(model).layers()
+        for m in layers:
+            m.enable_adaround()
+        state = load_file(str(path))
+        names = {id(m): n for n, m in model.named_modules()}
+        for m in layers:
+            prefix = names[id(m)] + "."
+            m.load_state_dict({k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)})
+            m.adaround.harden()
+        freeze_tib(model)
+        return
+    stats = reconstruct_tib(model, fp, wcal.t, config.recon, device=device, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = {id(m): n for n, m in model.named_modules()}
+        state = {f"{names[id(m)]}.{k}": v.detach().contiguous().cpu()
+                 for m in TIB(model).layers() for k, v in m.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp))
+        with open(path.parent / "recon_log.jsonl", "a") as f:
+            f.write(json.dumps({"index": -1, "stage": "tib", **stats}) + "\n")
+
+
+def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress) -> None:
+    bs = config.calib_batch_size
+    if spec.act_mode == "fsc":
+        from .fsc import finite_set_calibration
+
+        sampler = calib.meta.get("sampler", {})
+        params = finite_set_calibration(model, calib.x, calib.t, calib.step, sampler, config.fsc_momentum,
+                                        config.fsc_batch_size, config.recon.seed, device, progress)
+        params.apply(model, 0)
+        model.gacq_fsc = params
+        set_quant_state(model, weights=True, acts=True)
+        return
+    src = wcal if spec.act_mode == "lsq" else calib
+    idx = torch.arange(len(src))
+    if spec.act_init_samples is not None and spec.act_init_samples < len(src):
+        g = torch.Generator().manual_seed(config.recon.seed)
+        idx = torch.randperm(len(src), generator=g)[: spec.act_init_samples]
+    batches = [(src.x[idx[i:i + bs]].to(device), src.t[idx[i:i + bs]].to(device)) for i in range(0, len(idx), bs)]
+    forward = lambda m, x, t: m(x, t)  # noqa: E731
+    ranges = observe_input_ranges(model, batches, forward)
+    init_act_quantizers_minmax(model, ranges)
+    if spec.attn_quant:
+        from .attention import init_attention_quantizers
+
+        init_attention_quantizers(model, batches, forward)
+    if spec.act_mode == "lsq":
+        reconstruct_model(model, fp, wcal.x, wcal.t, config.act_recon, ckpt_dir=ckpt, device=device,
+                          fingerprint=fingerprint, progress=progress, stage="acts")
+    set_quant_state(model, weights=True, acts=True)
+    if spec.attn_quant:
+        from .attention import set_attention_quant
+
+        set_attention_quant(model, True)

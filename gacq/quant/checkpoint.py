@@ -26,7 +26,10 @@ from ..utils import atomic_dir
 from .modules import QuantLayer
 from .wrap import quant_layers, wrap_layers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# 2 added shortcut splits (per layer "split" and the second half's scale_0 / zero_point_0 /
+# act_scale_0 / act_zero_point_0); format-1 folders have no split layers and read unchanged.
+READABLE_FORMATS = (1, 2)
 
 
 def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -47,10 +50,7 @@ def unpack_int(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 def _integer_weight(layer: QuantLayer) -> torch.Tensor:
-    if layer.adaround is not None:
-        return layer.adaround.integer_weight()
-    q = layer.weight_quantizer
-    return torch.clamp(torch.round(layer.weight / q.scale) + q.zero_point, q.qmin, q.qmax)
+    return layer.integer_weight()  # on the combined grid of both halves for a split layer
 
 
 def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, Any], model_config: dict[str, Any],
@@ -68,13 +68,23 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
         tensors[f"{name}.qweight"] = pack_int(ints, q.bits)
         tensors[f"{name}.scale"] = q.scale.detach().cpu().float()
         tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().float()
-        entry = {"type": type(m).__name__, "wbits": q.bits, "shape": list(m.weight.shape), "abits": m.abits,
+        entry = {"type": type(m).__name__, "wbits": q.bits, "shape": list(m.weight.shape),
+                 "abits": m.abits if m.act_quantizer is not None else None,
                  "a_symmetric": bool(m.act_quantizer.symmetric) if m.act_quantizer is not None else None}
         if m.act_quantizer is not None:
             if not bool(m.act_quantizer.initialized):
                 raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
             tensors[f"{name}.act_scale"] = m.act_quantizer.scale.detach().cpu().float().reshape(1)
             tensors[f"{name}.act_zero_point"] = m.act_quantizer.zero_point.detach().cpu().float().reshape(1)
+        if m.split:
+            entry["split"] = m.split
+            tensors[f"{name}.scale_0"] = m.weight_quantizer_0.scale.detach().cpu().float()
+            tensors[f"{name}.zero_point_0"] = m.weight_quantizer_0.zero_point.detach().cpu().float()
+            if m.act_quantizer is not None and m.act_quantizer_0 is not None:
+                if not bool(m.act_quantizer_0.initialized):
+                    raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
+                tensors[f"{name}.act_scale_0"] = m.act_quantizer_0.scale.detach().cpu().float().reshape(1)
+                tensors[f"{name}.act_zero_point_0"] = m.act_quantizer_0.zero_point.detach().cpu().float().reshape(1)
         layers[name] = entry
         quant_names.append(name)
     floats = {}
@@ -85,9 +95,21 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
         floats[k] = v.detach().cpu().contiguous()
     meta = {"format_version": FORMAT_VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__,
             **config, "layers": layers}
+    from .attention import attention_quantizers
+
+    procs = attention_quantizers(model)
+    if procs:  # their step sizes are in float.safetensors (state-dict keys under `<attn>.processor.`)
+        p0 = procs[0][1]
+        meta["attention"] = {"modules": [n for n, _ in procs], "abits": p0.q.bits, "softmax_bits": p0.softmax.bits,
+                             "symmetric": bool(p0.q.symmetric), "softmax_mode": p0.softmax.mode, "quant": bool(p0.quant)}
+    fsc = getattr(model, "gacq_fsc", None)
+    if fsc is not None:
+        meta["fsc"] = {"sampler": fsc.sampler, "steps": fsc.n_steps}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "quantized.safetensors"))
         save_file(floats, str(tmp / "float.safetensors"))
+        if fsc is not None:
+            save_file({k: v.cpu().float() for k, v in fsc.state_dict().items()}, str(tmp / "fsc.safetensors"))
         (tmp / "quant_config.json").write_text(json.dumps(meta, indent=2))
         base = {"_class_name": type(model).__name__,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items() if not k.startswith("_")}}
@@ -111,8 +133,9 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
         mcfg = json.loads((folder / "model_config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise GacqError(f"{folder} is not a readable quantized checkpoint: {e}") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise GacqError(f"{folder} has checkpoint format {meta.get('format_version')}; this gacq reads {FORMAT_VERSION}")
+    if meta.get("format_version") not in READABLE_FORMATS:
+        raise GacqError(f"{folder} has checkpoint format {meta.get('format_version')}; this gacq reads "
+                        f"{', '.join(map(str, READABLE_FORMATS))}")
     cls_name = mcfg["model"].get("_class_name")
     if cls_name not in MODEL_CLASSES:
         raise GacqError(f"{folder}: unsupported base model class {cls_name!r}")
@@ -123,11 +146,23 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
         raise GacqError(f"{folder}: cannot read the weight files ({e}); the checkpoint is corrupt or incomplete") from e
     model = getattr(diffusers, cls_name).from_config(mcfg["model"]).eval()
     layers = meta["layers"]
-    first = next(iter(layers.values()))
-    wrapped = wrap_layers(model, first["wbits"], first["abits"], skip=lambda n, m: n not in layers,
-                          a_symmetric=bool(first["a_symmetric"]))
+    groups: dict[tuple, set[str]] = {}
+    for n, e in layers.items():  # layers may differ in bits (W8A8 first/last) or keep float inputs
+        groups.setdefault((e["wbits"], e["abits"], bool(e["a_symmetric"])), set()).add(n)
+    wrapped = []
+    try:
+        for (wb, ab, sym), names in groups.items():
+            wrapped += wrap_layers(model, wb, ab, skip=lambda n, m, names=names: n not in names, a_symmetric=sym)
+    except GacqError as e:
+        raise GacqError(f"{folder}: the quantized layers do not match the model architecture ({e})") from e
     if sorted(wrapped) != sorted(layers):
         raise GacqError(f"{folder}: the quantized layers do not match the model architecture")
+    att = meta.get("attention")
+    if att:
+        from .attention import install_attention_quantizers, set_attention_quant
+
+        install_attention_quantizers(model, att["abits"], att["softmax_bits"], att["symmetric"], att["softmax_mode"])
+        set_attention_quant(model, bool(att["quant"]))
     missing, unexpected = model.load_state_dict(floats, strict=False)
     if unexpected:
         raise GacqError(f"{folder}: float weights for unknown parameters: {unexpected[:3]}")
@@ -141,10 +176,28 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
         ints = unpack_int(tensors[f"{name}.qweight"], q.bits, math.prod(entry["shape"])).view(entry["shape"])
         if ints.max() > q.qmax or ints.min() < q.qmin:
             raise GacqError(f"{folder}: layer {name} holds integers outside its {q.bits}-bit range")
+        if entry.get("split"):
+            m.set_split(entry["split"])
+            m.weight_quantizer_0._set(tensors[f"{name}.scale_0"], tensors[f"{name}.zero_point_0"])
         q._set(scale, zp)
         with torch.no_grad():
-            m.weight.copy_((ints.to(scale.dtype) - zp) * scale)
+            full_scale, full_zp = m.weight_qparams()  # scale, zp, or both halves' grid of a split layer
+            m.weight.copy_((ints.to(scale.dtype) - full_zp) * full_scale)
         if m.act_quantizer is not None:
             m.act_quantizer._set(tensors[f"{name}.act_scale"], tensors[f"{name}.act_zero_point"])
+            if m.split:
+                m.act_quantizer_0._set(tensors[f"{name}.act_scale_0"], tensors[f"{name}.act_zero_point_0"])
         m.w_quant, m.a_quant = True, m.act_quantizer is not None
+    if meta.get("fsc"):
+        from .fsc import FSCParams
+
+        path = folder / "fsc.safetensors"
+        if not path.exists():
+            raise GacqError(f"{folder}: quant_config.json lists per-step activation sets but fsc.safetensors is missing")
+        fsc = FSCParams.from_state_dict(load_file(str(path)), meta["fsc"]["sampler"])
+        if fsc.n_steps != meta["fsc"]["steps"]:
+            raise GacqError(f"{folder}: fsc.safetensors holds {fsc.n_steps} step sets, quant_config.json says "
+                            f"{meta['fsc']['steps']}")
+        fsc.apply(model, 0)
+        model.gacq_fsc = fsc
     return model, meta, mcfg["scheduler"]

@@ -3,6 +3,12 @@
 The wrapper keeps the float layer's weight and bias (frozen) and computes the same operation
 with fake-quantized weight and input. Weight and activation quantization switch independently
 (`w_quant`, `a_quant`), as block reconstruction needs (weights first, activations later).
+
+Shortcut splitting (Q-Diffusion, baselines.md §2.4): a layer whose input is a channel
+concatenation cat([h, skip], dim=1) can be split at k = channels of h (`set_split(k)`). Then
+input channels [:k] use `act_quantizer` and [k:] `act_quantizer_0`; weight columns W[:, :k] use
+`weight_quantizer` and W[:, k:] `weight_quantizer_0`, each per output channel with its own init.
+`wrap.find_shortcut_splits` / `wrap.apply_shortcut_splits` find and set the splits of diffusers' up blocks.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import GacqError
 from .quantizer import AdaRoundQuantizer, UniformQuantizer
 
 
 class QuantLayer(nn.Module):
     """Base of the quantized conv/linear wrappers."""
+
+    in_axis = 1  # channel axis of the layer's input (Linear: -1)
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: int, abits: int | None,
                  a_symmetric: bool = False):
@@ -29,30 +38,144 @@ class QuantLayer(nn.Module):
         self.adaround: AdaRoundQuantizer | None = None
         self.w_quant = True
         self.a_quant = False
+        # Shortcut split: 0 = unsplit. The second-half quantizers exist only on split layers
+        # (so an unsplit layer's state dict is unchanged).
+        self.split = 0
+        self.weight_quantizer_0: UniformQuantizer | None = None
+        self.act_quantizer_0: UniformQuantizer | None = None
 
+    # ------------------------------------------------------------------ split ---
+    def set_split(self, k: int) -> None:
+        """Split the input channels at k: [:k] and [k:] get their own weight and input quantizers.
+
+        Creates `weight_quantizer_0` (per output channel over W[:, k:]) and `act_quantizer_0`, and
+        marks every quantizer of the layer uninitialised: call `init_weight` (and calibrate the
+        activation quantizers) after splitting. Calling it again with the same k does nothing.
+        """
+        k = int(k)
+        c_in = self.weight.shape[1]
+        if k == self.split and k != 0:
+            return
+        if self.adaround is not None:
+            raise GacqError("cannot split a layer after AdaRound was enabled on it")
+        if getattr(self, "groups", 1) != 1:
+            raise GacqError(f"cannot split a grouped convolution (groups={self.groups}) along its input channels")
+        if self.split != 0:
+            raise GacqError(f"layer is already split at {self.split}; cannot split again at {k}")
+        if not 0 < k < c_in:
+            raise GacqError(f"split {k} is outside 1..{c_in - 1} for a layer with {c_in} input channels")
+        self.split = k
+        # weight_quantizer keeps its (O, 1, ...) shape, now over W[:, :k]; any earlier init covered
+        # the whole weight (or the whole input), so it is void.
+        self.weight_quantizer.initialized.fill_(False)
+        self.weight_quantizer_0 = UniformQuantizer(self.wbits, symmetric=False, channel_axis=0,
+                                                   shape=tuple(self.weight[:, k:].shape))
+        if self.act_quantizer is not None:
+            self.act_quantizer.initialized.fill_(False)
+            self.act_quantizer_0 = UniformQuantizer(self.abits, symmetric=self.act_quantizer.symmetric,
+                                                    learn_scale=True)
+        self.weight_quantizer_0.to(self.weight.device)
+        if self.act_quantizer_0 is not None:
+            self.act_quantizer_0.to(self.weight.device)
+
+    def split_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The input's channel groups: (x,) unsplit, (x[:, :k], x[:, k:]) split (Linear: last axis)."""
+        if not self.split:
+            return (x,)
+        k, n = self.split, x.shape[self.in_axis]
+        return x.narrow(self.in_axis, 0, k), x.narrow(self.in_axis, k, n - k)
+
+    def act_quantizers(self) -> list[UniformQuantizer]:
+        """The input quantizers, one per channel group of `split_input` (empty without act quant)."""
+        if self.act_quantizer is None:
+            return []
+        return [self.act_quantizer] if not self.split else [self.act_quantizer, self.act_quantizer_0]
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight grid's (scale, zero_point), broadcastable to the weight.
+
+        Unsplit: per output channel, (O, 1, ...). Split: (O, I, 1, ...), holding weight_quantizer's
+        values on columns [:k] and weight_quantizer_0's on [k:].
+        """
+        q = self.weight_quantizer
+        if not self.split:
+            return q.scale, q.zero_point
+        q0 = self.weight_quantizer_0
+        o, i = self.weight.shape[:2]
+        k = self.split
+
+        def full(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            rest = (1,) * (self.weight.ndim - 2)
+            return torch.cat([a.expand(o, k, *rest), b.expand(o, i - k, *rest)], dim=1).contiguous()
+
+        return full(q.scale, q0.scale), full(q.zero_point, q0.zero_point)
+
+    # ---------------------------------------------------------------- weights ---
     def init_weight(self, method: str = "mse") -> None:
-        """Initialise the weight grid: 'minmax' or 'mse' (80-candidate Lp 2.4 search)."""
-        if method == "minmax":
-            self.weight_quantizer.init_minmax(self.weight)
-        else:
-            self.weight_quantizer.init_mse(self.weight)
+        """Initialise the weight grid: 'minmax' or 'mse' (80-candidate Lp 2.4 search); per half when split."""
+        pairs = [(self.weight_quantizer, self.weight)]
+        if self.split:
+            k = self.split
+            pairs = [(self.weight_quantizer, self.weight[:, :k]), (self.weight_quantizer_0, self.weight[:, k:])]
+        for q, w in pairs:
+            if method == "minmax":
+                q.init_minmax(w)
+            else:
+                q.init_mse(w)
 
     def enable_adaround(self) -> AdaRoundQuantizer:
-        """Switch the weight to learned rounding on the initialised grid."""
-        self.adaround = AdaRoundQuantizer(self.weight_quantizer, self.weight)
+        """Switch the weight to learned rounding on the initialised grid.
+
+        A split layer gets ONE AdaRoundQuantizer over the whole weight, on the combined grid of
+        `weight_qparams` (scale/zero point of shape (O, I, 1, ...)): each half is rounded on its own
+        per-output-channel grid with its own V, as in Q-Diffusion, and recon.py's loop, the
+        regulariser, hardening and integer export need no special case. The regulariser therefore
+        sums 1 - |2h(V) - 1|^beta over both halves' elements, the same as for an unsplit layer.
+        This deliberately differs from [QD], whose block regulariser omits the `_0` half
+        (block_recon.py L221-224), and from [TF], which weights the two halves' sums by their
+        channel fractions, (k * sum_0 + (I - k) * sum_1) / I (reconstruction_util.py L76-83).
+        """
+        if not self.split:
+            base = self.weight_quantizer
+        else:
+            if not (bool(self.weight_quantizer.initialized) and bool(self.weight_quantizer_0.initialized)):
+                raise GacqError("AdaRound needs an initialised weight quantizer (both halves of a split layer)")
+            scale, zp = self.weight_qparams()
+            base = UniformQuantizer(self.wbits, symmetric=False)
+            base.scale, base.zero_point = scale.detach().clone(), zp.detach().clone()  # buffers: full-shape grid
+            base.initialized.fill_(True)
+        self.adaround = AdaRoundQuantizer(base, self.weight)
         return self.adaround
+
+    def integer_weight(self) -> torch.Tensor:
+        """The weight's integers on its grid (hard AdaRound when enabled, else round-to-nearest)."""
+        if self.adaround is not None:
+            return self.adaround.integer_weight()
+        scale, zp = self.weight_qparams()
+        q = self.weight_quantizer
+        return torch.clamp(torch.round(self.weight / scale) + zp, q.qmin, q.qmax)
 
     def quantized_weight(self) -> torch.Tensor:
         if not self.w_quant:
             return self.weight
         if self.adaround is not None:
             return self.adaround()
+        if self.split:
+            k = self.split
+            w = self.weight
+            return torch.cat([self.weight_quantizer(w[:, :k]), self.weight_quantizer_0(w[:, k:])], 1)
         return self.weight_quantizer(self.weight)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_quant and self.act_quantizer is not None:
+            if self.split:
+                a, b = self.split_input(x)
+                return torch.cat([self.act_quantizer(a), self.act_quantizer_0(b)], self.in_axis)
             return self.act_quantizer(x)
         return x
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}" if self.split else ""
 
 
 class QuantConv2d(QuantLayer):
@@ -68,6 +191,8 @@ class QuantConv2d(QuantLayer):
 
 
 class QuantLinear(QuantLayer):
+    in_axis = -1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 

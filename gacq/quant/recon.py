@@ -37,8 +37,16 @@ def block_types() -> tuple[type, ...]:
     return (ResnetBlock2D, Attention, BasicTransformerBlock)
 
 
+def trainable_layers(unit: nn.Module) -> list[QuantLayer]:
+    """The quantized layers of a unit that block reconstruction trains: all but those marked
+    `recon_frozen` (layers already reconstructed elsewhere, e.g. TFMQ-DM's temporal block)."""
+    return [m for m in unit.modules() if isinstance(m, QuantLayer) and not getattr(m, "recon_frozen", False)]
+
+
 def find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Top-most blocks and the quantized layers outside any block, in definition order."""
+    """Top-most blocks and the quantized layers outside any block, in definition order.
+
+    Blocks whose quantized layers are all frozen, and frozen layers, are not units."""
     types = block_types()
     units, inside = [], None
     for name, m in model.named_modules():
@@ -46,9 +54,10 @@ def find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         inside = None
         if isinstance(m, types) and any(isinstance(c, QuantLayer) for c in m.modules()):
-            units.append((name, m))
             inside = name
-        elif isinstance(m, QuantLayer):
+            if trainable_layers(m):
+                units.append((name, m))
+        elif isinstance(m, QuantLayer) and not getattr(m, "recon_frozen", False):
             units.append((name, m))
     return units
 
@@ -144,54 +153,84 @@ class ReconConfig:
     seed: int = 0
 
 
-def _select(t, idx):
-    return t[idx] if torch.is_tensor(t) else t
+@dataclass(frozen=True)
+class ActReconConfig:
+    """Activation step-size learning (Q-Diffusion's act stage, baselines.md §2.3): Adam on the
+    input quantizers' step sizes with a cosine schedule, Lp loss with p = 2.4, FP inputs."""
+
+    iters: int = 5000
+    batch_size: int = 32
+    lr: float = 4e-4
+    p: float = 2.4
+    seed: int = 0
+
+
+class UnitData:
+    """A unit's cached inputs (positional + keyword) and targets, on the device, with per-sample
+    loss weights; `losses(idx)` gives N * w_i * lp_i for a minibatch (the mean of which is the
+    plain batch mean for uniform weights, GAC Algorithm 1)."""
+
+    def __init__(self, unit: nn.Module, args: list, kwargs: dict, target: torch.Tensor, p: float,
+                 sample_weights: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+        self.unit, self.p = unit, p
+        self.n = n = len(target)
+        if sample_weights is not None and sample_weights.shape != (n,):
+            raise GacqError(f"sample weights have shape {tuple(sample_weights.shape)}, expected ({n},)")
+        self.device = torch.device(device)
+        self.w = (sample_weights if sample_weights is not None else torch.full((n,), 1.0 / n)).to(self.device)
+        # The whole cache goes to the device once (baselines.md §7.15: per-iteration copies are the slow path).
+        self.args = [a.to(self.device) if torch.is_tensor(a) else a for a in args]
+        self.per_sample = {k for k, v in kwargs.items() if torch.is_tensor(v) and v.shape[:1] == (n,)}
+        self.kwargs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        self.target = target.to(self.device)
+
+    def inputs(self, idx: torch.Tensor) -> tuple[list, dict]:
+        a = [x[idx] if torch.is_tensor(x) else x for x in self.args]
+        k = {key: (v[idx] if key in self.per_sample else v) for key, v in self.kwargs.items()}
+        return a, k
+
+    def output(self, idx: torch.Tensor) -> torch.Tensor:
+        a, k = self.inputs(idx)
+        out = self.unit(*a, **k)
+        return out if torch.is_tensor(out) else out[0]
+
+    def per_sample_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        return lp_loss_per_sample(self.output(idx), self.target[idx], self.p)
+
+    def losses(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.n * self.w[idx] * self.per_sample_loss(idx)
+
+    @torch.no_grad()
+    def full_loss(self, chunk: int = 256) -> float:
+        total = sum(float(self.losses(torch.arange(lo, min(self.n, lo + chunk), device=self.device)).sum())
+                    for lo in range(0, self.n, chunk))
+        return total / self.n
+
+    def batches(self, iters: int, batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        for it in range(iters):
+            yield it, torch.randperm(self.n, generator=g)[:batch_size].to(self.device)
 
 
 def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Tensor, cfg: ReconConfig,
                      sample_weights: torch.Tensor | None = None, device: torch.device | str = "cpu") -> dict:
-    """AdaRound all quantized layers of `unit` to match `target` from the cached inputs; hardens them.
+    """AdaRound all trainable quantized layers of `unit` to match `target` from the cached inputs; hardens them.
 
     sample_weights: one weight per cached sample (summing to 1); the loss of a minibatch B is
     mean_{i in B} (N * w_i * lp_i), which is the plain mean for uniform weights (GAC Algorithm 1).
     Returns the weighted reconstruction loss on all samples before and after.
     """
-    layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+    layers = trainable_layers(unit)
     if not layers:
         raise GacqError("unit has no quantized layers to reconstruct")
-    n = len(target)
-    if sample_weights is not None and sample_weights.shape != (n,):
-        raise GacqError(f"sample weights have shape {tuple(sample_weights.shape)}, expected ({n},)")
-    device = torch.device(device)
-    w = (sample_weights if sample_weights is not None else torch.full((n,), 1.0 / n)).to(device)
-    # The whole cache goes to the device once (baselines.md §7.15: per-iteration copies are the slow path).
-    args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-    per_sample = {k for k, v in kwargs.items() if torch.is_tensor(v) and v.shape[:1] == (n,)}
-    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-    target = target.to(device)
-
-    def weighted_losses(idx: torch.Tensor) -> torch.Tensor:
-        """N * w_i * lp_i for the samples in idx."""
-        a = [_select(x, idx) for x in args]
-        k = {key: (v[idx] if key in per_sample else v) for key, v in kwargs.items()}
-        out = unit(*a, **k)
-        out = out if torch.is_tensor(out) else out[0]
-        return n * w[idx] * lp_loss_per_sample(out, target[idx], cfg.p)
-
-    def full_loss() -> float:
-        with torch.no_grad():
-            total = sum(float(weighted_losses(torch.arange(lo, min(n, lo + 256), device=device)).sum()) for lo in range(0, n, 256))
-            return total / n
-
+    data = UnitData(unit, args, kwargs, target, cfg.p, sample_weights, device)
     for m in layers:
         m.w_quant = True
-    before = full_loss()
+    before = data.full_loss()
     adas = [m.enable_adaround() for m in layers]
     opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for it in range(cfg.iters):
-        idx = torch.randperm(n, generator=g)[: cfg.batch_size]
-        rec = weighted_losses(idx.to(device)).mean()
+    for it, idx in data.batches(cfg.iters, cfg.batch_size, cfg.seed):
+        rec = data.losses(idx).mean()
         loss = rec
         if it >= cfg.warmup * cfg.iters:
             beta = beta_schedule(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
@@ -203,61 +242,128 @@ def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Te
         opt.step()
     for a in adas:
         a.harden()
-    return {"loss_before": before, "loss_after": full_loss()}
+    return {"loss_before": before, "loss_after": data.full_loss()}
+
+
+def act_step_sizes(unit: nn.Module) -> list[nn.Parameter]:
+    """Learnable activation step sizes inside a unit: the `scale` Parameter of every input
+    quantizer of its quantized layers and of any other learnable-scale quantizer (attention),
+    except 16-bit ones (Q-Diffusion does not learn a 16-bit softmax quantizer)."""
+    from .quantizer import UniformQuantizer
+
+    params = []
+    for m in unit.modules():
+        if isinstance(m, UniformQuantizer) and isinstance(m.scale, nn.Parameter) and m.enabled and m.bits < 16:
+            params.append(m.scale)
+    return params
+
+
+def reconstruct_acts_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Tensor, cfg: ActReconConfig,
+                          sample_weights: torch.Tensor | None = None, device: torch.device | str = "cpu") -> dict:
+    """Learn the unit's activation step sizes (weights frozen at their rounded values) to match
+    `target`; Adam + cosine annealing, plain straight-through gradients, zero points frozen."""
+    params = act_step_sizes(unit)
+    if not params:
+        raise GacqError("unit has no learnable activation step sizes")
+    data = UnitData(unit, args, kwargs, target, cfg.p, sample_weights, device)
+    before = data.full_loss()
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
+    for it, idx in data.batches(cfg.iters, cfg.batch_size, cfg.seed):
+        loss = data.losses(idx).mean()
+        if not torch.isfinite(loss):
+            raise GacqError(f"activation calibration diverged (loss {loss.item()}) at iteration {it}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for prm in params:
+                prm.clamp_(min=1e-8)  # a step size must stay positive
+    return {"loss_before": before, "loss_after": data.full_loss()}
 
 
 # ------------------------------------------------------------ whole model ---
 WeightFn = Callable[[str, nn.Module, list, dict, torch.Tensor], "torch.Tensor | None"]
 
 
-def _unit_file(ckpt_dir, i: int) -> Path:
-    return Path(ckpt_dir) / f"unit_{i:03d}.safetensors"
+def _unit_file(ckpt_dir, i: int, stage: str = "weights") -> Path:
+    return Path(ckpt_dir) / (f"unit_{i:03d}.safetensors" if stage == "weights" else f"act_unit_{i:03d}.safetensors")
 
 
-def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg: ReconConfig,
+def _set_unit_act_quant(unit: nn.Module, on: bool) -> None:
+    for m in unit.modules():
+        if isinstance(m, QuantLayer):
+            m.a_quant = on
+        elif hasattr(m, "quant") and hasattr(m, "softmax"):  # attention matmul quantizers
+            m.quant = on
+
+
+def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg,
                       ckpt_dir=None, weight_fn: WeightFn | None = None, device: torch.device | str = "cpu",
                       capture_batch: int = 64, on_unit_done: Callable[[int, str, dict], None] | None = None,
-                      progress: bool = True, fingerprint: dict | None = None) -> list[dict]:
-    """Reconstruct every unit of `q_model` in order (weights stage), checkpointing each finished unit.
+                      progress: bool = True, fingerprint: dict | None = None, stage: str = "weights") -> list[dict]:
+    """Reconstruct every unit of `q_model` in execution order, checkpointing each finished unit.
 
+    stage 'weights' (cfg: ReconConfig): AdaRound; the unit's input comes from the quantized model
+    (weights quantized, activations float), the target from the FP model (baselines.md §3.2);
     q_model must be wrapped, weight-initialised and in the weights-only quantization state.
+    stage 'acts' (cfg: ActReconConfig): learn the activation step sizes of each unit with its
+    activations quantized; inputs and targets both from the FP model, as Q-Diffusion's act stage.
     `weight_fn(name, unit, args, kwargs, target)` may return per-sample loss weights (GAC).
     With `ckpt_dir`, units already saved there are loaded instead of recomputed, so a killed run
     resumes at the next unit and ends bit-identical to an uninterrupted one (each unit's minibatch
     order is seeded by cfg.seed + its index). `fingerprint` (settings that define the run) is stored
-    in `ckpt_dir/run.json`; resuming with a different one is refused.
+    in `ckpt_dir/run.json` (`run_acts.json` for the act stage); resuming with another is refused.
     """
+    if stage not in ("weights", "acts"):
+        raise GacqError(f"unknown reconstruction stage {stage!r}")
     if ckpt_dir is not None:
-        run_file = Path(ckpt_dir) / "run.json"
+        run_file = Path(ckpt_dir) / ("run.json" if stage == "weights" else "run_acts.json")
         fp_json = json.loads(json.dumps({"recon": dataclasses.asdict(cfg), "n_samples": len(t), **(fingerprint or {})}))
         if run_file.exists() and json.loads(run_file.read_text()) != fp_json:
             raise GacqError(f"{ckpt_dir} holds reconstruction checkpoints of another run; delete it or change --out")
         write_json(run_file, fp_json)
     run = lambda model, lo, hi: model(x[lo:hi].to(device), t[lo:hi].to(device))  # noqa: E731
     units = order_by_execution(q_model, find_units(q_model), lambda m: run(m, 0, 1))
+    if stage == "acts":
+        units = [(name, u) for name, u in units if act_step_sizes(u)]
     stats = []
-    bar = tqdm(units, desc="reconstruction", unit="unit", disable=not progress)
+    bar = tqdm(units, desc=f"reconstruction ({stage})", unit="unit", disable=not progress)
     for i, (name, unit) in enumerate(bar):
-        layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
-        path = _unit_file(ckpt_dir, i) if ckpt_dir is not None else None
+        layers = trainable_layers(unit)
+        path = _unit_file(ckpt_dir, i, stage) if ckpt_dir is not None else None
         if path is not None and path.exists():
-            for m in layers:
-                m.enable_adaround()
+            if stage == "weights":
+                for m in layers:
+                    m.enable_adaround()
             state = load_file(str(path))
             unit.load_state_dict({k: v.to(device) for k, v in state.items()})
-            for m in layers:
-                m.adaround.harden()
-            stats.append({"unit": name, "resumed": True})
+            if stage == "weights":
+                for m in layers:
+                    m.adaround.harden()
+            else:
+                _set_unit_act_quant(unit, True)
+            stats.append({"unit": name, "stage": stage, "resumed": True})
             continue
-        args, kwargs, _ = capture_unit_io(q_model, unit, run, len(t), capture_batch, want_output=False)
-        _, _, target = capture_unit_io(fp_model, fp_model.get_submodule(name), run, len(t), capture_batch,
-                                       want_output=True)
+        fp_unit = fp_model.get_submodule(name)
+        if stage == "weights":
+            args, kwargs, _ = capture_unit_io(q_model, unit, run, len(t), capture_batch, want_output=False)
+            _, _, target = capture_unit_io(fp_model, fp_unit, run, len(t), capture_batch, want_output=True)
+        else:
+            args, kwargs, target = capture_unit_io(fp_model, fp_unit, run, len(t), capture_batch, want_output=True)
         weights = weight_fn(name, unit, args, kwargs, target) if weight_fn is not None else None
+        unit_cfg = dataclasses.replace(cfg, seed=cfg.seed + i)
         try:
-            s = reconstruct_unit(unit, args, kwargs, target, dataclasses.replace(cfg, seed=cfg.seed + i), weights, device)
+            if stage == "weights":
+                s = reconstruct_unit(unit, args, kwargs, target, unit_cfg, weights, device)
+            else:
+                _set_unit_act_quant(unit, True)
+                s = reconstruct_acts_unit(unit, args, kwargs, target, unit_cfg, weights, device)
         except GacqError as e:
-            raise GacqError(f"unit {i} ({name}): {e}; the {i} units before it are kept in {ckpt_dir}") from e
-        s = {"unit": name, "kind": type(unit).__name__, **s}
+            raise GacqError(f"unit {i} ({name}, {stage} stage): {e}; the {i} units before it are kept in "
+                            f"{ckpt_dir}") from e
+        s = {"unit": name, "kind": type(unit).__name__, "stage": stage, **s}
         stats.append(s)
         bar.set_postfix(loss=f"{s['loss_before']:.3g}->{s['loss_after']:.3g}")
         if path is not None:

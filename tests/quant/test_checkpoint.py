@@ -75,8 +75,8 @@ def test_corrupt_and_mismatched_checkpoints(tiny_calib, tmp_path):
         else:
             meta = json.loads((d / "quant_config.json").read_text())
             if case == "shape":
-                meta["layers"]["conv_in"]["shape"] = [1, 2, 3, 4]
-                msg = "conv_in"
+                meta["layers"]["down_blocks.0.resnets.0.conv1"]["shape"] = [1, 2, 3, 4]
+                msg = "down_blocks.0.resnets.0.conv1"
             else:
                 meta["format_version"] = 99
                 msg = "format 99"

@@ -1,0 +1,120 @@
+"""TFMQ-DM's temporal information block (TIB) and its reconstruction (TIAR), baselines.md §5.
+
+The TIB is the part of a UNet that depends on t only: the time embedding MLP
+(`TimestepEmbedding`: linear_1 -> act -> linear_2) and every ResnetBlock2D's
+`time_emb_proj(act(emb))`. Its outputs are the temporal features, one per resnet block.
+TIAR rounds all of its quantized linears jointly with AdaRound so that every temporal
+feature matches the FP model's on the same t (sum of the per-feature Lp losses plus the
+rounding regulariser). The TIB's layers are then marked `recon_frozen`, so the block
+reconstruction that follows leaves them alone (TFMQ-DM's `quant_emb` flag).
+
+Modules are found by type (Timesteps, TimestepEmbedding, ResnetBlock2D), not attribute paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import GacqError
+from .modules import QuantLayer
+from .quantizer import beta_schedule
+from .recon import ReconConfig, lp_loss_per_sample
+
+
+class TIB:
+    """Handles on a model's temporal information block."""
+
+    def __init__(self, model: nn.Module):
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.resnet import ResnetBlock2D
+
+        projs = [m for m in model.modules() if isinstance(m, Timesteps)]
+        embs = [m for m in model.modules() if isinstance(m, TimestepEmbedding)]
+        if len(projs) != 1 or len(embs) != 1:
+            raise GacqError(
+                f"TFMQ-DM's temporal block needs one sinusoidal Timesteps module and one TimestepEmbedding; "
+                f"this model has {len(projs)} and {len(embs)} (transformer models are not supported by tfmq yet)")
+        self.time_proj, self.time_embedding = projs[0], embs[0]
+        self.resnets = [(n, m) for n, m in model.named_modules()
+                        if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+        if not self.resnets:
+            raise GacqError("the model has no resnet blocks with a time-embedding projection")
+        self.dtype = next(self.time_embedding.parameters()).dtype
+
+    def layers(self) -> list[QuantLayer]:
+        """Quantized layers of the TIB (float ones are left out)."""
+        mods = [self.time_embedding.linear_1, self.time_embedding.linear_2] + [r.time_emb_proj for _, r in self.resnets]
+        return [m for m in mods if isinstance(m, QuantLayer)]
+
+    def forward(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """The temporal features (one N x C_r tensor per resnet) for timesteps t (N,)."""
+        emb = self.time_embedding(self.time_proj(t).to(self.dtype))
+        outs = []
+        for _, r in self.resnets:
+            e = emb if r.skip_time_act else r.nonlinearity(emb)
+            outs.append(r.time_emb_proj(e))
+        return outs
+
+
+def tib_loss(outs: list[torch.Tensor], targets: list[torch.Tensor], p: float) -> torch.Tensor:
+    """Per-sample sum over temporal features of the baselines' lp loss (TFMQ-DM's LossFuncTimeEmbedding)."""
+    return sum(lp_loss_per_sample(o, tg, p) for o, tg in zip(outs, targets))
+
+
+def reconstruct_tib(q_model: nn.Module, fp_model: nn.Module, t: torch.Tensor, cfg: ReconConfig,
+                    sample_weights: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                    progress: bool = True) -> dict:
+    """TIAR: joint AdaRound of the TIB's quantized linears on the calibration timesteps t.
+
+    Leaves the TIB layers hard-rounded and marked `recon_frozen`. Returns the loss before/after.
+    """
+    device = torch.device(device)
+    q, f = TIB(q_model), TIB(fp_model)
+    layers = q.layers()
+    if not layers:
+        raise GacqError("the temporal block has no quantized layers (all kept in float?)")
+    t = t.to(device)
+    n = len(t)
+    w = (sample_weights if sample_weights is not None else torch.full((n,), 1.0 / n)).to(device)
+    with torch.no_grad():
+        targets = [x.detach() for x in f.forward(t)]
+
+    def losses(idx):
+        return n * w[idx] * tib_loss(q.forward(t[idx]), [tg[idx] for tg in targets], cfg.p)
+
+    def full() -> float:
+        with torch.no_grad():
+            return float(sum(losses(torch.arange(lo, min(n, lo + 1024), device=device)).sum()
+                             for lo in range(0, n, 1024))) / n
+
+    for m in layers:
+        m.w_quant = True
+    before = full()
+    adas = [m.enable_adaround() for m in layers]
+    opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for it in tqdm(range(cfg.iters), desc="TIB reconstruction", unit="it", disable=not progress, leave=False):
+        idx = torch.randperm(n, generator=g)[: cfg.batch_size].to(device)
+        loss = losses(idx).mean()
+        if it >= cfg.warmup * cfg.iters:
+            beta = beta_schedule(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            loss = loss + cfg.reg_weight * sum(a.regularizer(beta) for a in adas)
+        if not torch.isfinite(loss):
+            raise GacqError(f"temporal-block reconstruction diverged (loss {loss.item()}) at iteration {it}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for a, m in zip(adas, layers):
+        a.harden()
+        m.recon_frozen = True
+    return {"unit": "temporal_information_block", "layers": len(layers), "loss_before": before, "loss_after": full()}
+
+
+def freeze_tib(model: nn.Module) -> list[QuantLayer]:
+    """Mark the TIB's quantized layers `recon_frozen` (after loading a finished TIB from a checkpoint)."""
+    layers = TIB(model).layers()
+    for m in layers:
+        m.recon_frozen = True
+    return layers

@@ -1,0 +1,212 @@
+"""TFMQ-DM's temporal block and per-step activation sets, Q-Diffusion's activation stage, and the
+method registry end to end on a tiny real UNet2DModel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gacq.errors import GacqError
+from gacq.models import LoadedModel, build_model
+from gacq.quant.api import QuantConfig, quantize
+from gacq.quant.calib_data import CalibDataConfig, collect
+from gacq.quant.fsc import FSCParams, finite_set_calibration
+from gacq.quant.methods import METHODS, float_input_layers, float_layers, method_spec
+from gacq.quant.modules import QuantLayer
+from gacq.quant.recon import ActReconConfig, ReconConfig, capture_unit_io, find_units, reconstruct_acts_unit
+from gacq.quant.tfmq import TIB, reconstruct_tib
+from gacq.quant.wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
+from gacq.sampling import SampleConfig, generate
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def fp():
+    torch.manual_seed(0)
+    return build_model("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def calib_all(fp):
+    return collect(LoadedModel(fp), SampleConfig(steps=STEPS), CalibDataConfig(selection="all", n_trajectories=8),
+                   progress=False)
+
+
+def _wrapped(fp, wbits=3, abits=None):
+    q = copy.deepcopy(fp)
+    wrap_layers(q, wbits, abits)
+    for _, m in quant_layers(q):
+        m.init_weight("mse")
+    set_quant_state(q, weights=True, acts=False)
+    return q
+
+
+def test_tib_features_match_the_model_forward(fp):
+    """The TIB's temporal features equal what each resnet's time_emb_proj computes inside a full forward."""
+    seen = {}
+    hooks = [r.time_emb_proj.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, o.detach()))
+             for n, r in TIB(fp).resnets]
+    t = torch.tensor([3, 500, 999])
+    with torch.no_grad():
+        fp(torch.randn(3, 3, 16, 16), t)
+        for h in hooks:
+            h.remove()
+        feats = TIB(fp).forward(t)
+    assert len(feats) == len(seen) == len(TIB(fp).resnets) == 8
+    for (n, _), a in zip(TIB(fp).resnets, feats):
+        torch.testing.assert_close(a, seen[n])
+
+
+def test_tib_reconstruction_beats_rtn_and_freezes(fp, calib_all):
+    q = _wrapped(fp)
+    tib = TIB(q)
+    with torch.no_grad():
+        tgt = TIB(fp).forward(calib_all.t)
+        rtn = sum(float((o - g).pow(2).sum()) for o, g in zip(tib.forward(calib_all.t), tgt))
+    stats = reconstruct_tib(q, fp, calib_all.t, ReconConfig(iters=60, batch_size=16, lr=1e-2), progress=False)
+    with torch.no_grad():
+        after = sum(float((o - g).pow(2).sum()) for o, g in zip(tib.forward(calib_all.t), tgt))
+    assert after < rtn and stats["loss_after"] < stats["loss_before"]
+    assert all(m.recon_frozen and m.adaround is not None and not m.adaround.soft for m in tib.layers())
+    # block reconstruction leaves the frozen time-embedding layers out: no time_embedding layer units
+    assert not any(n.startswith("time_embedding") for n, _ in find_units(q))
+
+
+def test_act_stage_learns_step_sizes_and_lowers_loss(fp, calib_all):
+    q = _wrapped(fp, wbits=4, abits=4)
+    batches = [(calib_all.x[:16], calib_all.t[:16])]
+    init_act_quantizers_minmax(q, observe_input_ranges(q, batches, lambda m, x, t: m(x, t)))
+    name, unit = next((n, m) for n, m in find_units(q) if type(m).__name__ == "ResnetBlock2D")
+    run = lambda model, lo, hi: model(calib_all.x[lo:hi], calib_all.t[lo:hi])  # noqa: E731
+    args, kwargs, target = capture_unit_io(fp, fp.get_submodule(name), run, len(calib_all), 16, want_output=True)
+    for m in unit.modules():
+        if isinstance(m, QuantLayer):
+            m.a_quant = True
+    before = {n: p.detach().clone() for n, p in unit.named_parameters() if n.endswith("act_quantizer.scale")}
+    frozen = {n: p.detach().clone() for n, p in unit.state_dict().items() if "act_quantizer" not in n}
+    s = reconstruct_acts_unit(unit, args, kwargs, target, ActReconConfig(iters=40, batch_size=16, lr=1e-2))
+    assert s["loss_after"] < s["loss_before"]
+    after = dict(unit.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(float(after[n].detach().min()) > 0 for n in before)
+    now = unit.state_dict()
+    assert all(torch.equal(now[n], v) for n, v in frozen.items())  # weights, zero points, norms untouched
+
+
+def test_fsc_per_step_ranges_match_a_naive_ema(fp, calib_all):
+    q = _wrapped(fp, wbits=8, abits=8)
+    sampler = {"scheduler": "ddim", "steps": STEPS, "timestep_spacing": "leading"}
+    params = finite_set_calibration(q, calib_all.x, calib_all.t, calib_all.step, sampler, batch_size=3, seed=1,
+                                    progress=False)
+    assert params.n_steps == STEPS
+    # naive EMA for one layer and one step, same shuffled order
+    name, layer = next((n, m) for n, m in quant_layers(q) if n.endswith("conv1"))
+    k = 2
+    g = torch.Generator().manual_seed(1)
+    orders = []
+    for s in range(STEPS):
+        idx = torch.nonzero(calib_all.step == s).flatten()
+        orders.append(idx[torch.randperm(len(idx), generator=g)])
+    xs = []
+    h = layer.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    with torch.no_grad():
+        for lo in range(0, len(orders[k]), 3):
+            b = orders[k][lo:lo + 3]
+            q(calib_all.x[b], calib_all.t[b])
+    h.remove()
+    lo_, hi_ = float(xs[0].min()), float(xs[0].max())
+    for x in xs[1:]:
+        lo_, hi_ = 0.95 * lo_ + 0.05 * float(x.min()), 0.95 * hi_ + 0.05 * float(x.max())
+    lo_, hi_ = min(lo_, 0.0), max(hi_, 0.0)
+    assert float(params.scale[name][k]) == pytest.approx((hi_ - lo_) / 255, rel=1e-5)
+    assert float(params.zero_point[name][k]) == round(-lo_ / ((hi_ - lo_) / 255))
+    # different steps get different ranges; apply() loads them
+    assert len({round(float(v), 6) for v in params.scale[name]}) > 1
+    params.apply(q, k)
+    assert float(layer.act_quantizer.scale.detach()) == pytest.approx(float(params.scale[name][k]))
+    back = FSCParams.from_state_dict(params.state_dict(), sampler)
+    assert all(torch.equal(back.scale[n], params.scale[n]) for n in params.scale)
+    with pytest.raises(GacqError, match="same settings"):
+        params.check_sampler(SampleConfig(steps=STEPS + 1))
+    with pytest.raises(GacqError, match="every one"):
+        finite_set_calibration(q, calib_all.x, calib_all.t, calib_all.step, {**sampler, "steps": STEPS + 2},
+                               progress=False)
+
+
+def test_tfmq_layer_rules_by_type():
+    model = build_model("ddpm-cifar10")
+    fl = float_layers(model, "tfmq")
+    assert "time_embedding.linear_1" in fl
+    assert sum(n.endswith("conv_shortcut") for n in fl) > 0 and sum("downsamplers" in n for n in fl) == 3
+    fi = float_input_layers(model, "tfmq")
+    assert fi == {"time_embedding.linear_2", "down_blocks.0.resnets.0.conv1"}
+
+
+@pytest.mark.parametrize("method", ["rtn", "ptq4dm", "qdiffusion", "tfmq"])
+def test_methods_end_to_end(fp, method, calib_all):
+    """Each method quantizes the tiny UNet, samples, and (with FSC) follows the sampler's steps."""
+    cfg = QuantConfig(method=method, wbits=4, abits=8, recon=ReconConfig(iters=4, batch_size=8),
+                      act_recon=ActReconConfig(iters=3, batch_size=8),
+                      calib=CalibDataConfig(n_trajectories=8, n_steps=3))
+    sel = cfg.calib_config()
+    cs = calib_all if sel.selection == "all" else collect(LoadedModel(fp), SampleConfig(steps=STEPS), sel, progress=False)
+    q = quantize(LoadedModel(fp), cfg, cs)
+    assert not any(n in ("conv_in", "conv_out") for n, _ in quant_layers(q))  # common layer set
+    assert all(m.a_quant for _, m in quant_layers(q) if m.act_quantizer is not None)
+    loaded = LoadedModel(q)
+    if method == "tfmq":
+        loaded.step_hook = q.gacq_fsc.step_hook(q)
+    imgs = generate(loaded, SampleConfig(steps=STEPS), range(2))
+    assert imgs.shape == (2, 16, 16, 3)
+    if method == "tfmq":
+        with pytest.raises(GacqError, match="same settings"):
+            generate(loaded, SampleConfig(steps=STEPS - 1), range(1))
+
+
+def test_method_registry_errors(fp):
+    assert set(METHODS) >= {"rtn", "ptq4dm", "qdiffusion", "tfmq"}
+    with pytest.raises(GacqError, match="gac is planned"):
+        QuantConfig(method="gac")
+    with pytest.raises(GacqError, match="unknown preset"):
+        QuantConfig(method="rtn", preset="paper")
+    assert method_spec("qdiffusion", "faithful").skip == () and method_spec("qdiffusion", "faithful").attn_quant
+    cs = collect(LoadedModel(fp), SampleConfig(steps=STEPS), CalibDataConfig(n_trajectories=2, n_steps=2), progress=False)
+    with pytest.raises(GacqError, match="selection all|'all'"):
+        quantize(LoadedModel(fp), QuantConfig(method="tfmq"), cs)
+    with pytest.raises(GacqError, match="needs calibration"):
+        quantize(LoadedModel(fp), QuantConfig(method="qdiffusion"), None)
+
+
+@pytest.mark.parametrize("method", ["ptq4dm", "qdiffusion", "tfmq"])
+def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_path):
+    """Mixed bit widths (PTQ4DM's W8A8 first/last), attention quantizers and split shortcuts
+    (Q-Diffusion), float-input layers and per-step activation sets (TFMQ-DM) survive a checkpoint."""
+    from gacq.models import load_model
+    from gacq.quant.checkpoint import save_quantized
+
+    cfg = QuantConfig(method=method, preset="faithful", wbits=4, abits=8, recon=ReconConfig(iters=3, batch_size=8),
+                      act_recon=ActReconConfig(iters=2, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3))
+    sel = cfg.calib_config()
+    cs = calib_all if sel.selection == "all" else collect(LoadedModel(fp), SampleConfig(steps=STEPS), sel, progress=False)
+    q = quantize(LoadedModel(fp), cfg, cs)
+    layers = dict(quant_layers(q))
+    if method == "ptq4dm":
+        assert layers["conv_in"].weight_quantizer.bits == 8 and layers["down_blocks.0.resnets.0.conv1"].wbits == 4
+    if method == "qdiffusion":
+        assert any(m.split for m in layers.values()) and "conv_in" in layers
+    if method == "tfmq":
+        assert "time_embedding.linear_1" not in layers and layers["time_embedding.linear_2"].act_quantizer is None
+    save_quantized(q, tmp_path / "q", {"method": method}, dict(fp.config), {})
+    back = load_model(tmp_path / "q")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        if method == "tfmq":
+            for k in (0, STEPS - 1):
+                q.gacq_fsc.apply(q, k)
+                back.step_hook(k, SampleConfig(steps=STEPS))
+                assert torch.equal(q(x, t).sample, back.model(x, t).sample)
+        else:
+            assert torch.equal(q(x, t).sample, back.model(x, t).sample)
