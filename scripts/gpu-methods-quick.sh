@@ -23,7 +23,7 @@ run() {  # name, then quantize args ("" for FP)
   echo "$name $(python -c "import json;d=json.load(open('$OUT/$name.json'));print(f\"fid={d['fid']:.2f} sfid={d['sfid']:.4f} is={d['is_mean']:.3f} p={d['precision']:.3f} r={d['recall']:.3f}\")")"
   [ -f $R/$name/quant_config.json ] && python -c "import json;d=json.load(open('$R/$name/quant_config.json'));print('   wall', d.get('wall_seconds'), 's  peak GPU', d.get('peak_gpu_memory_bytes'))"
 }
-run fp
+[ -z "${SKIP_FP:-}" ] && run fp
 run rtn_w8a8 --method rtn --wbits 8 --abits 8
 run rtn_w4a8 --method rtn --wbits 4 --abits 8
 run tfmq_w4a8 --method tfmq --wbits 4 --abits 8

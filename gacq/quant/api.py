@@ -151,6 +151,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
 
         install_attention_quantizers(model, abits, softmax_bits=spec.softmax_bits, symmetric=spec.a_symmetric,
                                      softmax_mode="symmetric" if spec.a_symmetric else "zero")
+    model.to(device)  # the quantizers created above start on the CPU
     for _, m in quant_layers(model):
         m.init_weight(spec.weight_init)
     set_quant_state(model, weights=True, acts=False)
