@@ -181,7 +181,7 @@ def calib(
 def quantize(
     out: Path = typer.Option(..., "--out", help="Quantized checkpoint folder (QDIR)."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    method: str = typer.Option("rtn", help="rtn, brecq, ptq4dm, qdiffusion or tfmq (`gacq methods` describes them)."),
+    method: str = typer.Option("rtn", help="rtn, brecq, ptq4dm, qdiffusion, tfmq or gac (`gacq methods` describes them)."),
     preset: str = typer.Option("common", help="common (the comparison's shared layer set) or faithful (the released code's choices)."),
     wbits: int = typer.Option(4, help="Weight bits (2-8)."),
     abits: int = typer.Option(8, help="Activation bits (2-8; 32 = float activations)."),
@@ -197,10 +197,15 @@ def quantize(
     act_iters: int = typer.Option(5000, min=1, help="Activation step-size iterations per unit (qdiffusion, ptq4dm)."),
     recon_batch: int = typer.Option(32, min=1, help="Reconstruction batch size."),
     recon_lr: float = typer.Option(1e-3, help="Adam learning rate of the rounding variables."),
+    gac_meta_iters: int = typer.Option(100, min=0, help="gac: meta-iterations per block (0 = tfmq)."),
+    gac_inner_lr: float = typer.Option(1.0, help="gac: step size of the differentiable inner update."),
+    gac_meta_lr: float = typer.Option(0.05, help="gac: Adam learning rate of the sample scores."),
+    gac_tau: float = typer.Option(1.0, help="gac: softmax temperature of the weights."),
+    gac_val_fraction: float = typer.Option(0.05, help="gac: validation share, balanced over timesteps."),
+    gac_groups: int = typer.Option(5, help="gac: timestep groups K of the validation split."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
-    import dataclasses
     import time
 
     from .models import load_model
@@ -208,17 +213,20 @@ def quantize(
     from .quant.api import quantize as quantize_fn
     from .quant.calib_data import CalibDataConfig, CalibrationSet, collect
     from .quant.checkpoint import save_quantized
+    from .quant.gac import GACConfig
     from .quant.recon import ActReconConfig, ReconConfig
     from .sampling import SampleConfig
     from .utils import git_commit, resolve_device
 
     try:
         t0 = time.time()
+        gac = GACConfig(meta_iters=gac_meta_iters, inner_lr=gac_inner_lr, meta_lr=gac_meta_lr, tau=gac_tau,
+                        val_fraction=gac_val_fraction, groups=gac_groups, seed=seed)
         cfg = QuantConfig(method=method, preset=preset, wbits=wbits, abits=None if abits == 32 else abits,
                           weight_init=weight_init, skip=tuple(skip) if skip else None,
                           recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
-                          recon_checkpoints=str(out) + ".recon-ckpt",
+                          recon_checkpoints=str(out) + ".recon-ckpt", gac=gac,
                           calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed))
         spec = cfg.spec()
         dev = resolve_device(device)

@@ -98,8 +98,8 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
     gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu")
     assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (3, 16, 16, 3)
-    bad = gacq("quantize", "--model", tiny_model_dir, "--method", "gac", "--out", tmp_path / "x", check=False)
-    assert bad.returncode == 2 and "planned, not implemented" in bad.stderr
+    bad = gacq("quantize", "--model", tiny_model_dir, "--method", "foo", "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and "unknown method 'foo'" in bad.stderr
     assert not (tmp_path / "x").exists()
 
 

@@ -21,6 +21,7 @@ from ..errors import GacqError
 from ..models import LoadedModel
 from ..utils import atomic_path
 from .calib_data import CalibDataConfig, CalibrationSet
+from .gac import GACConfig, make_gac_weight_fn
 from .methods import MethodSpec, float_input_layers, float_layers, method_spec, with_overrides
 from .recon import ActReconConfig, ReconConfig, reconstruct_model
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
@@ -43,6 +44,7 @@ class QuantConfig:
         recon: AdaRound settings of the weight stage (and of TFMQ-DM's temporal block).
         act_recon: learned activation step sizes (Q-Diffusion's act stage).
         fsc_momentum, fsc_batch_size: TFMQ-DM's per-step range EMA.
+        gac: GAC's hyperparameters (method 'gac').
         recon_checkpoints: folder of per-unit resume points.
     """
 
@@ -59,6 +61,7 @@ class QuantConfig:
     act_recon: ActReconConfig = field(default_factory=ActReconConfig)
     fsc_momentum: float = 0.95
     fsc_batch_size: int = 16
+    gac: GACConfig = field(default_factory=GACConfig)
     recon_checkpoints: str | None = None
 
     def __post_init__(self) -> None:
@@ -168,14 +171,38 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     # 2. TFMQ-DM temporal information block
     if spec.tib:
         _run_tib(model, fp, wcal, config, ckpt, device, progress)
-    # 3. weights
+    # 3. weights (GAC: with learned per-sample loss weights)
+    weight_fn = _gac_weight_fn(model, wcal, config, ckpt, device) if spec.gac else None
     if spec.weight_recon:
         reconstruct_model(model, fp, wcal.x, wcal.t, config.recon, ckpt_dir=ckpt, device=device,
-                          fingerprint=fingerprint, progress=progress)
+                          fingerprint=fingerprint, progress=progress, weight_fn=weight_fn)
     # 4. activations
     if abits is not None:
         _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress)
     return model
+
+
+def _gac_weight_fn(model, wcal, config, ckpt, device):
+    """GAC's weight_fn; the learned weights of every block go to `model.gacq_gac_weights` (saved
+    with the checkpoint) and, with resume points, to ckpt/gac/<block>.safetensors."""
+    store: dict = {}
+    model.gacq_gac_weights = store
+    if ckpt is not None and (ckpt / "gac").is_dir():
+        for f in sorted((ckpt / "gac").glob("*.safetensors")):
+            store[f.stem] = {"weights": load_file(str(f))["weights"]}
+    fn = make_gac_weight_fn(wcal.step, config.gac, device, store)
+    if fn is None:
+        return None
+
+    def weight_fn(name, unit, args, kwargs, target):
+        w = fn(name, unit, args, kwargs, target)
+        if ckpt is not None:
+            (ckpt / "gac").mkdir(parents=True, exist_ok=True)
+            with atomic_path(ckpt / "gac" / f"{name}.safetensors") as tmp:
+                save_file({"weights": w.contiguous()}, str(tmp))
+        return w
+
+    return weight_fn
 
 
 def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:

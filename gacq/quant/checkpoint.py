@@ -105,11 +105,16 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
     fsc = getattr(model, "gacq_fsc", None)
     if fsc is not None:
         meta["fsc"] = {"sampler": fsc.sampler, "steps": fsc.n_steps}
+    gac = getattr(model, "gacq_gac_weights", None) or {}
+    if gac:
+        meta["gac_weights"] = {"blocks": sorted(gac), "file": "gac_weights.safetensors"}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "quantized.safetensors"))
         save_file(floats, str(tmp / "float.safetensors"))
         if fsc is not None:
             save_file({k: v.cpu().float() for k, v in fsc.state_dict().items()}, str(tmp / "fsc.safetensors"))
+        if gac:  # GAC's learned per-sample weights of every block (over the calibration samples)
+            save_file({n: d["weights"].float().contiguous() for n, d in gac.items()}, str(tmp / "gac_weights.safetensors"))
         (tmp / "quant_config.json").write_text(json.dumps(meta, indent=2))
         base = {"_class_name": type(model).__name__,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items() if not k.startswith("_")}}

@@ -47,6 +47,7 @@ class MethodSpec:
     skip_fn: str | None = None  # a named rule adding float layers by module type (see float_layers)
     act_skip_fn: str | None = None  # a named rule for layers whose inputs stay float
     eight_bit: tuple[str, ...] = ()  # layers at W8A8 whatever wbits/abits are
+    gac: bool = False  # learned per-sample loss weights in block reconstruction (GAC, method.md)
     deviations: tuple[str, ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict:
@@ -68,6 +69,7 @@ METHOD_DOCS = {
     "ptq4dm": "PTQ4DM: Gaussian-distributed calibration timesteps + reconstruction",
     "qdiffusion": "Q-Diffusion: uniform timesteps, AdaRound/BRECQ, learned activation step sizes, split shortcuts",
     "tfmq": "TFMQ-DM: temporal-block reconstruction, BRECQ blocks, per-step activation sets (finite set calibration)",
+    "gac": "GAC: TFMQ-DM with learned per-sample weights (bilevel, gradient-aligned) in every block's reconstruction",
 }
 
 _SPECS: dict[tuple[str, str], MethodSpec] = {
@@ -101,6 +103,11 @@ _SPECS: dict[tuple[str, str], MethodSpec] = {
                     "the code overwrites is skipped")),
 }
 
+_SPECS[("gac", "common")] = replace(_SPECS[("tfmq", "common")], name="gac", gac=True)
+_SPECS[("gac", "faithful")] = replace(_SPECS[("tfmq", "faithful")], name="gac", gac=True, deviations=(
+    "the paper's code is not public: TFMQ-DM's faithful recipe plus GAC as method.md specifies",
+    *_SPECS[("tfmq", "faithful")].deviations))
+
 METHODS = tuple(sorted({k[0] for k in _SPECS}))
 
 
@@ -109,8 +116,7 @@ def method_spec(name: str, preset: str = "common") -> MethodSpec:
     if preset not in PRESETS:
         raise GacqError(f"unknown preset {preset!r}; choose {' or '.join(PRESETS)}")
     if (name, preset) not in _SPECS:
-        planned = " (gac is planned, not implemented yet)" if name == "gac" else ""
-        raise GacqError(f"unknown method {name!r}{planned}; available: {', '.join(METHODS)}")
+        raise GacqError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return _SPECS[(name, preset)]
 
 

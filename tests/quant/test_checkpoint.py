@@ -99,7 +99,7 @@ def test_rtn_quality_and_skip(tiny_calib):
     assert isinstance(w4a8.conv_in, torch.nn.Conv2d)
 
 
-@pytest.mark.parametrize("kw,msg", [({"method": "gac"}, "planned, not implemented"), ({"method": "foo"}, "unknown method"),
+@pytest.mark.parametrize("kw,msg", [({"method": "foo"}, "unknown method"),
                                     ({"wbits": 9}, "--wbits 9"), ({"abits": 1}, "--abits 1"),
                                     ({"weight_init": "percentile"}, "--weight-init")])
 def test_config_errors(kw, msg):

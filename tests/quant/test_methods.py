@@ -167,9 +167,9 @@ def test_methods_end_to_end(fp, method, calib_all):
 
 
 def test_method_registry_errors(fp):
-    assert set(METHODS) >= {"rtn", "ptq4dm", "qdiffusion", "tfmq"}
-    with pytest.raises(GacqError, match="gac is planned"):
-        QuantConfig(method="gac")
+    assert set(METHODS) >= {"rtn", "ptq4dm", "qdiffusion", "tfmq", "gac"}
+    with pytest.raises(GacqError, match="unknown method 'foo'"):
+        QuantConfig(method="foo")
     with pytest.raises(GacqError, match="unknown preset"):
         QuantConfig(method="rtn", preset="paper")
     assert method_spec("qdiffusion", "faithful").skip == () and method_spec("qdiffusion", "faithful").attn_quant
@@ -210,3 +210,34 @@ def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_pat
                 assert torch.equal(q(x, t).sample, back.model(x, t).sample)
         else:
             assert torch.equal(q(x, t).sample, back.model(x, t).sample)
+
+
+def test_gac_with_zero_meta_iterations_is_tfmq(fp, calib_all):
+    from gacq.quant.gac import GACConfig
+
+    kw = dict(wbits=4, abits=8, recon=ReconConfig(iters=5, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3))
+    a = quantize(LoadedModel(fp), QuantConfig(method="tfmq", **kw), calib_all)
+    b = quantize(LoadedModel(fp), QuantConfig(method="gac", gac=GACConfig(meta_iters=0), **kw), calib_all)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_gac_end_to_end_saves_learned_weights(fp, tmp_path):
+    from safetensors.torch import load_file
+
+    from gacq.quant.checkpoint import save_quantized
+    from gacq.quant.gac import GACConfig
+
+    cs = collect(LoadedModel(fp), SampleConfig(steps=STEPS), CalibDataConfig(selection="all", n_trajectories=12),
+                 progress=False)
+    cfg = QuantConfig(method="gac", wbits=4, abits=8, recon=ReconConfig(iters=4, batch_size=8),
+                      calib=CalibDataConfig(n_trajectories=12, n_steps=6),
+                      gac=GACConfig(meta_iters=3, batch_size=8, val_fraction=0.1, groups=3))
+    q = quantize(LoadedModel(fp), cfg, cs)
+    store = q.gacq_gac_weights
+    assert len(store) == len(find_units(q))  # one weight vector per reconstructed block
+    w = next(iter(store.values()))["weights"]
+    assert len(w) == len(cs) and (w == 0).sum() == 6 and abs(float(w.sum()) - 1) < 1e-5  # 1 validation sample/step
+    save_quantized(q, tmp_path / "q", {"method": "gac"}, dict(fp.config), {})
+    saved = load_file(str(tmp_path / "q" / "gac_weights.safetensors"))
+    assert set(saved) == set(store) and torch.equal(saved[next(iter(store))], w)

@@ -1,0 +1,218 @@
+"""Gradient-Aligned Calibration (GAC): learned per-sample weights by bilevel optimisation.
+
+The specification is `shared/docs/method.md` (the paper's Algorithms 1 and 2). For every block:
+scores s (one per calibration sample, initialised to 1/32) give weights w = softmax(s / tau);
+each meta-iteration takes a differentiable weighted step of the block's quantization parameters
+(AdaRound rounding variables V) on a minibatch B,
+
+    theta' = theta - eta * mean_{i in B} (N w_i grad_theta l_i(theta)),
+
+(the spec's sum_i w_i grad l_i written for a minibatch: equal to it when B is the whole set), then
+scores the step on a timestep-balanced validation split cut into K timestep groups:
+
+    L = -mean_{k<l} G_k . G_l + mean_k l_k(theta'),    G_k = d l_k(theta') / d w_B,
+
+the paper's surrogate gradient-matching loss (group gradients taken with respect to the
+sample weights, so only second-order terms appear), and moves s with Adam. The block is then
+reconstructed as TFMQ-DM does, with the learned weights in its loss; validation samples get
+weight 0 there (they never enter the weighted reconstruction).
+
+Choices the paper leaves open, all configurable (`GACConfig`), are named here: the inner step
+uses the same per-sample loss as the reconstruction (the baselines' lp loss, p = 2); the
+validation split is taken once per calibration set, never per block; groups are contiguous
+ranges of sampling steps with (as nearly as possible) equal numbers of steps; TFMQ-DM's
+temporal-block reconstruction is left unweighted; with zero meta-iterations no split is taken
+and the result is exactly TFMQ-DM's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..errors import GacqError
+from .recon import UnitData, lp_loss_per_sample, trainable_layers
+
+
+@dataclass(frozen=True)
+class GACConfig:
+    """GAC hyperparameters (paper values where it gives them).
+
+    Attributes:
+        tau: softmax temperature of the weights (paper: 1 best of 0.2, 0.5, 1, 2).
+        init_score: initial score of every sample (paper: 1/32; any constant gives uniform weights).
+        val_fraction: share of the calibration set held out for validation, balanced over
+            sampling steps (paper: 5% best of 2, 5, 10, 20%).
+        groups: K, timestep groups of the validation split (paper: 5).
+        meta_iters: M, meta-iterations per block (0: plain TFMQ-DM).
+        inner_lr: eta, step size of the differentiable inner update of the rounding variables.
+        meta_lr: Adam learning rate of the scores.
+        batch_size: minibatch of calibration samples per meta-iteration.
+        val_batch: validation samples per group per meta-iteration (None: all of the group).
+        p: exponent of the per-sample loss (the reconstruction's).
+        seed: minibatch and validation-subsample order.
+    """
+
+    tau: float = 1.0
+    init_score: float = 1.0 / 32
+    val_fraction: float = 0.05
+    groups: int = 5
+    meta_iters: int = 100
+    inner_lr: float = 1.0
+    meta_lr: float = 0.05
+    batch_size: int = 32
+    val_batch: int | None = 32
+    p: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise GacqError(f"GAC temperature tau must be positive, got {self.tau}")
+        if not 0 < self.val_fraction < 1:
+            raise GacqError(f"GAC validation fraction must be in (0, 1), got {self.val_fraction}")
+        if self.groups < 2:
+            raise GacqError(f"GAC needs at least 2 timestep groups (K), got {self.groups}")
+        if self.meta_iters < 0 or self.batch_size < 1:
+            raise GacqError("GAC meta-iterations must be >= 0 and the batch size >= 1")
+        if self.inner_lr <= 0:
+            raise GacqError(f"GAC inner step size must be positive, got {self.inner_lr}")
+
+
+def validation_split(step: torch.Tensor, fraction: float, groups: int, seed: int = 0
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Timestep-balanced validation split.
+
+    From every sampling step, round(fraction * count) samples (at least 1) are held out, chosen
+    at random; the held-out samples are grouped into `groups` contiguous ranges of steps.
+    Returns (train indices, [validation indices of group k]).
+    """
+    steps = torch.unique(step)
+    if len(steps) < groups:
+        raise GacqError(f"GAC needs calibration samples from at least K={groups} sampling steps, got {len(steps)}")
+    g = torch.Generator().manual_seed(seed)
+    val_mask = torch.zeros(len(step), dtype=torch.bool)
+    for k in steps:
+        idx = torch.nonzero(step == k).flatten()
+        n_val = max(1, round(fraction * len(idx)))
+        if n_val >= len(idx):
+            raise GacqError(f"sampling step {int(k)} has only {len(idx)} calibration sample(s): too few to hold "
+                            f"out a validation share; collect more trajectories")
+        val_mask[idx[torch.randperm(len(idx), generator=g)[:n_val]]] = True
+    bounds = torch.linspace(0, len(steps), groups + 1).round().long()
+    group_idx = []
+    for k in range(groups):
+        in_group = torch.isin(step, steps[bounds[k]:bounds[k + 1]])
+        group_idx.append(torch.nonzero(val_mask & in_group).flatten())
+    return torch.nonzero(~val_mask).flatten(), group_idx
+
+
+class GACBlock:
+    """Algorithm 2 on one block whose inputs/targets are cached in `data`."""
+
+    def __init__(self, unit: nn.Module, data: UnitData, train_idx: torch.Tensor, groups: list[torch.Tensor],
+                 cfg: GACConfig):
+        self.unit, self.data, self.cfg = unit, data, cfg
+        dev = data.device
+        self.train_idx = train_idx.to(dev)
+        self.groups = [gidx.to(dev) for gidx in groups]
+        self.layers = trainable_layers(unit)
+        if not self.layers:
+            raise GacqError("GAC: the block has no quantized layers to calibrate")
+        for m in self.layers:
+            m.w_quant = True
+            m.enable_adaround()  # soft rounding at the grid init: theta_Q of the block
+        mine = {id(m.adaround.alpha) for m in self.layers}  # not the frozen (hard-rounded) TIB layers
+        self.theta = {n: p for n, p in unit.named_parameters() if id(p) in mine}
+        self.scores = torch.full((len(train_idx),), cfg.init_score, device=dev, dtype=torch.float64,
+                                 requires_grad=True)
+
+    def close(self) -> None:
+        for m in self.layers:
+            m.adaround = None
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.scores / self.cfg.tau, dim=0)
+
+    def _loss(self, theta: dict, idx: torch.Tensor) -> torch.Tensor:
+        a, k = self.data.inputs(idx)
+        # the fused attention kernels have no double backward; the math one is plain differentiable ops
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = functional_call(self.unit, theta, tuple(a), k)
+        out = out if torch.is_tensor(out) else out[0]
+        return lp_loss_per_sample(out, self.data.target[idx], self.cfg.p)
+
+    def meta_loss(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """L(s) for a minibatch (positions into the train indices) and validation subsets."""
+        cfg = self.cfg
+        w = self.weights()
+        w_b = w[batch]
+        n = len(self.train_idx)
+        per = self._loss(self.theta, self.train_idx[batch])
+        inner = (n * w_b.to(per.dtype) * per).mean()
+        names = list(self.theta)
+        grads = torch.autograd.grad(inner, [self.theta[k] for k in names], create_graph=True)
+        theta2 = {k: self.theta[k] - cfg.inner_lr * g for k, g in zip(names, grads)}
+        ells, gs = [], []
+        for vidx in val:
+            ell = self._loss(theta2, vidx).mean()
+            (g_w,) = torch.autograd.grad(ell, w_b, create_graph=True)
+            ells.append(ell)
+            gs.append(g_w)
+        k = len(gs)
+        gm = sum((gs[a] * gs[b]).sum() for a in range(k) for b in range(a + 1, k)) * (2.0 / (k * (k - 1)))
+        mse = torch.stack(ells).mean()
+        return -gm + mse, {"gm": float(gm.detach()), "val_mse": float(mse.detach())}
+
+    def _val_subsets(self, gen: torch.Generator) -> list[torch.Tensor]:
+        out = []
+        for gidx in self.groups:
+            if self.cfg.val_batch is not None and len(gidx) > self.cfg.val_batch:
+                gidx = gidx[torch.randperm(len(gidx), generator=gen)[: self.cfg.val_batch].to(gidx.device)]
+            out.append(gidx)
+        return out
+
+    def run(self) -> tuple[torch.Tensor, list[dict]]:
+        cfg = self.cfg
+        opt = torch.optim.Adam([self.scores], lr=cfg.meta_lr)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        log = []
+        for it in range(cfg.meta_iters):
+            batch = torch.randperm(len(self.train_idx), generator=gen)[: cfg.batch_size].to(self.scores.device)
+            loss, info = self.meta_loss(batch, self._val_subsets(gen))
+            if not torch.isfinite(loss):
+                raise GacqError(f"GAC meta-objective is {loss.item()} at meta-iteration {it}; lower --gac-inner-lr")
+            (self.scores.grad,) = torch.autograd.grad(loss, [self.scores])  # theta is only differentiated through
+            opt.step()
+            log.append({"it": it, "loss": float(loss.detach()), **info})
+        return self.weights().detach(), log
+
+
+def make_gac_weight_fn(step: torch.Tensor, cfg: GACConfig, device: torch.device | str = "cpu",
+                       store: dict | None = None):
+    """A `weight_fn` for `reconstruct_model`: runs Algorithm 2 on each block and returns weights
+    over all cached samples (validation samples 0). `store[name]` receives the learned weights
+    (over all samples) and the meta log of every block."""
+    if cfg.meta_iters == 0:
+        return None
+    train_idx, groups = validation_split(step, cfg.val_fraction, cfg.groups, cfg.seed)
+
+    def weight_fn(name, unit, args, kwargs, target):
+        data = UnitData(unit, args, kwargs, target, cfg.p, None, device)
+        if data.n != len(step):
+            raise GacqError(f"GAC: block {name} has {data.n} cached samples but the calibration set has {len(step)}")
+        block = GACBlock(unit, data, train_idx, groups, cfg)
+        try:
+            w_train, log = block.run()
+        finally:
+            block.close()
+        full = torch.zeros(data.n, dtype=torch.float64)
+        full[train_idx] = w_train.cpu()
+        if store is not None:
+            store[name] = {"weights": full.float(), "log": log}
+        return full.float()
+
+    return weight_fn
