@@ -188,21 +188,23 @@ def quantize(
     weight_init: Optional[str] = typer.Option(None, help="Override the recipe's weight grid init: mse or minmax."),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="Override the recipe's float layers: name pattern (repeatable)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration set from `gacq calib`; collected if omitted."),
-    calib_trajectories: int = typer.Option(64, min=1, help="Trajectories when collecting calibration data."),
+    calib_trajectories: Optional[int] = typer.Option(None, min=1, help="Trajectories when collecting calibration data [64; --quick 16]."),
     record_steps: int = typer.Option(20, min=1, help="Recorded steps per trajectory (uniform selection; tfmq's weight subset)."),
     steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration sampler (and of sampling, for tfmq)."),
     timestep_spacing: str = typer.Option("leading", help="Calibration sampler spacing (as `gacq sample`): leading, trailing, linspace, or quad (the baselines' CIFAR-10 protocol)."),
     seed: int = typer.Option(0, min=0, help="Calibration and reconstruction seed."),
-    iters: int = typer.Option(20000, min=1, help="AdaRound iterations per unit (and for tfmq's temporal block)."),
-    act_iters: int = typer.Option(5000, min=1, help="Activation step-size iterations per unit (qdiffusion, ptq4dm)."),
+    iters: Optional[int] = typer.Option(None, min=1, help="AdaRound iterations per unit and for tfmq's temporal block [20000; --quick 100]."),
+    act_iters: Optional[int] = typer.Option(None, min=1, help="Activation step-size iterations per unit (qdiffusion, ptq4dm) [5000; --quick 50]."),
     recon_batch: int = typer.Option(32, min=1, help="Reconstruction batch size."),
     recon_lr: float = typer.Option(1e-3, help="Adam learning rate of the rounding variables."),
-    gac_meta_iters: int = typer.Option(100, min=0, help="gac: meta-iterations per block (0 = tfmq)."),
+    gac_meta_iters: Optional[int] = typer.Option(None, min=0, help="gac: meta-iterations per block, 0 = tfmq [100; --quick 10]."),
     gac_inner_lr: float = typer.Option(1.0, help="gac: step size of the differentiable inner update."),
     gac_meta_lr: float = typer.Option(0.05, help="gac: Adam learning rate of the sample scores."),
     gac_tau: float = typer.Option(1.0, help="gac: softmax temperature of the weights."),
     gac_val_fraction: float = typer.Option(0.05, help="gac: validation share, balanced over timesteps."),
     gac_groups: int = typer.Option(5, help="gac: timestep groups K of the validation split."),
+    quick: bool = typer.Option(False, "--quick", help="A CPU-sized run: 16 trajectories, 100 AdaRound / 50 step-size iterations, 10 GAC meta-iterations (far below the papers' settings)."),
+    compare_num: int = typer.Option(0, "--compare", min=0, help="Then sample N images from the FP and the quantized model with the same noise: QDIR/compare/ (side-by-side grid, report)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
@@ -218,6 +220,12 @@ def quantize(
     from .sampling import SampleConfig
     from .utils import git_commit, resolve_device
 
+    budget = {"calib_trajectories": 16, "iters": 100, "act_iters": 50, "gac_meta_iters": 10} if quick else \
+        {"calib_trajectories": 64, "iters": 20000, "act_iters": 5000, "gac_meta_iters": 100}
+    calib_trajectories = calib_trajectories if calib_trajectories is not None else budget["calib_trajectories"]
+    iters = iters if iters is not None else budget["iters"]
+    act_iters = act_iters if act_iters is not None else budget["act_iters"]
+    gac_meta_iters = gac_meta_iters if gac_meta_iters is not None else budget["gac_meta_iters"]
     try:
         t0 = time.time()
         gac = GACConfig(meta_iters=gac_meta_iters, inner_lr=gac_inner_lr, meta_lr=gac_meta_lr, tau=gac_tau,
@@ -240,7 +248,7 @@ def quantize(
             torch_mod = __import__("torch")
             torch_mod.cuda.reset_peak_memory_stats(dev)
         qmodel = quantize_fn(loaded, cfg, cs, device=dev)
-        meta = {"config": cfg.to_json(), "base_model": loaded.source, "commit": git_commit(),
+        meta = {"config": cfg.to_json(), "base_model": loaded.source, "commit": git_commit(), "quick": quick,
                 "calibration": str(calib) if calib is not None else "collected",
                 "calibration_meta": cs.meta if cs is not None else None,
                 "wall_seconds": round(time.time() - t0, 2)}
@@ -251,9 +259,46 @@ def quantize(
             import shutil
 
             shutil.rmtree(cfg.recon_checkpoints)  # finished: per-unit resume points are no longer needed
+        typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
+                   f"in {meta['wall_seconds']:.1f} s")
+        if compare_num:
+            from .compare import compare as compare_fn
+
+            scfg = SampleConfig(num=compare_num, steps=steps, timestep_spacing=timestep_spacing, seed=seed)
+            rep = compare_fn(loaded, load_model(out, device=dev), scfg, out / "compare", device=dev,
+                             label=f"W{wbits}A{abits} {method}")
+            typer.echo(f"compared with the FP model on {compare_num} images (same noise): mean PSNR "
+                       f"{rep['psnr_db_mean']:.2f} dB; see {out / 'compare' / 'side_by_side.png'} and report.md")
     except GacqError as e:
         _fail(e)
-    typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}) checkpoint to {out} in {meta['wall_seconds']:.1f} s")
+
+
+@app.command("compare")
+def compare_cmd(
+    model: str = typer.Option(..., "--model", help="The quantized checkpoint (QDIR) or any second model."),
+    out: Path = typer.Option(..., "--out", help="Output folder: side_by_side.png, report.md/json, fp/quantized npz."),
+    fp_model: Optional[str] = typer.Option(None, "--fp-model", help="The float model; default: the bundled model."),
+    num: int = typer.Option(16, min=1, help="Images from each model (same noise)."),
+    steps: int = typer.Option(100, min=1, help="DDIM steps."),
+    timestep_spacing: str = typer.Option("leading", help="leading, trailing, linspace or quad."),
+    seed: int = typer.Option(0, min=0, help="Noise seed."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Sample a float and a quantized model from the same noise; side-by-side grid and a metrics report."""
+    from .compare import compare as compare_fn
+    from .models import load_model
+    from .sampling import SampleConfig
+    from .utils import resolve_device
+
+    try:
+        dev = resolve_device(device)
+        rep = compare_fn(load_model(fp_model, device=dev), load_model(model, device=dev),
+                         SampleConfig(num=num, steps=steps, timestep_spacing=timestep_spacing, seed=seed), out,
+                         device=dev)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(f"mean PSNR {rep['psnr_db_mean']:.2f} dB over {num} images; wrote {out / 'side_by_side.png'} and "
+               f"{out / 'report.md'}")
 
 
 @app.command()
@@ -323,6 +368,44 @@ def stats(
     except GacqError as e:
         _fail(e)
     typer.echo(f"wrote {out}: {st.n} images, features {st.feature_name} (hash {st.feature_hash})")
+
+
+@app.command()
+def diagnose(
+    calib: Path = typer.Option(..., "--calib", help="Calibration set from `gacq calib` (its sampling steps are the heatmaps' axes; with a gac --qdir: the set it was calibrated on)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: cosine_init/ and cosine_calibrated/ heatmaps, alignment and weight-per-timestep plots, CSVs, diagnose.json."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " With --qdir: the checkpoint's base model when it names one."),
+    qdir: Optional[Path] = typer.Option(None, "--qdir", help="Quantized checkpoint: adds its calibrated model's heatmaps and, for gac, learned weight vs gradient alignment."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Comma-separated block (reconstruction unit) names; default: all."),
+    max_per_step: int = typer.Option(32, "--max-per-step", min=1, help="Calibration samples per sampling step in each step's gradient."),
+    groups: int = typer.Option(50, "--groups", min=2, help="Weight-sorted sample groups of the alignment figure (paper: 50)."),
+    wbits: int = typer.Option(4, "--wbits", help="Weight bits of the round-to-nearest model when no --qdir is given."),
+    alignment: Optional[bool] = typer.Option(None, "--alignment/--no-alignment", help="Require (or skip) the GAC weight figures; default: when the checkpoint has GAC weights."),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Gradient diagnostics (the GAC paper's Figures 1a and 2): timestep gradient conflict and learned weights."""
+    from .diagnostics import diagnose as diagnose_fn
+    from .utils import resolve_device
+
+    try:
+        names = [b.strip() for b in blocks.split(",") if b.strip()] if blocks is not None else None
+        if names is not None and not names:
+            raise GacqError("--blocks needs at least one block name")
+        summary = diagnose_fn(qdir, model, calib, out, blocks=names, max_per_step=max_per_step,
+                              device=resolve_device(device), n_groups=groups, wbits=wbits, alignment=alignment,
+                              command=" ".join(["gacq"] + sys.argv[1:]))
+    except GacqError as e:
+        _fail(e)
+    md = summary["cosine"]["mean_distance"]["mean"]
+    line = f"mean cosine distance between timestep gradients: {md['init']:.4f} at the grid init"
+    if md.get("calibrated") is not None:
+        line += f", {md['calibrated']:.4f} calibrated"
+    typer.echo(line)
+    if isinstance(summary.get("alignment"), dict):
+        r = summary["alignment"]["correlation"]["mean"]
+        typer.echo(f"learned weight vs gradient alignment: Pearson r = {r if r is not None else float('nan'):.3f} "
+                   f"({summary['alignment']['n_groups']} groups)")
+    typer.echo(f"wrote {len(summary['files'])} files to {out} (summary: {out / 'diagnose.json'})")
 
 
 @app.command()

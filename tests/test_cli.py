@@ -128,3 +128,18 @@ def test_quantize_tfmq_then_sample_needs_its_sampler(tiny_model_dir, tmp_path):
     bad = gacq("sample", "--model", q, "--num", 2, "--steps", 5, "--out", tmp_path / "s2", "--device", "cpu",
                check=False)
     assert bad.returncode == 2 and "same settings" in bad.stderr and not (tmp_path / "s2").exists()
+
+
+def test_quantize_gac_with_compare(tiny_model_dir, tmp_path):
+    """The README's main job in miniature: gac at W4A8, then FP vs quantized from the same noise."""
+    q = tmp_path / "q"
+    proc = gacq("quantize", "--model", tiny_model_dir, "--method", "gac", "--wbits", 4, "--abits", 8, "--quick",
+                "--calib-trajectories", 6, "--record-steps", 3, "--steps", 6, "--iters", 2, "--gac-meta-iters", 2,
+                "--gac-val-fraction", 0.1, "--gac-groups", 3, "--compare", 3, "--out", q, "--device", "cpu")
+    assert "gac (common, quick) checkpoint" in proc.stdout and "mean PSNR" in proc.stdout
+    assert (q / "gac_weights.safetensors").exists()
+    rep = json.loads((q / "compare" / "report.json").read_text())
+    assert rep["num"] == 3 and rep["psnr_db_mean"] > 0 and (q / "compare" / "side_by_side.png").exists()
+    proc = gacq("compare", "--model", q, "--fp-model", tiny_model_dir, "--num", 2, "--steps", 6,
+                "--out", tmp_path / "c", "--device", "cpu")
+    assert "mean PSNR" in proc.stdout and (tmp_path / "c" / "report.md").exists()

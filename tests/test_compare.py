@@ -1,0 +1,25 @@
+import numpy as np
+
+from gacq.compare import psnr, side_by_side
+
+
+def test_psnr_matches_naive_formula():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    b = a.copy()
+    b[1, 0, 0, 0] ^= 8
+    b[2] = 255 - b[2]
+    got = psnr(a, b)
+    for i in range(3):
+        mse = sum((float(a[i].flat[j]) - float(b[i].flat[j])) ** 2 for j in range(a[i].size)) / a[i].size
+        want = np.inf if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+        assert got[i] == want or abs(got[i] - want) < 1e-9
+
+
+def test_side_by_side_pairs_rows():
+    fp = np.zeros((3, 2, 2, 3), np.uint8)
+    q = np.full((3, 2, 2, 3), 200, np.uint8)
+    img = np.asarray(side_by_side(fp, q, per_row=2))
+    # 2 pairs of rows (the second pair padded white), 2 columns, pad 2: height 4*(2+2)+2, width 2*(2+2)+2
+    assert img.shape == (18, 10, 3)
+    assert (img[2:4, 2:4] == 0).all() and (img[6:8, 2:4] == 200).all()  # FP row above its quantized row
