@@ -207,9 +207,34 @@ class UnitData:
         return total / self.n
 
     def batches(self, iters: int, batch_size: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        for it in range(iters):
-            yield it, torch.randperm(self.n, generator=g)[:batch_size].to(self.device)
+        return seeded_batches(self.n, iters, batch_size, seed, self.device)
+
+
+def seeded_batches(n: int, iters: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
+    """(iteration, random minibatch of indices into n samples), from a seeded CPU generator."""
+    g = torch.Generator().manual_seed(seed)
+    for it in range(iters):
+        yield it, torch.randperm(n, generator=g)[:batch_size].to(device)
+
+
+def adaround_optimise(layers: list[QuantLayer], batch_loss: Callable[[torch.Tensor], torch.Tensor], batches,
+                      cfg: ReconConfig, what: str = "reconstruction") -> None:
+    """AdaRound on `layers`: Adam on the rounding variables against batch_loss(idx) plus the
+    annealed rounding regulariser after the warm-up (baselines.md §1.3); hardens them at the end."""
+    adas = [m.enable_adaround() for m in layers]
+    opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
+    for it, idx in batches:
+        loss = batch_loss(idx)
+        if it >= cfg.warmup * cfg.iters:
+            beta = beta_schedule(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            loss = loss + cfg.reg_weight * sum(a.regularizer(beta) for a in adas)
+        if not torch.isfinite(loss):
+            raise GacqError(f"{what} diverged (loss {loss.item()}) at iteration {it}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for a in adas:
+        a.harden()
 
 
 def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Tensor, cfg: ReconConfig,
@@ -227,21 +252,8 @@ def reconstruct_unit(unit: nn.Module, args: list, kwargs: dict, target: torch.Te
     for m in layers:
         m.w_quant = True
     before = data.full_loss()
-    adas = [m.enable_adaround() for m in layers]
-    opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
-    for it, idx in data.batches(cfg.iters, cfg.batch_size, cfg.seed):
-        rec = data.losses(idx).mean()
-        loss = rec
-        if it >= cfg.warmup * cfg.iters:
-            beta = beta_schedule(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
-            loss = rec + cfg.reg_weight * sum(a.regularizer(beta) for a in adas)
-        if not torch.isfinite(loss):
-            raise GacqError(f"reconstruction diverged (loss {loss.item()}) at iteration {it}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for a in adas:
-        a.harden()
+    adaround_optimise(layers, lambda idx: data.losses(idx).mean(), data.batches(cfg.iters, cfg.batch_size, cfg.seed),
+                      cfg)
     return {"loss_before": before, "loss_after": data.full_loss()}
 
 

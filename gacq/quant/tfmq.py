@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GacqError
 from .modules import QuantLayer
-from .quantizer import beta_schedule
-from .recon import ReconConfig, lp_loss_per_sample
+from .recon import ReconConfig, adaround_optimise, lp_loss_per_sample, seeded_batches
 
 
 class TIB:
@@ -92,22 +91,10 @@ def reconstruct_tib(q_model: nn.Module, fp_model: nn.Module, t: torch.Tensor, cf
     for m in layers:
         m.w_quant = True
     before = full()
-    adas = [m.enable_adaround() for m in layers]
-    opt = torch.optim.Adam([a.alpha for a in adas], lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for it in tqdm(range(cfg.iters), desc="TIB reconstruction", unit="it", disable=not progress, leave=False):
-        idx = torch.randperm(n, generator=g)[: cfg.batch_size].to(device)
-        loss = losses(idx).mean()
-        if it >= cfg.warmup * cfg.iters:
-            beta = beta_schedule(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
-            loss = loss + cfg.reg_weight * sum(a.regularizer(beta) for a in adas)
-        if not torch.isfinite(loss):
-            raise GacqError(f"temporal-block reconstruction diverged (loss {loss.item()}) at iteration {it}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for a, m in zip(adas, layers):
-        a.harden()
+    batches = tqdm(seeded_batches(n, cfg.iters, cfg.batch_size, cfg.seed, device), total=cfg.iters,
+                   desc="TIB reconstruction", unit="it", disable=not progress, leave=False)
+    adaround_optimise(layers, lambda idx: losses(idx).mean(), batches, cfg, "temporal-block reconstruction")
+    for m in layers:
         m.recon_frozen = True
     return {"unit": "temporal_information_block", "layers": len(layers), "loss_before": before, "loss_after": full()}
 
