@@ -93,6 +93,10 @@ def finite_set_calibration(model: nn.Module, x: torch.Tensor, t: torch.Tensor, s
     layers = _act_layers(model)
     if not layers:
         raise GacqError("finite set calibration needs activation quantizers (abits is float?)")
+    split = [n for n, m in layers if m.split]
+    if split:
+        raise GacqError(f"finite set calibration does not support split shortcut layers ({split[0]}, ...); "
+                        "TFMQ-DM does not split them")
     n_steps = int(sampler.get("steps", 0))
     present = set(step.tolist())
     if n_steps < 1 or present != set(range(n_steps)):
