@@ -107,12 +107,23 @@ def _weight_subset(calib: CalibrationSet, spec: MethodSpec, n_steps: int) -> Cal
     return CalibrationSet(calib.x[keep], calib.t[keep], calib.step[keep], calib.meta)
 
 
-def _check_selection(calib: CalibrationSet, spec: MethodSpec) -> None:
+def _fit_selection(calib: CalibrationSet, config: "QuantConfig", num_train_timesteps: int) -> CalibrationSet:
+    """An all-steps set is cut into the recipe's selection (the same trajectories); another
+    selection than the recipe's is refused."""
+    spec = config.spec()
     got = calib.meta.get("selection", {}).get("selection")
+    if got == "all" and spec.calib_selection != "all":
+        from .calib_data import select_from_all
+
+        sel = calib.meta["selection"]
+        cfg = config.calib_config()
+        cfg = CalibDataConfig(**{**asdict(cfg), "n_trajectories": int(sel["n_trajectories"]), "seed": sel.get("seed", 0)})
+        return select_from_all(calib, cfg, num_train_timesteps)
     if got is not None and got != spec.calib_selection:
         raise GacqError(f"method {spec.name} ({spec.preset}) calibrates on '{spec.calib_selection}' timesteps, "
                         f"but the calibration set was collected with '{got}'; collect one with "
-                        f"`gacq calib --selection {spec.calib_selection}` or omit --calib")
+                        f"`gacq calib --selection {spec.calib_selection}` (or all) or omit --calib")
+    return calib
 
 
 def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | None = None,
@@ -129,7 +140,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     if needs_calib and (calib is None or len(calib) == 0):
         raise GacqError(f"{spec.name} needs calibration data (run `gacq calib`, or pass --abits 32 for rtn)")
     if calib is not None:
-        _check_selection(calib, spec)
+        calib = _fit_selection(calib, config, int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     model = copy.deepcopy(loaded.model).to(device).eval()
 
     # 1. which layers, at which bits

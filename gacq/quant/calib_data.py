@@ -106,6 +106,31 @@ class CalibrationSet:
         return cls(xs, ts, steps, meta)
 
 
+def select_from_all(cs: CalibrationSet, cfg: CalibDataConfig, num_train_timesteps: int = 1000) -> CalibrationSet:
+    """The set `collect(..., cfg)` would record, cut out of an all-steps set of the same sampler,
+    seed and trajectory count (the same trajectories, so the same x): one collection can serve
+    every method's timestep selection."""
+    sel = cs.meta.get("selection", {})
+    if sel.get("selection") != "all":
+        raise GacqError("only an all-steps calibration set (`gacq calib --selection all`) can be cut into another selection")
+    if cfg.selection == "all":
+        return cs
+    n_traj = int(sel["n_trajectories"])
+    if cfg.n_trajectories > n_traj or cfg.seed != sel.get("seed", 0):
+        raise GacqError(f"the all-steps set has {n_traj} trajectories with seed {sel.get('seed')}; it cannot stand in "
+                        f"for {cfg.n_trajectories} trajectories with seed {cfg.seed}")
+    n_steps = int(cs.step.max()) + 1
+    if len(cs) != n_traj * n_steps:
+        raise GacqError(f"the all-steps set holds {len(cs)} samples, not {n_traj} trajectories x {n_steps} steps")
+    timesteps = cs.t.view(n_steps, n_traj)[:, 0]
+    wanted = select_steps(cfg, timesteps, num_train_timesteps)
+    # collect orders by step, then trajectory; the all-steps set is stored the same way
+    rows = sorted((k * n_traj + i, k) for i in range(cfg.n_trajectories) for k in wanted[i])
+    idx = torch.tensor([r for r, _ in rows], dtype=torch.long)
+    meta = {**cs.meta, "selection": asdict(cfg), "cut_from_all_steps": True}
+    return CalibrationSet(cs.x[idx], cs.t[idx], cs.step[idx], meta)
+
+
 def select_steps(cfg: CalibDataConfig, timesteps: torch.Tensor, num_train_timesteps: int) -> list[list[int]]:
     """For each trajectory, the sampling-step indices at which it is recorded."""
     n_sampling = len(timesteps)

@@ -81,3 +81,25 @@ def test_bad_configs():
         CalibDataConfig(selection="normal")
     with pytest.raises(GacqError, match="cannot record"):
         select_steps(CalibDataConfig(n_steps=20), torch.arange(10), 1000)
+
+
+@pytest.mark.parametrize("selection", ["uniform", "gaussian"])
+def test_select_from_all_equals_direct_collection(selection):
+    """One all-steps collection reproduces any other selection exactly (same trajectories)."""
+    from gacq.models import LoadedModel, build_model
+    from gacq.quant.calib_data import CalibDataConfig, collect, select_from_all
+    from gacq.sampling import SampleConfig
+
+    torch.manual_seed(0)
+    loaded = LoadedModel(build_model("tiny").eval())
+    scfg = SampleConfig(steps=8)
+    full = collect(loaded, scfg, CalibDataConfig(selection="all", n_trajectories=5, seed=3), progress=False)
+    cfg = CalibDataConfig(selection=selection, n_trajectories=5, n_steps=4, seed=3, mu=0.5, sigma=0.3)
+    direct = collect(loaded, scfg, cfg, progress=False)
+    cut = select_from_all(full, cfg)
+    assert torch.equal(cut.t, direct.t) and torch.equal(cut.step, direct.step)
+    torch.testing.assert_close(cut.x, direct.x, atol=1e-6, rtol=0)  # batched CPU kernels: ~1e-7 differences
+    with pytest.raises(GacqError, match="cannot stand in"):
+        select_from_all(full, CalibDataConfig(selection=selection, n_trajectories=9, seed=3))
+    with pytest.raises(GacqError, match="only an all-steps"):
+        select_from_all(direct, cfg)
