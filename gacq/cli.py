@@ -188,6 +188,7 @@ def quantize(
     weight_init: Optional[str] = typer.Option(None, help="Override the recipe's weight grid init: mse or minmax."),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="Override the recipe's float layers: name pattern (repeatable)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration set from `gacq calib`; collected if omitted."),
+    save_calib: Optional[Path] = typer.Option(None, "--save-calib", help="Keep the collected calibration set in this folder (for `gacq diagnose` or other methods)."),
     calib_trajectories: Optional[int] = typer.Option(None, min=1, help="Trajectories when collecting calibration data [64; --quick 16]."),
     record_steps: int = typer.Option(20, min=1, help="Recorded steps per trajectory (uniform selection; tfmq's weight subset)."),
     steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration sampler (and of sampling, for tfmq)."),
@@ -244,6 +245,8 @@ def quantize(
             cs = CalibrationSet.load(calib) if calib is not None else collect(
                 loaded, SampleConfig(steps=steps, seed=seed, timestep_spacing=timestep_spacing),
                 cfg.calib_config(), device=dev)
+            if save_calib is not None and calib is None:
+                cs.save(save_calib)
         if dev.type == "cuda":
             torch_mod = __import__("torch")
             torch_mod.cuda.reset_peak_memory_stats(dev)

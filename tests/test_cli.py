@@ -135,9 +135,11 @@ def test_quantize_gac_with_compare(tiny_model_dir, tmp_path):
     q = tmp_path / "q"
     proc = gacq("quantize", "--model", tiny_model_dir, "--method", "gac", "--wbits", 4, "--abits", 8, "--quick",
                 "--calib-trajectories", 6, "--record-steps", 3, "--steps", 6, "--iters", 2, "--gac-meta-iters", 2,
-                "--gac-val-fraction", 0.1, "--gac-groups", 3, "--compare", 3, "--out", q, "--device", "cpu")
+                "--gac-val-fraction", 0.1, "--gac-groups", 3, "--compare", 3, "--out", q, "--device", "cpu",
+                "--save-calib", tmp_path / "calib")
     assert "gac (common, quick) checkpoint" in proc.stdout and "mean PSNR" in proc.stdout
     assert (q / "gac_weights.safetensors").exists()
+    assert json.loads((tmp_path / "calib" / "calib.json").read_text())["count"] == 6 * 6  # all steps kept
     rep = json.loads((q / "compare" / "report.json").read_text())
     assert rep["num"] == 3 and rep["psnr_db_mean"] > 0 and (q / "compare" / "side_by_side.png").exists()
     proc = gacq("compare", "--model", q, "--fp-model", tiny_model_dir, "--num", 2, "--steps", 6,
