@@ -211,6 +211,8 @@ def quantize(
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
     import time
 
+    import torch
+
     from .models import load_model
     from .quant.api import QuantConfig
     from .quant.api import quantize as quantize_fn
@@ -237,26 +239,24 @@ def quantize(
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
                           recon_checkpoints=str(out) + ".recon-ckpt", gac=gac,
                           calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed))
-        spec = cfg.spec()
         dev = resolve_device(device)
         loaded = load_model(model, device=dev)
         cs = None
-        if cfg.abits is not None or spec.weight_recon or spec.tib:
+        if cfg.needs_calibration():
             cs = CalibrationSet.load(calib) if calib is not None else collect(
                 loaded, SampleConfig(steps=steps, seed=seed, timestep_spacing=timestep_spacing),
                 cfg.calib_config(), device=dev)
             if save_calib is not None and calib is None:
                 cs.save(save_calib)
         if dev.type == "cuda":
-            torch_mod = __import__("torch")
-            torch_mod.cuda.reset_peak_memory_stats(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
         qmodel = quantize_fn(loaded, cfg, cs, device=dev)
         meta = {"config": cfg.to_json(), "base_model": loaded.source, "commit": git_commit(), "quick": quick,
                 "calibration": str(calib) if calib is not None else "collected",
                 "calibration_meta": cs.meta if cs is not None else None,
                 "wall_seconds": round(time.time() - t0, 2)}
         if dev.type == "cuda":
-            meta["peak_gpu_memory_bytes"] = int(__import__("torch").cuda.max_memory_allocated(dev))
+            meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config)
         if cfg.recon_checkpoints and Path(cfg.recon_checkpoints).exists():
             import shutil

@@ -73,6 +73,11 @@ class QuantConfig:
         if self.weight_init not in (None, "mse", "minmax"):
             raise GacqError(f"--weight-init must be 'mse' or 'minmax', not {self.weight_init!r}")
 
+    def needs_calibration(self) -> bool:
+        """Any reconstruction or activation quantization needs calibration data."""
+        s = self.spec()
+        return s.weight_recon or s.tib or self.abits is not None
+
     def spec(self) -> MethodSpec:
         return with_overrides(method_spec(self.method, self.preset), weight_init=self.weight_init,
                               a_symmetric=self.a_symmetric, skip=self.skip)
@@ -98,13 +103,16 @@ def _match(name: str, patterns) -> bool:
 
 
 def _weight_subset(calib: CalibrationSet, spec: MethodSpec, n_steps: int) -> CalibrationSet:
-    """TFMQ-DM reconstructs weights on every `steps // n_steps`-th step of its all-steps set."""
+    """TFMQ-DM reconstructs weights on every `steps // n_steps`-th step of its all-steps set:
+    the uniform selection of the same trajectories."""
     if spec.calib_selection != "all":
         return calib
-    steps = int(calib.meta.get("sampler", {}).get("steps", int(calib.step.max()) + 1))
-    stride = max(1, steps // n_steps)
-    keep = (calib.step % stride == 0) & (calib.step < stride * n_steps)
-    return CalibrationSet(calib.x[keep], calib.t[keep], calib.step[keep], calib.meta)
+    from .calib_data import select_from_all
+
+    sel = calib.meta.get("selection", {})
+    cfg = CalibDataConfig(selection="uniform", n_trajectories=int(sel.get("n_trajectories", 1)),
+                          n_steps=n_steps, seed=sel.get("seed", 0))
+    return select_from_all(calib, cfg)
 
 
 def _fit_selection(calib: CalibrationSet, config: "QuantConfig", num_train_timesteps: int) -> CalibrationSet:
@@ -136,7 +144,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     spec = config.spec()
     device = torch.device(device)
     abits = config.abits
-    needs_calib = spec.weight_recon or spec.tib or abits is not None
+    needs_calib = config.needs_calibration()
     if needs_calib and (calib is None or len(calib) == 0):
         raise GacqError(f"{spec.name} needs calibration data (run `gacq calib`, or pass --abits 32 for rtn)")
     if calib is not None:
@@ -220,12 +228,12 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
     from .tfmq import TIB, freeze_tib, reconstruct_tib
 
     path = ckpt / "tib.safetensors" if ckpt is not None else None
+    names = {id(m): n for n, m in model.named_modules()}
     if path is not None and path.exists():
         layers = TIB(model).layers()
         for m in layers:
             m.enable_adaround()
         state = load_file(str(path))
-        names = {id(m): n for n, m in model.named_modules()}
         for m in layers:
             prefix = names[id(m)] + "."
             m.load_state_dict({k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)})
@@ -235,7 +243,6 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
     stats = reconstruct_tib(model, fp, wcal.t, config.recon, device=device, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        names = {id(m): n for n, m in model.named_modules()}
         state = {f"{names[id(m)]}.{k}": v.detach().contiguous().cpu()
                  for m in TIB(model).layers() for k, v in m.state_dict().items()}
         with atomic_path(path) as tmp:

@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import GacqError
 from ..utils import atomic_dir
-from .modules import QuantLayer
 from .wrap import quant_layers, wrap_layers
 
 FORMAT_VERSION = 2
@@ -49,10 +48,6 @@ def unpack_int(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return out[:numel].to(torch.int64)
 
 
-def _integer_weight(layer: QuantLayer) -> torch.Tensor:
-    return layer.integer_weight()  # on the combined grid of both halves for a split layer
-
-
 def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, Any], model_config: dict[str, Any],
                    scheduler_config: dict[str, Any]) -> Path:
     """Write a quantized model (wrapped with gacq.quant) into QDIR, atomically."""
@@ -64,7 +59,7 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
     quant_names = []
     for name, m in quant_layers(model):
         q = m.weight_quantizer
-        ints = _integer_weight(m).detach().cpu()
+        ints = m.integer_weight().detach().cpu()  # a split layer: on both halves' combined grid
         tensors[f"{name}.qweight"] = pack_int(ints, q.bits)
         tensors[f"{name}.scale"] = q.scale.detach().cpu().float()
         tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().float()

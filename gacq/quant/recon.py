@@ -304,10 +304,12 @@ def _unit_file(ckpt_dir, i: int, stage: str = "weights") -> Path:
 
 
 def _set_unit_act_quant(unit: nn.Module, on: bool) -> None:
+    from .attention import QuantAttnProcessor
+
     for m in unit.modules():
         if isinstance(m, QuantLayer):
             m.a_quant = on
-        elif hasattr(m, "quant") and hasattr(m, "softmax"):  # attention matmul quantizers
+        elif isinstance(m, QuantAttnProcessor):
             m.quant = on
 
 
