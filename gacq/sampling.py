@@ -211,16 +211,19 @@ def generate(
     step_kwargs = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
     if cfg.scheduler != "dpm":
         step_kwargs["generator"] = gens
-    for i, t in enumerate(sched.timesteps):
-        if loaded.step_hook is not None:
-            loaded.step_hook(i, cfg)
-        inp = sched.scale_model_input(x, t)
-        tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-        with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
-            eps = model_fn(inp, tt) if model_fn is not None else model(inp, tt).sample
-        x = sched.step(eps.float(), t, x, **step_kwargs).prev_sample
-        if on_step is not None:
-            on_step(len(gens) / len(sched.timesteps))
+    from .quant.modules import frozen_weights
+
+    with frozen_weights(model):  # quantize each weight once, not at every step
+        for i, t in enumerate(sched.timesteps):
+            if loaded.step_hook is not None:
+                loaded.step_hook(i, cfg)
+            inp = sched.scale_model_input(x, t)
+            tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+            with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
+                eps = model_fn(inp, tt) if model_fn is not None else model(inp, tt).sample
+            x = sched.step(eps.float(), t, x, **step_kwargs).prev_sample
+            if on_step is not None:
+                on_step(len(gens) / len(sched.timesteps))
     return to_uint8(x)
 
 

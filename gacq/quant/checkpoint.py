@@ -67,7 +67,7 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
                  "abits": m.abits if m.act_quantizer is not None else None,
                  "a_symmetric": bool(m.act_quantizer.symmetric) if m.act_quantizer is not None else None}
         if m.act_quantizer is not None:
-            if not bool(m.act_quantizer.initialized):
+            if not m.act_quantizer.is_initialized:
                 raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
             tensors[f"{name}.act_scale"] = m.act_quantizer.scale.detach().cpu().float().reshape(1)
             tensors[f"{name}.act_zero_point"] = m.act_quantizer.zero_point.detach().cpu().float().reshape(1)
@@ -76,7 +76,7 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
             tensors[f"{name}.scale_0"] = m.weight_quantizer_0.scale.detach().cpu().float()
             tensors[f"{name}.zero_point_0"] = m.weight_quantizer_0.zero_point.detach().cpu().float()
             if m.act_quantizer is not None and m.act_quantizer_0 is not None:
-                if not bool(m.act_quantizer_0.initialized):
+                if not m.act_quantizer_0.is_initialized:
                     raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
                 tensors[f"{name}.act_scale_0"] = m.act_quantizer_0.scale.detach().cpu().float().reshape(1)
                 tensors[f"{name}.act_zero_point_0"] = m.act_quantizer_0.zero_point.detach().cpu().float().reshape(1)

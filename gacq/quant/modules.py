@@ -13,6 +13,8 @@ input channels [:k] use `act_quantizer` and [k:] `act_quantizer_0`; weight colum
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,7 @@ class QuantLayer(nn.Module):
         self.split = 0
         self.weight_quantizer_0: UniformQuantizer | None = None
         self.act_quantizer_0: UniformQuantizer | None = None
+        self.frozen_weight: torch.Tensor | None = None  # set by `frozen_weights` for inference
 
     # ------------------------------------------------------------------ split ---
     def set_split(self, k: int) -> None:
@@ -67,11 +70,11 @@ class QuantLayer(nn.Module):
         self.split = k
         # weight_quantizer keeps its (O, 1, ...) shape, now over W[:, :k]; any earlier init covered
         # the whole weight (or the whole input), so it is void.
-        self.weight_quantizer.initialized.fill_(False)
+        self.weight_quantizer.mark_initialized(False)
         self.weight_quantizer_0 = UniformQuantizer(self.wbits, symmetric=False, channel_axis=0,
                                                    shape=tuple(self.weight[:, k:].shape))
         if self.act_quantizer is not None:
-            self.act_quantizer.initialized.fill_(False)
+            self.act_quantizer.mark_initialized(False)
             self.act_quantizer_0 = UniformQuantizer(self.abits, symmetric=self.act_quantizer.symmetric,
                                                     learn_scale=True)
         self.weight_quantizer_0.to(self.weight.device)
@@ -138,12 +141,12 @@ class QuantLayer(nn.Module):
         if not self.split:
             base = self.weight_quantizer
         else:
-            if not (bool(self.weight_quantizer.initialized) and bool(self.weight_quantizer_0.initialized)):
+            if not (self.weight_quantizer.is_initialized and self.weight_quantizer_0.is_initialized):
                 raise GacqError("AdaRound needs an initialised weight quantizer (both halves of a split layer)")
             scale, zp = self.weight_qparams()
             base = UniformQuantizer(self.wbits, symmetric=False)
             base.scale, base.zero_point = scale.detach().clone(), zp.detach().clone()  # buffers: full-shape grid
-            base.initialized.fill_(True)
+            base.mark_initialized(True)
         self.adaround = AdaRoundQuantizer(base, self.weight)
         return self.adaround
 
@@ -156,6 +159,8 @@ class QuantLayer(nn.Module):
         return torch.clamp(torch.round(self.weight / scale) + zp, q.qmin, q.qmax)
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.frozen_weight is not None:
+            return self.frozen_weight
         if not self.w_quant:
             return self.weight
         if self.adaround is not None:
@@ -195,6 +200,23 @@ class QuantLinear(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+@contextmanager
+def frozen_weights(model: nn.Module):
+    """Inside the block, every quantized layer reuses its (fake-)quantized weight computed once on
+    entry instead of re-quantizing it on every call: for sampling, where weights do not change.
+    Gradients do not flow into the frozen weights; do not use it while training."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    with torch.no_grad():
+        for m in layers:
+            m.frozen_weight = None
+            m.frozen_weight = m.quantized_weight().detach()
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.frozen_weight = None
 
 
 QUANT_CLASSES: dict[type, type[QuantLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -46,13 +46,28 @@ class UniformQuantizer(nn.Module):
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros(pshape))
         self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of the `initialized` buffer: forward must not read a CUDA tensor on the
+        # host (a device sync per layer call, and it breaks CUDA-graph capture). Kept in step by
+        # `mark_initialized` and by loading a state dict.
+        self.is_initialized = False
         self.enabled = True
+
+    def mark_initialized(self, value: bool = True) -> None:
+        with torch.no_grad():
+            self.initialized.fill_(bool(value))
+        self.is_initialized = bool(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "initialized"
+        if key in state_dict:
+            self.is_initialized = bool(state_dict[key])
 
     def _set(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         with torch.no_grad():
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
-            self.initialized.fill_(True)
+        self.mark_initialized(True)
 
     def init_minmax(self, x: torch.Tensor) -> None:
         """Step size from the min and max of `x` (per channel if per-channel)."""
@@ -65,7 +80,7 @@ class UniformQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self.is_initialized:
             raise GacqError("quantizer used before initialisation: call init_minmax or init_mse first")
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
@@ -106,7 +121,7 @@ class AdaRoundQuantizer(nn.Module):
 
     def __init__(self, base: UniformQuantizer, weight: torch.Tensor):
         super().__init__()
-        if not bool(base.initialized):
+        if not base.is_initialized:
             raise GacqError("AdaRound needs an initialised weight quantizer")
         self.bits, self.qmin, self.qmax = base.bits, base.qmin, base.qmax
         self.register_buffer("scale", base.scale.detach().clone())

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GacqError
 from .modules import QuantLayer
-from .recon import ReconConfig, adaround_optimise, lp_loss_per_sample, seeded_batches
+from .recon import ReconConfig, adaround_optimise, batch_plan, lp_loss_per_sample
 
 
 class TIB:
@@ -91,9 +91,10 @@ def reconstruct_tib(q_model: nn.Module, fp_model: nn.Module, t: torch.Tensor, cf
     for m in layers:
         m.w_quant = True
     before = full()
-    batches = tqdm(seeded_batches(n, cfg.iters, cfg.batch_size, cfg.seed, device), total=cfg.iters,
-                   desc="TIB reconstruction", unit="it", disable=not progress, leave=False)
-    adaround_optimise(layers, lambda idx: losses(idx).mean(), batches, cfg, "temporal-block reconstruction")
+    with tqdm(total=cfg.iters, desc="TIB reconstruction", unit="it", disable=not progress, leave=False) as bar:
+        adaround_optimise(layers, lambda idx: losses(idx).mean(), batch_plan(n, cfg.iters, cfg.batch_size, cfg.seed,
+                                                                               device), cfg,
+                          "temporal-block reconstruction", bar=bar)
     for m in layers:
         m.recon_frozen = True
     return {"unit": "temporal_information_block", "layers": len(layers), "loss_before": before, "loss_after": full()}

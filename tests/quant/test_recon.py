@@ -136,3 +136,65 @@ def test_resume_refuses_other_settings(setup, tmp_path):
     with pytest.raises(GacqError, match="another run"):
         reconstruct_model(_prepare(fp), fp, cs.x, cs.t, ReconConfig(iters=3, batch_size=8), ckpt_dir=tmp_path / "r",
                           progress=False)
+
+
+def test_batch_plan_is_the_seeded_permutation_sequence():
+    from gacq.quant.recon import batch_plan
+
+    plan = batch_plan(20, 7, 6, seed=3)
+    g = torch.Generator().manual_seed(3)
+    naive = [torch.randperm(20, generator=g)[:6] for _ in range(7)]
+    assert plan.shape == (7, 6)
+    for row, ref in zip(plan, naive):
+        assert torch.equal(row, ref)
+    assert batch_plan(5, 2, 32, seed=0).shape == (2, 5)  # batch larger than the set: all samples
+
+
+def test_cosine_lr_matches_torch_scheduler():
+    from gacq.quant.recon import cosine_lr
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=4e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50, eta_min=0.0)
+    for it in range(50):
+        assert cosine_lr(it, 50, 4e-4) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        opt.step()
+        sched.step()
+
+
+def test_optimise_names_the_first_non_finite_iteration():
+    from gacq.errors import GacqError
+    from gacq.quant.recon import batch_plan, make_adam, optimise
+
+    data = torch.randn(40)
+    data[17] = float("nan")
+    plan = batch_plan(40, 600, 4, seed=1)
+    first = int(torch.nonzero((plan == 17).any(1)).flatten()[0])  # first minibatch holding the bad sample
+    p = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(GacqError, match=f"diverged .* at iteration {first}$"):
+        optimise([p], make_adam([p], 1e-3, graph=False), lambda idx: (p * data[idx]).pow(2).mean(), plan,
+                 "toy", check_every=64)
+
+
+def test_non_finite_unit_is_named_and_earlier_units_kept(setup, tmp_path):
+    import copy
+
+    from gacq.errors import GacqError
+    from gacq.quant.recon import reconstruct_model
+
+    fp, cs = setup
+    bad_fp = copy.deepcopy(fp)
+    units = [n for n, _ in find_units(_prepare(fp))]
+    q = _prepare(fp)
+    from gacq.quant.recon import order_by_execution
+
+    order = [n for n, _ in order_by_execution(q, find_units(q), lambda m: m(cs.x[:1], cs.t[:1]))]
+    target_unit = order[2]
+    assert target_unit in units
+    with torch.no_grad():  # the FP target of the third unit becomes inf
+        next(p for p in bad_fp.get_submodule(target_unit).parameters() if p.ndim > 1).fill_(float("inf"))
+    with pytest.raises(GacqError, match=rf"unit 2 \({target_unit}, weights stage\).*diverged"):
+        reconstruct_model(q, bad_fp, cs.x, cs.t, ReconConfig(iters=5, batch_size=8), ckpt_dir=tmp_path / "c",
+                          progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").glob("unit_*.safetensors")) == ["unit_000.safetensors",
+                                                                                  "unit_001.safetensors"]
