@@ -122,6 +122,9 @@ def sample(
     shard_size: int = typer.Option(5000, min=1, help="Images per resumable shard."),
     timestep_spacing: str = typer.Option("leading", help="leading, trailing, linspace, or quad (DDIM only: the DDIM code's quadratic skip, as Q-Diffusion/TFMQ-DM on CIFAR-10)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (GPU)."),
+    float_acts: bool = typer.Option(False, "--float-acts", help="Quantized model: keep activations in float "
+                                    "(weight-only inference of a W/A checkpoint; its weight stage ran with float "
+                                    "activations, so this is the W-only model)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Sample images from a diffusers model; rerun the same command to resume."""
@@ -134,7 +137,9 @@ def sample(
         cfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, num=num, batch_size=batch_size, seed=seed,
                            shard_size=shard_size, timestep_spacing=timestep_spacing, precision=precision)
         dev = resolve_device(device)
-        loaded = load_model(model, device=dev)
+        loaded = load_model(model, device=dev, act_quant=not float_acts)
+        if float_acts and not loaded.source.endswith("(activations float)"):
+            raise GacqError("--float-acts applies to quantized models only (a folder written by gacq quantize)")
         meta = sample_fn(loaded, cfg, out, device=dev)
     except GacqError as e:
         _fail(e)
@@ -261,6 +266,9 @@ def quantize(
         if cfg.recon_checkpoints and Path(cfg.recon_checkpoints).exists():
             import shutil
 
+            log = Path(cfg.recon_checkpoints) / "recon_log.jsonl"
+            if log.exists():  # per-unit losses before/after (and loss curves) stay with the checkpoint
+                shutil.copyfile(log, out / "recon_log.jsonl")
             shutil.rmtree(cfg.recon_checkpoints)  # finished: per-unit resume points are no longer needed
         typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
                    f"in {meta['wall_seconds']:.1f} s")

@@ -200,6 +200,7 @@ def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    act_quant: bool = True,
 ) -> LoadedModel:
     """Load a denoiser and its noise schedule.
 
@@ -208,6 +209,8 @@ def load_model(
             or None for the bundled model.
         device: where to put the model.
         dtype: the model's parameter dtype (weights stored in fp16 are upcast to fp32 by default).
+        act_quant: for a quantized folder, False keeps its activations in float (weight-only
+            inference of a W/A checkpoint); the source then says so.
     """
     folder, source = resolve_model_folder(spec)
     from .quant.checkpoint import is_quantized_folder, load_quantized
@@ -216,6 +219,13 @@ def load_model(
         qmodel, _, sched_cfg = load_quantized(folder)
         sched = {**DDPM_SCHEDULE, **{k: v for k, v in sched_cfg.items() if not k.startswith("_")}}
         qmodel = qmodel.to(device).eval()
+        if not act_quant:
+            from .quant.attention import set_attention_quant
+            from .quant.wrap import set_quant_state
+
+            set_quant_state(qmodel, weights=True, acts=False)
+            set_attention_quant(qmodel, False)
+            return LoadedModel(model=qmodel, scheduler_config=sched, source=f"{source} (activations float)")
         fsc = getattr(qmodel, "gacq_fsc", None)  # TFMQ-DM per-step activation sets
         return LoadedModel(model=qmodel, scheduler_config=sched, source=source,
                            step_hook=fsc.step_hook(qmodel) if fsc is not None else None)

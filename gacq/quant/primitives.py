@@ -36,38 +36,15 @@ def _fake_quantize_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torc
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
-# Inference on CUDA: the five elementwise passes above fused into one kernel by torch.compile
-# (fake quantization of every activation otherwise more than doubles a sampling step of a small
-# UNet). Compiled lazily on first use; any failure falls back to the eager function for good.
-COMPILE_ON_CUDA = True
-_compiled = None
-
-
-def _fused_nograd(x, scale, zero_point, qmin, qmax):
-    global _compiled, COMPILE_ON_CUDA
-    if _compiled is None:
-        _compiled = torch.compile(_fake_quantize_nograd, dynamic=True)
-    try:
-        return _compiled(x, scale, zero_point, qmin, qmax)
-    except Exception as e:  # noqa: BLE001  (a missing or broken compiler must not stop inference)
-        import warnings
-
-        warnings.warn(f"fused fake quantization unavailable ({type(e).__name__}: {e}); using eager ops")
-        COMPILE_ON_CUDA = False
-        return _fake_quantize_nograd(x, scale, zero_point, qmin, qmax)
-
-
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize and dequantize `x`.
 
     Gradients: w.r.t. x, 1 inside the clamp range and 0 outside (STE through round, exact through
     clamp); w.r.t. scale, the plain STE gradient (Q-Diffusion's LSQ-style learning, no LSQ gradient
     scale); zero_point is not learned (its gradient is cut). Without autograd (sampling) the same
-    values come from plain rounding, fused into one kernel on CUDA.
+    values come from plain rounding, without the straight-through bookkeeping.
     """
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-        if x.is_cuda and COMPILE_ON_CUDA and not torch.cuda.is_current_stream_capturing():
-            return _fused_nograd(x, scale, zero_point.detach(), qmin, qmax)
         return _fake_quantize_nograd(x, scale, zero_point.detach(), qmin, qmax)
     zp = zero_point.detach()
     x_int = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)

@@ -241,3 +241,30 @@ def test_gac_end_to_end_saves_learned_weights(fp, tmp_path):
     save_quantized(q, tmp_path / "q", {"method": "gac"}, dict(fp.config), {})
     saved = load_file(str(tmp_path / "q" / "gac_weights.safetensors"))
     assert set(saved) == set(store) and torch.equal(saved[next(iter(store))], w)
+
+
+@pytest.mark.parametrize("method,preset", [("qdiffusion", "faithful"), ("tfmq", "common")])
+def test_w_only_model_is_the_wa_checkpoint_with_float_acts(fp, method, preset, calib_all, tmp_path):
+    """The weight stage runs with float activations, so a W4A32 quantize equals the W4A8 checkpoint
+    loaded with act_quant=False (what `gacq sample --float-acts` does): the comparison table takes
+    its W-only rows from the W/A runs."""
+    from dataclasses import replace
+
+    from gacq.models import load_model
+    from gacq.quant.checkpoint import save_quantized
+
+    cfg = QuantConfig(method=method, preset=preset, wbits=4, abits=8, recon=ReconConfig(iters=4, batch_size=8),
+                      act_recon=ActReconConfig(iters=3, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3))
+    q8 = quantize(LoadedModel(fp), cfg, calib_all)
+    q32 = quantize(LoadedModel(fp), replace(cfg, abits=None), calib_all)
+    w8, w32 = dict(quant_layers(q8)), dict(quant_layers(q32))
+    assert w8.keys() == w32.keys()
+    for name in w8:
+        assert torch.equal(w8[name].integer_weight(), w32[name].integer_weight()), name
+    save_quantized(q8, tmp_path / "q", {"method": method}, dict(fp.config), {})
+    back = load_model(tmp_path / "q", act_quant=False)
+    assert back.step_hook is None and back.source.endswith("(activations float)")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.allclose(back.model(x, t).sample, q32(x, t).sample, rtol=0, atol=1e-6)
+        assert not torch.allclose(load_model(tmp_path / "q").model(x, t).sample, q32(x, t).sample, atol=1e-6)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run a long job in the background on the device machine and poll it from successive calls.
+# The job survives between calls while the machine stays warm (a new call within 30 s), so
+# one job can outlast the 10-minute call limit. Each call waits up to WAIT seconds (or until
+# the job ends), then copies the job's output folder to $OUT.
+# Usage (device): source scripts/gpu-setup.sh; WAIT=560 bash scripts/gpu-bg.sh $OUT NAME -- command args...
+#   later calls: WAIT=560 bash scripts/gpu-bg.sh $OUT NAME      (poll only)
+# The command gets its output folder as $JOBOUT (runs/bg/NAME/out).
+set -u
+OUT=$1; NAME=$2; shift 2
+D=runs/bg/$NAME; mkdir -p $D/out
+export JOBOUT=$PWD/$D/out
+if [ "${1:-}" = "--" ] && [ ! -f $D/pid ]; then
+  shift
+  setsid nohup bash -c "$*; echo \$? > $D/rc" > $D/out/job.log 2>&1 < /dev/null &
+  echo $! > $D/pid
+  echo "started $NAME: $*"
+fi
+WAIT=${WAIT:-560}
+for ((i = 0; i < WAIT; i += 5)); do
+  [ -f $D/rc ] && break
+  sleep 5
+done
+[ -f $D/rc ] && echo "$NAME finished, rc $(cat $D/rc)" || echo "$NAME still running"
+cp -r $D/out/. $OUT/ 2>/dev/null
+tail -5 $D/out/job.log
