@@ -6,15 +6,16 @@
 # both against the bundled CIFAR-10 train statistics. Every step is skipped when its output
 # exists, so rerunning the same command on a warm machine resumes (quantize resumes per unit).
 # Env: N (10000), ITERS (AdaRound iterations per unit, 4000), AITERS (act step-size iterations,
-# 1000), TRAJ (256), PRESET (common), WBITS (4), ABITS (8).
+# 1000), TRAJ (256), PRESET (common), WBITS (4), ABITS (8), MODES ("wa w": which models to sample;
+# "wa" alone skips the float-activation model).
 # Usage (device): source scripts/gpu-setup.sh; bash scripts/gpu-table.sh $OUT tfmq gac ...
 set -u
 OUT=$1; shift
 N=${N:-10000}; ITERS=${ITERS:-4000}; AITERS=${AITERS:-1000}; TRAJ=${TRAJ:-256}; PRESET=${PRESET:-common}
-WBITS=${WBITS:-4}; ABITS=${ABITS:-8}
+WBITS=${WBITS:-4}; ABITS=${ABITS:-8}; MODES=${MODES:-wa w}
 R=runs/table
 mkdir -p $R
-LOG=$OUT/log.txt
+LOG=$OUT/log-w${WBITS}a${ABITS}-$1.txt
 if [ ! -f $R/calib/calib.json ]; then
   python -m gacq calib --selection all --trajectories $TRAJ --out $R/calib --batch-size 256 >> $LOG 2>&1 || { echo "calib FAILED"; exit 1; }
 fi
@@ -42,7 +43,7 @@ for METHOD in "$@"; do
       --wbits $WBITS --abits $ABITS --calib $R/calib --iters $ITERS --act-iters $AITERS --out $Q >> $LOG 2>&1 \
       || { echo "$METHOD quantize FAILED"; tail -5 $LOG; continue; }
   fi
-  for mode in wa w; do
+  for mode in $MODES; do
     S=$Q-samples-$mode; extra=""; [ $mode = w ] && extra="--float-acts"
     label="${METHOD} W${WBITS}A${ABITS}"; [ $mode = w ] && label="${METHOD} W${WBITS}A32 (W${WBITS}A${ABITS} checkpoint, float acts)"
     if [ ! -f $S/meta.json ]; then
