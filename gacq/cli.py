@@ -214,19 +214,13 @@ def quantize(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
-    import time
-
-    import torch
-
     from .models import load_model
-    from .quant.api import QuantConfig
-    from .quant.api import quantize as quantize_fn
-    from .quant.calib_data import CalibDataConfig, CalibrationSet, collect
-    from .quant.checkpoint import save_quantized
+    from .quant.api import QuantConfig, quantize_to_dir
+    from .quant.calib_data import CalibDataConfig
     from .quant.gac import GACConfig
     from .quant.recon import ActReconConfig, ReconConfig
     from .sampling import SampleConfig
-    from .utils import git_commit, resolve_device
+    from .utils import resolve_device
 
     budget = {"calib_trajectories": 16, "iters": 100, "act_iters": 50, "gac_meta_iters": 10} if quick else \
         {"calib_trajectories": 64, "iters": 20000, "act_iters": 5000, "gac_meta_iters": 100}
@@ -235,7 +229,6 @@ def quantize(
     act_iters = act_iters if act_iters is not None else budget["act_iters"]
     gac_meta_iters = gac_meta_iters if gac_meta_iters is not None else budget["gac_meta_iters"]
     try:
-        t0 = time.time()
         gac = GACConfig(meta_iters=gac_meta_iters, inner_lr=gac_inner_lr, meta_lr=gac_meta_lr, tau=gac_tau,
                         val_fraction=gac_val_fraction, groups=gac_groups, seed=seed)
         cfg = QuantConfig(method=method, preset=preset, wbits=wbits, abits=None if abits == 32 else abits,
@@ -246,30 +239,9 @@ def quantize(
                           calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed))
         dev = resolve_device(device)
         loaded = load_model(model, device=dev)
-        cs = None
-        if cfg.needs_calibration():
-            cs = CalibrationSet.load(calib) if calib is not None else collect(
-                loaded, SampleConfig(steps=steps, seed=seed, timestep_spacing=timestep_spacing),
-                cfg.calib_config(), device=dev)
-            if save_calib is not None and calib is None:
-                cs.save(save_calib)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        qmodel = quantize_fn(loaded, cfg, cs, device=dev)
-        meta = {"config": cfg.to_json(), "base_model": loaded.source, "commit": git_commit(), "quick": quick,
-                "calibration": str(calib) if calib is not None else "collected",
-                "calibration_meta": cs.meta if cs is not None else None,
-                "wall_seconds": round(time.time() - t0, 2)}
-        if dev.type == "cuda":
-            meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-        save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config)
-        if cfg.recon_checkpoints and Path(cfg.recon_checkpoints).exists():
-            import shutil
-
-            log = Path(cfg.recon_checkpoints) / "recon_log.jsonl"
-            if log.exists():  # per-unit losses before/after (and loss curves) stay with the checkpoint
-                shutil.copyfile(log, out / "recon_log.jsonl")
-            shutil.rmtree(cfg.recon_checkpoints)  # finished: per-unit resume points are no longer needed
+        meta = quantize_to_dir(loaded, cfg, out, calib, SampleConfig(steps=steps, seed=seed,
+                               timestep_spacing=timestep_spacing), save_calib=save_calib, device=dev,
+                               extra_meta={"quick": quick})
         typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
                    f"in {meta['wall_seconds']:.1f} s")
         if compare_num:
@@ -450,6 +422,60 @@ def configs() -> None:
         n = count_parameters(build_model(name))
         typer.echo(f"{name:14s} {n / 1e6:8.3f}M params  {cfg['sample_size']}x{cfg['sample_size']}  "
                    f"channels {tuple(cfg['block_out_channels'])}")
+
+experiment_app = typer.Typer(no_args_is_help=True, help="Run a grid of table cells from a TOML spec (see gacq.experiment).")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("run")
+def experiment_run(
+    spec: Path = typer.Argument(..., help="Experiment spec (TOML)."),
+    cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids to run (default: all)."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Cell groups run at once as separate processes."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Calibrate, quantize, sample and evaluate every unfinished cell; rerun to resume."""
+    from .experiment import load_spec, run_experiment
+
+    try:
+        s = load_spec(spec)
+        only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
+        run_experiment(s, only=only, parallel=parallel, command=" ".join(["gacq"] + sys.argv[1:]),
+                       progress=not quiet, echo=typer.echo)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(f"cell results in {s.cell_dir}; render them with `gacq report {s.results}`")
+
+
+@experiment_app.command("list")
+def experiment_list(spec: Path = typer.Argument(..., help="Experiment spec (TOML).")) -> None:
+    """The spec's cells, their quantization jobs and whether they are done."""
+    from .experiment import cell_status, load_spec, quant_job_of
+
+    try:
+        s = load_spec(spec)
+    except GacqError as e:
+        _fail(e)
+    for c in s.cells:
+        job, float_acts, _ = quant_job_of(s, c)
+        how = "" if job is None else f"  <- {job}" + (" (float acts)" if float_acts else "")
+        typer.echo(f"{cell_status(s, c):8s} {c.id}{how}")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="Folder with experiment cell JSONs (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Markdown file to write [RESULTS/README.md]; the HTML page and FID plot go next to it."),
+    title: Optional[str] = typer.Option(None, "--title", help="Heading of the report."),
+) -> None:
+    """Render experiment results as markdown + HTML tables, an FID plot and the sample grids."""
+    from .report import render
+
+    try:
+        info = render(results, out or results / "README.md", title)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(f"{info['cells']} cells in {info['groups']} table entries: wrote {info['markdown']} and {info['html']}")
 
 
 def main() -> None:

@@ -284,3 +284,52 @@ def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, dev
         from .attention import set_attention_quant
 
         set_attention_quant(model, True)
+
+
+def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, calib: str | Path | None = None,
+                    sample_cfg=None, save_calib: str | Path | None = None, device: torch.device | str = "cpu",
+                    extra_meta: dict | None = None, progress: bool = True) -> dict:
+    """Quantize `loaded` and write the checkpoint folder `out` (what `gacq quantize` does).
+
+    `calib`: a calibration folder from `gacq calib`; without one, the recipe's set is collected
+    along `sample_cfg` trajectories (and kept in `save_calib` when given). A killed run resumes
+    from `config.recon_checkpoints`; when the checkpoint is written, the per-unit losses
+    (`recon_log.jsonl`) are kept in `out` and the resume folder is removed. Returns the metadata
+    stored in the checkpoint (config, commit, wall seconds, peak GPU memory on CUDA).
+    """
+    import shutil
+    import time
+
+    from ..sampling import SampleConfig
+    from ..utils import git_commit
+    from .calib_data import collect
+    from .checkpoint import save_quantized
+
+    t0 = time.time()
+    device = torch.device(device)
+    cs = None
+    if config.needs_calibration():
+        if calib is not None:
+            cs = CalibrationSet.load(calib)
+        else:
+            cs = collect(loaded, sample_cfg or SampleConfig(), config.calib_config(), device=device)
+            if save_calib is not None:
+                cs.save(save_calib)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    qmodel = quantize(loaded, config, cs, device=device, progress=progress)
+    meta = {"config": config.to_json(), "base_model": loaded.source, "commit": git_commit(),
+            **(extra_meta or {}),
+            "calibration": str(calib) if calib is not None else "collected",
+            "calibration_meta": cs.meta if cs is not None else None,
+            "wall_seconds": round(time.time() - t0, 2)}
+    if device.type == "cuda":
+        meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    out = Path(out)
+    save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config)
+    if config.recon_checkpoints and Path(config.recon_checkpoints).exists():
+        log = Path(config.recon_checkpoints) / "recon_log.jsonl"
+        if log.exists():  # per-unit losses before/after (and loss curves) stay with the checkpoint
+            shutil.copyfile(log, out / "recon_log.jsonl")
+        shutil.rmtree(config.recon_checkpoints)  # finished: per-unit resume points are no longer needed
+    return meta

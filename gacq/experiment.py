@@ -1,0 +1,399 @@
+"""`gacq experiment`: run a grid of (method, bit width, sampler, seed) cells from a TOML spec.
+
+Each cell is: calibrate (one all-steps calibration set per sampler, shared by every method: each
+recipe cuts its own timestep selection out of it), quantize, sample, evaluate. A finished cell is a
+JSON file `<results>/cells/<cell id>.json`; rerunning the spec skips finished cells and resumes
+unfinished ones (quantization resumes per block, sampling per shard), so a table can be built over
+many short GPU calls. `--parallel N` runs independent cells as N processes (small models leave a
+GPU mostly idle).
+
+A spec (every key but `[[grid]]` optional; defaults shown)::
+
+    name = "table"                      # results go to results/experiments/<name>
+    model = ""                          # model folder / hub id; "" = the bundled CIFAR-10 model
+    work = ""                           # checkpoints and samples; "" = runs/experiments/<name>
+    results = ""                        # cell JSONs; "" = results/experiments/<name>
+    device = "auto"
+    [calib]   trajectories = 256, seed = 0, batch_size = 256,
+              record_steps = 20   # uniform selection / tfmq weight subset (all steps when fewer)
+    [quantize] preset = "common", iters = 20000, act_iters = 5000, gac_meta_iters = 100,
+               recon_batch = 32, seed = 0
+    [sample]  scheduler = "ddim", steps = 100, eta = 0.0, num = 10000, batch_size = 1000,
+              timestep_spacing = "leading", seeds = [0]
+    [eval]    features = "cifar10", ref = "", inception_weights = ""
+    [[grid]]  methods = ["fp", "tfmq", "gac"], bits = ["W4A8", "W4A32"], steps = [100], seeds = [0],
+              gac = {tau = [0.5, 1.0]}     # optional: a product over GAC hyperparameters
+
+"W4A32" cells are the weight-only model. When the spec also has the same recipe with quantized
+activations (e.g. W4A8), the W4A32 cell samples that checkpoint with float activations (its weight
+stage runs with float activations, so its weights are the W-only model's; tested in
+tests/test_methods.py), and says so in its JSON (`weights_from`); otherwise it quantizes at W4A32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import GacqError
+
+CELL_SCHEMA = "gacq-experiment-cell/1"
+GAC_KEYS = {"tau": float, "val_fraction": float, "groups": int, "meta_iters": int, "inner_lr": float,
+            "meta_lr": float, "init_score": float, "batch_size": int}
+_SECTIONS = {
+    "calib": {"trajectories": 256, "seed": 0, "batch_size": 256, "record_steps": 20},
+    "quantize": {"preset": "common", "iters": 20000, "act_iters": 5000, "gac_meta_iters": 100, "recon_batch": 32,
+                 "seed": 0},
+    "sample": {"scheduler": "ddim", "steps": 100, "eta": 0.0, "num": 10000, "batch_size": 1000,
+               "timestep_spacing": "leading", "seeds": [0]},
+    "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
+}
+_TOP = {"name", "model", "work", "results", "device", "grid", *_SECTIONS}
+_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac"}
+
+
+def parse_bits(text: str) -> tuple[int, int | None]:
+    """'W4A8' -> (4, 8); 'W4A32' -> (4, None) (float activations)."""
+    t = text.strip().upper()
+    try:
+        w, a = t[1:].split("A")
+        if not t.startswith("W"):
+            raise ValueError
+        w, a = int(w), int(a)
+    except ValueError:
+        raise GacqError(f"bit width {text!r} is not of the form W<bits>A<bits>, e.g. W4A8 or W4A32") from None
+    if not 2 <= w <= 8 or not (2 <= a <= 8 or a == 32):
+        raise GacqError(f"bit width {text!r}: weights take 2-8 bits, activations 2-8 or 32 (float)")
+    return w, None if a == 32 else a
+
+
+def bits_label(wbits: int | None, abits: int | None) -> str:
+    return "FP" if wbits is None else f"W{wbits}A{abits if abits is not None else 32}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: a model (FP or method at bits, with GAC overrides), a sampler step count and a seed."""
+
+    method: str
+    wbits: int | None
+    abits: int | None
+    steps: int
+    seed: int
+    gac: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def bits(self) -> str:
+        return bits_label(self.wbits, self.abits)
+
+    def _suffix(self) -> str:
+        return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac)
+
+    @property
+    def id(self) -> str:
+        if self.method == "fp":
+            return f"fp_steps{self.steps}_seed{self.seed}"
+        return f"{self.method}_{self.bits.lower()}{self._suffix()}_steps{self.steps}_seed{self.seed}"
+
+    def quant_job(self, abits: int | None) -> str:
+        return f"{self.method}_{bits_label(self.wbits, abits).lower()}{self._suffix()}_steps{self.steps}"
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    path: Path
+    text_sha256: str
+    model: str | None
+    work: Path
+    results: Path
+    device: str
+    calib: dict
+    quantize: dict
+    sample: dict
+    eval: dict
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def cell_dir(self) -> Path:
+        return self.results / "cells"
+
+
+def _section(raw: dict, name: str, where: str) -> dict:
+    got = raw.get(name, {})
+    if not isinstance(got, dict):
+        raise GacqError(f"{where}: [{name}] must be a table")
+    unknown = set(got) - set(_SECTIONS[name])
+    if unknown:
+        raise GacqError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(_SECTIONS[name])}")
+    return {**_SECTIONS[name], **got}
+
+
+def _as_list(v, what: str, where: str) -> list:
+    v = v if isinstance(v, list) else [v]
+    if not v:
+        raise GacqError(f"{where}: {what} is an empty list")
+    return v
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Parse and validate a spec file; expands its grids into cells (duplicates dropped, order kept)."""
+    from .quant.methods import METHODS
+
+    path = Path(path)
+    if not path.is_file():
+        raise GacqError(f"experiment spec {path} does not exist")
+    text = path.read_bytes()
+    try:
+        raw = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise GacqError(f"{path} is not valid TOML: {e}") from None
+    unknown = set(raw) - _TOP
+    if unknown:
+        raise GacqError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(_TOP)}")
+    name = str(raw.get("name", path.stem))
+    sections = {s: _section(raw, s, str(path)) for s in _SECTIONS}
+    seeds0 = _as_list(sections["sample"]["seeds"], "[sample] seeds", str(path))
+    grids = raw.get("grid")
+    if not isinstance(grids, list) or not grids:
+        raise GacqError(f"{path}: no [[grid]] tables; add e.g. [[grid]] methods = [\"fp\", \"gac\"] bits = [\"W4A8\"]")
+    cells: dict[str, Cell] = {}
+    for gi, g in enumerate(grids):
+        where = f"{path} [[grid]] #{gi + 1}"
+        bad = set(g) - _GRID_KEYS
+        if bad:
+            raise GacqError(f"{where}: unknown key(s) {sorted(bad)}; known: {sorted(_GRID_KEYS)}")
+        methods = _as_list(g.get("methods", []), "methods", where)
+        for m in methods:
+            if m != "fp" and m not in METHODS:
+                raise GacqError(f"{where}: unknown method {m!r}; choose fp or one of {', '.join(METHODS)}")
+        bits = [parse_bits(b) for b in _as_list(g.get("bits", ["W4A8"]), "bits", where)]
+        steps = [int(s) for s in _as_list(g.get("steps", sections["sample"]["steps"]), "steps", where)]
+        seeds = [int(s) for s in _as_list(g.get("seeds", seeds0), "seeds", where)]
+        gac = g.get("gac", {})
+        if not isinstance(gac, dict) or set(gac) - set(GAC_KEYS):
+            raise GacqError(f"{where}: gac must be a table with keys among {sorted(GAC_KEYS)}")
+        gkeys = sorted(gac)
+        gvals = [[GAC_KEYS[k](v) for v in _as_list(gac[k], f"gac.{k}", where)] for k in gkeys]
+        for m, (w, a), st, sd, gv in itertools.product(methods, bits, steps, seeds, itertools.product(*gvals)):
+            if m == "fp":
+                c = Cell("fp", None, None, st, sd)
+            else:
+                if gkeys and m != "gac":
+                    raise GacqError(f"{where}: gac overrides apply to method gac only, not {m!r}")
+                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)))
+            cells.setdefault(c.id, c)
+    base = Path(os.getcwd())
+    work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
+    results = Path(raw["results"]) if raw.get("results") else base / "results" / "experiments" / name
+    return ExperimentSpec(name=name, path=path, text_sha256=hashlib.sha256(text).hexdigest()[:16],
+                          model=raw.get("model") or None, work=work, results=results,
+                          device=str(raw.get("device", "auto")), cells=list(cells.values()), **sections)
+
+
+def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, int | None]:
+    """(quantization job id, float_acts, the job's activation bits) of a cell; job None for FP.
+
+    A W-only cell reuses the spec's W/A job of the same recipe (the one with the most activation bits).
+    """
+    if cell.method == "fp":
+        return None, False, None
+    if cell.abits is None:
+        donors = sorted({c.abits for c in spec.cells if c.abits is not None and c.method == cell.method
+                         and c.wbits == cell.wbits and c.steps == cell.steps and c.gac == cell.gac})
+        if donors:
+            return cell.quant_job(donors[-1]), True, donors[-1]
+    return cell.quant_job(cell.abits), False, cell.abits
+
+
+def cell_status(spec: ExperimentSpec, cell: Cell) -> str:
+    if (spec.cell_dir / f"{cell.id}.json").exists():
+        return "done"
+    job = quant_job_of(spec, cell)[0]
+    partial = (spec.work / "samples" / cell.id).exists() or job is not None and any(
+        (spec.work / "q" / name).exists() for name in (job, f"{job}.recon-ckpt"))
+    return "started" if partial else "pending"
+
+
+def _calib_dir(spec: ExperimentSpec, steps: int) -> Path:
+    c = spec.calib
+    return spec.work / f"calib_all_{spec.sample['scheduler']}{steps}_{spec.sample['timestep_spacing']}" \
+                       f"_traj{c['trajectories']}_seed{c['seed']}"
+
+
+def _sample_config(spec: ExperimentSpec, steps: int, seed: int, num: int | None = None, batch_size=None):
+    from .sampling import SampleConfig
+
+    s = spec.sample
+    return SampleConfig(scheduler=s["scheduler"], steps=steps, eta=float(s["eta"]), num=num or s["num"],
+                        batch_size=batch_size or s["batch_size"], seed=seed, timestep_spacing=s["timestep_spacing"])
+
+
+def ensure_calib(spec: ExperimentSpec, steps: int, loaded, device) -> Path:
+    """The shared all-steps calibration set of the `steps`-step sampler (collected once)."""
+    from .quant.calib_data import CalibDataConfig, collect
+
+    folder = _calib_dir(spec, steps)
+    if not (folder / "calib.json").exists():
+        c = spec.calib
+        cfg = CalibDataConfig(selection="all", n_trajectories=c["trajectories"], seed=c["seed"],
+                              batch_size=c["batch_size"])
+        collect(loaded, _sample_config(spec, steps, c["seed"]), cfg, device=device).save(folder)
+    return folder
+
+
+def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str):
+    from .quant.api import QuantConfig
+    from .quant.calib_data import CalibDataConfig
+    from .quant.gac import GACConfig
+    from .quant.recon import ActReconConfig, ReconConfig
+
+    q = spec.quantize
+    gac = {"meta_iters": q["gac_meta_iters"], **dict(cell.gac)}
+    return QuantConfig(method=cell.method, preset=q["preset"], wbits=cell.wbits, abits=abits,
+                       recon=ReconConfig(iters=q["iters"], batch_size=q["recon_batch"], seed=q["seed"]),
+                       act_recon=ActReconConfig(iters=q["act_iters"], batch_size=q["recon_batch"], seed=q["seed"]),
+                       gac=GACConfig(seed=q["seed"], **gac),
+                       calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=spec.calib["seed"],
+                                             n_steps=min(spec.calib["record_steps"], cell.steps)),
+                       recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"))
+
+
+def ensure_quantized(spec: ExperimentSpec, cell: Cell, loaded, device, progress=True) -> tuple[Path | None, bool]:
+    """The cell's quantized checkpoint (made, or resumed, if missing); (None, False) for FP."""
+    from .quant.api import quantize_to_dir
+
+    job, float_acts, abits = quant_job_of(spec, cell)
+    if job is None:
+        return None, False
+    qdir = spec.work / "q" / job
+    if not (qdir / "quant_config.json").exists():
+        cfg = _quant_config(spec, cell, abits, job)
+        calib = ensure_calib(spec, cell.steps, loaded, device) if cfg.needs_calibration() else None
+        quantize_to_dir(loaded, cfg, qdir, calib, device=device, progress=progress,
+                        extra_meta={"experiment": spec.name, "job": job})
+    return qdir, float_acts
+
+
+def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = True) -> dict:
+    """Calibrate, quantize, sample and evaluate one cell; writes and returns its result JSON."""
+    from .metrics import evaluate
+    from .models import load_model
+    from .sampling import sample
+    from .utils import atomic_path, git_commit, machine_info, resolve_device, write_json
+
+    out = spec.cell_dir / f"{cell.id}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    device = resolve_device(spec.device)
+    t0 = time.time()
+    fp = load_model(spec.model, device=device)
+    qdir, float_acts = ensure_quantized(spec, cell, fp, device, progress)
+    loaded = fp if qdir is None else load_model(qdir, device=device, act_quant=not float_acts)
+    sdir = spec.work / "samples" / cell.id
+    smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
+    ev = spec.eval
+    metrics = evaluate(sdir / "samples.npz", ev["ref"] or None, features=ev["features"],
+                       inception_weights=ev["inception_weights"] or None, device=device, progress=progress)
+    qmeta = json.loads((qdir / "quant_config.json").read_text()) if qdir is not None else {}
+    grid = spec.results / "grids" / f"{cell.id}.png"
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(grid) as tmp:
+        tmp.write_bytes((sdir / "grid.png").read_bytes())
+    res = {
+        "schema": CELL_SCHEMA, "experiment": spec.name, "spec": str(spec.path), "spec_sha256": spec.text_sha256,
+        "cell": {"id": cell.id, "method": cell.method, "bits": cell.bits, "wbits": cell.wbits,
+                 "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac)},
+        "metrics": metrics,
+        "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],
+                   "steps": smeta["steps"], "eta": smeta["eta"], "timestep_spacing": smeta["timestep_spacing"],
+                   "wall_seconds_last_run": smeta["wall_seconds_this_run"], "model": smeta["model"]},
+        "quantize": None if qdir is None else {
+            "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
+            "wall_seconds": qmeta.get("wall_seconds"), "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
+            "commit": qmeta.get("commit"), "config": qmeta.get("config"),
+            "calibration_meta": qmeta.get("calibration_meta")},
+        "grid": str(grid.relative_to(spec.results)),
+        "commit": git_commit(), "machine": machine_info(), "command": command,
+        "wall_seconds_this_run": round(time.time() - t0, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(out, res)
+    return res
+
+
+def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:
+    """Cells that share a quantization job run in one process (in spec order)."""
+    groups: dict[str, list[Cell]] = {}
+    for c in cells:
+        job = quant_job_of(spec, c)[0]
+        groups.setdefault(job or f"fp:{c.id}", []).append(c)
+    return list(groups.values())
+
+
+def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel: int = 1, command: str = "",
+                   progress: bool = True, echo=print) -> list[dict]:
+    """Run every unfinished cell (or the `only` ids); `parallel` > 1 runs cell groups as subprocesses."""
+    from .models import load_model
+    from .utils import resolve_device
+
+    cells = spec.cells
+    if only:
+        ids = {c.id for c in cells}
+        bad = [o for o in only if o not in ids]
+        if bad:
+            raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
+        cells = [c for c in cells if c.id in set(only)]
+    todo = [c for c in cells if not (spec.cell_dir / f"{c.id}.json").exists()]
+    echo(f"{spec.name}: {len(cells) - len(todo)} of {len(cells)} cells done, running {len(todo)}")
+    if parallel <= 1 or len(todo) <= 1:
+        out = []
+        for i, c in enumerate(todo):
+            echo(f"[{i + 1}/{len(todo)}] {c.id}")
+            res = run_cell(spec, c, command, progress)
+            m = res["metrics"]
+            echo(f"  FID {m['fid']:.3f}  sFID {m['sfid']:.4f}  IS {m['is_mean']:.3f}  P {m['precision']:.3f}  "
+                 f"R {m['recall']:.3f}  ({m['feature_network']['name']} features, {m['samples']['n']} samples)")
+            out.append(res)
+        return out
+    # the processes share calibration sets: make them first, once
+    device = resolve_device(spec.device)
+    need = sorted({c.steps for c in todo if c.method != "fp"})
+    if need:
+        fp = load_model(spec.model, device=device)
+        for st in need:
+            ensure_calib(spec, st, fp, device)
+    logs = spec.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def launch(group: list[Cell]) -> tuple[list[Cell], int, Path]:
+        log = logs / f"{group[0].id}.log"
+        args = [sys.executable, "-m", "gacq", "experiment", "run", str(spec.path), "--cells",
+                ",".join(c.id for c in group)] + ([] if progress else ["--quiet"])
+        with open(log, "a") as f:
+            rc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+        return group, rc, log
+
+    groups = _groups(spec, todo)
+    echo(f"{len(groups)} process group(s), {parallel} at a time; logs in {logs}")
+    failed = []
+    with ThreadPoolExecutor(parallel) as pool:
+        for group, rc, log in pool.map(launch, groups):
+            state = "done" if rc == 0 else f"FAILED (exit {rc}, see {log})"
+            echo(f"  {', '.join(c.id for c in group)}: {state}")
+            if rc != 0:
+                failed.append(log)
+    if failed:
+        raise GacqError(f"{len(failed)} cell group(s) failed; logs: {', '.join(map(str, failed))}. "
+                        "Rerun the same command to resume them.")
+    return [json.loads((spec.cell_dir / f"{c.id}.json").read_text()) for c in todo]

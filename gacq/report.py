@@ -1,0 +1,261 @@
+"""`gacq report`: render experiment cell JSONs into markdown and HTML tables with plots.
+
+Reads every `*.json` with the experiment-cell schema under a folder (recursively), groups seeds
+of the same cell (mean and sample standard deviation), and writes:
+- the main table per sampler step count (rows: methods, columns: bit widths) for FID, and the
+  full metrics of every cell (sFID, IS, precision, recall, sample counts, seeds);
+- calibration cost per quantization job (wall time, peak GPU memory);
+- GAC hyperparameter ablations (cells with overrides) against the default;
+- an FID bar chart (PNG) and an HTML page with the tables, the plot and the sample grids.
+Every table names its feature network; cells measured on different feature networks are never
+mixed in one table.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .errors import GacqError
+from .experiment import CELL_SCHEMA
+
+METHOD_ORDER = ["fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "tfmq", "gac"]
+METRICS = [("fid", "FID", 2), ("sfid", "sFID", 4), ("is_mean", "IS", 3), ("precision", "precision", 3),
+           ("recall", "recall", 3)]
+
+
+def load_cells(folder: str | Path) -> list[dict]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GacqError(f"{folder} is not a folder of experiment results")
+    cells = []
+    for p in sorted(folder.rglob("*.json")):
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(d, dict) and d.get("schema") == CELL_SCHEMA:
+            d["_path"] = str(p)
+            cells.append(d)
+    if not cells:
+        raise GacqError(f"no experiment cell results ({CELL_SCHEMA}) under {folder}; run `gacq experiment run SPEC`")
+    return cells
+
+
+def _bits_key(b: str) -> tuple:
+    if b == "FP":
+        return (99, 99)
+    w, a = b[1:].split("A")
+    return (-int(w), -int(a))
+
+
+def _mkey(m: str) -> tuple:
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+
+
+def _stat(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _fmt(values: list[float], nd: int) -> str:
+    mean, std = _stat(values)
+    return f"{mean:.{nd}f}" if std is None else f"{mean:.{nd}f} ± {std:.{nd}f} ({len(values)} seeds)"
+
+
+def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
+    """Seeds of one (feature net, experiment, method, bits, steps, gac overrides) cell pooled together."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for c in cells:
+        cell, m = c["cell"], c["metrics"]
+        fn = m["feature_network"]
+        gac = tuple(sorted(cell.get("gac", {}).items()))
+        key = (f"{fn['name']} ({fn['hash']})", c["experiment"], cell["method"], cell["bits"], cell["steps"], gac)
+        g = groups.setdefault(key, {"metrics": defaultdict(list), "n": set(), "seeds": [], "cells": []})
+        for k, _, _ in METRICS:
+            g["metrics"][k].append(float(m[k]))
+        g["n"].add(m["samples"]["n"])
+        g["seeds"].append(cell["seed"])
+        g["cells"].append(c)
+    return groups
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(folder: str | Path, out: str | Path, title: str | None = None) -> dict:
+    """Write the markdown report `out`, `<out stem>.html` and `<out stem>_fid.png` next to it."""
+    from .utils import atomic_path
+
+    cells = load_cells(folder)
+    groups = aggregate(cells)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [f"# {title or 'Experiment results'}", "",
+                     f"Rendered by `gacq report {folder} --out {out}` from {len(cells)} cell result(s). "
+                     "Each cell JSON under the results folder holds its command, commit, machine and wall "
+                     "times. Seeds of the same cell are pooled: mean ± sample standard deviation.", ""]
+    by_net: dict[str, dict] = defaultdict(dict)
+    for k, g in groups.items():
+        by_net[k[0]][k[1:]] = g
+    plot_rows = []
+    for net, gs in by_net.items():
+        note = next(iter(gs.values()))["cells"][0]["metrics"]["feature_network"].get("note", "")
+        md += [f"## Feature network: {net}", "", f"_{note}_" if note else "", ""]
+        base = {k: g for k, g in gs.items() if not k[4]}
+        for steps in sorted({k[3] for k in base}, reverse=True):
+            sel = {k: g for k, g in base.items() if k[3] == steps}
+            bits = sorted({k[2] for k in sel if k[2] != "FP"}, key=_bits_key)
+            methods = sorted({k[1] for k in sel}, key=_mkey)
+            exps = sorted({k[0] for k in sel})
+            for exp in exps:
+                n = sorted({n for k, g in sel.items() if k[0] == exp for n in g["n"]})
+                md += [f"### FID, {steps} sampling steps ({exp}; {', '.join(map(str, n))} samples per seed)", ""]
+                if min(n) < 10000:
+                    md += ["FID from fewer than 10,000 samples is biased upwards: compare only at equal counts.", ""]
+                cols = (["FP"] if "fp" in methods else []) + bits
+                rows = []
+                for m in methods:
+                    row = [m]
+                    for b in cols:
+                        g = sel.get((exp, m, b, steps, ())) if (b == "FP") == (m == "fp") else None
+                        row.append(_fmt(g["metrics"]["fid"], 2) if g else "")
+                        if g:
+                            plot_rows.append(((net, steps), m, b, *_stat(g["metrics"]["fid"])))
+                    rows.append(row)
+                md += _table(["method"] + cols, rows) + [""]
+        md += ["### Every cell", ""]
+        rows = []
+        for (exp, m, b, steps, gac), g in sorted(gs.items(), key=lambda kv: (kv[0][0], -kv[0][3], _mkey(kv[0][1]),
+                                                                             _bits_key(kv[0][2]), kv[0][4])):
+            q = g["cells"][0].get("quantize") or {}
+            label = m + ("".join(f" {k}={v}" for k, v in gac))
+            if q.get("float_acts"):
+                label += f" (W/A checkpoint {q['weights_from']}, float acts)"
+            rows.append([label, b, str(steps), ",".join(map(str, sorted(g["seeds"]))),
+                         ",".join(map(str, sorted(g["n"])))] +
+                        [_fmt(g["metrics"][k], nd) for k, _, nd in METRICS])
+        md += _table(["method", "bits", "steps", "seeds", "samples"] + [h for _, h, _ in METRICS], rows) + [""]
+        cost = {}
+        for g in gs.values():
+            for c in g["cells"]:
+                q = c.get("quantize")
+                if q and not q.get("float_acts"):
+                    cost[q["job"]] = q
+        if cost:
+            md += ["### Calibration cost (one quantization job each; wall time includes calibration-set loading)",
+                   ""]
+            rows = [[j, f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None else "",
+                     f"{q['peak_gpu_memory_bytes'] / 2**30:.2f}" if q.get("peak_gpu_memory_bytes") else "n/a (CPU)"]
+                    for j, q in sorted(cost.items())]
+            md += _table(["job", "wall s", "peak GPU GiB"], rows) + [""]
+        abl = {k: g for k, g in gs.items() if k[4]}
+        if abl:
+            md += ["### GAC ablations (default = the gac row of the table above with the same bits and steps)", ""]
+            rows = []
+            for (exp, m, b, steps, gac), g in sorted(abl.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][4])):
+                d = gs.get((exp, m, b, steps, ()))
+                rows.append([", ".join(f"{k}={v}" for k, v in gac), b, str(steps), _fmt(g["metrics"]["fid"], 2),
+                             _fmt(d["metrics"]["fid"], 2) if d else "not run"])
+            md += _table(["override", "bits", "steps", "FID", "default FID"], rows) + [""]
+    png = out.with_name(out.stem + "_fid.png")
+    if plot_rows:
+        _plot(plot_rows, png)
+        md += [f"![FID per method and bit width]({png.name})", ""]
+    grids = [(c["cell"]["id"], Path(c["_path"]).parent.parent / c["grid"]) for c in cells if c.get("grid")]
+    text = "\n".join(md) + "\n"
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    page = out.with_suffix(".html")
+    with atomic_path(page) as tmp:
+        tmp.write_text(_html(md, png if plot_rows else None, grids, page.parent))
+    return {"cells": len(cells), "groups": len(groups), "markdown": str(out), "html": str(page),
+            "plot": str(png) if plot_rows else None}
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .utils import atomic_path
+
+    panels = sorted({r[0] for r in rows}, key=lambda p: (p[0], -p[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        sel = [r for r in rows if r[0] == panel]
+        bits = sorted({r[2] for r in sel if r[2] != "FP"}, key=_bits_key)
+        methods = sorted({r[1] for r in sel if r[1] != "fp"}, key=_mkey)
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            xs, ys, es = [], [], []
+            for j, b in enumerate(bits):
+                r = next((r for r in sel if r[1] == m and r[2] == b), None)
+                if r:
+                    xs.append(j + i * width)
+                    ys.append(r[3])
+                    es.append(r[4] or 0.0)
+            ax.bar(xs, ys, width, yerr=es, label=m, capsize=3)
+        fp = next((r for r in sel if r[1] == "fp"), None)
+        if fp is not None:
+            ax.axhline(fp[3], color="k", ls="--", lw=1, label=f"FP {fp[3]:.2f}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], bits)
+        ax.set_ylabel(f"FID on {panel[0].split()[0]} features (lower is better)")
+        ax.set_title(f"{panel[1]} sampling steps")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _html(md: list[str], png: Path | None, grids, root: Path) -> str:
+    body, in_table = [], False
+    for line in md:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                tag = "th"
+            else:
+                tag = "td"
+            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            continue
+        elif line:
+            body.append(f"<p>{html.escape(line.strip('_'))}</p>")
+    if in_table:
+        body.append("</table>")
+    if png is not None:
+        body.append(f'<img src="{html.escape(png.name)}" alt="FID per method and bit width">')
+    if grids:
+        body.append("<h2>Sample grids</h2><div>")
+        for cid, p in grids:
+            rel = os.path.relpath(p, root)
+            body.append(f'<figure style="display:inline-block;margin:4px"><img src="{html.escape(rel)}" width="260">'
+                        f"<figcaption>{html.escape(cid)}</figcaption></figure>")
+        body.append("</div>")
+    style = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>gacq results</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"

@@ -1,0 +1,189 @@
+"""The experiment runner and report: real CLI runs on a tiny 32x32 model (the cifar10 features need 32x32)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gacq.errors import GacqError
+from gacq.experiment import load_spec, parse_bits, quant_job_of
+from gacq.metrics import evaluate
+from gacq.models import NAMED_CONFIGS, build_model, save_model
+from gacq.report import render
+
+
+def gacq(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+SPEC = """
+name = "t"
+model = "{model}"
+device = "cpu"
+[calib]
+trajectories = 2
+batch_size = 2
+[quantize]
+iters = 2
+act_iters = 2
+recon_batch = 4
+[sample]
+steps = 5
+num = 10
+batch_size = 10
+[[grid]]
+methods = ["fp", "rtn", "tfmq"]
+bits = ["W4A8", "W4A32"]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory) -> Path:
+    cfg = dict(NAMED_CONFIGS["tiny"], sample_size=32)
+    torch.manual_seed(0)
+    return save_model(build_model(cfg).eval(), tmp_path_factory.mktemp("m") / "tiny32")
+
+
+@pytest.fixture(scope="module")
+def ran(tiny32, tmp_path_factory):
+    """One real run of a spec through the CLI, with two processes."""
+    root = tmp_path_factory.mktemp("exp")
+    (root / "spec.toml").write_text(SPEC.format(model=tiny32))
+    r = gacq("experiment", "run", "spec.toml", "--parallel", "2", "--quiet", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root
+
+
+def test_bits_and_spec_errors(tmp_path, tiny32):
+    assert parse_bits("W4A8") == (4, 8) and parse_bits("w8a32") == (8, None)
+    for bad in ("4A8", "W4", "W9A8", "W4A1"):
+        with pytest.raises(GacqError, match="bit width"):
+            parse_bits(bad)
+    p = tmp_path / "s.toml"
+    cases = [("[[grid]]\nmethods = ['nope']\n", "unknown method 'nope'"),
+             ("name = 'x'\n", "no \\[\\[grid\\]\\]"),
+             ("[sample]\nstep = 3\n[[grid]]\nmethods = ['fp']\n", "unknown key.*step"),
+             ("[[grid]]\nmethods = ['tfmq']\ngac = {tau = [1.0]}\n", "gac only"),
+             ("[[grid\n", "not valid TOML")]
+    for text, msg in cases:
+        p.write_text(text)
+        with pytest.raises(GacqError, match=msg):
+            load_spec(p)
+    with pytest.raises(GacqError, match="does not exist"):
+        load_spec(tmp_path / "missing.toml")
+
+
+def test_grid_expansion_and_weight_only_reuse(tmp_path, tiny32):
+    p = tmp_path / "s.toml"
+    p.write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['gac']\nbits = ['W4A32', 'W3A8']\n"
+                 "steps = [5, 10]\ngac = {tau = [0.5, 2], groups = [2]}\n")
+    s = load_spec(p)
+    ids = [c.id for c in s.cells]
+    assert len(ids) == len(set(ids)) == 1 + 2 * 2 + 2 * 2 * 2  # fp once, rtn/tfmq x 2 bits, gac: bits x steps x tau
+    assert "gac_w4a32_groups2_tau0.5_steps10_seed0" in ids
+    by = {c.id: c for c in s.cells}
+    assert quant_job_of(s, by["rtn_w4a32_steps5_seed0"]) == ("rtn_w4a8_steps5", True, 8)
+    # no W4A8 gac cell with these overrides: the W4A32 gac cell quantizes weight-only itself
+    assert quant_job_of(s, by["gac_w4a32_groups2_tau0.5_steps5_seed0"]) == \
+        ("gac_w4a32_groups2_tau0.5_steps5", False, None)
+
+
+def test_cells_written_and_equal_to_the_manual_commands(ran, tiny32):
+    cells = {p.stem: json.loads(p.read_text()) for p in (ran / "results/experiments/t/cells").glob("*.json")}
+    assert sorted(cells) == sorted(["fp_steps5_seed0", "rtn_w4a8_steps5_seed0", "rtn_w4a32_steps5_seed0",
+                                    "tfmq_w4a8_steps5_seed0", "tfmq_w4a32_steps5_seed0"])
+    for c in cells.values():
+        assert c["metrics"]["feature_network"]["name"] == "cifar10" and c["metrics"]["samples"]["n"] == 10
+        assert c["command"].startswith("gacq experiment run") and c["commit"] and c["machine"]
+    w = cells["tfmq_w4a32_steps5_seed0"]["quantize"]
+    assert w["float_acts"] and w["weights_from"] == "tfmq_w4a8_steps5" and w["wall_seconds"] > 0
+    # the FP cell's metrics are gacq eval's on its samples
+    work = ran / "runs/experiments/t"
+    fp = cells["fp_steps5_seed0"]["metrics"]
+    direct = evaluate(work / "samples/fp_steps5_seed0/samples.npz", progress=False)
+    assert fp["fid"] == pytest.approx(direct["fid"], rel=1e-9) and fp["precision"] == direct["precision"]
+    # the rtn W4A8 cell's images are those of `gacq quantize` + `gacq sample` with the same settings
+    calib = next(work.glob("calib_all_*"))
+    q, s = ran / "manual_q", ran / "manual_s"
+    r = gacq("quantize", "--model", tiny32, "--method", "rtn", "--wbits", 4, "--abits", 8, "--calib", calib,
+             "--record-steps", 5, "--steps", 5, "--out", q, "--device", "cpu", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    r = gacq("sample", "--model", q, "--steps", 5, "--num", 10, "--batch-size", 10, "--out", s, "--device", "cpu",
+             cwd=ran)
+    assert r.returncode == 0, r.stderr
+    a = np.load(s / "samples.npz")["images"]
+    b = np.load(work / "samples/rtn_w4a8_steps5_seed0/samples.npz")["images"]
+    assert np.array_equal(a, b)
+
+
+def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
+    cell_dir = ran / "results/experiments/t/cells"
+    before = {p.name: p.stat().st_mtime_ns for p in cell_dir.glob("*.json")}
+    gone = cell_dir / "rtn_w4a32_steps5_seed0.json"
+    old = json.loads(gone.read_text())
+    gone.unlink()  # as if the run had been killed after sampling, before its result was written
+    r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    assert "4 of 5 cells done, running 1" in r.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in cell_dir.glob("*.json")}
+    assert {k: v for k, v in after.items() if k != gone.name} == {k: v for k, v in before.items() if k != gone.name}
+    new = json.loads(gone.read_text())
+    assert new["metrics"]["fid"] == old["metrics"]["fid"]
+    meta = json.loads((ran / "runs/experiments/t/samples/rtn_w4a32_steps5_seed0/meta.json").read_text())
+    assert meta["images_made_this_run"] == 0 and meta["shards_resumed"] == 1
+    r = gacq("experiment", "list", "spec.toml", cwd=ran)
+    assert r.stdout.count("done") == 5
+    r = gacq("experiment", "run", "spec.toml", "--cells", "nope", cwd=ran)
+    assert r.returncode == 2 and "no cell(s) ['nope']" in r.stderr
+
+
+def test_report_renders_the_run(ran):
+    r = gacq("report", "results/experiments/t", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    md = (ran / "results/experiments/t/README.md").read_text()
+    assert "Feature network: cifar10" in md and "| method | FP | W4A32 | W4A8 |" in md
+    assert "biased upwards" in md and "W/A checkpoint rtn_w4a8_steps5, float acts" in md
+    assert (ran / "results/experiments/t/README_fid.png").stat().st_size > 1000
+    page = (ran / "results/experiments/t/README.html").read_text()
+    assert page.count("<table>") == 3 and "grids/tfmq_w4a8_steps5_seed0.png" in page
+
+
+def _cell(tmp: Path, method, bits, seed, fid, net="cifar10", h="abc", gac=None):
+    w, a = (None, None) if bits == "FP" else parse_bits(bits)
+    d = {"schema": "gacq-experiment-cell/1", "experiment": "e",
+         "cell": {"id": f"{method}{bits}{seed}{net}{gac}", "method": method, "bits": bits, "wbits": w, "abits": a,
+                  "steps": 100, "seed": seed, "gac": gac or {}},
+         "metrics": {"feature_network": {"name": net, "hash": h, "note": "n"}, "samples": {"n": 10000},
+                     "fid": fid, "sfid": 1.0, "is_mean": 2.0, "precision": 0.5, "recall": 0.5},
+         "quantize": None}
+    (tmp / f"{d['cell']['id']}.json").write_text(json.dumps(d))
+
+
+def test_report_pools_seeds_and_separates_feature_networks(tmp_path):
+    fids = [10.0, 11.5, 9.25]
+    for s, f in enumerate(fids):
+        _cell(tmp_path, "gac", "W4A8", s, f)
+    _cell(tmp_path, "fp", "FP", 0, 8.0)
+    _cell(tmp_path, "gac", "W4A8", 0, 99.0, net="inception", h="def")
+    _cell(tmp_path, "gac", "W4A8", 0, 12.0, gac={"tau": 0.5})
+    (tmp_path / "other.json").write_text("{\"not\": \"a cell\"}")
+    info = render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    want = f"{statistics.mean(fids):.2f} ± {statistics.stdev(fids):.2f} (3 seeds)"
+    assert want in md
+    cif, inc = md.split("## Feature network: inception (def)")
+    assert "99.00" in inc and "99.00" not in cif and want not in inc
+    assert "| tau=0.5 | W4A8 | 100 | 12.00 | " + want + " |" in cif
+    assert info["cells"] == 6 and "biased" not in md
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GacqError, match="no experiment cell results"):
+        render(tmp_path / "empty", tmp_path / "x.md")
+    with pytest.raises(GacqError, match="not a folder"):
+        render(tmp_path / "missing", tmp_path / "x.md")
