@@ -1,0 +1,52 @@
+"""`gacq export`: a quantized checkpoint -> a real low-bit model folder (thin wrapper over gacq.export.export).
+
+Registered on the main app by `gacq/cli.py` with `register(app)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .errors import GacqError
+
+
+def _fail(e: GacqError) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def export_cmd(
+    qdir: Path = typer.Argument(..., help="Quantized checkpoint folder (from `gacq quantize`)."),
+    backend: str = typer.Option(..., "--backend", help="int8 (W<=8 A<=8, int32 GEMM) or w4a16 (packed int4 weights)."),
+    out: Path = typer.Option(..., "--out", help="Exported folder: QDIR's files + export.json."),
+    device: str = typer.Option("auto", help="Where the agreement check runs: auto, cpu, cuda or cuda:N."),
+    strict: bool = typer.Option(False, "--strict",
+                                help="Refuse layers the backend cannot run instead of running them densely."),
+    check_batches: int = typer.Option(2, min=1, help="Random batches of the check against the fake-quant model."),
+    check_batch_size: int = typer.Option(4, min=1, help="Samples per check batch."),
+    seed: int = typer.Option(0, min=0, help="Seed of the check's random inputs."),
+) -> None:
+    """Convert a quantized checkpoint for a real low-bit backend, check it against fake quantization, write OUT."""
+    from .export import export
+    from .utils import resolve_device
+
+    try:
+        info = export(qdir, backend, out, device=resolve_device(device), strict=strict, check_batches=check_batches,
+                      check_batch_size=check_batch_size, seed=seed)
+    except GacqError as e:
+        _fail(e)
+    from .export import ExportReport
+
+    report = ExportReport(**info["report"])
+    c = info["check"]
+    typer.echo(f"{backend}: {report.summary()}")
+    typer.echo(f"check: {c['agree_fraction']:.0%} of {c['samples']} samples within {c['sample_rtol']:g} of the "
+               f"fake-quant output, largest difference {c['max_rel_error']:.2g} of max |y|")
+    typer.echo(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `gacq export` to the main app."""
+    app.command("export")(export_cmd)

@@ -1,0 +1,67 @@
+"""Real low-bit inference for gacq's quantized checkpoints (issue 8).
+
+    QDIR (fake-quant checkpoint) --load_quantized--> fake-quant model --convert(backend)--> low-bit model
+                                  export(QDIR, backend, OUT): convert + check + OUT/export.json
+
+Backends (`BACKENDS`):
+- `int8`: int8 weights x int8 activations, exact int32 GEMM (`torch._int_mm`), convolutions as
+  im2col + the same GEMM; W <= 8, A <= 8 (module `int8`).
+- `w4a16`: int4 weights packed two per byte, dequantized at call time; inputs as in the
+  fake-quant model (module `w4a16`).
+Layers a backend cannot run stay on a dense path with the fake-quant weight, counted in the
+report and in one warning. Triton kernels (fused int4 dequant, fused im2col) are not here yet.
+
+Example:
+    >>> from gacq.export import export, load_exported
+    >>> info = export("runs/q_w8a8", "int8", "runs/q_w8a8.int8")
+    >>> model = load_exported("runs/q_w8a8.int8", device="cuda")
+"""
+
+from .base import DenseConv2d, DenseLinear, ExportedLayer, pack_int4, unpack_int4
+from .convert import (
+    BACKENDS,
+    Backend,
+    ExportReport,
+    apply_step,
+    convert,
+    convert_loaded,
+    get_backend,
+    step_hook,
+)
+from .folder import (
+    EXPORT_FILE,
+    compare_outputs,
+    example_inputs,
+    export,
+    load_exported,
+    read_export_info,
+)
+from .int8 import Int8Conv2d, Int8Linear, int_mm
+from .w4a16 import W4A16Conv2d, W4A16Linear
+
+__all__ = [
+    "BACKENDS",
+    "EXPORT_FILE",
+    "Backend",
+    "DenseConv2d",
+    "DenseLinear",
+    "ExportReport",
+    "ExportedLayer",
+    "Int8Conv2d",
+    "Int8Linear",
+    "W4A16Conv2d",
+    "W4A16Linear",
+    "apply_step",
+    "compare_outputs",
+    "convert",
+    "convert_loaded",
+    "example_inputs",
+    "export",
+    "get_backend",
+    "int_mm",
+    "load_exported",
+    "pack_int4",
+    "read_export_info",
+    "step_hook",
+    "unpack_int4",
+]

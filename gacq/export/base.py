@@ -1,0 +1,215 @@
+"""Shared parts of the exported layers: the weight's integer grid, the input quantizers, the dense path.
+
+An exported layer replaces a fake-quant `QuantConv2d` / `QuantLinear` for inference. It keeps
+the fake-quant layer's input quantizers as the *same modules* (`act_quantizer`, and
+`act_quantizer_0` on a shortcut-split layer), so per-step activation sets that TFMQ-DM's finite
+set calibration writes into them are read at forward time, never copied at export.
+
+Weights are stored per *part*: an unsplit layer has one, a split layer two (input channels
+[:k] and [k:], each with its own per-output-channel grid). `weight_parts` reads them off a
+QuantLayer exactly as its fake quantization sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.modules import QuantConv2d, QuantLayer
+from ..quant.quantizer import UniformQuantizer
+
+
+@dataclass
+class WeightPart:
+    """One channel group of a layer's weight on its integer grid.
+
+    codes: (O, K) integers in [qmin, qmax] (K = in-channels of the part x kernel elements);
+    scale, zero_point: (O,) float32, the per-output-channel grid; channels: the part's input
+    channel range [lo, hi).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    channels: tuple[int, int]
+    bits: int
+
+
+def weight_parts(m: QuantLayer) -> list[WeightPart]:
+    """The integer weight of a QuantLayer, split into its channel groups (one unless split).
+
+    Uses `QuantLayer.integer_weight` (hard AdaRound where enabled, else round-to-nearest), so
+    (codes - zero_point) * scale is exactly the fake-quant weight of each part.
+    """
+    ints = m.integer_weight().detach()
+    o, i = ints.shape[:2]
+    q = m.weight_quantizer
+    if not m.split:
+        groups = [(q, 0, i)]
+    else:
+        groups = [(q, 0, m.split), (m.weight_quantizer_0, m.split, i)]
+    parts = []
+    for wq, lo, hi in groups:
+        parts.append(WeightPart(codes=ints[:, lo:hi].reshape(o, -1).to(torch.int64),
+                                scale=wq.scale.detach().reshape(o).float(),
+                                zero_point=wq.zero_point.detach().reshape(o).float(),
+                                channels=(lo, hi), bits=wq.bits))
+    return parts
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class ExportedLayer(nn.Module):
+    """Base of the layers that replace a QuantLayer: geometry, bias, input quantizers.
+
+    Float buffers listed in `exact_buffers` (weight scales) stay float32 when the model is cast
+    to another dtype (`model.to(torch.bfloat16)`): they only move device, so the integer path
+    keeps the checkpoint's exact grid whatever the activation dtype.
+    """
+
+    exact_buffers: tuple[str, ...] = ()
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__()
+        w = layer.weight
+        self.is_conv = isinstance(layer, QuantConv2d)
+        self.weight_shape = tuple(w.shape)
+        self.out_channels, self.in_channels = int(w.shape[0]), int(w.shape[1])
+        if self.is_conv:
+            self.kernel_size = tuple(int(k) for k in w.shape[2:])
+            self.stride, self.padding = tuple(layer.stride), layer.padding
+            self.dilation, self.groups = tuple(layer.dilation), int(layer.groups)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.split = int(layer.split)
+        self.act_quantizer: UniformQuantizer | None = layer.act_quantizer
+        self.act_quantizer_0: UniformQuantizer | None = layer.act_quantizer_0
+        self.a_quant = bool(layer.a_quant and layer.act_quantizer is not None)
+
+    # ----------------------------------------------------------------- inputs ---
+    @property
+    def in_axis(self) -> int:
+        return 1 if self.is_conv else -1
+
+    def split_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x,) unsplit, or the two channel groups (x[:, :k], x[:, k:]) of a split layer."""
+        if not self.split:
+            return (x,)
+        k, n = self.split, x.shape[self.in_axis]
+        return x.narrow(self.in_axis, 0, k), x.narrow(self.in_axis, k, n - k)
+
+    def act_quantizers(self) -> list[UniformQuantizer]:
+        if self.act_quantizer is None:
+            return []
+        return [self.act_quantizer] if not self.split else [self.act_quantizer, self.act_quantizer_0]
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the fake-quant layer sees it (QuantLayer.quantized_input)."""
+        if not self.a_quant:
+            return x
+        if self.split:
+            a, b = self.split_input(x)
+            return torch.cat([self.act_quantizer(a), self.act_quantizer_0(b)], self.in_axis)
+        return self.act_quantizer(x)
+
+    def dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The float conv/linear with this layer's geometry."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.is_conv:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(x, weight, bias)
+
+    # ---------------------------------------------------------------- storage ---
+    def weight_bytes(self) -> int:
+        """Bytes of everything stored for the weight (codes, scales, offsets); the bias excluded."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None) + \
+            sum(c.weight_bytes() for c in self.modules() if isinstance(c, _Part))
+
+    def _apply(self, fn, recurse=True):
+        keep = {n: self._buffers[n] for n in self.exact_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        _restore_exact(self, keep)
+        return self
+
+    def extra_repr(self) -> str:
+        kind = f"{self.in_channels}, {self.out_channels}"
+        if self.is_conv:
+            kind += f", kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return kind + (f", split={self.split}" if self.split else "")
+
+
+class _Part(nn.Module):
+    """A container of one channel group's weight buffers (see ExportedLayer.exact_buffers)."""
+
+    exact_buffers: tuple[str, ...] = ()
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
+
+    def _apply(self, fn, recurse=True):
+        keep = {n: self._buffers[n] for n in self.exact_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        _restore_exact(self, keep)
+        return self
+
+
+def _restore_exact(module: nn.Module, keep: dict[str, torch.Tensor]) -> None:
+    """After `_apply`: a buffer whose dtype changed gets its old values back, on the new device."""
+    for n, old in keep.items():
+        new = module._buffers[n]
+        if new.dtype != old.dtype:
+            module._buffers[n] = old.to(new.device)
+
+
+class DenseLayer(ExportedLayer):
+    """The dense fallback: the fake-quant layer's (dequantized) weight in float, its input quantizers.
+
+    Its output equals the fake-quant layer's exactly (same weight values, same float op); it is
+    what a backend leaves for layers it cannot run.
+    """
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__(layer)
+        with torch.no_grad():
+            self.register_buffer("weight", layer.quantized_weight().detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.quantized_input(x), self.weight.to(x.dtype))
+
+
+class DenseConv2d(DenseLayer):
+    pass
+
+
+class DenseLinear(DenseLayer):
+    pass
+
+
+def dense_fallback(layer: QuantLayer) -> DenseLayer:
+    return (DenseConv2d if isinstance(layer, QuantConv2d) else DenseLinear)(layer)
+
+
+# ---------------------------------------------------------------- int4 packing ---
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes (0..15) along the last axis -> uint8, two per byte (low nibble first).
+
+    An odd last axis is padded with one zero code, so (..., K) packs to (..., ceil(K / 2)); each
+    row packs on its own (rows of a weight stay addressable). The nibble order is that of the
+    checkpoint's `pack_int`.
+    """
+    if codes.numel() and (codes.min() < 0 or codes.max() > 15):
+        raise ValueError("pack_int4 takes codes in 0..15")
+    v = codes.to(torch.uint8)
+    if v.shape[-1] % 2:
+        v = F.pad(v, (0, 1))
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: uint8 (..., ceil(k / 2)) -> uint8 codes (..., k)."""
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+    return out[..., :k]

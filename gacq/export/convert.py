@@ -1,0 +1,261 @@
+"""`convert(model, backend)`: swap a fake-quant model's QuantConv2d / QuantLinear for real low-bit layers.
+
+Backends are a name -> `Backend` table (`BACKENDS`). Each says which layers it can run
+(`unsupported(layer)` gives the reason it cannot) and which models it refuses outright (weights or
+activations wider than it stores). Layers a backend cannot run get the dense fallback
+(`DenseConv2d` / `DenseLinear`, outputs equal to fake quantization) and are counted in the report
+and in one logged warning; `strict=True` turns any fallback into an error. Attention matmul
+quantizers are processors, not layers, and stay as they are.
+
+TFMQ-DM's per-step activation sets (`model.gacq_fsc`) keep working: exported layers share the act
+quantizer modules, and `apply_step(model, k)` / `step_hook(model)` write step k's set into them
+(FSCParams.apply only finds fake-quant layers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import GacqError
+from ..quant.modules import QuantLayer
+from ..quant.wrap import quant_layers
+from .base import ExportedLayer, dense_fallback
+from .int8 import int8_unsupported, to_int8
+from .w4a16 import to_w4a16, w4a16_unsupported
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A real low-bit backend.
+
+    Attributes:
+        name, description: for users and error messages.
+        unsupported: why a layer cannot run on it (None: it can).
+        make: the exported layer for a supported QuantLayer.
+        refuse: why a model whose usual layer is W`wbits`A`abits` (abits None: float inputs) is refused.
+        sample_rtol, min_agree, max_rtol: `export`'s check on random inputs. A sample *agrees* when
+            max |y - y_fake| <= sample_rtol * max |y_fake| over its elements; at least a `min_agree`
+            fraction of the samples must agree, and none may differ by more than max_rtol.
+        tolerance_note: where the tolerances come from (written into export.json).
+    """
+
+    name: str
+    description: str
+    unsupported: Callable[[QuantLayer], str | None]
+    make: Callable[[QuantLayer], ExportedLayer]
+    refuse: Callable[[int, int | None], str | None]
+    sample_rtol: float
+    min_agree: float
+    max_rtol: float
+    tolerance_note: str
+
+
+def _refuse_int8(wbits: int, abits: int | None) -> str | None:
+    if wbits > 8:
+        return f"the int8 backend stores weights of at most 8 bits; this model's are {wbits}-bit"
+    if abits is None:
+        return ("the int8 backend needs quantized activations; this model keeps them in float "
+                "(a weight-only checkpoint): use --backend w4a16")
+    if abits > 8:
+        return f"the int8 backend needs activations of at most 8 bits; this model's are {abits}-bit"
+    return None
+
+
+def _refuse_w4a16(wbits: int, abits: int | None) -> str | None:
+    if wbits > 4:
+        return f"the w4a16 backend stores weights of at most 4 bits; this model's are {wbits}-bit: use --backend int8"
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    "int8": Backend(
+        "int8", "int8 weights (W<=8) x int8 activations (A<=8), int32 GEMM via torch._int_mm; convs as im2col",
+        int8_unsupported, to_int8, _refuse_int8,
+        sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
+        tolerance_note=(
+            "Per layer the int32 sum is exact, so the only difference from fake quantization is float32 rounding: "
+            "|y - y_exact| <= 2^-21 (sa sw |S| + |b|), while fake quant's own float32 GEMM adds up to "
+            "(K + 2) 2^-24 sa sw sum|x||w| (measured: <= 1e-6 of max |y| per layer). Whole model: such ulp-level "
+            "differences, amplified by normalisation, can move an input sitting at a rounding boundary of a later "
+            "activation quantizer by one step, which changes that sample's output by up to a few percent; the "
+            "float32 fake-quant model shows the same flips against a float64 run of itself (the 'float64' entry). "
+            "So a sample agrees at 1e-5 of max |y|, at least half must agree, and max_rtol 0.1 only guards against "
+            "gross errors."),
+    ),
+    "w4a16": Backend(
+        "w4a16", "int4 weights packed two per byte, dequantized at call time; inputs as in the fake-quant model",
+        w4a16_unsupported, to_w4a16, _refuse_w4a16,
+        sample_rtol=1e-6, min_agree=1.0, max_rtol=1e-6,
+        tolerance_note=(
+            "the dequantized weight equals the fake-quant weight exactly and the float op is the same, so float32 "
+            "outputs are identical (tested bitwise on the CPU); 1e-6 of max |y| per sample leaves room for GPU "
+            "kernel selection."),
+    ),
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise GacqError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+@dataclass
+class ExportReport:
+    """What `convert` did.
+
+    Attributes:
+        converted: exported layer class name -> count (fallbacks included as Dense*).
+        fallbacks: one {"layer", "type", "reason"} per layer left on the dense path.
+        weight_bytes_before: the fake-quant layers' float weights as stored (float32 in a loaded checkpoint).
+        weight_bytes_after: every byte the exported layers keep for their weights (codes, scales, offsets,
+            dense fallback weights); biases excluded on both sides.
+        weight_bytes_fp16: the same weights as a dense fp16 model would store them.
+    """
+
+    backend: str
+    converted: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    weight_bytes_fp16: int = 0
+
+    @property
+    def n_fallbacks(self) -> int:
+        return len(self.fallbacks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.converted.items()))
+        return (f"{sum(self.converted.values())} layers ({kinds}), {self.n_fallbacks} on the dense fallback; "
+                f"weight bytes {self.weight_bytes_before / 1e6:.3f} MB -> {self.weight_bytes_after / 1e6:.3f} MB "
+                f"(fp16: {self.weight_bytes_fp16 / 1e6:.3f} MB)")
+
+
+def model_bits(layers: list[tuple[str, QuantLayer]]) -> tuple[int, int | None]:
+    """The most common (weight bits, input bits) of the quantized layers; input bits None = float inputs."""
+    def bits(m: QuantLayer) -> tuple[int, int | None]:
+        abits = m.act_quantizer.bits if (m.act_quantizer is not None and m.a_quant) else None
+        return m.weight_quantizer.bits, abits
+
+    return Counter(bits(m) for _, m in layers).most_common(1)[0][0]
+
+
+def _check_step_sets(model: nn.Module) -> None:
+    fsc = getattr(model, "gacq_fsc", None)
+    if fsc is None:
+        return
+    for name, z in fsc.zero_point.items():
+        if not torch.equal(z, z.round()):
+            raise GacqError(f"per-step activation zero points of {name} are not integers; the checkpoint is corrupt")
+
+
+def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Module, ExportReport]:
+    """Replace every QuantConv2d / QuantLinear of `model` by `backend`'s layer, in place.
+
+    Args:
+        model: a fake-quant model (from `load_quantized` or `gacq.quant.quantize`); deep-copy it first
+            to keep the fake-quant one.
+        backend: a name in `BACKENDS` ('int8', 'w4a16').
+        strict: refuse (GacqError) instead of falling back to the dense path for some layers.
+
+    Returns:
+        (model, report). Exported layers are inference-only (no autograd through integer weights).
+
+    Example:
+        >>> model, _, _ = load_quantized("runs/q_w8a8")
+        >>> model, report = convert(model, "int8")
+        >>> report.summary()
+    """
+    b = get_backend(backend)
+    layers = quant_layers(model)
+    if not layers:
+        raise GacqError("the model has no quantized layers (QuantConv2d / QuantLinear); export a checkpoint "
+                        "written by `gacq quantize`")
+    why = b.refuse(*model_bits(layers))
+    if why:
+        raise GacqError(why)
+    if backend == "int8":
+        _check_step_sets(model)
+    plan = [(name, m, b.unsupported(m)) for name, m in layers]
+    fallbacks = [{"layer": n, "type": type(m).__name__, "reason": r} for n, m, r in plan if r is not None]
+    if strict and fallbacks:
+        listed = "; ".join(f"{f['layer']}: {f['reason']}" for f in fallbacks[:5])
+        raise GacqError(f"the {backend} backend cannot run {len(fallbacks)} of {len(layers)} quantized layers "
+                        f"({listed}{'; ...' if len(fallbacks) > 5 else ''}); drop --strict to run them densely")
+    report = ExportReport(backend)
+    counts: Counter[str] = Counter()
+    for name, m, reason in plan:
+        report.weight_bytes_before += m.weight.numel() * m.weight.element_size()
+        report.weight_bytes_fp16 += m.weight.numel() * 2
+        with torch.no_grad():
+            new = dense_fallback(m) if reason is not None else b.make(m)
+        new.to(m.weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        counts[type(new).__name__] += 1
+        report.weight_bytes_after += new.weight_bytes()
+    report.converted = dict(sorted(counts.items()))
+    report.fallbacks = fallbacks
+    if fallbacks:
+        reasons = Counter(f["reason"] for f in fallbacks)
+        log.warning("%s backend: %d of %d quantized layers run on the dense fallback path (%s)", backend,
+                    len(fallbacks), len(layers), "; ".join(f"{n}x {r}" for r, n in reasons.most_common()))
+    return model, report
+
+
+# ------------------------------------------------------- per-step act sets ---
+def apply_step(model: nn.Module, step: int) -> None:
+    """Write sampling step `step`'s activation set (TFMQ-DM FSC) into the act quantizers, if the model has sets.
+
+    Works on fake-quant and exported layers alike (both hold `act_quantizer`).
+    """
+    fsc = getattr(model, "gacq_fsc", None)
+    if fsc is None:
+        return
+    if not 0 <= step < fsc.n_steps:
+        raise GacqError(f"sampling step {step} has no calibrated activation set (there are {fsc.n_steps})")
+    for name, s in fsc.scale.items():
+        try:
+            q = model.get_submodule(name).act_quantizer
+        except AttributeError:
+            q = None
+        if q is None:
+            raise GacqError(f"per-step activation parameters name layer {name}, which has no activation quantizer")
+        q._set(s[step], fsc.zero_point[name][step])
+
+
+def step_hook(model: nn.Module) -> Callable[[int, Any], None] | None:
+    """The `LoadedModel.step_hook` of an exported model: None without per-step sets."""
+    fsc = getattr(model, "gacq_fsc", None)
+    if fsc is None:
+        return None
+
+    def hook(step: int, cfg) -> None:
+        if step == 0:
+            fsc.check_sampler(cfg)
+        apply_step(model, step)
+
+    return hook
+
+
+def convert_loaded(loaded, backend: str, strict: bool = False):
+    """Convert a `LoadedModel` of a quantized checkpoint in place; returns (loaded, report).
+
+    Its step hook is replaced by one that also reaches exported layers (for `gacq sample --backend`).
+    """
+    _, report = convert(loaded.model, backend, strict)
+    loaded.step_hook = step_hook(loaded.model)
+    loaded.source = f"{loaded.source} ({backend})"
+    return loaded, report

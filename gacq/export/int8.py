@@ -1,0 +1,185 @@
+"""The `int8` backend: int8 weights x int8 activations -> int32 GEMM (`torch._int_mm`), W <= 8 bits, A <= 8 bits.
+
+The fake-quant layer computes, per output channel o (weight grid sw[o], zw[o]; input grid sa, za,
+read from the act quantizer at call time):
+
+    y[n, o] = sa * sw[o] * S[n, o] + b[o],    S = sum_k (Xq[n, k] - za) (Wq[o, k] - zw[o])
+
+with unsigned codes Xq, Wq in 0..2^bits - 1, so the centred values span up to [-255, 255], too wide
+for int8. Both sides are therefore shifted by integer centres into int8:
+
+    X8 = Xq - ca   (ca = 128 for an unsigned 8-bit grid, else 0),   da = ca - za
+    W8 = Wq - cw   (cw[o] = zw[o] when the row fits int8, else 128),  dw[o] = cw[o] - zw[o]
+    S  = X8 @ W8^T + dw[o] * sum_k X8[n, k] + da * (sum_k W8[o, k] + K dw[o])
+
+The GEMM runs on int8 with int32 accumulation; the row term (sum_k W8 + K dw) is precomputed at
+export, the per-sample sum only computed for layers with some dw != 0. Every |.| is at most 128,
+so all partial sums stay below 2^16 K: exact in int32 for K < 32768 (larger layers fall back).
+S is therefore exact, and the only difference from fake quantization is float rounding:
+the int8 layer rounds a few times after the exact sum, the fake-quant layer rounds inside its
+float32 GEMM/conv. Stated layer tolerance (tested):
+    |y_int8 - y_exact| <= 2^-21 (sa sw[o] |S| + |b|)    (a few float32 ulps; y_exact in float64)
+    |y_int8 - y_fake|  <= 2^-21 (sa sw[o] |S| + |b|) + (K + 2) 2^-24 sa sw[o] sum_k |Xq - za||Wq - zw|
+(the second term bounds fake quantization's own float32 accumulation error).
+
+Convolutions run as im2col (`F.unfold`) + the same GEMM: the input is quantized and centred
+(Xq - za, exact small integers in the input dtype) before unfold, so the zero padding is the
+padding of the dequantized input, as in the fake-quant conv. Grouped convolutions fall back.
+
+`torch._int_mm` on CUDA needs M > 16 rows and K, N multiples of 8: weights are stored padded to
+multiples of 8 at export and the rows of small batches are padded at call time (`int_mm`). The
+weight is stored transposed, (K, N) row-major, because cuBLAS's int8 path has given silently wrong
+results for a non-contiguous second operand (torchao's `safe_int_mm` makes it contiguous for that reason).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.modules import QuantLayer
+from .base import ExportedLayer, WeightPart, _Part, conv_output_size, weight_parts
+
+MAX_K = 2**15 - 1  # int32-exact accumulation bound (see the module docstring)
+CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: self.size(0) > 16
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_layout: bool | None = None) -> torch.Tensor:
+    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact; both operands contiguous.
+
+    With `cuda_layout` (default: a is on CUDA) M is padded with zero rows to at least 17, as
+    cuBLAS int8 GEMM requires; K and N must already be multiples of 8 there (export pads the weight).
+    """
+    m = a.shape[0]
+    if cuda_layout is None:
+        cuda_layout = a.is_cuda
+    if cuda_layout and m < CUDA_MIN_ROWS:
+        a = F.pad(a, (0, 0, 0, CUDA_MIN_ROWS - m))
+    return torch._int_mm(a.contiguous(), b.contiguous())[:m]
+
+
+def act_center(qmin: int, qmax: int) -> int:
+    """Integer shift that maps an activation grid [qmin, qmax] into int8."""
+    return 0 if qmin >= -128 and qmax <= 127 else 128
+
+
+class Int8Part(_Part):
+    """One channel group: the int8 weight, transposed to (K8, O8) and padded to multiples of 8, its grid
+    and the correction terms."""
+
+    exact_buffers = ("w_scale",)
+
+    def __init__(self, p: WeightPart):
+        super().__init__()
+        codes, zw = p.codes, p.zero_point.round().to(torch.int64)
+        o, k = codes.shape
+        fits = ((codes.amax(1) - zw) <= 127) & ((codes.amin(1) - zw) >= -128)
+        cw = torch.where(fits, zw, torch.full_like(zw, 128))
+        w8 = codes - cw[:, None]
+        dw = cw - zw
+        self.k, self.out_channels = k, o
+        self.has_offset = bool((dw != 0).any())
+        padded = torch.zeros(_round_up(k, 8), _round_up(o, 8), dtype=torch.int8, device=codes.device)
+        padded[:k, :o] = w8.t().to(torch.int8)
+        self.register_buffer("qweight", padded)  # (K8, O8) row-major: torch._int_mm's second operand
+        self.register_buffer("w_scale", p.scale.float().clone())
+        self.register_buffer("w_offset", dw.to(torch.int32))
+        self.register_buffer("row_term", (w8.sum(1) + k * dw).to(torch.int32))
+
+    def accumulate(self, x8: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        """S (M, O) int32 for centred inputs x8 (M, K) int8 and da = ca - za (int32 scalar tensor)."""
+        kp = self.qweight.shape[0]
+        a = x8 if kp == self.k else F.pad(x8, (0, kp - self.k))
+        acc = int_mm(a, self.qweight)[:, :self.out_channels]
+        if self.has_offset:
+            acc = acc + x8.sum(1, dtype=torch.int32)[:, None] * self.w_offset
+        return acc + da * self.row_term
+
+
+class Int8Layer(ExportedLayer):
+    """int8 x int8 -> int32 conv/linear; inputs quantized with the act quantizer's current grid."""
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__(layer)
+        self.parts = torch.nn.ModuleList(Int8Part(p) for p in weight_parts(layer))
+
+    def _columns(self, u: torch.Tensor) -> torch.Tensor:
+        """The GEMM's input rows (M, K): u itself (linear) or its im2col patches (conv)."""
+        if not self.is_conv:
+            return u.reshape(-1, u.shape[-1])
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0):
+            return u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
+        cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
+            scale, zp = q.scale, q.zero_point
+            # the fake quantizer's integers, centred on the zero point (exact small integers)
+            u = torch.clamp(torch.round(xs / scale) + zp, q.qmin, q.qmax) - zp
+            c = act_center(q.qmin, q.qmax)
+            off = (zp - c).to(u.dtype)
+            x8 = (self._columns(u) + off).to(torch.int8)  # Xq - ca; padded positions hold za - ca
+            da = (c - zp).round().to(torch.int32)
+            s = part.accumulate(x8, da).float() * (scale.float() * part.w_scale)
+            y = s if y is None else y + s
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return self._output(y, x).to(x.dtype)
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_conv:
+            return y.reshape(*x.shape[:-1], self.out_channels)
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = self.padding
+        ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
+        return y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2).contiguous()
+
+
+class Int8Conv2d(Int8Layer):
+    pass
+
+
+class Int8Linear(Int8Layer):
+    pass
+
+
+def int8_unsupported(layer: QuantLayer) -> str | None:
+    """Why the int8 backend cannot run this layer, or None."""
+    if not layer.w_quant:
+        return "weight quantization is switched off"
+    if layer.weight_quantizer.bits > 8:
+        return f"{layer.weight_quantizer.bits}-bit weights"
+    quants = [layer.act_quantizer] if not layer.split else [layer.act_quantizer, layer.act_quantizer_0]
+    if layer.act_quantizer is None or not layer.a_quant:
+        return "input kept in float (no activation quantizer)"
+    for q in quants:
+        if q is None or not q.enabled or not q.is_initialized:
+            return "activation quantizer missing, disabled or uninitialised"
+        if q.bits > 8:
+            return f"{q.bits}-bit activations"
+        zp = q.zero_point.detach()
+        if not torch.equal(zp, zp.round()) or zp.item() < q.qmin or zp.item() > q.qmax:
+            return "activation zero point is not an integer on the grid"
+    if getattr(layer, "groups", 1) != 1:
+        return f"grouped convolution (groups={layer.groups})"
+    if isinstance(getattr(layer, "padding", (0, 0)), str):
+        return f"padding={layer.padding!r}"
+    for p in weight_parts(layer):
+        if p.codes.shape[1] > MAX_K:
+            return f"reduction length {p.codes.shape[1]} > {MAX_K} could overflow int32"
+        if not torch.equal(p.zero_point, p.zero_point.round()):
+            return "weight zero point is not an integer"
+    return None
+
+
+def to_int8(layer: QuantLayer) -> Int8Layer:
+    from ..quant.modules import QuantConv2d
+
+    return (Int8Conv2d if isinstance(layer, QuantConv2d) else Int8Linear)(layer)

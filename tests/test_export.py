@@ -1,0 +1,461 @@
+"""Real low-bit export (gacq.export): int4 packing, int8 and w4a16 layers against fake quantization and
+against a float64 reference on the integer codes, whole tiny models quantized through the real CLI,
+refusals, and the benchmark script's CPU smoke run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gacq.errors import GacqError
+from gacq.export import (
+    BACKENDS,
+    DenseConv2d,
+    Int8Conv2d,
+    Int8Linear,
+    W4A16Conv2d,
+    W4A16Linear,
+    apply_step,
+    compare_outputs,
+    convert,
+    export,
+    int_mm,
+    load_exported,
+    pack_int4,
+    unpack_int4,
+)
+from gacq.export.int8 import to_int8
+from gacq.export.w4a16 import to_w4a16
+from gacq.quant.checkpoint import load_quantized, pack_int, save_quantized
+from gacq.quant.modules import QuantConv2d, QuantLinear
+from gacq.quant.wrap import quant_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+U32 = 2.0**-24  # float32 unit roundoff
+LAYER_RTOL = 2.0**-21  # the int8 layer's stated bound relative to sa sw |S| + |b| (gacq/export/int8.py)
+
+
+# ------------------------------------------------------------------ packing ---
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 1), (4, 9), (2, 3, 16), (5, 0)])
+def test_int4_pack_round_trip(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    codes = torch.randint(0, 16, shape, generator=g, dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (*shape[:-1], (shape[-1] + 1) // 2)
+    assert torch.equal(unpack_int4(packed, shape[-1]), codes)
+
+
+def test_int4_packing_matches_the_checkpoint_nibble_order():
+    codes = torch.randint(0, 16, (11,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(pack_int4(codes), pack_int(codes, 4))
+    assert pack_int4(torch.tensor([1, 2])).item() == 1 | (2 << 4)
+    with pytest.raises(ValueError):
+        pack_int4(torch.tensor([16]))
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
+def test_int_mm_with_cuda_row_padding_is_exact(m):
+    g = torch.Generator().manual_seed(m)
+    a = torch.randint(-128, 128, (m, 24), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (24, 16), generator=g, dtype=torch.int8)
+    want = a.long() @ b.long()
+    for layout in (False, True):  # True: the rows cuBLAS needs (M > 16), padded and cut off again
+        assert torch.equal(int_mm(a, b, cuda_layout=layout).long(), want)
+
+
+# ------------------------------------------------------------- layer set-up ---
+def _init(layer, x, wbits_init="mse", seed=0):
+    """Initialise weight grids and input ranges (min-max over `x`, per channel group); weights and acts on."""
+    layer.init_weight(wbits_init)
+    for q, xs in zip(layer.act_quantizers(), layer.split_input(x)):
+        q.init_minmax(xs)
+    layer.w_quant, layer.a_quant = True, True
+    return layer
+
+
+def make_conv(cin=5, cout=6, k=3, stride=1, padding=1, dilation=1, bias=True, wbits=8, abits=8, a_symmetric=False,
+              split=0, seed=0, x_shape=(2, 5, 7, 9)):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    q = QuantConv2d(conv, wbits, abits, a_symmetric)
+    if split:
+        q.set_split(split)
+    x = torch.randn(x_shape) * 2 + 0.3
+    return _init(q, x), x
+
+
+def make_linear(cin=13, cout=10, bias=True, wbits=8, abits=8, a_symmetric=False, seed=0):
+    torch.manual_seed(seed)
+    q = QuantLinear(nn.Linear(cin, cout, bias=bias), wbits, abits, a_symmetric)
+    x = torch.randn(2, 5, cin) * 1.5 - 0.2
+    return _init(q, x), x
+
+
+def act_codes(q, x):
+    """The fake quantizer's integers Xq - za (float32 arithmetic, as `fake_quantize`), in float64."""
+    return (torch.clamp(torch.round(x / q.scale) + q.zero_point, q.qmin, q.qmax) - q.zero_point).double()
+
+
+def weight_grid(layer):
+    """Per channel group: (Wq - zw) in float64 with the group's (O, 1, ...) scale, and its input channels."""
+    ints = layer.integer_weight().double()
+    quants = [layer.weight_quantizer] + ([layer.weight_quantizer_0] if layer.split else [])
+    bounds = [0, layer.split, ints.shape[1]] if layer.split else [0, ints.shape[1]]
+    return [((ints[:, lo:hi] - wq.zero_point.double()), wq.scale.double(), (lo, hi))
+            for wq, lo, hi in zip(quants, bounds[:-1], bounds[1:])]
+
+
+def naive_conv64(u, w, stride, padding, dilation):
+    """float64 conv as a sum over kernel offsets of einsums on the padded input (no unfold, no F.conv2d)."""
+    n, c, h, wd = u.shape
+    o, _, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    up = torch.zeros(n, c, h + 2 * ph, wd + 2 * pw, dtype=torch.float64)
+    up[:, :, ph:ph + h, pw:pw + wd] = u
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = torch.zeros(n, o, ho, wo, dtype=torch.float64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = up[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            out += torch.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    return out
+
+
+def exact_reference(layer, x):
+    """(y_exact, bound_magnitude, fake_magnitude) in float64 from the integer codes:
+    y = sum over groups of sa sw[o] S[o] + b, with S = sum (Xq - za)(Wq - zw); |sa sw S| summed over groups,
+    and sa sw sum |Xq - za||Wq - zw| (the scale of fake quantization's own float32 rounding)."""
+    y = mag = absmag = 0
+    for (wc, ws, (lo, hi)), q, xs in zip(weight_grid(layer), layer.act_quantizers(), layer.split_input(x)):
+        u, sa = act_codes(q, xs), q.scale.double()
+        if isinstance(layer, QuantConv2d):
+            s = naive_conv64(u, wc, layer.stride, layer.padding, layer.dilation)
+            sabs = naive_conv64(u.abs(), wc.abs(), layer.stride, layer.padding, layer.dilation)
+            ws = ws.reshape(1, -1, 1, 1)
+        else:
+            s, sabs = torch.einsum("...k,ok->...o", u, wc), torch.einsum("...k,ok->...o", u.abs(), wc.abs())
+            ws = ws.reshape(-1)
+        y, mag, absmag = y + sa * ws * s, mag + (sa * ws * s).abs(), absmag + sa * ws * sabs
+    if layer.bias is not None:
+        b = layer.bias.double().reshape(-1, 1, 1) if isinstance(layer, QuantConv2d) else layer.bias.double()
+        y, mag = y + b, mag + b.abs()
+    return y, mag, absmag
+
+
+def check_int8_layer(layer, x):
+    """The int8 layer vs the float64 integer reference (its stated bound) and vs fake quantization."""
+    k = layer.weight[0].numel()
+    ex = to_int8(layer)
+    with torch.no_grad():
+        y, y_fake = ex(x), layer(x)
+    y_exact, mag, absmag = exact_reference(layer, x)
+    assert y.shape == y_fake.shape and y.dtype == torch.float32
+    assert ((y.double() - y_exact).abs() <= LAYER_RTOL * mag + 1e-30).all()
+    assert ((y.double() - y_fake.double()).abs() <= LAYER_RTOL * mag + (k + 2) * U32 * absmag + 1e-30).all()
+    # the fake-quant layer meets the same reference only within its float32 accumulation bound
+    assert ((y_fake.double() - y_exact).abs() <= LAYER_RTOL * mag + (k + 2) * U32 * absmag + 1e-30).all()
+    for part in ex.parts:  # torch._int_mm's second operand: (K, O) row-major, padded to multiples of 8
+        w = part.qweight
+        assert w.dtype == torch.int8 and w.is_contiguous() and w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0
+        assert w.shape[0] - part.k < 8 and w.shape[1] - layer.weight.shape[0] < 8
+    return ex
+
+
+# ---------------------------------------------------------------- int8 layers ---
+@pytest.mark.parametrize("kw", [
+    {"k": 3, "stride": 1, "padding": 1},
+    {"k": 3, "stride": 2, "padding": 1},
+    {"k": 1, "stride": 1, "padding": 0},
+    {"k": 1, "stride": 2, "padding": 0, "bias": False},
+    {"k": 3, "stride": 1, "padding": 2, "dilation": 2},
+    {"k": 3, "stride": 2, "padding": 0, "wbits": 4},
+    {"k": 3, "stride": 1, "padding": 1, "wbits": 4, "abits": 6},
+    {"k": 3, "stride": 1, "padding": 1, "a_symmetric": True},
+    {"k": 3, "stride": 1, "padding": 1, "cin": 16, "cout": 8, "x_shape": (3, 16, 6, 6)},
+])
+def test_int8_conv_matches_fake_quant_and_the_integer_reference(kw):
+    layer, x = make_conv(**kw)
+    ex = check_int8_layer(layer, x)
+    assert isinstance(ex, Int8Conv2d)
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False}, {"wbits": 4}, {"wbits": 5, "abits": 7},
+                                {"a_symmetric": True}, {"cin": 16, "cout": 8}])
+def test_int8_linear_matches_fake_quant_and_the_integer_reference(kw):
+    layer, x = make_linear(**kw)
+    assert isinstance(check_int8_layer(layer, x), Int8Linear)
+
+
+def test_int8_weight_rows_that_need_the_128_shift():
+    """An 8-bit row whose codes minus zero point leave int8 is shifted by 128 and corrected exactly."""
+    layer, x = make_linear(cin=24, cout=8)
+    with torch.no_grad():
+        layer.weight[0] = torch.linspace(0.1, 2.0, 24)  # all positive: zero point 0, codes up to 255
+        layer.weight[1] = -torch.linspace(0.1, 2.0, 24)  # all negative: zero point 255, codes down to 0
+    layer.init_weight("minmax")
+    ex = check_int8_layer(layer, x)
+    part = ex.parts[0]
+    assert part.has_offset and part.w_offset[0] == 128 and part.w_offset[1] == -127
+    assert part.qweight.dtype == torch.int8
+
+
+def test_int8_reads_the_act_grid_at_call_time():
+    """FSC-style: a new step's activation scale / zero point written into the quantizer is used at the next call."""
+    layer, x = make_conv(cin=16, cout=8, x_shape=(2, 16, 6, 6))
+    ex = to_int8(layer)
+    with torch.no_grad():
+        y0 = ex(x)
+        q = layer.act_quantizer  # shared with the exported layer
+        assert ex.act_quantizer is q
+        q._set(q.scale * 1.7, torch.clamp(q.zero_point + 9, 0, 255))
+        y1, y1_fake = ex(x), layer(x)
+    assert not torch.allclose(y0, y1)
+    y_exact, mag, _ = exact_reference(layer, x)
+    assert ((y1.double() - y_exact).abs() <= LAYER_RTOL * mag + 1e-30).all()
+    assert ((y1 - y1_fake).abs() <= 1e-5 * y1_fake.abs().max()).all()
+
+
+def test_int8_split_shortcut_layer():
+    """A shortcut-split 1x1 conv: two channel groups, each with its own weight and input grids."""
+    layer, x = make_conv(cin=12, cout=8, k=1, padding=0, split=5, x_shape=(2, 12, 5, 5))
+    ex = check_int8_layer(layer, x)
+    assert len(ex.parts) == 2 and ex.act_quantizer_0 is layer.act_quantizer_0
+
+
+def test_int8_layer_keeps_exact_scales_under_a_dtype_cast():
+    layer, x = make_conv()
+    ex = to_int8(layer).to(torch.bfloat16)
+    assert ex.parts[0].w_scale.dtype == torch.float32 and ex.parts[0].qweight.dtype == torch.int8
+    assert ex.bias.dtype == torch.bfloat16
+    with torch.no_grad():
+        y = ex(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+# --------------------------------------------------------------- w4a16 layers ---
+@pytest.mark.parametrize("make,kw", [
+    (make_conv, {"wbits": 4}), (make_conv, {"wbits": 3, "stride": 2}), (make_conv, {"wbits": 2, "k": 1, "padding": 0}),
+    (make_conv, {"wbits": 4, "k": 1, "padding": 0, "cin": 12, "split": 5, "x_shape": (2, 12, 5, 5)}),
+    (make_linear, {"wbits": 4}), (make_linear, {"wbits": 4, "abits": None}),
+])
+def test_w4a16_equals_fake_quant_and_stores_a_quarter(make, kw):
+    layer, x = make(**kw)
+    ex = to_w4a16(layer)
+    assert isinstance(ex, (W4A16Conv2d, W4A16Linear))
+    with torch.no_grad():
+        assert torch.equal(ex(x), layer(x))  # same dequantized weight, same float op: bitwise
+        layer.a_quant = ex.a_quant = False
+        assert torch.equal(ex(x), layer(x))
+    o, k = layer.weight.shape[0], layer.weight[0].numel()
+    groups = 2 if layer.split else 1
+    assert ex.qweight.dtype == torch.uint8 and ex.qweight.shape == (o, (k + 1) // 2)
+    assert ex.weight_bytes() == o * ((k + 1) // 2) + o * groups * (4 + 1)  # codes + float32 scale + uint8 zero point
+    assert ex.weight_bytes() <= 0.25 * (2 * o * k) + o * (groups * 5 + 1)
+
+
+# ------------------------------------------------------------ whole models ---
+def _gacq(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gacq {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def qdirs(tmp_path_factory):
+    """W4A8 and W8A8 rtn checkpoints of the tiny model, made by the real CLI (two processes at once)."""
+    from gacq.models import build_model, save_model
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model_dir = save_model(build_model("tiny").eval(), root / "tiny")
+    procs = {}
+    for wb in (4, 8):
+        out = root / f"q{wb}8"
+        cmd = [sys.executable, "-m", "gacq", "quantize", "--model", model_dir, "--method", "rtn", "--wbits", wb,
+               "--abits", 8, "--calib-trajectories", 4, "--record-steps", 3, "--steps", 3, "--out", out,
+               "--device", "cpu"]
+        procs[wb] = (out, subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    for wb, (out, p) in procs.items():
+        _, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr
+    return {"w4a8": root / "q48", "w8a8": root / "q88", "root": root}
+
+
+@pytest.mark.parametrize("ckpt", ["w8a8", "w4a8"])
+def test_export_int8_whole_model(qdirs, tmp_path, ckpt):
+    out = tmp_path / "int8"
+    info = export(qdirs[ckpt], "int8", out, check_batches=2, check_batch_size=4)
+    rep, chk = info["report"], info["check"]
+    n_layers = len(json.loads((qdirs[ckpt] / "quant_config.json").read_text())["layers"])
+    assert rep["converted"] == {"Int8Conv2d": 23, "Int8Linear": 26} and sum(rep["converted"].values()) == n_layers
+    assert rep["fallbacks"] == []  # conv_in / conv_out stay float Conv2d: not quantized layers, not fallbacks
+    assert rep["weight_bytes_after"] < 0.3 * rep["weight_bytes_before"]
+    assert chk["agree_fraction"] >= BACKENDS["int8"].min_agree and chk["median_rel_error"] <= 1e-5
+    assert chk["max_rel_error"] <= BACKENDS["int8"].max_rtol
+    # the int8 model is at least as close to the float64 fake-quant computation as the float32 fake-quant model
+    assert chk["float64"]["exported_agree_fraction"] >= chk["float64"]["fake_quant_agree_fraction"] - 0.125
+    on_disk = json.loads((out / "export.json").read_text())
+    assert on_disk["backend"] == "int8" and on_disk["torch"] == torch.__version__
+    assert "tolerance_note" in on_disk["check"]
+    assert {p.name for p in qdirs[ckpt].iterdir()} <= {p.name for p in out.iterdir()}
+    # load_exported rebuilds the same converted model
+    model = load_exported(out)
+    assert sum(isinstance(m, Int8Conv2d) for m in model.modules()) == 23
+    ref, _, _ = load_quantized(qdirs[ckpt])
+    again = compare_outputs(ref, model, batches=1, batch_size=4, float64=False)
+    assert again["agree_fraction"] >= 0.5
+
+
+def test_export_w4a16_via_the_command(qdirs, tmp_path):
+    """`export_cmd` through a typer app (the function gacq/cli.py registers); outputs equal fake quant exactly."""
+    import typer
+    from typer.testing import CliRunner
+
+    from gacq.cli_export import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _main() -> None:  # a group, so that `export` is a subcommand as in gacq's app
+        pass
+
+    register(app)
+    out = tmp_path / "w4"
+    res = CliRunner().invoke(app, ["export", str(qdirs["w4a8"]), "--backend", "w4a16", "--out", str(out),
+                                   "--device", "cpu", "--check-batches", "1"])
+    assert res.exit_code == 0, res.output
+    assert "w4a16: 49 layers" in res.output and f"wrote {out}" in res.output
+    info = json.loads((out / "export.json").read_text())
+    assert info["check"]["max_rel_error"] == 0.0 and info["check"]["agree_fraction"] == 1.0
+    assert info["report"]["weight_bytes_after"] <= 0.3 * info["report"]["weight_bytes_fp16"]
+    bad = CliRunner().invoke(app, ["export", str(qdirs["w4a8"]), "--backend", "int4", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown backend 'int4'; choose one of: int8, w4a16" in bad.output
+    assert not (tmp_path / "x").exists()
+
+
+def _cli_wired() -> bool:
+    from gacq.cli import app
+
+    return any(c.name == "export" for c in app.registered_commands)
+
+
+@pytest.mark.skipif(not _cli_wired(), reason="gacq/cli.py does not register `gacq export` yet "
+                    "(add `from .cli_export import register; register(app)`)")
+def test_gacq_export_subprocess(qdirs, tmp_path):
+    out = tmp_path / "int8"
+    proc = _gacq("export", qdirs["w8a8"], "--backend", "int8", "--out", out, "--device", "cpu", "--check-batches", 1)
+    assert "int8: 49 layers" in proc.stdout and (out / "export.json").exists()
+    bad = _gacq("export", qdirs["w8a8"], "--backend", "w4a16", "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and "at most 4 bits" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_refusals(qdirs, tmp_path):
+    with pytest.raises(GacqError, match="unknown backend 'fp4'; choose one of: int8, w4a16"):
+        export(qdirs["w8a8"], "fp4", tmp_path / "x")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(GacqError, match="is not a quantized checkpoint"):
+        export(tmp_path / "plain", "int8", tmp_path / "x")
+    with pytest.raises(GacqError, match="w4a16 backend stores weights of at most 4 bits; this model's are 8-bit"):
+        export(qdirs["w8a8"], "w4a16", tmp_path / "x")
+    with pytest.raises(GacqError, match="inside it"):
+        export(qdirs["w8a8"], "int8", qdirs["w8a8"] / "sub")
+    with pytest.raises(GacqError, match="not an exported folder"):
+        load_exported(qdirs["w8a8"])
+    assert not (tmp_path / "x").exists()
+    model, _, _ = load_quantized(qdirs["w4a8"])
+    for _, m in quant_layers(model):
+        m.a_quant = False  # the weight-only model of the checkpoint
+    with pytest.raises(GacqError, match="int8 backend needs quantized activations.*use --backend w4a16"):
+        convert(model, "int8")
+    with pytest.raises(GacqError, match="no quantized layers"):
+        convert(nn.Sequential(nn.Linear(2, 2)), "int8")
+
+
+def test_fallback_is_counted_warned_and_strict_refuses(qdirs, caplog):
+    model, _, _ = load_quantized(qdirs["w8a8"])
+    ref = copy.deepcopy(model)
+    m = model.get_submodule("down_blocks.0.resnets.0.conv1")
+    m.act_quantizer = None  # an input kept in float: int8 cannot run it
+    ref.get_submodule("down_blocks.0.resnets.0.conv1").act_quantizer = None
+    with pytest.raises(GacqError, match="cannot run 1 of 49.*down_blocks.0.resnets.0.conv1: input kept in float"):
+        convert(copy.deepcopy(model), "int8", strict=True)
+    procs = [type(a.processor) for a in model.modules() if hasattr(a, "processor")]
+    with caplog.at_level(logging.WARNING, logger="gacq.export.convert"):
+        _, rep = convert(model, "int8")
+    warnings = [r for r in caplog.records if r.name == "gacq.export.convert"]
+    assert len(warnings) == 1 and "1 of 49 quantized layers run on the dense fallback path" in warnings[0].getMessage()
+    assert rep.converted == {"DenseConv2d": 1, "Int8Conv2d": 22, "Int8Linear": 26}
+    assert rep.fallbacks == [{"layer": "down_blocks.0.resnets.0.conv1", "type": "QuantConv2d",
+                              "reason": "input kept in float (no activation quantizer)"}]
+    assert isinstance(model.get_submodule("down_blocks.0.resnets.0.conv1"), DenseConv2d)
+    assert [type(a.processor) for a in model.modules() if hasattr(a, "processor")] == procs  # attention untouched
+    chk = compare_outputs(ref, model, batches=1, batch_size=4, float64=False)
+    assert chk["agree_fraction"] >= 0.5
+
+
+def test_per_step_activation_sets(qdirs, tmp_path):
+    """TFMQ-DM-style per-step sets saved in a checkpoint: export checks each step, the exported layers read them."""
+    from gacq.quant.fsc import FSCParams
+
+    model, meta, sched = load_quantized(qdirs["w8a8"])
+    scale, zp = {}, {}
+    for name, m in quant_layers(model):
+        q = m.act_quantizer
+        scale[name] = torch.stack([q.scale.detach() * f for f in (1.0, 1.3, 0.8)]).reshape(3)
+        zp[name] = torch.stack([torch.clamp(q.zero_point + d, 0, 255) for d in (0.0, 3.0, -2.0)]).reshape(3)
+    model.gacq_fsc = FSCParams(scale, zp, {"scheduler": "ddim", "steps": 3, "timestep_spacing": "leading"})
+    qdir = save_quantized(model, tmp_path / "qfsc", {"config": meta["config"]}, dict(model.config), sched)
+    info = export(qdir, "int8", tmp_path / "e", check_batches=1, check_batch_size=4)
+    assert info["check"]["steps_checked"] == [0, 1, 2] and info["check"]["agree_fraction"] >= 0.5
+    ex = load_exported(tmp_path / "e")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        apply_step(ex, 1)
+        y1 = ex(x, t).sample
+        apply_step(ex, 0)
+        y0 = ex(x, t).sample
+    assert not torch.allclose(y0, y1)
+
+
+# ------------------------------------------------------------------ GPU only ---
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._int_mm's cuBLAS path needs a CUDA GPU")
+@pytest.mark.parametrize("make,kw", [(make_conv, {"cin": 16, "cout": 8, "x_shape": (1, 16, 6, 6)}),
+                                     (make_conv, {"cin": 5, "cout": 6, "stride": 2}), (make_linear, {})])
+def test_int8_layers_on_cuda(make, kw):
+    layer, x = make(**kw)
+    ex = to_int8(layer).cuda()
+    layer = layer.cuda()
+    with torch.no_grad():
+        y, y_fake = ex(x.cuda()).cpu(), layer(x.cuda()).cpu()
+    y_exact, mag, _ = exact_reference(layer.cpu(), x)
+    assert ((y.double() - y_exact).abs() <= LAYER_RTOL * mag + 1e-30).all()
+    assert ((y - y_fake).abs() <= 1e-5 * y_fake.abs().max()).all()
+
+
+# ---------------------------------------------------------------- benchmark ---
+def test_bench_lowbit_cpu_smoke(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lowbit.py"), "--config", "tiny",
+                           "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "1", "--repeats", "2",
+                           "--warmup", "1", "--no-compile", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "bench_lowbit.json").read_text())
+    modes = {r["mode"] for r in res["results"]}
+    assert {"fp32 eager", "fake-quant W8A8", "int8 W8A8", "fake-quant W4A16", "w4a16 W4A16"} <= modes
+    assert all("ms_median" in r for r in res["results"]) and res["layer_time_share"]["conv2d"] > 0
+    assert res["command"] and res["machine"]["torch"] == torch.__version__ and (out / "bench_lowbit.md").exists()
