@@ -53,6 +53,7 @@ def train(
     ckpt_every: int = typer.Option(5000, min=1, help="Checkpoint and sample grid every N steps."),
     log_every: int = typer.Option(100, min=1, help="Log line every N steps."),
     hflip: bool = typer.Option(True, help="Random horizontal flips."),
+    label_dropout: float = typer.Option(0.1, min=0.0, max=1.0, help="Class-conditional configs: share of labels dropped to the null label (for guidance)."),
     bf16: bool = typer.Option(True, help="bf16 autocast on CUDA."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     seed: int = typer.Option(0, help="Seed for weights, data order and noise."),
@@ -72,7 +73,7 @@ def train(
             data=str(data), config=config, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
             weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, max_steps=max_steps,
             time_budget_min=time_budget, ckpt_every=ckpt_every, log_every=log_every, hflip=hflip, bf16=bf16,
-            compile=compile, seed=seed, grid_num=grid_num, grid_steps=grid_steps, resize=resize,
+            label_dropout=label_dropout, compile=compile, seed=seed, grid_num=grid_num, grid_steps=grid_steps, resize=resize,
             init_from=init_from,
         )
         summary = train_fn(cfg, out, resume=resume, device=device)
@@ -122,6 +123,8 @@ def sample(
     shard_size: int = typer.Option(5000, min=1, help="Images per resumable shard."),
     timestep_spacing: str = typer.Option("leading", help="leading, trailing, linspace, or quad (DDIM only: the DDIM code's quadratic skip, as Q-Diffusion/TFMQ-DM on CIFAR-10)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (GPU)."),
+    class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every image (default: balanced over the classes)."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="Classifier-free guidance scale (1: none)."),
     float_acts: bool = typer.Option(False, "--float-acts", help="Quantized model: keep activations in float "
                                     "(weight-only inference of a W/A checkpoint; its weight stage ran with float "
                                     "activations, so this is the W-only model)."),
@@ -135,7 +138,8 @@ def sample(
 
     try:
         cfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, num=num, batch_size=batch_size, seed=seed,
-                           shard_size=shard_size, timestep_spacing=timestep_spacing, precision=precision)
+                           shard_size=shard_size, timestep_spacing=timestep_spacing, precision=precision,
+                           class_label=class_label, guidance_scale=guidance_scale)
         dev = resolve_device(device)
         loaded = load_model(model, device=dev, act_quant=not float_acts)
         if float_acts and not loaded.source.endswith("(activations float)"):
@@ -161,6 +165,9 @@ def calib(
     eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta."),
     seed: int = typer.Option(0, min=0, help="Seed of the trajectories and of the Gaussian draw."),
     batch_size: int = typer.Option(64, min=1, help="Trajectories per model call."),
+    class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every trajectory (default: balanced over the classes)."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="Classifier-free guidance scale (1: none); with guidance both branches are recorded."),
+
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Collect calibration data (x_t, t) along full-precision sampling trajectories."""
@@ -172,7 +179,8 @@ def calib(
     try:
         cfg = CalibDataConfig(selection=selection, n_trajectories=trajectories, n_steps=record_steps, mu=mu,
                               sigma=sigma, seed=seed, batch_size=batch_size)
-        scfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, seed=seed)
+        scfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, seed=seed, class_label=class_label,
+                            guidance_scale=guidance_scale)
         dev = resolve_device(device)
         cs = collect(load_model(model, device=dev), scfg, cfg, device=dev)
         cs.save(out)
@@ -199,6 +207,8 @@ def quantize(
     steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration sampler (and of sampling, for tfmq)."),
     timestep_spacing: str = typer.Option("leading", help="Calibration sampler spacing (as `gacq sample`): leading, trailing, linspace, or quad (the baselines' CIFAR-10 protocol)."),
     seed: int = typer.Option(0, min=0, help="Calibration and reconstruction seed."),
+    class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every calibration trajectory (default: balanced over the classes)."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="Classifier-free guidance scale of the calibration sampler (1: none; use the evaluation sampler's)."),
     iters: Optional[int] = typer.Option(None, min=1, help="AdaRound iterations per unit and for tfmq's temporal block [20000; --quick 100]."),
     act_iters: Optional[int] = typer.Option(None, min=1, help="Activation step-size iterations per unit (qdiffusion, ptq4dm) [5000; --quick 50]."),
     recon_batch: int = typer.Option(32, min=1, help="Reconstruction batch size."),
@@ -240,14 +250,16 @@ def quantize(
         dev = resolve_device(device)
         loaded = load_model(model, device=dev)
         meta = quantize_to_dir(loaded, cfg, out, calib, SampleConfig(steps=steps, seed=seed,
-                               timestep_spacing=timestep_spacing), save_calib=save_calib, device=dev,
+                               timestep_spacing=timestep_spacing, class_label=class_label,
+                               guidance_scale=guidance_scale), save_calib=save_calib, device=dev,
                                extra_meta={"quick": quick})
         typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
                    f"in {meta['wall_seconds']:.1f} s")
         if compare_num:
             from .compare import compare as compare_fn
 
-            scfg = SampleConfig(num=compare_num, steps=steps, timestep_spacing=timestep_spacing, seed=seed)
+            scfg = SampleConfig(num=compare_num, steps=steps, timestep_spacing=timestep_spacing, seed=seed,
+                                class_label=class_label, guidance_scale=guidance_scale)
             rep = compare_fn(loaded, load_model(out, device=dev), scfg, out / "compare", device=dev,
                              label=f"W{wbits}A{abits} {method}")
             typer.echo(f"compared with the FP model on {compare_num} images (same noise): mean PSNR "
@@ -420,8 +432,11 @@ def configs() -> None:
 
     for name, cfg in NAMED_CONFIGS.items():
         n = count_parameters(build_model(name))
-        typer.echo(f"{name:14s} {n / 1e6:8.3f}M params  {cfg['sample_size']}x{cfg['sample_size']}  "
-                   f"channels {tuple(cfg['block_out_channels'])}")
+        shape = f"channels {tuple(cfg['block_out_channels'])}" if "block_out_channels" in cfg else \
+            f"{cfg['num_layers']} blocks, width {cfg['num_attention_heads'] * cfg['attention_head_dim']}"
+        kind = cfg.get("_class_name", "UNet2DModel") + (", class-conditional" if "num_class_embeds" in cfg or
+                                                         "num_embeds_ada_norm" in cfg else "")
+        typer.echo(f"{name:14s} {n / 1e6:8.3f}M params  {cfg['sample_size']}x{cfg['sample_size']}  {shape}  ({kind})")
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run a grid of table cells from a TOML spec (see gacq.experiment).")
 app.add_typer(experiment_app, name="experiment")
@@ -476,6 +491,11 @@ def report(
     except GacqError as e:
         _fail(e)
     typer.echo(f"{info['cells']} cells in {info['groups']} table entries: wrote {info['markdown']} and {info['html']}")
+
+
+from .cli_export import register as _register_export  # noqa: E402
+
+_register_export(app)
 
 
 def main() -> None:

@@ -155,8 +155,10 @@ def measure_state(*models: nn.Module | None):
 def _units(model: nn.Module, calib, device: torch.device, names: Iterable[str] | None
            ) -> list[tuple[str, nn.Module]]:
     """The model's reconstruction units in execution order, or the named ones among them."""
-    x0, t0 = calib.x[:1].to(device), calib.t[:1].to(device)
-    units = order_by_execution(model, find_units(model), lambda m: m(x0, t0))
+    from .conditioning import model_forward, slice_cond
+
+    x0, t0, c0 = calib.x[:1].to(device), calib.t[:1].to(device), slice_cond(calib.cond, slice(0, 1), device)
+    units = order_by_execution(model, find_units(model), lambda m: model_forward(m, x0, t0, c0))
     if names is None:
         return units
     names = list(names)
@@ -180,8 +182,11 @@ def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
 def _cache(q_model: nn.Module, fp_model: nn.Module, name: str, unit: nn.Module, calib, idx: torch.Tensor,
            device: torch.device, p: float, input_model: nn.Module | None, batch: int = 64) -> UnitData:
     """Inputs of block `name` (from `input_model` or `q_model`) and FP targets for calib samples `idx`."""
-    x, t = calib.x[idx], calib.t[idx]
-    run = lambda model, lo, hi: model(x[lo:hi].to(device), t[lo:hi].to(device))  # noqa: E731
+    from .conditioning import model_forward, slice_cond
+
+    x, t, cond = calib.x[idx], calib.t[idx], slice_cond(calib.cond, idx)
+    run = lambda model, lo, hi: model_forward(model, x[lo:hi].to(device), t[lo:hi].to(device),  # noqa: E731
+                                              slice_cond(cond, slice(lo, hi), device))
     src = input_model if input_model is not None else q_model
     args, kwargs, _ = capture_unit_io(src, _submodule(src, name, "input model"), run, len(idx), batch,
                                       want_output=False)

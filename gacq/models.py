@@ -69,9 +69,32 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 4,
         "dropout": 0.0,
     },
+    # Tests of the class-conditional paths: `tiny` with 2 classes + the null label, and a tiny DiT.
+    "tiny-cond": {
+        **_DDPM_CIFAR10_UNET,
+        "sample_size": 16,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "dropout": 0.0,
+        "num_class_embeds": 3,
+    },
+    "tiny-dit": {"_class_name": "DiTTransformer2DModel", "sample_size": 16, "in_channels": 3, "out_channels": 6,
+                 "patch_size": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
+                 "num_embeds_ada_norm": 2, "norm_type": "ada_norm_zero", "dropout": 0.0},
     # The project's CIFAR-10 model: the DDPM layout at base 64 channels, 9.0M parameters.
     "small": {**_DDPM_CIFAR10_UNET, "block_out_channels": (64, 128, 128, 128)},
     "ddpm-cifar10": dict(_DDPM_CIFAR10_UNET),
+    # Class-conditional CIFAR-10 UNet: `small` with a label embedding of 10 classes + the null label
+    # (classifier-free guidance; see gacq.conditioning).
+    "small-cond": {**_DDPM_CIFAR10_UNET, "block_out_channels": (64, 128, 128, 128), "num_class_embeds": 11},
+    # A DiT-S/2-like class-conditional transformer on 32x32 pixels (256 tokens of 2x2 patches):
+    # hidden 384 = 6 heads x 64, 12 blocks with adaLN-Zero, 10 classes (+ the null label).
+    "dit-s": {"_class_name": "DiTTransformer2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
+              "patch_size": 2, "num_attention_heads": 6, "attention_head_dim": 64, "num_layers": 12,
+              "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero", "dropout": 0.0},
 }
 
 # Model classes gacq knows how to load from a config's `_class_name`.
@@ -103,14 +126,19 @@ class LoadedModel:
 
 
 def build_model(config: str | dict[str, Any]) -> torch.nn.Module:
-    """A freshly initialised UNet2DModel from a named config or a config dict."""
-    from diffusers import UNet2DModel
+    """A freshly initialised denoiser from a named config or a config dict (`_class_name` picks the
+    diffusers class among MODEL_CLASSES; default UNet2DModel)."""
+    import diffusers
 
     if isinstance(config, str):
         if config not in NAMED_CONFIGS:
             raise GacqError(f"unknown model config {config!r}; choose one of {', '.join(NAMED_CONFIGS)}")
         config = NAMED_CONFIGS[config]
-    return UNet2DModel(**config)
+    config = dict(config)
+    cls = config.pop("_class_name", "UNet2DModel")
+    if cls not in MODEL_CLASSES:
+        raise GacqError(f"unsupported model class {cls!r}; choose one of {', '.join(MODEL_CLASSES)}")
+    return getattr(diffusers, cls)(**config)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -43,6 +43,9 @@ class SampleConfig:
         timestep_spacing: diffusers' timestep spacing ('leading', 'trailing', 'linspace'), or 'quad'
             (DDIM only: the original DDIM code's quadratic skip, used by Q-Diffusion / TFMQ-DM on CIFAR-10).
         precision: 'fp32' or 'bf16' (autocast; GPU only).
+        class_label: class-conditional models: this label for every image (None: balanced,
+            image i gets label i mod classes).
+        guidance_scale: classifier-free guidance (1: the conditional prediction alone).
     """
 
     scheduler: str = "ddim"
@@ -54,6 +57,8 @@ class SampleConfig:
     shard_size: int = 5000
     timestep_spacing: str = "leading"
     precision: str = "fp32"
+    class_label: int | None = None
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -67,6 +72,8 @@ class SampleConfig:
             raise GacqError(f"--eta must be in [0, 1], got {self.eta}")
         if not 0 <= self.seed < 2**31:
             raise GacqError(f"--seed must be in [0, 2^31), got {self.seed}")
+        if self.guidance_scale < 0:
+            raise GacqError(f"--guidance-scale must be at least 0, got {self.guidance_scale}")
         if self.precision not in ("fp32", "bf16"):
             raise GacqError(f"--precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -196,14 +203,22 @@ def generate(
 ) -> np.ndarray:
     """Sample the images with the given indices in one batch; returns uint8 (N, H, W, C).
 
-    `model_fn(x, t)` replaces the model's forward (a quantized model, say); by
-    default the loaded model is called. `on_step(fraction_of_batch_done)` is
-    called after every denoising step (progress bars).
+    `model_fn(x, t, cond)` replaces the model's noise prediction (`gacq.conditioning.predict_eps`);
+    with guidance it sees the conditional and the unconditional branch in one batch.
+    `on_step(fraction_of_batch_done)` is called after every denoising step (progress bars).
+    Class-conditional models get `sample_labels(model, indices, cfg.class_label)`.
     """
+    from .conditioning import guided_eps, null_label, predict_eps, sample_labels
+
     device = torch.device(device)
     model = loaded.model
     c, h, w = loaded.sample_shape
     gens = sample_generators(cfg.seed, indices)
+    labels = sample_labels(model, indices, cfg.class_label)
+    if cfg.guidance_scale != 1.0 and labels is None:
+        raise GacqError("--guidance-scale needs a class-conditional model")
+    null = null_label(model) if labels is not None and cfg.guidance_scale != 1.0 else None
+    labels = labels.to(device) if labels is not None else None
     x = torch.stack([torch.randn((c, h, w), generator=g) for g in gens]).to(device)
     sched = make_scheduler(cfg, loaded.scheduler_config)
     x = x * sched.init_noise_sigma
@@ -211,6 +226,7 @@ def generate(
     step_kwargs = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
     if cfg.scheduler != "dpm":
         step_kwargs["generator"] = gens
+    fn = model_fn if model_fn is not None else (lambda x_, t_, cond: predict_eps(model, x_, t_, cond))
     from .quant.modules import frozen_weights
 
     with frozen_weights(model):  # quantize each weight once, not at every step
@@ -220,7 +236,7 @@ def generate(
             inp = sched.scale_model_input(x, t)
             tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
-                eps = model_fn(inp, tt) if model_fn is not None else model(inp, tt).sample
+                eps = guided_eps(fn, inp, tt, labels, cfg.guidance_scale, null)
             x = sched.step(eps.float(), t, x, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(len(gens) / len(sched.timesteps))
@@ -255,7 +271,13 @@ def sample(
     finish; rerunning the same command skips the finished shards.
     Returns the metadata written to meta.json.
     """
+    from .conditioning import null_label, sample_labels
+
     out = Path(out)
+    if sample_labels(loaded.model, range(1), cfg.class_label) is None and cfg.guidance_scale != 1.0:
+        raise GacqError("--guidance-scale needs a class-conditional model")
+    if cfg.guidance_scale != 1.0:
+        null_label(loaded.model)  # refuses a model without a null-class embedding before anything is written
     if loaded.step_hook is not None:
         loaded.step_hook(0, cfg)  # a model calibrated for one sampler refuses another before anything is written
     device = torch.device(device)
@@ -288,9 +310,11 @@ def sample(
                 np.savez(f, images=np.concatenate(parts))
     bar.close()
     images = np.concatenate([np.load(shard_dir / f"shard_{k:05d}.npz")["images"] for k in range(n_shards)])
+    labels = sample_labels(loaded.model, range(cfg.num), cfg.class_label)
+    extra = {"labels": labels.numpy()} if labels is not None else {}
     with atomic_path(out / "samples.npz") as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, images=images)
+            np.savez(f, images=images, **extra)
     save_image(image_grid(images[:64]), out / "grid.png")
     wall = time.time() - start
     meta = {

@@ -54,6 +54,8 @@ class TrainConfig:
         ckpt_every: checkpoint (and grid) every this many steps.
         log_every: write a log line every this many steps.
         hflip: random horizontal flips.
+        label_dropout: class-conditional configs: share of labels replaced by the null label (the
+            unconditional branch of classifier-free guidance).
         bf16: bf16 autocast on CUDA (ignored on CPU).
         compile: torch.compile the model (default mode).
         seed: seeds the initial weights, data order, noise and timesteps.
@@ -83,6 +85,7 @@ class TrainConfig:
     grid_steps: int = 50
     resize: bool = False
     init_from: str | None = None
+    label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         if self.config not in NAMED_CONFIGS:
@@ -151,7 +154,7 @@ def _init_weights(model: torch.nn.Module, source: str, config: str) -> None:
     loaded = load_model(source)
     want = dict(model.config)
     got = dict(loaded.model.config)
-    diff = sorted(k for k in NAMED_CONFIGS[config] if list(np.atleast_1d(want.get(k))) != list(np.atleast_1d(got.get(k))))
+    diff = sorted(k for k in NAMED_CONFIGS[config] if not k.startswith("_") and list(np.atleast_1d(want.get(k))) != list(np.atleast_1d(got.get(k))))
     if diff:
         raise GacqError(f"--init-from {source} is not a {config!r} model ({', '.join(diff)} differ)")
     model.load_state_dict(loaded.model.state_dict())
@@ -266,6 +269,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     size, channels = arch["sample_size"], arch["in_channels"]
     ds = load_images(cfg.data, size=size, channels=channels, resize=cfg.resize)
     data = torch.from_numpy(ds.images).to(dev).permute(0, 3, 1, 2).contiguous()  # uint8 N,C,H,W
+    from .conditioning import is_class_conditional, model_forward, null_label, num_classes
+
+    cond_model = is_class_conditional(build_model(cfg.config))
+    if cond_model:
+        k = num_classes(build_model(cfg.config))
+        if len(ds.labels) and int(ds.labels.max()) >= k:
+            raise GacqError(f"{cfg.data} has labels up to {int(ds.labels.max())}, but --config {cfg.config} has "
+                            f"{k} classes")
+        labels_all = torch.from_numpy(ds.labels).to(dev)
 
     run = _Run(cfg, out, dev)
     if resume:
@@ -289,8 +301,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
         noise = torch.randn(x0.shape, device=dev, generator=g)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        cond = None
+        if cond_model:  # label dropout to the null label trains the unconditional branch (guidance)
+            y = labels_all[idx]
+            drop = torch.rand(B, device=dev, generator=g) < cfg.label_dropout
+            cond = {"class_labels": torch.where(drop, torch.full_like(y, null_label(run.model)), y)}
         with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
-            pred = fwd(xt, t).sample
+            pred = model_forward(fwd, xt, t, cond).sample
+        if pred.shape[1] == 2 * x0.shape[1]:  # learned-variance channels (DiT): only eps is trained here
+            pred = pred[:, : x0.shape[1]]
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         for group in run.opt.param_groups:
             group["lr"] = run.lr_at(run.step)

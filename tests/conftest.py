@@ -21,7 +21,7 @@ def write_images(root: Path, classes=("cat", "dog"), per_class=6, size=16, seed=
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-            arr[: size // 2] = 40 + 160 * k
+            arr[: size // 2] = (40 + 160 * k) % 256
             Image.fromarray(arr).save(root / c / f"{i:03d}.{fmt}")
     return root
 

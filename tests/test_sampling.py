@@ -30,7 +30,7 @@ def test_ddim_matches_float64_reference(tiny):
     steps, n = 10, 4
     model = tiny.model.double()
     cfg = SampleConfig(steps=steps, seed=7)
-    got = generate(tiny, cfg, range(n), model_fn=lambda x, t: model(x.double(), t).sample.float())
+    got = generate(tiny, cfg, range(n), model_fn=lambda x, t, cond: model(x.double(), t).sample.float())
     T = DDPM_SCHEDULE["num_train_timesteps"]
     betas = np.linspace(DDPM_SCHEDULE["beta_start"], DDPM_SCHEDULE["beta_end"], T, dtype=np.float64)
     ab = np.cumprod(1 - betas)
@@ -56,7 +56,7 @@ def test_quad_ddim_matches_original_generalized_steps(tiny, eta):
     steps, n = 12, 3
     model = tiny.model.double()
     cfg = SampleConfig(steps=steps, seed=5, eta=eta, timestep_spacing="quad")
-    got = generate(tiny, cfg, range(n), model_fn=lambda x, t: model(x.double(), t).sample.float())
+    got = generate(tiny, cfg, range(n), model_fn=lambda x, t, cond: model(x.double(), t).sample.float())
     T = DDPM_SCHEDULE["num_train_timesteps"]
     ab = np.cumprod(1 - np.linspace(DDPM_SCHEDULE["beta_start"], DDPM_SCHEDULE["beta_end"], T, dtype=np.float64))
     seq = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(int).tolist()

@@ -194,7 +194,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     weight_fn = _gac_weight_fn(model, wcal, config, ckpt, device) if spec.gac else None
     if spec.weight_recon:
         reconstruct_model(model, fp, wcal.x, wcal.t, config.recon, ckpt_dir=ckpt, device=device,
-                          fingerprint=fingerprint, progress=progress, weight_fn=weight_fn)
+                          fingerprint=fingerprint, progress=progress, weight_fn=weight_fn, cond=wcal.cond)
     # 4. activations
     if abits is not None:
         _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress)
@@ -240,7 +240,8 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
             m.adaround.harden()
         freeze_tib(model)
         return
-    stats = reconstruct_tib(model, fp, wcal.t, config.recon, device=device, progress=progress)
+    stats = reconstruct_tib(model, fp, wcal.t, config.recon, device=device, progress=progress,
+                            labels=wcal.cond.get("class_labels"))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {f"{names[id(m)]}.{k}": v.detach().contiguous().cpu()
@@ -258,7 +259,7 @@ def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, dev
 
         sampler = calib.meta.get("sampler", {})
         params = finite_set_calibration(model, calib.x, calib.t, calib.step, sampler, config.fsc_momentum,
-                                        config.fsc_batch_size, config.recon.seed, device, progress)
+                                        config.fsc_batch_size, config.recon.seed, device, progress, cond=calib.cond)
         params.apply(model, 0)
         model.gacq_fsc = params
         set_quant_state(model, weights=True, acts=True)
@@ -268,8 +269,11 @@ def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, dev
     if spec.act_init_samples is not None and spec.act_init_samples < len(src):
         g = torch.Generator().manual_seed(config.recon.seed)
         idx = torch.randperm(len(src), generator=g)[: spec.act_init_samples]
-    batches = [(src.x[idx[i:i + bs]].to(device), src.t[idx[i:i + bs]].to(device)) for i in range(0, len(idx), bs)]
-    forward = lambda m, x, t: m(x, t)  # noqa: E731
+    from ..conditioning import model_forward, slice_cond
+
+    batches = [(src.x[idx[i:i + bs]].to(device), src.t[idx[i:i + bs]].to(device),
+                slice_cond(src.cond, idx[i:i + bs], device)) for i in range(0, len(idx), bs)]
+    forward = lambda m, x, t, c: model_forward(m, x, t, c)  # noqa: E731
     ranges = observe_input_ranges(model, batches, forward)
     init_act_quantizers_minmax(model, ranges)
     if spec.attn_quant:
@@ -278,7 +282,7 @@ def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, dev
         init_attention_quantizers(model, batches, forward)
     if spec.act_mode == "lsq":
         reconstruct_model(model, fp, wcal.x, wcal.t, config.act_recon, ckpt_dir=ckpt, device=device,
-                          fingerprint=fingerprint, progress=progress, stage="acts")
+                          fingerprint=fingerprint, progress=progress, stage="acts", cond=wcal.cond)
     set_quant_state(model, weights=True, acts=True)
     if spec.attn_quant:
         from .attention import set_attention_quant

@@ -16,7 +16,7 @@ reproducible from its metadata. Sets are saved as safetensors shards plus `calib
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +64,18 @@ class CalibDataConfig:
 
 @dataclass
 class CalibrationSet:
-    """x: model inputs (N, C, H, W); t: their timesteps (N,); step: sampling-step index (N,)."""
+    """x: model inputs (N, C, H, W); t: their timesteps (N,); step: sampling-step index (N,);
+    cond: batch-aligned conditioning (`gacq.conditioning`), e.g. class_labels (N,), empty when none."""
 
     x: torch.Tensor
     t: torch.Tensor
     step: torch.Tensor
     meta: dict
+    cond: dict = field(default_factory=dict)
+
+    def subset(self, idx: torch.Tensor, meta: dict | None = None) -> "CalibrationSet":
+        return CalibrationSet(self.x[idx], self.t[idx], self.step[idx], self.meta if meta is None else meta,
+                              {k: v[idx] for k, v in self.cond.items()})
 
     def __len__(self) -> int:
         return len(self.t)
@@ -82,7 +88,8 @@ class CalibrationSet:
             sl = slice(k * shard_size, (k + 1) * shard_size)
             with atomic_path(folder / f"calib_{k:05d}.safetensors") as tmp:
                 save_file({"x": self.x[sl].contiguous(), "t": self.t[sl].contiguous(),
-                           "step": self.step[sl].contiguous()}, str(tmp))
+                           "step": self.step[sl].contiguous(),
+                           **{f"cond.{k}": v[sl].contiguous() for k, v in self.cond.items()}}, str(tmp))
         write_json(folder / "calib.json", {**self.meta, "count": len(self), "shards": n_shards})
         return folder
 
@@ -100,10 +107,11 @@ class CalibrationSet:
                 raise GacqError(f"calibration set {folder} is incomplete: {path.name} is missing")
             parts.append(load_file(str(path)))
         xs, ts, steps = (torch.cat([p[key] for p in parts]) for key in ("x", "t", "step"))
+        cond = {k[5:]: torch.cat([p[k] for p in parts]) for k in parts[0] if k.startswith("cond.")}
         if len(ts) != meta["count"] or len(xs) != len(ts) or len(steps) != len(ts):
             raise GacqError(f"calibration set {folder} is corrupt: {len(ts)} samples, calib.json says {meta['count']}")
         meta = {k: v for k, v in meta.items() if k not in ("count", "shards")}
-        return cls(xs, ts, steps, meta)
+        return cls(xs, ts, steps, meta, cond)
 
 
 def select_from_all(cs: CalibrationSet, cfg: CalibDataConfig, num_train_timesteps: int = 1000) -> CalibrationSet:
@@ -120,15 +128,17 @@ def select_from_all(cs: CalibrationSet, cfg: CalibDataConfig, num_train_timestep
         raise GacqError(f"the all-steps set has {n_traj} trajectories with seed {sel.get('seed')}; it cannot stand in "
                         f"for {cfg.n_trajectories} trajectories with seed {cfg.seed}")
     n_steps = int(cs.step.max()) + 1
-    if len(cs) != n_traj * n_steps:
+    nb = len(cs) // max(1, n_traj * n_steps)  # guidance branches per trajectory and step (1 or 2)
+    if nb < 1 or len(cs) != n_traj * n_steps * nb:
         raise GacqError(f"the all-steps set holds {len(cs)} samples, not {n_traj} trajectories x {n_steps} steps")
-    timesteps = cs.t.view(n_steps, n_traj)[:, 0]
+    timesteps = cs.t.view(n_steps, n_traj * nb)[:, 0]
     wanted = select_steps(cfg, timesteps, num_train_timesteps)
-    # collect orders by step, then trajectory; the all-steps set is stored the same way
-    rows = sorted((k * n_traj + i, k) for i in range(cfg.n_trajectories) for k in wanted[i])
+    # collect orders by step, trajectory, branch; the all-steps set is stored the same way
+    rows = sorted(((k * n_traj + i) * nb + b, k) for i in range(cfg.n_trajectories) for k in wanted[i]
+                  for b in range(nb))
     idx = torch.tensor([r for r, _ in rows], dtype=torch.long)
     meta = {**cs.meta, "selection": asdict(cfg), "cut_from_all_steps": True}
-    return CalibrationSet(cs.x[idx], cs.t[idx], cs.step[idx], meta)
+    return cs.subset(idx, meta)
 
 
 def select_steps(cfg: CalibDataConfig, timesteps: torch.Tensor, num_train_timesteps: int) -> list[list[int]]:
@@ -151,40 +161,52 @@ def select_steps(cfg: CalibDataConfig, timesteps: torch.Tensor, num_train_timest
 @torch.no_grad()
 def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
             device: torch.device | str = "cpu", progress: bool = True) -> CalibrationSet:
-    """Run the FP sampler and record the model inputs chosen by `cfg` (ordered by step, then sample)."""
+    """Run the FP sampler and record the model inputs chosen by `cfg` (ordered by step, sample, branch).
+
+    Class-conditional models: the labels are recorded with the inputs; with classifier-free
+    guidance (`sample_cfg.guidance_scale` != 1) the model sees a conditional and an unconditional
+    branch, whose activations differ, and both are recorded (the null label in the second).
+    """
+    from ..conditioning import predict_eps
+
     device = torch.device(device)
     sched = make_scheduler(sample_cfg, loaded.scheduler_config)
     timesteps = sched.timesteps.clone()
     wanted = select_steps(cfg, timesteps, sched.config.num_train_timesteps)
     last_needed = max(max(w) for w in wanted)
-    records: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    records: dict[int, list[tuple[int, int, torch.Tensor, dict]]] = {}
     scfg = SampleConfig(**{**asdict(sample_cfg), "seed": cfg.seed})
     bar = tqdm(total=cfg.n_trajectories, desc="calibration data", unit="traj", disable=not progress)
     for lo in range(0, cfg.n_trajectories, cfg.batch_size):
         idx = list(range(lo, min(cfg.n_trajectories, lo + cfg.batch_size)))
         step = {"k": 0}
 
-        def recording_model(x, t, idx=idx, step=step):
+        def recording_model(x, t, cond, idx=idx, step=step):
             k = step["k"]
-            for row, i in enumerate(idx):
+            for row in range(len(x)):  # rows: the batch, repeated once per guidance branch
+                i, branch = idx[row % len(idx)], row // len(idx)
                 if k in wanted[i]:
-                    records.setdefault(k, []).append((i, x[row].detach().float().cpu().clone()))
+                    c = {key: v[row].detach().cpu().clone() for key, v in (cond or {}).items()}
+                    records.setdefault(k, []).append((i, branch, x[row].detach().float().cpu().clone(), c))
             step["k"] += 1
             if k >= last_needed:  # nothing later is recorded: finish cheaply with a zero prediction
                 return torch.zeros_like(x)
-            return loaded.model(x, t).sample
+            return predict_eps(loaded.model, x, t, cond)
 
         generate(loaded, scfg, idx, device, model_fn=recording_model)
         bar.update(len(idx))
     bar.close()
-    xs, ts, steps = [], [], []
+    xs, ts, steps, conds = [], [], [], []
     for k in sorted(records):
-        for _, x in sorted(records[k], key=lambda r: r[0]):
+        for _, _, x, c in sorted(records[k], key=lambda r: (r[0], r[1])):
             xs.append(x)
             ts.append(int(timesteps[k]))
             steps.append(k)
+            conds.append(c)
+    cond = {key: torch.stack([c[key] for c in conds]) for key in conds[0]} if conds and conds[0] else {}
     meta = {"model": loaded.source, "sampler": asdict(sample_cfg), "selection": asdict(cfg)}
-    return CalibrationSet(torch.stack(xs), torch.tensor(ts, dtype=torch.long), torch.tensor(steps, dtype=torch.long), meta)
+    return CalibrationSet(torch.stack(xs), torch.tensor(ts, dtype=torch.long), torch.tensor(steps, dtype=torch.long),
+                          meta, cond)
 
 
 def timestep_histogram(cs: CalibrationSet) -> dict[int, int]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..conditioning import model_forward, slice_cond
 from ..errors import GacqError
 from .modules import QuantLayer
 from .primitives import qparams_from_range
@@ -84,7 +85,8 @@ class FSCParams:
 @torch.no_grad()
 def finite_set_calibration(model: nn.Module, x: torch.Tensor, t: torch.Tensor, step: torch.Tensor, sampler: dict,
                            momentum: float = 0.95, batch_size: int = 16, seed: int = 0,
-                           device: torch.device | str = "cpu", progress: bool = True) -> FSCParams:
+                           device: torch.device | str = "cpu", progress: bool = True,
+                           cond: dict | None = None) -> FSCParams:
     """Per-step activation ranges (see the module docstring); `step` holds each sample's sampling-step index.
 
     The model must be wrapped with activation quantizers; its quantization state is restored afterwards.
@@ -130,7 +132,7 @@ def finite_set_calibration(model: nn.Module, x: torch.Tensor, t: torch.Tensor, s
             ema.clear()
             for lo in range(0, len(idx), batch_size):
                 b = idx[lo:lo + batch_size]
-                model(x[b].to(device), t[b].to(device))
+                model_forward(model, x[b].to(device), t[b].to(device), slice_cond(cond, b, device))
             for n, m in layers:
                 if n not in ema:
                     raise GacqError(f"no calibration sample of step {k} reached layer {n}")

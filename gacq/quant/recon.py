@@ -437,7 +437,8 @@ def _set_unit_act_quant(unit: nn.Module, on: bool) -> None:
 def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg,
                       ckpt_dir=None, weight_fn: WeightFn | None = None, device: torch.device | str = "cpu",
                       capture_batch: int = 64, on_unit_done: Callable[[int, str, dict], None] | None = None,
-                      progress: bool = True, fingerprint: dict | None = None, stage: str = "weights") -> list[dict]:
+                      progress: bool = True, fingerprint: dict | None = None, stage: str = "weights",
+                      cond: dict | None = None) -> list[dict]:
     """Reconstruct every unit of `q_model` in execution order, checkpointing each finished unit.
 
     stage 'weights' (cfg: ReconConfig): AdaRound; the unit's input comes from the quantized model
@@ -450,7 +451,10 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
     resumes at the next unit and ends bit-identical to an uninterrupted one (each unit's minibatch
     order is seeded by cfg.seed + its index). `fingerprint` (settings that define the run) is stored
     in `ckpt_dir/run.json` (`run_acts.json` for the act stage); resuming with another is refused.
+    `cond`: the samples' conditioning (class labels, ...; `gacq.conditioning`), batch-aligned with x.
     """
+    from ..conditioning import model_forward, slice_cond
+
     if stage not in ("weights", "acts"):
         raise GacqError(f"unknown reconstruction stage {stage!r}")
     if ckpt_dir is not None:
@@ -459,7 +463,8 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
         if run_file.exists() and json.loads(run_file.read_text()) != fp_json:
             raise GacqError(f"{ckpt_dir} holds reconstruction checkpoints of another run; delete it or change --out")
         write_json(run_file, fp_json)
-    run = lambda model, lo, hi: model(x[lo:hi].to(device), t[lo:hi].to(device))  # noqa: E731
+    run = lambda model, lo, hi: model_forward(model, x[lo:hi].to(device), t[lo:hi].to(device),  # noqa: E731
+                                              slice_cond(cond, slice(lo, hi), device))
     units = order_by_execution(q_model, find_units(q_model), lambda m: run(m, 0, 1))
     if stage == "acts":
         units = [(name, u) for name, u in units if act_step_sizes(u)]

@@ -29,6 +29,9 @@ class TIB:
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
         from diffusers.models.resnet import ResnetBlock2D
 
+        if type(model).__name__ != "UNet2DModel":
+            raise GacqError(f"TFMQ-DM's temporal block is implemented for UNet2DModel, not {type(model).__name__} "
+                            "(for DiT, time and label enter every block's adaLN modulation: not supported yet)")
         projs = [m for m in model.modules() if isinstance(m, Timesteps)]
         embs = [m for m in model.modules() if isinstance(m, TimestepEmbedding)]
         if len(projs) != 1 or len(embs) != 1:
@@ -41,15 +44,24 @@ class TIB:
         if not self.resnets:
             raise GacqError("the model has no resnet blocks with a time-embedding projection")
         self.dtype = next(self.time_embedding.parameters()).dtype
+        # class-conditional UNets add a label embedding to the time embedding before the resnets'
+        # projections, so their "temporal" features depend on (t, label)
+        from ..conditioning import is_class_conditional
+
+        self.class_embedding = model.class_embedding if is_class_conditional(model) else None
 
     def layers(self) -> list[QuantLayer]:
         """Quantized layers of the TIB (float ones are left out)."""
         mods = [self.time_embedding.linear_1, self.time_embedding.linear_2] + [r.time_emb_proj for _, r in self.resnets]
         return [m for m in mods if isinstance(m, QuantLayer)]
 
-    def forward(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """The temporal features (one N x C_r tensor per resnet) for timesteps t (N,)."""
+    def forward(self, t: torch.Tensor, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The temporal features (one N x C_r tensor per resnet) for timesteps t (N,) and class labels."""
         emb = self.time_embedding(self.time_proj(t).to(self.dtype))
+        if self.class_embedding is not None:
+            if labels is None:
+                raise GacqError("the model is class-conditional: its temporal block needs the samples' labels")
+            emb = emb + self.class_embedding(labels).to(emb.dtype)
         outs = []
         for _, r in self.resnets:
             e = emb if r.skip_time_act else r.nonlinearity(emb)
@@ -64,7 +76,7 @@ def tib_loss(outs: list[torch.Tensor], targets: list[torch.Tensor], p: float) ->
 
 def reconstruct_tib(q_model: nn.Module, fp_model: nn.Module, t: torch.Tensor, cfg: ReconConfig,
                     sample_weights: torch.Tensor | None = None, device: torch.device | str = "cpu",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, labels: torch.Tensor | None = None) -> dict:
     """TIAR: joint AdaRound of the TIB's quantized linears on the calibration timesteps t.
 
     Leaves the TIB layers hard-rounded and marked `recon_frozen`. Returns the loss before/after.
@@ -75,13 +87,15 @@ def reconstruct_tib(q_model: nn.Module, fp_model: nn.Module, t: torch.Tensor, cf
     if not layers:
         raise GacqError("the temporal block has no quantized layers (all kept in float?)")
     t = t.to(device)
+    labels = labels.to(device) if labels is not None else None
     n = len(t)
     w = (sample_weights if sample_weights is not None else torch.full((n,), 1.0 / n)).to(device)
     with torch.no_grad():
-        targets = [x.detach() for x in f.forward(t)]
+        targets = [x.detach() for x in f.forward(t, labels)]
 
     def losses(idx):
-        return n * w[idx] * tib_loss(q.forward(t[idx]), [tg[idx] for tg in targets], cfg.p)
+        lab = labels[idx] if labels is not None else None
+        return n * w[idx] * tib_loss(q.forward(t[idx], lab), [tg[idx] for tg in targets], cfg.p)
 
     def full() -> float:
         with torch.no_grad():

@@ -1,0 +1,122 @@
+"""How each diffusers denoiser is called, class labels, and classifier-free guidance.
+
+Everything that runs a denoiser on (x_t, t) goes through `model_forward` / `predict_eps`, with an
+optional conditioning dict `cond` of batch-aligned tensors:
+- `{"class_labels": LongTensor(N)}` for class-conditional `UNet2DModel` (class embedding table,
+  `num_class_embeds`) and `DiTTransformer2DModel` (adaLN label embedding);
+- `{"encoder_hidden_states": Tensor(N, L, D)}` for `UNet2DConditionModel` (cross-attention).
+
+The null (unconditional) label used by classifier-free guidance is the embedding row after the
+real classes: DiT's `LabelEmbedding` has `num_embeds_ada_norm + 1` rows when trained with label
+dropout, the last one the null class; gacq's class-conditional UNets follow the same convention
+(`num_class_embeds` = classes + 1, the last row the null label).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import GacqError
+
+Cond = dict[str, torch.Tensor]
+
+
+def _cls(model: nn.Module) -> str:
+    return type(getattr(model, "_orig_mod", model)).__name__  # torch.compile wraps the model
+
+
+def _dit_label_table(model: nn.Module) -> nn.Embedding | None:
+    from diffusers.models.embeddings import LabelEmbedding
+
+    return next((m.embedding_table for m in model.modules() if isinstance(m, LabelEmbedding)), None)
+
+
+def is_class_conditional(model: nn.Module) -> bool:
+    model = getattr(model, "_orig_mod", model)
+    if _cls(model) == "DiTTransformer2DModel":
+        return _dit_label_table(model) is not None
+    cfg = getattr(model, "config", None)
+    return _cls(model) == "UNet2DModel" and getattr(cfg, "num_class_embeds", None) is not None \
+        and getattr(cfg, "class_embed_type", None) is None
+
+
+def num_classes(model: nn.Module) -> int:
+    """Real classes (the null label excluded)."""
+    if _cls(model) == "DiTTransformer2DModel":
+        return int(model.config.num_embeds_ada_norm)
+    if is_class_conditional(model):
+        return int(model.config.num_class_embeds) - 1
+    raise GacqError(f"{_cls(model)} is not class-conditional")
+
+
+def null_label(model: nn.Module) -> int:
+    """The unconditional label (for classifier-free guidance)."""
+    k = num_classes(model)
+    rows = _dit_label_table(model).num_embeddings if _cls(model) == "DiTTransformer2DModel" else k + 1
+    if rows <= k:
+        raise GacqError(f"this {_cls(model)} has no null-class embedding (trained without label dropout), so "
+                        "classifier-free guidance is not possible; use --guidance-scale 1")
+    return k
+
+
+def sample_labels(model: nn.Module, indices, class_label: int | None) -> torch.Tensor | None:
+    """Labels of the images with these indices: `class_label` for all, or balanced (index mod classes)."""
+    if not is_class_conditional(model):
+        if class_label is not None:
+            raise GacqError(f"--class-label needs a class-conditional model; this {_cls(model)} is unconditional")
+        return None
+    k = num_classes(model)
+    if class_label is not None:
+        if not 0 <= class_label < k:
+            raise GacqError(f"--class-label {class_label} is out of range: the model has classes 0..{k - 1}")
+        return torch.full((len(indices),), class_label, dtype=torch.long)
+    return torch.tensor([i % k for i in indices], dtype=torch.long)
+
+
+def model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> Any:
+    """Call the denoiser the way its class expects; returns its output object."""
+    cond = cond or {}
+    name = _cls(model)
+    if name == "UNet2DConditionModel":
+        if "encoder_hidden_states" not in cond:
+            raise GacqError("UNet2DConditionModel needs encoder_hidden_states (text or other cross-attention "
+                            "conditioning); gacq's sampler does not produce them yet")
+        return model(x, t, encoder_hidden_states=cond["encoder_hidden_states"])
+    labels = cond.get("class_labels")
+    if labels is None and is_class_conditional(model):
+        raise GacqError(f"this {name} is class-conditional: it needs class labels")
+    if name in ("DiTTransformer2DModel", "Transformer2DModel"):
+        return model(x, timestep=t, class_labels=labels)
+    return model(x, t, class_labels=labels) if labels is not None else model(x, t)
+
+
+def predict_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+    """The noise prediction; learned-variance channels (DiT's out_channels = 2 x in_channels) dropped."""
+    out = model_forward(model, x, t, cond).sample
+    c = x.shape[1]
+    return out[:, :c] if out.shape[1] == 2 * c else out
+
+
+def guided_eps(fn, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, scale: float,
+               null: int | None, force: bool = False) -> torch.Tensor:
+    """eps_u + scale (eps_c - eps_u) with both branches in one batch [conditional; unconditional].
+
+    `fn(x, t, cond)` predicts eps. Without labels, or at scale 1 (unless `force`), it is the plain
+    conditional prediction.
+    """
+    if labels is None or (scale == 1.0 and not force):
+        return fn(x, t, {"class_labels": labels} if labels is not None else None)
+    n = len(x)
+    both = fn(torch.cat([x, x]), torch.cat([t, t]),
+              {"class_labels": torch.cat([labels, torch.full_like(labels, null)])})
+    ec, eu = both[:n], both[n:]
+    return eu + scale * (ec - eu)
+
+
+def slice_cond(cond: Cond | None, index, device=None) -> Cond | None:
+    if not cond:
+        return None
+    return {k: v[index].to(device) if device is not None else v[index] for k, v in cond.items()}
