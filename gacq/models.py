@@ -101,6 +101,9 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
 # Sub-folders of a pipeline folder that hold the denoiser, in order of preference.
 DENOISER_SUBFOLDERS = ("unet", "transformer")
+# ... and the autoencoder of a latent pipeline (LDMPipeline: vqvae; DiT / Stable Diffusion: vae).
+AUTOENCODER_SUBFOLDERS = ("vae", "vqvae")
+AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
 
 BUNDLED_MODEL_NAME = "cifar10-small"
 
@@ -115,6 +118,19 @@ class LoadedModel:
     # step_hook(step_index, sample_config) runs before every model call of `gacq.generate`
     # (per-step activation parameters of TFMQ-DM's finite set calibration use it).
     step_hook: Any = None
+    # latent diffusion: the autoencoder whose decoder turns sampled latents into images (never
+    # quantized); None for pixel-space models.
+    vae: Any = None
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (identity for pixel models). AutoencoderKL latents are
+        divided by its `scaling_factor` first (DiTPipeline, Stable Diffusion); VQModel latents are
+        decoded as they are (diffusers' LDMPipeline)."""
+        if self.vae is None:
+            return latents
+        if type(self.vae).__name__ == "AutoencoderKL":
+            latents = latents / self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(next(self.vae.parameters()).dtype)).sample
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -245,6 +261,7 @@ def load_model(
 
     if is_quantized_folder(folder):
         qmodel, _, sched_cfg = load_quantized(folder)
+        vae = _load_autoencoder(folder / "vae", device) if (folder / "vae" / "config.json").exists() else None
         sched = {**DDPM_SCHEDULE, **{k: v for k, v in sched_cfg.items() if not k.startswith("_")}}
         qmodel = qmodel.to(device).eval()
         if not act_quant:
@@ -253,15 +270,19 @@ def load_model(
 
             set_quant_state(qmodel, weights=True, acts=False)
             set_attention_quant(qmodel, False)
-            return LoadedModel(model=qmodel, scheduler_config=sched, source=f"{source} (activations float)")
+            return LoadedModel(model=qmodel, scheduler_config=sched, source=f"{source} (activations float)", vae=vae)
         fsc = getattr(qmodel, "gacq_fsc", None)  # TFMQ-DM per-step activation sets
         return LoadedModel(model=qmodel, scheduler_config=sched, source=source,
-                           step_hook=fsc.step_hook(qmodel) if fsc is not None else None)
+                           step_hook=fsc.step_hook(qmodel) if fsc is not None else None, vae=vae)
     sched_file: Path | None = None
+    vae = None
     if (folder / "model_index.json").exists():
         sub = next((folder / s for s in DENOISER_SUBFOLDERS if (folder / s / "config.json").exists()), None)
         if sub is None:
             raise GacqError(f"pipeline folder {folder} has no {' or '.join(DENOISER_SUBFOLDERS)}/config.json")
+        ae = next((folder / s for s in AUTOENCODER_SUBFOLDERS if (folder / s / "config.json").exists()), None)
+        if ae is not None:
+            vae = _load_autoencoder(ae, device)
         sched_file = folder / "scheduler" / "scheduler_config.json"
         folder = sub
     elif not (folder / "config.json").exists():
@@ -278,7 +299,25 @@ def load_model(
     sched = dict(DDPM_SCHEDULE)
     if sched_file is not None and sched_file.exists():
         sched.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
-    return LoadedModel(model=model, scheduler_config=sched, source=source)
+    return LoadedModel(model=model, scheduler_config=sched, source=source, vae=vae)
+
+
+def _load_autoencoder(folder: Path, device) -> torch.nn.Module:
+    """The autoencoder of a latent pipeline (AutoencoderKL or VQModel), safetensors only."""
+    import diffusers
+
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise GacqError(f"{folder / 'config.json'} is not valid JSON: {e}") from e
+    if name not in AUTOENCODER_CLASSES:
+        raise GacqError(f"{folder} holds a {name!r}; gacq decodes latents with {' or '.join(AUTOENCODER_CLASSES)}")
+    _refuse_pickles(folder)
+    try:
+        vae = getattr(diffusers, name).from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise GacqError(f"could not load the autoencoder in {folder}: {e}") from e
+    return vae.to(device).eval()
 
 
 def save_model(

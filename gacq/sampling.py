@@ -240,6 +240,8 @@ def generate(
             x = sched.step(eps.float(), t, x, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(len(gens) / len(sched.timesteps))
+    if loaded.vae is not None:  # latent diffusion: only the denoiser above is (ever) quantized
+        x = loaded.decode(x)
     return to_uint8(x)
 
 

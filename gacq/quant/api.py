@@ -330,7 +330,7 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
     if device.type == "cuda":
         meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     out = Path(out)
-    save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config)
+    save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config, vae=loaded.vae)
     if config.recon_checkpoints and Path(config.recon_checkpoints).exists():
         log = Path(config.recon_checkpoints) / "recon_log.jsonl"
         if log.exists():  # per-unit losses before/after (and loss curves) stay with the checkpoint

@@ -49,8 +49,9 @@ def unpack_int(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, Any], model_config: dict[str, Any],
-                   scheduler_config: dict[str, Any]) -> Path:
-    """Write a quantized model (wrapped with gacq.quant) into QDIR, atomically."""
+                   scheduler_config: dict[str, Any], vae: torch.nn.Module | None = None) -> Path:
+    """Write a quantized model (wrapped with gacq.quant) into QDIR, atomically; a latent model's
+    autoencoder (`vae`, float) goes along in QDIR/vae/ so that the checkpoint samples images."""
     import diffusers
 
     out = Path(out)
@@ -110,6 +111,8 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
             save_file({k: v.cpu().float() for k, v in fsc.state_dict().items()}, str(tmp / "fsc.safetensors"))
         if gac:  # GAC's learned per-sample weights of every block (over the calibration samples)
             save_file({n: d["weights"].float().contiguous() for n, d in gac.items()}, str(tmp / "gac_weights.safetensors"))
+        if vae is not None:
+            vae.save_pretrained(tmp / "vae", safe_serialization=True)
         (tmp / "quant_config.json").write_text(json.dumps(meta, indent=2))
         base = {"_class_name": type(model).__name__,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items() if not k.startswith("_")}}
