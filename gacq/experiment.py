@@ -19,7 +19,9 @@ A spec (every key but `[[grid]]` optional; defaults shown)::
     [quantize] preset = "common", iters = 20000, act_iters = 5000, gac_meta_iters = 100,
                recon_batch = 32, seed = 0
     [sample]  scheduler = "ddim", steps = 100, eta = 0.0, num = 10000, batch_size = 1000,
-              timestep_spacing = "leading", seeds = [0]
+              timestep_spacing = "leading", seeds = [0],
+              guidance_scale = 1.0   # class-conditional models: balanced labels, this guidance
+                                     # (also in the calibration sampler, which then records both branches)
     [eval]    features = "cifar10", ref = "", inception_weights = ""
     [[grid]]  methods = ["fp", "tfmq", "gac"], bits = ["W4A8", "W4A32"], steps = [100], seeds = [0],
               gac = {tau = [0.5, 1.0]}     # optional: a product over GAC hyperparameters
@@ -55,7 +57,7 @@ _SECTIONS = {
     "quantize": {"preset": "common", "iters": 20000, "act_iters": 5000, "gac_meta_iters": 100, "recon_batch": 32,
                  "seed": 0},
     "sample": {"scheduler": "ddim", "steps": 100, "eta": 0.0, "num": 10000, "batch_size": 1000,
-               "timestep_spacing": "leading", "seeds": [0]},
+               "timestep_spacing": "leading", "seeds": [0], "guidance_scale": 1.0},
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 _TOP = {"name", "model", "work", "results", "device", "grid", *_SECTIONS}
@@ -216,8 +218,31 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
     return cell.quant_job(cell.abits), False, cell.abits
 
 
+def settings(spec: ExperimentSpec) -> dict:
+    """What makes cells of different specs comparable (everything but the grid, seeds and steps)."""
+    return {"model": spec.model, "calib": spec.calib, "quantize": spec.quantize,
+            "sample": {k: v for k, v in spec.sample.items() if k not in ("seeds", "steps", "batch_size")},
+            "eval": spec.eval}
+
+
+def settings_digest(spec: ExperimentSpec) -> str:
+    return hashlib.sha256(json.dumps(settings(spec), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _done(spec: ExperimentSpec, cell: Cell) -> bool:
+    """A cell's result exists; one made with other settings (another spec sharing the folder) is refused."""
+    path = spec.cell_dir / f"{cell.id}.json"
+    if not path.exists():
+        return False
+    got = json.loads(path.read_text()).get("settings_digest")
+    if got != settings_digest(spec):
+        raise GacqError(f"{path} was made with other settings (digest {got}, this spec {settings_digest(spec)}); "
+                        "give this spec its own `results` and `work` folders")
+    return True
+
+
 def cell_status(spec: ExperimentSpec, cell: Cell) -> str:
-    if (spec.cell_dir / f"{cell.id}.json").exists():
+    if _done(spec, cell):
         return "done"
     job = quant_job_of(spec, cell)[0]
     partial = (spec.work / "samples" / cell.id).exists() or job is not None and any(
@@ -227,8 +252,10 @@ def cell_status(spec: ExperimentSpec, cell: Cell) -> str:
 
 def _calib_dir(spec: ExperimentSpec, steps: int) -> Path:
     c = spec.calib
-    return spec.work / f"calib_all_{spec.sample['scheduler']}{steps}_{spec.sample['timestep_spacing']}" \
-                       f"_traj{c['trajectories']}_seed{c['seed']}"
+    g = float(spec.sample["guidance_scale"])
+    name = f"calib_all_{spec.sample['scheduler']}{steps}_{spec.sample['timestep_spacing']}" \
+           f"_traj{c['trajectories']}_seed{c['seed']}" + (f"_cfg{g:g}" if g != 1.0 else "")
+    return spec.work / name
 
 
 def _sample_config(spec: ExperimentSpec, steps: int, seed: int, num: int | None = None, batch_size=None):
@@ -236,7 +263,8 @@ def _sample_config(spec: ExperimentSpec, steps: int, seed: int, num: int | None 
 
     s = spec.sample
     return SampleConfig(scheduler=s["scheduler"], steps=steps, eta=float(s["eta"]), num=num or s["num"],
-                        batch_size=batch_size or s["batch_size"], seed=seed, timestep_spacing=s["timestep_spacing"])
+                        batch_size=batch_size or s["batch_size"], seed=seed, timestep_spacing=s["timestep_spacing"],
+                        guidance_scale=float(s["guidance_scale"]))
 
 
 def ensure_calib(spec: ExperimentSpec, steps: int, loaded, device) -> Path:
@@ -277,8 +305,13 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, loaded, device, progress=
     if job is None:
         return None, False
     qdir = spec.work / "q" / job
-    if not (qdir / "quant_config.json").exists():
-        cfg = _quant_config(spec, cell, abits, job)
+    cfg = _quant_config(spec, cell, abits, job)
+    if (qdir / "quant_config.json").exists():
+        stored = json.loads((qdir / "quant_config.json").read_text()).get("config")
+        if stored != json.loads(json.dumps(cfg.to_json())):
+            raise GacqError(f"{qdir} was quantized with other settings than this spec's; give the spec its own "
+                            "`work` folder (or delete that checkpoint)")
+    else:
         calib = ensure_calib(spec, cell.steps, loaded, device) if cfg.needs_calibration() else None
         quantize_to_dir(loaded, cfg, qdir, calib, device=device, progress=progress,
                         extra_meta={"experiment": spec.name, "job": job})
@@ -293,7 +326,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     from .utils import atomic_path, git_commit, machine_info, resolve_device, write_json
 
     out = spec.cell_dir / f"{cell.id}.json"
-    if out.exists():
+    if _done(spec, cell):
         return json.loads(out.read_text())
     device = resolve_device(spec.device)
     t0 = time.time()
@@ -312,6 +345,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         tmp.write_bytes((sdir / "grid.png").read_bytes())
     res = {
         "schema": CELL_SCHEMA, "experiment": spec.name, "spec": str(spec.path), "spec_sha256": spec.text_sha256,
+        "settings_digest": settings_digest(spec), "settings": settings(spec),
         "cell": {"id": cell.id, "method": cell.method, "bits": cell.bits, "wbits": cell.wbits,
                  "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac)},
         "metrics": metrics,
@@ -354,7 +388,7 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         if bad:
             raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
         cells = [c for c in cells if c.id in set(only)]
-    todo = [c for c in cells if not (spec.cell_dir / f"{c.id}.json").exists()]
+    todo = [c for c in cells if not _done(spec, c)]
     echo(f"{spec.name}: {len(cells) - len(todo)} of {len(cells)} cells done, running {len(todo)}")
     if parallel <= 1 or len(todo) <= 1:
         out = []

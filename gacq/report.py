@@ -77,7 +77,9 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         cell, m = c["cell"], c["metrics"]
         fn = m["feature_network"]
         gac = tuple(sorted(cell.get("gac", {}).items()))
-        key = (f"{fn['name']} ({fn['hash']})", c["experiment"], cell["method"], cell["bits"], cell["steps"], gac)
+        # cells of different specs with the same settings pool (e.g. extra seeds run by a second spec)
+        setting = f"settings {c.get('settings_digest', c['experiment'])}"
+        key = (f"{fn['name']} ({fn['hash']})", setting, cell["method"], cell["bits"], cell["steps"], gac)
         g = groups.setdefault(key, {"metrics": defaultdict(list), "n": set(), "seeds": [], "cells": []})
         for k, _, _ in METRICS:
             g["metrics"][k].append(float(m[k]))
@@ -119,7 +121,9 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
             exps = sorted({k[0] for k in sel})
             for exp in exps:
                 n = sorted({n for k, g in sel.items() if k[0] == exp for n in g["n"]})
-                md += [f"### FID, {steps} sampling steps ({exp}; {', '.join(map(str, n))} samples per seed)", ""]
+                names = sorted({c["experiment"] for k, g in sel.items() if k[0] == exp for c in g["cells"]})
+                md += [f"### FID, {steps} sampling steps ({', '.join(names)}: {exp}; {', '.join(map(str, n))} "
+                       "samples per seed)", ""]
                 if min(n) < 10000:
                     md += ["FID from fewer than 10,000 samples is biased upwards: compare only at equal counts.", ""]
                 cols = (["FP"] if "fp" in methods else []) + bits

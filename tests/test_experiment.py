@@ -187,3 +187,17 @@ def test_report_pools_seeds_and_separates_feature_networks(tmp_path):
         render(tmp_path / "empty", tmp_path / "x.md")
     with pytest.raises(GacqError, match="not a folder"):
         render(tmp_path / "missing", tmp_path / "x.md")
+
+
+def test_a_spec_with_other_settings_is_refused_on_shared_folders(ran, tiny32):
+    other = SPEC.format(model=tiny32).replace("iters = 2\n", "iters = 3\n", 1)
+    other = other.replace('name = "t"', 'name = "t2"\nresults = "results/experiments/t"\nwork = "runs/experiments/t"')
+    (ran / "other.toml").write_text(other)
+    r = gacq("experiment", "run", "other.toml", "--quiet", cwd=ran)
+    assert r.returncode == 2 and "made with other settings" in r.stderr
+    # the same settings under another name share the finished cells
+    same = SPEC.format(model=tiny32).replace('name = "t"', 'name = "t3"\nresults = "results/experiments/t"\n'
+                                                           'work = "runs/experiments/t"')
+    (ran / "same.toml").write_text(same)
+    r = gacq("experiment", "run", "same.toml", "--quiet", cwd=ran)
+    assert r.returncode == 0 and "5 of 5 cells done, running 0" in r.stdout
