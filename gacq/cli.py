@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+GPUS_HELP = ("Processes under torchrun, each with a disjoint share of the work: one per GPU with --device cuda "
+             "(NCCL), or CPU processes with --device cpu (gloo). Leave it out inside torchrun.")
 MODEL_HELP = "Local diffusers folder (model or pipeline layout) or hub id; default: the bundled CIFAR-10 model."
 
 
@@ -33,7 +36,12 @@ def _int_tuple(text: str, n: int, name: str) -> tuple[int, ...]:
 
 
 def _fail(e: GacqError) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    rank = ""
+    if "RANK" in os.environ:  # one of several processes: say which, and tell torchrun (gacq.distributed)
+        from .distributed import record_failure
+
+        rank = record_failure(e)
+    typer.secho(f"error: {f'[{rank}] ' if rank else ''}{e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
@@ -129,22 +137,28 @@ def sample(
                                     "(weight-only inference of a W/A checkpoint; its weight stage ran with float "
                                     "activations, so this is the W-only model)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Shard k goes to process k mod N."),
 ) -> None:
     """Sample images from a diffusers model; rerun the same command to resume."""
+    from . import distributed as gdist
     from .models import load_model
     from .sampling import SampleConfig
     from .sampling import sample as sample_fn
     from .utils import resolve_device
 
     try:
+        if gdist.relaunch(gpus, device, "gacq sample"):
+            return
         cfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, num=num, batch_size=batch_size, seed=seed,
                            shard_size=shard_size, timestep_spacing=timestep_spacing, precision=precision,
                            class_label=class_label, guidance_scale=guidance_scale)
-        dev = resolve_device(device)
-        loaded = load_model(model, device=dev, act_quant=not float_acts)
-        if float_acts and not loaded.source.endswith("(activations float)"):
-            raise GacqError("--float-acts applies to quantized models only (a folder written by gacq quantize)")
-        meta = sample_fn(loaded, cfg, out, device=dev)
+        with gdist.session(resolve_device(device)) as dev:
+            loaded = load_model(model, device=dev, act_quant=not float_acts)
+            if float_acts and not loaded.source.endswith("(activations float)"):
+                raise GacqError("--float-acts applies to quantized models only (a folder written by gacq quantize)")
+            meta = sample_fn(loaded, cfg, out, device=dev)
+            if gdist.rank() != 0:
+                return
     except GacqError as e:
         _fail(e)
     typer.echo(f"wrote {meta['shape'][0]} images to {out / 'samples.npz'} and {out / 'grid.png'} "
@@ -167,23 +181,28 @@ def calib(
     batch_size: int = typer.Option(64, min=1, help="Trajectories per model call."),
     class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every trajectory (default: balanced over the classes)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="Classifier-free guidance scale (1: none); with guidance both branches are recorded."),
-
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Batch j of trajectories goes to process j mod N."),
 ) -> None:
     """Collect calibration data (x_t, t) along full-precision sampling trajectories."""
+    from . import distributed as gdist
     from .models import load_model
     from .quant.calib_data import CalibDataConfig, collect, timestep_histogram
     from .sampling import SampleConfig
     from .utils import resolve_device
 
     try:
+        if gdist.relaunch(gpus, device, "gacq calib"):
+            return
         cfg = CalibDataConfig(selection=selection, n_trajectories=trajectories, n_steps=record_steps, mu=mu,
                               sigma=sigma, seed=seed, batch_size=batch_size)
         scfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, seed=seed, class_label=class_label,
                             guidance_scale=guidance_scale)
-        dev = resolve_device(device)
-        cs = collect(load_model(model, device=dev), scfg, cfg, device=dev)
-        cs.save(out)
+        with gdist.session(resolve_device(device)) as dev:
+            cs = collect(load_model(model, device=dev), scfg, cfg, device=dev)
+            gdist.on_rank0(lambda: cs.save(out), "saving the calibration set")
+            if gdist.rank() != 0:
+                return
     except GacqError as e:
         _fail(e)
     hist = timestep_histogram(cs)
@@ -215,7 +234,8 @@ def quantize(
     recon_lr: float = typer.Option(1e-3, help="Adam learning rate of the rounding variables."),
     gac_meta_iters: Optional[int] = typer.Option(None, min=0, help="gac: meta-iterations per block, 0 = tfmq [100; --quick 10]."),
     gac_inner_lr: float = typer.Option(1.0, help="gac: step size of the differentiable inner update."),
-    gac_meta_lr: float = typer.Option(0.05, help="gac: Adam learning rate of the sample scores."),
+    gac_meta_lr: float = typer.Option(0.2, help="gac: learning rate of the sample scores."),
+    gac_meta_optimizer: str = typer.Option("adam", help="gac: adam (the minibatch's scores only), sgd, or dense-adam (all scores; biased towards visited samples, see GACConfig)."),
     gac_tau: float = typer.Option(1.0, help="gac: softmax temperature of the weights."),
     gac_val_fraction: float = typer.Option(0.05, help="gac: validation share, balanced over timesteps."),
     gac_groups: int = typer.Option(5, help="gac: timestep groups K of the validation split."),
@@ -240,6 +260,7 @@ def quantize(
     gac_meta_iters = gac_meta_iters if gac_meta_iters is not None else budget["gac_meta_iters"]
     try:
         gac = GACConfig(meta_iters=gac_meta_iters, inner_lr=gac_inner_lr, meta_lr=gac_meta_lr, tau=gac_tau,
+                        meta_optimizer=gac_meta_optimizer,
                         val_fraction=gac_val_fraction, groups=gac_groups, seed=seed)
         cfg = QuantConfig(method=method, preset=preset, wbits=wbits, abits=None if abits == 32 else abits,
                           weight_init=weight_init, skip=tuple(skip) if skip else None,
@@ -327,17 +348,24 @@ def eval_cmd(
     pr_max: int = typer.Option(10000, min=2, help="Features kept (uniform subset) for precision/recall."),
     seed: int = typer.Option(0, help="Seed of the precision/recall subset."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Feature batch j goes to process j mod N."),
 ) -> None:
     """FID, sFID, Inception Score and precision/recall of samples against a reference."""
+    from . import distributed as gdist
     from .metrics import evaluate, format_result
-    from .utils import write_json
+    from .utils import resolve_device, write_json
 
     try:
-        res = evaluate(samples, ref, features=features, inception_weights=inception_weights, device=device,
-                       batch_size=batch_size, pr_k=pr_k, pr_max=pr_max, seed=seed)
-        res["command"] = " ".join(["gacq"] + sys.argv[1:])
-        if json_out is not None:
-            write_json(json_out, res)
+        if gdist.relaunch(gpus, device, "gacq eval"):
+            return
+        with gdist.session(resolve_device(device)) as dev:
+            res = evaluate(samples, ref, features=features, inception_weights=inception_weights, device=dev,
+                           batch_size=batch_size, pr_k=pr_k, pr_max=pr_max, seed=seed)
+            res["command"] = " ".join(["gacq"] + sys.argv[1:])
+            if gdist.rank() != 0:
+                return
+            if json_out is not None:
+                write_json(json_out, res)
     except GacqError as e:
         _fail(e)
     typer.echo(format_result(res))
@@ -500,8 +528,13 @@ _register_export(app)
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run = app
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun worker: its summary shows uncaught errors
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(app)
     try:
-        app()
+        run()
     except GacqError as e:  # errors raised outside a command's own handler
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)

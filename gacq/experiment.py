@@ -51,7 +51,7 @@ from .errors import GacqError
 
 CELL_SCHEMA = "gacq-experiment-cell/1"
 GAC_KEYS = {"tau": float, "val_fraction": float, "groups": int, "meta_iters": int, "inner_lr": float,
-            "meta_lr": float, "init_score": float, "batch_size": int}
+            "meta_lr": float, "init_score": float, "batch_size": int, "meta_optimizer": str}
 _SECTIONS = {
     "calib": {"trajectories": 256, "seed": 0, "batch_size": 256, "record_steps": 20},
     "quantize": {"preset": "common", "iters": 20000, "act_iters": 5000, "gac_meta_iters": 100, "recon_batch": 32,
