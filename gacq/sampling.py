@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from .errors import GacqError
 from .models import LoadedModel
 from .utils import atomic_path, git_commit, image_grid, machine_info, save_image, write_json
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = ("ddim", "ddpm", "dpm")
 SPACINGS = ("leading", "trailing", "linspace", "quad")
@@ -271,8 +274,12 @@ def sample(
 
     Shards of `cfg.shard_size` images are written to `out/shards/` as they
     finish; rerunning the same command skips the finished shards.
-    Returns the metadata written to meta.json.
+    Under a process group (`gacq.distributed`) every rank calls this: shard k is made by
+    rank k mod world, and rank 0 assembles the output after all shards are in. The images
+    are those of one process (per-image seeds); a rerun resumes with any number of ranks.
+    Returns the metadata written to meta.json (on every rank).
     """
+    from . import distributed as gdist
     from .conditioning import null_label, sample_labels
 
     out = Path(out)
@@ -284,17 +291,20 @@ def sample(
         loaded.step_hook(0, cfg)  # a model calibrated for one sampler refuses another before anything is written
     device = torch.device(device)
     run = {"model": loaded.source, **{k: v for k, v in asdict(cfg).items() if k != "batch_size"}}
-    out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, run)
     shard_dir = out / "shards"
-    shard_dir.mkdir(exist_ok=True)
     n_shards = -(-cfg.num // cfg.shard_size)
     start = time.time()
-    done_before = sum((shard_dir / f"shard_{k:05d}.npz").exists() for k in range(n_shards))
-    bar = tqdm(total=cfg.num, desc="sampling", unit="img", disable=not progress, dynamic_ncols=True,
+    done_before = gdist.on_rank0(lambda: _prepare(out, run, n_shards), "checking the output folder")
+    rank, world = gdist.rank(), gdist.world_size()
+    if world > n_shards and rank == 0:
+        log.warning("%d shard(s) for %d ranks: some ranks idle; lower --shard-size", n_shards, world)
+    mine = gdist.owned(n_shards, rank, world)
+    bar = tqdm(total=sum(min(cfg.num, (k + 1) * cfg.shard_size) - k * cfg.shard_size for k in mine),
+               desc="sampling" + (f" (rank 0 of {world})" if world > 1 else ""), unit="img",
+               disable=not progress or rank != 0, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]")
-    made = 0
-    for k in range(n_shards):
+    made = written = 0
+    for k in mine:
         lo, hi = k * cfg.shard_size, min(cfg.num, (k + 1) * cfg.shard_size)
         path = shard_dir / f"shard_{k:05d}.npz"
         if path.exists():
@@ -310,7 +320,32 @@ def sample(
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=np.concatenate(parts))
+        written += 1
+        gdist.fail_for_test(written, f"writing {written} shard(s), the last {path.name}")
     bar.close()
+    gdist.barrier("waiting for every rank's shards")
+    made = sum(gdist.all_gather_object(made, "counting the images made"))
+    stats = {"device": str(device), "world_size": world, "images_made_this_run": made, "shards_resumed": done_before}
+    return gdist.on_rank0(lambda: _assemble(loaded, cfg, out, n_shards, run, stats, start), "writing samples.npz")
+
+
+def _prepare(out: Path, run: dict[str, Any], n_shards: int) -> int:
+    """Create the output folder (or check that it holds this run); returns the finished shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, run)
+    (out / "shards").mkdir(exist_ok=True)
+    return sum((out / "shards" / f"shard_{k:05d}.npz").exists() for k in range(n_shards))
+
+
+def _assemble(loaded: LoadedModel, cfg: SampleConfig, out: Path, n_shards: int, run: dict[str, Any],
+              stats: dict[str, Any], start: float) -> dict[str, Any]:
+    """Join the shards into samples.npz, grid.png and meta.json."""
+    from .conditioning import sample_labels
+
+    shard_dir = out / "shards"
+    missing = [k for k in range(n_shards) if not (shard_dir / f"shard_{k:05d}.npz").exists()]
+    if missing:
+        raise GacqError(f"{shard_dir} lacks shard(s) {missing[:5]} after every rank finished; rerun to make them")
     images = np.concatenate([np.load(shard_dir / f"shard_{k:05d}.npz")["images"] for k in range(n_shards)])
     labels = sample_labels(loaded.model, range(cfg.num), cfg.class_label)
     extra = {"labels": labels.numpy()} if labels is not None else {}
@@ -318,15 +353,15 @@ def sample(
         with open(tmp, "wb") as f:
             np.savez(f, images=images, **extra)
     save_image(image_grid(images[:64]), out / "grid.png")
-    wall = time.time() - start
     meta = {
         **run,
         "batch_size": cfg.batch_size,
         "shape": list(images.shape),
-        "device": str(device),
-        "wall_seconds_this_run": round(wall, 2),
-        "images_made_this_run": made,
-        "shards_resumed": done_before,
+        "device": stats["device"],
+        "world_size": stats["world_size"],
+        "wall_seconds_this_run": round(time.time() - start, 2),
+        "images_made_this_run": stats["images_made_this_run"],
+        "shards_resumed": stats["shards_resumed"],
         "commit": git_commit(),
         "machine": machine_info(),
     }

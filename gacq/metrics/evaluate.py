@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import load_images
+from ..distributed import on_rank0
 from ..errors import GacqError
 from .features import FeatureExtractor, compute_stats, get_feature_extractor
 from .fid import frechet_distance
@@ -23,9 +24,10 @@ def bundled_stats_path(split: str = "train") -> Path:
 
 
 def stats_for(src, extractor: FeatureExtractor, batch_size: int = 500, pr_max: int = 10000,
-              is_splits: int = 10, seed: int = 0, progress: bool = True, role: str = "samples") -> FeatureStats:
+              is_splits: int = 10, seed: int = 0, progress: bool = True, role: str = "samples") -> FeatureStats | None:
     """FeatureStats of `src`: a FeatureStats, a statistics .npz, a uint8 image array, or an image
-    path (samples.npz from `gacq sample`, image folder, zip, mosaic zip)."""
+    path (samples.npz from `gacq sample`, image folder, zip, mosaic zip). Images are split over
+    a process group's ranks (`compute_stats`), whose ranks other than 0 get None."""
     if isinstance(src, FeatureStats):
         stats = src
     elif isinstance(src, np.ndarray):
@@ -47,11 +49,13 @@ def stats_for(src, extractor: FeatureExtractor, batch_size: int = 500, pr_max: i
 
 def make_stats(data, out: str | Path, features: str = "cifar10", inception_weights=None, device=None,
                batch_size: int = 500, pr_max: int = 10000, is_splits: int = 10, seed: int = 0,
-               progress: bool = True) -> FeatureStats:
-    """Compute and save the statistics of a dataset (what `gacq stats` runs)."""
+               progress: bool = True) -> FeatureStats | None:
+    """Compute and save the statistics of a dataset (what `gacq stats` runs; under a process
+    group rank 0 saves them and the other ranks get None)."""
     ext = get_feature_extractor(features, device, inception_weights)
     stats = stats_for(data, ext, batch_size, pr_max, is_splits, seed, progress, role="data")
-    stats.save(out)
+    if stats is not None:  # None: not rank 0 of a process group
+        stats.save(out)
     return stats
 
 
@@ -62,7 +66,8 @@ def evaluate(samples, ref=None, features: str = "cifar10", inception_weights=Non
 
     `samples` and `ref` are anything `stats_for` accepts; `ref=None` with the cifar10 features
     uses the bundled CIFAR-10 training-set statistics. Returns a JSON-ready dict that names the
-    feature network (name, hash, note) next to every figure.
+    feature network (name, hash, note) next to every figure. Under a process group every rank
+    calls this; the feature extraction is split over the ranks and every rank gets the metrics.
     """
     ext = get_feature_extractor(features, device, inception_weights)
     if ref is None:
@@ -73,6 +78,11 @@ def evaluate(samples, ref=None, features: str = "cifar10", inception_weights=Non
             raise GacqError(f"the bundled reference statistics {ref} are missing; pass --ref")
     s = stats_for(samples, ext, batch_size, pr_max, is_splits, seed, progress, role="samples")
     r = stats_for(ref, ext, batch_size, pr_max, is_splits, seed, progress, role="reference")
+    # under a process group the statistics are on rank 0, which computes the metrics for all
+    return on_rank0(lambda: _metrics(s, r, ext, samples, ref, pr_k, seed), "computing the metrics")
+
+
+def _metrics(s: FeatureStats, r: FeatureStats, ext: FeatureExtractor, samples, ref, pr_k: int, seed: int) -> dict:
     warnings = []
     if min(s.n, r.n) < FID_UNBIASED_MIN:
         warnings.append(f"FID/sFID from {min(s.n, r.n)} < {FID_UNBIASED_MIN} images: biased upwards, compare "

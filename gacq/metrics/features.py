@@ -88,17 +88,36 @@ def get_feature_extractor(name: str = "cifar10", device: str | torch.device | No
 
 def compute_stats(images: np.ndarray, extractor: FeatureExtractor, batch_size: int = 500, pr_max: int = 10000,
                   is_splits: int = 10, seed: int = 0, source: str = "images", progress: bool = True,
-                  meta: dict | None = None) -> FeatureStats:
+                  meta: dict | None = None) -> FeatureStats | None:
     """Stream `images` (uint8 N x H x W x 3) through the extractor into FeatureStats.
 
     Memory stays bounded: features are reduced batch by batch into running moments, a
     reservoir of `pr_max` pooled features and the Inception Score sums.
+    Under a process group (`gacq.distributed`) every rank calls this with the same images:
+    in each round, rank r extracts batch `round * world + r`, and rank 0 reduces the
+    gathered batches in order, so the statistics are those of one process. Returns None on
+    the other ranks.
     """
+    from .. import distributed as gdist
+
     extractor.check(images, source)
     if len(images) < 2:
         raise GacqError(f"{source}: {len(images)} image(s) are too few for a covariance (need at least 2)")
+    rank, world = gdist.rank(), gdist.world_size()
     acc = StatsAccumulator(extractor.name, extractor.hash, pr_max=pr_max, is_splits=is_splits, seed=seed)
-    for i in tqdm(range(0, len(images), batch_size), desc=f"features ({extractor.name})", unit="batch",
-                  disable=not progress):
-        acc.add(extractor(images[i:i + batch_size]))
+    starts = range(0, len(images), batch_size)
+    bar = tqdm(total=len(starts), desc=f"features ({extractor.name})", unit="batch",
+               disable=not progress or rank != 0)
+    for first in range(0, len(starts), world):
+        j = first + rank
+        taps = extractor(images[starts[j]:starts[j] + batch_size]) if j < len(starts) else None
+        gathered = gdist.gather_object(taps, what="gathering features")
+        if rank == 0:
+            for t in gathered:
+                if t is not None:
+                    acc.add(t)
+        bar.update(min(world, len(starts) - first))
+    bar.close()
+    if rank != 0:
+        return None
     return acc.result({"source": source, "pr_max": pr_max, "is_splits": is_splits, "seed": seed, **(meta or {})})

@@ -166,7 +166,10 @@ def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
     Class-conditional models: the labels are recorded with the inputs; with classifier-free
     guidance (`sample_cfg.guidance_scale` != 1) the model sees a conditional and an unconditional
     branch, whose activations differ, and both are recorded (the null label in the second).
+    Under a process group (`gacq.distributed`) every rank calls this: batch j of trajectories
+    runs on rank j mod world, and every rank returns the whole set, equal to one process's.
     """
+    from .. import distributed as gdist
     from ..conditioning import predict_eps
 
     device = torch.device(device)
@@ -176,8 +179,13 @@ def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
     last_needed = max(max(w) for w in wanted)
     records: dict[int, list[tuple[int, int, torch.Tensor, dict]]] = {}
     scfg = SampleConfig(**{**asdict(sample_cfg), "seed": cfg.seed})
-    bar = tqdm(total=cfg.n_trajectories, desc="calibration data", unit="traj", disable=not progress)
-    for lo in range(0, cfg.n_trajectories, cfg.batch_size):
+    rank, world = gdist.rank(), gdist.world_size()
+    starts = range(0, cfg.n_trajectories, cfg.batch_size)
+    mine = [starts[j] for j in gdist.owned(len(starts), rank, world)]  # whole batches: the same model calls
+    bar = tqdm(total=sum(min(cfg.batch_size, cfg.n_trajectories - lo) for lo in mine), unit="traj",
+               desc="calibration data" + (f" (rank 0 of {world})" if world > 1 else ""),
+               disable=not progress or rank != 0)
+    for lo in mine:
         idx = list(range(lo, min(cfg.n_trajectories, lo + cfg.batch_size)))
         step = {"k": 0}
 
@@ -196,6 +204,12 @@ def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
         generate(loaded, scfg, idx, device, model_fn=recording_model)
         bar.update(len(idx))
     bar.close()
+    if world > 1:
+        merged: dict[int, list[tuple[int, int, torch.Tensor, dict]]] = {}
+        for part in gdist.all_gather_object(records, "gathering the calibration data"):
+            for k, rows in part.items():
+                merged.setdefault(k, []).extend(rows)
+        records = merged
     xs, ts, steps, conds = [], [], [], []
     for k in sorted(records):
         for _, _, x, c in sorted(records[k], key=lambda r: (r[0], r[1])):
