@@ -133,6 +133,7 @@ def sample(
     precision: str = typer.Option("fp32", help="fp32 or bf16 (GPU)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every image (default: balanced over the classes)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="Classifier-free guidance scale (1: none)."),
+    prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds", help="Text-conditioned models: safetensors with 'encoder_hidden_states' (prompts, tokens, dim) [+ 'negative_encoder_hidden_states' for guidance]."),
     float_acts: bool = typer.Option(False, "--float-acts", help="Quantized model: keep activations in float "
                                     "(weight-only inference of a W/A checkpoint; its weight stage ran with float "
                                     "activations, so this is the W-only model)."),
@@ -151,7 +152,8 @@ def sample(
             return
         cfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, num=num, batch_size=batch_size, seed=seed,
                            shard_size=shard_size, timestep_spacing=timestep_spacing, precision=precision,
-                           class_label=class_label, guidance_scale=guidance_scale)
+                           class_label=class_label, guidance_scale=guidance_scale,
+                           prompt_embeds=str(prompt_embeds) if prompt_embeds else None)
         with gdist.session(resolve_device(device)) as dev:
             loaded = load_model(model, device=dev, act_quant=not float_acts)
             if float_acts and not loaded.source.endswith("(activations float)"):
@@ -181,6 +183,7 @@ def calib(
     batch_size: int = typer.Option(64, min=1, help="Trajectories per model call."),
     class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every trajectory (default: balanced over the classes)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="Classifier-free guidance scale (1: none); with guidance both branches are recorded."),
+    prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds", help="Text-conditioned models: safetensors with 'encoder_hidden_states' (prompts, tokens, dim) [+ 'negative_encoder_hidden_states' for guidance]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Batch j of trajectories goes to process j mod N."),
 ) -> None:
@@ -197,7 +200,7 @@ def calib(
         cfg = CalibDataConfig(selection=selection, n_trajectories=trajectories, n_steps=record_steps, mu=mu,
                               sigma=sigma, seed=seed, batch_size=batch_size)
         scfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, seed=seed, class_label=class_label,
-                            guidance_scale=guidance_scale)
+                            guidance_scale=guidance_scale, prompt_embeds=str(prompt_embeds) if prompt_embeds else None)
         with gdist.session(resolve_device(device)) as dev:
             cs = collect(load_model(model, device=dev), scfg, cfg, device=dev)
             gdist.on_rank0(lambda: cs.save(out), "saving the calibration set")
@@ -228,6 +231,7 @@ def quantize(
     seed: int = typer.Option(0, min=0, help="Calibration and reconstruction seed."),
     class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every calibration trajectory (default: balanced over the classes)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", min=0.0, help="Classifier-free guidance scale of the calibration sampler (1: none; use the evaluation sampler's)."),
+    prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds", help="Text-conditioned models: safetensors with 'encoder_hidden_states' (prompts, tokens, dim) [+ 'negative_encoder_hidden_states' for guidance]."),
     iters: Optional[int] = typer.Option(None, min=1, help="AdaRound iterations per unit and for tfmq's temporal block [20000; --quick 100]."),
     act_iters: Optional[int] = typer.Option(None, min=1, help="Activation step-size iterations per unit (qdiffusion, ptq4dm) [5000; --quick 50]."),
     recon_batch: int = typer.Option(32, min=1, help="Reconstruction batch size."),
@@ -270,9 +274,10 @@ def quantize(
                           calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed))
         dev = resolve_device(device)
         loaded = load_model(model, device=dev)
-        meta = quantize_to_dir(loaded, cfg, out, calib, SampleConfig(steps=steps, seed=seed,
-                               timestep_spacing=timestep_spacing, class_label=class_label,
-                               guidance_scale=guidance_scale), save_calib=save_calib, device=dev,
+        pe = str(prompt_embeds) if prompt_embeds else None
+        calib_sampler = SampleConfig(steps=steps, seed=seed, timestep_spacing=timestep_spacing, class_label=class_label,
+                                     guidance_scale=guidance_scale, prompt_embeds=pe)
+        meta = quantize_to_dir(loaded, cfg, out, calib, calib_sampler, save_calib=save_calib, device=dev,
                                extra_meta={"quick": quick})
         typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
                    f"in {meta['wall_seconds']:.1f} s")
@@ -280,7 +285,7 @@ def quantize(
             from .compare import compare as compare_fn
 
             scfg = SampleConfig(num=compare_num, steps=steps, timestep_spacing=timestep_spacing, seed=seed,
-                                class_label=class_label, guidance_scale=guidance_scale)
+                                class_label=class_label, guidance_scale=guidance_scale, prompt_embeds=pe)
             rep = compare_fn(loaded, load_model(out, device=dev), scfg, out / "compare", device=dev,
                              label=f"W{wbits}A{abits} {method}")
             typer.echo(f"compared with the FP model on {compare_num} images (same noise): mean PSNR "

@@ -6,6 +6,11 @@ optional conditioning dict `cond` of batch-aligned tensors:
   `num_class_embeds`) and `DiTTransformer2DModel` (adaLN label embedding);
 - `{"encoder_hidden_states": Tensor(N, L, D)}` for `UNet2DConditionModel` (cross-attention).
 
+Text-conditioned models take stored encoder states (`--prompt-embeds FILE.safetensors`: tensor
+`encoder_hidden_states` (P, L, D), image i uses prompt i mod P, and for guidance
+`negative_encoder_hidden_states` (1 or P, L, D), e.g. the empty prompt's states); gacq does not
+run text encoders itself.
+
 The null (unconditional) label used by classifier-free guidance is the embedding row after the
 real classes: DiT's `LabelEmbedding` has `num_embeds_ada_norm + 1` rows when trained with label
 dropout, the last one the null class; gacq's class-conditional UNets follow the same convention
@@ -100,20 +105,79 @@ def predict_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond |
     return out[:, :c] if out.shape[1] == 2 * c else out
 
 
-def guided_eps(fn, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, scale: float,
-               null: int | None, force: bool = False) -> torch.Tensor:
+def guided_eps(fn, x: torch.Tensor, t: torch.Tensor, cond: Cond | None, uncond: Cond | None, scale: float,
+               force: bool = False) -> torch.Tensor:
     """eps_u + scale (eps_c - eps_u) with both branches in one batch [conditional; unconditional].
 
-    `fn(x, t, cond)` predicts eps. Without labels, or at scale 1 (unless `force`), it is the plain
-    conditional prediction.
+    `fn(x, t, cond)` predicts eps. Without an unconditional branch, or at scale 1 (unless `force`),
+    it is the plain conditional prediction.
     """
-    if labels is None or (scale == 1.0 and not force):
-        return fn(x, t, {"class_labels": labels} if labels is not None else None)
+    if not uncond or (scale == 1.0 and not force):
+        return fn(x, t, cond or None)
     n = len(x)
-    both = fn(torch.cat([x, x]), torch.cat([t, t]),
-              {"class_labels": torch.cat([labels, torch.full_like(labels, null)])})
+    both = fn(torch.cat([x, x]), torch.cat([t, t]), {k: torch.cat([cond[k], uncond[k]]) for k in cond})
     ec, eu = both[:n], both[n:]
     return eu + scale * (ec - eu)
+
+
+def load_prompt_embeds(path) -> dict[str, torch.Tensor]:
+    """Stored encoder states for text-conditioned models (see the module docstring)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise GacqError(f"prompt embeddings file {path} does not exist")
+    try:
+        d = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise GacqError(f"{path} is not a readable safetensors file: {e}") from e
+    e = d.get("encoder_hidden_states")
+    if e is None or e.dim() != 3:
+        raise GacqError(f"{path} needs a tensor 'encoder_hidden_states' of shape (prompts, tokens, dim)")
+    neg = d.get("negative_encoder_hidden_states")
+    if neg is not None and (neg.dim() != 3 or neg.shape[1:] != e.shape[1:] or len(neg) not in (1, len(e))):
+        raise GacqError(f"{path}: 'negative_encoder_hidden_states' must be (1 or {len(e)}, {e.shape[1]}, "
+                        f"{e.shape[2]}), got {tuple(neg.shape)}")
+    return {"encoder_hidden_states": e.float(), **({"negative": neg.float()} if neg is not None else {})}
+
+
+def sample_conditioning(model: nn.Module, indices, class_label: int | None, prompt_embeds: str | None,
+                        guidance_scale: float) -> tuple[Cond | None, Cond | None]:
+    """(conditional, unconditional) conditioning of the images with these indices; (None, None) for
+    unconditional models. The unconditional branch is None unless guidance is on."""
+    if _cls(model) == "UNet2DConditionModel":
+        if class_label is not None:
+            raise GacqError("--class-label does not apply to text-conditioned models; give --prompt-embeds")
+        if prompt_embeds is None:
+            raise GacqError("this UNet2DConditionModel needs encoder states: give --prompt-embeds FILE.safetensors "
+                            "(tensor 'encoder_hidden_states' of shape (prompts, tokens, dim))")
+        pe = load_prompt_embeds(prompt_embeds)
+        e = pe["encoder_hidden_states"]
+        want = getattr(model.config, "cross_attention_dim", None)
+        if want is not None and e.shape[-1] != want:
+            raise GacqError(f"--prompt-embeds has dimension {e.shape[-1]}, the model's cross-attention wants {want}")
+        rows = torch.tensor([i % len(e) for i in indices])
+        cond = {"encoder_hidden_states": e[rows]}
+        if guidance_scale == 1.0:
+            return cond, None
+        if "negative" not in pe:
+            raise GacqError("--guidance-scale needs 'negative_encoder_hidden_states' (e.g. the empty prompt's "
+                            "states) in the --prompt-embeds file")
+        neg = pe["negative"]
+        return cond, {"encoder_hidden_states": neg[rows % len(neg)]}
+    if prompt_embeds is not None:
+        raise GacqError(f"--prompt-embeds applies to text-conditioned models (UNet2DConditionModel), not {_cls(model)}")
+    labels = sample_labels(model, indices, class_label)
+    if labels is None:
+        if guidance_scale != 1.0:
+            raise GacqError("--guidance-scale needs a class-conditional or text-conditioned model")
+        return None, None
+    cond = {"class_labels": labels}
+    if guidance_scale == 1.0:
+        return cond, None
+    return cond, {"class_labels": torch.full_like(labels, null_label(model))}
 
 
 def slice_cond(cond: Cond | None, index, device=None) -> Cond | None:

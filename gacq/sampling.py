@@ -49,6 +49,8 @@ class SampleConfig:
         class_label: class-conditional models: this label for every image (None: balanced,
             image i gets label i mod classes).
         guidance_scale: classifier-free guidance (1: the conditional prediction alone).
+        prompt_embeds: text-conditioned models: a safetensors file of stored encoder states
+            (`gacq.conditioning.load_prompt_embeds`); image i uses prompt i mod P.
     """
 
     scheduler: str = "ddim"
@@ -62,6 +64,7 @@ class SampleConfig:
     precision: str = "fp32"
     class_label: int | None = None
     guidance_scale: float = 1.0
+    prompt_embeds: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -211,17 +214,14 @@ def generate(
     `on_step(fraction_of_batch_done)` is called after every denoising step (progress bars).
     Class-conditional models get `sample_labels(model, indices, cfg.class_label)`.
     """
-    from .conditioning import guided_eps, null_label, predict_eps, sample_labels
+    from .conditioning import guided_eps, predict_eps, sample_conditioning, slice_cond
 
     device = torch.device(device)
     model = loaded.model
     c, h, w = loaded.sample_shape
     gens = sample_generators(cfg.seed, indices)
-    labels = sample_labels(model, indices, cfg.class_label)
-    if cfg.guidance_scale != 1.0 and labels is None:
-        raise GacqError("--guidance-scale needs a class-conditional model")
-    null = null_label(model) if labels is not None and cfg.guidance_scale != 1.0 else None
-    labels = labels.to(device) if labels is not None else None
+    cond, uncond = sample_conditioning(model, indices, cfg.class_label, cfg.prompt_embeds, cfg.guidance_scale)
+    cond, uncond = slice_cond(cond, slice(None), device), slice_cond(uncond, slice(None), device)
     x = torch.stack([torch.randn((c, h, w), generator=g) for g in gens]).to(device)
     sched = make_scheduler(cfg, loaded.scheduler_config)
     x = x * sched.init_noise_sigma
@@ -239,7 +239,7 @@ def generate(
             inp = sched.scale_model_input(x, t)
             tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
-                eps = guided_eps(fn, inp, tt, labels, cfg.guidance_scale, null)
+                eps = guided_eps(fn, inp, tt, cond, uncond, cfg.guidance_scale)
             x = sched.step(eps.float(), t, x, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(len(gens) / len(sched.timesteps))
@@ -280,13 +280,11 @@ def sample(
     Returns the metadata written to meta.json (on every rank).
     """
     from . import distributed as gdist
-    from .conditioning import null_label, sample_labels
+    from .conditioning import sample_conditioning
 
     out = Path(out)
-    if sample_labels(loaded.model, range(1), cfg.class_label) is None and cfg.guidance_scale != 1.0:
-        raise GacqError("--guidance-scale needs a class-conditional model")
-    if cfg.guidance_scale != 1.0:
-        null_label(loaded.model)  # refuses a model without a null-class embedding before anything is written
+    # refuses missing or mismatched conditioning before anything is written
+    sample_conditioning(loaded.model, range(1), cfg.class_label, cfg.prompt_embeds, cfg.guidance_scale)
     if loaded.step_hook is not None:
         loaded.step_hook(0, cfg)  # a model calibrated for one sampler refuses another before anything is written
     device = torch.device(device)

@@ -44,9 +44,10 @@ def test_guidance_at_scale_one_is_the_conditional_prediction(cond_model_dir):
     cond = predict_eps(m, x, t, {"class_labels": labels})
     uncond = predict_eps(m, x, t, {"class_labels": torch.full_like(labels, 2)})
     # the batched [conditional; unconditional] path at scale 1 gives the conditional rows back
-    torch.testing.assert_close(guided_eps(fn, x, t, labels, 1.0, 2, force=True), cond, atol=1e-5, rtol=0)
+    c, u = {"class_labels": labels}, {"class_labels": torch.full_like(labels, 2)}
+    torch.testing.assert_close(guided_eps(fn, x, t, c, u, 1.0, force=True), cond, atol=1e-5, rtol=0)
     # and at scale 3 the formula on the separately computed branches
-    torch.testing.assert_close(guided_eps(fn, x, t, labels, 3.0, 2), uncond + 3 * (cond - uncond), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided_eps(fn, x, t, c, u, 3.0), uncond + 3 * (cond - uncond), atol=1e-5, rtol=1e-5)
     assert (cond - uncond).abs().max() > 1e-4  # the label is not ignored
 
 
@@ -128,7 +129,8 @@ def test_cli_refusals(tiny_model_dir, tmp_path):
     r = gacq("sample", "--model", tiny_model_dir, "--class-label", 1, "--num", 2, "--out", tmp_path / "s")
     assert r.returncode == 2 and "needs a class-conditional model" in r.stderr and not (tmp_path / "s").exists()
     r = gacq("sample", "--model", tiny_model_dir, "--guidance-scale", 3, "--num", 2, "--out", tmp_path / "s")
-    assert r.returncode == 2 and "needs a class-conditional model" in r.stderr and not (tmp_path / "s").exists()
+    assert r.returncode == 2 and "needs a class-conditional or text-conditioned model" in r.stderr
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("config", ["tiny-cond", "tiny-dit"])
@@ -144,3 +146,52 @@ def test_train_class_conditional(tmp_path, config):
     r = gacq("train", "--data", three, "--config", config, "--out", tmp_path / "r3", "--max-steps", 1,
              "--device", "cpu")
     assert r.returncode == 2 and "has 2 classes" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny text-conditioned UNet (cross-attention) and stored encoder states from a tiny random CLIP
+    text encoder (transformers), as a user would precompute them."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("text")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, layers_per_block=1, norm_num_groups=4, attention_head_dim=2).eval()
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=8, bos_token_id=0,
+                                       eos_token_id=1, pad_token_id=1)).eval()
+    with torch.no_grad():
+        states = enc(input_ids=torch.randint(2, 64, (3, 6))).last_hidden_state
+        empty = enc(input_ids=torch.tensor([[0] + [1] * 5])).last_hidden_state
+    save_file({"encoder_hidden_states": states.contiguous(), "negative_encoder_hidden_states": empty.contiguous()},
+              str(root / "prompts.safetensors"))
+    return save_model(unet, root / "unet"), root / "prompts.safetensors"
+
+
+def test_text_conditioned_calibrate_quantize_sample(text_model, tmp_path):
+    model_dir, prompts = text_model
+    loaded = load_model(model_dir)
+    cs = collect(loaded, SampleConfig(steps=4, guidance_scale=3.0, prompt_embeds=str(prompts)),
+                 CalibDataConfig(selection="all", n_trajectories=4, batch_size=4), progress=False)
+    e = cs.cond["encoder_hidden_states"].view(4, 4, 2, 6, 8)  # step, trajectory, branch
+    from safetensors.torch import load_file
+
+    stored = load_file(str(prompts))
+    assert torch.equal(e[0, 3, 0], stored["encoder_hidden_states"][0])  # trajectory 3 uses prompt 3 mod 3
+    assert torch.equal(e[2, 1, 1], stored["negative_encoder_hidden_states"][0])
+    q, s = tmp_path / "q", tmp_path / "s"
+    r = gacq("quantize", "--model", model_dir, "--method", "qdiffusion", "--wbits", 4, "--abits", 8, "--steps", 4,
+             "--record-steps", 2, "--calib-trajectories", 2, "--iters", 3, "--act-iters", 3, "--device", "cpu",
+             "--prompt-embeds", prompts, "--guidance-scale", 3, "--out", q)
+    assert r.returncode == 0, r.stderr
+    r = gacq("sample", "--model", q, "--steps", 4, "--num", 3, "--prompt-embeds", prompts, "--guidance-scale", 3,
+             "--device", "cpu", "--out", s)
+    assert r.returncode == 0, r.stderr
+    assert np.load(s / "samples.npz")["images"].shape == (3, 8, 8, 3)
+    r = gacq("sample", "--model", q, "--steps", 4, "--num", 3, "--device", "cpu", "--out", tmp_path / "s2")
+    assert r.returncode == 2 and "needs encoder states" in r.stderr
