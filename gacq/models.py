@@ -57,30 +57,22 @@ _DDPM_CIFAR10_UNET: dict[str, Any] = {
     "time_embedding_type": "positional",
 }
 
+_TINY: dict[str, Any] = {
+    **_DDPM_CIFAR10_UNET,
+    "sample_size": 16,
+    "layers_per_block": 1,
+    "block_out_channels": (8, 16),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 4,
+    "dropout": 0.0,
+}
+
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # Tests: 16x16, two levels, one attention level; about 30k parameters.
-    "tiny": {
-        **_DDPM_CIFAR10_UNET,
-        "sample_size": 16,
-        "layers_per_block": 1,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 4,
-        "dropout": 0.0,
-    },
+    "tiny": dict(_TINY),
     # Tests of the class-conditional paths: `tiny` with 2 classes + the null label, and a tiny DiT.
-    "tiny-cond": {
-        **_DDPM_CIFAR10_UNET,
-        "sample_size": 16,
-        "layers_per_block": 1,
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 4,
-        "dropout": 0.0,
-        "num_class_embeds": 3,
-    },
+    "tiny-cond": {**_TINY, "num_class_embeds": 3},
     "tiny-dit": {"_class_name": "DiTTransformer2DModel", "sample_size": 16, "in_channels": 3, "out_channels": 6,
                  "patch_size": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
                  "num_embeds_ada_norm": 2, "norm_type": "ada_norm_zero", "dropout": 0.0},

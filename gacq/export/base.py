@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.modules import QuantConv2d, QuantLayer
+from ..quant.modules import QuantConv2d, QuantLayer, SplitInputs
 from ..quant.quantizer import UniformQuantizer
 
 
@@ -64,7 +64,7 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-class ExportedLayer(nn.Module):
+class ExportedLayer(SplitInputs, nn.Module):
     """Base of the layers that replace a QuantLayer: geometry, bias, input quantizers.
 
     Float buffers listed in `exact_buffers` (weight scales) stay float32 when the model is cast
@@ -94,18 +94,6 @@ class ExportedLayer(nn.Module):
     @property
     def in_axis(self) -> int:
         return 1 if self.is_conv else -1
-
-    def split_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(x,) unsplit, or the two channel groups (x[:, :k], x[:, k:]) of a split layer."""
-        if not self.split:
-            return (x,)
-        k, n = self.split, x.shape[self.in_axis]
-        return x.narrow(self.in_axis, 0, k), x.narrow(self.in_axis, k, n - k)
-
-    def act_quantizers(self) -> list[UniformQuantizer]:
-        if self.act_quantizer is None:
-            return []
-        return [self.act_quantizer] if not self.split else [self.act_quantizer, self.act_quantizer_0]
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the fake-quant layer sees it (QuantLayer.quantized_input)."""

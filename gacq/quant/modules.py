@@ -23,7 +23,25 @@ from ..errors import GacqError
 from .quantizer import AdaRoundQuantizer, UniformQuantizer
 
 
-class QuantLayer(nn.Module):
+class SplitInputs:
+    """Channel groups of a layer's input and their quantizers (attributes `split`, `in_axis`,
+    `act_quantizer`, `act_quantizer_0`); shared by QuantLayer and the exported integer layers."""
+
+    def split_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The input's channel groups: (x,) unsplit, (x[:, :k], x[:, k:]) split (Linear: last axis)."""
+        if not self.split:
+            return (x,)
+        k, n = self.split, x.shape[self.in_axis]
+        return x.narrow(self.in_axis, 0, k), x.narrow(self.in_axis, k, n - k)
+
+    def act_quantizers(self) -> list[UniformQuantizer]:
+        """The input quantizers, one per channel group of `split_input` (empty without act quant)."""
+        if self.act_quantizer is None:
+            return []
+        return [self.act_quantizer] if not self.split else [self.act_quantizer, self.act_quantizer_0]
+
+
+class QuantLayer(SplitInputs, nn.Module):
     """Base of the quantized conv/linear wrappers."""
 
     in_axis = 1  # channel axis of the layer's input (Linear: -1)
@@ -80,19 +98,6 @@ class QuantLayer(nn.Module):
         self.weight_quantizer_0.to(self.weight.device)
         if self.act_quantizer_0 is not None:
             self.act_quantizer_0.to(self.weight.device)
-
-    def split_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The input's channel groups: (x,) unsplit, (x[:, :k], x[:, k:]) split (Linear: last axis)."""
-        if not self.split:
-            return (x,)
-        k, n = self.split, x.shape[self.in_axis]
-        return x.narrow(self.in_axis, 0, k), x.narrow(self.in_axis, k, n - k)
-
-    def act_quantizers(self) -> list[UniformQuantizer]:
-        """The input quantizers, one per channel group of `split_input` (empty without act quant)."""
-        if self.act_quantizer is None:
-            return []
-        return [self.act_quantizer] if not self.split else [self.act_quantizer, self.act_quantizer_0]
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight grid's (scale, zero_point), broadcastable to the weight.
