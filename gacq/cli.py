@@ -245,9 +245,11 @@ def quantize(
     gac_groups: int = typer.Option(5, help="gac: timestep groups K of the validation split."),
     quick: bool = typer.Option(False, "--quick", help="A CPU-sized run: 16 trajectories, 100 AdaRound / 50 step-size iterations, 10 GAC meta-iterations (far below the papers' settings)."),
     compare_num: int = typer.Option(0, "--compare", min=0, help="Then sample N images from the FP and the quantized model with the same noise: QDIR/compare/ (side-by-side grid, report)."),
+    gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Each reconstruction minibatch is split over the processes and their gradients summed."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
+    from . import distributed as gdist
     from .models import load_model
     from .quant.api import QuantConfig, quantize_to_dir
     from .quant.calib_data import CalibDataConfig
@@ -272,24 +274,28 @@ def quantize(
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
                           recon_checkpoints=str(out) + ".recon-ckpt", gac=gac,
                           calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed))
-        dev = resolve_device(device)
-        loaded = load_model(model, device=dev)
-        pe = str(prompt_embeds) if prompt_embeds else None
-        calib_sampler = SampleConfig(steps=steps, seed=seed, timestep_spacing=timestep_spacing, class_label=class_label,
-                                     guidance_scale=guidance_scale, prompt_embeds=pe)
-        meta = quantize_to_dir(loaded, cfg, out, calib, calib_sampler, save_calib=save_calib, device=dev,
-                               extra_meta={"quick": quick})
-        typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
-                   f"in {meta['wall_seconds']:.1f} s")
-        if compare_num:
-            from .compare import compare as compare_fn
+        if gdist.relaunch(gpus, device, "gacq quantize"):
+            return
+        with gdist.session(resolve_device(device)) as dev:
+            loaded = load_model(model, device=dev)
+            pe = str(prompt_embeds) if prompt_embeds else None
+            calib_sampler = SampleConfig(steps=steps, seed=seed, timestep_spacing=timestep_spacing,
+                                         class_label=class_label, guidance_scale=guidance_scale, prompt_embeds=pe)
+            meta = quantize_to_dir(loaded, cfg, out, calib, calib_sampler, save_calib=save_calib, device=dev,
+                                   extra_meta={"quick": quick})
+            if gdist.rank() != 0:  # the checkpoint is written; the comparison runs once
+                return
+            typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
+                       f"in {meta['wall_seconds']:.1f} s")
+            if compare_num:
+                from .compare import compare as compare_fn
 
-            scfg = SampleConfig(num=compare_num, steps=steps, timestep_spacing=timestep_spacing, seed=seed,
-                                class_label=class_label, guidance_scale=guidance_scale, prompt_embeds=pe)
-            rep = compare_fn(loaded, load_model(out, device=dev), scfg, out / "compare", device=dev,
-                             label=f"W{wbits}A{abits} {method}")
-            typer.echo(f"compared with the FP model on {compare_num} images (same noise): mean PSNR "
-                       f"{rep['psnr_db_mean']:.2f} dB; see {out / 'compare' / 'side_by_side.png'} and report.md")
+                scfg = SampleConfig(num=compare_num, steps=steps, timestep_spacing=timestep_spacing, seed=seed,
+                                    class_label=class_label, guidance_scale=guidance_scale, prompt_embeds=pe)
+                rep = compare_fn(loaded, load_model(out, device=dev), scfg, out / "compare", device=dev,
+                                 label=f"W{wbits}A{abits} {method}")
+                typer.echo(f"compared with the FP model on {compare_num} images (same noise): mean PSNR "
+                           f"{rep['psnr_db_mean']:.2f} dB; see {out / 'compare' / 'side_by_side.png'} and report.md")
     except GacqError as e:
         _fail(e)
 

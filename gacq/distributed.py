@@ -159,6 +159,9 @@ def session(device: torch.device | str) -> Iterator[torch.device]:
     try:
         yield init(torch.device(device))
         if owns:
+            # leave together: a rank that tears the group down while another still uses it (rank 0
+            # assembling the output) can abort the job from gloo's threads
+            barrier("finishing")
             shutdown()
     finally:
         if old_handler is not None:
@@ -179,6 +182,15 @@ def _collective(what: str) -> Iterator[None]:
     except RuntimeError as e:  # gloo/NCCL errors (DistBackendError, timeouts) derive from it
         raise GacqError(f"{where()}: {what} failed: {e}. Another rank has probably failed: see its message; "
                         "rerun the same command (gacq sample resumes from its finished shards)") from e
+
+
+def all_reduce_sum(tensors: list[torch.Tensor], what: str = "reducing gradients") -> None:
+    """Sum each tensor over the ranks, in place (the default group: gloo on CPU, NCCL on CUDA)."""
+    if world_size() == 1:
+        return
+    with _collective(what):
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def barrier(what: str = "waiting for the other ranks") -> None:

@@ -214,8 +214,10 @@ def _gac_weight_fn(model, wcal, config, ckpt, device):
         return None
 
     def weight_fn(name, unit, args, kwargs, target):
-        w = fn(name, unit, args, kwargs, target)
-        if ckpt is not None:
+        from .. import distributed as gdist
+
+        w = fn(name, unit, args, kwargs, target)  # every data-parallel rank learns the same weights
+        if ckpt is not None and gdist.rank() == 0:
             (ckpt / "gac").mkdir(parents=True, exist_ok=True)
             with atomic_path(ckpt / "gac" / f"{name}.safetensors") as tmp:
                 save_file({"weights": w.contiguous()}, str(tmp))
@@ -240,9 +242,12 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
             m.adaround.harden()
         freeze_tib(model)
         return
+    from .. import distributed as gdist
+
     stats = reconstruct_tib(model, fp, wcal.t, config.recon, device=device, progress=progress,
                             labels=wcal.cond.get("class_labels"))
-    if path is not None:
+    gdist.barrier("temporal-block reconstruction")
+    if path is not None and gdist.rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {f"{names[id(m)]}.{k}": v.detach().contiguous().cpu()
                  for m in TIB(model).layers() for k, v in m.state_dict().items()}
@@ -300,10 +305,15 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
     from `config.recon_checkpoints`; when the checkpoint is written, the per-unit losses
     (`recon_log.jsonl`) are kept in `out` and the resume folder is removed. Returns the metadata
     stored in the checkpoint (config, commit, wall seconds, peak GPU memory on CUDA).
+
+    Under a torch.distributed group (torchrun / `gacq quantize --gpus N`) every rank runs the same
+    pipeline; reconstruction steps split each minibatch over the ranks and sum their gradients
+    (`gacq.quant.recon.optimise`), and rank 0 alone writes files.
     """
     import shutil
     import time
 
+    from .. import distributed as gdist
     from ..sampling import SampleConfig
     from ..utils import git_commit
     from .calib_data import collect
@@ -311,13 +321,14 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
 
     t0 = time.time()
     device = torch.device(device)
+    progress = progress and gdist.rank() == 0  # one set of progress bars in data-parallel runs
     cs = None
     if config.needs_calibration():
         if calib is not None:
             cs = CalibrationSet.load(calib)
         else:
             cs = collect(loaded, sample_cfg or SampleConfig(), config.calib_config(), device=device)
-            if save_calib is not None:
+            if save_calib is not None and gdist.rank() == 0:
                 cs.save(save_calib)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -330,10 +341,14 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
     if device.type == "cuda":
         meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     out = Path(out)
-    save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config, vae=loaded.vae)
-    if config.recon_checkpoints and Path(config.recon_checkpoints).exists():
-        log = Path(config.recon_checkpoints) / "recon_log.jsonl"
-        if log.exists():  # per-unit losses before/after (and loss curves) stay with the checkpoint
-            shutil.copyfile(log, out / "recon_log.jsonl")
-        shutil.rmtree(config.recon_checkpoints)  # finished: per-unit resume points are no longer needed
+    meta["world_size"] = gdist.world_size()
+    gdist.barrier("quantization")
+    if gdist.rank() == 0:
+        save_quantized(qmodel, out, meta, dict(loaded.model.config), loaded.scheduler_config, vae=loaded.vae)
+        if config.recon_checkpoints and Path(config.recon_checkpoints).exists():
+            log = Path(config.recon_checkpoints) / "recon_log.jsonl"
+            if log.exists():  # per-unit losses before/after (and loss curves) stay with the checkpoint
+                shutil.copyfile(log, out / "recon_log.jsonl")
+            shutil.rmtree(config.recon_checkpoints)  # finished: per-unit resume points are no longer needed
+    gdist.barrier("writing the checkpoint")
     return meta

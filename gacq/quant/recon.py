@@ -224,6 +224,10 @@ def batch_plan(n: int, iters: int, batch_size: int, seed: int, device: torch.dev
 
 
 def use_cuda_graph(device: torch.device | str, enabled: bool) -> bool:
+    from .. import distributed as gdist
+
+    if gdist.world_size() > 1:  # data-parallel steps all-reduce between kernels: run them eagerly
+        return False
     return enabled and torch.device(device).type == "cuda"
 
 
@@ -284,15 +288,30 @@ def optimise(params: list[torch.Tensor], opt: torch.optim.Optimizer, batch_loss:
     a non-finite loss raises GacqError naming the first bad iteration. Returns the mean loss of
     each window of `check_every` iterations.
     """
+    from .. import distributed as gdist
+
     if len(plan) == 0:
         return []
     idx = plan[0].clone()
     hist = torch.zeros(check_every, device=plan.device)
     means: list[float] = []
+    world, rank = gdist.world_size(), gdist.rank()
+    if world > 1 and plan.shape[1] < world:
+        raise GacqError(f"{what}: minibatches of {plan.shape[1]} samples cannot be split over {world} processes")
 
     def step() -> torch.Tensor:
-        loss = batch_loss(idx)
-        loss.backward()
+        if world == 1:
+            loss = batch_loss(idx)
+            loss.backward()
+        else:  # data parallel: each rank its share of the minibatch; summed gradients = the full batch's
+            sub = idx[rank::world]
+            loss = batch_loss(sub) * (len(sub) / len(idx))  # per-sample means reweighted, regularisers split
+            loss.backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            loss = loss.detach().clone()
+            gdist.all_reduce_sum([p.grad for p in params] + [loss])
         opt.step()
         if post_step is not None:
             with torch.no_grad():
@@ -455,6 +474,8 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
     """
     from ..conditioning import model_forward, slice_cond
 
+    from .. import distributed as gdist
+
     if stage not in ("weights", "acts"):
         raise GacqError(f"unknown reconstruction stage {stage!r}")
     if ckpt_dir is not None:
@@ -462,7 +483,9 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
         fp_json = json.loads(json.dumps({"recon": dataclasses.asdict(cfg), "n_samples": len(t), **(fingerprint or {})}))
         if run_file.exists() and json.loads(run_file.read_text()) != fp_json:
             raise GacqError(f"{ckpt_dir} holds reconstruction checkpoints of another run; delete it or change --out")
-        write_json(run_file, fp_json)
+        gdist.barrier("checking the reconstruction checkpoints")
+        if gdist.rank() == 0:
+            write_json(run_file, fp_json)
     run = lambda model, lo, hi: model_forward(model, x[lo:hi].to(device), t[lo:hi].to(device),  # noqa: E731
                                               slice_cond(cond, slice(lo, hi), device))
     units = order_by_execution(q_model, find_units(q_model), lambda m: run(m, 0, 1))
@@ -506,11 +529,12 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
         s = {"unit": name, "kind": type(unit).__name__, "stage": stage, **s}
         stats.append(s)
         bar.set_postfix(loss=f"{s['loss_before']:.3g}->{s['loss_after']:.3g}")
-        if path is not None:
+        if path is not None and gdist.rank() == 0:  # data-parallel ranks hold the same unit: one writes
             with atomic_path(path) as tmp:
                 save_file({k: v.detach().contiguous().cpu() for k, v in unit.state_dict().items()}, str(tmp))
             with open(path.parent / "recon_log.jsonl", "a") as f:
                 f.write(json.dumps({"index": i, **s}) + "\n")
+        gdist.barrier(f"reconstruction of unit {i} ({name})")
         if on_unit_done is not None:
             on_unit_done(i, name, s)
     return stats
