@@ -5,7 +5,8 @@ recipe cuts its own timestep selection out of it), quantize, sample, evaluate. A
 JSON file `<results>/cells/<cell id>.json`; rerunning the spec skips finished cells and resumes
 unfinished ones (quantization resumes per block, sampling per shard), so a table can be built over
 many short GPU calls. `--parallel N` runs independent cells as N processes (small models leave a
-GPU mostly idle).
+GPU mostly idle); with several GPUs visible, the N process slots are spread over them round-robin
+and each cell group runs whole on one GPU.
 
 A spec (every key but `[[grid]]` optional; defaults shown)::
 
@@ -410,16 +411,32 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
     logs = spec.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
+    # several GPUs: each process slot owns one (whole cells per GPU), slots spread round-robin
+    import queue
+
+    import torch
+
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
+    slots: queue.Queue = queue.Queue()
+    for j in range(parallel):
+        slots.put(j % n_gpus if n_gpus > 1 else None)
+
     def launch(group: list[Cell]) -> tuple[list[Cell], int, Path]:
         log = logs / f"{group[0].id}.log"
         args = [sys.executable, "-m", "gacq", "experiment", "run", str(spec.path), "--cells",
                 ",".join(c.id for c in group)] + ([] if progress else ["--quiet"])
-        with open(log, "a") as f:
-            rc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+        gpu = slots.get()
+        env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+        try:
+            with open(log, "a") as f:
+                rc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env).returncode
+        finally:
+            slots.put(gpu)
         return group, rc, log
 
     groups = _groups(spec, todo)
-    echo(f"{len(groups)} process group(s), {parallel} at a time; logs in {logs}")
+    echo(f"{len(groups)} process group(s), {parallel} at a time" + (f" over {n_gpus} GPUs" if n_gpus > 1 else "")
+         + f"; logs in {logs}")
     failed = []
     with ThreadPoolExecutor(parallel) as pool:
         for group, rc, log in pool.map(launch, groups):
