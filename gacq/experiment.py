@@ -259,12 +259,12 @@ def _calib_dir(spec: ExperimentSpec, steps: int) -> Path:
     return spec.work / name
 
 
-def _sample_config(spec: ExperimentSpec, steps: int, seed: int, num: int | None = None, batch_size=None):
+def _sample_config(spec: ExperimentSpec, steps: int, seed: int):
     from .sampling import SampleConfig
 
     s = spec.sample
-    return SampleConfig(scheduler=s["scheduler"], steps=steps, eta=float(s["eta"]), num=num or s["num"],
-                        batch_size=batch_size or s["batch_size"], seed=seed, timestep_spacing=s["timestep_spacing"],
+    return SampleConfig(scheduler=s["scheduler"], steps=steps, eta=float(s["eta"]), num=s["num"],
+                        batch_size=s["batch_size"], seed=seed, timestep_spacing=s["timestep_spacing"],
                         guidance_scale=float(s["guidance_scale"]))
 
 
@@ -298,8 +298,10 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"))
 
 
-def ensure_quantized(spec: ExperimentSpec, cell: Cell, loaded, device, progress=True) -> tuple[Path | None, bool]:
-    """The cell's quantized checkpoint (made, or resumed, if missing); (None, False) for FP."""
+def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) -> tuple[Path | None, bool]:
+    """The cell's quantized checkpoint (made, or resumed, if missing); (None, False) for FP.
+    The float model is loaded only when a checkpoint has to be made."""
+    from .models import load_model
     from .quant.api import quantize_to_dir
 
     job, float_acts, abits = quant_job_of(spec, cell)
@@ -313,6 +315,7 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, loaded, device, progress=
             raise GacqError(f"{qdir} was quantized with other settings than this spec's; give the spec its own "
                             "`work` folder (or delete that checkpoint)")
     else:
+        loaded = load_model(spec.model, device=device)
         calib = ensure_calib(spec, cell.steps, loaded, device) if cfg.needs_calibration() else None
         quantize_to_dir(loaded, cfg, qdir, calib, device=device, progress=progress,
                         extra_meta={"experiment": spec.name, "job": job})
@@ -331,9 +334,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         return json.loads(out.read_text())
     device = resolve_device(spec.device)
     t0 = time.time()
-    fp = load_model(spec.model, device=device)
-    qdir, float_acts = ensure_quantized(spec, cell, fp, device, progress)
-    loaded = fp if qdir is None else load_model(qdir, device=device, act_quant=not float_acts)
+    qdir, float_acts = ensure_quantized(spec, cell, device, progress)
+    loaded = load_model(spec.model if qdir is None else qdir, device=device, act_quant=not float_acts)
     sdir = spec.work / "samples" / cell.id
     smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
     ev = spec.eval

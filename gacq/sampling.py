@@ -212,7 +212,8 @@ def generate(
     `model_fn(x, t, cond)` replaces the model's noise prediction (`gacq.conditioning.predict_eps`);
     with guidance it sees the conditional and the unconditional branch in one batch.
     `on_step(fraction_of_batch_done)` is called after every denoising step (progress bars).
-    Class-conditional models get `sample_labels(model, indices, cfg.class_label)`.
+    Conditioning (class labels or stored encoder states, and the unconditional branch under
+    guidance) comes from `gacq.conditioning.sample_conditioning`.
     """
     from .conditioning import guided_eps, predict_eps, sample_conditioning, slice_cond
 

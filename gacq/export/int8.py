@@ -156,10 +156,9 @@ def int8_unsupported(layer: QuantLayer) -> str | None:
         return "weight quantization is switched off"
     if layer.weight_quantizer.bits > 8:
         return f"{layer.weight_quantizer.bits}-bit weights"
-    quants = [layer.act_quantizer] if not layer.split else [layer.act_quantizer, layer.act_quantizer_0]
     if layer.act_quantizer is None or not layer.a_quant:
         return "input kept in float (no activation quantizer)"
-    for q in quants:
+    for q in layer.act_quantizers():
         if q is None or not q.enabled or not q.is_initialized:
             return "activation quantizer missing, disabled or uninitialised"
         if q.bits > 8:

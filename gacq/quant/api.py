@@ -278,7 +278,7 @@ def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, dev
 
     batches = [(src.x[idx[i:i + bs]].to(device), src.t[idx[i:i + bs]].to(device),
                 slice_cond(src.cond, idx[i:i + bs], device)) for i in range(0, len(idx), bs)]
-    forward = lambda m, x, t, c: model_forward(m, x, t, c)  # noqa: E731
+    forward = model_forward  # forward(model, x, t, cond) over the (x, t, cond) batches
     ranges = observe_input_ranges(model, batches, forward)
     init_act_quantizers_minmax(model, ranges)
     if spec.attn_quant:
