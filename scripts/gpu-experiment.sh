@@ -12,4 +12,7 @@ RES=$(python -c "import sys; from gacq.experiment import load_spec; print(load_s
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
   "python -m gacq experiment run $SPEC --parallel $P --quiet > \$JOBOUT/experiment.log 2>&1"
 [ -d "$RES" ] && tar czf "$OUT/$NAME-results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
+# the per-process logs and GAC's learned per-sample weights (small; the checkpoints stay here)
+WORK=$(python -c "import sys; from gacq.experiment import load_spec; print(load_spec(sys.argv[1]).work)" "$SPEC")
+[ -d "$WORK" ] && (cd "$WORK" && tar czf "$OUT/$NAME-work-small.tgz" logs $(ls -d q/*/gac q/*/quant_config.json 2>/dev/null))
 tail -3 "runs/bg/exp-$NAME/out/experiment.log" 2>/dev/null
