@@ -207,7 +207,7 @@ def test_eval_with_two_procs_equals_one_process(tmp_path):
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_data_parallel_quantize_equals_one_process(model_dir, tmp_path, nproc):
     """gac W4A8 (TIB, AdaRound with learned weights, FSC): each minibatch split over the ranks with
-    summed gradients gives the single-process checkpoint; rank 0 alone writes (no duplicate log
+    summed gradients (and GAC's validation groups split over them) gives the single-process checkpoint; rank 0 alone writes (no duplicate log
     lines). Minibatches of 8 split 3/3/2 over three ranks."""
     from safetensors.torch import load_file
 
@@ -224,7 +224,9 @@ def test_data_parallel_quantize_equals_one_process(model_dir, tmp_path, nproc):
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
     ga, gb = (load_file(str(tmp_path / d / "gac_weights.safetensors")) for d in ("one", "dp"))
-    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert ga.keys() == gb.keys()
+    for k in ga:  # the meta-gradient's validation groups are split over the ranks: summation order only
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-6, atol=0)
     logs = [(tmp_path / d / "recon_log.jsonl").read_text().splitlines() for d in ("one", "dp")]
     assert len(logs[0]) == len(logs[1])
     meta = json.loads((tmp_path / "dp" / "quant_config.json").read_text())

@@ -157,27 +157,74 @@ class GACBlock:
         out = out if torch.is_tensor(out) else out[0]
         return lp_loss_per_sample(out, self.data.target[idx], self.cfg.p)
 
-    def meta_loss(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """L(s) for a minibatch (positions into the train indices) and validation subsets."""
-        cfg = self.cfg
-        w = self.weights()
-        w_b = w[batch]
+    def _inner_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """w_B and theta' = theta - eta * mean_{i in B} N w_i grad l_i (differentiable in w_B)."""
+        w_b = self.weights()[batch]
         n = len(self.train_idx)
         per = self._loss(self.theta, self.train_idx[batch])
         inner = (n * w_b.to(per.dtype) * per).mean()
         names = list(self.theta)
         grads = torch.autograd.grad(inner, [self.theta[k] for k in names], create_graph=True)
-        theta2 = {k: self.theta[k] - cfg.inner_lr * g for k, g in zip(names, grads)}
-        ells, gs = [], []
-        for vidx in val:
-            ell = self._loss(theta2, vidx).mean()
-            (g_w,) = torch.autograd.grad(ell, w_b, create_graph=True)
-            ells.append(ell)
-            gs.append(g_w)
+        return w_b, {k: self.theta[k] - self.cfg.inner_lr * g for k, g in zip(names, grads)}
+
+    def _group(self, theta2: dict, w_b: torch.Tensor, vidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """l_k(theta') and G_k = d l_k / d w_B of one validation group (graphs kept)."""
+        ell = self._loss(theta2, vidx).mean()
+        (g_w,) = torch.autograd.grad(ell, w_b, create_graph=True)
+        return ell, g_w
+
+    @staticmethod
+    def _gm(gs) -> torch.Tensor:
         k = len(gs)
-        gm = sum((gs[a] * gs[b]).sum() for a in range(k) for b in range(a + 1, k)) * (2.0 / (k * (k - 1)))
+        return sum((gs[a] * gs[b]).sum() for a in range(k) for b in range(a + 1, k)) * (2.0 / (k * (k - 1)))
+
+    def meta_loss(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """L(s) for a minibatch (positions into the train indices) and validation subsets."""
+        w_b, theta2 = self._inner_step(batch)
+        ells, gs = zip(*(self._group(theta2, w_b, vidx) for vidx in val))
+        gm = self._gm(gs)
         mse = torch.stack(ells).mean()
         return -gm + mse, {"gm": float(gm.detach()), "val_mse": float(mse.detach())}
+
+    def meta_grad(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """dL/ds (and L) for one meta-iteration.
+
+        In a data-parallel group (`torchrun`, `--gpus N`) the K validation groups, the costly part
+        (each is a forward and a double backward at theta'), are split round-robin over the ranks;
+        every rank takes the cheap minibatch step theta' itself. L depends on the groups only
+        through the G_k and l_k, so with c_k = dL/dG_k = -2/(K(K-1)) sum_{l != k} G_l from the
+        gathered (detached) G's, the rank's share sum_{k mine} (c_k . G_k + l_k / K) has exactly
+        the groups' part of dL/ds as its gradient; the shares are all-reduced. One set of scores,
+        equal on every rank; equal to one process up to the order of floating-point sums.
+        """
+        from .. import distributed as gdist
+
+        world = gdist.world_size()
+        if world == 1:
+            loss, info = self.meta_loss(batch, val)
+            (grad,) = torch.autograd.grad(loss, [self.scores])  # theta is only differentiated through
+            return grad, loss.detach(), info
+        k = len(val)
+        w_b, theta2 = self._inner_step(batch)
+        mine = list(gdist.owned(k, gdist.rank(), world))
+        G = torch.zeros(k, len(batch), dtype=w_b.dtype, device=w_b.device)
+        ell_all = torch.zeros(k, dtype=torch.float64, device=w_b.device)
+        own = {}
+        for j in mine:
+            ell, g_w = self._group(theta2, w_b, val[j])
+            own[j] = (ell, g_w)
+            G[j], ell_all[j] = g_w.detach(), ell.detach().double()
+        gdist.all_reduce_sum([G, ell_all], "gathering GAC's validation-group gradients")
+        share = w_b.sum() * 0.0  # keeps the graph for a rank without groups (more ranks than K)
+        for j, (ell, g_w) in own.items():
+            c = -(2.0 / (k * (k - 1))) * (G.sum(0) - G[j])
+            share = share + (c * g_w).sum() + ell / k
+        (grad,) = torch.autograd.grad(share, [self.scores])
+        grad = grad.contiguous()
+        gdist.all_reduce_sum([grad], "reducing GAC's meta-gradients")
+        gm = self._gm(list(G))
+        loss = -gm + ell_all.mean().to(gm.dtype)
+        return grad, loss, {"gm": float(gm), "val_mse": float(ell_all.mean())}
 
     def _val_subsets(self, gen: torch.Generator) -> list[torch.Tensor]:
         out = []
@@ -210,10 +257,9 @@ class GACBlock:
         log = []
         for it in range(cfg.meta_iters):
             batch = next(batches)
-            loss, info = self.meta_loss(batch, self._val_subsets(gen))
+            grad, loss, info = self.meta_grad(batch, self._val_subsets(gen))
             if not torch.isfinite(loss):
                 raise GacqError(f"GAC meta-objective is {loss.item()} at meta-iteration {it}; lower --gac-inner-lr")
-            (grad,) = torch.autograd.grad(loss, [self.scores])  # theta is only differentiated through
             if cfg.meta_optimizer == "adam":  # only the minibatch's scores (and their moments) move
                 grad = torch.sparse_coo_tensor(batch[None], grad[batch], grad.shape, check_invariants=True)
             self.scores.grad = grad

@@ -5,10 +5,15 @@ inconsistent samples, and gac with zero meta-iterations == tfmq."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
+from safetensors.torch import load_file
 
 from gacq.errors import GacqError
 from gacq.quant.gac import GACBlock, GACConfig, validation_split
@@ -56,14 +61,19 @@ def test_validation_split_is_balanced_and_grouped():
         GACConfig(inner_lr=0)
 
 
-def test_meta_gradient_matches_central_finite_differences():
+def meta_grad_case():
+    """A float64 block, non-uniform scores, a minibatch of 8 and K=5 validation groups."""
     fp, unit = _block()
     x, te, y = _data(fp, unit, 40)
     train, groups = validation_split(torch.arange(40) % 10, 0.2, 5)
     blk = GACBlock(unit, UnitData(unit, [x, te], {}, y, 2.0), train, groups, GACConfig(inner_lr=1.0))
     with torch.no_grad():
         blk.scores.copy_(torch.randn(len(train), generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.3)
-    batch = torch.arange(8)
+    return blk, torch.arange(8), groups
+
+
+def test_meta_gradient_matches_central_finite_differences():
+    blk, batch, groups = meta_grad_case()
     loss, _ = blk.meta_loss(batch, groups)
     (grad,) = torch.autograd.grad(loss, blk.scores)
     eps = 1e-6
@@ -79,6 +89,29 @@ def test_meta_gradient_matches_central_finite_differences():
         fd = (lp - lm) / (2 * eps)
         # float64 central differences of a loss ~1e-3: absolute error ~1e-12
         assert grad[j].item() == pytest.approx(fd, rel=1e-3, abs=1e-11)
+    blk.close()
+
+
+@pytest.mark.parametrize("nproc", [2, 6])
+def test_meta_gradient_split_over_ranks_equals_one_process(tmp_path, nproc):
+    """Under torchrun (gloo) the K=5 validation groups are split over the ranks (6 ranks: one has
+    none) and the shares' gradients all-reduced: the same dL/ds as one process, float64."""
+    blk, batch, groups = meta_grad_case()
+    loss, info = blk.meta_loss(batch, groups)
+    (want,) = torch.autograd.grad(loss, blk.scores)
+    single, single_loss, _ = blk.meta_grad(batch, groups)  # one process: the plain path
+    assert torch.equal(single, want)
+    out = tmp_path / "grad.safetensors"
+    worker = Path(__file__).with_name("gac_dp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                        str(nproc), str(worker), str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(str(out))
+    torch.testing.assert_close(got["grad"], want, rtol=1e-10, atol=1e-16)
+    assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-12)
+    assert got["gm"].item() == pytest.approx(info["gm"], rel=1e-10, abs=1e-18)
+    assert got["grad"].abs().max() > 0
     blk.close()
 
 
