@@ -310,8 +310,11 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
     qdir = spec.work / "q" / job
     cfg = _quant_config(spec, cell, abits, job)
     if (qdir / "quant_config.json").exists():
-        stored = json.loads((qdir / "quant_config.json").read_text()).get("config")
-        if stored != json.loads(json.dumps(cfg.to_json())):
+        # where the resume points lived is no setting (a checkpoint may come from another machine)
+        stored = dict(json.loads((qdir / "quant_config.json").read_text()).get("config") or {})
+        want = json.loads(json.dumps(cfg.to_json()))
+        stored.pop("recon_checkpoints", None), want.pop("recon_checkpoints", None)
+        if stored != want:
             raise GacqError(f"{qdir} was quantized with other settings than this spec's; give the spec its own "
                             "`work` folder (or delete that checkpoint)")
     else:

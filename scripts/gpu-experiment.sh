@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
 # Run (or keep polling) `gacq experiment run SPEC --parallel P` in the background on the device
-# machine; each call waits up to WAIT seconds, then packs the spec's results folder (cell JSONs,
-# grids; never checkpoints or samples) into $OUT/<name>-results.tgz. Rerunning on a fresh machine
-# resumes: finished cells are in the results folder (unpack it into the checkout first), and
-# unfinished quantizations restart from their last block only while the machine stays warm.
+# machine; each call waits up to WAIT seconds, then packs into $OUT:
+#   <name>-results.tgz     the spec's results folder (cell JSONs, grids);
+#   <name>-work-small.tgz  per-process logs, the experiment log, GAC's per-block weights;
+#   <name>-q.tgz[.partNN]  every finished quantized checkpoint (a few MB each for the bundled
+#                          model; split into 15 MB parts when larger).
+# Nothing finished is lost when the machine goes back: on the next session, unpack the results
+# into the checkout and the checkpoints into the spec's work folder, and carry that folder:
+#   tar xzf <name>-results.tgz -C results/experiments
+#   mkdir -p runs/experiments/<name> && cat <name>-q.tgz* | tar xz -C runs/experiments/<name>
+#   run(..., carry=[".whl", "runs/experiments/<name>/q"])
+# The runner then skips finished cells and samples finished checkpoints without requantizing.
+# Unfinished quantizations restart from their last block only while the machine stays warm.
 # Usage (device): source scripts/gpu-setup.sh; WAIT=540 bash scripts/gpu-experiment.sh $OUT SPEC [P]
 set -u
 OUT=$1; SPEC=$2; P=${3:-3}
-NAME=$(python -c "import sys; from gacq.experiment import load_spec; print(load_spec(sys.argv[1]).name)" "$SPEC")
-RES=$(python -c "import sys; from gacq.experiment import load_spec; print(load_spec(sys.argv[1]).results)" "$SPEC")
+spec_field() { python -c "import sys; from gacq.experiment import load_spec; print(getattr(load_spec(sys.argv[1]), sys.argv[2]))" "$SPEC" "$1"; }
+NAME=$(spec_field name); RES=$(spec_field results); WORK=$(spec_field work)
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
   "python -m gacq experiment run $SPEC --parallel $P --quiet > \$JOBOUT/experiment.log 2>&1"
-# pack a snapshot (cells are written while we pack; a live tar once came back empty-handed)
+# pack snapshots (cells are written while we pack; a live tar once came back empty-handed)
 SNAP=$(mktemp -d)
 [ -d "$RES" ] && cp -r "$RES" "$SNAP/" && tar czf "$OUT/$NAME-results.tgz" -C "$SNAP" "$(basename "$RES")" \
   || echo "WARNING: could not pack $RES"
-# the per-process logs and GAC's learned per-sample weights (small; the checkpoints stay here):
-# resume folders' q/<job>.recon-ckpt/gac/*.safetensors and finished jobs' gac_weights.safetensors
-WORK=$(python -c "import sys; from gacq.experiment import load_spec; print(load_spec(sys.argv[1]).work)" "$SPEC")
 if [ -d "$WORK" ]; then
-  (cd "$WORK" && cp -r --parents logs $(ls -d q/*/gac q/*/quant_config.json q/*/gac_weights.safetensors \
-    2>/dev/null) "$SNAP/" && tar czf "$OUT/$NAME-work-small.tgz" -C "$SNAP" logs q) \
-    || echo "WARNING: could not pack the logs and GAC weights of $WORK"
+  mkdir -p "$SNAP/small" "$SNAP/q"
+  (cd "$WORK" && cp -r --parents logs $(ls -d q/*/gac q/*/quant_config.json 2>/dev/null) "$SNAP/small/")
+  mv "$OUT"/job.log "$OUT"/experiment.log "$SNAP/small/" 2>/dev/null
+  tar czf "$OUT/$NAME-work-small.tgz" -C "$SNAP/small" . || echo "WARNING: could not pack the logs of $WORK"
+  # finished checkpoints: q/<job>/ holding quant_config.json (written last, by an atomic rename)
+  FIN=$(cd "$WORK" && for d in q/*/; do [ -f "$d/quant_config.json" ] && echo "${d%/}"; done)
+  if [ -n "$FIN" ]; then
+    (cd "$WORK" && tar czf "$SNAP/q.tgz" $FIN)
+    if [ "$(stat -c %s "$SNAP/q.tgz")" -le 15728640 ]; then mv "$SNAP/q.tgz" "$OUT/$NAME-q.tgz"
+    else split -b 15M -d "$SNAP/q.tgz" "$OUT/$NAME-q.tgz.part"; fi
+    echo "packed finished checkpoints: $(echo $FIN | tr '\n' ' ')"
+  fi
 fi
 rm -rf "$SNAP"
-tail -3 "runs/bg/exp-$NAME/out/experiment.log" 2>/dev/null

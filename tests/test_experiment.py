@@ -201,3 +201,20 @@ def test_a_spec_with_other_settings_is_refused_on_shared_folders(ran, tiny32):
     (ran / "same.toml").write_text(same)
     r = gacq("experiment", "run", "same.toml", "--quiet", cwd=ran)
     assert r.returncode == 0 and "5 of 5 cells done, running 0" in r.stdout
+
+
+def test_a_finished_checkpoint_carried_to_another_machine_is_sampled_not_requantized(ran, tiny32, tmp_path):
+    """What scripts/gpu-experiment.sh ships back (q/<job>/) in another checkout (another absolute
+    path for the resume points) is reused: the cell samples it without calibrating or quantizing."""
+    import shutil
+
+    (tmp_path / "spec.toml").write_text(SPEC.format(model=tiny32))
+    job = "tfmq_w4a8_steps5"
+    shutil.copytree(ran / "runs/experiments/t/q" / job, tmp_path / "runs/experiments/t/q" / job)
+    r = gacq("experiment", "run", "spec.toml", "--cells", "tfmq_w4a32_steps5_seed0", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not list((tmp_path / "runs/experiments/t").glob("calib_all_*"))  # no calibration set: no quantization
+    got = json.loads((tmp_path / "results/experiments/t/cells/tfmq_w4a32_steps5_seed0.json").read_text())
+    want = json.loads((ran / "results/experiments/t/cells/tfmq_w4a32_steps5_seed0.json").read_text())
+    assert got["quantize"]["wall_seconds"] == want["quantize"]["wall_seconds"]
+    assert got["metrics"]["fid"] == want["metrics"]["fid"]
