@@ -94,18 +94,13 @@ def test_calibration_set_keeps_labels_on_disk(tmp_path):
     assert sub.cond["class_labels"].tolist() == [0, 1] and sub.t.tolist() == [4, 1]
 
 
-@pytest.mark.parametrize("method", ["tfmq", "qdiffusion"])
+@pytest.mark.parametrize("method", ["tfmq", "qdiffusion", "gac"])
 def test_quantize_and_sample_class_conditional(cond_model_dir, tmp_path, method):
-    dit = "dit" in cond_model_dir.name
     q, s = tmp_path / "q", tmp_path / "s"
     args = ["quantize", "--model", cond_model_dir, "--method", method, "--wbits", 4, "--abits", 8,
-            "--guidance-scale", 2, "--steps", 6, "--record-steps", 3, "--calib-trajectories", 2, "--iters", 4,
-            "--act-iters", 4, "--device", "cpu", "--out", q]
+            "--guidance-scale", 2, "--steps", 6, "--record-steps", 5, "--calib-trajectories", 2, "--iters", 4,
+            "--act-iters", 4, "--gac-meta-iters", 2, "--device", "cpu", "--out", q]
     r = gacq(*args)
-    if dit and method == "tfmq":  # TFMQ-DM's temporal block is a UNet construct: a clear refusal
-        assert r.returncode == 2 and "implemented for UNet2DModel, not DiTTransformer2DModel" in r.stderr
-        assert not q.exists()
-        return
     assert r.returncode == 0, r.stderr
     r = gacq("sample", "--model", q, "--guidance-scale", 2, "--steps", 6, "--num", 3, "--batch-size", 3,
              "--device", "cpu", "--out", s)
@@ -195,3 +190,60 @@ def test_text_conditioned_calibrate_quantize_sample(text_model, tmp_path):
     assert np.load(s / "samples.npz")["images"].shape == (3, 8, 8, 3)
     r = gacq("sample", "--model", q, "--steps", 4, "--num", 3, "--device", "cpu", "--out", tmp_path / "s2")
     assert r.returncode == 2 and "needs encoder states" in r.stderr
+
+
+def test_dit_temporal_block_is_its_adaln_modulation_and_reconstructs():
+    """On a DiT the TIB's features are what every block's adaLN-Zero modulation and proj_out_1
+    compute inside a full forward (they depend on t and label only); TIAR lowers their error
+    against round-to-nearest and freezes the layers, which block reconstruction then leaves out."""
+    import copy
+
+    from gacq.quant.recon import ReconConfig, find_units, trainable_layers
+    from gacq.quant.tfmq import TIB, reconstruct_tib
+    from gacq.quant.wrap import quant_layers, set_quant_state, wrap_layers
+
+    torch.manual_seed(0)
+    fp = build_model("tiny-dit").eval()
+    with torch.no_grad():
+        for p in fp.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tib = TIB(fp)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, o.detach()))
+             for i, m in enumerate([n.linear for n in tib.norms] + [fp.proj_out_1])]
+    t, lab = torch.tensor([3, 500, 999]), torch.tensor([0, 1, 2])  # 2: the null label
+    with torch.no_grad():
+        fp(torch.randn(3, 3, 16, 16), t, class_labels=lab)
+        for h in hooks:
+            h.remove()
+        feats = tib.forward(t, lab)
+    assert len(feats) == len(seen) == 3  # two blocks' modulation + the output layer's shift/scale
+    for i, a in enumerate(feats):
+        torch.testing.assert_close(a, seen[i])
+    with pytest.raises(GacqError, match="needs the samples' labels"):
+        tib.forward(t)
+
+    q = copy.deepcopy(fp)
+    wrap_layers(q, 3, None)
+    for _, m in quant_layers(q):
+        m.init_weight("mse")
+    set_quant_state(q, weights=True, acts=False)
+    qt = TIB(q)
+    assert len(qt.layers()) == 2 * 3 + 1
+    g = torch.Generator().manual_seed(0)
+    tc, lc = torch.randint(0, 1000, (64,), generator=g), torch.randint(0, 3, (64,), generator=g)
+    with torch.no_grad():
+        tgt = TIB(fp).forward(tc, lc)
+        rtn = sum(float((o - y).pow(2).sum()) for o, y in zip(qt.forward(tc, lc), tgt))
+    stats = reconstruct_tib(q, fp, tc, ReconConfig(iters=60, batch_size=16, lr=1e-2), progress=False, labels=lc)
+    with torch.no_grad():
+        after = sum(float((o - y).pow(2).sum()) for o, y in zip(qt.forward(tc, lc), tgt))
+    assert after < rtn and stats["loss_after"] < stats["loss_before"]
+    assert all(m.recon_frozen for m in qt.layers())
+    frozen = {id(m) for m in qt.layers()}
+    units = find_units(q)  # the transformer blocks stay units; none of their trainable layers is a TIB layer
+    assert sum(type(u).__name__ == "BasicTransformerBlock" for _, u in units) == 2
+    assert not any(id(m) in frozen for _, u in units for m in trainable_layers(u))
+    assert "proj_out_1" not in dict(find_units(q))
+    with pytest.raises(GacqError, match="implemented for UNet2DModel and DiTTransformer2DModel"):
+        TIB(torch.nn.Linear(2, 2))

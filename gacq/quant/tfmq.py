@@ -1,6 +1,6 @@
 """TFMQ-DM's temporal information block (TIB) and its reconstruction (TIAR), baselines.md §5.
 
-The TIB is the part of a UNet that depends on t only: the time embedding MLP
+The TIB is the part of a UNet that depends on t only (for DiT, see `TIB`): the time embedding MLP
 (`TimestepEmbedding`: linear_1 -> act -> linear_2) and every ResnetBlock2D's
 `time_emb_proj(act(emb))`. Its outputs are the temporal features, one per resnet block.
 TIAR rounds all of its quantized linears jointly with AdaRound so that every temporal
@@ -8,7 +8,7 @@ feature matches the FP model's on the same t (sum of the per-feature Lp losses p
 rounding regulariser). The TIB's layers are then marked `recon_frozen`, so the block
 reconstruction that follows leaves them alone (TFMQ-DM's `quant_emb` flag).
 
-Modules are found by type (Timesteps, TimestepEmbedding, ResnetBlock2D), not attribute paths.
+Modules are found by type (Timesteps, TimestepEmbedding, ResnetBlock2D, AdaLayerNormZero), not attribute paths.
 """
 
 from __future__ import annotations
@@ -23,21 +23,39 @@ from .recon import ReconConfig, adaround_optimise, batch_plan, lp_loss_per_sampl
 
 
 class TIB:
-    """Handles on a model's temporal information block."""
+    """Handles on a model's temporal information block.
+
+    UNet2DModel: the time-embedding MLP and every resnet's `time_emb_proj`; the temporal features
+    are the projections' outputs. DiTTransformer2DModel (adaLN-Zero): time and label enter every
+    transformer block through the block's own timestep-label embedder (`norm1.emb`: sinusoid ->
+    linear_1 -> SiLU -> linear_2, plus the label embedding) and its modulation linear
+    (`norm1.linear`, the 6 shift/scale/gate vectors), and the output layer through `proj_out_1`
+    (fed by block 0's embedder). Those depend on (t, label) only: they are the DiT's TIB, and the
+    modulation vectors (and proj_out_1's shift/scale) are its temporal features. This is gacq's
+    choice for the tfmq baseline on DiT (TFMQ-DM itself only treats UNets).
+    """
 
     def __init__(self, model: nn.Module):
+        kind = type(model).__name__
+        if kind == "UNet2DModel":
+            self._unet(model)
+        elif kind == "DiTTransformer2DModel":
+            self._dit(model)
+        else:
+            raise GacqError(f"TFMQ-DM's temporal block is implemented for UNet2DModel and DiTTransformer2DModel, "
+                            f"not {kind}")
+
+    def _unet(self, model: nn.Module) -> None:
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
         from diffusers.models.resnet import ResnetBlock2D
 
-        if type(model).__name__ != "UNet2DModel":
-            raise GacqError(f"TFMQ-DM's temporal block is implemented for UNet2DModel, not {type(model).__name__} "
-                            "(for DiT, time and label enter every block's adaLN modulation: not supported yet)")
+        self.kind = "unet"
         projs = [m for m in model.modules() if isinstance(m, Timesteps)]
         embs = [m for m in model.modules() if isinstance(m, TimestepEmbedding)]
         if len(projs) != 1 or len(embs) != 1:
             raise GacqError(
                 f"TFMQ-DM's temporal block needs one sinusoidal Timesteps module and one TimestepEmbedding; "
-                f"this model has {len(projs)} and {len(embs)} (transformer models are not supported by tfmq yet)")
+                f"this model has {len(projs)} and {len(embs)}")
         self.time_proj, self.time_embedding = projs[0], embs[0]
         self.resnets = [(n, m) for n, m in model.named_modules()
                         if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
@@ -50,13 +68,37 @@ class TIB:
 
         self.class_embedding = model.class_embedding if is_class_conditional(model) else None
 
+    def _dit(self, model: nn.Module) -> None:
+        from diffusers.models.normalization import AdaLayerNormZero
+
+        self.kind = "dit"
+        self.norms = [m for m in model.modules() if isinstance(m, AdaLayerNormZero)]
+        if not self.norms or any(m.emb is None for m in self.norms):
+            raise GacqError("TFMQ-DM's temporal block on a DiT needs adaLN-Zero blocks with their own timestep-label "
+                            "embedding (norm_type='ada_norm_zero')")
+        self.proj_out_1 = getattr(model, "proj_out_1", None)
+        self.dtype = next(self.norms[0].linear.parameters()).dtype
+
     def layers(self) -> list[QuantLayer]:
         """Quantized layers of the TIB (float ones are left out)."""
-        mods = [self.time_embedding.linear_1, self.time_embedding.linear_2] + [r.time_emb_proj for _, r in self.resnets]
+        if self.kind == "dit":
+            mods = [x for n in self.norms for x in (n.emb.timestep_embedder.linear_1, n.emb.timestep_embedder.linear_2,
+                                                      n.linear)] + [self.proj_out_1]
+        else:
+            mods = [self.time_embedding.linear_1, self.time_embedding.linear_2] + \
+                [r.time_emb_proj for _, r in self.resnets]
         return [m for m in mods if isinstance(m, QuantLayer)]
 
     def forward(self, t: torch.Tensor, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The temporal features (one N x C_r tensor per resnet) for timesteps t (N,) and class labels."""
+        """The temporal features (one N x C tensor per resnet or adaLN block) for timesteps t (N,) and labels."""
+        if self.kind == "dit":
+            if labels is None:
+                raise GacqError("the DiT is class-conditional: its temporal block needs the samples' labels")
+            conds = [n.emb(t, labels, hidden_dtype=self.dtype) for n in self.norms]
+            outs = [n.linear(n.silu(c)) for n, c in zip(self.norms, conds)]
+            if self.proj_out_1 is not None:
+                outs.append(self.proj_out_1(nn.functional.silu(conds[0])))
+            return outs
         emb = self.time_embedding(self.time_proj(t).to(self.dtype))
         if self.class_embedding is not None:
             if labels is None:
