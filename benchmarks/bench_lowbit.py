@@ -4,7 +4,8 @@ For one model config (random weights: speed does not depend on them) it builds
 - the float model in bf16, eager and torch.compile'd (the baselines);
 - a W8A8 round-to-nearest fake-quant model (min-max weight grids; activation ranges min-max on
   one random batch, as gacq.quant.wrap does on calibration data) and its `int8` export;
-- a W4A16 round-to-nearest fake-quant model (weight-only, no calibration) and its `w4a16` export;
+- a W4A16 round-to-nearest fake-quant model (weight-only, no calibration) and its `w4a16` export,
+  with its Triton kernel (on CUDA) and with the kernel off (unpack + dequantize + float op per call);
 and times one model call (= one denoising step) at each batch size: CUDA events around each
 call, `--warmup` calls first, the median of `--repeats`. Every model runs in `--dtype` (bf16 by
 default: float parts, and the fake-quant arithmetic, in bf16; the exported layers keep their
@@ -72,6 +73,16 @@ def fake_quant(model: nn.Module, wbits: int, abits: int | None, device: torch.de
         init_act_quantizers_minmax(q, ranges)
         set_quant_state(q, weights=True, acts=True)
     return q
+
+
+def dense_w4a16(model: nn.Module) -> nn.Module:
+    """The w4a16 export with its Triton kernel off: unpack + dequantize + float conv/linear per call."""
+    from gacq.export.w4a16 import W4A16Layer
+
+    for m in model.modules():
+        if isinstance(m, W4A16Layer):
+            m.use_kernel = False
+    return model
 
 
 def random_inputs(model: nn.Module, batch: int, device: torch.device, seed: int = 0, dtype=torch.float32):
@@ -223,7 +234,8 @@ def main() -> None:
         ("fake-quant W8A8", fq8, False),
         ("int8 W8A8", lambda: convert(fq8(), "int8")[0], False),
         ("fake-quant W4A16", fq4, False),
-        ("w4a16 W4A16", lambda: convert(fq4(), "w4a16")[0], False),
+        ("w4a16 W4A16", lambda: convert(fq4(), "w4a16")[0], False),  # the Triton kernel (CUDA)
+        ("w4a16 W4A16 dense-dequant", lambda: dense_w4a16(convert(fq4(), "w4a16")[0]), False),
     ]
     if not args.no_compile:
         modes.insert(1, (modes[0][0].replace("eager", "compiled"), lambda: copy.deepcopy(fp), True))

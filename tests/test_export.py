@@ -346,14 +346,6 @@ def test_export_w4a16_via_the_command(qdirs, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def _cli_wired() -> bool:
-    from gacq.cli import app
-
-    return any(c.name == "export" for c in app.registered_commands)
-
-
-@pytest.mark.skipif(not _cli_wired(), reason="gacq/cli.py does not register `gacq export` yet "
-                    "(add `from .cli_export import register; register(app)`)")
 def test_gacq_export_subprocess(qdirs, tmp_path):
     out = tmp_path / "int8"
     proc = _gacq("export", qdirs["w8a8"], "--backend", "int8", "--out", out, "--device", "cpu", "--check-batches", 1)

@@ -22,7 +22,9 @@ from .base import ExportedLayer, pack_int4, unpack_int4, weight_parts
 
 
 class W4A16Layer(ExportedLayer):
-    """Packed int4 weight, dequantized to the input dtype at every call."""
+    """Packed int4 weight: on CUDA a Triton GEMM dequantizes it tile by tile inside the kernel
+    (`triton_w4`); elsewhere (or for split weights and grouped convs) it is dequantized to the
+    input dtype at every call and the float conv/linear runs."""
 
     exact_buffers = ("w_scale",)
 
@@ -46,8 +48,26 @@ class W4A16Layer(ExportedLayer):
                            for j, c in enumerate(chunks)], dim=1)
         return w.reshape(self.weight_shape).to(dtype)
 
+    use_kernel = True  # the Triton kernel where it applies; False: always the dense path (benchmarks)
+
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """The Triton kernel runs this call: one weight group, groups 1, on CUDA (or Triton's interpreter)."""
+        from .triton_w4 import available
+
+        return (self.use_kernel and len(self.part_columns) == 1 and (not self.is_conv or self.groups == 1)
+                and available(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense(self.quantized_input(x), self.dequantized_weight(x.dtype))
+        x = self.quantized_input(x)
+        if self.kernel_applies(x):
+            from .triton_w4 import w4a16_conv2d, w4a16_matmul
+
+            scale, zero = self.w_scale[:, 0], self.w_zero[:, 0]
+            if self.is_conv:
+                return w4a16_conv2d(x, self.qweight, scale, zero, self.weight_shape, self.bias, self.stride,
+                                    self.padding, self.dilation)
+            return w4a16_matmul(x, self.qweight, scale, zero, self.k, self.bias)
+        return self.dense(x, self.dequantized_weight(x.dtype))
 
 
 class W4A16Conv2d(W4A16Layer):

@@ -1,0 +1,115 @@
+"""Triton W4A16 GEMM: int4 weights packed two per byte, unpacked and dequantized inside the
+kernel's K loop, so the float weight never exists in memory.
+
+    y[m, n] = sum_k x[m, k] * ((code[n, k] - zero[n]) * scale[n]) + bias[n]
+
+`x` is fp16, bf16 or fp32 (the dequantized tile is cast to x's dtype before `tl.dot`, as the
+dense path casts the dequantized weight: the products see the same weight values), accumulation
+is float32, the output has x's dtype. Codes are `pack_int4`'s layout: row n of the weight is
+ceil(K / 2) bytes, low nibble first. One scale and zero point per output channel (checkpoints
+whose weight is split into column groups fall back to the dense path).
+
+Convolutions run as im2col (`F.unfold`) followed by this GEMM: the unfolded columns are in
+the order of `weight.reshape(O, -1)` (channel, then kernel row, then kernel column). That costs
+kh*kw times the input in memory; an implicit-GEMM kernel is the better design and is not
+written yet.
+
+Runs on CUDA. With TRITON_INTERPRET=1 set before gacq is imported, the same kernel runs on CPU
+tensors in Triton's interpreter, which is how the tests check it without a GPU. Speed is only
+measured by `benchmarks/bench_lowbit.py` on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on x's device."""
+    return triton is not None and (x.is_cuda or INTERPRET)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N,
+                      stride_xm, stride_xk, stride_qn, stride_ym, stride_yn,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+        zero = tl.load(zero_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # K is a compile-time constant (one specialisation per layer width, a few per model): the
+        # interpreter of triton 3.6 cannot take a run-time bound here under numpy >= 2.4
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            byte = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (offs_k[None, :] // 2),
+                           mask=mask_n[:, None] & mask_k[None, :], other=0)
+            code = (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
+            w = (code.to(tl.float32) - zero[:, None]) * scale[:, None]  # (BLOCK_N, BLOCK_K), float32 as fake quant
+            w = tl.where(mask_k[None, :], w, 0.0).to(x.dtype)
+            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
+                 bias: torch.Tensor | None = None, block=(32, 32, 32)) -> torch.Tensor:
+    """x (..., K) times the packed weight (N, ceil(K/2)) transposed -> (..., N), in x's dtype.
+
+    scale: (N,) float32; zero: (N,) integer codes; bias: (N,) or None.
+    """
+    if triton is None:
+        raise RuntimeError("the w4a16 Triton kernel needs the triton package")
+    if x.shape[-1] != k or qweight.shape[-1] != (k + 1) // 2:
+        raise ValueError(f"w4a16_matmul: input has {x.shape[-1]} features, packed weight is for {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m, n = x2.shape[0], qweight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bm, bn, bk = block
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    b = bias.to(x.dtype).contiguous() if bias is not None else y  # y: any pointer, unused without a bias
+    _w4a16_kernel[grid](x2, qweight.contiguous(), scale.float().contiguous(), zero.contiguous(), b, y, m, n,
+                        x2.stride(0), x2.stride(1), qweight.stride(0), y.stride(0), y.stride(1),
+                        K=k, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y.reshape(*lead, n)
+
+
+def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 weight_shape: tuple[int, ...], bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
+    """conv2d (groups 1) as im2col + `w4a16_matmul`; padding may be an int, a pair or 'same'/'valid'."""
+    o, c, kh, kw = weight_shape
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # 'same' (stride 1): pad so that the output keeps the input size
+            ph, pw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            padding = (0, 0)
+    b, _, h, w = x.shape
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = w4a16_matmul(cols.transpose(1, 2), qweight, scale, zero, c * kh * kw, bias)  # (B, L, O)
+    return y.transpose(1, 2).reshape(b, o, ho, wo)

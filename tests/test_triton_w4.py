@@ -1,0 +1,28 @@
+"""The w4a16 Triton kernel (gacq.export.triton_w4) in Triton's CPU interpreter, against float64
+references; each case runs tests/triton_w4_checks.py in a subprocess with TRITON_INTERPRET=1
+(it must be set before triton is imported, so not in this process)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECKS = Path(__file__).with_name("triton_w4_checks.py")
+
+# triton has Linux wheels only; the test extras install it there (pyproject), so on Linux a
+# missing triton fails these tests instead of skipping them
+pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is only installed on Linux")
+
+
+@pytest.mark.parametrize("case", ["matmul_fp32", "matmul_fp16", "conv", "layers"])
+def test_w4a16_kernel_in_the_interpreter(case):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(CHECKS), case], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=CHECKS.parent.parent)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert f"ok {case}" in r.stdout

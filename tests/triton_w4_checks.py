@@ -1,0 +1,97 @@
+"""Checks of the w4a16 Triton kernel, run by test_triton_w4.py in a subprocess with
+TRITON_INTERPRET=1 (Triton's interpreter runs the kernel on CPU tensors; it must be set before
+triton is imported). Usage: python tests/triton_w4_checks.py CASE"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gacq.export.base import pack_int4  # noqa: E402
+from gacq.export.triton_w4 import w4a16_conv2d, w4a16_matmul  # noqa: E402
+
+
+def weight(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    zero = torch.randint(0, 16, (n,), generator=g)
+    scale = torch.rand(n, generator=g, dtype=torch.float64) * 0.1 + 0.01
+    w64 = (codes.double() - zero.double()[:, None]) * scale[:, None]
+    return pack_int4(codes), scale.float(), zero.to(torch.uint8), w64
+
+
+def matmul_fp32():
+    """Odd K and sizes that are not multiples of the tiles, with and without a bias, against float64."""
+    for (m, k, n, bias) in [(37, 45, 19, True), (5, 64, 70, False), (1, 7, 3, True), (64, 33, 32, False)]:
+        qw, scale, zero, w64 = weight(n, k, seed=m)
+        x = torch.randn(m, k, dtype=torch.float64)
+        b = torch.randn(n, dtype=torch.float64) if bias else None
+        y = w4a16_matmul(x.float(), qw, scale, zero, k, b.float() if bias else None)
+        ref = x @ w64.T + (b if bias else 0)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        # float32 inputs, weights and accumulation over K <= 64 terms of size ~1: ~1e-6 relative
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, 3, 45)  # leading dimensions are kept
+    qw, scale, zero, w64 = weight(19, 45)
+    torch.testing.assert_close(w4a16_matmul(x3, qw, scale, zero, 45).double(), x3.double() @ w64.T, rtol=1e-5, atol=1e-5)
+
+
+def matmul_fp16():
+    """fp16 inputs: the kernel casts each dequantized tile to fp16 (as the dense path casts the
+    weight) and accumulates in float32; against the dense fp16-weight product in float64."""
+    m, k, n = 33, 40, 24
+    qw, scale, zero, w64 = weight(n, k)
+    x = torch.randn(m, k).half()
+    y = w4a16_matmul(x, qw, scale, zero, k)
+    ref = x.double() @ w64.float().half().double().T
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)  # fp16 output rounding (2^-11)
+
+
+def conv():
+    """im2col + kernel against F.conv2d in float64 with the dequantized weight: 3x3 stride 1 and 2,
+    1x1, dilation 2, padding 'same'."""
+    for kw in [dict(k=3, stride=1, padding=1, dilation=1), dict(k=3, stride=2, padding=1, dilation=1),
+               dict(k=1, stride=1, padding=0, dilation=1), dict(k=3, stride=1, padding=2, dilation=2),
+               dict(k=3, stride=1, padding="same", dilation=1)]:
+        o, c, k = 6, 5, kw["k"]
+        qw, scale, zero, w64 = weight(o, c * k * k, seed=k)
+        w4 = w64.reshape(o, c, k, k)
+        x = torch.randn(2, c, 9, 7, dtype=torch.float64)
+        b = torch.randn(o, dtype=torch.float64)
+        st, dl = (kw["stride"],) * 2, (kw["dilation"],) * 2
+        pad = kw["padding"] if isinstance(kw["padding"], str) else (kw["padding"],) * 2
+        y = w4a16_conv2d(x.float(), qw, scale, zero, (o, c, k, k), b.float(), st, pad, dl)
+        ref = F.conv2d(x, w4, b, st, pad, dl)
+        assert y.shape == ref.shape, (kw, y.shape, ref.shape)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def layers():
+    """W4A16 layers of test_export's fake-quant conv and linear take the kernel path and match the
+    fake-quant layer (which multiplies the same dequantized weight densely) to float32 rounding."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gacq.export.w4a16 import to_w4a16
+    from tests.test_export import make_conv, make_linear
+
+    for make, kw in [(make_conv, {"wbits": 4}), (make_conv, {"wbits": 3, "stride": 2}),
+                     (make_linear, {"wbits": 4}), (make_linear, {"wbits": 4, "abits": None})]:
+        layer, x = make(**kw)
+        ex = to_w4a16(layer)
+        assert ex.kernel_applies(x)
+        with torch.no_grad():
+            torch.testing.assert_close(ex(x), layer(x), rtol=1e-5, atol=1e-5)
+            ex.use_kernel = False
+            assert torch.equal(ex(x), layer(x))
+    layer, x = make_conv(wbits=4, k=1, padding=0, cin=12, split=5, x_shape=(2, 12, 5, 5))
+    assert not to_w4a16(layer).kernel_applies(x)  # two weight groups: the dense path
+
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]]()
+    print("ok", sys.argv[1])
