@@ -62,11 +62,15 @@ def reset(unit, state: dict) -> None:
     unit.load_state_dict(state)
 
 
-def weight_stats(w: torch.Tensor, init_share: float) -> dict:
+def weight_stats(w: torch.Tensor, init_share: float, step: torch.Tensor, groups: int) -> dict:
+    """Spread of the training samples' weights; `step`: their sampling steps (mean weight per step group)."""
     rel = w.double() * len(w)
     ess = float(1.0 / (w.double() ** 2).sum()) / len(w)
+    steps = torch.unique(step)
+    bounds = torch.linspace(0, len(steps), groups + 1).round().long()
+    by_group = [float(rel[torch.isin(step, steps[bounds[k]:bounds[k + 1]])].mean()) for k in range(groups)]
     return {"ess_over_n": ess, "min_rel": float(rel.min()), "max_rel": float(rel.max()),
-            "std_rel": float(rel.std()), "unmoved_share": init_share}
+            "std_rel": float(rel.std()), "unmoved_share": init_share, "mean_rel_by_group": by_group}
 
 
 def held_out_error(unit, data, step: torch.Tensor, groups: int) -> dict:
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
                     blk.close()
                 meta_s = time.time() - t0
                 unmoved = float((blk.scores.detach() == cfg.init_score).double().mean())
-                stats = weight_stats(w_train.cpu(), unmoved)
+                stats = weight_stats(w_train.cpu(), unmoved, calib.step[train_idx], gcfg.groups)
                 weights = torch.zeros(len(calib), dtype=torch.float64)
                 weights[train_idx] = w_train.cpu()
                 weights = weights.float()
@@ -163,14 +167,16 @@ def write(result: dict, args, t_all: float) -> None:
              "error of the block output against the FP block (lower is better); groups are 5 contiguous step "
              "ranges, noisiest first.", ""]
     for name, rows in result["blocks"].items():
-        lines += [f"## {name}", "", "| config | held-out | by group | ESS/n | min..max rel | unmoved | meta s |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {name}", "", "| config | held-out | by group | ESS/n | min..max rel | unmoved | mean weight by group "
+                  "| meta s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
             w = r["weights"]
             grp = " ".join(f"{v:.4g}" for v in r["held_out"]["by_group"])
             lines.append(f"| {r['config']} | {r['held_out']['mean']:.5g} | {grp} | "
                          + (f"{w['ess_over_n']:.3f} | {w['min_rel']:.2f}..{w['max_rel']:.2f} | "
-                            f"{w['unmoved_share']:.2f} | {r['meta_seconds']} |" if w else "| | | |"))
+                            f"{w['unmoved_share']:.2f} | "
+                            + " ".join(f"{v:.2f}" for v in w.get("mean_rel_by_group", [])) + f" | {r['meta_seconds']} |"
+                            if w else "| | | | |"))
         lines.append("")
     (out / "README.md").write_text("\n".join(lines))
 
