@@ -2,7 +2,7 @@
 # Run (or keep polling) `gacq experiment run SPEC --parallel P` in the background on the device
 # machine; each call waits up to WAIT seconds, then packs into $OUT:
 #   <name>-results.tgz     the spec's results folder (cell JSONs, grids);
-#   <name>-work-small.tgz  per-process logs, the experiment log, GAC's per-block weights;
+#   <name>-work-small.tgz  per-process logs, the experiment log, GAC's per-block weights, the GPU monitor;
 #   <name>-q.tgz[.partNN]  every finished quantized checkpoint (a few MB each for the bundled
 #                          model; split into 15 MB parts when larger).
 # Nothing finished is lost when the machine goes back: on the next session, unpack the results
@@ -17,6 +17,13 @@ set -u
 OUT=$1; SPEC=$2; P=${3:-3}
 spec_field() { python -c "import sys; from gacq.experiment import load_spec; print(getattr(load_spec(sys.argv[1]), sys.argv[2]))" "$SPEC" "$1"; }
 NAME=$(spec_field name); RES=$(spec_field results); WORK=$(spec_field work)
+# a GPU monitor for the machine's life (utilisation, memory, host memory every 15 s), packed below
+mkdir -p runs/bg
+if command -v nvidia-smi > /dev/null && [ ! -f runs/bg/gpu-mon.pid ]; then
+  setsid nohup bash -c 'while true; do date +%T; nvidia-smi --query-gpu=index,utilization.gpu,memory.used \
+    --format=csv,noheader; free -g | sed -n 2p; sleep 15; done' > runs/bg/gpu-mon.txt 2>&1 < /dev/null &
+  echo $! > runs/bg/gpu-mon.pid
+fi
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
   "python -m gacq experiment run $SPEC --parallel $P --quiet > \$JOBOUT/experiment.log 2>&1"
 # pack snapshots (cells are written while we pack; a live tar once came back empty-handed)
@@ -27,6 +34,7 @@ if [ -d "$WORK" ]; then
   mkdir -p "$SNAP/small" "$SNAP/q"
   (cd "$WORK" && cp -r --parents logs $(ls -d q/*/gac q/*/quant_config.json 2>/dev/null) "$SNAP/small/")
   mv "$OUT"/job.log "$OUT"/experiment.log "$SNAP/small/" 2>/dev/null
+  cp runs/bg/gpu-mon.txt "$SNAP/small/" 2>/dev/null
   tar czf "$OUT/$NAME-work-small.tgz" -C "$SNAP/small" . || echo "WARNING: could not pack the logs of $WORK"
   # finished checkpoints: q/<job>/ holding quant_config.json (written last, by an atomic rename)
   FIN=$(cd "$WORK" && for d in q/*/; do [ -f "$d/quant_config.json" ] && echo "${d%/}"; done)
