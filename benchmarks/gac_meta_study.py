@@ -32,7 +32,7 @@ from gacq.diagnostics import _cache, _units
 from gacq.models import load_model
 from gacq.quant.api import QuantConfig, quantize
 from gacq.quant.calib_data import CalibDataConfig, collect, select_from_all
-from gacq.quant.gac import GACBlock, GACConfig, validation_split
+from gacq.quant.gac import GACBlock, GACConfig, step_groups, validation_split
 from gacq.quant.recon import ReconConfig, reconstruct_unit, trainable_layers
 from gacq.sampling import SampleConfig
 from gacq.utils import git_commit, machine_info, write_json
@@ -66,9 +66,7 @@ def weight_stats(w: torch.Tensor, init_share: float, step: torch.Tensor, groups:
     """Spread of the training samples' weights; `step`: their sampling steps (mean weight per step group)."""
     rel = w.double() * len(w)
     ess = float(1.0 / (w.double() ** 2).sum()) / len(w)
-    steps = torch.unique(step)
-    bounds = torch.linspace(0, len(steps), groups + 1).round().long()
-    by_group = [float(rel[torch.isin(step, steps[bounds[k]:bounds[k + 1]])].mean()) for k in range(groups)]
+    by_group = [float(rel[mask].mean()) for mask in step_groups(step, groups)]
     return {"ess_over_n": ess, "min_rel": float(rel.min()), "max_rel": float(rel.max()),
             "std_rel": float(rel.std()), "unmoved_share": init_share, "mean_rel_by_group": by_group}
 
@@ -77,9 +75,7 @@ def held_out_error(unit, data, step: torch.Tensor, groups: int) -> dict:
     with torch.no_grad():
         per = torch.cat([data.per_sample_loss(torch.arange(lo, min(data.n, lo + 128), device=data.device)).cpu()
                          for lo in range(0, data.n, 128)])
-    steps = torch.unique(step)
-    bounds = torch.linspace(0, len(steps), groups + 1).round().long()
-    by_group = [float(per[torch.isin(step, steps[bounds[k]:bounds[k + 1]])].mean()) for k in range(groups)]
+    by_group = [float(per[mask].mean()) for mask in step_groups(step, groups)]
     return {"mean": float(per.mean()), "by_group": by_group}
 
 

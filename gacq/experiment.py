@@ -311,10 +311,11 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
     cfg = _quant_config(spec, cell, abits, job)
     if (qdir / "quant_config.json").exists():
         # where the resume points lived is no setting (a checkpoint may come from another machine)
-        stored = dict(json.loads((qdir / "quant_config.json").read_text()).get("config") or {})
-        want = json.loads(json.dumps(cfg.to_json()))
-        stored.pop("recon_checkpoints", None), want.pop("recon_checkpoints", None)
-        if stored != want:
+        def settings_of(config: dict) -> dict:
+            return {k: v for k, v in config.items() if k != "recon_checkpoints"}
+
+        stored = json.loads((qdir / "quant_config.json").read_text()).get("config") or {}
+        if settings_of(stored) != settings_of(json.loads(json.dumps(cfg.to_json()))):
             raise GacqError(f"{qdir} was quantized with other settings than this spec's; give the spec its own "
                             "`work` folder (or delete that checkpoint)")
     else:

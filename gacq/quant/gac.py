@@ -114,12 +114,16 @@ def validation_split(step: torch.Tensor, fraction: float, groups: int, seed: int
             raise GacqError(f"sampling step {int(k)} has only {len(idx)} calibration sample(s): too few to hold "
                             f"out a validation share; collect more trajectories")
         val_mask[idx[torch.randperm(len(idx), generator=g)[:n_val]]] = True
-    bounds = torch.linspace(0, len(steps), groups + 1).round().long()
-    group_idx = []
-    for k in range(groups):
-        in_group = torch.isin(step, steps[bounds[k]:bounds[k + 1]])
-        group_idx.append(torch.nonzero(val_mask & in_group).flatten())
+    group_idx = [torch.nonzero(val_mask & in_group).flatten() for in_group in step_groups(step, groups)]
     return torch.nonzero(~val_mask).flatten(), group_idx
+
+
+def step_groups(step: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """GAC's timestep groups: `groups` contiguous ranges of the distinct sampling steps in `step`
+    (as nearly equal in count as possible); one boolean mask over `step` per group."""
+    steps = torch.unique(step)
+    bounds = torch.linspace(0, len(steps), groups + 1).round().long()
+    return [torch.isin(step, steps[bounds[k]:bounds[k + 1]]) for k in range(groups)]
 
 
 class GACBlock:
