@@ -487,12 +487,14 @@ def experiment_run(
     cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids to run (default: all)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Cell groups run at once as separate processes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Write (and look for) cell results here "
+                                           "instead of the spec's results folder."),
 ) -> None:
     """Calibrate, quantize, sample and evaluate every unfinished cell; rerun to resume."""
     from .experiment import load_spec, run_experiment
 
     try:
-        s = load_spec(spec)
+        s = load_spec(spec, results=results)
         only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
         run_experiment(s, only=only, parallel=parallel, command=" ".join(["gacq"] + sys.argv[1:]),
                        progress=not quiet, echo=typer.echo)
@@ -502,12 +504,16 @@ def experiment_run(
 
 
 @experiment_app.command("list")
-def experiment_list(spec: Path = typer.Argument(..., help="Experiment spec (TOML).")) -> None:
+def experiment_list(
+    spec: Path = typer.Argument(..., help="Experiment spec (TOML)."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Look for cell results here instead of "
+                                           "the spec's results folder."),
+) -> None:
     """The spec's cells, their quantization jobs and whether they are done."""
     from .experiment import cell_status, load_spec, quant_job_of
 
     try:
-        s = load_spec(spec)
+        s = load_spec(spec, results=results)
     except GacqError as e:
         _fail(e)
     for c in s.cells:

@@ -25,7 +25,14 @@ A spec (every key but `[[grid]]` optional; defaults shown)::
                                      # (also in the calibration sampler, which then records both branches)
     [eval]    features = "cifar10", ref = "", inception_weights = ""
     [[grid]]  methods = ["fp", "tfmq", "gac"], bits = ["W4A8", "W4A32"], steps = [100], seeds = [0],
-              gac = {tau = [0.5, 1.0]}     # optional: a product over GAC hyperparameters
+              gac = {tau = [0.5, 1.0]},    # optional: a product over GAC hyperparameters
+              calib_seeds = [0, 1, 2]      # optional: calibration seeds (below)
+
+`seeds` are sampling seeds (the noise of the 10k samples). `calib_seeds` repeat the whole
+quantization with another seed: the calibration trajectories and the reconstruction (minibatch
+order, GAC's scores) both take it, so their spread is the spread of the method, not of the
+sampler. A cell whose calibration seed equals `[calib] seed` and `[quantize] seed` (both 0 by
+default) is the spec's ordinary cell; others get `_cs<seed>` in their id and job.
 
 "W4A32" cells are the weight-only model. When the spec also has the same recipe with quantized
 activations (e.g. W4A8), the W4A32 cell samples that checkpoint with float activations (its weight
@@ -62,7 +69,7 @@ _SECTIONS = {
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 _TOP = {"name", "model", "work", "results", "device", "grid", *_SECTIONS}
-_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac"}
+_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds"}
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:
@@ -86,7 +93,8 @@ def bits_label(wbits: int | None, abits: int | None) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One table cell: a model (FP or method at bits, with GAC overrides), a sampler step count and a seed."""
+    """One table cell: a model (FP or method at bits, with GAC overrides), a sampler step count and a
+    sampling seed; `cseed` is the calibration seed when it is not the spec's (None: the spec's)."""
 
     method: str
     wbits: int | None
@@ -94,13 +102,15 @@ class Cell:
     steps: int
     seed: int
     gac: tuple[tuple[str, Any], ...] = ()
+    cseed: int | None = None
 
     @property
     def bits(self) -> str:
         return bits_label(self.wbits, self.abits)
 
     def _suffix(self) -> str:
-        return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac)
+        return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac) \
+            + ("" if self.cseed is None else f"_cs{self.cseed}")
 
     @property
     def id(self) -> str:
@@ -149,8 +159,9 @@ def _as_list(v, what: str, where: str) -> list:
     return v
 
 
-def load_spec(path: str | Path) -> ExperimentSpec:
-    """Parse and validate a spec file; expands its grids into cells (duplicates dropped, order kept)."""
+def load_spec(path: str | Path, results: str | Path | None = None) -> ExperimentSpec:
+    """Parse and validate a spec file; expands its grids into cells (duplicates dropped, order kept).
+    `results` overrides the spec's results folder."""
     from .quant.methods import METHODS
 
     path = Path(path)
@@ -188,17 +199,36 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             raise GacqError(f"{where}: gac must be a table with keys among {sorted(GAC_KEYS)}")
         gkeys = sorted(gac)
         gvals = [[GAC_KEYS[k](v) for v in _as_list(gac[k], f"gac.{k}", where)] for k in gkeys]
-        for m, (w, a), st, sd, gv in itertools.product(methods, bits, steps, seeds, itertools.product(*gvals)):
+        cseeds = g.get("calib_seeds")
+        if cseeds is None:
+            cseeds = [None]
+        else:
+            try:
+                cseeds = [int(s) for s in _as_list(cseeds, "calib_seeds", where)]
+            except (TypeError, ValueError):
+                raise GacqError(f"{where}: calib_seeds must be a list of integers, e.g. [0, 1, 2]") from None
+            if any(s < 0 for s in cseeds):
+                raise GacqError(f"{where}: calib_seeds must be non-negative")
+            spec_seed = sections["calib"]["seed"]
+            # the spec's own seed is its ordinary cell (when both sections use it)
+            cseeds = [None if s == spec_seed == sections["quantize"]["seed"] else s for s in cseeds]
+        for m, (w, a), st, sd, gv, cs in itertools.product(methods, bits, steps, seeds, itertools.product(*gvals),
+                                                           cseeds):
             if m == "fp":
                 c = Cell("fp", None, None, st, sd)
             else:
                 if gkeys and m != "gac":
                     raise GacqError(f"{where}: gac overrides apply to method gac only, not {m!r}")
-                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)))
+                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs)
             cells.setdefault(c.id, c)
     base = Path(os.getcwd())
     work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
-    results = Path(raw["results"]) if raw.get("results") else base / "results" / "experiments" / name
+    if results is not None:
+        results = Path(results).absolute()
+    elif raw.get("results"):
+        results = Path(raw["results"])
+    else:
+        results = base / "results" / "experiments" / name
     return ExperimentSpec(name=name, path=path, text_sha256=hashlib.sha256(text).hexdigest()[:16],
                           model=raw.get("model") or None, work=work, results=results,
                           device=str(raw.get("device", "auto")), cells=list(cells.values()), **sections)
@@ -213,7 +243,8 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
         return None, False, None
     if cell.abits is None:
         donors = sorted({c.abits for c in spec.cells if c.abits is not None and c.method == cell.method
-                         and c.wbits == cell.wbits and c.steps == cell.steps and c.gac == cell.gac})
+                         and c.wbits == cell.wbits and c.steps == cell.steps and c.gac == cell.gac
+                         and c.cseed == cell.cseed})
         if donors:
             return cell.quant_job(donors[-1]), True, donors[-1]
     return cell.quant_job(cell.abits), False, cell.abits
@@ -251,11 +282,21 @@ def cell_status(spec: ExperimentSpec, cell: Cell) -> str:
     return "started" if partial else "pending"
 
 
-def _calib_dir(spec: ExperimentSpec, steps: int) -> Path:
+def calib_seed(spec: ExperimentSpec, cell: Cell) -> int:
+    """The seed of a cell's calibration trajectories."""
+    return spec.calib["seed"] if cell.cseed is None else cell.cseed
+
+
+def recon_seed(spec: ExperimentSpec, cell: Cell) -> int:
+    """The seed of a cell's reconstruction (minibatches, rounding init order, GAC's scores)."""
+    return spec.quantize["seed"] if cell.cseed is None else cell.cseed
+
+
+def _calib_dir(spec: ExperimentSpec, steps: int, seed: int) -> Path:
     c = spec.calib
     g = float(spec.sample["guidance_scale"])
     name = f"calib_all_{spec.sample['scheduler']}{steps}_{spec.sample['timestep_spacing']}" \
-           f"_traj{c['trajectories']}_seed{c['seed']}" + (f"_cfg{g:g}" if g != 1.0 else "")
+           f"_traj{c['trajectories']}_seed{seed}" + (f"_cfg{g:g}" if g != 1.0 else "")
     return spec.work / name
 
 
@@ -268,16 +309,18 @@ def _sample_config(spec: ExperimentSpec, steps: int, seed: int):
                         guidance_scale=float(s["guidance_scale"]))
 
 
-def ensure_calib(spec: ExperimentSpec, steps: int, loaded, device) -> Path:
-    """The shared all-steps calibration set of the `steps`-step sampler (collected once)."""
+def ensure_calib(spec: ExperimentSpec, steps: int, loaded, device, seed: int | None = None) -> Path:
+    """The shared all-steps calibration set of the `steps`-step sampler and calibration `seed`
+    (default: the spec's), collected once."""
     from .quant.calib_data import CalibDataConfig, collect
 
-    folder = _calib_dir(spec, steps)
+    c = spec.calib
+    seed = c["seed"] if seed is None else seed
+    folder = _calib_dir(spec, steps, seed)
     if not (folder / "calib.json").exists():
-        c = spec.calib
-        cfg = CalibDataConfig(selection="all", n_trajectories=c["trajectories"], seed=c["seed"],
+        cfg = CalibDataConfig(selection="all", n_trajectories=c["trajectories"], seed=seed,
                               batch_size=c["batch_size"])
-        collect(loaded, _sample_config(spec, steps, c["seed"]), cfg, device=device).save(folder)
+        collect(loaded, _sample_config(spec, steps, seed), cfg, device=device).save(folder)
     return folder
 
 
@@ -288,12 +331,13 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
     from .quant.recon import ActReconConfig, ReconConfig
 
     q = spec.quantize
+    rs = recon_seed(spec, cell)
     gac = {"meta_iters": q["gac_meta_iters"], **dict(cell.gac)}
     return QuantConfig(method=cell.method, preset=q["preset"], wbits=cell.wbits, abits=abits,
-                       recon=ReconConfig(iters=q["iters"], batch_size=q["recon_batch"], seed=q["seed"]),
-                       act_recon=ActReconConfig(iters=q["act_iters"], batch_size=q["recon_batch"], seed=q["seed"]),
-                       gac=GACConfig(seed=q["seed"], **gac),
-                       calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=spec.calib["seed"],
+                       recon=ReconConfig(iters=q["iters"], batch_size=q["recon_batch"], seed=rs),
+                       act_recon=ActReconConfig(iters=q["act_iters"], batch_size=q["recon_batch"], seed=rs),
+                       gac=GACConfig(seed=rs, **gac),
+                       calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
                                              n_steps=min(spec.calib["record_steps"], cell.steps)),
                        recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"))
 
@@ -320,7 +364,8 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
                             "`work` folder (or delete that checkpoint)")
     else:
         loaded = load_model(spec.model, device=device)
-        calib = ensure_calib(spec, cell.steps, loaded, device) if cfg.needs_calibration() else None
+        calib = ensure_calib(spec, cell.steps, loaded, device, calib_seed(spec, cell)) \
+            if cfg.needs_calibration() else None
         quantize_to_dir(loaded, cfg, qdir, calib, device=device, progress=progress,
                         extra_meta={"experiment": spec.name, "job": job})
     return qdir, float_acts
@@ -354,7 +399,9 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         "schema": CELL_SCHEMA, "experiment": spec.name, "spec": str(spec.path), "spec_sha256": spec.text_sha256,
         "settings_digest": settings_digest(spec), "settings": settings(spec),
         "cell": {"id": cell.id, "method": cell.method, "bits": cell.bits, "wbits": cell.wbits,
-                 "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac)},
+                 "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac),
+                 "calib_seed": None if cell.method == "fp" else calib_seed(spec, cell),
+                 "recon_seed": None if cell.method == "fp" else recon_seed(spec, cell)},
         "metrics": metrics,
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],
                    "steps": smeta["steps"], "eta": smeta["eta"], "timestep_spacing": smeta["timestep_spacing"],
@@ -409,11 +456,11 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         return out
     # the processes share calibration sets: make them first, once
     device = resolve_device(spec.device)
-    need = sorted({c.steps for c in todo if c.method != "fp"})
+    need = sorted({(c.steps, calib_seed(spec, c)) for c in todo if c.method != "fp"})
     if need:
         fp = load_model(spec.model, device=device)
-        for st in need:
-            ensure_calib(spec, st, fp, device)
+        for st, cs in need:
+            ensure_calib(spec, st, fp, device, cs)
     logs = spec.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -429,8 +476,8 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
 
     def launch(group: list[Cell]) -> tuple[list[Cell], int, Path]:
         log = logs / f"{group[0].id}.log"
-        args = [sys.executable, "-m", "gacq", "experiment", "run", str(spec.path), "--cells",
-                ",".join(c.id for c in group)] + ([] if progress else ["--quiet"])
+        args = [sys.executable, "-m", "gacq", "experiment", "run", str(spec.path), "--results", str(spec.results),
+                "--cells", ",".join(c.id for c in group)] + ([] if progress else ["--quiet"])
         gpu = slots.get()
         env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         try:

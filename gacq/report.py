@@ -84,9 +84,16 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         for k, _, _ in METRICS:
             g["metrics"][k].append(float(m[k]))
         g["n"].add(m["samples"]["n"])
-        g["seeds"].append(cell["seed"])
+        g["seeds"].append(_seed_label(c))
         g["cells"].append(c)
     return groups
+
+
+def _seed_label(c: dict) -> str:
+    """A cell's sampling seed, plus `/cs<n>` when it was calibrated with another seed than its spec's."""
+    cs = c["cell"].get("calib_seed")
+    default = (c.get("settings") or {}).get("calib", {}).get("seed")
+    return str(c["cell"]["seed"]) + ("" if cs is None or cs == default else f"/cs{cs}")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -105,7 +112,9 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
     md: list[str] = [f"# {title or 'Experiment results'}", "",
                      f"Rendered by `gacq report {folder} --out {out}` from {len(cells)} cell result(s). "
                      "Each cell JSON under the results folder holds its command, commit, machine and wall "
-                     "times. Seeds of the same cell are pooled: mean ± sample standard deviation.", ""]
+                     "times. Seeds of the same cell are pooled: mean ± sample standard deviation. Seeds are "
+                     "sampling seeds; `/cs<n>` marks a run calibrated (trajectories and reconstruction) with "
+                     "seed n instead of the spec's.", ""]
     by_net: dict[str, dict] = defaultdict(dict)
     for k, g in groups.items():
         by_net[k[0]][k[1:]] = g
@@ -145,7 +154,7 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
             label = m + ("".join(f" {k}={v}" for k, v in gac))
             if q.get("float_acts"):
                 label += f" (W/A checkpoint {q['weights_from']}, float acts)"
-            rows.append([label, b, str(steps), ",".join(map(str, sorted(g["seeds"]))),
+            rows.append([label, b, str(steps), ",".join(sorted(g["seeds"])),
                          ",".join(map(str, sorted(g["n"])))] +
                         [_fmt(g["metrics"][k], nd) for k, _, nd in METRICS])
         md += _table(["method", "bits", "steps", "seeds", "samples"] + [h for _, h, _ in METRICS], rows) + [""]

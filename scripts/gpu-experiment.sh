@@ -12,6 +12,10 @@
 #   run(..., carry=[".whl", "runs/experiments/<name>/q"])
 # The runner then skips finished cells and samples finished checkpoints without requantizing.
 # Unfinished quantizations restart from their last block only while the machine stays warm.
+# On the device the job writes its cell results under runs/device-results/<name> (seeded from the
+# spec's results folder when the job starts), not into the tracked results folder: every device call
+# re-copies the working tree, and files in tracked folders that the local checkout lacks are removed,
+# which once deleted finished cells of a running job between two calls.
 # Usage (device): source scripts/gpu-setup.sh; WAIT=540 bash scripts/gpu-experiment.sh $OUT SPEC [P]
 set -u
 OUT=$1; SPEC=$2; P=${3:-3}
@@ -24,12 +28,16 @@ if command -v nvidia-smi > /dev/null && [ ! -f runs/bg/gpu-mon.pid ]; then
     --format=csv,noheader; free -g | sed -n 2p; sleep 15; done' > runs/bg/gpu-mon.txt 2>&1 < /dev/null &
   echo $! > runs/bg/gpu-mon.pid
 fi
+DEVRES=runs/device-results/$(basename "$RES")
+if [ ! -f "runs/bg/exp-$NAME/pid" ]; then
+  rm -rf "$DEVRES"; mkdir -p "$DEVRES"; [ -d "$RES" ] && cp -r "$RES/." "$DEVRES/"
+fi
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
-  "python -m gacq experiment run $SPEC --parallel $P --quiet > \$JOBOUT/experiment.log 2>&1"
+  "python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet > \$JOBOUT/experiment.log 2>&1"
 # pack snapshots (cells are written while we pack; a live tar once came back empty-handed)
 SNAP=$(mktemp -d)
-[ -d "$RES" ] && cp -r "$RES" "$SNAP/" && tar czf "$OUT/$NAME-results.tgz" -C "$SNAP" "$(basename "$RES")" \
-  || echo "WARNING: could not pack $RES"
+[ -d "$DEVRES" ] && cp -r "$DEVRES" "$SNAP/" && tar czf "$OUT/$NAME-results.tgz" -C "$SNAP" "$(basename "$RES")" \
+  || echo "WARNING: could not pack $DEVRES"
 if [ -d "$WORK" ]; then
   mkdir -p "$SNAP/small" "$SNAP/q"
   (cd "$WORK" && cp -r --parents logs $(ls -d q/*/gac q/*/quant_config.json 2>/dev/null) "$SNAP/small/")

@@ -218,3 +218,33 @@ def test_a_finished_checkpoint_carried_to_another_machine_is_sampled_not_requant
     want = json.loads((ran / "results/experiments/t/cells/tfmq_w4a32_steps5_seed0.json").read_text())
     assert got["quantize"]["wall_seconds"] == want["quantize"]["wall_seconds"]
     assert got["metrics"]["fid"] == want["metrics"]["fid"]
+
+
+def test_calibration_seeds_repeat_the_whole_quantization(ran, tiny32):
+    """`calib_seeds` in a grid: the spec's own seed is its ordinary cell; another seed gets its own
+    calibration trajectories and reconstruction seed, its own job (shared by its W4A32 cell) and id."""
+    text = SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['rtn']\nbits = ['W4A8', 'W4A32']\ncalib_seeds = [0, 1]\n"
+    (ran / "seeds.toml").write_text(text)
+    s = load_spec(ran / "seeds.toml")
+    by = {c.id: c for c in s.cells}
+    assert "rtn_w4a8_cs0_steps5_seed0" not in by and by["rtn_w4a8_steps5_seed0"].cseed is None
+    assert quant_job_of(s, by["rtn_w4a32_cs1_steps5_seed0"]) == ("rtn_w4a8_cs1_steps5", True, 8)
+    r = gacq("experiment", "run", "seeds.toml", "--cells", "rtn_w4a8_cs1_steps5_seed0", "--quiet", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    work = ran / "runs/experiments/t"
+    assert (work / "calib_all_ddim5_leading_traj2_seed1/calib.json").exists()
+    cells = ran / "results/experiments/t/cells"
+    got = json.loads((cells / "rtn_w4a8_cs1_steps5_seed0.json").read_text())
+    assert got["cell"]["calib_seed"] == 1 and got["cell"]["recon_seed"] == 1 and got["cell"]["seed"] == 0
+    cfg = got["quantize"]["config"]
+    assert cfg["calib"]["seed"] == 1 and cfg["recon"]["seed"] == 1
+    a = np.load(work / "samples/rtn_w4a8_cs1_steps5_seed0/samples.npz")["images"]
+    b = np.load(work / "samples/rtn_w4a8_steps5_seed0/samples.npz")["images"]
+    assert a.shape == b.shape and not np.array_equal(a, b)  # other calibration data, other activation ranges
+    r = gacq("report", "results/experiments/t", "--out", "seeds.md", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in (ran / "seeds.md").read_text().splitlines() if ln.startswith("| rtn | W4A8 |")]
+    assert len(rows) == 1 and "| 0,0/cs1 |" in rows[0] and "(2 seeds)" in rows[0]
+    (ran / "bad.toml").write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['rtn']\ncalib_seeds = ['x']\n")
+    with pytest.raises(GacqError, match="calib_seeds must be a list of integers"):
+        load_spec(ran / "bad.toml")

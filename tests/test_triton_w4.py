@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 CHECKS = Path(__file__).with_name("triton_w4_checks.py")
 
@@ -24,5 +25,16 @@ def test_w4a16_kernel_in_the_interpreter(case):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(CHECKS), case], capture_output=True, text=True, env=env, timeout=600,
                        cwd=CHECKS.parent.parent)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert f"ok {case}" in r.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["matmul_fp32", "matmul_fp16", "conv", "layers"])
+def test_w4a16_kernel_on_cuda(case):
+    """The same checks, compiled for the GPU (fp32 products must stay IEEE, not TF32)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(CHECKS), case], capture_output=True, text=True,
+                       env={**env, "GACQ_TRITON_DEVICE": "cuda"}, timeout=600, cwd=CHECKS.parent.parent)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert f"ok {case}" in r.stdout

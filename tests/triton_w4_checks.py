@@ -1,19 +1,34 @@
-"""Checks of the w4a16 Triton kernel, run by test_triton_w4.py in a subprocess with
+"""Checks of the w4a16 Triton kernel, run by test_triton_w4.py in a subprocess: with
 TRITON_INTERPRET=1 (Triton's interpreter runs the kernel on CPU tensors; it must be set before
-triton is imported). Usage: python tests/triton_w4_checks.py CASE"""
+triton is imported), or with GACQ_TRITON_DEVICE=cuda on a GPU (inputs are built on the CPU as in
+the interpreter run and moved to the GPU; results come back to the CPU for the float64 checks).
+Usage: python tests/triton_w4_checks.py CASE"""
 
 from __future__ import annotations
 
 import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+DEVICE = os.environ.get("GACQ_TRITON_DEVICE", "cpu")
+assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", \
+    "run with TRITON_INTERPRET=1 (or GACQ_TRITON_DEVICE=cuda on a GPU)"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gacq.export.base import pack_int4  # noqa: E402
-from gacq.export.triton_w4 import w4a16_conv2d, w4a16_matmul  # noqa: E402
+from gacq.export import triton_w4  # noqa: E402
+
+
+def _on_device(f):
+    """f with its tensor arguments moved to DEVICE and its result moved back to the CPU."""
+    def call(*args, **kw):
+        move = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return f(*map(move, args), **{k: move(v) for k, v in kw.items()}).cpu()
+    return call
+
+
+w4a16_matmul, w4a16_conv2d = _on_device(triton_w4.w4a16_matmul), _on_device(triton_w4.w4a16_conv2d)
 
 
 def weight(n, k, seed=0):
@@ -83,11 +98,15 @@ def layers():
                      (make_linear, {"wbits": 4}), (make_linear, {"wbits": 4, "abits": None})]:
         layer, x = make(**kw)
         ex = to_w4a16(layer)
+        ex, layer, x = ex.to(DEVICE), layer.to(DEVICE), x.to(DEVICE)
         assert ex.kernel_applies(x)
         with torch.no_grad():
             torch.testing.assert_close(ex(x), layer(x), rtol=1e-5, atol=1e-5)
             ex.use_kernel = False
-            assert torch.equal(ex(x), layer(x))
+            if DEVICE == "cpu":
+                assert torch.equal(ex(x), layer(x))
+            else:  # cuDNN may pick another algorithm per call; the same dense weights either way
+                torch.testing.assert_close(ex(x), layer(x), rtol=1e-6, atol=1e-6)
     layer, x = make_conv(wbits=4, k=1, padding=0, cin=12, split=5, x_shape=(2, 12, 5, 5))
     assert not to_w4a16(layer).kernel_applies(x)  # two weight groups: the dense path
 

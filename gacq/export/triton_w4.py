@@ -3,7 +3,7 @@ kernel's K loop, so the float weight never exists in memory.
 
     y[m, n] = sum_k x[m, k] * ((code[n, k] - zero[n]) * scale[n]) + bias[n]
 
-`x` is fp16, bf16 or fp32 (the dequantized tile is cast to x's dtype before `tl.dot`, as the
+`x` is fp16, bf16 or fp32 (fp32 products in full precision, not TF32; the dequantized tile is cast to x's dtype before `tl.dot`, as the
 dense path casts the dequantized weight: the products see the same weight values), accumulation
 is float32, the output has x's dtype. Codes are `pack_int4`'s layout: row n of the weight is
 ceil(K / 2) bytes, low nibble first. One scale and zero point per output channel (checkpoints
@@ -45,7 +45,7 @@ if triton is not None:
     @triton.jit
     def _w4a16_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N,
                       stride_xm, stride_xk, stride_qn, stride_ym, stride_yn,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,7 +66,10 @@ if triton is not None:
             code = (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
             w = (code.to(tl.float32) - zero[:, None]) * scale[:, None]  # (BLOCK_N, BLOCK_K), float32 as fake quant
             w = tl.where(mask_k[None, :], w, 0.0).to(x.dtype)
-            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+            if IEEE:  # float32 inputs: full-precision products (tl.dot would take TF32 on the GPU)
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -92,7 +95,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     b = bias.to(x.dtype).contiguous() if bias is not None else y  # y: any pointer, unused without a bias
     _w4a16_kernel[grid](x2, qweight.contiguous(), scale.float().contiguous(), zero.contiguous(), b, y, m, n,
                         x2.stride(0), x2.stride(1), qweight.stride(0), y.stride(0), y.stride(1),
-                        K=k, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                        K=k, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y.reshape(*lead, n)
 
 
