@@ -209,7 +209,7 @@ def _gac_weight_fn(model, wcal, config, ckpt, device):
     if ckpt is not None and (ckpt / "gac").is_dir():
         for f in sorted((ckpt / "gac").glob("*.safetensors")):
             store[f.stem] = {"weights": load_file(str(f))["weights"]}
-    fn = make_gac_weight_fn(wcal.step, config.gac, device, store)
+    fn = make_gac_weight_fn(wcal.step, config.gac, device, store, cuda_graph=config.recon.cuda_graph)
     if fn is None:
         return None
 

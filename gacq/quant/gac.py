@@ -23,10 +23,19 @@ validation split is taken once per calibration set, never per block; groups are 
 ranges of sampling steps with (as nearly as possible) equal numbers of steps; TFMQ-DM's
 temporal-block reconstruction is left unweighted; with zero meta-iterations no split is taken
 and the result is exactly TFMQ-DM's.
+
+On a GPU a meta-iteration of a small block is launch-bound (an inner forward and backward with
+graph, K forwards and double backwards, and the backward through all of it: thousands of small
+kernels). As the block reconstruction does, the meta-gradient is then captured once per block as
+a CUDA graph and replayed with each minibatch's and validation subset's indices copied into its
+static inputs (`ReconConfig.cuda_graph`, on by default); the optimiser step on the scores stays
+outside. The meta-losses stay on the device and are checked for NaN/inf after the block's last
+meta-iteration. If capture fails, the block warns once and runs eagerly.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,8 +139,12 @@ class GACBlock:
     """Algorithm 2 on one block whose inputs/targets are cached in `data`."""
 
     def __init__(self, unit: nn.Module, data: UnitData, train_idx: torch.Tensor, groups: list[torch.Tensor],
-                 cfg: GACConfig):
+                 cfg: GACConfig, cuda_graph: bool = False):
+        from .recon import use_cuda_graph
+
         self.unit, self.data, self.cfg = unit, data, cfg
+        # "capture": a CUDA graph; "static": the same static-input bookkeeping run eagerly (tests on CPUs)
+        self.static_mode = "capture" if use_cuda_graph(data.device, cuda_graph) else None
         dev = data.device
         self.train_idx = train_idx.to(dev)
         self.groups = [gidx.to(dev) for gidx in groups]
@@ -182,13 +195,56 @@ class GACBlock:
         k = len(gs)
         return sum((gs[a] * gs[b]).sum() for a in range(k) for b in range(a + 1, k)) * (2.0 / (k * (k - 1)))
 
-    def meta_loss(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """L(s) for a minibatch (positions into the train indices) and validation subsets."""
+    def _meta_terms(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L, gradient matching term, validation loss) as tensors (no host sync: capturable)."""
         w_b, theta2 = self._inner_step(batch)
         ells, gs = zip(*(self._group(theta2, w_b, vidx) for vidx in val))
         gm = self._gm(gs)
         mse = torch.stack(ells).mean()
-        return -gm + mse, {"gm": float(gm.detach()), "val_mse": float(mse.detach())}
+        return -gm + mse, gm, mse
+
+    def meta_loss(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """L(s) for a minibatch (positions into the train indices) and validation subsets."""
+        loss, gm, mse = self._meta_terms(batch, val)
+        return loss, {"gm": float(gm.detach()), "val_mse": float(mse.detach())}
+
+    def _static_meta_grad(self, b: int, sizes: list[int]):
+        """The single-process meta-gradient on static index buffers: returns replay(batch, val) ->
+        (dL/ds, L, gm, val_mse), device tensors that the next replay overwrites. In "capture" mode
+        one call is captured as a CUDA graph and replayed; in "static" mode it is called each time."""
+        dev = self.scores.device
+        sb = torch.arange(b, device=dev)
+        sv = [gidx[:n].clone() for gidx, n in zip(self.groups, sizes)]
+
+        def fn():
+            loss, gm, mse = self._meta_terms(sb, sv)
+            (grad,) = torch.autograd.grad(loss, [self.scores])
+            return grad.detach(), loss.detach(), gm.detach(), mse.detach()
+
+        graph, outs = None, None
+        if self.static_mode == "capture":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up (cuBLAS handles, autograd's streams), as capture needs
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = fn()
+
+        def replay(batch: torch.Tensor, val: list[torch.Tensor]):
+            nonlocal outs
+            sb.copy_(batch)
+            for buf, v in zip(sv, val):
+                buf.copy_(v)
+            if graph is not None:
+                graph.replay()
+            else:
+                outs = fn()
+            return outs
+
+        return replay
 
     def meta_grad(self, batch: torch.Tensor, val: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """dL/ds (and L) for one meta-iteration.
@@ -258,25 +314,49 @@ class GACBlock:
             opt = torch.optim.Adam([self.scores], lr=cfg.meta_lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         batches = self._batches(gen)
-        log = []
+        replay = None
+        if self.static_mode is not None and cfg.meta_iters > 0:
+            sizes = [len(v) for v in self._val_subsets(torch.Generator().manual_seed(0))]  # fixed per block
+            try:
+                replay = self._static_meta_grad(min(cfg.batch_size, len(self.train_idx)), sizes)
+            except Exception as e:  # noqa: BLE001 - any capture failure: the eager path gives the same result
+                warnings.warn(f"GAC: CUDA graph capture of the meta-gradient failed ({type(e).__name__}: {e}); "
+                              "running this block eagerly", stacklevel=2)
+        log, hist = [], []
         for it in range(cfg.meta_iters):
             batch = next(batches)
-            grad, loss, info = self.meta_grad(batch, self._val_subsets(gen))
-            if not torch.isfinite(loss):
-                raise GacqError(f"GAC meta-objective is {loss.item()} at meta-iteration {it}; lower --gac-inner-lr")
+            val = self._val_subsets(gen)
+            if replay is not None:
+                grad, loss, gm, mse = replay(batch, val)
+                hist.append(torch.stack([loss, gm, mse]).double())  # checked after the last iteration
+            else:
+                grad, loss, info = self.meta_grad(batch, val)
+                if not torch.isfinite(loss):
+                    raise GacqError(f"GAC meta-objective is {loss.item()} at meta-iteration {it}; "
+                                    "lower --gac-inner-lr")
+                log.append({"it": it, "loss": float(loss.detach()), **info})
             if cfg.meta_optimizer == "adam":  # only the minibatch's scores (and their moments) move
                 grad = torch.sparse_coo_tensor(batch[None], grad[batch], grad.shape, check_invariants=True)
             self.scores.grad = grad
             opt.step()
-            log.append({"it": it, "loss": float(loss.detach()), **info})
+        if hist:
+            h = torch.stack(hist).cpu()
+            bad = torch.nonzero(~torch.isfinite(h[:, 0])).flatten()
+            if len(bad):
+                it = int(bad[0])
+                raise GacqError(f"GAC meta-objective is {h[it, 0].item()} at meta-iteration {it}; "
+                                "lower --gac-inner-lr")
+            log = [{"it": it, "loss": float(r[0]), "gm": float(r[1]), "val_mse": float(r[2])}
+                   for it, r in enumerate(h)]
         return self.weights().detach(), log
 
 
 def make_gac_weight_fn(step: torch.Tensor, cfg: GACConfig, device: torch.device | str = "cpu",
-                       store: dict | None = None):
+                       store: dict | None = None, cuda_graph: bool = True):
     """A `weight_fn` for `reconstruct_model`: runs Algorithm 2 on each block and returns weights
     over all cached samples (validation samples 0). `store[name]` receives the learned weights
-    (over all samples) and the meta log of every block."""
+    (over all samples) and the meta log of every block. `cuda_graph`: replay each block's
+    meta-gradient as a CUDA graph on GPUs (one process)."""
     if cfg.meta_iters == 0:
         return None
     train_idx, groups = validation_split(step, cfg.val_fraction, cfg.groups, cfg.seed)
@@ -285,7 +365,7 @@ def make_gac_weight_fn(step: torch.Tensor, cfg: GACConfig, device: torch.device 
         data = UnitData(unit, args, kwargs, target, cfg.p, None, device)
         if data.n != len(step):
             raise GacqError(f"GAC: block {name} has {data.n} cached samples but the calibration set has {len(step)}")
-        block = GACBlock(unit, data, train_idx, groups, cfg)
+        block = GACBlock(unit, data, train_idx, groups, cfg, cuda_graph)
         try:
             w_train, log = block.run()
         finally:
