@@ -3,7 +3,8 @@
 For one model config (random weights: speed does not depend on them) it builds
 - the float model in bf16, eager and torch.compile'd (the baselines);
 - a W8A8 round-to-nearest fake-quant model (min-max weight grids; activation ranges min-max on
-  one random batch, as gacq.quant.wrap does on calibration data) and its `int8` export;
+  one random batch, as gacq.quant.wrap does on calibration data) and its `int8` export, with its
+  fused Triton convolution (on CUDA) and with it off (im2col + torch._int_mm);
 - a W4A16 round-to-nearest fake-quant model (weight-only, no calibration) and its `w4a16` export,
   with its Triton kernel (on CUDA) and with the kernel off (unpack + dequantize + float op per call);
 and times one model call (= one denoising step) at each batch size: CUDA events around each
@@ -75,12 +76,14 @@ def fake_quant(model: nn.Module, wbits: int, abits: int | None, device: torch.de
     return q
 
 
-def dense_w4a16(model: nn.Module) -> nn.Module:
-    """The w4a16 export with its Triton kernel off: unpack + dequantize + float conv/linear per call."""
+def kernels_off(model: nn.Module) -> nn.Module:
+    """An export with its Triton kernels off: w4a16 unpacks + dequantizes + runs the float op per
+    call; int8 convs run im2col + torch._int_mm + separate (de)quantization passes."""
+    from gacq.export.int8 import Int8Layer
     from gacq.export.w4a16 import W4A16Layer
 
     for m in model.modules():
-        if isinstance(m, W4A16Layer):
+        if isinstance(m, (W4A16Layer, Int8Layer)):
             m.use_kernel = False
     return model
 
@@ -232,10 +235,11 @@ def main() -> None:
     modes = [
         (f"{args.dtype} eager", lambda: copy.deepcopy(fp), False),
         ("fake-quant W8A8", fq8, False),
-        ("int8 W8A8", lambda: convert(fq8(), "int8")[0], False),
+        ("int8 W8A8", lambda: convert(fq8(), "int8")[0], False),  # fused Triton convs (CUDA)
+        ("int8 W8A8 im2col", lambda: kernels_off(convert(fq8(), "int8")[0]), False),
         ("fake-quant W4A16", fq4, False),
         ("w4a16 W4A16", lambda: convert(fq4(), "w4a16")[0], False),  # the Triton kernel (CUDA)
-        ("w4a16 W4A16 dense-dequant", lambda: dense_w4a16(convert(fq4(), "w4a16")[0]), False),
+        ("w4a16 W4A16 dense-dequant", lambda: kernels_off(convert(fq4(), "w4a16")[0]), False),
     ]
     if not args.no_compile:
         modes.insert(1, (modes[0][0].replace("eager", "compiled"), lambda: copy.deepcopy(fp), True))

@@ -1,4 +1,4 @@
-"""Checks of the w4a16 Triton kernel, run by test_triton_w4.py in a subprocess: with
+"""Checks of the Triton kernels (w4a16 GEMM, int8 implicit-GEMM conv), run by test_triton_w4.py in a subprocess: with
 TRITON_INTERPRET=1 (Triton's interpreter runs the kernel on CPU tensors; it must be set before
 triton is imported), or with GACQ_TRITON_DEVICE=cuda on a GPU (inputs are built on the CPU as in
 the interpreter run and moved to the GPU; results come back to the CPU for the float64 checks).
@@ -109,6 +109,65 @@ def layers():
                 torch.testing.assert_close(ex(x), layer(x), rtol=1e-6, atol=1e-6)
     layer, x = make_conv(wbits=4, k=1, padding=0, cin=12, split=5, x_shape=(2, 12, 5, 5))
     assert not to_w4a16(layer).kernel_applies(x)  # two weight groups: the dense path
+
+
+def int8_conv():
+    """The fused int8 conv against the int8 backend's torch path (im2col + torch._int_mm + separate
+    dequantization), bitwise: 3x3 with padding, stride 2, dilation 2, 1x1, no bias, asymmetric
+    (zero point != 0) and symmetric activation grids, weights whose rows need the 128 offset (dw != 0),
+    4-bit weights, an odd batch and a K that is not a multiple of the tile."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gacq.export.int8 import to_int8
+    from tests.test_export import make_conv
+
+    cases = [{}, {"stride": 2}, {"dilation": 2, "padding": 2}, {"k": 1, "padding": 0}, {"bias": False},
+             {"a_symmetric": True}, {"wbits": 4, "abits": 6}, {"cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)}]
+    offsets = 0
+    for kw in cases:
+        layer, x = make_conv(**kw)
+        ex = to_int8(layer).to(DEVICE)
+        x = x.to(DEVICE)
+        offsets += ex.parts[0].has_offset
+        assert ex.kernel_applies(x), kw
+        with torch.no_grad():
+            y = ex(x)
+            ex.use_kernel = False
+            want = ex(x)
+        assert y.shape == want.shape and y.dtype == want.dtype, kw
+        assert torch.equal(y, want), (kw, (y - want).abs().max())
+    # a weight row spanning more than 255 codes cannot be centred on its zero point: dw = 128 - zw
+    layer, x = make_conv(wbits=8)
+    with torch.no_grad():
+        wq = layer.weight_quantizer
+        wq.zero_point.fill_(0.0)  # rows of codes 0..255 around a zero point at 0
+    ex = to_int8(layer).to(DEVICE)
+    assert ex.parts[0].has_offset
+    with torch.no_grad():
+        y = ex(x.to(DEVICE))
+        ex.use_kernel = False
+        assert torch.equal(y, ex(x.to(DEVICE)))
+    # exact ties x / sa = j + 0.5 round half to even, as torch.round does
+    layer, x = make_conv()
+    with torch.no_grad():
+        layer.act_quantizer.scale.fill_(0.0625)
+        layer.act_quantizer.zero_point.fill_(100.0)
+    x = (torch.randint(-60, 60, x.shape, generator=torch.Generator().manual_seed(3)) + 0.5) * 0.0625
+    ex = to_int8(layer).to(DEVICE)
+    with torch.no_grad():
+        y = ex(x.to(DEVICE))
+        ex.use_kernel = False
+        assert torch.equal(y, ex(x.to(DEVICE)))
+    if DEVICE == "cuda":  # bf16 (Triton's interpreter truncates float32 -> bf16 casts; the GPU rounds to nearest)
+        for kw in cases:
+            layer, x = make_conv(**kw)
+            ex = to_int8(layer).to(DEVICE, torch.bfloat16)
+            x = x.to(DEVICE, torch.bfloat16)
+            with torch.no_grad():
+                y = ex(x)
+                ex.use_kernel = False
+                assert torch.equal(y, ex(x)), kw
+    layer, x = make_conv(split=2, cin=5)
+    assert not to_int8(layer).kernel_applies(x)  # two weight groups: the torch path
 
 
 if __name__ == "__main__":

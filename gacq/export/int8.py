@@ -22,7 +22,9 @@ float32 GEMM/conv. Stated layer tolerance (tested):
     |y_int8 - y_fake|  <= 2^-21 (sa sw[o] |S| + |b|) + (K + 2) 2^-24 sa sw[o] sum_k |Xq - za||Wq - zw|
 (the second term bounds fake quantization's own float32 accumulation error).
 
-Convolutions run as im2col (`F.unfold`) + the same GEMM: the input is quantized and centred
+On CUDA, convolutions with one weight group run as one fused Triton kernel (`triton_int8`: implicit
+GEMM, activation quantization in the prologue, this arithmetic in the epilogue, bitwise equal to the
+torch path). Elsewhere, convolutions run as im2col (`F.unfold`) + the same GEMM: the input is quantized and centred
 (Xq - za, exact small integers in the input dtype) before unfold, so the zero padding is the
 padding of the dequantized input, as in the fake-quant conv. Grouped convolutions fall back.
 
@@ -116,7 +118,26 @@ class Int8Layer(ExportedLayer):
         cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
+    use_kernel = True  # the Triton conv where it applies; False: always the torch path (benchmarks)
+
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """The fused Triton conv (`triton_int8`) runs this call: a conv with one weight group and
+        groups 1, on CUDA (or in Triton's interpreter)."""
+        from .triton_int8 import available
+
+        return self.use_kernel and self.is_conv and len(self.parts) == 1 and self.groups == 1 and available(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_applies(x):
+            from .triton_int8 import int8_conv2d
+
+            (part,), (q,) = self.parts, list(self.act_quantizers())
+            scale, zp = q.scale, q.zero_point
+            c = act_center(q.qmin, q.qmax)
+            return int8_conv2d(x, part.qweight, part.k, part.out_channels, scale.float() * part.w_scale,
+                               part.w_offset if part.has_offset else None, part.row_term, self.bias, scale, zp,
+                               q.qmin, q.qmax, c, (c - zp).round().to(torch.int32), self.kernel_size, self.stride,
+                               tuple(self.padding), self.dilation)
         y = None
         for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
             scale, zp = q.scale, q.zero_point

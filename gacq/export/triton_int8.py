@@ -1,0 +1,135 @@
+"""Triton W8A8 convolution: implicit GEMM on int8 codes with the activation quantization fused
+into the prologue and the dequantization, correction terms and bias into the epilogue.
+
+The `int8` backend's torch path (`gacq.export.int8`) quantizes the input, unfolds it (im2col: a
+copy kh*kw times the input), runs `torch._int_mm` and dequantizes in separate passes. This
+kernel does the same arithmetic in one pass over the output: for a tile of output positions
+(n, ho, wo) and channels o it walks the reduction index k = (c, r, s) in the order of
+`weight.reshape(O, -1)`, gathers the input pixels each k needs straight from the float input
+(out-of-image positions read 0.0, which quantizes to the zero point: the padding of the
+dequantized input, as in the fake-quant conv), quantizes and centres them into int8,
+
+    X8 = clamp(round(x / sa) + za, qmin, qmax) - ca
+
+in the input dtype's rounding (the quotient is rounded to x's dtype before the integer rounding,
+as torch computes `x / scale` for fp16/bf16 inputs; rounding is half to even, as torch.round),
+and accumulates X8 @ W8 in int32 on the tensor cores (`tl.dot`). The epilogue adds the int8
+backend's exact correction terms and scales,
+
+    y = float(S + dw[o] * sum_k X8 + da * row[o]) * (sa * sw[o]) + b[o],
+
+the same float32 operations in the same order as `Int8Layer`'s torch path, so its output is
+bitwise equal to that path's (tested in Triton's interpreter). One weight group and groups=1
+only; other layers keep the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_w4 import INTERPRET, available, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _round_half_even(v):
+        r = tl.floor(v)
+        f = v - r  # exact for |v| < 2^23
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
+
+    @triton.jit
+    def _int8_conv_kernel(x_ptr, w_ptr, scale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr,
+                          ascale_ptr, azp_ptr, da_ptr, qmin, qmax, center,
+                          M, O, C, H, W, HO, WO,
+                          sxn, sxc, sxh, sxw, swk, syn, syc, syh, syw,
+                          SH, SW, PH, PW, DH, DW,
+                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                          HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < O
+        n_idx = offs_m // (HO * WO)
+        rem = offs_m % (HO * WO)
+        ho, wo = rem // WO, rem % WO
+        a_scale = tl.load(ascale_ptr).to(tl.float32)
+        a_zp = tl.load(azp_ptr).to(tl.float32)
+        da = tl.load(da_ptr)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        rsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            c = offs_k // (KH * KW)
+            rs = offs_k % (KH * KW)
+            r, s = rs // KW, rs % KW
+            hi = ho[:, None] * SH - PH + r[None, :] * DH
+            wi = wo[:, None] * SW - PW + s[None, :] * DW
+            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x = tl.load(x_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
+                        mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
+            v = (x.to(tl.float32) / a_scale).to(x.dtype).to(tl.float32)  # torch's x / scale in x's dtype
+            # (the quantizer's scale and zero point in x's dtype as well: the caller casts them)
+            q = tl.minimum(tl.maximum(_round_half_even(v) + a_zp, qmin), qmax)
+            x8 = tl.where(mask_k[None, :], q - center, 0.0).to(tl.int8)
+            w8 = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
+                         other=0)
+            acc += tl.dot(x8, w8, out_dtype=tl.int32)
+            if HAS_OFFSET:
+                rsum += tl.sum(x8.to(tl.int32), axis=1)
+        row = tl.load(row_ptr + offs_n, mask=mask_n, other=0)
+        total = acc + da * row[None, :]
+        if HAS_OFFSET:
+            total += rsum[:, None] * tl.load(woff_ptr + offs_n, mask=mask_n, other=0)[None, :]
+        y = total.to(tl.float32) * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        ho2, wo2 = rem // WO, rem % WO
+        ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho2[:, None] * syh + wo2[:, None] * syw
+        tl.store(ptr, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, combined_scale: torch.Tensor,
+                w_offset: torch.Tensor | None, row_term: torch.Tensor, bias: torch.Tensor | None,
+                act_scale: torch.Tensor, act_zero: torch.Tensor, qmin: int, qmax: int, center: int,
+                da: torch.Tensor, kernel_size: tuple[int, int],
+                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                block=(32, 32, 32)) -> torch.Tensor:
+    """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
+
+    qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); k = C*kh*kw;
+    combined_scale: (O,) float32 = sa * sw[o] (as the torch path multiplies them); w_offset: (O,)
+    int32 dw or None when every dw is 0; row_term: (O,) int32; act_scale, act_zero: the input
+    grid's scale and zero point as one-element tensors on x's device (read by the kernel: no host
+    sync, so per-step grids work under CUDA graphs); qmin, qmax: the grid; center: ca; da: one-element
+    int32 tensor ca - za.
+    """
+    if triton is None:
+        raise RuntimeError("the int8 Triton kernel needs the triton package")
+    n, c, h, w = x.shape
+    kh, kw = kernel_size
+    if c * kh * kw != k:
+        raise ValueError(f"int8_conv2d: input has {c} channels, the weight expects {k // (kh * kw)}")
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
+    m = n * ho * wo
+    bm, bn, bk = block
+    grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn))
+    off = w_offset if w_offset is not None else row_term  # any int32 pointer when unused
+    b = bias.float().contiguous() if bias is not None else combined_scale
+    _int8_conv_kernel[grid](x, qweight, combined_scale.float().contiguous(), off.contiguous(), row_term.contiguous(), b,
+                            y, act_scale.reshape(1).to(x.dtype), act_zero.reshape(1).to(x.dtype), da.reshape(1),
+                            float(qmin), float(qmax), float(center),
+                            m, out_channels, c, h, w, ho, wo, *x.stride(), qweight.stride(0), *y.stride(),
+                            sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
+                            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y
+
+
+__all__ = ["INTERPRET", "available", "int8_conv2d"]
