@@ -335,8 +335,10 @@ class GACBlock:
                     raise GacqError(f"GAC meta-objective is {loss.item()} at meta-iteration {it}; "
                                     "lower --gac-inner-lr")
                 log.append({"it": it, "loss": float(loss.detach()), **info})
-            if cfg.meta_optimizer == "adam":  # only the minibatch's scores (and their moments) move
-                grad = torch.sparse_coo_tensor(batch[None], grad[batch], grad.shape, check_invariants=True)
+            # only the minibatch's scores (and their moments) move; its indices are a permutation's slice, valid by
+            # construction (checking them would sync with the GPU every meta-iteration)
+            if cfg.meta_optimizer == "adam":
+                grad = torch.sparse_coo_tensor(batch[None], grad[batch], grad.shape, check_invariants=False)
             self.scores.grad = grad
             opt.step()
         if hist:
