@@ -72,7 +72,8 @@ if triton is not None:
             inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             x = tl.load(x_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
                         mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
-            v = (x.to(tl.float32) / a_scale).to(x.dtype).to(tl.float32)  # torch's x / scale in x's dtype
+            # IEEE division (Triton's `/` is the approximate div.full.f32 on GPUs), rounded to x's dtype as torch does
+            v = tl.math.div_rn(x.to(tl.float32), a_scale).to(x.dtype).to(tl.float32)
             # (the quantizer's scale and zero point in x's dtype as well: the caller casts them)
             q = tl.minimum(tl.maximum(_round_half_even(v) + a_zp, qmin), qmax)
             x8 = tl.where(mask_k[None, :], q - center, 0.0).to(tl.int8)
