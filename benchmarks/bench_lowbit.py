@@ -5,6 +5,8 @@ For one model config (random weights: speed does not depend on them) it builds
 - a W8A8 round-to-nearest fake-quant model (min-max weight grids; activation ranges min-max on
   one random batch, as gacq.quant.wrap does on calibration data) and its `int8` export, with its
   fused Triton convolution (on CUDA) and with it off (im2col + torch._int_mm);
+- a W4A8 round-to-nearest fake-quant model and its `w4a8` export (packed int4 x int8, fused Triton
+  kernel on CUDA);
 - a W4A16 round-to-nearest fake-quant model (weight-only, no calibration) and its `w4a16` export,
   with its Triton kernel (on CUDA) and with the kernel off (unpack + dequantize + float op per call);
 and times one model call (= one denoising step) at each batch size: CUDA events around each
@@ -232,11 +234,14 @@ def main() -> None:
     # (label, builder): built lazily, one at a time, so peak memory is per mode
     fq8 = lambda: fake_quant(fp, 8, 8, device, args.seed)
     fq4 = lambda: fake_quant(fp, 4, None, device, args.seed)
+    fq48 = lambda: fake_quant(fp, 4, 8, device, args.seed)
     modes = [
         (f"{args.dtype} eager", lambda: copy.deepcopy(fp), False),
         ("fake-quant W8A8", fq8, False),
         ("int8 W8A8", lambda: convert(fq8(), "int8")[0], False),  # fused Triton convs (CUDA)
         ("int8 W8A8 im2col", lambda: kernels_off(convert(fq8(), "int8")[0]), False),
+        ("fake-quant W4A8", fq48, False),
+        ("w4a8 W4A8", lambda: convert(fq48(), "w4a8")[0], False),  # fused Triton conv/linear (CUDA)
         ("fake-quant W4A16", fq4, False),
         ("w4a16 W4A16", lambda: convert(fq4(), "w4a16")[0], False),  # the Triton kernel (CUDA)
         ("w4a16 W4A16 dense-dequant", lambda: kernels_off(convert(fq4(), "w4a16")[0]), False),
@@ -244,6 +249,7 @@ def main() -> None:
     if not args.no_compile:
         modes.insert(1, (modes[0][0].replace("eager", "compiled"), lambda: copy.deepcopy(fp), True))
         modes += [("int8 W8A8 compiled", lambda: convert(fq8(), "int8")[0], True),
+                  ("w4a8 W4A8 compiled", lambda: convert(fq48(), "w4a8")[0], True),
                   ("w4a16 W4A16 compiled", lambda: convert(fq4(), "w4a16")[0], True)]
 
     results = []
@@ -283,7 +289,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     base_label = next((r["mode"] for r in results if "compiled" in r["mode"] and "ms_median" in r
-                       and not r["mode"].startswith(("int8", "w4a16"))), results[0]["mode"])
+                       and not r["mode"].startswith(("int8", "w4a8", "w4a16"))), results[0]["mode"])
     base = {r["batch"]: r["ms_median"] for r in results if r["mode"] == base_label and "ms_median" in r}
     for r in results:
         if "ms_median" in r and r["batch"] in base:

@@ -263,6 +263,34 @@ def test_w4a16_equals_fake_quant_and_stores_a_quarter(make, kw):
     assert ex.weight_bytes() <= 0.25 * (2 * o * k) + o * (groups * 5 + 1)
 
 
+# ---------------------------------------------------------------- w4a8 layers ---
+@pytest.mark.parametrize("make,kw", [
+    (make_conv, {"wbits": 4}), (make_conv, {"wbits": 3, "stride": 2, "a_symmetric": True}),
+    (make_conv, {"wbits": 4, "k": 1, "padding": 0, "cin": 12, "split": 5, "x_shape": (2, 12, 5, 5)}),
+    (make_linear, {"wbits": 4}), (make_linear, {"wbits": 2, "abits": 6}),
+])
+def test_w4a8_equals_the_int8_layer_and_stores_a_quarter(make, kw):
+    """The same integer sums and float32 epilogue as the int8 backend (bitwise on the CPU path), from
+    packed int4 storage: codes + float32 scale + uint8 zero point + int32 row term per channel."""
+    from gacq.export import W4A8Conv2d, W4A8Linear
+    from gacq.export.int8 import to_w4a8, w4a8_unsupported
+
+    layer, x = make(**kw)
+    assert w4a8_unsupported(layer) is None
+    ex, ref = to_w4a8(layer), to_int8(layer)
+    assert isinstance(ex, (W4A8Conv2d, W4A8Linear))
+    with torch.no_grad():
+        assert torch.equal(ex(x), ref(x))
+        y_fake = layer(x)
+    assert ((ex(x) - y_fake).abs() <= 1e-5 * y_fake.abs().max()).all()
+    o, k = layer.weight.shape[0], layer.weight[0].numel()
+    groups = 2 if layer.split else 1
+    ks = [p.k for p in ex.parts]
+    assert sum(ks) == k and ex.weight_bytes() == sum(o * ((kk + 1) // 2) for kk in ks) + o * groups * (4 + 1 + 4)
+    layer8, _ = make(**{**kw, "wbits": 8})
+    assert "8-bit weights" in w4a8_unsupported(layer8)
+
+
 # ------------------------------------------------------------ whole models ---
 def _gacq(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True,
@@ -294,26 +322,29 @@ def qdirs(tmp_path_factory):
     return {"w4a8": root / "q48", "w8a8": root / "q88", "root": root}
 
 
-@pytest.mark.parametrize("ckpt", ["w8a8", "w4a8"])
-def test_export_int8_whole_model(qdirs, tmp_path, ckpt):
-    out = tmp_path / "int8"
-    info = export(qdirs[ckpt], "int8", out, check_batches=2, check_batch_size=4)
+@pytest.mark.parametrize("ckpt,backend", [("w8a8", "int8"), ("w4a8", "int8"), ("w4a8", "w4a8")])
+def test_export_int8_whole_model(qdirs, tmp_path, ckpt, backend):
+    out = tmp_path / backend
+    info = export(qdirs[ckpt], backend, out, check_batches=2, check_batch_size=4)
     rep, chk = info["report"], info["check"]
     n_layers = len(json.loads((qdirs[ckpt] / "quant_config.json").read_text())["layers"])
-    assert rep["converted"] == {"Int8Conv2d": 23, "Int8Linear": 26} and sum(rep["converted"].values()) == n_layers
+    kind = "Int8" if backend == "int8" else "W4A8"
+    assert rep["converted"] == {f"{kind}Conv2d": 23, f"{kind}Linear": 26} and sum(rep["converted"].values()) == n_layers
     assert rep["fallbacks"] == []  # conv_in / conv_out stay float Conv2d: not quantized layers, not fallbacks
-    assert rep["weight_bytes_after"] < 0.3 * rep["weight_bytes_before"]
+    # against float32 bytes; the tiny model's short rows make the per-channel terms (scale, zero point, row sum) a
+    # large share (0.162 for w4a8 here)
+    assert rep["weight_bytes_after"] < (0.3 if backend == "int8" else 0.17) * rep["weight_bytes_before"]
     assert chk["agree_fraction"] >= BACKENDS["int8"].min_agree and chk["median_rel_error"] <= 1e-5
     assert chk["max_rel_error"] <= BACKENDS["int8"].max_rtol
     # the int8 model is at least as close to the float64 fake-quant computation as the float32 fake-quant model
     assert chk["float64"]["exported_agree_fraction"] >= chk["float64"]["fake_quant_agree_fraction"] - 0.125
     on_disk = json.loads((out / "export.json").read_text())
-    assert on_disk["backend"] == "int8" and on_disk["torch"] == torch.__version__
+    assert on_disk["backend"] == backend and on_disk["torch"] == torch.__version__
     assert "tolerance_note" in on_disk["check"]
     assert {p.name for p in qdirs[ckpt].iterdir()} <= {p.name for p in out.iterdir()}
     # load_exported rebuilds the same converted model
     model = load_exported(out)
-    assert sum(isinstance(m, Int8Conv2d) for m in model.modules()) == 23
+    assert sum(type(m).__name__ == f"{kind}Conv2d" for m in model.modules()) == 23
     ref, _, _ = load_quantized(qdirs[ckpt])
     again = compare_outputs(ref, model, batches=1, batch_size=4, float64=False)
     assert again["agree_fraction"] >= 0.5
@@ -342,7 +373,7 @@ def test_export_w4a16_via_the_command(qdirs, tmp_path):
     assert info["check"]["max_rel_error"] == 0.0 and info["check"]["agree_fraction"] == 1.0
     assert info["report"]["weight_bytes_after"] <= 0.3 * info["report"]["weight_bytes_fp16"]
     bad = CliRunner().invoke(app, ["export", str(qdirs["w4a8"]), "--backend", "int4", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "unknown backend 'int4'; choose one of: int8, w4a16" in bad.output
+    assert bad.exit_code == 2 and "unknown backend 'int4'; choose one of: int8, w4a8, w4a16" in bad.output
     assert not (tmp_path / "x").exists()
 
 
@@ -355,13 +386,15 @@ def test_gacq_export_subprocess(qdirs, tmp_path):
 
 
 def test_refusals(qdirs, tmp_path):
-    with pytest.raises(GacqError, match="unknown backend 'fp4'; choose one of: int8, w4a16"):
+    with pytest.raises(GacqError, match="unknown backend 'fp4'; choose one of: int8, w4a8, w4a16"):
         export(qdirs["w8a8"], "fp4", tmp_path / "x")
     (tmp_path / "plain").mkdir()
     with pytest.raises(GacqError, match="is not a quantized checkpoint"):
         export(tmp_path / "plain", "int8", tmp_path / "x")
     with pytest.raises(GacqError, match="w4a16 backend stores weights of at most 4 bits; this model's are 8-bit"):
         export(qdirs["w8a8"], "w4a16", tmp_path / "x")
+    with pytest.raises(GacqError, match="w4a8 backend stores weights of at most 4 bits; this model's are 8-bit"):
+        export(qdirs["w8a8"], "w4a8", tmp_path / "x")
     with pytest.raises(GacqError, match="inside it"):
         export(qdirs["w8a8"], "int8", qdirs["w8a8"] / "sub")
     with pytest.raises(GacqError, match="not an exported folder"):

@@ -170,6 +170,30 @@ def int8_conv():
     assert not to_int8(layer).kernel_applies(x)  # two weight groups: the torch path
 
 
+def w4a8():
+    """The W4A8 layers' fused kernel (packed int4 codes unpacked in the K loop; linears as 1x1 convs)
+    against their torch path (codes unpacked per call + torch._int_mm), bitwise, float32 inputs."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gacq.export.int8 import to_w4a8
+    from tests.test_export import make_conv, make_linear
+
+    for make, kw in [(make_conv, {"wbits": 4}), (make_conv, {"wbits": 3, "stride": 2, "a_symmetric": True}),
+                     (make_conv, {"wbits": 4, "cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)}),
+                     (make_conv, {"wbits": 4, "k": 1, "padding": 0, "bias": False}),
+                     (make_linear, {"wbits": 4}), (make_linear, {"wbits": 2, "abits": 6})]:
+        layer, x = make(**kw)
+        ex = to_w4a8(layer).to(DEVICE)
+        x = x.to(DEVICE)
+        assert ex.kernel_applies(x), kw
+        with torch.no_grad():
+            y = ex(x)
+            ex.use_kernel = False
+            want = ex(x)
+        assert y.shape == want.shape and torch.equal(y, want), (kw, (y - want).abs().max())
+    layer, x = make_conv(wbits=4, k=1, padding=0, cin=12, split=5, x_shape=(2, 12, 5, 5))
+    assert not to_w4a8(layer).kernel_applies(x)  # two weight groups: the torch path
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()
     print("ok", sys.argv[1])

@@ -4,12 +4,17 @@
                                   export(QDIR, backend, OUT): convert + check + OUT/export.json
 
 Backends (`BACKENDS`):
-- `int8`: int8 weights x int8 activations, exact int32 GEMM (`torch._int_mm`), convolutions as
-  im2col + the same GEMM; W <= 8, A <= 8 (module `int8`).
-- `w4a16`: int4 weights packed two per byte, dequantized at call time; inputs as in the
-  fake-quant model (module `w4a16`).
+- `int8`: int8 weights x int8 activations, exact int32 GEMM (`torch._int_mm`); on CUDA convolutions
+  run as one fused Triton kernel (`triton_int8`), elsewhere as im2col + the same GEMM; W <= 8, A <= 8
+  (module `int8`).
+- `w4a8`: int4 weights packed two per byte x int8 activations, the same exact integer arithmetic;
+  on CUDA convs and linears run the fused Triton kernel, which unpacks the codes in its K loop
+  (module `int8`).
+- `w4a16`: int4 weights packed two per byte; on CUDA a Triton GEMM dequantizes them tile by tile
+  (`triton_w4`; convs as im2col + that GEMM), elsewhere they are dequantized at call time; inputs as
+  in the fake-quant model (module `w4a16`).
 Layers a backend cannot run stay on a dense path with the fake-quant weight, counted in the
-report and in one warning. Triton kernels (fused int4 dequant, fused im2col) are not here yet.
+report and in one warning.
 
 Example:
     >>> from gacq.export import export, load_exported
@@ -36,7 +41,7 @@ from .folder import (
     load_exported,
     read_export_info,
 )
-from .int8 import Int8Conv2d, Int8Linear, int_mm
+from .int8 import Int8Conv2d, Int8Linear, W4A8Conv2d, W4A8Linear, int_mm
 from .w4a16 import W4A16Conv2d, W4A16Linear
 
 __all__ = [
@@ -49,6 +54,8 @@ __all__ = [
     "ExportedLayer",
     "Int8Conv2d",
     "Int8Linear",
+    "W4A8Conv2d",
+    "W4A8Linear",
     "W4A16Conv2d",
     "W4A16Linear",
     "apply_step",

@@ -27,7 +27,7 @@ from ..errors import GacqError
 from ..quant.modules import QuantLayer
 from ..quant.wrap import quant_layers
 from .base import ExportedLayer, dense_fallback
-from .int8 import int8_unsupported, to_int8
+from .int8 import int8_unsupported, to_int8, to_w4a8, w4a8_unsupported
 from .w4a16 import to_w4a16, w4a16_unsupported
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,13 @@ def _refuse_int8(wbits: int, abits: int | None) -> str | None:
     return None
 
 
+def _refuse_w4a8(wbits: int, abits: int | None) -> str | None:
+    if wbits > 4:
+        return f"the w4a8 backend stores weights of at most 4 bits; this model's are {wbits}-bit: use --backend int8"
+    why = _refuse_int8(wbits, abits)
+    return why.replace("int8 backend", "w4a8 backend") if why else None
+
+
 def _refuse_w4a16(wbits: int, abits: int | None) -> str | None:
     if wbits > 4:
         return f"the w4a16 backend stores weights of at most 4 bits; this model's are {wbits}-bit: use --backend int8"
@@ -78,7 +85,8 @@ def _refuse_w4a16(wbits: int, abits: int | None) -> str | None:
 
 BACKENDS: dict[str, Backend] = {
     "int8": Backend(
-        "int8", "int8 weights (W<=8) x int8 activations (A<=8), int32 GEMM via torch._int_mm; convs as im2col",
+        "int8", "int8 weights (W<=8) x int8 activations (A<=8), int32 GEMM via torch._int_mm; convs as one fused "
+        "Triton kernel on CUDA, im2col elsewhere",
         int8_unsupported, to_int8, _refuse_int8,
         sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
         tolerance_note=(
@@ -90,6 +98,13 @@ BACKENDS: dict[str, Backend] = {
             "float32 fake-quant model shows the same flips against a float64 run of itself (the 'float64' entry). "
             "So a sample agrees at 1e-5 of max |y|, at least half must agree, and max_rtol 0.1 only guards against "
             "gross errors."),
+    ),
+    "w4a8": Backend(
+        "w4a8", "int4 weights packed two per byte (W<=4) x int8 activations (A<=8), int32 accumulation: on CUDA one "
+        "fused Triton kernel per conv or linear unpacks the codes in its K loop; elsewhere the int8 torch path",
+        w4a8_unsupported, to_w4a8, _refuse_w4a8,
+        sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
+        tolerance_note="as int8: the same exact integer sum and float32 epilogue, so the same per-layer bounds.",
     ),
     "w4a16": Backend(
         "w4a16", "int4 weights packed two per byte, dequantized at call time; inputs as in the fake-quant model",
@@ -167,7 +182,7 @@ def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Mo
     Args:
         model: a fake-quant model (from `load_quantized` or `gacq.quant.quantize`); deep-copy it first
             to keep the fake-quant one.
-        backend: a name in `BACKENDS` ('int8', 'w4a16').
+        backend: a name in `BACKENDS` ('int8', 'w4a8', 'w4a16').
         strict: refuse (GacqError) instead of falling back to the dense path for some layers.
 
     Returns:
@@ -186,7 +201,7 @@ def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Mo
     why = b.refuse(*model_bits(layers))
     if why:
         raise GacqError(why)
-    if backend == "int8":
+    if backend in ("int8", "w4a8"):
         _check_step_sets(model)
     plan = [(name, m, b.unsupported(m)) for name, m in layers]
     fallbacks = [{"layer": n, "type": type(m).__name__, "reason": r} for n, m, r in plan if r is not None]

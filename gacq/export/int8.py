@@ -203,3 +203,95 @@ def to_int8(layer: QuantLayer) -> Int8Layer:
     from ..quant.modules import QuantConv2d
 
     return (Int8Conv2d if isinstance(layer, QuantConv2d) else Int8Linear)(layer)
+
+
+# ------------------------------------------------------------------ W4A8 ---
+class W4A8Part(_Part):
+    """One channel group stored as packed int4 codes (two per byte, `pack_int4`), 0.25x of fp16.
+
+    W8 = Wq - zw always fits int8 ([-15, 15]), so the int8 backend's offset term is 0 and
+    S = X8 @ W8^T + da * row[o] with row[o] = sum_k W8[o, k]."""
+
+    exact_buffers = ("w_scale",)
+
+    def __init__(self, p: WeightPart):
+        from .base import pack_int4
+
+        super().__init__()
+        codes, zw = p.codes, p.zero_point.round().to(torch.int64)
+        o, k = codes.shape
+        self.k, self.out_channels, self.has_offset = k, o, False
+        self.register_buffer("qweight", pack_int4(codes))  # (O, ceil(K/2)) uint8
+        self.register_buffer("w_zero", zw.to(torch.uint8))  # 0..15 (w4a8_unsupported checks)
+        self.register_buffer("w_scale", p.scale.float().clone())
+        self.register_buffer("row_term", (codes - zw[:, None]).sum(1).to(torch.int32))
+
+    def int8_weight(self) -> torch.Tensor:
+        """W8 = Wq - zw as (K8, O8) int8, padded as `Int8Part` stores it (the torch path's operand)."""
+        from .base import unpack_int4
+
+        w8 = unpack_int4(self.qweight, self.k).to(torch.int32) - self.w_zero.to(torch.int32)[:, None]
+        padded = torch.zeros(_round_up(self.k, 8), _round_up(self.out_channels, 8), dtype=torch.int8,
+                             device=w8.device)
+        padded[:self.k, :self.out_channels] = w8.t().to(torch.int8)
+        return padded
+
+    def accumulate(self, x8: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        """S (M, O) int32, as `Int8Part.accumulate` (the weight unpacked for this call)."""
+        w = self.int8_weight()
+        a = x8 if w.shape[0] == self.k else F.pad(x8, (0, w.shape[0] - self.k))
+        return int_mm(a, w)[:, :self.out_channels] + da * self.row_term
+
+
+class W4A8Layer(Int8Layer):
+    """int4 weights (stored packed) x int8 activations -> int32. On CUDA both convs and linears run
+    the fused Triton kernel, which unpacks the codes inside its K loop (a linear is a 1x1 conv
+    over a 1x1 image); elsewhere the codes are unpacked per call and the int8 torch path runs."""
+
+    def __init__(self, layer: QuantLayer):
+        ExportedLayer.__init__(self, layer)
+        self.parts = torch.nn.ModuleList(W4A8Part(p) for p in weight_parts(layer))
+
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        from .triton_int8 import available
+
+        return (self.use_kernel and len(self.parts) == 1 and (not self.is_conv or self.groups == 1)
+                and available(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.kernel_applies(x):  # Int8Layer's torch path (it asks this class's kernel_applies)
+            return super().forward(x)
+        from .triton_int8 import int8_conv2d
+
+        (part,), (q,) = self.parts, list(self.act_quantizers())
+        scale, zp = q.scale, q.zero_point
+        c = act_center(q.qmin, q.qmax)
+        args = (part.qweight, part.k, part.out_channels, scale.float() * part.w_scale, None, part.row_term,
+                self.bias, scale, zp, q.qmin, q.qmax, c, (c - zp).round().to(torch.int32))
+        if self.is_conv:
+            return int8_conv2d(x, *args, self.kernel_size, self.stride, tuple(self.padding), self.dilation,
+                               w_zero=part.w_zero)
+        x4 = x.reshape(-1, x.shape[-1], 1, 1)
+        y = int8_conv2d(x4, *args, (1, 1), (1, 1), (0, 0), (1, 1), w_zero=part.w_zero)
+        return y.reshape(*x.shape[:-1], self.out_channels)
+
+
+class W4A8Conv2d(W4A8Layer):
+    pass
+
+
+class W4A8Linear(W4A8Layer):
+    pass
+
+
+def w4a8_unsupported(layer: QuantLayer) -> str | None:
+    """Why the w4a8 backend cannot run this layer, or None."""
+    from .w4a16 import w4a16_unsupported
+
+    return w4a16_unsupported(layer) or int8_unsupported(layer)
+
+
+def to_w4a8(layer: QuantLayer) -> W4A8Layer:
+    from ..quant.modules import QuantConv2d
+
+    return (W4A8Conv2d if isinstance(layer, QuantConv2d) else W4A8Linear)(layer)

@@ -40,13 +40,13 @@ if triton is not None:
         return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
 
     @triton.jit
-    def _int8_conv_kernel(x_ptr, w_ptr, scale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr,
+    def _int8_conv_kernel(x_ptr, w_ptr, wzero_ptr, scale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr,
                           ascale_ptr, azp_ptr, da_ptr, qmin, qmax, center,
                           M, O, C, H, W, HO, WO,
                           sxn, sxc, sxh, sxw, swk, syn, syc, syh, syw,
                           SH, SW, PH, PW, DH, DW,
                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                          HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -59,6 +59,8 @@ if triton is not None:
         a_scale = tl.load(ascale_ptr).to(tl.float32)
         a_zp = tl.load(azp_ptr).to(tl.float32)
         da = tl.load(da_ptr)
+        if W4:
+            wz = tl.load(wzero_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         rsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
@@ -77,8 +79,13 @@ if triton is not None:
             # (the quantizer's scale and zero point in x's dtype as well: the caller casts them)
             q = tl.minimum(tl.maximum(_round_half_even(v) + a_zp, qmin), qmax)
             x8 = tl.where(mask_k[None, :], q - center, 0.0).to(tl.int8)
-            w8 = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
-                         other=0)
+            mask_w = mask_k[:, None] & mask_n[None, :]
+            if W4:  # packed int4 codes (O, ceil(K/2)), low nibble first: W8 = code - zw, in [-15, 15]
+                byte = tl.load(w_ptr + offs_n[None, :] * swk + offs_k[:, None] // 2, mask=mask_w, other=0)
+                code = (byte >> ((offs_k[:, None] % 2) * 4).to(tl.uint8)) & 0xF
+                w8 = tl.where(mask_w, code.to(tl.int32) - wz[None, :], 0).to(tl.int8)
+            else:  # int8 (K8, O8) row-major
+                w8 = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :], mask=mask_w, other=0)
             acc += tl.dot(x8, w8, out_dtype=tl.int32)
             if HAS_OFFSET:
                 rsum += tl.sum(x8.to(tl.int32), axis=1)
@@ -99,10 +106,12 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                 act_scale: torch.Tensor, act_zero: torch.Tensor, qmin: int, qmax: int, center: int,
                 da: torch.Tensor, kernel_size: tuple[int, int],
                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                block=(32, 32, 32)) -> torch.Tensor:
+                w_zero: torch.Tensor | None = None, block=(32, 32, 32)) -> torch.Tensor:
     """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
-    qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); k = C*kh*kw;
+    qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); or, with
+    `w_zero` (O,) given, (O, ceil(K/2)) uint8 packed int4 codes (`pack_int4`), the W4A8 layout,
+    unpacked and centred (code - zw) inside the K loop; k = C*kh*kw;
     combined_scale: (O,) float32 = sa * sw[o] (as the torch path multiplies them); w_offset: (O,)
     int32 dw or None when every dw is 0; row_term: (O,) int32; act_scale, act_zero: the input
     grid's scale and zero point as one-element tensors on x's device (read by the kernel: no host
@@ -124,12 +133,13 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn))
     off = w_offset if w_offset is not None else row_term  # any int32 pointer when unused
     b = bias.float().contiguous() if bias is not None else combined_scale
-    _int8_conv_kernel[grid](x, qweight, combined_scale.float().contiguous(), off.contiguous(), row_term.contiguous(), b,
+    wz = w_zero.contiguous() if w_zero is not None else row_term  # any pointer when unused
+    _int8_conv_kernel[grid](x, qweight, wz, combined_scale.float().contiguous(), off.contiguous(), row_term.contiguous(), b,
                             y, act_scale.reshape(1).to(x.dtype), act_zero.reshape(1).to(x.dtype), da.reshape(1),
                             float(qmin), float(qmax), float(center),
                             m, out_channels, c, h, w, ho, wo, *x.stride(), qweight.stride(0), *y.stride(),
                             sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
-                            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                            HAS_BIAS=bias is not None, W4=w_zero is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y
 
 
