@@ -48,22 +48,10 @@ from gacq.quant.recon import (ActReconConfig, ReconConfig, UnitData, _set_unit_a
 from gacq.quant.wrap import set_quant_state  # noqa: E402
 from gacq.sampling import SampleConfig  # noqa: E402
 from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
+from recon_speed import timed  # noqa: E402  (this script's folder: benchmarks/)
 
 SETTINGS = {"cifar10-table (I=4000, A=1000, M=100)": (4000, 1000, 100),
             "papers (I=20000, A=5000, M=100)": (20000, 5000, 100)}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 def ratio(t_meta: float, t_w: float, t_a: float, i: int, a: int, m: int) -> float:
