@@ -69,7 +69,7 @@ def matmul_fp16():
 
 
 def conv():
-    """im2col + kernel against F.conv2d in float64 with the dequantized weight: 3x3 stride 1 and 2,
+    """The implicit-GEMM conv kernel against F.conv2d in float64 with the dequantized weight: 3x3 stride 1 and 2,
     1x1, dilation 2, padding 'same'."""
     for kw in [dict(k=3, stride=1, padding=1, dilation=1), dict(k=3, stride=2, padding=1, dilation=1),
                dict(k=1, stride=1, padding=0, dilation=1), dict(k=3, stride=1, padding=2, dilation=2),

@@ -11,7 +11,7 @@ Backends (`BACKENDS`):
   on CUDA convs and linears run the fused Triton kernel, which unpacks the codes in its K loop
   (module `int8`).
 - `w4a16`: int4 weights packed two per byte; on CUDA a Triton GEMM dequantizes them tile by tile
-  (`triton_w4`; convs as im2col + that GEMM), elsewhere they are dequantized at call time; inputs as
+  (`triton_w4`; convs as an implicit GEMM), elsewhere they are dequantized at call time; inputs as
   in the fake-quant model (module `w4a16`).
 Layers a backend cannot run stay on a dense path with the fake-quant weight, counted in the
 report and in one warning.

@@ -9,10 +9,10 @@ is float32, the output has x's dtype. Codes are `pack_int4`'s layout: row n of t
 ceil(K / 2) bytes, low nibble first. One scale and zero point per output channel (checkpoints
 whose weight is split into column groups fall back to the dense path).
 
-Convolutions run as im2col (`F.unfold`) followed by this GEMM: the unfolded columns are in
-the order of `weight.reshape(O, -1)` (channel, then kernel row, then kernel column). That costs
-kh*kw times the input in memory; an implicit-GEMM kernel is the better design and is not
-written yet.
+Convolutions run as an implicit GEMM (`_w4a16_conv_kernel`): each tile of output positions
+gathers the input pixels of its reduction indices k = (channel, kernel row, kernel column), the
+order of `weight.reshape(O, -1)`, straight from the input (zero outside the image), so no im2col
+copy (kh*kw times the input) is made.
 
 Runs on CUDA. With TRITON_INTERPRET=1 set before gacq is imported, the same kernel runs on CPU
 tensors in Triton's interpreter, which is how the tests check it without a GPU. Speed is only
@@ -76,6 +76,50 @@ if triton is not None:
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_conv_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, O, C, H, W, HO, WO,
+                           sxn, sxc, sxh, sxw, stride_qn, syn, syc, syh, syw, SH, SW, PH, PW, DH, DW,
+                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < O
+        n_idx = offs_m // (HO * WO)
+        rem = offs_m % (HO * WO)
+        ho, wo = rem // WO, rem % WO
+        scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+        zero = tl.load(zero_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            c = offs_k // (KH * KW)
+            rs = offs_k % (KH * KW)
+            r, s = rs // KW, rs % KW
+            hi = ho[:, None] * SH - PH + r[None, :] * DH
+            wi = wo[:, None] * SW - PW + s[None, :] * DW
+            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x = tl.load(x_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
+                        mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
+            byte = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (offs_k[None, :] // 2),
+                           mask=mask_n[:, None] & mask_k[None, :], other=0)
+            code = (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
+            w = (code.to(tl.float32) - zero[:, None]) * scale[:, None]
+            w = tl.where(mask_k[None, :], w, 0.0).to(x.dtype)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho[:, None] * syh + wo[:, None] * syw
+        tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
                  bias: torch.Tensor | None = None, block=(32, 32, 32)) -> torch.Tensor:
     """x (..., K) times the packed weight (N, ceil(K/2)) transposed -> (..., N), in x's dtype.
@@ -100,8 +144,11 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
 
 
 def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 weight_shape: tuple[int, ...], bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
-    """conv2d (groups 1) as im2col + `w4a16_matmul`; padding may be an int, a pair or 'same'/'valid'."""
+                 weight_shape: tuple[int, ...], bias: torch.Tensor | None, stride, padding, dilation,
+                 block=(32, 32, 32)) -> torch.Tensor:
+    """conv2d (groups 1) as an implicit GEMM; padding may be an int, a pair or 'same'/'valid'."""
+    if triton is None:
+        raise RuntimeError("the w4a16 Triton kernel needs the triton package")
     o, c, kh, kw = weight_shape
     if isinstance(padding, str):
         if padding == "valid":
@@ -110,9 +157,21 @@ def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
             ph, pw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
             padding = (0, 0)
-    b, _, h, w = x.shape
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
+    if isinstance(padding, int):
+        padding = (padding, padding)
+    n, cx, h, w = x.shape
+    if cx != c:
+        raise ValueError(f"w4a16_conv2d: input has {cx} channels, the weight expects {c}")
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    y = w4a16_matmul(cols.transpose(1, 2), qweight, scale, zero, c * kh * kw, bias)  # (B, L, O)
-    return y.transpose(1, 2).reshape(b, o, ho, wo)
+    y = torch.empty((n, o, ho, wo), dtype=x.dtype, device=x.device)
+    m = n * ho * wo
+    bm, bn, bk = block
+    grid = (triton.cdiv(m, bm), triton.cdiv(o, bn))
+    b = bias.to(x.dtype).contiguous() if bias is not None else y
+    _w4a16_conv_kernel[grid](x, qweight.contiguous(), scale.float().contiguous(), zero.contiguous(), b, y, m, o, c,
+                             h, w, ho, wo, *x.stride(), qweight.stride(0), *y.stride(), stride[0], stride[1],
+                             padding[0], padding[1], dilation[0], dilation[1], K=c * kh * kw, KH=kh, KW=kw,
+                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn,
+                             BLOCK_K=bk)
+    return y
