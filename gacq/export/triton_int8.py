@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import torch
 
+from .base import conv_output_size
 from .triton_w4 import INTERPRET, available, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from .triton_w4 import conv_rows, gather_conv_input, int4_codes
 
     @triton.jit
     def _round_half_even(v):
@@ -53,9 +56,7 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = offs_m < M, offs_n < O
-        n_idx = offs_m // (HO * WO)
-        rem = offs_m % (HO * WO)
-        ho, wo = rem // WO, rem % WO
+        n_idx, ho, wo = conv_rows(offs_m, HO, WO)
         a_scale = tl.load(ascale_ptr).to(tl.float32)
         a_zp = tl.load(azp_ptr).to(tl.float32)
         da = tl.load(da_ptr)
@@ -66,23 +67,16 @@ if triton is not None:
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            c = offs_k // (KH * KW)
-            rs = offs_k % (KH * KW)
-            r, s = rs // KW, rs % KW
-            hi = ho[:, None] * SH - PH + r[None, :] * DH
-            wi = wo[:, None] * SW - PW + s[None, :] * DW
-            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            x = tl.load(x_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
-                        mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
+            x = gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
+                                  SH, SW, PH, PW, DH, DW, KH, KW)
             # IEEE division (Triton's `/` is the approximate div.full.f32 on GPUs), rounded to x's dtype as torch does
             v = tl.math.div_rn(x.to(tl.float32), a_scale).to(x.dtype).to(tl.float32)
             # (the quantizer's scale and zero point in x's dtype as well: the caller casts them)
             q = tl.minimum(tl.maximum(_round_half_even(v) + a_zp, qmin), qmax)
             x8 = tl.where(mask_k[None, :], q - center, 0.0).to(tl.int8)
             mask_w = mask_k[:, None] & mask_n[None, :]
-            if W4:  # packed int4 codes (O, ceil(K/2)), low nibble first: W8 = code - zw, in [-15, 15]
-                byte = tl.load(w_ptr + offs_n[None, :] * swk + offs_k[:, None] // 2, mask=mask_w, other=0)
-                code = (byte >> ((offs_k[:, None] % 2) * 4).to(tl.uint8)) & 0xF
+            if W4:  # packed int4 codes (O, ceil(K/2)): W8 = code - zw, in [-15, 15]
+                code = tl.trans(int4_codes(w_ptr, offs_n, offs_k, tl.trans(mask_w), swk))
                 w8 = tl.where(mask_w, code.to(tl.int32) - wz[None, :], 0).to(tl.int8)
             else:  # int8 (K8, O8) row-major
                 w8 = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :], mask=mask_w, other=0)
@@ -96,8 +90,7 @@ if triton is not None:
         y = total.to(tl.float32) * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        ho2, wo2 = rem // WO, rem % WO
-        ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho2[:, None] * syh + wo2[:, None] * syw
+        ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho[:, None] * syh + wo[:, None] * syw
         tl.store(ptr, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -125,8 +118,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     if c * kh * kw != k:
         raise ValueError(f"int8_conv2d: input has {c} channels, the weight expects {k // (kh * kw)}")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
     bm, bn, bk = block

@@ -26,6 +26,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .base import conv_output_size
+
 try:
     import triton
     import triton.language as tl
@@ -41,6 +43,45 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
+
+    # ------------------------------------------------ pieces shared by the kernels (here and triton_int8) ---
+    @triton.jit
+    def int4_codes(qw_ptr, offs_n, offs_k, mask, stride_qn):
+        """Codes (BLOCK_N, BLOCK_K) of `pack_int4`'s layout: row n is ceil(K/2) bytes, low nibble first."""
+        byte = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (offs_k[None, :] // 2), mask=mask, other=0)
+        return (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
+
+    @triton.jit
+    def conv_rows(offs_m, HO, WO):
+        """Output rows m of an implicit-GEMM conv -> (image, output row, output column)."""
+        rem = offs_m % (HO * WO)
+        return offs_m // (HO * WO), rem // WO, rem % WO
+
+    @triton.jit
+    def gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
+                          SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr):
+        """The (BLOCK_M, BLOCK_K) input tile of an implicit-GEMM conv: reduction index k = (channel,
+        kernel row, kernel column), the order of `weight.reshape(O, -1)`; 0.0 outside the image."""
+        c = offs_k // (KH * KW)
+        rs = offs_k % (KH * KW)
+        r, s = rs // KW, rs % KW
+        hi = ho[:, None] * SH - PH + r[None, :] * DH
+        wi = wo[:, None] * SW - PW + s[None, :] * DW
+        inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        return tl.load(x_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
+                       mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
+
+    @triton.jit
+    def _dequant_dot(acc, x, code, zero, scale, mask_k, IEEE: tl.constexpr):
+        """acc + x @ ((code - zero) * scale)^T: the tile dequantized in float32 (as fake quant), cast
+        to x's dtype (as the dense path casts the weight), products accumulated in float32."""
+        w = (code.to(tl.float32) - zero[:, None]) * scale[:, None]
+        w = tl.where(mask_k[None, :], w, 0.0).to(x.dtype)
+        if IEEE:  # float32 inputs: full-precision products (tl.dot would take TF32 on the GPU)
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        return acc
 
     @triton.jit
     def _w4a16_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N,
@@ -61,15 +102,8 @@ if triton is not None:
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            byte = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (offs_k[None, :] // 2),
-                           mask=mask_n[:, None] & mask_k[None, :], other=0)
-            code = (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
-            w = (code.to(tl.float32) - zero[:, None]) * scale[:, None]  # (BLOCK_N, BLOCK_K), float32 as fake quant
-            w = tl.where(mask_k[None, :], w, 0.0).to(x.dtype)
-            if IEEE:  # float32 inputs: full-precision products (tl.dot would take TF32 on the GPU)
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
-            else:
-                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+            code = int4_codes(qw_ptr, offs_n, offs_k, mask_n[:, None] & mask_k[None, :], stride_qn)
+            acc = _dequant_dot(acc, x, code, zero, scale, mask_k, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -88,32 +122,17 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = offs_m < M, offs_n < O
-        n_idx = offs_m // (HO * WO)
-        rem = offs_m % (HO * WO)
-        ho, wo = rem // WO, rem % WO
+        n_idx, ho, wo = conv_rows(offs_m, HO, WO)
         scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
         zero = tl.load(zero_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            c = offs_k // (KH * KW)
-            rs = offs_k % (KH * KW)
-            r, s = rs // KW, rs % KW
-            hi = ho[:, None] * SH - PH + r[None, :] * DH
-            wi = wo[:, None] * SW - PW + s[None, :] * DW
-            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            x = tl.load(x_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
-                        mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
-            byte = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (offs_k[None, :] // 2),
-                           mask=mask_n[:, None] & mask_k[None, :], other=0)
-            code = (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
-            w = (code.to(tl.float32) - zero[:, None]) * scale[:, None]
-            w = tl.where(mask_k[None, :], w, 0.0).to(x.dtype)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
-            else:
-                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+            x = gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
+                                  SH, SW, PH, PW, DH, DW, KH, KW)
+            code = int4_codes(qw_ptr, offs_n, offs_k, mask_n[:, None] & mask_k[None, :], stride_qn)
+            acc = _dequant_dot(acc, x, code, zero, scale, mask_k, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho[:, None] * syh + wo[:, None] * syw
@@ -162,8 +181,8 @@ def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     n, cx, h, w = x.shape
     if cx != c:
         raise ValueError(f"w4a16_conv2d: input has {cx} channels, the weight expects {c}")
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     y = torch.empty((n, o, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
     bm, bn, bk = block
