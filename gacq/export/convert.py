@@ -59,22 +59,25 @@ class Backend:
     tolerance_note: str
 
 
-def _refuse_int8(wbits: int, abits: int | None) -> str | None:
-    if wbits > 8:
-        return f"the int8 backend stores weights of at most 8 bits; this model's are {wbits}-bit"
+def _refuse_int_acts(backend: str, max_wbits: int, wbits: int, abits: int | None) -> str | None:
+    """The int8 and w4a8 backends: weights of at most `max_wbits`, activations quantized to <= 8 bits."""
+    if wbits > max_wbits:
+        return (f"the {backend} backend stores weights of at most {max_wbits} bits; this model's are {wbits}-bit"
+                + (": use --backend int8" if max_wbits < 8 else ""))
     if abits is None:
-        return ("the int8 backend needs quantized activations; this model keeps them in float "
+        return (f"the {backend} backend needs quantized activations; this model keeps them in float "
                 "(a weight-only checkpoint): use --backend w4a16")
     if abits > 8:
-        return f"the int8 backend needs activations of at most 8 bits; this model's are {abits}-bit"
+        return f"the {backend} backend needs activations of at most 8 bits; this model's are {abits}-bit"
     return None
 
 
+def _refuse_int8(wbits: int, abits: int | None) -> str | None:
+    return _refuse_int_acts("int8", 8, wbits, abits)
+
+
 def _refuse_w4a8(wbits: int, abits: int | None) -> str | None:
-    if wbits > 4:
-        return f"the w4a8 backend stores weights of at most 4 bits; this model's are {wbits}-bit: use --backend int8"
-    why = _refuse_int8(wbits, abits)
-    return why.replace("int8 backend", "w4a8 backend") if why else None
+    return _refuse_int_acts("w4a8", 4, wbits, abits)
 
 
 def _refuse_w4a16(wbits: int, abits: int | None) -> str | None:

@@ -74,6 +74,7 @@ class Int8Part(_Part):
     and the correction terms."""
 
     exact_buffers = ("w_scale",)
+    kernel_zero = None  # the fused kernel reads `qweight` as int8 (K8, O8) (W4A8Part: packed codes + zero points)
 
     def __init__(self, p: WeightPart):
         super().__init__()
@@ -118,26 +119,37 @@ class Int8Layer(ExportedLayer):
         cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
-    use_kernel = True  # the Triton conv where it applies; False: always the torch path (benchmarks)
+    use_kernel = True  # the Triton kernel where it applies; False: always the torch path (benchmarks)
+    kernel_linears = False  # int8 linears keep cuBLAS's torch._int_mm; W4A8Layer has no torch int4 GEMM
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
-        """The fused Triton conv (`triton_int8`) runs this call: a conv with one weight group and
-        groups 1, on CUDA (or in Triton's interpreter)."""
+        """The fused Triton kernel (`triton_int8`) runs this call: one weight group, a conv with groups
+        1 (or a linear, where `kernel_linears`), on CUDA (or in Triton's interpreter)."""
         from .triton_int8 import available
 
-        return self.use_kernel and self.is_conv and len(self.parts) == 1 and self.groups == 1 and available(x)
+        kind_ok = self.groups == 1 if self.is_conv else self.kernel_linears
+        return self.use_kernel and kind_ok and len(self.parts) == 1 and available(x)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer as one `int8_conv2d` call (a linear as a 1x1 conv over 1x1 images)."""
+        from .triton_int8 import int8_conv2d
+
+        (part,), (q,) = self.parts, list(self.act_quantizers())
+        scale, zp = q.scale, q.zero_point
+        c = act_center(q.qmin, q.qmax)
+        args = (part.qweight, part.k, part.out_channels, scale.float() * part.w_scale,
+                part.w_offset if part.has_offset else None, part.row_term, self.bias, scale, zp, q.qmin, q.qmax, c,
+                (c - zp).round().to(torch.int32))
+        if self.is_conv:
+            return int8_conv2d(x, *args, self.kernel_size, self.stride, tuple(self.padding), self.dilation,
+                               w_zero=part.kernel_zero)
+        y = int8_conv2d(x.reshape(-1, x.shape[-1], 1, 1), *args, (1, 1), (1, 1), (0, 0), (1, 1),
+                        w_zero=part.kernel_zero)
+        return y.reshape(*x.shape[:-1], self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_applies(x):
-            from .triton_int8 import int8_conv2d
-
-            (part,), (q,) = self.parts, list(self.act_quantizers())
-            scale, zp = q.scale, q.zero_point
-            c = act_center(q.qmin, q.qmax)
-            return int8_conv2d(x, part.qweight, part.k, part.out_channels, scale.float() * part.w_scale,
-                               part.w_offset if part.has_offset else None, part.row_term, self.bias, scale, zp,
-                               q.qmin, q.qmax, c, (c - zp).round().to(torch.int32), self.kernel_size, self.stride,
-                               tuple(self.padding), self.dilation)
+            return self._fused(x)
         y = None
         for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
             scale, zp = q.scale, q.zero_point
@@ -226,6 +238,10 @@ class W4A8Part(_Part):
         self.register_buffer("w_scale", p.scale.float().clone())
         self.register_buffer("row_term", (codes - zw[:, None]).sum(1).to(torch.int32))
 
+    @property
+    def kernel_zero(self) -> torch.Tensor:
+        return self.w_zero
+
     def int8_weight(self) -> torch.Tensor:
         """W8 = Wq - zw as (K8, O8) int8, padded as `Int8Part` stores it (the torch path's operand)."""
         from .base import unpack_int4
@@ -248,32 +264,11 @@ class W4A8Layer(Int8Layer):
     the fused Triton kernel, which unpacks the codes inside its K loop (a linear is a 1x1 conv
     over a 1x1 image); elsewhere the codes are unpacked per call and the int8 torch path runs."""
 
+    kernel_linears = True
+
     def __init__(self, layer: QuantLayer):
         ExportedLayer.__init__(self, layer)
         self.parts = torch.nn.ModuleList(W4A8Part(p) for p in weight_parts(layer))
-
-    def kernel_applies(self, x: torch.Tensor) -> bool:
-        from .triton_int8 import available
-
-        return (self.use_kernel and len(self.parts) == 1 and (not self.is_conv or self.groups == 1)
-                and available(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.kernel_applies(x):  # Int8Layer's torch path (it asks this class's kernel_applies)
-            return super().forward(x)
-        from .triton_int8 import int8_conv2d
-
-        (part,), (q,) = self.parts, list(self.act_quantizers())
-        scale, zp = q.scale, q.zero_point
-        c = act_center(q.qmin, q.qmax)
-        args = (part.qweight, part.k, part.out_channels, scale.float() * part.w_scale, None, part.row_term,
-                self.bias, scale, zp, q.qmin, q.qmax, c, (c - zp).round().to(torch.int32))
-        if self.is_conv:
-            return int8_conv2d(x, *args, self.kernel_size, self.stride, tuple(self.padding), self.dilation,
-                               w_zero=part.w_zero)
-        x4 = x.reshape(-1, x.shape[-1], 1, 1)
-        y = int8_conv2d(x4, *args, (1, 1), (1, 1), (0, 0), (1, 1), w_zero=part.w_zero)
-        return y.reshape(*x.shape[:-1], self.out_channels)
 
 
 class W4A8Conv2d(W4A8Layer):
