@@ -45,6 +45,11 @@ CONFIGS: list[tuple[str, dict | None]] = [
     ("gac M=400 B=32 adam lr=0.2", {"meta_iters": 400}),
     ("gac M=100 B=32 adam lr=1.0", {"meta_lr": 1.0}),
     ("gac M=100 B=32 sgd lr=1e3", {"meta_optimizer": "sgd", "meta_lr": 1e3}),
+    # issue 6's principled fixes for the over-fitting at M=400: the timestep grouping of the
+    # validation set (one group: the plain validation gradient; ten: finer) and a larger validation set
+    ("gac M=400 K=1 (one validation group)", {"meta_iters": 400, "groups": 1}),
+    ("gac M=400 K=10", {"meta_iters": 400, "groups": 10}),
+    ("gac M=400 validation 15%", {"meta_iters": 400, "val_fraction": 0.15}),
 ]
 
 
@@ -103,7 +108,6 @@ def main(argv=None) -> int:
     q = quantize(loaded, QuantConfig(method="rtn", wbits=args.wbits, abits=None), device=device, progress=False)
     fp = loaded.model.eval()
     gcfg = GACConfig()
-    train_idx, groups = validation_split(calib.step, gcfg.val_fraction, gcfg.groups, gcfg.seed)
     chosen = [c for i, c in enumerate(CONFIGS) if not args.configs or str(i) in args.configs.split(",")]
     blocks = [b for b in args.blocks.split(",") if b]
     result = {"blocks": {}, "settings": vars(args), "configs": [c[0] for c in chosen], "commit": git_commit()}
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
             weights, stats, meta_s = None, None, 0.0
             if over is not None:
                 cfg = GACConfig(**over)
+                # each configuration's own split (its validation fraction and timestep groups)
+                train_idx, groups = validation_split(calib.step, cfg.val_fraction, cfg.groups, cfg.seed)
                 blk = GACBlock(unit, data, train_idx, groups, cfg)
                 try:
                     w_train, _ = blk.run()

@@ -338,7 +338,9 @@ class GACBlock:
             # only the minibatch's scores (and their moments) move; its indices are a permutation's slice, valid by
             # construction (checking them would sync with the GPU every meta-iteration)
             if cfg.meta_optimizer == "adam":
-                grad = torch.sparse_coo_tensor(batch[None], grad[batch], grad.shape, check_invariants=False)
+                with warnings.catch_warnings():  # torch 2.11 warns once per process that the checks are off
+                    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+                    grad = torch.sparse_coo_tensor(batch[None], grad[batch], grad.shape, check_invariants=False)
             self.scores.grad = grad
             opt.step()
         if hist:
