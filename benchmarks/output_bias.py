@@ -1,0 +1,183 @@
+"""Per-channel bias of quantized noise predictions: does it explain a colour cast?
+
+Some W3A8 checkpoints of the bundled model sample images with a strong blue cast, and those
+have the worst FID (results/grid_colour). A cast is a shift of the image mean per colour
+channel, which DDIM builds up from a per-channel mean error of the predicted noise: with
+x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), a positive mean error in channel c lowers that
+channel of every predicted x0.
+
+For FP DDIM trajectories (teacher forcing: every model sees the same float x_t), this script
+measures for each quantized checkpoint and step the error of its noise prediction against the
+float model's, split into
+
+    bias[c, step] = mean over samples and pixels of (eps_q - eps_fp) in channel c
+    rms[step]     = root mean square of (eps_q - eps_fp) over everything
+
+and, where a sample grid's colour is given (`benchmarks/grid_colour.py`'s JSON) and a cell's FID
+(the experiment's cell JSONs), relates them across checkpoints (Pearson r over checkpoints).
+
+    python benchmarks/output_bias.py runs/experiments/cifar10-table/q/*w3a8* --out results/output_bias \
+        --colours results/grid_colour/grid_colour.json --cells results/experiments/cifar10-table/cells
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gacq.diagnostics import pearson  # noqa: E402
+from gacq.models import load_model  # noqa: E402
+from gacq.quant.calib_data import CalibDataConfig, collect, select_from_all  # noqa: E402
+from gacq.sampling import SampleConfig  # noqa: E402
+from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
+
+CHANNELS = "RGB"
+
+
+@torch.no_grad()
+def prediction_error(model, fp_eps: torch.Tensor, calib, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """bias (C, S) and rms (S,) of model's noise prediction against fp_eps, per recorded step."""
+    steps = sorted(set(calib.step.tolist()))
+    err_sum = torch.zeros(fp_eps.shape[1], len(steps), dtype=torch.float64)
+    sq_sum = torch.zeros(len(steps), dtype=torch.float64)
+    count = torch.zeros(len(steps), dtype=torch.float64)
+    col = {s: i for i, s in enumerate(steps)}
+    for lo in range(0, len(calib.x), batch):
+        sl = slice(lo, lo + batch)
+        eps = model(calib.x[sl], calib.t[sl]).sample.double() - fp_eps[sl]
+        for j, s in enumerate(calib.step[sl].tolist()):
+            err_sum[:, col[s]] += eps[j].mean(dim=(1, 2))
+            sq_sum[col[s]] += eps[j].pow(2).mean()
+            count[col[s]] += 1
+    return (err_sum / count).numpy(), (sq_sum / count).sqrt().numpy()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoints", nargs="+", type=Path, help="quantized checkpoint folders (gacq quantize)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--model", default=None, help="the float model (default: each checkpoint's base, the bundled model)")
+    ap.add_argument("--trajectories", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=100, help="DDIM steps of the float trajectories")
+    ap.add_argument("--record", type=int, default=20, help="recorded steps per trajectory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--colours", type=Path, default=None, help="grid_colour.json (benchmarks/grid_colour.py)")
+    ap.add_argument("--cells", type=Path, default=None, help="folder of experiment cell JSONs (for FID)")
+    args = ap.parse_args(argv)
+    t_all = time.time()
+    torch.manual_seed(0)
+
+    fp = load_model(args.model)
+    fp.model.eval()
+    calib = select_from_all(
+        collect(fp, SampleConfig(steps=args.steps, seed=args.seed),
+                CalibDataConfig(selection="all", n_trajectories=args.trajectories, seed=args.seed, batch_size=args.batch),
+                progress=True),
+        CalibDataConfig(selection="uniform", n_trajectories=args.trajectories, n_steps=args.record, seed=args.seed))
+    with torch.no_grad():
+        fp_eps = torch.cat([fp.model(calib.x[i:i + args.batch], calib.t[i:i + args.batch]).sample.double()
+                            for i in range(0, len(calib.x), args.batch)])
+    steps = sorted(set(calib.step.tolist()))
+    print(f"float trajectories: {len(calib.x)} inputs at {len(steps)} steps ({time.time() - t_all:.0f} s)", flush=True)
+
+    colours = json.loads(args.colours.read_text()) if args.colours else None
+    fids = {}
+    if args.cells:
+        for f in sorted(args.cells.glob("*.json")):
+            cell = json.loads(f.read_text())
+            job = (cell.get("quantize") or {}).get("job")
+            if job and not (cell["quantize"].get("float_acts")):
+                fids[job] = cell["metrics"]["fid"]
+
+    rows = []
+    for qdir in args.checkpoints:
+        t0 = time.time()
+        q = load_model(str(qdir))
+        q.model.eval()
+        bias, rms = prediction_error(q.model, fp_eps, calib, args.batch)
+        job = qdir.name
+        row = {"checkpoint": job, "bias": bias.tolist(), "rms": rms.tolist(),
+               "mean_bias": bias.mean(1).tolist(), "mean_rms": float(rms.mean()), "fid": fids.get(job),
+               "seconds": round(time.time() - t0, 1)}
+        if colours:
+            grid = next((g for g in colours["rows"] if Path(g["grid"]).stem.startswith(job + "_seed")), None)
+            if grid:
+                row["grid_rgb"] = grid["mean_rgb"]
+        rows.append(row)
+        print(f"{job:28s} mean bias R {bias[0].mean():+.4f} G {bias[1].mean():+.4f} B {bias[2].mean():+.4f}  "
+              f"rms {rms.mean():.4f}  ({row['seconds']} s)", flush=True)
+
+    # across checkpoints: the blue-minus-red bias of the noise prediction against the grids' blue-minus-red
+    # colour and against FID (a positive eps error lowers the channel, so a blue cast is B bias < R bias)
+    br_bias = [r["mean_bias"][2] - r["mean_bias"][0] for r in rows]
+    summary = {}
+    with_rgb = [(b, r) for b, r in zip(br_bias, rows) if "grid_rgb" in r]
+    if len(with_rgb) >= 3:
+        summary["r_bias_vs_grid_b_minus_r"] = pearson([b for b, _ in with_rgb],
+                                                      [r["grid_rgb"][2] - r["grid_rgb"][0] for _, r in with_rgb])
+    with_fid = [(b, r) for b, r in zip(br_bias, rows) if r["fid"] is not None]
+    if len(with_fid) >= 3:
+        summary["r_abs_bias_vs_fid"] = pearson([abs(b) for b, _ in with_fid], [r["fid"] for _, r in with_fid])
+        summary["r_rms_vs_fid"] = pearson([r["mean_rms"] for _, r in with_fid], [r["fid"] for _, r in with_fid])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))
+    result = {"command": cmd, "commit": git_commit(), "machine": machine_info(),
+              "wall_seconds": round(time.time() - t_all, 1), "settings": {k: str(v) for k, v in vars(args).items()},
+              "steps": steps, "checkpoints": rows, "summary": summary}
+    write_json(args.out / "output_bias.json", result)
+    plot(rows, steps, args.out / "output_bias.png")
+    lines = ["# Per-channel bias of quantized noise predictions", "",
+             f"Command: `{cmd}`; commit {result['commit']}; {result['wall_seconds']} s on "
+             f"{result['machine'].get('cpus')} CPUs.", "",
+             f"Teacher-forced: {args.trajectories} float DDIM-{args.steps} trajectories (seed {args.seed}), "
+             f"{len(steps)} recorded steps each; every model predicts the noise of the same float x_t. "
+             "Bias: mean of eps_q - eps_fp per channel, averaged over steps (a positive value darkens that channel "
+             "of the predicted image). Grid RGB: mean colour of the cell's sample grid (FP: see results/grid_colour). "
+             "FID: cifar10 feature network (hash 4e70bc356286329a, not Inception), from the experiment's cells.", "",
+             "| checkpoint | bias R | bias G | bias B | B - R | rms | grid RGB | FID |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r, br in zip(rows, br_bias):
+        rgb = " ".join(f"{v:.0f}" for v in r["grid_rgb"]) if "grid_rgb" in r else ""
+        fid = f"{r['fid']:.2f}" if r["fid"] is not None else ""
+        b = r["mean_bias"]
+        lines.append(f"| {r['checkpoint']} | {b[0]:+.4f} | {b[1]:+.4f} | {b[2]:+.4f} | {br:+.4f} | {r['mean_rms']:.4f} "
+                     f"| {rgb} | {fid} |")
+    if summary:
+        lines += ["", "Across checkpoints (Pearson r): " + ", ".join(f"{k} = {v:.3f}" for k, v in summary.items()) + "."]
+    lines += ["", "![bias per step](output_bias.png)", ""]
+    with atomic_path(args.out / "README.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+def plot(rows: list[dict], steps: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for c, ax in enumerate(axes):
+        for r in rows:
+            ax.plot(steps, r["bias"][c], label=r["checkpoint"])
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(f"channel {CHANNELS[c]}: mean eps_q - eps_fp")
+        ax.set_xlabel("sampling step (0 = noisiest)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
