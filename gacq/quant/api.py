@@ -46,6 +46,9 @@ class QuantConfig:
         fsc_momentum, fsc_batch_size: TFMQ-DM's per-step range EMA.
         gac: GAC's hyperparameters (method 'gac').
         recon_checkpoints: folder of per-unit resume points.
+        bias_correction: after everything else, measure the per-channel mean error of the noise
+            prediction against the float model on the calibration set and fold it into the last
+            layer's bias (`gacq.quant.bias_correction`; not part of any paper's method).
     """
 
     method: str = "rtn"
@@ -63,6 +66,7 @@ class QuantConfig:
     fsc_batch_size: int = 16
     gac: GACConfig = field(default_factory=GACConfig)
     recon_checkpoints: str | None = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         self.spec()  # validates method and preset
@@ -76,7 +80,7 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         """Any reconstruction or activation quantization needs calibration data."""
         s = self.spec()
-        return s.weight_recon or s.tib or self.abits is not None
+        return s.weight_recon or s.tib or self.abits is not None or self.bias_correction
 
     def spec(self) -> MethodSpec:
         return with_overrides(method_spec(self.method, self.preset), weight_init=self.weight_init,
@@ -146,7 +150,8 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     abits = config.abits
     needs_calib = config.needs_calibration()
     if needs_calib and (calib is None or len(calib) == 0):
-        raise GacqError(f"{spec.name} needs calibration data (run `gacq calib`, or pass --abits 32 for rtn)")
+        raise GacqError(f"{spec.name}{' with bias correction' if config.bias_correction else ''} needs calibration "
+                        "data (run `gacq calib`, or pass --abits 32 for rtn without --bias-correction)")
     if calib is not None:
         calib = _fit_selection(calib, config, int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
     model = copy.deepcopy(loaded.model).to(device).eval()
@@ -198,6 +203,11 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     # 4. activations
     if abits is not None:
         _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress)
+    # 5. output bias correction (on the whole calibration set, per-step activation sets applied)
+    if config.bias_correction:
+        from .bias_correction import correct_output_bias
+
+        correct_output_bias(model, fp, calib, config.calib_batch_size, device, progress)
     return model
 
 

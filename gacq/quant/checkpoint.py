@@ -101,6 +101,8 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
     fsc = getattr(model, "gacq_fsc", None)
     if fsc is not None:
         meta["fsc"] = {"sampler": fsc.sampler, "steps": fsc.n_steps}
+    if getattr(model, "gacq_output_bias", None):  # already folded into the last layer's bias (float.safetensors)
+        meta["output_bias"] = model.gacq_output_bias
     gac = getattr(model, "gacq_gac_weights", None) or {}
     if gac:
         meta["gac_weights"] = {"blocks": sorted(gac), "file": "gac_weights.safetensors"}
