@@ -2,13 +2,14 @@
 
 Some W3A8 checkpoints of the bundled model sample images with a strong blue cast, and those
 have the worst FID (results/grid_colour). A cast is a shift of the image mean per colour
-channel, which DDIM builds up from a per-channel mean error of the predicted noise: with
-x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), a positive mean error in channel c lowers that
-channel of every predicted x0.
+channel, which DDIM can build up from a per-channel mean error of the predicted noise, step after
+step (the model then sees its own drifted x_t, so the sign of the final shift is not simply the
+sign of one step's error: this script measures the relation rather than assuming it).
 
 For FP DDIM trajectories (teacher forcing: every model sees the same float x_t), this script
 measures for each quantized checkpoint and step the error of its noise prediction against the
-float model's, split into
+float model's (`gacq.quant.bias_correction.measure_output_bias`: a checkpoint with per-step
+activation sets gets the set of each input's step), split into
 
     bias[c, step] = mean over samples and pixels of (eps_q - eps_fp) in channel c
     rms[step]     = root mean square of (eps_q - eps_fp) over everything
@@ -35,29 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gacq.diagnostics import pearson  # noqa: E402
 from gacq.models import load_model  # noqa: E402
+from gacq.quant.bias_correction import measure_output_bias  # noqa: E402
 from gacq.quant.calib_data import CalibDataConfig, collect, select_from_all  # noqa: E402
 from gacq.sampling import SampleConfig  # noqa: E402
 from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
 
 CHANNELS = "RGB"
-
-
-@torch.no_grad()
-def prediction_error(model, fp_eps: torch.Tensor, calib, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """bias (C, S) and rms (S,) of model's noise prediction against fp_eps, per recorded step."""
-    steps = sorted(set(calib.step.tolist()))
-    err_sum = torch.zeros(fp_eps.shape[1], len(steps), dtype=torch.float64)
-    sq_sum = torch.zeros(len(steps), dtype=torch.float64)
-    count = torch.zeros(len(steps), dtype=torch.float64)
-    col = {s: i for i, s in enumerate(steps)}
-    for lo in range(0, len(calib.x), batch):
-        sl = slice(lo, lo + batch)
-        eps = model(calib.x[sl], calib.t[sl]).sample.double() - fp_eps[sl]
-        for j, s in enumerate(calib.step[sl].tolist()):
-            err_sum[:, col[s]] += eps[j].mean(dim=(1, 2))
-            sq_sum[col[s]] += eps[j].pow(2).mean()
-            count[col[s]] += 1
-    return (err_sum / count).numpy(), (sq_sum / count).sqrt().numpy()
 
 
 def main(argv=None) -> int:
@@ -83,9 +67,6 @@ def main(argv=None) -> int:
                 CalibDataConfig(selection="all", n_trajectories=args.trajectories, seed=args.seed, batch_size=args.batch),
                 progress=True),
         CalibDataConfig(selection="uniform", n_trajectories=args.trajectories, n_steps=args.record, seed=args.seed))
-    with torch.no_grad():
-        fp_eps = torch.cat([fp.model(calib.x[i:i + args.batch], calib.t[i:i + args.batch]).sample.double()
-                            for i in range(0, len(calib.x), args.batch)])
     steps = sorted(set(calib.step.tolist()))
     print(f"float trajectories: {len(calib.x)} inputs at {len(steps)} steps ({time.time() - t_all:.0f} s)", flush=True)
 
@@ -103,7 +84,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         q = load_model(str(qdir))
         q.model.eval()
-        bias, rms = prediction_error(q.model, fp_eps, calib, args.batch)
+        m = measure_output_bias(q.model, fp.model, calib, args.batch)  # per-step activation sets applied
+        bias = torch.stack([m["by_step"][k] for k in steps], dim=1).numpy()
+        rms = np.array([m["rms_by_step"][k] for k in steps])
         job = qdir.name
         row = {"checkpoint": job, "bias": bias.tolist(), "rms": rms.tolist(),
                "mean_bias": bias.mean(1).tolist(), "mean_rms": float(rms.mean()), "fid": fids.get(job),
@@ -117,7 +100,7 @@ def main(argv=None) -> int:
               f"rms {rms.mean():.4f}  ({row['seconds']} s)", flush=True)
 
     # across checkpoints: the blue-minus-red bias of the noise prediction against the grids' blue-minus-red
-    # colour and against FID (a positive eps error lowers the channel, so a blue cast is B bias < R bias)
+    # colour and against FID
     br_bias = [r["mean_bias"][2] - r["mean_bias"][0] for r in rows]
     summary = {}
     with_rgb = [(b, r) for b, r in zip(br_bias, rows) if "grid_rgb" in r]
@@ -141,8 +124,7 @@ def main(argv=None) -> int:
              f"{result['machine'].get('cpus')} CPUs.", "",
              f"Teacher-forced: {args.trajectories} float DDIM-{args.steps} trajectories (seed {args.seed}), "
              f"{len(steps)} recorded steps each; every model predicts the noise of the same float x_t. "
-             "Bias: mean of eps_q - eps_fp per channel, averaged over steps (a positive value darkens that channel "
-             "of the predicted image). Grid RGB: mean colour of the cell's sample grid (FP: see results/grid_colour). "
+             "Bias: mean of eps_q - eps_fp per channel, averaged over steps. Grid RGB: mean colour of the cell's sample grid (FP: see results/grid_colour). "
              "FID: cifar10 feature network (hash 4e70bc356286329a, not Inception), from the experiment's cells.", "",
              "| checkpoint | bias R | bias G | bias B | B - R | rms | grid RGB | FID |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -42,35 +42,45 @@ def measure_output_bias(q_model: nn.Module, fp_model: nn.Module, calib, batch_si
     Samples are taken step by step (their sampling-step index, `calib.step`); before each step's
     batches the quantized model's per-step activation set is loaded when it has one
     (`q_model.gacq_fsc`), and set 0 is restored afterwards, as `quantize` leaves it.
-    Returns {"bias": (C,) float64, "by_step": {step: (C,) float64}, "count": {step: n}}.
+    Returns {"bias": (C,) float64, "by_step": {step: (C,) float64}, "rms_by_step": {step: float}
+    (root mean square of the whole error), "count": {step: n}}.
     """
     device = torch.device(device)
     fsc = getattr(q_model, "gacq_fsc", None)
     steps = sorted(set(calib.step.tolist()))
+    sampler = (getattr(calib, "meta", None) or {}).get("sampler") or {}
+    keys = ("scheduler", "steps", "timestep_spacing")
+    if fsc is not None and fsc.sampler and sampler and any(fsc.sampler.get(k) != sampler.get(k) for k in keys):
+        raise GacqError(f"the model's per-step activation sets belong to the sampler "
+                        f"{ {k: fsc.sampler.get(k) for k in keys} }, the calibration trajectories to "
+                        f"{ {k: sampler.get(k) for k in keys} }; measure on trajectories of the same sampler")
     if fsc is not None and steps[-1] >= fsc.n_steps:
         raise GacqError(f"calibration samples at sampling step {steps[-1]} but the model has per-step activation "
                         f"sets for {fsc.n_steps} steps; measure on the calibration set the model was quantized with")
     total, n_total = None, 0
-    by_step, count = {}, {}
+    by_step, rms, count = {}, {}, {}
     for k in tqdm(steps, desc="output bias", unit="step", disable=not progress):
         if fsc is not None:
             fsc.apply(q_model, k)
         idx = torch.nonzero(calib.step == k).flatten()
-        acc = None
+        acc, sq = None, 0.0
         for lo in range(0, len(idx), batch_size):
             b = idx[lo:lo + batch_size]
             x, t = calib.x[b].to(device), calib.t[b].to(device)
             cond = slice_cond(calib.cond, b, device)
-            err = (_eps(q_model, x, t, cond).double() - _eps(fp_model, x, t, cond).double()).mean(dim=(2, 3)).sum(0)
+            d = _eps(q_model, x, t, cond).double() - _eps(fp_model, x, t, cond).double()
+            err = d.mean(dim=(2, 3)).sum(0)
+            sq += float(d.pow(2).mean(dim=(1, 2, 3)).sum())
             acc = err if acc is None else acc + err
         by_step[k], count[k] = (acc / len(idx)).cpu(), len(idx)
+        rms[k] = (sq / len(idx)) ** 0.5
         total = acc if total is None else total + acc
         n_total += len(idx)
     if fsc is not None:
         fsc.apply(q_model, 0)
     if total is None or not torch.isfinite(total).all():
         raise GacqError("the output bias could not be measured (no calibration samples, or non-finite outputs)")
-    return {"bias": (total / n_total).cpu(), "by_step": by_step, "count": count}
+    return {"bias": (total / n_total).cpu(), "by_step": by_step, "rms_by_step": rms, "count": count}
 
 
 def output_layer(model: nn.Module) -> tuple[str, nn.Module, torch.Tensor]:

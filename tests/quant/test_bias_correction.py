@@ -122,7 +122,11 @@ def test_quantize_with_bias_correction_leaves_no_output_bias(fp, q_tfmq, calib_a
             assert torch.equal(predict_eps(qc, x, t), predict_eps(back.model, x, t))
 
 
-def test_bias_correction_errors(fp):
+def test_bias_correction_errors(fp, q_tfmq):
+    other = collect(LoadedModel(fp), SampleConfig(steps=STEPS - 1), CalibDataConfig(selection="all", n_trajectories=1),
+                    progress=False)
+    with pytest.raises(GacqError, match="same sampler"):
+        measure_output_bias(q_tfmq, fp, other)
     with pytest.raises(GacqError, match="bias correction needs calibration"):
         quantize(LoadedModel(fp), QuantConfig(method="rtn", wbits=4, abits=None, bias_correction=True), None)
     with pytest.raises(GacqError, match="does not know the last layer"):
