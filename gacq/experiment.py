@@ -26,13 +26,22 @@ A spec (every key but `[[grid]]` optional; defaults shown)::
     [eval]    features = "cifar10", ref = "", inception_weights = ""
     [[grid]]  methods = ["fp", "tfmq", "gac"], bits = ["W4A8", "W4A32"], steps = [100], seeds = [0],
               gac = {tau = [0.5, 1.0]},    # optional: a product over GAC hyperparameters
-              calib_seeds = [0, 1, 2]      # optional: calibration seeds (below)
+              calib_seeds = [0, 1, 2],     # optional: calibration seeds (below)
+              bias_correction = [false, true]   # optional: output bias correction (below)
 
 `seeds` are sampling seeds (the noise of the 10k samples). `calib_seeds` repeat the whole
 quantization with another seed: the calibration trajectories and the reconstruction (minibatch
 order, GAC's scores) both take it, so their spread is the spread of the method, not of the
 sampler. A cell whose calibration seed equals `[calib] seed` and `[quantize] seed` (both 0 by
 default) is the spec's ordinary cell; others get `_cs<seed>` in their id and job.
+
+`bias_correction = true` (or a list) adds output bias correction (`gacq.quant.bias_correction`)
+to the quantization; such cells and jobs get `_bc` in their id. When the same job without it has a
+checkpoint in the work folder, the corrected checkpoint is made from that one
+(`gacq.quant.api.bias_correct_checkpoint`: one pass over the calibration set, no requantization),
+and its cell JSON names it (`bias_corrected_from`); otherwise the job quantizes from scratch. Only
+cells with quantized activations take it (a W4A32 cell samples a W/A checkpoint with float
+activations, and the correction is measured with the activations quantized).
 
 "W4A32" cells are the weight-only model. When the spec also has the same recipe with quantized
 activations (e.g. W4A8), the W4A32 cell samples that checkpoint with float activations (its weight
@@ -42,6 +51,7 @@ tests/test_methods.py), and says so in its JSON (`weights_from`); otherwise it q
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -69,7 +79,7 @@ _SECTIONS = {
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 _TOP = {"name", "model", "work", "results", "device", "grid", *_SECTIONS}
-_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds"}
+_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction"}
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:
@@ -103,6 +113,7 @@ class Cell:
     seed: int
     gac: tuple[tuple[str, Any], ...] = ()
     cseed: int | None = None
+    bc: bool = False
 
     @property
     def bits(self) -> str:
@@ -110,7 +121,7 @@ class Cell:
 
     def _suffix(self) -> str:
         return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac) \
-            + ("" if self.cseed is None else f"_cs{self.cseed}")
+            + ("" if self.cseed is None else f"_cs{self.cseed}") + ("_bc" if self.bc else "")
 
     @property
     def id(self) -> str:
@@ -212,14 +223,21 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
             spec_seed = sections["calib"]["seed"]
             # the spec's own seed is its ordinary cell (when both sections use it)
             cseeds = [None if s == spec_seed == sections["quantize"]["seed"] else s for s in cseeds]
-        for m, (w, a), st, sd, gv, cs in itertools.product(methods, bits, steps, seeds, itertools.product(*gvals),
-                                                           cseeds):
+        bcs = _as_list(g.get("bias_correction", [False]), "bias_correction", where)
+        if any(not isinstance(b, bool) for b in bcs):
+            raise GacqError(f"{where}: bias_correction must be true, false or a list of them")
+        for m, (w, a), st, sd, gv, cs, bc in itertools.product(methods, bits, steps, seeds,
+                                                               itertools.product(*gvals), cseeds, bcs):
             if m == "fp":
                 c = Cell("fp", None, None, st, sd)
             else:
                 if gkeys and m != "gac":
                     raise GacqError(f"{where}: gac overrides apply to method gac only, not {m!r}")
-                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs)
+                if bc and a is None:
+                    raise GacqError(f"{where}: bias_correction cells need quantized activations (W{w}A32 cells "
+                                    "sample a W/A checkpoint with float activations, whose correction was measured "
+                                    "with quantized ones); use bits like W4A8")
+                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc)
             cells.setdefault(c.id, c)
     base = Path(os.getcwd())
     work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
@@ -244,7 +262,7 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
     if cell.abits is None:
         donors = sorted({c.abits for c in spec.cells if c.abits is not None and c.method == cell.method
                          and c.wbits == cell.wbits and c.steps == cell.steps and c.gac == cell.gac
-                         and c.cseed == cell.cseed})
+                         and c.cseed == cell.cseed and c.bc == cell.bc})
         if donors:
             return cell.quant_job(donors[-1]), True, donors[-1]
     return cell.quant_job(cell.abits), False, cell.abits
@@ -339,7 +357,7 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        gac=GACConfig(seed=rs, **gac),
                        calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
                                              n_steps=min(spec.calib["record_steps"], cell.steps)),
-                       recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"))
+                       recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc)
 
 
 def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) -> tuple[Path | None, bool]:
@@ -366,8 +384,15 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
         loaded = load_model(spec.model, device=device)
         calib = ensure_calib(spec, cell.steps, loaded, device, calib_seed(spec, cell)) \
             if cfg.needs_calibration() else None
-        quantize_to_dir(loaded, cfg, qdir, calib, device=device, progress=progress,
-                        extra_meta={"experiment": spec.name, "job": job})
+        base = spec.work / "q" / quant_job_of(spec, dataclasses.replace(cell, bc=False))[0] if cell.bc else None
+        if base is not None and (base / "quant_config.json").exists():
+            from .quant.api import bias_correct_checkpoint
+
+            bias_correct_checkpoint(base, qdir, loaded, calib, device=device, progress=progress,
+                                    extra_meta={"experiment": spec.name, "job": job})
+        else:
+            quantize_to_dir(loaded, cfg, qdir, calib, device=device, progress=progress,
+                            extra_meta={"experiment": spec.name, "job": job})
     return qdir, float_acts
 
 
@@ -401,6 +426,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         "cell": {"id": cell.id, "method": cell.method, "bits": cell.bits, "wbits": cell.wbits,
                  "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac),
                  "calib_seed": None if cell.method == "fp" else calib_seed(spec, cell),
+                 "bias_correction": cell.bc,
                  "recon_seed": None if cell.method == "fp" else recon_seed(spec, cell)},
         "metrics": metrics,
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],
@@ -410,6 +436,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
             "wall_seconds": qmeta.get("wall_seconds"), "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
             "commit": qmeta.get("commit"), "config": qmeta.get("config"),
+            "bias_corrected_from": qmeta.get("bias_corrected_from"),
+            "quantize_seconds_of_base": qmeta.get("quantize_seconds_of_base"),
             "calibration_meta": qmeta.get("calibration_meta")},
         "grid": str(grid.relative_to(spec.results)),
         "commit": git_commit(), "machine": machine_info(), "command": command,

@@ -24,6 +24,7 @@ from typing import Any
 from .errors import GacqError
 from .experiment import CELL_SCHEMA
 
+BC = "+bc"  # rows of cells quantized with output bias correction: "<method>+bc"
 METHOD_ORDER = ["fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "tfmq", "gac"]
 METRICS = [("fid", "FID", 2), ("sfid", "sFID", 4), ("is_mean", "IS", 3), ("precision", "precision", 3),
            ("recall", "recall", 3)]
@@ -55,7 +56,8 @@ def _bits_key(b: str) -> tuple:
 
 
 def _mkey(m: str) -> tuple:
-    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+    base = m.removesuffix(BC)  # a bias-corrected method right after its plain row
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), m)
 
 
 def _stat(values: list[float]) -> tuple[float, float | None]:
@@ -79,7 +81,8 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         gac = tuple(sorted(cell.get("gac", {}).items()))
         # cells of different specs with the same settings pool (e.g. extra seeds run by a second spec)
         setting = f"settings {c.get('settings_digest', c['experiment'])}"
-        key = (f"{fn['name']} ({fn['hash']})", setting, cell["method"], cell["bits"], cell["steps"], gac)
+        method = cell["method"] + (BC if cell.get("bias_correction") else "")
+        key = (f"{fn['name']} ({fn['hash']})", setting, method, cell["bits"], cell["steps"], gac)
         g = groups.setdefault(key, {"metrics": defaultdict(list), "n": set(), "seeds": [], "cells": []})
         for k, _, _ in METRICS:
             g["metrics"][k].append(float(m[k]))

@@ -248,3 +248,45 @@ def test_calibration_seeds_repeat_the_whole_quantization(ran, tiny32):
     (ran / "bad.toml").write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['rtn']\ncalib_seeds = ['x']\n")
     with pytest.raises(GacqError, match="calib_seeds must be a list of integers"):
         load_spec(ran / "bad.toml")
+
+
+def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp_path):
+    """A `bias_correction` cell whose plain job has a checkpoint corrects that checkpoint instead of
+    quantizing again; the result equals a from-scratch quantization with bias correction."""
+    from safetensors.torch import load_file
+
+    from gacq.experiment import _quant_config
+    from gacq.models import load_model
+    from gacq.quant.api import quantize_to_dir
+
+    text = SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['tfmq']\nbits = ['W4A8']\nbias_correction = [false, true]\n"
+    (ran / "bc.toml").write_text(text)
+    s = load_spec(ran / "bc.toml")
+    cell = next(c for c in s.cells if c.bc)
+    assert cell.id == "tfmq_w4a8_bc_steps5_seed0" and quant_job_of(s, cell)[0] == "tfmq_w4a8_bc_steps5"
+    r = gacq("experiment", "run", "bc.toml", "--cells", cell.id, "--quiet", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    work = ran / "runs/experiments/t"
+    got = json.loads((ran / f"results/experiments/t/cells/{cell.id}.json").read_text())
+    assert got["cell"]["bias_correction"] is True
+    assert got["quantize"]["bias_corrected_from"]["checkpoint"] == "tfmq_w4a8_steps5"
+    assert got["quantize"]["config"]["bias_correction"] is True
+    # from scratch, through the API, into another folder: the same checkpoint
+    scratch = tmp_path / "scratch"
+    quantize_to_dir(load_model(str(tiny32)), _quant_config(s, cell, 8, "x"), scratch,
+                    work / "calib_all_ddim5_leading_traj2_seed0", progress=False)
+    derived = work / "q" / "tfmq_w4a8_bc_steps5"
+    for f in ("quantized.safetensors", "float.safetensors", "fsc.safetensors"):
+        a, b = load_file(str(derived / f)), load_file(str(scratch / f))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (f, k)
+    plain = load_file(str(work / "q" / "tfmq_w4a8_steps5" / "float.safetensors"))
+    assert not torch.equal(plain["conv_out.bias"], load_file(str(derived / "float.safetensors"))["conv_out.bias"])
+    r = gacq("report", "results/experiments/t", "--out", "bc.md", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    assert any(ln.startswith("| tfmq+bc | W4A8 |") for ln in (ran / "bc.md").read_text().splitlines())
+    (ran / "bad.toml").write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['rtn']\nbits = ['W4A32']\n"
+                                  "bias_correction = true\n")
+    with pytest.raises(GacqError, match="need quantized activations"):
+        load_spec(ran / "bad.toml")

@@ -362,3 +362,55 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
             shutil.rmtree(config.recon_checkpoints)  # finished: per-unit resume points are no longer needed
     gdist.barrier("writing the checkpoint")
     return meta
+
+
+def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, calib: str | Path,
+                            device: torch.device | str = "cpu", extra_meta: dict | None = None,
+                            progress: bool = True) -> dict:
+    """Write `out`: the quantized checkpoint `qdir` with output bias correction added
+    (`gacq.quant.bias_correction`), measured on the calibration folder `calib` exactly as
+    `quantize(..., bias_correction=True)` would have (same selection of the set), without
+    quantizing again. Returns the new checkpoint's metadata; `quantize_seconds_of_base` keeps the
+    base checkpoint's cost, `wall_seconds` is the correction's."""
+    import shutil
+    import time
+
+    from ..models import load_model
+    from ..utils import git_commit
+    from .bias_correction import correct_output_bias
+    from .checkpoint import save_quantized
+
+    t0 = time.time()
+    qdir, out, device = Path(qdir), Path(out), torch.device(device)
+    base_meta = json.loads((qdir / "quant_config.json").read_text())
+    c = dict(base_meta["config"])
+    if c.get("bias_correction"):
+        raise GacqError(f"{qdir} is already bias-corrected")
+    config = QuantConfig(
+        method=c["method"], preset=c["preset"], wbits=c["wbits"], abits=c["abits"], weight_init=c["weight_init"],
+        a_symmetric=c["a_symmetric"], skip=None if c["skip"] is None else tuple(c["skip"]),
+        calib=CalibDataConfig(**c["calib"]), calib_batch_size=c["calib_batch_size"], recon=ReconConfig(**c["recon"]),
+        act_recon=ActReconConfig(**c["act_recon"]), fsc_momentum=c["fsc_momentum"], fsc_batch_size=c["fsc_batch_size"],
+        gac=GACConfig(**c["gac"]), recon_checkpoints=c["recon_checkpoints"], bias_correction=True)
+    q = load_model(qdir, device=device)
+    cs = _fit_selection(CalibrationSet.load(calib), config, int(q.scheduler_config.get("num_train_timesteps", 1000)))
+    fp_model = fp.model if next(fp.model.parameters()).device == device else copy.deepcopy(fp.model).to(device)
+    correct_output_bias(q.model, fp_model.eval(), cs, config.calib_batch_size, device, progress)
+    gac_file = qdir / "gac_weights.safetensors"
+    if gac_file.exists():  # carried over unchanged
+        q.model.gacq_gac_weights = {n: {"weights": w} for n, w in load_file(str(gac_file)).items()}
+    keep = {k: v for k, v in base_meta.items()
+            if k not in ("format_version", "diffusers", "torch", "layers", "attention", "fsc", "gac_weights",
+                         "output_bias", "config", "wall_seconds", "peak_gpu_memory_bytes", "commit")}
+    meta = {**keep, "config": config.to_json(), "commit": git_commit(),
+            "bias_corrected_from": {"checkpoint": qdir.name, "commit": base_meta.get("commit"),
+                                    "calibration": str(calib)},
+            "quantize_seconds_of_base": base_meta.get("wall_seconds"),
+            "peak_gpu_memory_bytes_of_base": base_meta.get("peak_gpu_memory_bytes"),
+            **(extra_meta or {}), "wall_seconds": round(time.time() - t0, 2)}
+    mcfg = json.loads((qdir / "model_config.json").read_text())["model"]
+    save_quantized(q.model, out, meta, {k: v for k, v in mcfg.items() if k != "_class_name"}, q.scheduler_config,
+                   vae=q.vae)
+    if (qdir / "recon_log.jsonl").exists():
+        shutil.copyfile(qdir / "recon_log.jsonl", out / "recon_log.jsonl")
+    return meta
