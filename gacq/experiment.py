@@ -376,7 +376,11 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
         def settings_of(config: dict) -> dict:
             return {k: v for k, v in config.items() if k != "recon_checkpoints"}
 
+        from .quant.api import config_from_json
+
         stored = json.loads((qdir / "quant_config.json").read_text()).get("config") or {}
+        # read through QuantConfig: a field a checkpoint of an older gacq lacks has today's default
+        stored = json.loads(json.dumps(config_from_json(stored).to_json())) if stored else {}
         if settings_of(stored) != settings_of(json.loads(json.dumps(cfg.to_json()))):
             raise GacqError(f"{qdir} was quantized with other settings than this spec's; give the spec its own "
                             "`work` folder (or delete that checkpoint)")

@@ -250,7 +250,7 @@ def test_calibration_seeds_repeat_the_whole_quantization(ran, tiny32):
         load_spec(ran / "bad.toml")
 
 
-def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp_path):
+def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp_path, monkeypatch):
     """A `bias_correction` cell whose plain job has a checkpoint corrects that checkpoint instead of
     quantizing again; the result equals a from-scratch quantization with bias correction."""
     from safetensors.torch import load_file
@@ -259,6 +259,7 @@ def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp
     from gacq.models import load_model
     from gacq.quant.api import quantize_to_dir
 
+    monkeypatch.chdir(ran)  # the spec's work folder is relative to it
     text = SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['tfmq']\nbits = ['W4A8']\nbias_correction = [false, true]\n"
     (ran / "bc.toml").write_text(text)
     s = load_spec(ran / "bc.toml")
@@ -290,3 +291,25 @@ def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp
                                   "bias_correction = true\n")
     with pytest.raises(GacqError, match="need quantized activations"):
         load_spec(ran / "bad.toml")
+
+
+def test_checkpoints_of_an_older_gacq_keep_their_cells(ran, tiny32, monkeypatch):
+    """A checkpoint whose config predates a QuantConfig field (here bias_correction) is read with the
+    field's default, not refused as 'other settings' (which would stop a whole GPU run)."""
+    from gacq.experiment import ensure_quantized
+
+    monkeypatch.chdir(ran)  # the spec's work folder is relative to it
+    (ran / "old.toml").write_text(SPEC.format(model=tiny32))
+    s = load_spec(ran / "old.toml")
+    cell = next(c for c in s.cells if c.id == "tfmq_w4a8_steps5_seed0")
+    path = ran / "runs/experiments/t/q/tfmq_w4a8_steps5/quant_config.json"
+    meta = json.loads(path.read_text())
+    meta["config"].pop("bias_correction")
+    path.write_text(json.dumps(meta))
+    assert ensure_quantized(s, cell, "cpu", progress=False)[0] == path.parent
+    meta["config"]["bias_correction"] = True  # a real difference is still refused
+    path.write_text(json.dumps(meta))
+    with pytest.raises(GacqError, match="other settings"):
+        ensure_quantized(s, cell, "cpu", progress=False)
+    meta["config"]["bias_correction"] = False
+    path.write_text(json.dumps(meta))

@@ -364,6 +364,24 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
     return meta
 
 
+def config_from_json(c: dict) -> QuantConfig:
+    """The QuantConfig a checkpoint's quant_config.json records (`QuantConfig.to_json`); fields a
+    checkpoint of an older gacq lacks take today's defaults."""
+    try:
+        return QuantConfig(
+            method=c["method"], preset=c["preset"], wbits=c["wbits"], abits=c["abits"],
+            weight_init=c.get("weight_init"), a_symmetric=c.get("a_symmetric"),
+            skip=None if c.get("skip") is None else tuple(c["skip"]),
+            calib=CalibDataConfig(**c["calib"]), calib_batch_size=c.get("calib_batch_size", 64),
+            recon=ReconConfig(**c["recon"]), act_recon=ActReconConfig(**c["act_recon"]),
+            fsc_momentum=c.get("fsc_momentum", 0.95), fsc_batch_size=c.get("fsc_batch_size", 16),
+            gac=GACConfig(**c.get("gac", {})), recon_checkpoints=c.get("recon_checkpoints"),
+            bias_correction=c.get("bias_correction", False))
+    except (KeyError, TypeError) as e:
+        raise GacqError(f"a quantization config this gacq cannot read ({type(e).__name__}: {e}); the checkpoint "
+                        "comes from another gacq version: quantize again") from e
+
+
 def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, calib: str | Path,
                             device: torch.device | str = "cpu", extra_meta: dict | None = None,
                             progress: bool = True) -> dict:
@@ -372,6 +390,7 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
     `quantize(..., bias_correction=True)` would have (same selection of the set), without
     quantizing again. Returns the new checkpoint's metadata; `quantize_seconds_of_base` keeps the
     base checkpoint's cost, `wall_seconds` is the correction's."""
+    import dataclasses
     import shutil
     import time
 
@@ -386,12 +405,7 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
     c = dict(base_meta["config"])
     if c.get("bias_correction"):
         raise GacqError(f"{qdir} is already bias-corrected")
-    config = QuantConfig(
-        method=c["method"], preset=c["preset"], wbits=c["wbits"], abits=c["abits"], weight_init=c["weight_init"],
-        a_symmetric=c["a_symmetric"], skip=None if c["skip"] is None else tuple(c["skip"]),
-        calib=CalibDataConfig(**c["calib"]), calib_batch_size=c["calib_batch_size"], recon=ReconConfig(**c["recon"]),
-        act_recon=ActReconConfig(**c["act_recon"]), fsc_momentum=c["fsc_momentum"], fsc_batch_size=c["fsc_batch_size"],
-        gac=GACConfig(**c["gac"]), recon_checkpoints=c["recon_checkpoints"], bias_correction=True)
+    config = dataclasses.replace(config_from_json(c), bias_correction=True)
     q = load_model(qdir, device=device)
     cs = _fit_selection(CalibrationSet.load(calib), config, int(q.scheduler_config.get("num_train_timesteps", 1000)))
     fp_model = fp.model if next(fp.model.parameters()).device == device else copy.deepcopy(fp.model).to(device)
