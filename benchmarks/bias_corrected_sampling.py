@@ -2,14 +2,17 @@
 
 `benchmarks/output_bias.py` measures, teacher-forced on float trajectories, the mean error of a
 checkpoint's noise prediction per colour channel at recorded sampling steps. This script samples
-the same images (same per-sample noise) three ways on this machine:
+the same images (same per-sample noise) four ways on this machine:
 
     fp          the float model
     quantized   the checkpoint as it is
     corrected   the checkpoint with that bias subtracted from its noise prediction at every step
                 (each step uses the bias of the nearest recorded step at or before it)
+    folded      what `gacq quantize --bias-correction` ships: one bias per channel (the mean over the
+                recorded steps) folded into the last layer (`gacq.quant.bias_correction.fold_output_bias`)
 
-and reports each set's mean RGB, its pixel PSNR against the float images, and a grid of the three.
+and reports each set's mean RGB, its pixel PSNR against the float images, and a grid of the sets
+(rows of 8: fp, quantized, corrected, folded).
 A quick hypothesis test on a few images, not a metric: FID needs thousands of samples.
 
     python benchmarks/bias_corrected_sampling.py runs/experiments/cifar10-table/q/gac_w3a8_cs1_steps100 \
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gacq.compare import psnr  # noqa: E402
 from gacq.conditioning import predict_eps  # noqa: E402
 from gacq.models import load_model  # noqa: E402
+from gacq.quant.bias_correction import fold_output_bias  # noqa: E402
 from gacq.sampling import SampleConfig, generate, make_scheduler  # noqa: E402
 from gacq.utils import atomic_path, git_commit, image_grid, machine_info, save_image, write_json  # noqa: E402
 
@@ -71,8 +75,11 @@ def main(argv=None) -> int:
     q = load_model(str(args.checkpoint))
     timesteps = [int(t) for t in make_scheduler(cfg, q.scheduler_config).timesteps]
     images, seconds = {}, {}
+    qf = load_model(str(args.checkpoint))
+    fold_output_bias(qf.model, bias.mean(1))
     for name, loaded, fn in [("fp", fp, None), ("quantized", q, None),
-                             ("corrected", q, corrected_fn(q.model, bias, rec["steps"], timesteps))]:
+                             ("corrected", q, corrected_fn(q.model, bias, rec["steps"], timesteps)),
+                             ("folded", qf, None)]:
         t0 = time.time()
         images[name] = generate(loaded, cfg, range(args.num), model_fn=fn)
         seconds[name] = round(time.time() - t0, 1)
@@ -81,7 +88,7 @@ def main(argv=None) -> int:
                 "psnr_vs_fp_db": float(np.mean(np.minimum(psnr(images["fp"], v), 99.0))), "seconds": seconds[k]}
             for k, v in images.items()}
     args.out.mkdir(parents=True, exist_ok=True)
-    save_image(image_grid(np.concatenate([images["fp"][:8], images["quantized"][:8], images["corrected"][:8]]), ncols=8),
+    save_image(image_grid(np.concatenate([images[k][:8] for k in ("fp", "quantized", "corrected", "folded")]), ncols=8),
                args.out / f"{args.checkpoint.name}.png")
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))
     result = {"command": cmd, "commit": git_commit(), "machine": machine_info(), "checkpoint": str(args.checkpoint),
