@@ -54,9 +54,11 @@ CONFIGS: list[tuple[str, dict | None]] = [
 ]
 
 
-def calibration(loaded, trajectories: int, seed: int, steps: int, record: int, device):
-    cfg = CalibDataConfig(selection="all", n_trajectories=trajectories, seed=seed, batch_size=256)
-    full = collect(loaded, SampleConfig(steps=steps, seed=seed), cfg, device=device, progress=False)
+def calibration(loaded, trajectories: int, seed: int, steps: int, record: int, device, batch_size: int = 256,
+                progress: bool = False):
+    """`record` uniformly spaced steps of `trajectories` float DDIM trajectories (all steps collected first)."""
+    cfg = CalibDataConfig(selection="all", n_trajectories=trajectories, seed=seed, batch_size=batch_size)
+    full = collect(loaded, SampleConfig(steps=steps, seed=seed), cfg, device=device, progress=progress)
     return select_from_all(full, CalibDataConfig(selection="uniform", n_trajectories=trajectories,
                                                  n_steps=record, seed=seed))
 

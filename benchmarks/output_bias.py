@@ -37,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gacq.diagnostics import pearson  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.quant.bias_correction import measure_output_bias  # noqa: E402
-from gacq.quant.calib_data import CalibDataConfig, collect, select_from_all  # noqa: E402
-from gacq.sampling import SampleConfig  # noqa: E402
 from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
+from gac_meta_study import calibration  # noqa: E402  (this script's folder: benchmarks/)
 
 CHANNELS = "RGB"
 
@@ -62,11 +61,8 @@ def main(argv=None) -> int:
 
     fp = load_model(args.model)
     fp.model.eval()
-    calib = select_from_all(
-        collect(fp, SampleConfig(steps=args.steps, seed=args.seed),
-                CalibDataConfig(selection="all", n_trajectories=args.trajectories, seed=args.seed, batch_size=args.batch),
-                progress=True),
-        CalibDataConfig(selection="uniform", n_trajectories=args.trajectories, n_steps=args.record, seed=args.seed))
+    calib = calibration(fp, args.trajectories, args.seed, args.steps, args.record, "cpu", batch_size=args.batch,
+                        progress=True)
     steps = sorted(set(calib.step.tolist()))
     print(f"float trajectories: {len(calib.x)} inputs at {len(steps)} steps ({time.time() - t_all:.0f} s)", flush=True)
 

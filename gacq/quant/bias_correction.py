@@ -24,8 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..conditioning import predict_eps as _eps
-from ..conditioning import slice_cond
+from ..conditioning import predict_eps, slice_cond
 from ..errors import GacqError
 
 
@@ -65,7 +64,7 @@ def measure_output_bias(q_model: nn.Module, fp_model: nn.Module, calib, batch_si
             b = idx[lo:lo + batch_size]
             x, t = calib.x[b].to(device), calib.t[b].to(device)
             cond = slice_cond(calib.cond, b, device)
-            d = _eps(q_model, x, t, cond).double() - _eps(fp_model, x, t, cond).double()
+            d = predict_eps(q_model, x, t, cond).double() - predict_eps(fp_model, x, t, cond).double()
             err = d.mean(dim=(2, 3)).sum(0)
             sq += float(d.pow(2).mean(dim=(1, 2, 3)).sum())
             acc = err if acc is None else acc + err
