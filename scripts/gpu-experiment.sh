@@ -17,6 +17,8 @@
 # re-copies the working tree, and files in tracked folders that the local checkout lacks are removed,
 # which once deleted finished cells of a running job between two calls.
 # Usage (device): source scripts/gpu-setup.sh; WAIT=540 bash scripts/gpu-experiment.sh $OUT SPEC [P]
+# CELLS=id,id,... runs only those cells (given when the job starts); PACK_Q=0 skips packing the
+# checkpoints (when they were carried in, or can be remade cheaply, e.g. bias-corrected ones).
 set -u
 OUT=$1; SPEC=$2; P=${3:-3}
 spec_field() { python -c "import sys; from gacq.experiment import load_spec; print(getattr(load_spec(sys.argv[1]), sys.argv[2]))" "$SPEC" "$1"; }
@@ -33,7 +35,7 @@ if [ ! -f "runs/bg/exp-$NAME/pid" ]; then
   rm -rf "$DEVRES"; mkdir -p "$DEVRES"; [ -d "$RES" ] && cp -r "$RES/." "$DEVRES/"
 fi
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
-  "python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet > \$JOBOUT/experiment.log 2>&1"
+  "python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet ${CELLS:+--cells $CELLS} > \$JOBOUT/experiment.log 2>&1"
 # pack snapshots (cells are written while we pack; a live tar once came back empty-handed)
 SNAP=$(mktemp -d)
 [ -d "$DEVRES" ] && cp -r "$DEVRES" "$SNAP/" && tar czf "$OUT/$NAME-results.tgz" -C "$SNAP" "$(basename "$RES")" \
@@ -46,6 +48,7 @@ if [ -d "$WORK" ]; then
   tar czf "$OUT/$NAME-work-small.tgz" -C "$SNAP/small" . || echo "WARNING: could not pack the logs of $WORK"
   # finished checkpoints: q/<job>/ holding quant_config.json (written last, by an atomic rename)
   FIN=$(cd "$WORK" && for d in q/*/; do [ -f "$d/quant_config.json" ] && echo "${d%/}"; done)
+  [ "${PACK_Q:-1}" = 0 ] && FIN=
   if [ -n "$FIN" ]; then
     (cd "$WORK" && tar czf "$SNAP/q.tgz" $FIN)
     if [ "$(stat -c %s "$SNAP/q.tgz")" -le 15728640 ]; then mv "$SNAP/q.tgz" "$OUT/$NAME-q.tgz"
