@@ -166,14 +166,26 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
             for c in g["cells"]:
                 q = c.get("quantize")
                 if q and not q.get("float_acts"):
-                    cost[q["job"]] = q
+                    cost[q["job"]] = (q, bool((c.get("machine") or {}).get("gpu")))
         if cost:
             md += ["### Calibration cost (one quantization job each; wall time includes calibration-set loading)",
                    ""]
-            rows = [[j, f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None else "",
-                     f"{q['peak_gpu_memory_bytes'] / 2**30:.2f}" if q.get("peak_gpu_memory_bytes") else "n/a (CPU)"]
-                    for j, q in sorted(cost.items())]
-            md += _table(["job", "wall s", "peak GPU GiB"], rows) + [""]
+
+            def peak(q: dict, on_gpu: bool) -> str:
+                if q.get("peak_gpu_memory_bytes"):
+                    return f"{q['peak_gpu_memory_bytes'] / 2**30:.2f}"
+                return "not recorded" if on_gpu else "n/a (CPU)"
+
+            def what(q: dict) -> str:
+                base = q.get("bias_corrected_from")
+                if not base:
+                    return "quantization"
+                sec = q.get("quantize_seconds_of_base")
+                return f"bias correction of {base['checkpoint']}" + (f" (base: {sec:.0f} s)" if sec else "")
+
+            rows = [[j, what(q), f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None else "",
+                     peak(q, on_gpu)] for j, (q, on_gpu) in sorted(cost.items())]
+            md += _table(["job", "work", "wall s", "peak GPU GiB"], rows) + [""]
         abl = {k: g for k, g in gs.items() if k[4]}
         if abl:
             md += ["### GAC ablations (default = the gac row of the table above with the same bits and steps)", ""]

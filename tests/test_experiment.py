@@ -189,6 +189,27 @@ def test_report_pools_seeds_and_separates_feature_networks(tmp_path):
         render(tmp_path / "missing", tmp_path / "x.md")
 
 
+def test_report_cost_table_names_bias_corrections_and_unrecorded_gpu_peaks(tmp_path):
+    """A bias-corrected job is a correction of its base checkpoint, not a quantization; a GPU job
+    without a recorded peak says so instead of claiming it ran on the CPU."""
+    rows = [("gac_w3a8", {"wall_seconds": 783.0, "peak_gpu_memory_bytes": 2**30 * 7.81}, "H200"),
+            ("gac_w3a8_bc", {"wall_seconds": 65.0, "quantize_seconds_of_base": 783.0,
+                             "bias_corrected_from": {"checkpoint": "gac_w3a8"}}, "H200"),
+            ("tfmq_w3a8", {"wall_seconds": 900.0}, None)]
+    for i, (job, q, gpu) in enumerate(rows):
+        _cell(tmp_path, "gac", "W3A8", i, 50.0 + i)
+        f = tmp_path / f"gacW3A8{i}cifar10None.json"
+        d = json.loads(f.read_text())
+        d["quantize"] = {"job": job, "float_acts": False, **q}
+        d["machine"] = {"gpu": gpu}
+        f.write_text(json.dumps(d))
+    render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert "| gac_w3a8 | quantization | 783 | 7.81 |" in md
+    assert "| gac_w3a8_bc | bias correction of gac_w3a8 (base: 783 s) | 65 | not recorded |" in md
+    assert "| tfmq_w3a8 | quantization | 900 | n/a (CPU) |" in md
+
+
 def test_a_spec_with_other_settings_is_refused_on_shared_folders(ran, tiny32):
     other = SPEC.format(model=tiny32).replace("iters = 2\n", "iters = 3\n", 1)
     other = other.replace('name = "t"', 'name = "t2"\nresults = "results/experiments/t"\nwork = "runs/experiments/t"')

@@ -409,7 +409,10 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
     q = load_model(qdir, device=device)
     cs = _fit_selection(CalibrationSet.load(calib), config, int(q.scheduler_config.get("num_train_timesteps", 1000)))
     fp_model = fp.model if next(fp.model.parameters()).device == device else copy.deepcopy(fp.model).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     correct_output_bias(q.model, fp_model.eval(), cs, config.calib_batch_size, device, progress)
+    peak = {"peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated(device))} if device.type == "cuda" else {}
     gac_file = qdir / "gac_weights.safetensors"
     if gac_file.exists():  # carried over unchanged
         q.model.gacq_gac_weights = {n: {"weights": w} for n, w in load_file(str(gac_file)).items()}
@@ -421,7 +424,7 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
                                     "calibration": str(calib)},
             "quantize_seconds_of_base": base_meta.get("wall_seconds"),
             "peak_gpu_memory_bytes_of_base": base_meta.get("peak_gpu_memory_bytes"),
-            **(extra_meta or {}), "wall_seconds": round(time.time() - t0, 2)}
+            **(extra_meta or {}), "wall_seconds": round(time.time() - t0, 2), **peak}
     mcfg = json.loads((qdir / "model_config.json").read_text())["model"]
     save_quantized(q.model, out, meta, {k: v for k, v in mcfg.items() if k != "_class_name"}, q.scheduler_config,
                    vae=q.vae)
