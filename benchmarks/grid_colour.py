@@ -44,8 +44,9 @@ def main() -> None:
                      "blue_dominant_share": float((per[:, 2] > per[:, 0] + 10).mean())})
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join(sys.argv)
-    write_json(args.out / "grid_colour.json", {"command": cmd, "commit": git_commit(), "rows": rows})
-    lines = ["# Colour cast of the sample grids", "", f"Command: `{cmd}`; commit {git_commit()}.", "",
+    commit = git_commit()  # once, before this run's own outputs make the tree dirty
+    write_json(args.out / "grid_colour.json", {"command": cmd, "commit": commit, "rows": rows})
+    lines = ["# Colour cast of the sample grids", "", f"Command: `{cmd}`; commit {commit}.", "",
              "| grid | mean R | mean G | mean B | tiles with B > R + 10 |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {Path(r['grid']).stem} | " + " | ".join(f"{v:.1f}" for v in r["mean_rgb"])
               + f" | {r['blue_dominant_share']:.0%} |" for r in rows]
