@@ -20,6 +20,21 @@ from gacq.export.base import pack_int4  # noqa: E402
 from gacq.export import triton_w4  # noqa: E402
 
 
+def _same_epilogue(y: torch.Tensor, want: torch.Tensor, what) -> None:
+    """The fused kernels against their torch path: bitwise in Triton's interpreter. Compiled for a GPU,
+    Triton contracts the epilogue's multiply-add into one FMA (one rounding where torch rounds twice),
+    which the H200 run of session 8 showed as 1 float32 ulp (2.4e-7 on outputs of size ~2); so on CUDA
+    the codes and int32 sums must still agree and only the float epilogue may differ, by at most 2
+    units of the output dtype's epsilon at the output's scale."""
+    assert y.shape == want.shape and y.dtype == want.dtype, what
+    if DEVICE == "cpu":
+        assert torch.equal(y, want), (what, (y - want).abs().max())
+        return
+    tol = 2 * torch.finfo(want.dtype).eps * max(1.0, float(want.abs().max()))
+    err = float((y.float() - want.float()).abs().max())
+    assert err <= tol, (what, err, tol)
+
+
 def _on_device(f):
     """f with its tensor arguments moved to DEVICE and its result moved back to the CPU."""
     def call(*args, **kw):
@@ -113,7 +128,7 @@ def layers():
 
 def int8_conv():
     """The fused int8 conv against the int8 backend's torch path (im2col + torch._int_mm + separate
-    dequantization), bitwise: 3x3 with padding, stride 2, dilation 2, 1x1, no bias, asymmetric
+    dequantization), bitwise in the interpreter (compiled: see _same_epilogue): 3x3 with padding, stride 2, dilation 2, 1x1, no bias, asymmetric
     (zero point != 0) and symmetric activation grids, weights whose rows need the 128 offset (dw != 0),
     4-bit weights, an odd batch and a K that is not a multiple of the tile."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -133,8 +148,7 @@ def int8_conv():
             y = ex(x)
             ex.use_kernel = False
             want = ex(x)
-        assert y.shape == want.shape and y.dtype == want.dtype, kw
-        assert torch.equal(y, want), (kw, (y - want).abs().max())
+        _same_epilogue(y, want, kw)
     # a weight row spanning more than 255 codes cannot be centred on its zero point: dw = 128 - zw
     layer, x = make_conv(wbits=8)
     with torch.no_grad():
@@ -145,7 +159,7 @@ def int8_conv():
     with torch.no_grad():
         y = ex(x.to(DEVICE))
         ex.use_kernel = False
-        assert torch.equal(y, ex(x.to(DEVICE)))
+        _same_epilogue(y, ex(x.to(DEVICE)), "offset rows / ties")
     # exact ties x / sa = j + 0.5 round half to even, as torch.round does
     layer, x = make_conv()
     with torch.no_grad():
@@ -156,7 +170,7 @@ def int8_conv():
     with torch.no_grad():
         y = ex(x.to(DEVICE))
         ex.use_kernel = False
-        assert torch.equal(y, ex(x.to(DEVICE)))
+        _same_epilogue(y, ex(x.to(DEVICE)), "offset rows / ties")
     if DEVICE == "cuda":  # bf16 (Triton's interpreter truncates float32 -> bf16 casts; the GPU rounds to nearest)
         for kw in cases:
             layer, x = make_conv(**kw)
@@ -165,14 +179,15 @@ def int8_conv():
             with torch.no_grad():
                 y = ex(x)
                 ex.use_kernel = False
-                assert torch.equal(y, ex(x)), kw
+                _same_epilogue(y, ex(x), ("bf16", kw))
     layer, x = make_conv(split=2, cin=5)
     assert not to_int8(layer).kernel_applies(x)  # two weight groups: the torch path
 
 
 def w4a8():
     """The W4A8 layers' fused kernel (packed int4 codes unpacked in the K loop; linears as 1x1 convs)
-    against their torch path (codes unpacked per call + torch._int_mm), bitwise, float32 inputs."""
+    against their torch path (codes unpacked per call + torch._int_mm), bitwise in the interpreter
+    (compiled: see _same_epilogue), float32 inputs."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from gacq.export.int8 import to_w4a8
     from tests.test_export import make_conv, make_linear
@@ -189,7 +204,7 @@ def w4a8():
             y = ex(x)
             ex.use_kernel = False
             want = ex(x)
-        assert y.shape == want.shape and torch.equal(y, want), (kw, (y - want).abs().max())
+        _same_epilogue(y, want, kw)
     layer, x = make_conv(wbits=4, k=1, padding=0, cin=12, split=5, x_shape=(2, 12, 5, 5))
     assert not to_w4a8(layer).kernel_applies(x)  # two weight groups: the torch path
 
