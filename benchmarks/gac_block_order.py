@@ -31,31 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gac_meta_study import calibration, held_out_error, reset, weight_stats  # noqa: E402
+from gac_meta_study import calibration, held_out_error, learn_weights, reset  # noqa: E402
 
 from gacq.diagnostics import _cache, _units  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.quant.api import QuantConfig, quantize  # noqa: E402
-from gacq.quant.gac import GACBlock, GACConfig, validation_split  # noqa: E402
+from gacq.quant.gac import GACConfig  # noqa: E402
 from gacq.quant.recon import ReconConfig, reconstruct_unit  # noqa: E402
 from gacq.utils import git_commit, machine_info, write_json  # noqa: E402
 
 WEIGHTINGS: dict[str, dict | None] = {"uniform": None, "gac": {}, "gac-M400": {"meta_iters": 400}}
-
-
-def learn_weights(unit, data, calib, over: dict) -> tuple[torch.Tensor, dict]:
-    cfg = GACConfig(**over)
-    train_idx, groups = validation_split(calib.step, cfg.val_fraction, cfg.groups, cfg.seed)
-    blk = GACBlock(unit, data, train_idx, groups, cfg)
-    try:
-        w_train, _ = blk.run()
-    finally:
-        blk.close()
-    unmoved = float((blk.scores.detach() == cfg.init_score).double().mean())
-    stats = weight_stats(w_train.cpu(), unmoved, calib.step[train_idx], GACConfig().groups)
-    weights = torch.zeros(len(calib), dtype=torch.float64)
-    weights[train_idx] = w_train.cpu().double()
-    return weights.float(), stats
 
 
 def main(argv=None) -> int:
@@ -80,6 +65,7 @@ def main(argv=None) -> int:
     if unknown := [w for w in wanted if w not in WEIGHTINGS]:
         raise SystemExit(f"unknown weighting(s) {unknown}; known: {', '.join(WEIGHTINGS)}")
     t_all = time.time()
+    commit = git_commit()  # at the start: the tree may change during a long run
     device = torch.device(args.device)
     torch.manual_seed(0)
     loaded = load_model(args.model, device=device)
@@ -90,7 +76,7 @@ def main(argv=None) -> int:
     fp = loaded.model.eval()
     units = _units(q, calib, device, names)  # execution order: forward
     init = {n: {k: v.clone() for k, v in u.state_dict().items()} for n, u in units}
-    result = {"blocks_forward_order": [n for n, _ in units], "settings": vars(args), "commit": git_commit(),
+    result = {"blocks_forward_order": [n for n, _ in units], "settings": vars(args), "commit": commit,
               "rows": []}
     groups = GACConfig().groups
     for wname in wanted:

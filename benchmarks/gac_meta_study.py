@@ -79,6 +79,24 @@ def weight_stats(w: torch.Tensor, init_share: float, step: torch.Tensor, groups:
             "std_rel": float(rel.std()), "unmoved_share": init_share, "mean_rel_by_group": by_group}
 
 
+def learn_weights(unit, data, calib, over: dict) -> tuple[torch.Tensor, dict]:
+    """GAC's Algorithm 2 on one block's cached `data` with GACConfig overrides `over`, on that
+    configuration's own split (its validation fraction and timestep groups). Returns a weight per
+    calibration sample (0 for the validation split) and the training weights' spread."""
+    cfg = GACConfig(**over)
+    train_idx, groups = validation_split(calib.step, cfg.val_fraction, cfg.groups, cfg.seed)
+    blk = GACBlock(unit, data, train_idx, groups, cfg)
+    try:
+        w_train, _ = blk.run()
+    finally:
+        blk.close()
+    unmoved = float((blk.scores.detach() == cfg.init_score).double().mean())
+    stats = weight_stats(w_train.cpu(), unmoved, calib.step[train_idx], GACConfig().groups)
+    weights = torch.zeros(len(calib), dtype=torch.float64)
+    weights[train_idx] = w_train.cpu().double()
+    return weights.float(), stats
+
+
 def held_out_error(unit, data, step: torch.Tensor, groups: int) -> dict:
     with torch.no_grad():
         per = torch.cat([data.per_sample_loss(torch.arange(lo, min(data.n, lo + 128), device=data.device)).cpu()
@@ -102,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     t_all = time.time()
+    commit = git_commit()  # at the start: the tree may change during a long run
     device = torch.device(args.device)
     torch.manual_seed(0)
     loaded = load_model(args.model, device=device)
@@ -113,7 +132,7 @@ def main(argv=None) -> int:
     gcfg = GACConfig()
     chosen = [c for i, c in enumerate(CONFIGS) if not args.configs or str(i) in args.configs.split(",")]
     blocks = [b for b in args.blocks.split(",") if b]
-    result = {"blocks": {}, "settings": vars(args), "configs": [c[0] for c in chosen], "commit": git_commit()}
+    result = {"blocks": {}, "settings": vars(args), "configs": [c[0] for c in chosen], "commit": commit}
     for name, unit in _units(q, calib, device, blocks):
         data = _cache(q, fp, name, unit, calib, torch.arange(len(calib)), device, 2.0, None)
         hdata = _cache(q, fp, name, unit, held, torch.arange(len(held)), device, 2.0, None)
@@ -124,20 +143,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             weights, stats, meta_s = None, None, 0.0
             if over is not None:
-                cfg = GACConfig(**over)
-                # each configuration's own split (its validation fraction and timestep groups)
-                train_idx, groups = validation_split(calib.step, cfg.val_fraction, cfg.groups, cfg.seed)
-                blk = GACBlock(unit, data, train_idx, groups, cfg)
-                try:
-                    w_train, _ = blk.run()
-                finally:
-                    blk.close()
+                weights, stats = learn_weights(unit, data, calib, over)
                 meta_s = time.time() - t0
-                unmoved = float((blk.scores.detach() == cfg.init_score).double().mean())
-                stats = weight_stats(w_train.cpu(), unmoved, calib.step[train_idx], gcfg.groups)
-                weights = torch.zeros(len(calib), dtype=torch.float64)
-                weights[train_idx] = w_train.cpu()
-                weights = weights.float()
                 reset(unit, init)  # GAC's meta-steps never write theta; reload for certainty
             seed = 1 if label == "uniform seed 1" else 0
             rec = reconstruct_unit(unit, data.args, data.kwargs, data.target,
