@@ -287,7 +287,14 @@ def main() -> None:
         del model, fn_model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        write_results(args, results, share, t_start)
 
+    write_results(args, results, share, t_start)
+
+
+def write_results(args, results: list[dict], share, t_start: float) -> None:
+    """Ratios against the float compiled baseline, then JSON + markdown (called after every mode, so a
+    run cut short by a time limit keeps what it measured)."""
     base_label = next((r["mode"] for r in results if "compiled" in r["mode"] and "ms_median" in r
                        and not r["mode"].startswith(("int8", "w4a8", "w4a16"))), results[0]["mode"])
     base = {r["batch"]: r["ms_median"] for r in results if r["mode"] == base_label and "ms_median" in r}
@@ -302,7 +309,7 @@ def main() -> None:
               "wall_seconds": round(time.time() - t_start, 1)}
     write_json(out / "bench_lowbit.json", result)
     (out / "bench_lowbit.md").write_text(render_markdown(result))
-    print(f"wrote {out / 'bench_lowbit.json'} and {out / 'bench_lowbit.md'}")
+    print(f"wrote {out / 'bench_lowbit.json'} and {out / 'bench_lowbit.md'}", flush=True)
 
 
 def render_markdown(res: dict) -> str:
