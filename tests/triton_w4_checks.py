@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gacq.export.base import pack_int4  # noqa: E402
-from gacq.export import triton_w4  # noqa: E402
+from gacq.export import triton_int8, triton_w4  # noqa: E402
 
 
 def _same_epilogue(y: torch.Tensor, want: torch.Tensor, what) -> None:
@@ -136,7 +136,8 @@ def int8_conv():
     from tests.test_export import make_conv
 
     cases = [{}, {"stride": 2}, {"dilation": 2, "padding": 2}, {"k": 1, "padding": 0}, {"bias": False},
-             {"a_symmetric": True}, {"wbits": 4, "abits": 6}, {"cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)}]
+             {"a_symmetric": True}, {"wbits": 4, "abits": 6}, {"cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)},
+             {"cin": 8, "cout": 70, "x_shape": (3, 8, 13, 14)}]  # compiled: larger tiles (`tiles`), partly filled
     offsets = 0
     for kw in cases:
         layer, x = make_conv(**kw)
@@ -149,6 +150,33 @@ def int8_conv():
             ex.use_kernel = False
             want = ex(x)
         _same_epilogue(y, want, kw)
+    # tiles other than `tiles`' choice (in the interpreter: always 32x32x32) give the same output
+    layer, x = make_conv(cin=8, cout=70, x_shape=(3, 8, 13, 14))
+    ex = to_int8(layer).to(DEVICE)
+    chosen = triton_int8.tiles
+    try:
+        triton_int8.tiles = lambda m, o: (64, 128, 64, 8)
+        with torch.no_grad():
+            y = ex(x.to(DEVICE))
+    finally:
+        triton_int8.tiles = chosen
+    with torch.no_grad():
+        ex.use_kernel = False
+        _same_epilogue(y, ex(x.to(DEVICE)), "64x128x64 tiles")
+    # the kernels read the quantizer's scale and zero point at each call: a per-step grid written in place
+    # (as TFMQ-DM's per-step activation sets are) is used by the next call, with no cached copy in between
+    layer, x = make_conv()
+    ex = to_int8(layer).to(DEVICE)
+    (q,) = list(ex.act_quantizers())
+    x = x.to(DEVICE)
+    with torch.no_grad():
+        ex(x)
+        q.scale.mul_(1.5)
+        q.zero_point.add_(3.0)
+        y = ex(x)
+        ex.use_kernel = False
+        want = ex(x)
+    _same_epilogue(y, want, "grid changed in place")
     # a weight row spanning more than 255 codes cannot be centred on its zero point: dw = 128 - zw
     layer, x = make_conv(wbits=8)
     with torch.no_grad():

@@ -131,15 +131,14 @@ class Int8Layer(ExportedLayer):
         return self.use_kernel and kind_ok and len(self.parts) == 1 and available(x)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer as one `int8_conv2d` call (a linear as a 1x1 conv over 1x1 images)."""
+        """The layer as one `int8_conv2d` call (a linear as a 1x1 conv over 1x1 images). Nothing is computed
+        here: the kernels read the quantizer's scale and zero point and the layer's buffers directly."""
         from .triton_int8 import int8_conv2d
 
         (part,), (q,) = self.parts, list(self.act_quantizers())
-        scale, zp = q.scale, q.zero_point
-        c = act_center(q.qmin, q.qmax)
-        args = (part.qweight, part.k, part.out_channels, scale.float() * part.w_scale,
-                part.w_offset if part.has_offset else None, part.row_term, self.bias, scale, zp, q.qmin, q.qmax, c,
-                (c - zp).round().to(torch.int32))
+        args = (part.qweight, part.k, part.out_channels, part.w_scale, part.w_offset if part.has_offset else None,
+                part.row_term, self.bias, q.scale.detach(), q.zero_point.detach(), q.qmin, q.qmax,
+                act_center(q.qmin, q.qmax))
         if self.is_conv:
             return int8_conv2d(x, *args, self.kernel_size, self.stride, tuple(self.padding), self.dilation,
                                w_zero=part.kernel_zero)

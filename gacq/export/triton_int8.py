@@ -1,26 +1,35 @@
-"""Triton W8A8 convolution: implicit GEMM on int8 codes with the activation quantization fused
-into the prologue and the dequantization, correction terms and bias into the epilogue.
+"""Triton W8A8 convolution: the input quantized once to int8 codes, then an implicit GEMM on the codes
+with the dequantization, correction terms and bias in its epilogue.
 
 The `int8` backend's torch path (`gacq.export.int8`) quantizes the input, unfolds it (im2col: a
-copy kh*kw times the input), runs `torch._int_mm` and dequantizes in separate passes. This
-kernel does the same arithmetic in one pass over the output: for a tile of output positions
-(n, ho, wo) and channels o it walks the reduction index k = (c, r, s) in the order of
-`weight.reshape(O, -1)`, gathers the input pixels each k needs straight from the float input
-(out-of-image positions read 0.0, which quantizes to the zero point: the padding of the
-dequantized input, as in the fake-quant conv), quantizes and centres them into int8,
+copy kh*kw times the input), runs `torch._int_mm` and dequantizes in separate passes. Here two
+kernels do the same arithmetic:
 
-    X8 = clamp(round(x / sa) + za, qmin, qmax) - ca
+1. `_quantize_kernel`, one pass over the input, writes its centred int8 codes
 
-in the input dtype's rounding (the quotient is rounded to x's dtype before the integer rounding,
-as torch computes `x / scale` for fp16/bf16 inputs; rounding is half to even, as torch.round),
-and accumulates X8 @ W8 in int32 on the tensor cores (`tl.dot`). The epilogue adds the int8
-backend's exact correction terms and scales,
+       X8 = clamp(round(x / sa) + za, qmin, qmax) - ca
 
-    y = float(S + dw[o] * sum_k X8 + da * row[o]) * (sa * sw[o]) + b[o],
+   in the input dtype's rounding (the quotient is rounded to x's dtype before the integer rounding,
+   as torch computes `x / scale` for fp16/bf16 inputs, with sa and za cast to x's dtype as torch's
+   type promotion casts them; rounding is half to even, as torch.round);
+2. `_int8_conv_kernel`, for a tile of output positions (n, ho, wo) and channels o, walks the
+   reduction index k = (c, r, s) in the order of `weight.reshape(O, -1)`, gathers the int8 codes
+   each k needs (out-of-image positions take the code of 0.0, za - ca: the padding of the
+   dequantized input, as in the fake-quant conv), accumulates X8 @ W8 in int32 on the tensor cores
+   (`tl.dot`), and ends with the int8 backend's exact correction terms and scales,
 
-the same float32 operations in the same order as `Int8Layer`'s torch path, so its output is
-bitwise equal to that path's (tested in Triton's interpreter). One weight group and groups=1
-only; other layers keep the torch path.
+       y = float(S + dw[o] * sum_k X8 + da * row[o]) * (sa * sw[o]) + b[o],    da = ca - za,
+
+   the same float32 operations in the same order as `Int8Layer`'s torch path, so its output is
+   bitwise equal to that path's in Triton's interpreter (compiled, the multiply-add may contract to
+   one FMA: a float32 ulp).
+
+Quantizing once (an earlier version quantized inside the GEMM's K loop) does the division once per
+input element instead of once per kernel tap and output tile, and the GEMM then reads 1 byte per
+element. Scales, zero points and the bias are read by the kernels from the layer's own buffers, so a
+call launches two kernels and nothing else, and per-step activation grids written into those
+buffers in place are seen by CUDA-graph replays. One weight group and groups=1 only; other layers
+keep the torch path.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from .triton_w4 import INTERPRET, available, triton
 if triton is not None:
     import triton.language as tl
 
-    from .triton_w4 import conv_rows, gather_conv_input, int4_codes
+    from .triton_w4 import conv_rows, int4_codes
 
     @triton.jit
     def _round_half_even(v):
@@ -43,8 +52,22 @@ if triton is not None:
         return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
 
     @triton.jit
-    def _int8_conv_kernel(x_ptr, w_ptr, wzero_ptr, scale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr,
-                          ascale_ptr, azp_ptr, da_ptr, qmin, qmax, center,
+    def _quantize_kernel(x_ptr, x8_ptr, ascale_ptr, azp_ptr, n_elements, qmin, qmax, center,
+                         BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        # the quantizer's scale and zero point rounded to x's dtype, as torch's type promotion does
+        a_scale = tl.load(ascale_ptr).to(x.dtype).to(tl.float32)
+        a_zp = tl.load(azp_ptr).to(x.dtype).to(tl.float32)
+        # IEEE division (Triton's `/` is the approximate div.full.f32 on GPUs), rounded to x's dtype as torch does
+        v = tl.math.div_rn(x.to(tl.float32), a_scale).to(x.dtype).to(tl.float32)
+        q = tl.minimum(tl.maximum(_round_half_even(v) + a_zp, qmin), qmax)
+        tl.store(x8_ptr + offs, (q - center).to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _int8_conv_kernel(x8_ptr, w_ptr, wzero_ptr, wscale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr,
+                          ascale_ptr, azp_ptr, qmin, qmax, center,
                           M, O, C, H, W, HO, WO,
                           sxn, sxc, sxh, sxw, swk, syn, syc, syh, syw,
                           SH, SW, PH, PW, DH, DW,
@@ -57,9 +80,9 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = offs_m < M, offs_n < O
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
-        a_scale = tl.load(ascale_ptr).to(tl.float32)
-        a_zp = tl.load(azp_ptr).to(tl.float32)
-        da = tl.load(da_ptr)
+        a_zp = tl.load(azp_ptr).to(tl.float32)  # an integer on the grid (int8_unsupported checks)
+        pad = (tl.minimum(tl.maximum(a_zp, qmin), qmax) - center).to(tl.int8)  # the code of 0.0
+        da = (center - a_zp).to(tl.int32)  # ca - za, exact
         if W4:
             wz = tl.load(wzero_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -67,13 +90,16 @@ if triton is not None:
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            x = gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
-                                  SH, SW, PH, PW, DH, DW, KH, KW)
-            # IEEE division (Triton's `/` is the approximate div.full.f32 on GPUs), rounded to x's dtype as torch does
-            v = tl.math.div_rn(x.to(tl.float32), a_scale).to(x.dtype).to(tl.float32)
-            # (the quantizer's scale and zero point in x's dtype as well: the caller casts them)
-            q = tl.minimum(tl.maximum(_round_half_even(v) + a_zp, qmin), qmax)
-            x8 = tl.where(mask_k[None, :], q - center, 0.0).to(tl.int8)
+            c = offs_k // (KH * KW)
+            rs = offs_k % (KH * KW)
+            r, s = rs // KW, rs % KW
+            hi = ho[:, None] * SH - PH + r[None, :] * DH
+            wi = wo[:, None] * SW - PW + s[None, :] * DW
+            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x8 = tl.load(x8_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
+                         mask=mask_m[:, None] & mask_k[None, :] & inside, other=0)
+            x8 = tl.where(inside, x8, pad)
+            x8 = tl.where(mask_k[None, :], x8, 0).to(tl.int8)
             mask_w = mask_k[:, None] & mask_n[None, :]
             if W4:  # packed int4 codes (O, ceil(K/2)): W8 = code - zw, in [-15, 15]
                 code = tl.trans(int4_codes(w_ptr, offs_n, offs_k, tl.trans(mask_w), swk))
@@ -87,29 +113,42 @@ if triton is not None:
         total = acc + da * row[None, :]
         if HAS_OFFSET:
             total += rsum[:, None] * tl.load(woff_ptr + offs_n, mask=mask_n, other=0)[None, :]
-        y = total.to(tl.float32) * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        # sa * sw[o] in float32, as the torch path multiplies `scale.float() * w_scale`
+        scale = tl.load(ascale_ptr).to(tl.float32) * tl.load(wscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y = total.to(tl.float32) * scale[None, :]
         if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho[:, None] * syh + wo[:, None] * syw
         tl.store(ptr, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, combined_scale: torch.Tensor,
+def tiles(m: int, out_channels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an M x O output: large tiles for the tensor cores where
+    the output is large, small ones where a large tile would be mostly padding (and in the interpreter,
+    where a tile's cost is its size)."""
+    if INTERPRET:
+        return 32, 32, 32, 4
+    bm = 128 if m >= 8192 else 64 if m >= 512 else 32
+    bn = 128 if out_channels >= 128 and m >= 512 else 64 if out_channels >= 64 else 32
+    return bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4
+
+
+def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
                 w_offset: torch.Tensor | None, row_term: torch.Tensor, bias: torch.Tensor | None,
                 act_scale: torch.Tensor, act_zero: torch.Tensor, qmin: int, qmax: int, center: int,
-                da: torch.Tensor, kernel_size: tuple[int, int],
-                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                w_zero: torch.Tensor | None = None, block=(32, 32, 32)) -> torch.Tensor:
+                kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int], w_zero: torch.Tensor | None = None,
+                block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
     qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); or, with
     `w_zero` (O,) given, (O, ceil(K/2)) uint8 packed int4 codes (`pack_int4`), the W4A8 layout,
-    unpacked and centred (code - zw) inside the K loop; k = C*kh*kw;
-    combined_scale: (O,) float32 = sa * sw[o] (as the torch path multiplies them); w_offset: (O,)
-    int32 dw or None when every dw is 0; row_term: (O,) int32; act_scale, act_zero: the input
-    grid's scale and zero point as one-element tensors on x's device (read by the kernel: no host
-    sync, so per-step grids work under CUDA graphs); qmin, qmax: the grid; center: ca; da: one-element
-    int32 tensor ca - za.
+    unpacked and centred (code - zw) inside the K loop; k = C*kh*kw; w_scale: (O,) float32 weight
+    scales; w_offset: (O,) int32 dw or None when every dw is 0; row_term: (O,) int32; bias: (O,) in any
+    float dtype or None; act_scale, act_zero: the input quantizer's scale and (integer) zero point as
+    one-element tensors on x's device, read by the kernels (no host sync, so per-step grids written
+    into them work under CUDA graphs); qmin, qmax: the grid; center: ca. `block` = (BLOCK_M, BLOCK_N,
+    BLOCK_K) overrides `tiles`.
     """
     if triton is None:
         raise RuntimeError("the int8 Triton kernel needs the triton package")
@@ -119,20 +158,27 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
         raise ValueError(f"int8_conv2d: input has {c} channels, the weight expects {k // (kh * kw)}")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
+    x = x.contiguous()
+    x8 = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    numel = x.numel()
+    _quantize_kernel[(triton.cdiv(numel, 1024),)](x, x8, act_scale, act_zero, numel, float(qmin), float(qmax),
+                                                   float(center), BLOCK=1024)
     y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
-    bm, bn, bk = block
+    bm, bn, bk, warps = tiles(m, out_channels)
+    if block is not None:
+        (bm, bn, bk), warps = block, 4
     grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn))
     off = w_offset if w_offset is not None else row_term  # any int32 pointer when unused
-    b = bias.float().contiguous() if bias is not None else combined_scale
-    wz = w_zero.contiguous() if w_zero is not None else row_term  # any pointer when unused
-    _int8_conv_kernel[grid](x, qweight, wz, combined_scale.float().contiguous(), off.contiguous(), row_term.contiguous(), b,
-                            y, act_scale.reshape(1).to(x.dtype), act_zero.reshape(1).to(x.dtype), da.reshape(1),
+    b = bias if bias is not None else w_scale  # any pointer when unused
+    wz = w_zero if w_zero is not None else row_term  # any pointer when unused
+    _int8_conv_kernel[grid](x8, qweight, wz, w_scale, off, row_term, b, y, act_scale, act_zero,
                             float(qmin), float(qmax), float(center),
-                            m, out_channels, c, h, w, ho, wo, *x.stride(), qweight.stride(0), *y.stride(),
+                            m, out_channels, c, h, w, ho, wo, *x8.stride(), qweight.stride(0), *y.stride(),
                             sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
-                            HAS_BIAS=bias is not None, W4=w_zero is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                            HAS_BIAS=bias is not None, W4=w_zero is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                            num_warps=warps)
     return y
 
 
-__all__ = ["INTERPRET", "available", "int8_conv2d"]
+__all__ = ["INTERPRET", "available", "int8_conv2d", "tiles"]
