@@ -47,6 +47,16 @@ def export_cmd(
     typer.echo(f"wrote {out}")
 
 
+def bench_cmd(ctx: typer.Context) -> None:
+    """Time the low-bit backends against bf16, side by side (`gacq bench --help` lists the options)."""
+    from .bench import main
+
+    main(list(ctx.args), prog="gacq bench")
+
+
 def register(app: typer.Typer) -> None:
-    """Add `gacq export` to the main app."""
+    """Add `gacq export` and `gacq bench` to the main app."""
     app.command("export")(export_cmd)
+    # the options are the benchmark's own (argparse in gacq.bench), passed through untouched
+    app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                           "help_option_names": []})(bench_cmd)

@@ -472,15 +472,25 @@ def test_int8_layers_on_cuda(make, kw):
 
 # ---------------------------------------------------------------- benchmark ---
 def test_bench_lowbit_cpu_smoke(tmp_path):
+    """`gacq bench` end to end on the CPU; `--modes` keeps only the asked modes (the benchmarks/ script is the same
+    code: `gacq.bench.main`)."""
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lowbit.py"), "--config", "tiny",
-                           "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "1", "--repeats", "2",
-                           "--warmup", "1", "--no-compile", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = ["--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "1", "--repeats", "2",
+            "--warmup", "1", "--no-compile"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gacq", "bench", *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "bench_lowbit.json").read_text())
     modes = {r["mode"] for r in res["results"]}
     assert {"fp32 eager", "fake-quant W8A8", "int8 W8A8", "fake-quant W4A16", "w4a16 W4A16"} <= modes
     assert all("ms_median" in r for r in res["results"]) and res["layer_time_share"]["conv2d"] > 0
+    assert not any("CUDA graph" in m for m in modes)  # graphs are CUDA-only
+    assert res["command"].startswith("gacq bench --config tiny")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lowbit.py"), *args, "--modes", "int8",
+                           "--out", str(tmp_path / "b2")], capture_output=True, text=True, timeout=300, check=False,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    res2 = json.loads((tmp_path / "b2" / "bench_lowbit.json").read_text())
+    assert {r["mode"] for r in res2["results"]} == {"int8 W8A8", "int8 W8A8 im2col"}
     assert res["command"] and res["machine"]["torch"] == torch.__version__ and (out / "bench_lowbit.md").exists()

@@ -16,7 +16,7 @@ copy (kh*kw times the input) is made.
 
 Runs on CUDA. With TRITON_INTERPRET=1 set before gacq is imported, the same kernel runs on CPU
 tensors in Triton's interpreter, which is how the tests check it without a GPU. Speed is only
-measured by `benchmarks/bench_lowbit.py` on the GPU.
+measured by `gacq bench` (gacq/bench.py) on the GPU.
 """
 
 from __future__ import annotations

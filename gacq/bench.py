@@ -1,0 +1,388 @@
+"""`gacq bench`: latency per denoising step of the real low-bit backends (gacq.export) against bf16, side by side.
+
+For one model config (random weights: speed does not depend on them) it builds
+- the float model in bf16, eager and torch.compile'd (the baselines);
+- a W8A8 round-to-nearest fake-quant model (min-max weight grids; activation ranges min-max on
+  one random batch, as gacq.quant.wrap does on calibration data) and its `int8` export, with its
+  fused Triton convolution (on CUDA) and with it off (im2col + torch._int_mm);
+- a W4A8 round-to-nearest fake-quant model and its `w4a8` export (packed int4 x int8, fused Triton
+  kernel on CUDA);
+- a W4A16 round-to-nearest fake-quant model (weight-only, no calibration) and its `w4a16` export,
+  with its Triton kernel (on CUDA) and with the kernel off (unpack + dequantize + float op per call);
+and times one model call (= one denoising step) at each batch size: CUDA events around each
+call, `--warmup` calls first, the median of `--repeats`. Every model runs in `--dtype` (bf16 by
+default: float parts, and the fake-quant arithmetic, in bf16; the exported layers keep their
+float32 weight scales and int32 accumulation). Fake-quant models run with their weights
+quantized once (`frozen_weights`, as `gacq sample` does). With compile on, the exported models
+are also timed under torch.compile. It reports ms per step, the ratio to bf16 compiled (bf16
+eager without compile), peak CUDA memory of the timed calls, the bytes of the conv/linear
+weights as each model stores them and of the whole model, and, from torch.profiler on the float
+model (at --dtype, eager) at the largest batch, the share of time in Conv2d, Linear and the rest.
+
+    # on the H100 (minutes; compiling the compiled modes at three batch sizes takes most of it;
+    # --modes picks some, so each part fits a 10-minute device call):
+    gacq bench --config ddpm-cifar10 --out results/bench_lowbit
+    gacq bench --config ddpm-cifar10 --modes int8,w4a8 --no-compile --out results/bench_lowbit_int8
+    # CPU smoke test (what tests/test_export.py runs; fp32, as bf16 convs are slow on CPUs):
+    gacq bench --config tiny --device cpu --dtype fp32 --batch-sizes 1 --repeats 2 --warmup 1 --no-compile --out /tmp/b
+
+`python benchmarks/bench_lowbit.py ...` runs the same (it calls `main`); `gacq.bench.main(argv)` from Python.
+On CUDA every mode is also timed as one CUDA-graph replay per step (`--no-graphs` skips that).
+
+Writes OUT/bench_lowbit.json (command, commit, machine, args, results, wall time) and OUT/bench_lowbit.md.
+A mode that fails (say torch.compile of an exported model) is recorded with its error, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .export import ExportedLayer, convert
+from .models import NAMED_CONFIGS, build_model
+from .quant.methods import COMMON_SKIP
+from .quant.modules import QuantConv2d, QuantLayer, frozen_weights
+from .quant.wrap import (
+    init_act_quantizers_minmax,
+    observe_input_ranges,
+    set_quant_state,
+    wrap_layers,
+)
+from .utils import git_commit, machine_info, write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ------------------------------------------------------------------ models ---
+def fake_quant(model: nn.Module, wbits: int, abits: int | None, device: torch.device, seed: int) -> nn.Module:
+    """Round-to-nearest W/A fake quantization of a copy of `model` (float32), gacq's common layer set."""
+    q = copy.deepcopy(model).to(device).float().eval()
+    wrap_layers(q, wbits, abits, skip=lambda n, m: n in COMMON_SKIP)
+    q.to(device)
+    for m in q.modules():
+        if isinstance(m, QuantLayer):
+            m.init_weight("minmax")
+    set_quant_state(q, weights=True, acts=False)
+    if abits is not None:
+        x, t = random_inputs(q, 16, device, seed)
+        ranges = observe_input_ranges(q, [(x, t)], lambda m, x_, t_: m(x_, t_))
+        init_act_quantizers_minmax(q, ranges)
+        set_quant_state(q, weights=True, acts=True)
+    return q
+
+
+def kernels_off(model: nn.Module) -> nn.Module:
+    """An export with its Triton kernels off: w4a16 unpacks + dequantizes + runs the float op per
+    call; int8 convs run im2col + torch._int_mm + separate (de)quantization passes."""
+    from gacq.export.int8 import Int8Layer
+    from gacq.export.w4a16 import W4A16Layer
+
+    for m in model.modules():
+        if isinstance(m, (W4A16Layer, Int8Layer)):
+            m.use_kernel = False
+    return model
+
+
+def random_inputs(model: nn.Module, batch: int, device: torch.device, seed: int = 0, dtype=torch.float32):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return x.to(device, dtype), t.to(device)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the conv/linear weights as stored (exported layers: codes, scales, offsets)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, ExportedLayer):
+            total += m.weight_bytes()
+        elif isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer)):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------ timing ---
+def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds per call: CUDA events on the GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def cuda_graph_replay(fn, device: torch.device):
+    """`fn` captured as one CUDA graph (warm-up calls on a side stream first, as torch.cuda.graphs
+    requires): the returned replay runs every kernel of one call with a single launch, which takes the
+    host's per-kernel launch cost out of the step."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class _Range:
+    """Forward hooks that open a profiler range per Conv2d / Linear call (exported layers by their kind)."""
+
+    def __init__(self, model: nn.Module):
+        self.stack, self.handles = [], []
+        for m in model.modules():
+            kind = self.kind(m)
+            if kind:
+                self.handles.append(m.register_forward_pre_hook(lambda mod, a, k=kind: self.enter(k)))
+                self.handles.append(m.register_forward_hook(lambda mod, a, o: self.exit()))
+
+    @staticmethod
+    def kind(m: nn.Module) -> str | None:
+        if isinstance(m, (nn.Conv2d, QuantConv2d)) or (isinstance(m, ExportedLayer) and m.is_conv):
+            return "conv2d"
+        if isinstance(m, (nn.Linear, QuantLayer, ExportedLayer)):
+            return "linear"
+        return None
+
+    def enter(self, kind: str) -> None:
+        if not self.stack:  # nested layers count once
+            cm = torch.profiler.record_function(f"bench::{kind}")
+            cm.__enter__()
+            self.stack.append(cm)
+        else:
+            self.stack.append(None)
+
+    def exit(self) -> None:
+        cm = self.stack.pop()
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def layer_time_share(model: nn.Module, inputs, device: torch.device) -> dict[str, float]:
+    """Share of one forward's time in Conv2d, Linear and other ops (torch.profiler, device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ranges = _Range(model)
+    try:
+        with torch.no_grad():
+            model(*inputs)  # warm
+            with profile(activities=acts) as prof:
+                with torch.profiler.record_function("bench::forward"):
+                    model(*inputs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+    finally:
+        ranges.remove()
+
+    def span(e) -> float:  # inclusive time of a range: its kernels' device time on CUDA, CPU time otherwise
+        if device.type == "cuda":
+            return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
+        return float(e.cpu_time_total)
+
+    spans = {e.key: span(e) for e in prof.key_averages() if e.key.startswith("bench::")}
+    total, conv, lin = (spans.get(f"bench::{k}", 0.0) for k in ("forward", "conv2d", "linear"))
+    if total <= 0:
+        return {}
+    return {"conv2d": round(conv / total, 4), "linear": round(lin / total, 4),
+            "other": round(max(0.0, 1 - (conv + lin) / total), 4), "profiled_ms": round(total / 1e3, 3)}
+
+
+# -------------------------------------------------------------------- main ---
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="ddpm-cifar10", choices=sorted(NAMED_CONFIGS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-sizes", default="1,64,256", help="comma-separated")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="skip the CUDA-graph replay of each mode (on CUDA every mode is also timed as one graph)")
+    ap.add_argument("--modes", default="",
+                    help="comma-separated substrings: run only the modes whose label contains one (e.g. 'bf16,int8'); "
+                         "the float compiled baseline is always kept for the ratios")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    args.command = " ".join([prog or "python " + sys.argv[0], shlex.join(sys.argv[1:] if argv is None else argv)])
+    t_start = time.time()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # its note on casting UNet2DModel with .to(dtype) is noise here
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    torch.manual_seed(args.seed)
+    fp = build_model(args.config).eval()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # (label, builder): built lazily, one at a time, so peak memory is per mode
+    fq8 = lambda: fake_quant(fp, 8, 8, device, args.seed)
+    fq4 = lambda: fake_quant(fp, 4, None, device, args.seed)
+    fq48 = lambda: fake_quant(fp, 4, 8, device, args.seed)
+    modes = [
+        (f"{args.dtype} eager", lambda: copy.deepcopy(fp), False),
+        ("fake-quant W8A8", fq8, False),
+        ("int8 W8A8", lambda: convert(fq8(), "int8")[0], False),  # fused Triton convs (CUDA)
+        ("int8 W8A8 im2col", lambda: kernels_off(convert(fq8(), "int8")[0]), False),
+        ("fake-quant W4A8", fq48, False),
+        ("w4a8 W4A8", lambda: convert(fq48(), "w4a8")[0], False),  # fused Triton conv/linear (CUDA)
+        ("fake-quant W4A16", fq4, False),
+        ("w4a16 W4A16", lambda: convert(fq4(), "w4a16")[0], False),  # the Triton kernel (CUDA)
+        ("w4a16 W4A16 dense-dequant", lambda: kernels_off(convert(fq4(), "w4a16")[0]), False),
+    ]
+    if not args.no_compile:
+        modes.insert(1, (modes[0][0].replace("eager", "compiled"), lambda: copy.deepcopy(fp), True))
+        modes += [("int8 W8A8 compiled", lambda: convert(fq8(), "int8")[0], True),
+                  ("w4a8 W4A8 compiled", lambda: convert(fq48(), "w4a8")[0], True),
+                  ("w4a16 W4A16 compiled", lambda: convert(fq4(), "w4a16")[0], True)]
+
+    if args.modes:
+        wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
+        modes = [m for i, m in enumerate(modes) if i == 1 and not args.no_compile or any(w in m[0] for w in wanted)]
+    graphs = device.type == "cuda" and not args.no_graphs
+
+    results = []
+    share = None
+    for label, build, compiled in modes:
+        print(f"[bench] {label}", flush=True)
+        try:
+            model = build().to(device, dtype).eval()
+        except Exception as e:  # noqa: BLE001 (a mode that cannot be built is recorded; the others still run)
+            results.append({"mode": label, "error": f"{type(e).__name__}: {e}"})
+            continue
+        wbytes, mbytes = weight_bytes(model), model_bytes(model)
+        if label.endswith("eager") and share is None:
+            share = layer_time_share(model, random_inputs(model, max(batch_sizes), device, args.seed, dtype), device)
+        fn_model = torch.compile(model, dynamic=False) if compiled else model  # one static graph per batch size
+        freeze = frozen_weights(model) if any(isinstance(m, QuantLayer) for m in model.modules()) \
+            else contextlib.nullcontext()
+        with torch.no_grad(), freeze:
+            for bs in batch_sizes:
+                x, t = random_inputs(model, bs, device, args.seed, dtype)
+                row = {"mode": label, "batch": bs, "weight_bytes": wbytes, "model_bytes": mbytes}
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    times = time_calls(functools.partial(fn_model, x, t), device, args.warmup, args.repeats)
+                    row.update(ms_median=statistics.median(times), ms_min=min(times),
+                               ms_all=[round(v, 4) for v in times])
+                    if device.type == "cuda":
+                        row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+                except Exception as e:  # noqa: BLE001 (say torch.compile of an exported layer; recorded)
+                    row["error"] = f"{type(e).__name__}: {e}"
+                results.append(row)
+                print(f"  batch {bs}: {row.get('ms_median', float('nan')):.3f} ms {row.get('error', '')}", flush=True)
+                if graphs and "error" not in row:
+                    results.append(time_graph(f"{label} + CUDA graph", functools.partial(fn_model, x, t), device,
+                                              args, bs, wbytes, mbytes))
+        del model, fn_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write_results(args, results, share, t_start)
+
+    write_results(args, results, share, t_start)
+
+
+def time_graph(label: str, call, device: torch.device, args, bs: int, wbytes: int, mbytes: int) -> dict:
+    """One row: `call` captured as a CUDA graph and timed as replays (a mode that cannot be captured, say
+    one that syncs with the host, is recorded with its error)."""
+    row = {"mode": label, "batch": bs, "weight_bytes": wbytes, "model_bytes": mbytes}
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        replay = cuda_graph_replay(call, device)
+        times = time_calls(replay, device, args.warmup, args.repeats)
+        row.update(ms_median=statistics.median(times), ms_min=min(times), ms_all=[round(v, 4) for v in times],
+                   peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)))
+    except Exception as e:  # noqa: BLE001 (recorded; the other modes still run)
+        row["error"] = f"{type(e).__name__}: {e}"
+    print(f"  batch {bs} graph: {row.get('ms_median', float('nan')):.3f} ms {row.get('error', '')[:200]}", flush=True)
+    return row
+
+
+def write_results(args, results: list[dict], share, t_start: float) -> None:
+    """Ratios against the float compiled baseline, then JSON + markdown (called after every mode, so a
+    run cut short by a time limit keeps what it measured)."""
+    base_label = next((r["mode"] for r in results if "compiled" in r["mode"] and "ms_median" in r
+                       and not r["mode"].startswith(("int8", "w4a8", "w4a16"))), results[0]["mode"])
+    base = {r["batch"]: r["ms_median"] for r in results if r["mode"] == base_label and "ms_median" in r}
+    for r in results:
+        if "ms_median" in r and r["batch"] in base:
+            r["speedup_vs_baseline"] = round(base[r["batch"]] / r["ms_median"], 3)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": args.command, "commit": git_commit(), "machine": machine_info(),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "command"},
+              "baseline": base_label, "layer_time_share": share, "results": results,
+              "wall_seconds": round(time.time() - t_start, 1)}
+    write_json(out / "bench_lowbit.json", result)
+    (out / "bench_lowbit.md").write_text(render_markdown(result))
+    print(f"wrote {out / 'bench_lowbit.json'} and {out / 'bench_lowbit.md'}", flush=True)
+
+
+def render_markdown(res: dict) -> str:
+    where = res["machine"].get("gpu", "CPU")
+    lines = [f"# Low-bit backends: latency per denoising step ({res['args']['config']}, {where})", "",
+             f"`{res['command']}`", "",
+             (f"commit {res['commit']}, torch {res['machine']['torch']}, {res['wall_seconds']} s; "
+              f"ratio = {res['baseline']} ms / mode ms (higher is faster)"), "",
+             "| mode | batch | ms/step (median) | ratio | peak memory MB | weight MB | model MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["results"]:
+        if "ms_median" not in r:
+            lines.append(f"| {r['mode']} | {r.get('batch', '')} | error: {r.get('error', '')[:80]} | | | | |")
+            continue
+        mem = f"{r['peak_memory_bytes'] / 2**20:.1f}" if "peak_memory_bytes" in r else "-"
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['ms_median']:.3f} | {r.get('speedup_vs_baseline', '-')} | "
+                     f"{mem} | {r['weight_bytes'] / 2**20:.3f} | {r['model_bytes'] / 2**20:.3f} |")
+    share = res.get("layer_time_share")
+    if share:
+        lines += ["", (f"Time share of the {res['results'][0]['mode']} model at the largest batch (torch.profiler): "
+                       f"Conv2d {share['conv2d']:.0%}, Linear {share['linear']:.0%}, other {share['other']:.0%}.")]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(prog="python -m gacq.bench")
