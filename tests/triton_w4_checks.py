@@ -69,6 +69,11 @@ def matmul_fp32():
     x3 = torch.randn(2, 3, 45)  # leading dimensions are kept
     qw, scale, zero, w64 = weight(19, 45)
     torch.testing.assert_close(w4a16_matmul(x3, qw, scale, zero, 45).double(), x3.double() @ w64.T, rtol=1e-5, atol=1e-5)
+    # other tiles than `tiles` picks (on the GPU the large ones: 64 x 128 x 64), partly filled
+    qw, scale, zero, w64 = weight(70, 90)
+    x = torch.randn(37, 90, dtype=torch.float64)
+    y = w4a16_matmul(x.float(), qw, scale, zero, 90, block=(64, 128, 64))
+    torch.testing.assert_close(y.double(), x @ w64.T, rtol=1e-5, atol=1e-5)
 
 
 def matmul_fp16():

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from .base import conv_output_size
-from .triton_w4 import INTERPRET, available, triton
+from .triton_w4 import INTERPRET, available, tiles, triton
 
 if triton is not None:
     import triton.language as tl
@@ -121,16 +121,6 @@ if triton is not None:
         ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho[:, None] * syh + wo[:, None] * syw
         tl.store(ptr, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-
-def tiles(m: int, out_channels: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an M x O output: large tiles for the tensor cores where
-    the output is large, small ones where a large tile would be mostly padding (and in the interpreter,
-    where a tile's cost is its size)."""
-    if INTERPRET:
-        return 32, 32, 32, 4
-    bm = 128 if m >= 8192 else 64 if m >= 512 else 32
-    bn = 128 if out_channels >= 128 and m >= 512 else 64 if out_channels >= 64 else 32
-    return bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4
 
 
 def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,

@@ -42,6 +42,18 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET)
 
 
+def tiles(m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMM kernels for an M x N output: large tiles where the
+    output is large (the tensor cores' shape, and each dequantized or gathered weight tile serves more rows),
+    small ones where a large tile would be mostly padding, and always 32 in Triton's interpreter (where a
+    tile's cost is its size). The integer kernels' results do not depend on the tiles."""
+    if INTERPRET:
+        return 32, 32, 32, 4
+    bm = 128 if m >= 8192 else 64 if m >= 512 else 32
+    bn = 128 if n >= 128 and m >= 512 else 64 if n >= 64 else 32
+    return bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4
+
+
 if triton is not None:
 
     # ------------------------------------------------ pieces shared by the kernels (here and triton_int8) ---
@@ -140,10 +152,11 @@ if triton is not None:
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int,
-                 bias: torch.Tensor | None = None, block=(32, 32, 32)) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x (..., K) times the packed weight (N, ceil(K/2)) transposed -> (..., N), in x's dtype.
 
-    scale: (N,) float32; zero: (N,) integer codes; bias: (N,) or None.
+    scale: (N,) float32; zero: (N,) integer codes; bias: (N,) or None; `block` = (BLOCK_M, BLOCK_N, BLOCK_K)
+    overrides `tiles`.
     """
     if triton is None:
         raise RuntimeError("the w4a16 Triton kernel needs the triton package")
@@ -153,19 +166,21 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], qweight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bm, bn, bk = block
+    bm, bn, bk, warps = tiles(m, n) if block is None else (*block, 4)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     b = bias.to(x.dtype).contiguous() if bias is not None else y  # y: any pointer, unused without a bias
     _w4a16_kernel[grid](x2, qweight.contiguous(), scale.float().contiguous(), zero.contiguous(), b, y, m, n,
                         x2.stride(0), x2.stride(1), qweight.stride(0), y.stride(0), y.stride(1),
-                        K=k, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                        K=k, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                        num_warps=warps)
     return y.reshape(*lead, n)
 
 
 def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  weight_shape: tuple[int, ...], bias: torch.Tensor | None, stride, padding, dilation,
-                 block=(32, 32, 32)) -> torch.Tensor:
-    """conv2d (groups 1) as an implicit GEMM; padding may be an int, a pair or 'same'/'valid'."""
+                 block: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """conv2d (groups 1) as an implicit GEMM; padding may be an int, a pair or 'same'/'valid'. `block` =
+    (BLOCK_M, BLOCK_N, BLOCK_K) overrides `tiles`."""
     if triton is None:
         raise RuntimeError("the w4a16 Triton kernel needs the triton package")
     o, c, kh, kw = weight_shape
@@ -185,12 +200,12 @@ def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     wo = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     y = torch.empty((n, o, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
-    bm, bn, bk = block
+    bm, bn, bk, warps = tiles(m, o) if block is None else (*block, 4)
     grid = (triton.cdiv(m, bm), triton.cdiv(o, bn))
     b = bias.to(x.dtype).contiguous() if bias is not None else y
     _w4a16_conv_kernel[grid](x, qweight.contiguous(), scale.float().contiguous(), zero.contiguous(), b, y, m, o, c,
                              h, w, ho, wo, *x.stride(), qweight.stride(0), *y.stride(), stride[0], stride[1],
                              padding[0], padding[1], dilation[0], dilation[1], K=c * kh * kw, KH=kh, KW=kw,
                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn,
-                             BLOCK_K=bk)
+                             BLOCK_K=bk, num_warps=warps)
     return y
