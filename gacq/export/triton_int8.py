@@ -42,7 +42,7 @@ from .triton_w4 import INTERPRET, available, tiles, triton
 if triton is not None:
     import triton.language as tl
 
-    from .triton_w4 import conv_rows, int4_codes
+    from .triton_w4 import conv_rows, conv_taps, int4_codes
 
     @triton.jit
     def _round_half_even(v):
@@ -90,14 +90,9 @@ if triton is not None:
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            c = offs_k // (KH * KW)
-            rs = offs_k % (KH * KW)
-            r, s = rs // KW, rs % KW
-            hi = ho[:, None] * SH - PH + r[None, :] * DH
-            wi = wo[:, None] * SW - PW + s[None, :] * DW
-            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            x8 = tl.load(x8_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
-                         mask=mask_m[:, None] & mask_k[None, :] & inside, other=0)
+            offs, inside = conv_taps(n_idx, ho, wo, offs_k, sxn, sxc, sxh, sxw, H, W, SH, SW, PH, PW, DH, DW,
+                                     KH, KW)
+            x8 = tl.load(x8_ptr + offs, mask=mask_m[:, None] & mask_k[None, :] & inside, other=0)
             x8 = tl.where(inside, x8, pad)
             x8 = tl.where(mask_k[None, :], x8, 0).to(tl.int8)
             mask_w = mask_k[:, None] & mask_n[None, :]

@@ -70,18 +70,25 @@ if triton is not None:
         return offs_m // (HO * WO), rem // WO, rem % WO
 
     @triton.jit
-    def gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
-                          SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr):
-        """The (BLOCK_M, BLOCK_K) input tile of an implicit-GEMM conv: reduction index k = (channel,
-        kernel row, kernel column), the order of `weight.reshape(O, -1)`; 0.0 outside the image."""
+    def conv_taps(n_idx, ho, wo, offs_k, sxn, sxc, sxh, sxw, H, W, SH, SW, PH, PW, DH, DW,
+                  KH: tl.constexpr, KW: tl.constexpr):
+        """Element offsets of the (BLOCK_M, BLOCK_K) input tile of an implicit-GEMM conv, reduction index
+        k = (channel, kernel row, kernel column) in the order of `weight.reshape(O, -1)`, and whether each
+        tap lies inside the image."""
         c = offs_k // (KH * KW)
         rs = offs_k % (KH * KW)
         r, s = rs // KW, rs % KW
         hi = ho[:, None] * SH - PH + r[None, :] * DH
         wi = wo[:, None] * SW - PW + s[None, :] * DW
         inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        return tl.load(x_ptr + n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw,
-                       mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
+        return n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw, inside
+
+    @triton.jit
+    def gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
+                          SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr):
+        """The float input tile of an implicit-GEMM conv (`conv_taps`); 0.0 outside the image."""
+        offs, inside = conv_taps(n_idx, ho, wo, offs_k, sxn, sxc, sxh, sxw, H, W, SH, SW, PH, PW, DH, DW, KH, KW)
+        return tl.load(x_ptr + offs, mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
 
     @triton.jit
     def _dequant_dot(acc, x, code, zero, scale, mask_k, IEEE: tl.constexpr):
