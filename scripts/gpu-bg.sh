@@ -10,8 +10,11 @@ set -u
 OUT=$1; NAME=$2; shift 2
 D=runs/bg/$NAME; mkdir -p $D/out
 export JOBOUT=$PWD/$D/out
+# a new job starts only when no pid file is there (a finished job keeps its pid, so polls never restart it;
+# remove runs/bg/NAME/pid to run another job under the same name); its stale rc file goes with it
 if [ "${1:-}" = "--" ] && [ ! -f $D/pid ]; then
   shift
+  rm -f $D/rc
   setsid nohup bash -c "$*; echo \$? > $D/rc" > $D/out/job.log 2>&1 < /dev/null &
   echo $! > $D/pid
   echo "started $NAME: $*"
