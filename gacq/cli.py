@@ -176,6 +176,7 @@ def calib(
     record_steps: int = typer.Option(20, min=1, help="Recorded sampling steps for 'uniform'."),
     mu: float = typer.Option(0.5, help="Gaussian selection: mean timestep as a fraction of T."),
     sigma: float = typer.Option(0.35, help="Gaussian selection: std as a fraction of T."),
+    gaussian_draws: int = typer.Option(1, min=1, help="Gaussian selection: steps drawn per trajectory (1: PTQ4DM's one sample each; with replacement)."),
     scheduler: str = typer.Option("ddim", help="Sampler that produces the trajectories (use the evaluation one)."),
     steps: int = typer.Option(100, min=1, help="Sampling steps."),
     eta: float = typer.Option(0.0, min=0.0, max=1.0, help="DDIM eta."),
@@ -198,7 +199,7 @@ def calib(
         if gdist.relaunch(gpus, device, "gacq calib"):
             return
         cfg = CalibDataConfig(selection=selection, n_trajectories=trajectories, n_steps=record_steps, mu=mu,
-                              sigma=sigma, seed=seed, batch_size=batch_size)
+                              sigma=sigma, seed=seed, batch_size=batch_size, draws=gaussian_draws)
         scfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, seed=seed, class_label=class_label,
                             guidance_scale=guidance_scale, prompt_embeds=str(prompt_embeds) if prompt_embeds else None)
         with gdist.session(resolve_device(device)) as dev:
@@ -226,6 +227,7 @@ def quantize(
     save_calib: Optional[Path] = typer.Option(None, "--save-calib", help="Keep the collected calibration set in this folder (for `gacq diagnose` or other methods)."),
     calib_trajectories: Optional[int] = typer.Option(None, min=1, help="Trajectories when collecting calibration data [64; --quick 16]."),
     record_steps: int = typer.Option(20, min=1, help="Recorded steps per trajectory (uniform selection; tfmq's weight subset)."),
+    gaussian_draws: int = typer.Option(1, min=1, help="ptq4dm: Gaussian-drawn steps per calibration trajectory (1: PTQ4DM's own; = --record-steps for as many samples as the uniform selection)."),
     steps: int = typer.Option(100, min=1, help="DDIM steps of the calibration sampler (and of sampling, for tfmq)."),
     timestep_spacing: str = typer.Option("leading", help="Calibration sampler spacing (as `gacq sample`): leading, trailing, linspace, or quad (the baselines' CIFAR-10 protocol)."),
     seed: int = typer.Option(0, min=0, help="Calibration and reconstruction seed."),
@@ -274,7 +276,8 @@ def quantize(
                           recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
                           recon_checkpoints=str(out) + ".recon-ckpt", gac=gac, bias_correction=bias_correction,
-                          calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed))
+                          calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed,
+                                                draws=gaussian_draws))
         if gdist.relaunch(gpus, device, "gacq quantize"):
             return
         with gdist.session(resolve_device(device)) as dev:

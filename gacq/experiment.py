@@ -27,7 +27,8 @@ A spec (every key but `[[grid]]` optional; defaults shown)::
     [[grid]]  methods = ["fp", "tfmq", "gac"], bits = ["W4A8", "W4A32"], steps = [100], seeds = [0],
               gac = {tau = [0.5, 1.0]},    # optional: a product over GAC hyperparameters
               calib_seeds = [0, 1, 2],     # optional: calibration seeds (below)
-              bias_correction = [false, true]   # optional: output bias correction (below)
+              bias_correction = [false, true],  # optional: output bias correction (below)
+              gaussian_draws = [1, 20]     # optional, ptq4dm only: calibration at equal data (below)
 
 `seeds` are sampling seeds (the noise of the 10k samples). `calib_seeds` repeat the whole
 quantization with another seed: the calibration trajectories and the reconstruction (minibatch
@@ -42,6 +43,11 @@ checkpoint in the work folder, the corrected checkpoint is made from that one
 and its cell JSON names it (`bias_corrected_from`); otherwise the job quantizes from scratch. Only
 cells with quantized activations take it (a W4A32 cell samples a W/A checkpoint with float
 activations, and the correction is measured with the activations quantized).
+
+`gaussian_draws = d` records each calibration trajectory at d Gaussian-drawn steps instead of one
+(`CalibDataConfig.draws`), for methods with PTQ4DM's Gaussian selection: with d = `record_steps` they
+calibrate on as many samples as the uniform selection (5,120 at 256 trajectories and 20 steps, against
+256 with PTQ4DM's one draw). Such cells and jobs get `_gd<d>` in their id. Not part of PTQ4DM.
 
 "W4A32" cells are the weight-only model. When the spec also has the same recipe with quantized
 activations (e.g. W4A8), the W4A32 cell samples that checkpoint with float activations (its weight
@@ -79,7 +85,7 @@ _SECTIONS = {
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 _TOP = {"name", "model", "work", "results", "device", "grid", *_SECTIONS}
-_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction"}
+_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws"}
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:
@@ -114,6 +120,7 @@ class Cell:
     gac: tuple[tuple[str, Any], ...] = ()
     cseed: int | None = None
     bc: bool = False
+    draws: int = 1  # Gaussian timestep draws per calibration trajectory (PTQ4DM's selection; 1 = its own)
 
     @property
     def bits(self) -> str:
@@ -121,6 +128,7 @@ class Cell:
 
     def _suffix(self) -> str:
         return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac) \
+            + ("" if self.draws == 1 else f"_gd{self.draws}") \
             + ("" if self.cseed is None else f"_cs{self.cseed}") + ("_bc" if self.bc else "")
 
     @property
@@ -226,8 +234,19 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         bcs = _as_list(g.get("bias_correction", [False]), "bias_correction", where)
         if any(not isinstance(b, bool) for b in bcs):
             raise GacqError(f"{where}: bias_correction must be true, false or a list of them")
-        for m, (w, a), st, sd, gv, cs, bc in itertools.product(methods, bits, steps, seeds,
-                                                               itertools.product(*gvals), cseeds, bcs):
+        draws = _as_list(g.get("gaussian_draws", [1]), "gaussian_draws", where)
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in draws):
+            raise GacqError(f"{where}: gaussian_draws must be a positive integer or a list of them")
+        if draws != [1]:
+            from .quant.methods import method_spec
+
+            other = [m for m in methods if m == "fp" or
+                     method_spec(m, sections["quantize"]["preset"]).calib_selection != "gaussian"]
+            if other:
+                raise GacqError(f"{where}: gaussian_draws applies to methods that calibrate on Gaussian-drawn "
+                                f"timesteps (ptq4dm), not {other}")
+        for m, (w, a), st, sd, gv, cs, bc, dr in itertools.product(methods, bits, steps, seeds,
+                                                                   itertools.product(*gvals), cseeds, bcs, draws):
             if m == "fp":
                 c = Cell("fp", None, None, st, sd)
             else:
@@ -237,7 +256,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                     raise GacqError(f"{where}: bias_correction cells need quantized activations (W{w}A32 cells "
                                     "sample a W/A checkpoint with float activations, whose correction was measured "
                                     "with quantized ones); use bits like W4A8")
-                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc)
+                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr)
             cells.setdefault(c.id, c)
     base = Path(os.getcwd())
     work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
@@ -356,7 +375,7 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        act_recon=ActReconConfig(iters=q["act_iters"], batch_size=q["recon_batch"], seed=rs),
                        gac=GACConfig(seed=rs, **gac),
                        calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
-                                             n_steps=min(spec.calib["record_steps"], cell.steps)),
+                                             n_steps=min(spec.calib["record_steps"], cell.steps), draws=cell.draws),
                        recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc)
 
 
@@ -430,7 +449,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         "cell": {"id": cell.id, "method": cell.method, "bits": cell.bits, "wbits": cell.wbits,
                  "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac),
                  "calib_seed": None if cell.method == "fp" else calib_seed(spec, cell),
-                 "bias_correction": cell.bc,
+                 "bias_correction": cell.bc, "gaussian_draws": cell.draws,
                  "recon_seed": None if cell.method == "fp" else recon_seed(spec, cell)},
         "metrics": metrics,
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],

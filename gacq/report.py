@@ -81,7 +81,8 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         gac = tuple(sorted(cell.get("gac", {}).items()))
         # cells of different specs with the same settings pool (e.g. extra seeds run by a second spec)
         setting = f"settings {c.get('settings_digest', c['experiment'])}"
-        method = cell["method"] + (BC if cell.get("bias_correction") else "")
+        draws = cell.get("gaussian_draws", 1)
+        method = cell["method"] + (f" ({draws} draws)" if draws != 1 else "") + (BC if cell.get("bias_correction") else "")
         key = (f"{fn['name']} ({fn['hash']})", setting, method, cell["bits"], cell["steps"], gac)
         g = groups.setdefault(key, {"metrics": defaultdict(list), "n": set(), "seeds": [], "cells": []})
         for k, _, _ in METRICS:

@@ -271,6 +271,31 @@ def test_calibration_seeds_repeat_the_whole_quantization(ran, tiny32):
         load_spec(ran / "bad.toml")
 
 
+def test_gaussian_draws_calibrate_ptq4dm_at_equal_data(ran, tiny32):
+    """`gaussian_draws` in a grid: ptq4dm's trajectories recorded at d Gaussian-drawn steps each (cell and job
+    `_gd<d>`), the count in the checkpoint's config, a row of its own in the report; refused for other methods."""
+    text = SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['ptq4dm']\nbits = ['W8A8']\ngaussian_draws = [1, 4]\n"
+    (ran / "draws.toml").write_text(text)
+    s = load_spec(ran / "draws.toml")
+    by = {c.id: c for c in s.cells}
+    assert by["ptq4dm_w8a8_steps5_seed0"].draws == 1 and by["ptq4dm_w8a8_gd4_steps5_seed0"].draws == 4
+    assert quant_job_of(s, by["ptq4dm_w8a8_gd4_steps5_seed0"])[0] == "ptq4dm_w8a8_gd4_steps5"
+    r = gacq("experiment", "run", "draws.toml", "--cells", "ptq4dm_w8a8_gd4_steps5_seed0", "--quiet", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((ran / "results/experiments/t/cells/ptq4dm_w8a8_gd4_steps5_seed0.json").read_text())
+    assert got["cell"]["gaussian_draws"] == 4 and got["quantize"]["config"]["calib"]["draws"] == 4
+    q = json.loads((ran / "runs/experiments/t/q/ptq4dm_w8a8_gd4_steps5/quant_config.json").read_text())
+    assert q["calibration_samples"] == 2 * 4  # 2 trajectories x 4 draws (PTQ4DM's own selection: 2)
+    r = gacq("report", "results/experiments/t", "--out", "draws.md", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    assert "| ptq4dm (4 draws) | W8A8 |" in (ran / "draws.md").read_text()
+    for grid, msg in [("methods = ['tfmq']\ngaussian_draws = 4\n", "Gaussian-drawn timesteps"),
+                      ("methods = ['ptq4dm']\ngaussian_draws = 0\n", "positive integer")]:
+        (ran / "bad.toml").write_text(SPEC.format(model=tiny32) + "[[grid]]\n" + grid)
+        with pytest.raises(GacqError, match=msg):
+            load_spec(ran / "bad.toml")
+
+
 def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp_path, monkeypatch):
     """A `bias_correction` cell whose plain job has a checkpoint corrects that checkpoint instead of
     quantizing again; the result equals a from-scratch quantization with bias correction."""

@@ -6,7 +6,11 @@ Selections (baselines.md §4):
 - `gaussian` (PTQ4DM's NDTC): each trajectory is recorded at one step whose diffusion timestep is
   drawn as t = int(N(mu, sigma) * T), clamped to [0, T-1], and mapped to the sampling step whose
   timestep is nearest. Unlike the released PTQ4DM code, the recorded t is the timestep at which x
-  was actually produced (that code fed a loop counter as t).
+  was actually produced (that code fed a loop counter as t). With `draws` = d > 1 each trajectory
+  is recorded at d such draws (with replacement: a step drawn twice is recorded twice, so the
+  timesteps keep the Gaussian's distribution), which gives PTQ4DM's selection as many samples as
+  the uniform one (d = n_steps) from the same trajectories: gacq's option for comparisons at equal
+  data, not part of PTQ4DM.
 - `all`: every sampling step (TFMQ-DM's activation set uses all of them).
 
 Trajectories use the per-sample generators of `gacq.sampling` (seed, index), so a set is
@@ -16,6 +20,7 @@ reproducible from its metadata. Sets are saved as safetensors shards plus `calib
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +46,7 @@ class CalibDataConfig:
         n_trajectories: trajectories to run (Q-Diffusion: 256 per step on CIFAR-10).
         n_steps: recorded steps for 'uniform' (Q-Diffusion: 20 of 100).
         mu, sigma: mean and std of the Gaussian timestep draw, as fractions of T ('gaussian').
+        draws: Gaussian draws per trajectory ('gaussian'; 1 = PTQ4DM's one sample per trajectory).
         seed: trajectories use per-sample seeds derived from it; the Gaussian draw uses it too.
         batch_size: trajectories per model call.
     """
@@ -52,12 +58,13 @@ class CalibDataConfig:
     sigma: float = 0.35
     seed: int = 0
     batch_size: int = 64
+    draws: int = 1
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise GacqError(f"unknown calibration selection {self.selection!r}; choose {', '.join(SELECTIONS)}")
-        if self.n_trajectories < 1 or self.n_steps < 1 or self.batch_size < 1:
-            raise GacqError("calibration counts (trajectories, steps, batch size) must be at least 1")
+        if self.n_trajectories < 1 or self.n_steps < 1 or self.batch_size < 1 or self.draws < 1:
+            raise GacqError("calibration counts (trajectories, steps, batch size, draws) must be at least 1")
         if self.sigma <= 0:
             raise GacqError(f"sigma must be positive, got {self.sigma}")
 
@@ -152,10 +159,11 @@ def select_steps(cfg: CalibDataConfig, timesteps: torch.Tensor, num_train_timest
         stride = n_sampling // cfg.n_steps
         return [list(range(0, stride * cfg.n_steps, stride))] * cfg.n_trajectories
     g = torch.Generator().manual_seed(cfg.seed)
-    draws = torch.randn(cfg.n_trajectories, generator=g, dtype=torch.float64) * cfg.sigma + cfg.mu
+    # draws=1 keeps the draw of earlier versions (one value per trajectory, in trajectory order)
+    draws = torch.randn(cfg.n_trajectories, cfg.draws, generator=g, dtype=torch.float64) * cfg.sigma + cfg.mu
     t_star = (draws * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
-    nearest = (timesteps.double()[None, :] - t_star.double()[:, None]).abs().argmin(dim=1)
-    return [[int(k)] for k in nearest]
+    nearest = (timesteps.double()[None, None, :] - t_star.double()[:, :, None]).abs().argmin(dim=2)
+    return [sorted(int(k) for k in row) for row in nearest]
 
 
 @torch.no_grad()
@@ -177,6 +185,7 @@ def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
     timesteps = sched.timesteps.clone()
     wanted = select_steps(cfg, timesteps, sched.config.num_train_timesteps)
     last_needed = max(max(w) for w in wanted)
+    counts = [Counter(w) for w in wanted]
     records: dict[int, list[tuple[int, int, torch.Tensor, dict]]] = {}
     scfg = SampleConfig(**{**asdict(sample_cfg), "seed": cfg.seed})
     rank, world = gdist.rank(), gdist.world_size()
@@ -193,7 +202,7 @@ def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
             k = step["k"]
             for row in range(len(x)):  # rows: the batch, repeated once per guidance branch
                 i, branch = idx[row % len(idx)], row // len(idx)
-                if k in wanted[i]:
+                for _ in range(counts[i].get(k, 0)):  # a step drawn twice ('gaussian', draws > 1) is kept twice
                     c = {key: v[row].detach().cpu().clone() for key, v in (cond or {}).items()}
                     records.setdefault(k, []).append((i, branch, x[row].detach().float().cpu().clone(), c))
             step["k"] += 1

@@ -64,6 +64,27 @@ def test_gaussian_selection_distribution():
     assert abs(ts.std().item() - 200) < 15
 
 
+def test_gaussian_draws_per_trajectory():
+    """draws=d: d steps per trajectory, drawn with replacement from the same Gaussian (duplicates kept, so the
+    timestep distribution is unchanged); draws=1 is the one-draw selection of earlier versions, bit for bit."""
+    sched = make_scheduler(SampleConfig(steps=100), {"num_train_timesteps": 1000, "beta_schedule": "linear",
+                                                      "beta_start": 1e-4, "beta_end": 0.02})
+    one = select_steps(CalibDataConfig(selection="gaussian", n_trajectories=50, mu=0.4, sigma=0.2, seed=1),
+                       sched.timesteps, 1000)
+    # an independent transcription of the one-draw rule: t = int(N(mu, sigma) * T), the nearest sampling step
+    g = torch.Generator().manual_seed(1)
+    t_star = ((torch.randn(50, generator=g, dtype=torch.float64) * 0.2 + 0.4) * 1000).long().clamp(0, 999)
+    assert one == [[int((sched.timesteps - int(t)).abs().argmin())] for t in t_star]
+    cfg = CalibDataConfig(selection="gaussian", n_trajectories=400, mu=0.4, sigma=0.2, seed=0, draws=20)
+    steps = select_steps(cfg, sched.timesteps, 1000)
+    assert all(len(s) == 20 and s == sorted(s) for s in steps)
+    assert any(len(set(s)) < len(s) for s in steps)  # duplicates are kept
+    ts = torch.tensor([int(sched.timesteps[k]) for s in steps for k in s], dtype=torch.float64)
+    assert abs(ts.mean().item() - 400) < 15 and abs(ts.std().item() - 200) < 15  # 8000 draws
+    with pytest.raises(GacqError, match="at least 1"):
+        CalibDataConfig(selection="gaussian", draws=0)
+
+
 def test_save_load_roundtrip_and_corruption(tiny, tmp_path):
     cs = collect(tiny, SampleConfig(steps=4), CalibDataConfig(n_trajectories=3, n_steps=2), progress=False)
     cs.save(tmp_path / "c", shard_size=4)
@@ -83,8 +104,8 @@ def test_bad_configs():
         select_steps(CalibDataConfig(n_steps=20), torch.arange(10), 1000)
 
 
-@pytest.mark.parametrize("selection", ["uniform", "gaussian"])
-def test_select_from_all_equals_direct_collection(selection):
+@pytest.mark.parametrize("selection,draws", [("uniform", 1), ("gaussian", 1), ("gaussian", 6)])
+def test_select_from_all_equals_direct_collection(selection, draws):
     """One all-steps collection reproduces any other selection exactly (same trajectories)."""
     from gacq.models import LoadedModel, build_model
     from gacq.quant.calib_data import CalibDataConfig, collect, select_from_all
@@ -94,9 +115,10 @@ def test_select_from_all_equals_direct_collection(selection):
     loaded = LoadedModel(build_model("tiny").eval())
     scfg = SampleConfig(steps=8)
     full = collect(loaded, scfg, CalibDataConfig(selection="all", n_trajectories=5, seed=3), progress=False)
-    cfg = CalibDataConfig(selection=selection, n_trajectories=5, n_steps=4, seed=3, mu=0.5, sigma=0.3)
+    cfg = CalibDataConfig(selection=selection, n_trajectories=5, n_steps=4, seed=3, mu=0.5, sigma=0.3, draws=draws)
     direct = collect(loaded, scfg, cfg, progress=False)
     cut = select_from_all(full, cfg)
+    assert len(direct) == 5 * (4 if selection == "uniform" else draws)
     assert torch.equal(cut.t, direct.t) and torch.equal(cut.step, direct.step)
     torch.testing.assert_close(cut.x, direct.x, atol=1e-6, rtol=0)  # batched CPU kernels: ~1e-7 differences
     with pytest.raises(GacqError, match="cannot stand in"):
