@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes")
     ap.add_argument("--no-graphs", action="store_true",
                     help="skip the CUDA-graph replay of each mode (on CUDA every mode is also timed as one graph)")
+    ap.add_argument("--sample-steps", type=int, default=0,
+                    help="also time a whole DDIM sampling loop of this many steps per mode and batch size (model "
+                         "calls, CUDA-graph replays where graphs are on, and the scheduler's update); 0: off")
     ap.add_argument("--modes", default="",
                     help="comma-separated substrings: run only the modes whose label contains one (e.g. 'bf16,int8'); "
                          "the float compiled baseline is always kept for the ratios")
@@ -314,9 +317,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                     row["error"] = f"{type(e).__name__}: {e}"
                 results.append(row)
                 print(f"  batch {bs}: {row.get('ms_median', float('nan')):.3f} ms {row.get('error', '')}", flush=True)
+                if args.sample_steps and "error" not in row:
+                    row.update(time_sampling(fn_model, x, device, args.sample_steps, graph=False))
                 if graphs and "error" not in row:
-                    results.append(time_graph(f"{label} + CUDA graph", functools.partial(fn_model, x, t), device,
-                                              args, bs, wbytes, mbytes))
+                    grow = time_graph(f"{label} + CUDA graph", functools.partial(fn_model, x, t), device,
+                                      args, bs, wbytes, mbytes)
+                    if args.sample_steps and "error" not in grow:
+                        grow.update(time_sampling(fn_model, x, device, args.sample_steps, graph=True))
+                    results.append(grow)
         del model, fn_model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -340,6 +348,48 @@ def time_graph(label: str, call, device: torch.device, args, bs: int, wbytes: in
         row["error"] = f"{type(e).__name__}: {e}"
     print(f"  batch {bs} graph: {row.get('ms_median', float('nan')):.3f} ms {row.get('error', '')[:200]}", flush=True)
     return row
+
+
+def time_sampling(model, x: torch.Tensor, device: torch.device, steps: int, graph: bool) -> dict:
+    """One DDIM sampling loop of `steps` steps from x's shape (eta 0, the default DDPM noise schedule), timed
+    whole: the model call per step (one CUDA-graph replay per step when `graph`: the step's x and timestep are
+    copied into the captured call's static inputs) and the scheduler's update. Seconds, or the error."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(steps)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    sample = torch.randn(x.shape, generator=g).to(device, x.dtype)
+    step_fn = model
+    if graph:
+        x_in = torch.zeros_like(x)
+        t_in = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+        out = {}
+
+        def call():
+            out["eps"] = model(x_in, t_in)
+
+        replay = cuda_graph_replay(call, device)
+
+        def step_fn(xs, ts):
+            x_in.copy_(xs)
+            t_in.copy_(ts)
+            replay()
+            return out["eps"]
+    try:
+        def loop():
+            xs = sample.clone()
+            for t in sched.timesteps:
+                eps = step_fn(xs, torch.full((x.shape[0],), int(t), device=device, dtype=torch.long))
+                eps = eps.sample if hasattr(eps, "sample") else eps
+                eps = eps[:, :xs.shape[1]]  # learned-variance models: the noise half
+                xs = sched.step(eps, t, xs).prev_sample
+            return xs
+
+        ms = time_calls(loop, device, warmup=1, repeats=1)[0]
+        return {"sample_steps": steps, "sample_seconds": round(ms / 1e3, 4)}
+    except Exception as e:  # noqa: BLE001 (recorded with the row)
+        return {"sample_steps": steps, "sample_error": f"{type(e).__name__}: {e}"}
 
 
 def write_results(args, results: list[dict], share, t_start: float) -> None:
@@ -368,15 +418,20 @@ def render_markdown(res: dict) -> str:
              f"`{res['command']}`", "",
              (f"commit {res['commit']}, torch {res['machine']['torch']}, {res['wall_seconds']} s; "
               f"ratio = {res['baseline']} ms / mode ms (higher is faster)"), "",
-             "| mode | batch | ms/step (median) | ratio | peak memory MB | weight MB | model MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| mode | batch | ms/step (median) | ratio | sample s | peak memory MB | weight MB | model MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    steps = res["args"].get("sample_steps") or 0
     for r in res["results"]:
         if "ms_median" not in r:
-            lines.append(f"| {r['mode']} | {r.get('batch', '')} | error: {r.get('error', '')[:80]} | | | | |")
+            lines.append(f"| {r['mode']} | {r.get('batch', '')} | error: {r.get('error', '')[:80]} | | | | | |")
             continue
         mem = f"{r['peak_memory_bytes'] / 2**20:.1f}" if "peak_memory_bytes" in r else "-"
+        samp = f"{r['sample_seconds']:.3f}" if "sample_seconds" in r else \
+            ("error" if "sample_error" in r else "-")
         lines.append(f"| {r['mode']} | {r['batch']} | {r['ms_median']:.3f} | {r.get('speedup_vs_baseline', '-')} | "
-                     f"{mem} | {r['weight_bytes'] / 2**20:.3f} | {r['model_bytes'] / 2**20:.3f} |")
+                     f"{samp} | {mem} | {r['weight_bytes'] / 2**20:.3f} | {r['model_bytes'] / 2**20:.3f} |")
+    if steps:
+        lines += ["", f"sample s: one whole DDIM sampling loop of {steps} steps (model calls and scheduler updates)."]
     share = res.get("layer_time_share")
     if share:
         lines += ["", (f"Time share of the {res['results'][0]['mode']} model at the largest batch (torch.profiler): "

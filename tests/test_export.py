@@ -488,9 +488,12 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     assert not any("CUDA graph" in m for m in modes)  # graphs are CUDA-only
     assert res["command"].startswith("gacq bench --config tiny")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lowbit.py"), *args, "--modes", "int8",
-                           "--out", str(tmp_path / "b2")], capture_output=True, text=True, timeout=300, check=False,
-                          env=env)
+                           "--sample-steps", "3", "--out", str(tmp_path / "b2")], capture_output=True, text=True,
+                          timeout=300, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     res2 = json.loads((tmp_path / "b2" / "bench_lowbit.json").read_text())
     assert {r["mode"] for r in res2["results"]} == {"int8 W8A8", "int8 W8A8 im2col"}
+    # a 3-step sampling loop costs about 3 steps (and more than one)
+    for r in res2["results"]:
+        assert r["sample_steps"] == 3 and r["sample_seconds"] * 1e3 > 1.5 * r["ms_min"], r
     assert res["command"] and res["machine"]["torch"] == torch.__version__ and (out / "bench_lowbit.md").exists()
