@@ -28,6 +28,9 @@ model (at --dtype, eager) at the largest batch, the share of time in Conv2d, Lin
 
 `python benchmarks/bench_lowbit.py ...` runs the same (it calls `main`); `gacq.bench.main(argv)` from Python.
 On CUDA every mode is also timed as one CUDA-graph replay per step (`--no-graphs` skips that).
+`--sample-steps 100` adds a whole 100-step DDIM loop per mode and batch size. `--kernels` adds every
+conv/linear layer timed alone at the largest batch, in float and in each backend, as TFLOPS / TOPS next
+to the machine's measured bf16, int8 and FP8 GEMM peaks (`--modes none --kernels`: only that).
 
 Writes OUT/bench_lowbit.json (command, commit, machine, args, results, wall time) and OUT/bench_lowbit.md.
 A mode that fails (say torch.compile of an exported model) is recorded with its error, not fatal.
@@ -44,6 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -240,6 +244,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--sample-steps", type=int, default=0,
                     help="also time a whole DDIM sampling loop of this many steps per mode and batch size (model "
                          "calls, CUDA-graph replays where graphs are on, and the scheduler's update); 0: off")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also time every conv/linear layer alone at the largest batch, in bf16 and in each backend, "
+                         "as TFLOPS/TOPS, next to the machine's measured bf16, int8 and FP8 GEMM peaks (CUDA)")
     ap.add_argument("--modes", default="",
                     help="comma-separated substrings: run only the modes whose label contains one (e.g. 'bf16,int8'); "
                          "the float compiled baseline is always kept for the ratios")
@@ -282,11 +289,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
+        labels = [m[0] for m in modes]
         modes = [m for i, m in enumerate(modes) if i == 1 and not args.no_compile or any(w in m[0] for w in wanted)]
+        if not modes and not args.kernels:
+            ap.error(f"--modes {args.modes!r} matches no mode; the modes are: {', '.join(labels)}")
     graphs = device.type == "cuda" and not args.no_graphs
 
     results = []
     share = None
+    kernels = None
     for label, build, compiled in modes:
         print(f"[bench] {label}", flush=True)
         try:
@@ -328,9 +339,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         del model, fn_model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        write_results(args, results, share, t_start)
+        write_results(args, results, share, t_start, kernels)
 
-    write_results(args, results, share, t_start)
+    if args.kernels:
+        print("[bench] kernels: each layer alone", flush=True)
+        kernels = kernel_report(fp, {"int8": lambda: convert(fq8(), "int8")[0],
+                                     "w4a8": lambda: convert(fq48(), "w4a8")[0],
+                                     "w4a16": lambda: convert(fq4(), "w4a16")[0]},
+                                args, device, dtype, max(batch_sizes))
+    write_results(args, results, share, t_start, kernels)
 
 
 def time_graph(label: str, call, device: torch.device, args, bs: int, wbytes: int, mbytes: int) -> dict:
@@ -348,6 +365,82 @@ def time_graph(label: str, call, device: torch.device, args, bs: int, wbytes: in
         row["error"] = f"{type(e).__name__}: {e}"
     print(f"  batch {bs} graph: {row.get('ms_median', float('nan')):.3f} ms {row.get('error', '')[:200]}", flush=True)
     return row
+
+
+def gemm_peaks(device: torch.device, n: int = 8192) -> dict:
+    """The machine's measured dense GEMM throughput at n x n x n: bf16 matmul (TFLOPS), int8 `torch._int_mm`
+    (TOPS) and FP8 E4M3 `torch._scaled_mm` (TFLOPS, where the GPU has it). Each entry is a number or the error."""
+    peaks: dict[str, Any] = {"n": n}
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    one = torch.ones((), device=device)
+    cases = {"bf16_tflops": lambda: a @ b,
+             "int8_tops": lambda: torch._int_mm(a8, b8),
+             "fp8_e4m3_tflops": lambda: torch._scaled_mm(f8a, f8b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)}
+    a8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+    b8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+    try:
+        f8a = a.to(torch.float8_e4m3fn)
+        f8b = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major second operand, as _scaled_mm needs
+    except Exception as e:  # noqa: BLE001 (no FP8 dtype in this torch)
+        cases.pop("fp8_e4m3_tflops")
+        peaks["fp8_e4m3_tflops"] = f"{type(e).__name__}: {e}"
+    for key, fn in cases.items():
+        try:
+            ms = statistics.median(time_calls(fn, device, 3, 10))
+            peaks[key] = round(2 * n ** 3 / (ms * 1e-3) / 1e12, 1)
+        except Exception as e:  # noqa: BLE001 (recorded)
+            peaks[key] = f"{type(e).__name__}: {e}"
+    return peaks
+
+
+def layer_dims(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, int]:
+    """(M, N, K) of a conv/linear layer as a GEMM: output rows, output channels, reduction length."""
+    if isinstance(layer, nn.Conv2d):
+        n, _, ho, wo = y.shape
+        return n * ho * wo, layer.out_channels, layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    return x.numel() // layer.in_features, layer.out_features, layer.in_features
+
+
+def kernel_report(fp: nn.Module, builders: dict, args, device: torch.device, dtype: torch.dtype, batch: int) -> dict:
+    """Every Conv2d / Linear of `fp` timed alone on its own input at `batch` (captured from one forward of the
+    float model in `dtype`): the float layer (cuDNN / cuBLAS) and each backend's exported layer, as ms and as
+    achieved TFLOPS / TOPS (2 M N K / time). Layers a backend keeps in float (gacq's common skip set) are
+    timed as they run there and marked. Totals sum the layers; `peaks` are the machine's dense GEMM peaks."""
+    ref = copy.deepcopy(fp).to(device, dtype).eval()
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=name: inputs.setdefault(n, a[0].detach()))
+             for name, m in ref.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        ref(*random_inputs(ref, batch, device, args.seed, dtype))
+    for h in hooks:
+        h.remove()
+    variants = {args.dtype: ref}
+    for name, build in builders.items():
+        try:
+            variants[name] = build().to(device, dtype).eval()
+        except Exception as e:  # noqa: BLE001 (recorded; the others still run)
+            variants[name] = f"{type(e).__name__}: {e}"
+    rows, totals = [], {v: 0.0 for v in variants}
+    with torch.no_grad():
+        for name, x in inputs.items():
+            layer = ref.get_submodule(name)
+            m, n, k = layer_dims(layer, x, layer(x))
+            row = {"layer": name, "kind": "conv2d" if isinstance(layer, nn.Conv2d) else "linear", "M": m, "N": n, "K": k}
+            for v, model in variants.items():
+                if isinstance(model, str):
+                    continue
+                mod = model.get_submodule(name)
+                ms = statistics.median(time_calls(functools.partial(mod, x), device, args.warmup, args.repeats))
+                row[f"{v}_ms"] = round(ms, 4)
+                row[f"{v}_tops"] = round(2 * m * n * k / (ms * 1e-3) / 1e12, 3)
+                if v != args.dtype and not isinstance(mod, ExportedLayer):
+                    row[f"{v}_float"] = True
+                totals[v] += ms
+            rows.append(row)
+    return {"batch": batch, "peaks": gemm_peaks(device) if device.type == "cuda" else "not measured on the CPU",
+            "variants": {v: (m if isinstance(m, str) else "ok") for v, m in variants.items()},
+            "total_ms": {v: round(t, 3) for v, t in totals.items()}, "layers": rows}
 
 
 def time_sampling(model, x: torch.Tensor, device: torch.device, steps: int, graph: bool) -> dict:
@@ -392,11 +485,11 @@ def time_sampling(model, x: torch.Tensor, device: torch.device, steps: int, grap
         return {"sample_steps": steps, "sample_error": f"{type(e).__name__}: {e}"}
 
 
-def write_results(args, results: list[dict], share, t_start: float) -> None:
+def write_results(args, results: list[dict], share, t_start: float, kernels: dict | None = None) -> None:
     """Ratios against the float compiled baseline, then JSON + markdown (called after every mode, so a
     run cut short by a time limit keeps what it measured)."""
     base_label = next((r["mode"] for r in results if "compiled" in r["mode"] and "ms_median" in r
-                       and not r["mode"].startswith(("int8", "w4a8", "w4a16"))), results[0]["mode"])
+                       and not r["mode"].startswith(("int8", "w4a8", "w4a16"))), results[0]["mode"] if results else None)
     base = {r["batch"]: r["ms_median"] for r in results if r["mode"] == base_label and "ms_median" in r}
     for r in results:
         if "ms_median" in r and r["batch"] in base:
@@ -405,7 +498,7 @@ def write_results(args, results: list[dict], share, t_start: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": args.command, "commit": git_commit(), "machine": machine_info(),
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "command"},
-              "baseline": base_label, "layer_time_share": share, "results": results,
+              "baseline": base_label, "layer_time_share": share, "results": results, "kernels": kernels,
               "wall_seconds": round(time.time() - t_start, 1)}
     write_json(out / "bench_lowbit.json", result)
     (out / "bench_lowbit.md").write_text(render_markdown(result))
@@ -416,10 +509,11 @@ def render_markdown(res: dict) -> str:
     where = res["machine"].get("gpu", "CPU")
     lines = [f"# Low-bit backends: latency per denoising step ({res['args']['config']}, {where})", "",
              f"`{res['command']}`", "",
-             (f"commit {res['commit']}, torch {res['machine']['torch']}, {res['wall_seconds']} s; "
-              f"ratio = {res['baseline']} ms / mode ms (higher is faster)"), "",
-             "| mode | batch | ms/step (median) | ratio | sample s | peak memory MB | weight MB | model MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             (f"commit {res['commit']}, torch {res['machine']['torch']}, {res['wall_seconds']} s"
+              + (f"; ratio = {res['baseline']} ms / mode ms (higher is faster)" if res["baseline"] else "")), ""]
+    if res["results"]:
+        lines += ["| mode | batch | ms/step (median) | ratio | sample s | peak memory MB | weight MB | model MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
     steps = res["args"].get("sample_steps") or 0
     for r in res["results"]:
         if "ms_median" not in r:
@@ -432,6 +526,22 @@ def render_markdown(res: dict) -> str:
                      f"{samp} | {mem} | {r['weight_bytes'] / 2**20:.3f} | {r['model_bytes'] / 2**20:.3f} |")
     if steps:
         lines += ["", f"sample s: one whole DDIM sampling loop of {steps} steps (model calls and scheduler updates)."]
+    kern = res.get("kernels")
+    if kern:
+        vs = [v for v, state in kern["variants"].items() if state == "ok"]
+        lines += ["", f"## Each layer alone at batch {kern['batch']}", "",
+                  f"Machine peaks (dense {kern['peaks']['n']}^3 GEMMs): " + ", ".join(
+                      f"{k} {v}" for k, v in kern["peaks"].items() if k != "n") if isinstance(kern["peaks"], dict)
+                  else f"Machine peaks: {kern['peaks']}.", "",
+                  "Sum over layers, ms: " + ", ".join(f"{v} {kern['total_ms'][v]}" for v in vs) + ".", "",
+                  "| layer | M | N | K | " + " | ".join(f"{v} ms | {v} T(FL)OPS" for v in vs) + " |",
+                  "|---|---:|---:|---:|" + "---:|---:|" * len(vs)]
+        for r in kern["layers"]:
+            cells = []
+            for v in vs:
+                mark = " (float)" if r.get(f"{v}_float") else ""
+                cells.append(f"{r[f'{v}_ms']:.4f}{mark} | {r[f'{v}_tops']:.2f}")
+            lines.append(f"| {r['layer']} | {r['M']} | {r['N']} | {r['K']} | " + " | ".join(cells) + " |")
     share = res.get("layer_time_share")
     if share:
         lines += ["", (f"Time share of the {res['results'][0]['mode']} model at the largest batch (torch.profiler): "

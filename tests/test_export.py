@@ -496,4 +496,24 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     # a 3-step sampling loop costs about 3 steps (and more than one)
     for r in res2["results"]:
         assert r["sample_steps"] == 3 and r["sample_seconds"] * 1e3 > 1.5 * r["ms_min"], r
+    # each layer alone: every conv/linear of the model, in float and in each backend; conv_in/conv_out stay float
+    proc = subprocess.run([sys.executable, "-m", "gacq", "bench", *args, "--modes", "none", "--kernels",
+                           "--out", str(tmp_path / "b3")], capture_output=True, text=True, timeout=300, check=False,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    kern = json.loads((tmp_path / "b3" / "bench_lowbit.json").read_text())["kernels"]
+    from gacq.models import build_model
+
+    model = build_model("tiny")
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sorted(r["layer"] for r in kern["layers"]) == sorted(layers)
+    by = {r["layer"]: r for r in kern["layers"]}
+    assert by["conv_in"]["int8_float"] and "int8_float" not in by["down_blocks.0.resnets.0.conv1"]
+    conv1 = model.get_submodule("down_blocks.0.resnets.0.conv1")
+    assert by["down_blocks.0.resnets.0.conv1"]["K"] == conv1.in_channels * 9
+    assert by["down_blocks.0.resnets.0.conv1"]["M"] == 1 * model.config.sample_size ** 2  # batch 1, stride 1
+    assert set(kern["variants"]) == {"fp32", "int8", "w4a8", "w4a16"} and kern["peaks"] == "not measured on the CPU"
+    proc = subprocess.run([sys.executable, "-m", "gacq", "bench", *args, "--modes", "none", "--out",
+                           str(tmp_path / "b4")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "matches no mode" in proc.stderr  # nothing to run is an error
     assert res["command"] and res["machine"]["torch"] == torch.__version__ and (out / "bench_lowbit.md").exists()
