@@ -209,7 +209,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
 
         correct_output_bias(model, fp, calib, config.calib_batch_size, device, progress)
     # how many calibration samples the recipe used (its selection cut out of `calib`), for the checkpoint's record
-    model.calibration_samples = None if calib is None else len(calib)
+    model.gacq_calibration_samples = None if calib is None else len(calib)
     return model
 
 
@@ -349,7 +349,7 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
             **(extra_meta or {}),
             "calibration": str(calib) if calib is not None else "collected",
             "calibration_meta": cs.meta if cs is not None else None,
-            "calibration_samples": getattr(qmodel, "calibration_samples", None),
+            "calibration_samples": getattr(qmodel, "gacq_calibration_samples", None),
             "wall_seconds": round(time.time() - t0, 2)}
     if device.type == "cuda":
         meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
