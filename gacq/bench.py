@@ -3,7 +3,8 @@
 For one model config (random weights: speed does not depend on them) it builds
 - the float model in bf16, eager and torch.compile'd (the baselines);
 - a W8A8 round-to-nearest fake-quant model (min-max weight grids; activation ranges min-max on
-  one random batch, as gacq.quant.wrap does on calibration data) and its `int8` export, with its
+  one random batch, as gacq.quant.wrap does on calibration data), also with its activations quantized by
+  the fused sampling kernel (`gacq.quant.triton_fq`, "fused-fq"), and its `int8` export, with its
   fused Triton convolution (on CUDA) and with it off (im2col + torch._int_mm);
 - a W4A8 round-to-nearest fake-quant model and its `w4a8` export (packed int4 x int8, fused Triton
   kernel on CUDA);
@@ -56,6 +57,7 @@ from .export import ExportedLayer, convert
 from .models import NAMED_CONFIGS, build_model
 from .quant.methods import COMMON_SKIP
 from .quant.modules import QuantConv2d, QuantLayer, frozen_weights
+from .quant.primitives import use_fused_fake_quant
 from .quant.wrap import (
     init_act_quantizers_minmax,
     observe_input_ranges,
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     modes = [
         (f"{args.dtype} eager", lambda: copy.deepcopy(fp), False),
         ("fake-quant W8A8", fq8, False),
+        ("fake-quant W8A8 fused-fq", fq8, False),  # activations through gacq.quant.triton_fq (CUDA)
         ("int8 W8A8", lambda: convert(fq8(), "int8")[0], False),  # fused Triton convs (CUDA)
         ("int8 W8A8 im2col", lambda: kernels_off(convert(fq8(), "int8")[0]), False),
         ("fake-quant W4A8", fq48, False),
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         fn_model = torch.compile(model, dynamic=False) if compiled else model  # one static graph per batch size
         freeze = frozen_weights(model) if any(isinstance(m, QuantLayer) for m in model.modules()) \
             else contextlib.nullcontext()
-        with torch.no_grad(), freeze:
+        fused = use_fused_fake_quant() if label.endswith("fused-fq") else contextlib.nullcontext()
+        with torch.no_grad(), freeze, fused:
             for bs in batch_sizes:
                 x, t = random_inputs(model, bs, device, args.seed, dtype)
                 row = {"mode": label, "batch": bs, "weight_bytes": wbytes, "model_bytes": mbytes}

@@ -139,10 +139,16 @@ def sample(
                                     "activations, so this is the W-only model)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Shard k goes to process k mod N."),
+    fused_fake_quant: bool = typer.Option(False, "--fused-fake-quant", help="Quantized model on CUDA: quantize "
+                                          "activations with one fused Triton kernel instead of six torch ops (same "
+                                          "values; checked in Triton's interpreter, not yet on a GPU)."),
 ) -> None:
     """Sample images from a diffusers model; rerun the same command to resume."""
+    import contextlib
+
     from . import distributed as gdist
     from .models import load_model
+    from .quant.primitives import use_fused_fake_quant
     from .sampling import SampleConfig
     from .sampling import sample as sample_fn
     from .utils import resolve_device
@@ -158,7 +164,8 @@ def sample(
             loaded = load_model(model, device=dev, act_quant=not float_acts)
             if float_acts and not loaded.source.endswith("(activations float)"):
                 raise GacqError("--float-acts applies to quantized models only (a folder written by gacq quantize)")
-            meta = sample_fn(loaded, cfg, out, device=dev)
+            with use_fused_fake_quant() if fused_fake_quant else contextlib.nullcontext():
+                meta = sample_fn(loaded, cfg, out, device=dev)
             if gdist.rank() != 0:
                 return
     except GacqError as e:
@@ -493,15 +500,25 @@ def experiment_run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     results: Optional[Path] = typer.Option(None, "--results", help="Write (and look for) cell results here "
                                            "instead of the spec's results folder."),
+    fused_fake_quant: bool = typer.Option(False, "--fused-fake-quant", help="Sample quantized cells with "
+                                          "`gacq sample --fused-fake-quant`'s one-kernel activation quantization "
+                                          "(same values; recorded in each cell's JSON)."),
 ) -> None:
     """Calibrate, quantize, sample and evaluate every unfinished cell; rerun to resume."""
+    import contextlib
+    import os
+
     from .experiment import load_spec, run_experiment
+    from .quant.primitives import use_fused_fake_quant
 
     try:
         s = load_spec(spec, results=results)
         only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
-        run_experiment(s, only=only, parallel=parallel, command=" ".join(["gacq"] + sys.argv[1:]),
-                       progress=not quiet, echo=typer.echo)
+        if fused_fake_quant:
+            os.environ["GACQ_FUSED_FAKE_QUANT"] = "1"  # the --parallel processes read it at import
+        with use_fused_fake_quant() if fused_fake_quant else contextlib.nullcontext():
+            run_experiment(s, only=only, parallel=parallel, command=" ".join(["gacq"] + sys.argv[1:]),
+                           progress=not quiet, echo=typer.echo)
     except GacqError as e:
         _fail(e)
     typer.echo(f"cell results in {s.cell_dir}; render them with `gacq report {s.results}`")

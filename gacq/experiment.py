@@ -454,7 +454,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         "metrics": metrics,
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],
                    "steps": smeta["steps"], "eta": smeta["eta"], "timestep_spacing": smeta["timestep_spacing"],
-                   "wall_seconds_last_run": smeta["wall_seconds_this_run"], "model": smeta["model"]},
+                   "wall_seconds_last_run": smeta["wall_seconds_this_run"], "model": smeta["model"],
+                   "fused_fake_quant": smeta.get("fused_fake_quant", False)},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
             "wall_seconds": qmeta.get("wall_seconds"), "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),

@@ -324,7 +324,10 @@ def sample(
     bar.close()
     gdist.barrier("waiting for every rank's shards")
     made = sum(gdist.all_gather_object(made, "counting the images made"))
-    stats = {"device": str(device), "world_size": world, "images_made_this_run": made, "shards_resumed": done_before}
+    from .quant import primitives
+
+    stats = {"device": str(device), "world_size": world, "images_made_this_run": made, "shards_resumed": done_before,
+             "fused_fake_quant": primitives._FUSED}
     return gdist.on_rank0(lambda: _assemble(loaded, cfg, out, n_shards, run, stats, start), "writing samples.npz")
 
 
@@ -361,6 +364,7 @@ def _assemble(loaded: LoadedModel, cfg: SampleConfig, out: Path, n_shards: int, 
         "wall_seconds_this_run": round(time.time() - start, 2),
         "images_made_this_run": stats["images_made_this_run"],
         "shards_resumed": stats["shards_resumed"],
+        "fused_fake_quant": stats["fused_fake_quant"],
         "commit": git_commit(),
         "machine": machine_info(),
     }

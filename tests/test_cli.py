@@ -98,6 +98,13 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
     gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu")
     assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (3, 16, 16, 3)
+    # --fused-fake-quant is recorded; on the CPU (no kernel) the torch ops run: the same images
+    gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "f", "--device", "cpu",
+         "--fused-fake-quant")
+    assert json.loads((tmp_path / "f" / "meta.json").read_text())["fused_fake_quant"] is True
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["fused_fake_quant"] is False
+    assert np.array_equal(np.load(tmp_path / "f" / "samples.npz")["images"],
+                          np.load(tmp_path / "s" / "samples.npz")["images"])
     bad = gacq("quantize", "--model", tiny_model_dir, "--method", "foo", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "unknown method 'foo'" in bad.stderr
     assert not (tmp_path / "x").exists()

@@ -271,6 +271,46 @@ def w4a8():
     assert not to_w4a8(layer).kernel_applies(x)  # two weight groups: the torch path
 
 
+def fake_quant():
+    """gacq.quant.triton_fq's fused fake quantization against the six torch ops it replaces, bitwise: random
+    inputs with values far outside the grid, exact ties x / s = k + 0.5, asymmetric 8-bit and symmetric 4-bit
+    grids, a length that is not a multiple of the block; float32 (and bf16 / fp16 compiled: Triton's
+    interpreter truncates float32 -> bf16 casts); then a quantized conv's output with it on and off."""
+    from gacq.quant.primitives import _fake_quantize_nograd, use_fused_fake_quant
+    from gacq.quant.quantizer import UniformQuantizer
+    from gacq.quant.triton_fq import applies, fake_quantize_fused
+
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE == "cuda" else [])
+    g = torch.Generator().manual_seed(0)
+    for dt in dtypes:
+        for (qmin, qmax, scale, zp) in [(0, 255, 0.0371, 113.0), (-8, 7, 0.25, 0.0), (0, 63, 0.1, 0.0)]:
+            x = torch.randn(3, 5, 11, 13, generator=g) * 3  # 2145 elements: three blocks, the last partial
+            ties = (torch.randint(-40, 40, (257,), generator=g) + 0.5) * scale
+            for v in (x, ties):
+                v = v.to(DEVICE, dt)
+                s, z = torch.tensor(scale, device=DEVICE), torch.tensor(zp, device=DEVICE)
+                assert applies(v, s, z), dt
+                got = fake_quantize_fused(v, s, z, qmin, qmax)
+                want = _fake_quantize_nograd(v, s, z, qmin, qmax)
+                assert got.dtype == want.dtype and torch.equal(got, want), \
+                    (dt, qmin, qmax, (got.float() - want.float()).abs().max(), int((got != want).sum()))
+    v = torch.randn(4, 6).to(DEVICE)
+    assert not applies(v, torch.full((6,), 0.1, device=DEVICE), torch.tensor(0.0, device=DEVICE))  # per-channel
+    assert not applies(v.bfloat16(), torch.full((1,), 0.1, device=DEVICE), torch.zeros((1,), device=DEVICE)) \
+        # a 1-dim float32 scale promotes a bf16 input to float32 in torch: not the kernel's arithmetic
+    assert not applies(v.double(), torch.tensor(0.1, device=DEVICE), torch.tensor(0.0, device=DEVICE))
+    q = UniformQuantizer(8)
+    q.init_minmax(torch.randn(100) * 2)
+    q.to(DEVICE)
+    x = (torch.randn(2, 3, 9, 9, generator=g) * 2.5).to(DEVICE)
+    assert applies(x, q.scale, q.zero_point)  # the quantizer's own grid takes the fused path
+    with torch.no_grad():
+        plain = q(x)
+        with use_fused_fake_quant():
+            fused = q(x)
+    assert torch.equal(plain, fused)
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()
     print("ok", sys.argv[1])

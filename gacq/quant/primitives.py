@@ -10,6 +10,9 @@ so they broadcast (e.g. (O, 1, 1, 1) for a conv weight).
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from ..errors import GacqError
@@ -31,6 +34,23 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+# the fused sampling kernel (`gacq.quant.triton_fq`), off unless switched on: `use_fused_fake_quant`, or
+# GACQ_FUSED_FAKE_QUANT=1; its module (and triton) is imported only when it is on
+_FUSED = os.environ.get("GACQ_FUSED_FAKE_QUANT") == "1"
+
+
+@contextlib.contextmanager
+def use_fused_fake_quant(on: bool = True):
+    """Inside the block, no-grad fake quantization of per-tensor grids runs `gacq.quant.triton_fq`'s one-kernel
+    version where it applies (CUDA; bitwise equal to the torch ops in Triton's interpreter)."""
+    global _FUSED
+    before, _FUSED = _FUSED, on
+    try:
+        yield
+    finally:
+        _FUSED = before
+
+
 def _fake_quantize_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                           qmax: int) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
@@ -45,6 +65,11 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     values come from plain rounding, without the straight-through bookkeeping.
     """
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
+        if _FUSED:
+            from .triton_fq import applies, fake_quantize_fused
+
+            if applies(x, scale, zero_point):
+                return fake_quantize_fused(x, scale, zero_point, qmin, qmax)
         return _fake_quantize_nograd(x, scale, zero_point.detach(), qmin, qmax)
     zp = zero_point.detach()
     x_int = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)

@@ -1,0 +1,82 @@
+"""Fused fake quantization for sampling: one Triton kernel instead of six elementwise torch ops.
+
+Without autograd, `gacq.quant.primitives.fake_quantize` computes
+
+    x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s
+
+as six torch kernels, each reading and writing the whole activation. Sampling a model with quantized
+activations spends most of its time there (session 9 on the H200: 10k CIFAR samples took about 250 s with
+8-bit activations, against about 65 s with float activations). `fake_quantize_fused` does the same
+arithmetic in one pass, bitwise equal to the torch ops (Triton's interpreter checks it on the CPU:
+tests/test_fused_fake_quant.py): every intermediate is rounded to x's dtype where torch rounds it (torch
+computes a bf16 tensor / a 0-dim float scale in bf16), the division is IEEE (`div_rn`; Triton's `/` is an
+approximate division on GPUs), and rounding is half to even, as torch.round.
+
+Per-tensor grids only (one scale and zero point, 0-dim or of x's dtype, so torch's type promotion keeps x's
+dtype), float32 / bf16 / fp16 inputs, on CUDA (or in Triton's interpreter). Off unless switched on
+(`gacq.quant.primitives.use_fused_fake_quant()`, `GACQ_FUSED_FAKE_QUANT=1`, or `gacq sample
+--fused-fake-quant`): the compiled kernel's equality with the torch ops has been checked in the interpreter
+only, not yet on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _round_half_even(v):
+        r = tl.floor(v)
+        f = v - r  # exact for |v| < 2^23
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
+
+    @triton.jit
+    def _fake_quant_kernel(x_ptr, y_ptr, scale_ptr, zp_ptr, n, qmin, qmax, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        dt = x.dtype
+        s = tl.load(scale_ptr).to(dt).to(tl.float32)  # the 0-dim scale and zero point take x's dtype, as in torch
+        z = tl.load(zp_ptr).to(dt).to(tl.float32)
+        v = tl.math.div_rn(x.to(tl.float32), s).to(dt).to(tl.float32)  # x / s, rounded to x's dtype
+        q = (_round_half_even(v) + z).to(dt).to(tl.float32)  # round(.) + z, rounded to x's dtype
+        q = tl.minimum(tl.maximum(q, qmin), qmax)
+        d = (q - z).to(dt).to(tl.float32)
+        tl.store(y_ptr + offs, (d * s).to(dt), mask=mask)
+
+
+def applies(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
+    """Whether `fake_quantize_fused` gives exactly the torch ops' result for these arguments."""
+    if triton is None or not (x.is_cuda or INTERPRET) or x.dtype not in _DTYPES or x.numel() == 0:
+        return False
+    for p in (scale, zero_point):
+        if p.numel() != 1 or p.device != x.device or not (p.dim() == 0 or p.dtype == x.dtype):
+            return False
+    return True
+
+
+def fake_quantize_fused(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                        qmax: int) -> torch.Tensor:
+    """(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale in one kernel (see the module)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    _fake_quant_kernel[(triton.cdiv(n, 1024),)](x, y, scale.detach(), zero_point.detach(), n, float(qmin),
+                                                float(qmax), BLOCK=1024)
+    return y
+
+
+__all__ = ["applies", "fake_quantize_fused"]
