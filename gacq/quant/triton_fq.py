@@ -8,7 +8,7 @@ as six torch kernels, each reading and writing the whole activation. Sampling a 
 activations spends most of its time there (session 9 on the H200: 10k CIFAR samples took about 250 s with
 8-bit activations, against about 65 s with float activations). `fake_quantize_fused` does the same
 arithmetic in one pass, bitwise equal to the torch ops (Triton's interpreter checks it on the CPU:
-tests/test_fused_fake_quant.py): every intermediate is rounded to x's dtype where torch rounds it (torch
+tests/test_triton_w4.py, case fake_quant): every intermediate is rounded to x's dtype where torch rounds it (torch
 computes a bf16 tensor / a 0-dim float scale in bf16), the division is IEEE (`div_rn`; Triton's `/` is an
 approximate division on GPUs), and rounding is half to even, as torch.round.
 
