@@ -4,9 +4,9 @@ Without autograd, `gacq.quant.primitives.fake_quantize` computes
 
     x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s
 
-as six torch kernels, each reading and writing the whole activation. Sampling a model with quantized
-activations spends most of its time there (session 9 on the H200: 10k CIFAR samples took about 250 s with
-8-bit activations, against about 65 s with float activations). `fake_quantize_fused` does the same
+as six torch kernels, each reading and writing the whole activation. In session 9 on the H200, 10k CIFAR
+samples took about 250 s with 8-bit activations (rtn W8A8, alone on the GPU) against about 65 s with float
+activations (qdiffusion W4A32); these extra passes are the likely cause (not profiled). `fake_quantize_fused` does the same
 arithmetic in one pass, bitwise equal to the torch ops (Triton's interpreter checks it on the CPU:
 tests/test_triton_w4.py, case fake_quant): every intermediate is rounded to x's dtype where torch rounds it (torch
 computes a bf16 tensor / a 0-dim float scale in bf16), the division is IEEE (`div_rn`; Triton's `/` is an
