@@ -17,6 +17,7 @@
 # re-copies the working tree, and files in tracked folders that the local checkout lacks are removed,
 # which once deleted finished cells of a running job between two calls.
 # Usage (device): source scripts/gpu-setup.sh; WAIT=540 bash scripts/gpu-experiment.sh $OUT SPEC [P]
+# EXTRA="--fused-fake-quant" adds options to `gacq experiment run` (when the job starts).
 # CELLS=id,id,... runs only those cells (given when the job starts); PACK_Q=0 skips packing the
 # checkpoints (when they were carried in, or can be remade cheaply, e.g. bias-corrected ones).
 set -u
@@ -35,7 +36,7 @@ if [ ! -f "runs/bg/exp-$NAME/pid" ]; then
   rm -rf "$DEVRES"; mkdir -p "$DEVRES"; [ -d "$RES" ] && cp -r "$RES/." "$DEVRES/"
 fi
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
-  "python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet ${CELLS:+--cells $CELLS} > \$JOBOUT/experiment.log 2>&1"
+  "python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet ${CELLS:+--cells $CELLS} ${EXTRA:-} > \$JOBOUT/experiment.log 2>&1"
 # pack snapshots (cells are written while we pack; a live tar once came back empty-handed)
 SNAP=$(mktemp -d)
 [ -d "$DEVRES" ] && cp -r "$DEVRES" "$SNAP/" && tar czf "$OUT/$NAME-results.tgz" -C "$SNAP" "$(basename "$RES")" \
