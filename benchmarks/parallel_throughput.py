@@ -20,6 +20,7 @@ OUT/parallel_throughput.md. A copy that fails makes its row say so; the other ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import subprocess
 import sys
@@ -34,18 +35,16 @@ from gacq.utils import git_commit, machine_info, write_json  # noqa: E402
 
 def run_copies(template: list[str], p: int, root: Path) -> dict:
     """P copies of the command started together; wall time until the last one ends."""
-    procs, logs = [], []
-    t0 = time.perf_counter()
-    for i in range(p):
-        d = root / f"p{p}_copy{i}"
-        argv = [a.replace("{i}", str(i)).replace("{dir}", str(d)) for a in template]
-        log = open(root / f"p{p}_copy{i}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
-    codes = [pr.wait() for pr in procs]
-    wall = time.perf_counter() - t0
-    for log in logs:
-        log.close()
+    procs = []
+    with contextlib.ExitStack() as logs:
+        t0 = time.perf_counter()
+        for i in range(p):
+            d = root / f"p{p}_copy{i}"
+            argv = [a.replace("{i}", str(i)).replace("{dir}", str(d)) for a in template]
+            log = logs.enter_context(open(root / f"p{p}_copy{i}.log", "w"))
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        codes = [pr.wait() for pr in procs]
+        wall = time.perf_counter() - t0
     tails = {i: (root / f"p{p}_copy{i}.log").read_text()[-500:] for i, c in enumerate(codes) if c != 0}
     return {"procs": p, "wall_seconds": round(wall, 3), "exit_codes": codes, "failed_log_tails": tails}
 
@@ -87,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
               "wall_seconds": round(time.time() - t_start, 1)}
     write_json(args.out / "parallel_throughput.json", result)
     lines = ["# Several jobs at once on one machine", "", f"`{result['command']}`", "",
-             f"commit {result['commit']}, {result['machine'].get('gpu', 'CPU')}, {result['wall_seconds']} s in all; "
-             "gain = (copies / wall) / (1 / wall of one copy alone)", "",
+             (f"commit {result['commit']}, {result['machine'].get('gpu', 'CPU')}, {result['wall_seconds']} s in all; "
+              "gain = (copies / wall) / (1 / wall of one copy alone)"), "",
              "| copies at once | wall s | jobs per hour | throughput gain |", "|---:|---:|---:|---:|"]
     for r in rows:
         if r["ok"]:

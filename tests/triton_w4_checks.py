@@ -16,8 +16,8 @@ assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", \
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gacq.export.base import pack_int4  # noqa: E402
 from gacq.export import triton_int8, triton_w4  # noqa: E402
+from gacq.export.base import pack_int4  # noqa: E402
 
 
 def _same_epilogue(y: torch.Tensor, want: torch.Tensor, what) -> None:
