@@ -416,6 +416,28 @@ def stats(
 
 
 @app.command()
+def ranges(
+    calib: Path = typer.Option(..., "--calib", help="Calibration set from `gacq calib` (best: --selection all, every sampling step)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: ranges.json/.csv/.md, ranges_heatmap.png, outliers.png."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    max_per_step: int = typer.Option(32, "--max-per-step", min=1, help="Calibration samples per sampling step."),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Input range of every conv/linear layer per sampling step, and its outliers (heatmap, bar plot, CSV)."""
+    from .act_ranges import ranges as ranges_fn
+    from .utils import resolve_device
+
+    try:
+        summary = ranges_fn(model, calib, out, max_per_step=max_per_step, device=resolve_device(device),
+                            command=" ".join(["gacq"] + sys.argv[1:]))
+    except GacqError as e:
+        _fail(e)
+    typer.echo(f"{summary['layers']} layers x {summary['steps']} steps: median step range "
+               f"{summary['median_step_width_over_all']:.3f} of the all-steps range; largest outlier ratio "
+               f"{summary['outlier_ratio_max']['ratio']:.2f} ({summary['outlier_ratio_max']['layer']}); wrote {out}")
+
+
+@app.command()
 def diagnose(
     calib: Path = typer.Option(..., "--calib", help="Calibration set from `gacq calib` (its sampling steps are the heatmaps' axes; with a gac --qdir: the set it was calibrated on)."),
     out: Path = typer.Option(..., "--out", help="Output folder: cosine_init/ and cosine_calibrated/ heatmaps, alignment and weight-per-timestep plots, CSVs, diagnose.json."),
