@@ -42,14 +42,8 @@ from .triton_w4 import INTERPRET, available, tiles, triton
 if triton is not None:
     import triton.language as tl
 
+    from ..quant.triton_fq import grid_codes
     from .triton_w4 import conv_rows, conv_taps, int4_codes
-
-    @triton.jit
-    def _round_half_even(v):
-        r = tl.floor(v)
-        f = v - r  # exact for |v| < 2^23
-        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-        return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
 
     @triton.jit
     def _quantize_kernel(x_ptr, x8_ptr, ascale_ptr, azp_ptr, n_elements, qmin, qmax, center,
@@ -57,12 +51,7 @@ if triton is not None:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        # the quantizer's scale and zero point rounded to x's dtype, as torch's type promotion does
-        a_scale = tl.load(ascale_ptr).to(x.dtype).to(tl.float32)
-        a_zp = tl.load(azp_ptr).to(x.dtype).to(tl.float32)
-        # IEEE division (Triton's `/` is the approximate div.full.f32 on GPUs), rounded to x's dtype as torch does
-        v = tl.math.div_rn(x.to(tl.float32), a_scale).to(x.dtype).to(tl.float32)
-        q = tl.minimum(tl.maximum(_round_half_even(v) + a_zp, qmin), qmax)
+        q, _, _ = grid_codes(x, ascale_ptr, azp_ptr, qmin, qmax)  # the fake quantizer's integers, torch's rounding
         tl.store(x8_ptr + offs, (q - center).to(tl.int8), mask=mask)
 
     @triton.jit

@@ -44,18 +44,26 @@ if triton is not None:
         return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
 
     @triton.jit
+    def grid_codes(x, scale_ptr, zp_ptr, qmin, qmax):
+        """clamp(round(x / s) + z, qmin, qmax) as torch computes it in x's dtype (float32 values), with s and z
+        (read from their one-element tensors) rounded to x's dtype as torch's type promotion does; also returns
+        s and z. Shared with the int8 backend's input quantization (`gacq.export.triton_int8`)."""
+        dt = x.dtype
+        s = tl.load(scale_ptr).to(dt).to(tl.float32)
+        z = tl.load(zp_ptr).to(dt).to(tl.float32)
+        # IEEE division (Triton's `/` is the approximate div.full.f32 on GPUs), rounded to x's dtype as torch does
+        v = tl.math.div_rn(x.to(tl.float32), s).to(dt).to(tl.float32)
+        q = (_round_half_even(v) + z).to(dt).to(tl.float32)  # round(.) + z, rounded to x's dtype
+        return tl.minimum(tl.maximum(q, qmin), qmax), s, z
+
+    @triton.jit
     def _fake_quant_kernel(x_ptr, y_ptr, scale_ptr, zp_ptr, n, qmin, qmax, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        dt = x.dtype
-        s = tl.load(scale_ptr).to(dt).to(tl.float32)  # the 0-dim scale and zero point take x's dtype, as in torch
-        z = tl.load(zp_ptr).to(dt).to(tl.float32)
-        v = tl.math.div_rn(x.to(tl.float32), s).to(dt).to(tl.float32)  # x / s, rounded to x's dtype
-        q = (_round_half_even(v) + z).to(dt).to(tl.float32)  # round(.) + z, rounded to x's dtype
-        q = tl.minimum(tl.maximum(q, qmin), qmax)
-        d = (q - z).to(dt).to(tl.float32)
-        tl.store(y_ptr + offs, (d * s).to(dt), mask=mask)
+        q, s, z = grid_codes(x, scale_ptr, zp_ptr, qmin, qmax)
+        d = (q - z).to(x.dtype).to(tl.float32)
+        tl.store(y_ptr + offs, (d * s).to(x.dtype), mask=mask)
 
 
 def applies(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
@@ -79,4 +87,4 @@ def fake_quantize_fused(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     return y
 
 
-__all__ = ["applies", "fake_quantize_fused"]
+__all__ = ["applies", "fake_quantize_fused", "grid_codes"]
