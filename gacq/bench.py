@@ -318,25 +318,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         with torch.no_grad(), freeze, fused:
             for bs in batch_sizes:
                 x, t = random_inputs(model, bs, device, args.seed, dtype)
-                row = {"mode": label, "batch": bs, "weight_bytes": wbytes, "model_bytes": mbytes}
-                try:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats(device)
-                    times = time_calls(functools.partial(fn_model, x, t), device, args.warmup, args.repeats)
-                    row.update(ms_median=statistics.median(times), ms_min=min(times),
-                               ms_all=[round(v, 4) for v in times])
-                    if device.type == "cuda":
-                        row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-                except Exception as e:  # noqa: BLE001 (say torch.compile of an exported layer; recorded)
-                    row["error"] = f"{type(e).__name__}: {e}"
+                call = functools.partial(fn_model, x, t)
+                base = {"mode": label, "batch": bs, "weight_bytes": wbytes, "model_bytes": mbytes}
+                row = timed_row(dict(base), lambda: call, device, args)
                 results.append(row)
-                print(f"  batch {bs}: {row.get('ms_median', float('nan')):.3f} ms {row.get('error', '')}", flush=True)
                 if args.sample_steps and "error" not in row:
                     row.update(time_sampling(fn_model, x, device, args.sample_steps, graph=False))
                 if graphs and "error" not in row:
-                    grow = time_graph(f"{label} + CUDA graph", functools.partial(fn_model, x, t), device,
-                                      args, bs, wbytes, mbytes)
+                    grow = timed_row({**base, "mode": f"{label} + CUDA graph"},
+                                     lambda: cuda_graph_replay(call, device), device, args)
                     if args.sample_steps and "error" not in grow:
                         grow.update(time_sampling(fn_model, x, device, args.sample_steps, graph=True))
                     results.append(grow)
@@ -354,20 +344,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     write_results(args, results, share, t_start, kernels)
 
 
-def time_graph(label: str, call, device: torch.device, args, bs: int, wbytes: int, mbytes: int) -> dict:
-    """One row: `call` captured as a CUDA graph and timed as replays (a mode that cannot be captured, say
-    one that syncs with the host, is recorded with its error)."""
-    row = {"mode": label, "batch": bs, "weight_bytes": wbytes, "model_bytes": mbytes}
+def timed_row(row: dict, make_call, device: torch.device, args) -> dict:
+    """`row` with the timing of the call `make_call()` returns (median, min and all of `args.repeats` calls after
+    `args.warmup`) and, on CUDA, the peak memory from making it on; a mode that fails (say torch.compile of an
+    exported layer, or a CUDA-graph capture of a call that syncs with the host) is recorded with its error."""
     try:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        replay = cuda_graph_replay(call, device)
-        times = time_calls(replay, device, args.warmup, args.repeats)
-        row.update(ms_median=statistics.median(times), ms_min=min(times), ms_all=[round(v, 4) for v in times],
-                   peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_calls(make_call(), device, args.warmup, args.repeats)
+        row.update(ms_median=statistics.median(times), ms_min=min(times), ms_all=[round(v, 4) for v in times])
+        if device.type == "cuda":
+            row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     except Exception as e:  # noqa: BLE001 (recorded; the other modes still run)
         row["error"] = f"{type(e).__name__}: {e}"
-    print(f"  batch {bs} graph: {row.get('ms_median', float('nan')):.3f} ms {row.get('error', '')[:200]}", flush=True)
+    print(f"  {row['mode']}, batch {row['batch']}: {row.get('ms_median', float('nan')):.3f} ms "
+          f"{row.get('error', '')[:200]}", flush=True)
     return row
 
 
