@@ -365,13 +365,16 @@ def timed_row(row: dict, make_call, device: torch.device, args) -> dict:
 
 def gemm_peaks(device: torch.device, n: int = 8192) -> dict:
     """The machine's measured dense GEMM throughput at n x n x n: bf16 matmul (TFLOPS), int8 `torch._int_mm`
-    (TOPS) and FP8 E4M3 `torch._scaled_mm` (TFLOPS, where the GPU has it). Each entry is a number or the error."""
+    (TOPS; `int8_tops` with both operands row-major, `int8_nt_tops` with a transposed second operand) and FP8 E4M3 `torch._scaled_mm` (TFLOPS, where the GPU has it). Each entry is a number or the error."""
     peaks: dict[str, Any] = {"n": n}
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     one = torch.ones((), device=device)
     cases = {"bf16_tflops": lambda: a @ b,
              "int8_tops": lambda: torch._int_mm(a8, b8),
+             # the second operand as the transposed view of a row-major (N, K) weight: the layout cuBLAS's int8
+             # tensor-core kernels are documented for (session 10: the row-major "NN" case measured 126 TOPS)
+             "int8_nt_tops": lambda: torch._int_mm(a8, b8.t()),
              "fp8_e4m3_tflops": lambda: torch._scaled_mm(f8a, f8b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)}
     a8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
     b8 = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)

@@ -62,7 +62,7 @@ def test_int4_packing_matches_the_checkpoint_nibble_order():
         pack_int4(torch.tensor([16]))
 
 
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 40, 546])
 def test_int_mm_with_cuda_row_padding_is_exact(m):
     g = torch.Generator().manual_seed(m)
     a = torch.randint(-128, 128, (m, 24), generator=g, dtype=torch.int8)

@@ -93,8 +93,9 @@ def conv():
     1x1, dilation 2, padding 'same'."""
     for kw in [dict(k=3, stride=1, padding=1, dilation=1), dict(k=3, stride=2, padding=1, dilation=1),
                dict(k=1, stride=1, padding=0, dilation=1), dict(k=3, stride=1, padding=2, dilation=2),
-               dict(k=3, stride=1, padding="same", dilation=1)]:
-        o, c, k = 6, 5, kw["k"]
+               dict(k=3, stride=1, padding="same", dilation=1),
+               dict(k=3, stride=2, padding=1, dilation=1, c=64)]:  # channels a multiple of BLOCK_K: aligned blocks
+        o, c, k = 6, kw.pop("c", 5), kw["k"]
         qw, scale, zero, w64 = weight(o, c * k * k, seed=k)
         w4 = w64.reshape(o, c, k, k)
         x = torch.randn(2, c, 9, 7, dtype=torch.float64)
@@ -142,7 +143,10 @@ def int8_conv():
 
     cases = [{}, {"stride": 2}, {"dilation": 2, "padding": 2}, {"k": 1, "padding": 0}, {"bias": False},
              {"a_symmetric": True}, {"wbits": 4, "abits": 6}, {"cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)},
-             {"cin": 8, "cout": 70, "x_shape": (3, 8, 13, 14)}]  # compiled: larger tiles (`tiles`), partly filled
+             {"cin": 8, "cout": 70, "x_shape": (3, 8, 13, 14)},  # compiled: larger tiles (`tiles`), partly filled
+             # channels a multiple of BLOCK_K (32 in the interpreter, 64 compiled): one kernel tap per K block
+             {"cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)},
+             {"cin": 64, "cout": 16, "stride": 2, "x_shape": (1, 64, 9, 8), "wbits": 4}]
     offsets = 0
     for kw in cases:
         layer, x = make_conv(**kw)
@@ -257,6 +261,7 @@ def w4a8():
     for make, kw in [(make_conv, {"wbits": 4}), (make_conv, {"wbits": 3, "stride": 2, "a_symmetric": True}),
                      (make_conv, {"wbits": 4, "cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)}),
                      (make_conv, {"wbits": 4, "k": 1, "padding": 0, "bias": False}),
+                     (make_conv, {"wbits": 4, "cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)}),  # aligned K blocks
                      (make_linear, {"wbits": 4}), (make_linear, {"wbits": 2, "abits": 6})]:
         layer, x = make(**kw)
         ex = to_w4a8(layer).to(DEVICE)

@@ -54,13 +54,17 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_layout: bool | None = None) ->
     """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact; both operands contiguous.
 
     With `cuda_layout` (default: a is on CUDA) M is padded with zero rows to at least 17, as
-    cuBLAS int8 GEMM requires; K and N must already be multiples of 8 there (export pads the weight).
+    cuBLAS int8 GEMM requires, and to a multiple of 8: with both operands row-major (cuBLAS's "NN"
+    int8 case) CUDA 13's cuBLAS refused M = 546 on the H200 (CUBLAS_STATUS_NOT_SUPPORTED, results/gpu_tests,
+    session 10; pytorch/pytorch#169961 calls the NN case "not yet supported ... liable to change").
+    K and N must already be multiples of 8 there (export pads the weight).
     """
     m = a.shape[0]
     if cuda_layout is None:
         cuda_layout = a.is_cuda
-    if cuda_layout and m < CUDA_MIN_ROWS:
-        a = F.pad(a, (0, 0, 0, CUDA_MIN_ROWS - m))
+    rows = _round_up(max(m, CUDA_MIN_ROWS), 8) if cuda_layout else m
+    if rows != m:
+        a = F.pad(a, (0, 0, 0, rows - m))
     return torch._int_mm(a.contiguous(), b.contiguous())[:m]
 
 

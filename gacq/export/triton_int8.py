@@ -5,7 +5,8 @@ The `int8` backend's torch path (`gacq.export.int8`) quantizes the input, unfold
 copy kh*kw times the input), runs `torch._int_mm` and dequantizes in separate passes. Here two
 kernels do the same arithmetic:
 
-1. `_quantize_kernel`, one pass over the input, writes its centred int8 codes
+1. `_quantize_kernel`, one pass over the input, writes its centred int8 codes channels-last,
+   (N, H, W, C),
 
        X8 = clamp(round(x / sa) + za, qmin, qmax) - ca
 
@@ -13,7 +14,9 @@ kernels do the same arithmetic:
    as torch computes `x / scale` for fp16/bf16 inputs, with sa and za cast to x's dtype as torch's
    type promotion casts them; rounding is half to even, as torch.round);
 2. `_int8_conv_kernel`, for a tile of output positions (n, ho, wo) and channels o, walks the
-   reduction index k = (c, r, s) in the order of `weight.reshape(O, -1)`, gathers the int8 codes
+   reduction index k = (r, s, c), channels fastest (`triton_w4.conv_taps`; where C is a multiple of
+   BLOCK_K each K block is one kernel tap over BLOCK_K consecutive channels, so each row of the input
+   tile is BLOCK_K consecutive bytes and the tap's bounds are computed once per row), gathers the codes
    each k needs (out-of-image positions take the code of 0.0, za - ca: the padding of the
    dequantized input, as in the fake-quant conv), accumulates X8 @ W8 in int32 on the tensor cores
    (`tl.dot`), and ends with the int8 backend's exact correction terms and scales,
@@ -46,13 +49,18 @@ if triton is not None:
     from .triton_w4 import conv_rows, conv_taps, int4_codes
 
     @triton.jit
-    def _quantize_kernel(x_ptr, x8_ptr, ascale_ptr, azp_ptr, n_elements, qmin, qmax, center,
-                         BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_elements
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    def _quantize_kernel(x_ptr, x8_ptr, ascale_ptr, azp_ptr, C, HW, qmin, qmax, center,
+                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Codes of a (BLOCK_C channels, BLOCK_P pixels) tile of image n: read from contiguous NCHW x
+        (pixels fastest), written channels-last, (N, H, W, C) contiguous (channels fastest)."""
+        n = tl.program_id(0)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (offs_c[:, None] < C) & (offs_p[None, :] < HW)
+        base = n.to(tl.int64) * C * HW
+        x = tl.load(x_ptr + base + offs_c[:, None] * HW + offs_p[None, :], mask=mask, other=0.0)
         q, _, _ = grid_codes(x, ascale_ptr, azp_ptr, qmin, qmax)  # the fake quantizer's integers, torch's rounding
-        tl.store(x8_ptr + offs, (q - center).to(tl.int8), mask=mask)
+        tl.store(x8_ptr + base + offs_p[None, :] * C + offs_c[:, None], (q - center).to(tl.int8), mask=mask)
 
     @triton.jit
     def _int8_conv_kernel(x8_ptr, w_ptr, wzero_ptr, wscale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr,
@@ -61,7 +69,7 @@ if triton is not None:
                           sxn, sxc, sxh, sxw, swk, syn, syc, syh, syw,
                           SH, SW, PH, PW, DH, DW,
                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                          HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr,
+                          HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr, ALIGNED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -77,19 +85,19 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         rsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            offs, inside = conv_taps(n_idx, ho, wo, offs_k, sxn, sxc, sxh, sxw, H, W, SH, SW, PH, PW, DH, DW,
-                                     KH, KW)
+            mask_k = kb * BLOCK_K + tl.arange(0, BLOCK_K) < K
+            # k = (r, s, c), channels fastest; wrow: each k's row in the weight's (c, r, s) order
+            offs, inside, wrow = conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H, W, SH, SW, PH, PW, DH, DW,
+                                           KH, KW, BLOCK_K, ALIGNED)
             x8 = tl.load(x8_ptr + offs, mask=mask_m[:, None] & mask_k[None, :] & inside, other=0)
             x8 = tl.where(inside, x8, pad)
             x8 = tl.where(mask_k[None, :], x8, 0).to(tl.int8)
             mask_w = mask_k[:, None] & mask_n[None, :]
             if W4:  # packed int4 codes (O, ceil(K/2)): W8 = code - zw, in [-15, 15]
-                code = tl.trans(int4_codes(w_ptr, offs_n, offs_k, tl.trans(mask_w), swk))
+                code = tl.trans(int4_codes(w_ptr, offs_n, wrow, tl.trans(mask_w), swk))
                 w8 = tl.where(mask_w, code.to(tl.int32) - wz[None, :], 0).to(tl.int8)
             else:  # int8 (K8, O8) row-major
-                w8 = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :], mask=mask_w, other=0)
+                w8 = tl.load(w_ptr + wrow[:, None] * swk + offs_n[None, :], mask=mask_w, other=0)
             acc += tl.dot(x8, w8, out_dtype=tl.int32)
             if HAS_OFFSET:
                 rsum += tl.sum(x8.to(tl.int32), axis=1)
@@ -133,10 +141,10 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     x = x.contiguous()
-    x8 = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    numel = x.numel()
-    _quantize_kernel[(triton.cdiv(numel, 1024),)](x, x8, act_scale, act_zero, numel, float(qmin), float(qmax),
-                                                   float(center), BLOCK=1024)
+    x8 = torch.empty((n, h, w, c), dtype=torch.int8, device=x.device)  # channels-last codes
+    bc, bp = (32, 32) if INTERPRET else (64, 64)
+    _quantize_kernel[(n, triton.cdiv(h * w, bp), triton.cdiv(c, bc))](
+        x, x8, act_scale, act_zero, c, h * w, float(qmin), float(qmax), float(center), BLOCK_C=bc, BLOCK_P=bp)
     y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
     bm, bn, bk, warps = tiles(m, out_channels)
@@ -148,10 +156,10 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     wz = w_zero if w_zero is not None else row_term  # any pointer when unused
     _int8_conv_kernel[grid](x8, qweight, wz, w_scale, off, row_term, b, y, act_scale, act_zero,
                             float(qmin), float(qmax), float(center),
-                            m, out_channels, c, h, w, ho, wo, *x8.stride(), qweight.stride(0), *y.stride(),
+                            m, out_channels, c, h, w, ho, wo, h * w * c, 1, w * c, c, qweight.stride(0), *y.stride(),
                             sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
-                            HAS_BIAS=bias is not None, W4=w_zero is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                            num_warps=warps)
+                            HAS_BIAS=bias is not None, W4=w_zero is not None, ALIGNED=c % bk == 0,
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
 
 

@@ -10,9 +10,11 @@ ceil(K / 2) bytes, low nibble first. One scale and zero point per output channel
 whose weight is split into column groups fall back to the dense path).
 
 Convolutions run as an implicit GEMM (`_w4a16_conv_kernel`): each tile of output positions
-gathers the input pixels of its reduction indices k = (channel, kernel row, kernel column), the
-order of `weight.reshape(O, -1)`, straight from the input (zero outside the image), so no im2col
-copy (kh*kw times the input) is made.
+gathers the input pixels of its reduction indices k = (kernel row, kernel column, channel), channels
+fastest, straight from the input (zero outside the image), so no im2col copy (kh*kw times the input)
+is made; each k reads its weight column at its place in `weight.reshape(O, -1)` (`conv_taps`). Where
+the channels are a multiple of BLOCK_K the input is made channels-last and each K block is one
+kernel tap over BLOCK_K consecutive channels.
 
 Runs on CUDA. With TRITON_INTERPRET=1 set before gacq is imported, the same kernel runs on CPU
 tensors in Triton's interpreter, which is how the tests check it without a GPU. Speed is only
@@ -70,25 +72,36 @@ if triton is not None:
         return offs_m // (HO * WO), rem // WO, rem % WO
 
     @triton.jit
-    def conv_taps(n_idx, ho, wo, offs_k, sxn, sxc, sxh, sxw, H, W, SH, SW, PH, PW, DH, DW,
-                  KH: tl.constexpr, KW: tl.constexpr):
-        """Element offsets of the (BLOCK_M, BLOCK_K) input tile of an implicit-GEMM conv, reduction index
-        k = (channel, kernel row, kernel column) in the order of `weight.reshape(O, -1)`, and whether each
-        tap lies inside the image."""
-        c = offs_k // (KH * KW)
-        rs = offs_k % (KH * KW)
-        r, s = rs // KW, rs % KW
-        hi = ho[:, None] * SH - PH + r[None, :] * DH
-        wi = wo[:, None] * SW - PW + s[None, :] * DW
-        inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        return n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw, inside
+    def conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H, W, SH, SW, PH, PW, DH, DW,
+                  KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
+        """The input tile of K block `kb` of an implicit-GEMM conv, reduction index k = (kernel row r, kernel
+        column s, channel c) with channels fastest: element offsets (BLOCK_M, BLOCK_K), whether each tap lies
+        inside the image ((BLOCK_M, 1) when ALIGNED, else (BLOCK_M, BLOCK_K)), and the weight row of each k
+        in the order of `weight.reshape(O, -1)`, c * KH * KW + r * KW + s.
 
-    @triton.jit
-    def gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
-                          SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr):
-        """The float input tile of an implicit-GEMM conv (`conv_taps`); 0.0 outside the image."""
-        offs, inside = conv_taps(n_idx, ho, wo, offs_k, sxn, sxc, sxh, sxw, H, W, SH, SW, PH, PW, DH, DW, KH, KW)
-        return tl.load(x_ptr + offs, mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)
+        ALIGNED (C % BLOCK_K == 0): every K block lies within one kernel tap, so the tap's position and bounds
+        are computed once per output row and the channel offsets are one arange: with channels-last input
+        (sxc = 1) each row of the tile is BLOCK_K consecutive elements. Otherwise each element computes its own
+        tap. The integer kernels' sums do not depend on the order of k."""
+        if ALIGNED:
+            k0 = kb * BLOCK_K
+            tap = k0 // C
+            c = (k0 % C) + tl.arange(0, BLOCK_K)
+            r, s = tap // KW, tap % KW
+            hi = ho * SH - PH + r * DH
+            wi = wo * SW - PW + s * DW
+            inside = ((hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None]
+            offs = (n_idx * sxn + hi * sxh + wi * sxw)[:, None] + c[None, :] * sxc
+        else:
+            k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            tap = k // C
+            c = k % C
+            r, s = tap // KW, tap % KW
+            hi = ho[:, None] * SH - PH + r[None, :] * DH
+            wi = wo[:, None] * SW - PW + s[None, :] * DW
+            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            offs = n_idx[:, None] * sxn + c[None, :] * sxc + hi * sxh + wi * sxw
+        return offs, inside, c * (KH * KW) + tap
 
     @triton.jit
     def _dequant_dot(acc, x, code, zero, scale, mask_k, IEEE: tl.constexpr):
@@ -135,7 +148,8 @@ if triton is not None:
     def _w4a16_conv_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, O, C, H, W, HO, WO,
                            sxn, sxc, sxh, sxw, stride_qn, syn, syc, syh, syw, SH, SW, PH, PW, DH, DW,
                            K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           IEEE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,11 +160,11 @@ if triton is not None:
         zero = tl.load(zero_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = gather_conv_input(x_ptr, n_idx, ho, wo, offs_k, mask_m, mask_k, sxn, sxc, sxh, sxw, H, W,
-                                  SH, SW, PH, PW, DH, DW, KH, KW)
-            code = int4_codes(qw_ptr, offs_n, offs_k, mask_n[:, None] & mask_k[None, :], stride_qn)
+            mask_k = kb * BLOCK_K + tl.arange(0, BLOCK_K) < K
+            offs, inside, wrow = conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H, W, SH, SW, PH, PW, DH, DW,
+                                           KH, KW, BLOCK_K, ALIGNED)
+            x = tl.load(x_ptr + offs, mask=mask_m[:, None] & mask_k[None, :] & inside, other=0.0)  # 0 outside
+            code = int4_codes(qw_ptr, offs_n, wrow, mask_n[:, None] & mask_k[None, :], stride_qn)
             acc = _dequant_dot(acc, x, code, zero, scale, mask_k, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -210,9 +224,12 @@ def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     bm, bn, bk, warps = tiles(m, o) if block is None else (*block, 4)
     grid = (triton.cdiv(m, bm), triton.cdiv(o, bn))
     b = bias.to(x.dtype).contiguous() if bias is not None else y
+    aligned = c % bk == 0
+    if aligned:  # channels-last: each input-tile row is BLOCK_K consecutive channels (`conv_taps`)
+        x = x.contiguous(memory_format=torch.channels_last)
     _w4a16_conv_kernel[grid](x, qweight.contiguous(), scale.float().contiguous(), zero.contiguous(), b, y, m, o, c,
                              h, w, ho, wo, *x.stride(), qweight.stride(0), *y.stride(), stride[0], stride[1],
                              padding[0], padding[1], dilation[0], dilation[1], K=c * kh * kw, KH=kh, KW=kw,
-                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn,
-                             BLOCK_K=bk, num_warps=warps)
+                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, ALIGNED=aligned,
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
