@@ -139,9 +139,10 @@ def sample(
                                     "activations, so this is the W-only model)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Shard k goes to process k mod N."),
-    fused_fake_quant: bool = typer.Option(False, "--fused-fake-quant", help="Quantized model on CUDA: quantize "
-                                          "activations with one fused Triton kernel instead of six torch ops (same "
-                                          "values; checked in Triton's interpreter, not yet on a GPU)."),
+    fused_fake_quant: bool = typer.Option(True, "--fused-fake-quant/--no-fused-fake-quant", help="Quantized model "
+                                          "on CUDA: quantize activations with one fused Triton kernel instead of six "
+                                          "torch ops (bitwise the same values: checked in Triton's interpreter and on "
+                                          "an H200)."),
 ) -> None:
     """Sample images from a diffusers model; rerun the same command to resume."""
     import contextlib
@@ -522,9 +523,9 @@ def experiment_run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     results: Optional[Path] = typer.Option(None, "--results", help="Write (and look for) cell results here "
                                            "instead of the spec's results folder."),
-    fused_fake_quant: bool = typer.Option(False, "--fused-fake-quant", help="Sample quantized cells with "
-                                          "`gacq sample --fused-fake-quant`'s one-kernel activation quantization "
-                                          "(same values; recorded in each cell's JSON)."),
+    fused_fake_quant: bool = typer.Option(True, "--fused-fake-quant/--no-fused-fake-quant", help="Sample quantized "
+                                          "cells with `gacq sample --fused-fake-quant`'s one-kernel activation "
+                                          "quantization (bitwise the same values; recorded in each cell's JSON)."),
 ) -> None:
     """Calibrate, quantize, sample and evaluate every unfinished cell; rerun to resume."""
     import contextlib

@@ -96,11 +96,11 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     assert "wrote W4A8 rtn (common) checkpoint" in proc.stdout
     info = json.loads(gacq("info", "--model", q).stdout)
     assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
-    gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu")
+    gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu",
+         "--no-fused-fake-quant")
     assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (3, 16, 16, 3)
-    # --fused-fake-quant is recorded; on the CPU (no kernel) the torch ops run: the same images
-    gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "f", "--device", "cpu",
-         "--fused-fake-quant")
+    # --fused-fake-quant (the default) is recorded; on the CPU (no kernel) the torch ops run: the same images
+    gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "f", "--device", "cpu")
     assert json.loads((tmp_path / "f" / "meta.json").read_text())["fused_fake_quant"] is True
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["fused_fake_quant"] is False
     assert np.array_equal(np.load(tmp_path / "f" / "samples.npz")["images"],
