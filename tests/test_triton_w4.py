@@ -4,6 +4,7 @@ references; each case runs tests/triton_w4_checks.py in a subprocess with TRITON
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -40,3 +41,29 @@ def test_w4a16_kernel_on_cuda(case):
                        env={**env, "GACQ_TRITON_DEVICE": "cuda"}, timeout=600, cwd=CHECKS.parent.parent)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert f"ok {case}" in r.stdout
+
+
+def test_tile_sweep_runs_in_the_interpreter(tmp_path):
+    """benchmarks/tune_conv_tiles.py's smoke grid: every kernel runs through the sweep's code path and the report is
+    written (speed itself is only measured on the GPU)."""
+    script = CHECKS.parent.parent / "benchmarks" / "tune_conv_tiles.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--grid", "smoke"], capture_output=True,
+                       text=True, env=env, timeout=600, cwd=CHECKS.parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "conv_tiles.json").read_text())["rows"]
+    summaries = [x["summary"] for x in rows if "summary" in x]
+    assert [s["kernel"] for s in summaries] == ["int8", "w4a8", "w4a16"]
+    assert all(s["best_matches_default"] for s in summaries)
+    assert "| int8 |" in (tmp_path / "conv_tiles.md").read_text()
+
+
+def test_int_mm_probe_needs_a_gpu(tmp_path):
+    script = CHECKS.parent.parent / "benchmarks" / "probe_int_mm.py"
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    if torch.cuda.is_available():
+        assert r.returncode == 0 and (tmp_path / "int_mm_probe.md").exists()
+    else:
+        assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
+        assert not (tmp_path / "int_mm_probe.json").exists()

@@ -120,7 +120,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                 act_scale: torch.Tensor, act_zero: torch.Tensor, qmin: int, qmax: int, center: int,
                 kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], w_zero: torch.Tensor | None = None,
-                block: tuple[int, int, int] | None = None) -> torch.Tensor:
+                block: tuple[int, int, int] | None = None, num_warps: int | None = None,
+                num_stages: int | None = None) -> torch.Tensor:
     """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
     qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); or, with
@@ -130,7 +131,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     float dtype or None; act_scale, act_zero: the input quantizer's scale and (integer) zero point as
     one-element tensors on x's device, read by the kernels (no host sync, so per-step grids written
     into them work under CUDA graphs); qmin, qmax: the grid; center: ca. `block` = (BLOCK_M, BLOCK_N,
-    BLOCK_K) overrides `tiles`.
+    BLOCK_K), `num_warps` and `num_stages` override `tiles` and Triton's default pipelining
+    (benchmarks/tune_conv_tiles.py).
     """
     if triton is None:
         raise RuntimeError("the int8 Triton kernel needs the triton package")
@@ -150,6 +152,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     bm, bn, bk, warps = tiles(m, out_channels)
     if block is not None:
         (bm, bn, bk), warps = block, 4
+    warps = num_warps or warps
+    extra = {"num_stages": num_stages} if num_stages else {}
     grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn))
     off = w_offset if w_offset is not None else row_term  # any int32 pointer when unused
     b = bias if bias is not None else w_scale  # any pointer when unused
@@ -159,7 +163,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                             m, out_channels, c, h, w, ho, wo, h * w * c, 1, w * c, c, qweight.stride(0), *y.stride(),
                             sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
                             HAS_BIAS=bias is not None, W4=w_zero is not None, ALIGNED=c % bk == 0,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **extra)
     return y
 
 

@@ -199,9 +199,10 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
 
 def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  weight_shape: tuple[int, ...], bias: torch.Tensor | None, stride, padding, dilation,
-                 block: tuple[int, int, int] | None = None) -> torch.Tensor:
+                 block: tuple[int, int, int] | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None) -> torch.Tensor:
     """conv2d (groups 1) as an implicit GEMM; padding may be an int, a pair or 'same'/'valid'. `block` =
-    (BLOCK_M, BLOCK_N, BLOCK_K) overrides `tiles`."""
+    (BLOCK_M, BLOCK_N, BLOCK_K), `num_warps` and `num_stages` override `tiles` and Triton's default pipelining."""
     if triton is None:
         raise RuntimeError("the w4a16 Triton kernel needs the triton package")
     o, c, kh, kw = weight_shape
@@ -222,6 +223,8 @@ def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     y = torch.empty((n, o, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
     bm, bn, bk, warps = tiles(m, o) if block is None else (*block, 4)
+    warps = num_warps or warps
+    extra = {"num_stages": num_stages} if num_stages else {}
     grid = (triton.cdiv(m, bm), triton.cdiv(o, bn))
     b = bias.to(x.dtype).contiguous() if bias is not None else y
     aligned = c % bk == 0
@@ -231,5 +234,5 @@ def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
                              h, w, ho, wo, *x.stride(), qweight.stride(0), *y.stride(), stride[0], stride[1],
                              padding[0], padding[1], dilation[0], dilation[1], K=c * kh * kw, KH=kh, KW=kw,
                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, ALIGNED=aligned,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **extra)
     return y

@@ -1,0 +1,170 @@
+"""Tile sweep of the implicit-GEMM conv kernels (int8 W8A8, W4A8, W4A16) on the `ddpm-cifar10` model's conv shapes,
+against cuDNN's bf16 conv of the same shape, so `triton_w4.tiles` can be chosen from measurements.
+
+For each shape (batch 256 at the model's resolutions) and each kernel it times every (BLOCK_M, BLOCK_N, BLOCK_K,
+num_warps, num_stages) in the grid below (CUDA events, median of 10 after 3 warm-up calls; a config that fails to
+compile or run is recorded with its error), checks the fastest against the default tiles' output (the integer
+kernels: equal up to the epilogue's float rounding), and reports TOPS / TFLOPS (2 operations per multiply-add) and the
+ratio to cuDNN bf16. Random inputs and weights: speed does not depend on the values.
+
+    python benchmarks/tune_conv_tiles.py --out results/conv_tiles          # GPU; about 2-4 minutes
+    python benchmarks/tune_conv_tiles.py --out /tmp/t --grid quick         # fewer configs
+    TRITON_INTERPRET=1 python benchmarks/tune_conv_tiles.py --out /tmp/t --grid smoke   # CPU smoke test
+
+Writes OUT/conv_tiles.json (command, machine, every timing) and OUT/conv_tiles.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (C, O, H=W, kernel, stride) of ddpm-cifar10's convs at 32x32 input, batch 256
+SHAPES = [(128, 128, 32, 3, 1), (256, 256, 16, 3, 1), (512, 256, 16, 3, 1), (256, 256, 8, 3, 1),
+          (256, 256, 16, 1, 1), (128, 128, 32, 3, 2)]
+BATCH = 256
+
+
+def time_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if not torch.cuda.is_available():  # the smoke test in Triton's interpreter
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def configs(grid: str) -> list[tuple[int, int, int, int, int]]:
+    if grid == "smoke":
+        return [(32, 32, 32, 4, 2)]
+    blocks = [(128, 128, 64), (128, 128, 128), (128, 256, 64), (256, 128, 64), (64, 128, 128), (128, 64, 128)]
+    warps, stages = {"quick": ([8], [3]), "default": ([4, 8], [3]), "full": ([4, 8], [2, 3, 4])}[grid]
+    return [(*b, w, s) for b, w, s in itertools.product(blocks, warps, stages)]
+
+
+def kernels(c: int, o: int, k: int, stride: int, device: torch.device):
+    """{name: fn(x, block, warps, stages)} for one conv shape, random weights."""
+    from gacq.export.base import pack_int4
+    from gacq.export.triton_int8 import int8_conv2d
+    from gacq.export.triton_w4 import w4a16_conv2d
+
+    kk = c * k * k
+    g = torch.Generator(device=device).manual_seed(0)
+    w8 = torch.randint(-100, 100, ((kk + 7) // 8 * 8, (o + 7) // 8 * 8), generator=g, device=device,
+                       dtype=torch.int8)
+    codes = torch.randint(0, 16, (o, kk), generator=g, device=device)
+    packed = pack_int4(codes)
+    w_scale = torch.rand(o, generator=g, device=device) * 1e-3
+    w_zero = torch.full((o,), 8, device=device, dtype=torch.int32)
+    row = torch.zeros(o, device=device, dtype=torch.int32)
+    a_scale, a_zero = torch.tensor([0.02], device=device), torch.tensor([128.0], device=device)
+    bias = torch.zeros(o, device=device)
+    geo = ((k, k), (stride, stride), (k // 2, k // 2), (1, 1))
+
+    def int8(x, block=None, warps=None, stages=None):
+        return int8_conv2d(x, w8, kk, o, w_scale, None, row, bias, a_scale, a_zero, 0, 255, 128, *geo,
+                           block=block, num_warps=warps, num_stages=stages)
+
+    def w4a8(x, block=None, warps=None, stages=None):
+        return int8_conv2d(x, packed, kk, o, w_scale, None, row, bias, a_scale, a_zero, 0, 255, 128, *geo,
+                           w_zero=w_zero, block=block, num_warps=warps, num_stages=stages)
+
+    def w4a16(x, block=None, warps=None, stages=None):
+        return w4a16_conv2d(x, packed, w_scale, w_zero, (o, c, k, k), bias, geo[1], geo[2], geo[3],
+                            block=block, num_warps=warps, num_stages=stages)
+
+    return {"int8": int8, "w4a8": w4a8, "w4a16": w4a16}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--grid", choices=["quick", "default", "full", "smoke"], default="default",
+                   help="quick: 6 tile shapes at 8 warps, 3 stages; default: 4 and 8 warps; full: also 2 and 4 stages; "
+                        "smoke: one tiny shape and config in Triton's interpreter (TRITON_INTERPRET=1, CPU; the test)")
+    args = p.parse_args(argv)
+    smoke = args.grid == "smoke"
+    if not torch.cuda.is_available() and not smoke:
+        sys.exit("tune_conv_tiles: needs a CUDA GPU (it times compiled Triton kernels); --grid smoke runs on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    t0 = time.time()
+    rows = []
+    batch, dtype = (2, torch.float32) if smoke else (BATCH, torch.bfloat16)
+    for (c, o, hw, k, stride) in ([(32, 16, 6, 3, 1)] if smoke else SHAPES):
+        x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
+        wb = torch.randn(o, c, k, k, device=device, dtype=dtype)
+        ho = (hw + 2 * (k // 2) - k) // stride + 1
+        ops = 2 * batch * ho * ho * o * c * k * k
+        bf16 = time_ms(lambda: F.conv2d(x, wb, None, stride, k // 2))
+        shape = {"c": c, "o": o, "hw": hw, "k": k, "stride": stride, "ops": ops, "cudnn_bf16_ms": round(bf16, 4),
+                 "cudnn_bf16_tflops": round(ops / bf16 / 1e9, 1)}
+        print(shape, flush=True)
+        for name, fn in kernels(c, o, k, stride, device).items():
+            default = fn(x)
+            best = None
+            default_ms = time_ms(lambda: fn(x))
+            for cfg in configs(args.grid):
+                r = {**shape, "kernel": name, "block": cfg[:3], "warps": cfg[3], "stages": cfg[4]}
+                try:
+                    ms = time_ms(lambda: fn(x, cfg[:3], cfg[3], cfg[4]))
+                    r.update(ms=round(ms, 4), tops=round(ops / ms / 1e9, 1), vs_cudnn=round(bf16 / ms, 3))
+                    if best is None or ms < best["ms"]:
+                        best = r
+                except Exception as e:  # noqa: BLE001 (recorded: too much shared memory, ...)
+                    r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                rows.append(r)
+            summary = {**shape, "kernel": name, "default_ms": round(default_ms, 4),
+                       "default_tops": round(ops / default_ms / 1e9, 1), "best": best}
+            if best is not None:
+                got = fn(x, best["block"], best["warps"], best["stages"])
+                summary["best_matches_default"] = bool(torch.allclose(got.float(), default.float(), rtol=1e-2,
+                                                                      atol=1e-2))
+            rows.append({"summary": summary})
+            print(f"  {name}: default {summary['default_tops']} T/s, best "
+                  f"{best and (best['block'], best['warps'], best['stages'], best['tops'])}", flush=True)
+    result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+              "machine": {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__,
+                          "python": platform.python_version()},
+              "wall_seconds": round(time.time() - t0, 1), "rows": rows}
+    lines = [f"# Implicit-GEMM conv kernels: tile sweep at batch {batch}", "", f"`{result['command']}`", "",
+             f"{result['machine']['gpu']}, torch {result['machine']['torch']}, {result['wall_seconds']} s", "",
+             "| C | O | HxW | k | stride | kernel | cuDNN bf16 TFLOPS | default T/s | best T/s | best tiles (M, N, K), "
+             "warps, stages | best / cuDNN | best = default output |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        if "summary" not in r:
+            continue
+        s, b = r["summary"], r["summary"]["best"] or {}
+        lines.append(f"| {s['c']} | {s['o']} | {s['hw']} | {s['k']} | {s['stride']} | {s['kernel']} | "
+                     f"{s['cudnn_bf16_tflops']} | {s['default_tops']} | {b.get('tops', '-')} | "
+                     f"{b.get('block', '-')}, {b.get('warps', '-')}, {b.get('stages', '-')} | {b.get('vs_cudnn', '-')} | "
+                     f"{s.get('best_matches_default', '-')} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("conv_tiles.json", json.dumps(result, indent=1)), ("conv_tiles.md", "\n".join(lines) + "\n")):
+        tmp = args.out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out / name)
+    return result
+
+
+if __name__ == "__main__":
+    main()
