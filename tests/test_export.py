@@ -492,7 +492,7 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
                           timeout=300, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     res2 = json.loads((tmp_path / "b2" / "bench_lowbit.json").read_text())
-    assert {r["mode"] for r in res2["results"]} == {"int8 W8A8", "int8 W8A8 im2col"}
+    assert {r["mode"] for r in res2["results"]} == {"int8 W8A8", "int8 W8A8 im2col", "int8 W8A8 triton-linears"}
     # a 3-step sampling loop costs about 3 steps (and more than one)
     for r in res2["results"]:
         assert r["sample_steps"] == 3 and r["sample_seconds"] * 1e3 > 1.5 * r["ms_min"], r
