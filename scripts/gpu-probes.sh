@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The short GPU measurements that decide the next kernel and sampling work, each under its own timeout, alone on
+# the GPU (start no experiment job beside them). Everything lands in $OUT/probes.tgz (the device returns at most
+# 8 files): unpack with `tar xzf probes.tgz` and move each part to its results folder.
+#
+# Usage (device): source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-probes.sh $OUT STEP...
+#   probe     benchmarks/probe_int_mm.py: which torch._int_mm shapes and layouts cuBLAS takes, exact?, TOPS  (~20 s)
+#   tests     the GPU-only tests (Triton kernels compiled, int8 cuBLAS layers, GAC's CUDA graph)            (~100 s)
+#   tiles     benchmarks/tune_conv_tiles.py --grid quick: tile sweep of the implicit-GEMM convs vs cuDNN     (~3 min)
+#   bench     gacq bench on ddpm-cifar10, no compile, with --kernels (per-layer TOPS and GEMM peaks)          (~3 min)
+#   fq        gacq bench on the bundled `small` config at batch 1000: fake quant W8A8, fused against unfused  (~1 min)
+#   parallel  benchmarks/parallel_throughput.py: 1, 2 and 4 W4A8 samplings of 2,000 images at once         (~5 min)
+# Two calls fit the 10-minute limit: `probe tests tiles bench`, then `fq parallel`.
+set -u
+OUT=$1; shift
+P=$OUT/probes
+mkdir -p "$P"
+for step in "$@"; do
+  t0=$(date +%s)
+  case $step in
+    probe) timeout 90 python benchmarks/probe_int_mm.py --out "$P/int_mm" > "$P/int_mm.log" 2>&1 ;;
+    tests) GACQ_TRITON_DEVICE=cuda timeout 300 python -m pytest -q -p no:cacheprovider -k cuda --durations=10 \
+             tests/test_triton_w4.py tests/test_export.py tests/quant/test_gac.py > "$P/gpu_tests.log" 2>&1 ;;
+    tiles) timeout 270 python benchmarks/tune_conv_tiles.py --grid quick --out "$P/tiles" > "$P/tiles.log" 2>&1 ;;
+    bench) timeout 240 python -m gacq bench --config ddpm-cifar10 --no-compile \
+             --modes "bf16,int8 W8A8,w4a8,w4a16 W4A16" --kernels --out "$P/bench" > "$P/bench.log" 2>&1 ;;
+    fq) timeout 150 python -m gacq bench --config small --no-compile --no-graphs --batch-sizes 1000 --repeats 10 \
+          --modes "fake-quant W8A8,fake-quant W4A8" --out "$P/fq" > "$P/fq.log" 2>&1 ;;
+    parallel)
+      timeout 120 python -m gacq quantize --method rtn --wbits 4 --abits 8 --device cuda --out runs/probe-rtn-w4a8 \
+        > "$P/parallel_quantize.log" 2>&1
+      timeout 400 python benchmarks/parallel_throughput.py --procs 1,2,4 --out "$P/parallel" -- \
+        python -m gacq sample --model runs/probe-rtn-w4a8 --num 2000 --steps 100 --batch-size 1000 --seed '{i}' \
+        --device cuda --out '{dir}' > "$P/parallel.log" 2>&1 ;;
+    *) echo "unknown step $step (probe tests tiles bench fq parallel)"; continue ;;
+  esac
+  echo "$step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$P/steps.txt"
+done
+tar czf "$OUT/probes-$(date +%H%M%S).tgz" -C "$OUT" probes && rm -rf "$P"
