@@ -27,7 +27,9 @@ from gacq.utils import git_commit, write_json
 
 def load_weights(src: Path) -> dict[str, torch.Tensor]:
     if (src / "gac_weights.safetensors").exists():
-        return {k: v.double() for k, v in load_file(str(src / "gac_weights.safetensors")).items()}
+        from gacq.quant.checkpoint import load_gac_weights
+
+        return {k: v.double() for k, v in load_gac_weights(src / "gac_weights.safetensors")[0].items()}
     files = sorted((src / "gac").glob("*.safetensors"))
     if not files:
         raise SystemExit(f"no GAC weights in {src} (gac_weights.safetensors or gac/*.safetensors)")

@@ -566,13 +566,35 @@ def experiment_list(
         typer.echo(f"{cell_status(s, c):8s} {c.id}{how}")
 
 
+@experiment_app.command("diagnostics")
+def experiment_diagnostics(
+    spec: Path = typer.Argument(..., help="Experiment spec (TOML)."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Write into this results folder instead of "
+                                           "the spec's."),
+) -> None:
+    """For every finished gac checkpoint in the spec's work folder (say, fetched back from a GPU run), its learned
+    sample weights per sampling step as <results>/diagnostics/<job>.json, which `gacq report` plots
+    (`gacq experiment run` writes them itself for the checkpoints it makes or uses)."""
+    from .experiment import load_spec, write_gac_diagnostics
+
+    try:
+        written = write_gac_diagnostics(load_spec(spec, results=results))
+    except GacqError as e:
+        _fail(e)
+    for f in written:
+        typer.echo(f"wrote {f}")
+    typer.echo(f"{len(written)} new GAC weight profile(s)")
+
+
 @app.command()
 def report(
     results: Path = typer.Argument(..., help="Folder with experiment cell JSONs (searched recursively)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Markdown file to write [RESULTS/README.md]; the HTML page and FID plot go next to it."),
     title: Optional[str] = typer.Option(None, "--title", help="Heading of the report."),
 ) -> None:
-    """Render experiment results as markdown + HTML tables, an FID plot and the sample grids."""
+    """Render experiment results as markdown + HTML tables, an FID plot, the sample grids and the diagnostics
+    (GAC's learned sample weights per sampling step, where `gacq experiment run` or `gacq experiment diagnostics`
+    wrote them)."""
     from .report import render
 
     try:

@@ -705,11 +705,9 @@ def diagnose(qdir: str | Path | None, model: str | None, calib_folder: str | Pat
       weights (`alignment=None`), required (`True`) or skipped (`False`).
     - diagnose.json: the numbers, inputs, command and commit.
     """
-    from safetensors.torch import load_file
-
     from .models import LoadedModel, load_model
     from .quant.calib_data import CalibrationSet
-    from .quant.checkpoint import is_quantized_folder
+    from .quant.checkpoint import is_quantized_folder, load_gac_weights
 
     t0 = time.time()
     device = torch.device(device)
@@ -767,7 +765,7 @@ def diagnose(qdir: str | Path | None, model: str | None, calib_folder: str | Pat
     weights = wcal = which = None
     if gac_file is not None and alignment is not False:
         try:
-            weights = load_file(str(gac_file))
+            weights, _ = load_gac_weights(gac_file)
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise GacqError(f"{gac_file} is not readable ({e})") from e
         if not weights:
@@ -836,3 +834,77 @@ def diagnose(qdir: str | Path | None, model: str | None, calib_folder: str | Pat
     summary["files"] = sorted(str(f.relative_to(out)) for f in files)
     write_json(out / "diagnose.json", _jsonable(summary))
     return summary
+
+
+# ------------------------------------------------------- GAC weights per sampling step (experiment reports) ---
+def gac_weight_profile(qdir: str | Path) -> dict:
+    """GAC's learned sample weights of a checkpoint, per block: the effective sample size over the training
+    samples (ESS / N: 1 = uniform) and the mean relative weight (1 = uniform) of each recorded sampling step's
+    training samples (validation samples, weight 0, are left out).
+
+    Each weighted sample's sampling step comes from the checkpoint (`gac_weights.safetensors`, gacq from
+    2026-12-02). Older checkpoints are read as gacq lays its weight subsets out: step-major, equal counts, the
+    `calib.n_steps` steps taken uniformly from the calibration sampler's steps (j * steps // n_steps); the result
+    says which (`step_source`)."""
+    from .quant.checkpoint import load_gac_weights
+
+    qdir = Path(qdir)
+    gac_file = qdir / "gac_weights.safetensors"
+    if not gac_file.exists():
+        raise GacqError(f"{qdir} holds no GAC weights (gac_weights.safetensors): not a gac checkpoint with "
+                        "meta-iterations > 0")
+    try:
+        meta = json.loads((qdir / "quant_config.json").read_text())
+        weights, samples = load_gac_weights(gac_file)
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise GacqError(f"{qdir}: the GAC weights or quant_config.json are not readable ({e})") from e
+    if not weights:
+        raise GacqError(f"{gac_file} holds no GAC weights")
+    n = len(next(iter(weights.values())))
+    timestep = samples.get("timestep")
+    if "sampling_step" in samples:
+        step, source = samples["sampling_step"].long(), "recorded in the checkpoint"
+    else:
+        cfg = meta.get("config", {})
+        k = int(cfg.get("calib", {}).get("n_steps") or 0)
+        total = int((meta.get("calibration_meta") or {}).get("sampler", {}).get("steps") or 0)
+        if k <= 0 or n % k or total < k:
+            raise GacqError(f"{qdir}: the checkpoint does not record its samples' sampling steps, and {n} weights do "
+                            f"not split into its {k} calibration steps of a {total}-step sampler")
+        step = (torch.arange(k) * (total // k)).repeat_interleave(n // k)
+        source = f"inferred: step-major, {k} equal groups at steps j * {total // k} (the checkpoint predates the record)"
+    steps = sorted(int(s) for s in torch.unique(step))
+    blocks = {}
+    for name, w in sorted(weights.items()):
+        w = w.double().flatten()
+        if len(w) != len(step):
+            raise GacqError(f"{qdir}: block {name} has {len(w)} weights for {len(step)} samples")
+        train = w > 0
+        rel = w / w[train].mean()
+        blocks[name] = {"ess_over_n": float(w[train].sum() ** 2 / (w[train] ** 2).sum() / int(train.sum())),
+                        "mean_rel_per_step": [float(rel[(step == s) & train].mean()) for s in steps]}
+    curves = torch.tensor([b["mean_rel_per_step"] for b in blocks.values()])
+    return {"qdir": str(qdir), "job": qdir.name, "method": meta.get("config", {}).get("method"),
+            "wbits": meta.get("config", {}).get("wbits"), "abits": meta.get("config", {}).get("abits"),
+            "commit": meta.get("commit"), "n_samples": n, "steps": steps, "step_source": source,
+            "timesteps": None if timestep is None else [int(timestep[step == s][0]) for s in steps],
+            "mean_over_blocks": curves.mean(0).tolist(),
+            "min_over_blocks": curves.min(0).values.tolist(), "max_over_blocks": curves.max(0).values.tolist(),
+            "blocks": blocks}
+
+
+def plot_gac_profiles(profiles: list[dict], path: str | Path) -> Path:
+    """One line per checkpoint: GAC's mean relative sample weight per sampling step, averaged over blocks, with
+    the range over blocks shaded."""
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    for p in profiles:
+        line, = ax.plot(p["steps"], p["mean_over_blocks"], marker="o", ms=3, label=p["job"])
+        ax.fill_between(p["steps"], p["min_over_blocks"], p["max_over_blocks"], color=line.get_color(), alpha=0.12)
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.set_xlabel("sampling step (0 = first, noisiest)")
+    ax.set_ylabel("mean weight / uniform (training samples)")
+    ax.set_title("GAC's learned sample weights per step: mean over blocks (shaded: min-max over blocks)",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    return _save_png(fig, Path(path))

@@ -419,6 +419,28 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
     return qdir, float_acts
 
 
+def write_gac_diagnostics(spec: ExperimentSpec, qdirs: list[Path] | None = None) -> list[Path]:
+    """For each finished gac checkpoint (default: every one in the spec's work folder) without one yet, its learned
+    sample weights per sampling step (`gacq.diagnostics.gac_weight_profile`) as
+    `<results>/diagnostics/<job>.json`, which `gacq report` plots. Returns the files written."""
+    from .diagnostics import gac_weight_profile
+    from .utils import write_json
+
+    if qdirs is None:
+        qdirs = sorted(d for d in (spec.work / "q").glob("*") if d.is_dir()) if (spec.work / "q").is_dir() else []
+    written = []
+    for qdir in qdirs:
+        out = spec.results / "diagnostics" / f"{qdir.name}.json"
+        if out.exists() or not (qdir / "quant_config.json").exists() or not (qdir / "gac_weights.safetensors").exists():
+            continue
+        prof = gac_weight_profile(qdir)
+        prof["qdir"] = f"<work>/q/{qdir.name}"  # where it lived is no result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, prof)
+        written.append(out)
+    return written
+
+
 def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = True) -> dict:
     """Calibrate, quantize, sample and evaluate one cell; writes and returns its result JSON."""
     from .metrics import evaluate
@@ -432,6 +454,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     device = resolve_device(spec.device)
     t0 = time.time()
     qdir, float_acts = ensure_quantized(spec, cell, device, progress)
+    if qdir is not None:
+        write_gac_diagnostics(spec, [qdir])
     loaded = load_model(spec.model if qdir is None else qdir, device=device, act_quant=not float_acts)
     sdir = spec.work / "samples" / cell.id
     smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)

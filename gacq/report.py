@@ -197,18 +197,59 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                              _fmt(d["metrics"]["fid"], 2) if d else "not run"])
             md += _table(["override", "bits", "steps", "FID", "default FID"], rows) + [""]
     png = out.with_name(out.stem + "_fid.png")
+    images = []
     if plot_rows:
         _plot(plot_rows, png)
         md += [f"![FID per method and bit width]({png.name})", ""]
+        images.append((png, "FID per method and bit width"))
+    diag = _gac_diagnostics(Path(folder), out)
+    if diag is not None:
+        md += diag[0]
+        images.append((diag[1], "GAC's learned sample weights per sampling step"))
     grids = [(c["cell"]["id"], Path(c["_path"]).parent.parent / c["grid"]) for c in cells if c.get("grid")]
     text = "\n".join(md) + "\n"
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     page = out.with_suffix(".html")
     with atomic_path(page) as tmp:
-        tmp.write_text(_html(md, png if plot_rows else None, grids, page.parent))
+        tmp.write_text(_html(md, images, grids, page.parent))
     return {"cells": len(cells), "groups": len(groups), "markdown": str(out), "html": str(page),
-            "plot": str(png) if plot_rows else None}
+            "plot": str(png) if plot_rows else None, "diagnostics": str(diag[1]) if diag else None}
+
+
+def _gac_diagnostics(folder: Path, out: Path) -> tuple[list[str], Path] | None:
+    """The diagnostics section: GAC's learned sample weights per sampling step of every gac checkpoint whose
+    profile the experiment runner wrote (`<folder>/diagnostics/<job>.json`), as a table and one plot."""
+    from .diagnostics import plot_gac_profiles
+
+    files = sorted((folder / "diagnostics").glob("*.json")) if (folder / "diagnostics").is_dir() else []
+    profiles = []
+    for f in files:
+        try:
+            p = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise GacqError(f"{f} is not readable JSON ({e}); delete it and rerun `gacq experiment diagnostics`") from e
+        if "mean_over_blocks" in p:
+            profiles.append(p)
+    if not profiles:
+        return None
+    png = out.with_name(out.stem + "_gac_weights.png")
+    plot_gac_profiles(profiles, png)
+    md = ["## Diagnostics: GAC's learned sample weights", "",
+          "Per gac checkpoint, from its `gac_weights.safetensors` (`gacq.diagnostics.gac_weight_profile`): the mean "
+          "weight of each sampling step's training samples relative to uniform (1), averaged over blocks, and the "
+          "effective sample size over the training samples (ESS / N, 1 = uniform weights). Step 0 is the first "
+          "(noisiest) sampling step.", ""]
+    rows = []
+    for p in profiles:
+        ess = sorted(b["ess_over_n"] for b in p["blocks"].values())
+        m = p["mean_over_blocks"]
+        rows.append([p["job"], f"W{p['wbits']}A{p['abits'] or 32}", str(len(p["blocks"])), f"{ess[0]:.3f}",
+                     f"{ess[len(ess) // 2]:.3f}", f"{m[0]:.3f}", f"{m[-1]:.3f}", f"{min(m):.3f}–{max(m):.3f}",
+                     "recorded" if p["step_source"].startswith("recorded") else "inferred (older checkpoint)"])
+    md += _table(["job", "bits", "blocks", "ESS/N min", "ESS/N median", "first step", "last step", "range over steps",
+                  "steps"], rows) + ["", f"![GAC's learned sample weights per sampling step]({png.name})", ""]
+    return md, png
 
 
 def _plot(rows, path: Path) -> None:
@@ -248,7 +289,7 @@ def _plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def _html(md: list[str], png: Path | None, grids, root: Path) -> str:
+def _html(md: list[str], images: list[tuple[Path, str]], grids, root: Path) -> str:
     body, in_table = [], False
     for line in md:
         if line.startswith("|"):
@@ -275,8 +316,8 @@ def _html(md: list[str], png: Path | None, grids, root: Path) -> str:
             body.append(f"<p>{html.escape(line.strip('_'))}</p>")
     if in_table:
         body.append("</table>")
-    if png is not None:
-        body.append(f'<img src="{html.escape(png.name)}" alt="FID per method and bit width">')
+    for png, alt in images:
+        body.append(f'<img src="{html.escape(png.name)}" alt="{html.escape(alt)}" style="max-width:100%">')
     if grids:
         body.append("<h2>Sample grids</h2><div>")
         for cid, p in grids:

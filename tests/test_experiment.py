@@ -359,3 +359,31 @@ def test_checkpoints_of_an_older_gacq_keep_their_cells(ran, tiny32, monkeypatch)
         ensure_quantized(s, cell, "cpu", progress=False)
     meta["config"]["bias_correction"] = False
     path.write_text(json.dumps(meta))
+
+
+def test_gac_cells_write_weight_profiles_that_the_report_plots(tiny32, tmp_path):
+    """A gac cell's checkpoint gets its learned-weights profile in <results>/diagnostics (the runner writes it);
+    `gacq experiment diagnostics` writes missing ones from the work folder; the report has a diagnostics section
+    with its plot, in markdown and HTML."""
+    spec = SPEC.format(model=tiny32).replace('methods = ["fp", "rtn", "tfmq"]\nbits = ["W4A8", "W4A32"]',
+                                             'methods = ["gac"]\nbits = ["W4A32"]')
+    spec = spec.replace("act_iters = 2\n", "act_iters = 2\ngac_meta_iters = 2\n")
+    (tmp_path / "spec.toml").write_text(spec)
+    r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prof_file = tmp_path / "results" / "experiments" / "t" / "diagnostics" / "gac_w4a32_steps5.json"
+    prof = json.loads(prof_file.read_text())
+    assert prof["step_source"] == "recorded in the checkpoint" and prof["qdir"] == "<work>/q/gac_w4a32_steps5"
+    assert prof["blocks"] and all(len(b["mean_rel_per_step"]) == len(prof["steps"]) for b in prof["blocks"].values())
+    prof_file.unlink()
+    r = gacq("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
+    assert r.returncode == 0 and "1 new GAC weight profile(s)" in r.stdout, r.stdout + r.stderr
+    assert json.loads(prof_file.read_text())["blocks"] == prof["blocks"]
+    r = gacq("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
+    assert "0 new GAC weight profile(s)" in r.stdout  # written once
+    r = gacq("report", "results/experiments/t", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "results" / "experiments" / "t" / "README.md").read_text()
+    assert "## Diagnostics: GAC's learned sample weights" in md and "| gac_w4a32_steps5 | W4A32 |" in md
+    assert (tmp_path / "results" / "experiments" / "t" / "README_gac_weights.png").stat().st_size > 1000
+    assert 'src="README_gac_weights.png"' in (tmp_path / "results" / "experiments" / "t" / "README.html").read_text()

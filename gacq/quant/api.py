@@ -218,6 +218,7 @@ def _gac_weight_fn(model, wcal, config, ckpt, device):
     with the checkpoint) and, with resume points, to ckpt/gac/<block>.safetensors."""
     store: dict = {}
     model.gacq_gac_weights = store
+    model.gacq_gac_samples = {"sampling_step": wcal.step, "timestep": wcal.t}  # saved beside the weights
     if ckpt is not None and (ckpt / "gac").is_dir():
         for f in sorted((ckpt / "gac").glob("*.safetensors")):
             store[f.stem] = {"weights": load_file(str(f))["weights"]}
@@ -418,7 +419,11 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
     peak = {"peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated(device))} if device.type == "cuda" else {}
     gac_file = qdir / "gac_weights.safetensors"
     if gac_file.exists():  # carried over unchanged
-        q.model.gacq_gac_weights = {n: {"weights": w} for n, w in load_file(str(gac_file)).items()}
+        from .checkpoint import load_gac_weights
+
+        gw, samples = load_gac_weights(gac_file)
+        q.model.gacq_gac_weights = {n: {"weights": w} for n, w in gw.items()}
+        q.model.gacq_gac_samples = samples
     keep = {k: v for k, v in base_meta.items()
             if k not in ("format_version", "diffusers", "torch", "layers", "attention", "fsc", "gac_weights",
                          "output_bias", "config", "wall_seconds", "peak_gpu_memory_bytes", "commit")}

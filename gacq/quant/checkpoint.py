@@ -112,7 +112,10 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
         if fsc is not None:
             save_file({k: v.cpu().float() for k, v in fsc.state_dict().items()}, str(tmp / "fsc.safetensors"))
         if gac:  # GAC's learned per-sample weights of every block (over the calibration samples)
-            save_file({n: d["weights"].float().contiguous() for n, d in gac.items()}, str(tmp / "gac_weights.safetensors"))
+            gt = {n: d["weights"].float().contiguous() for n, d in gac.items()}
+            for key, v in (getattr(model, "gacq_gac_samples", None) or {}).items():  # each sample's step / timestep
+                gt[f"{GAC_RESERVED}{key}"] = v.detach().cpu().to(torch.int64).contiguous()
+            save_file(gt, str(tmp / "gac_weights.safetensors"))
         if vae is not None:
             vae.save_pretrained(tmp / "vae", safe_serialization=True)
         (tmp / "quant_config.json").write_text(json.dumps(meta, indent=2))
@@ -120,6 +123,20 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items() if not k.startswith("_")}}
         (tmp / "model_config.json").write_text(json.dumps({"model": base, "scheduler": scheduler_config}, indent=2))
     return out
+
+
+GAC_RESERVED = "__"  # gac_weights.safetensors keys that are not blocks: __sampling_step, __timestep (per sample)
+
+
+def load_gac_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's gac_weights.safetensors -> ({block: weight of every weighted sample}, {'sampling_step' and
+    'timestep' of each sample, where the checkpoint recorded them (gacq after 2026-12-02)})."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    weights = {k: v for k, v in raw.items() if not k.startswith(GAC_RESERVED)}
+    samples = {k[len(GAC_RESERVED):]: v for k, v in raw.items() if k.startswith(GAC_RESERVED)}
+    return weights, samples
 
 
 def is_quantized_folder(path: Path) -> bool:

@@ -225,7 +225,8 @@ def test_gac_with_zero_meta_iterations_is_tfmq(fp, calib_all):
 def test_gac_end_to_end_saves_learned_weights(fp, tmp_path):
     from safetensors.torch import load_file
 
-    from gacq.quant.checkpoint import save_quantized
+    from gacq.diagnostics import gac_weight_profile
+    from gacq.quant.checkpoint import load_gac_weights, save_quantized
     from gacq.quant.gac import GACConfig
 
     cs = collect(LoadedModel(fp), SampleConfig(steps=STEPS), CalibDataConfig(selection="all", n_trajectories=12),
@@ -239,8 +240,27 @@ def test_gac_end_to_end_saves_learned_weights(fp, tmp_path):
     w = next(iter(store.values()))["weights"]
     assert len(w) == len(cs) and (w == 0).sum() == 6 and abs(float(w.sum()) - 1) < 1e-5  # 1 validation sample/step
     save_quantized(q, tmp_path / "q", {"method": "gac"}, dict(fp.config), {})
-    saved = load_file(str(tmp_path / "q" / "gac_weights.safetensors"))
+    saved, samples = load_gac_weights(tmp_path / "q" / "gac_weights.safetensors")
     assert set(saved) == set(store) and torch.equal(saved[next(iter(store))], w)
+    # each weighted sample's sampling step and timestep travel with the weights (reserved keys, not blocks)
+    raw = load_file(str(tmp_path / "q" / "gac_weights.safetensors"))
+    assert set(raw) == set(store) | {"__sampling_step", "__timestep"}
+    assert torch.equal(samples["sampling_step"], cs.step) and torch.equal(samples["timestep"], cs.t)
+    # the report's profile: mean weight / uniform per sampling step over the training samples, against a naive loop
+    import json as _json
+
+    (tmp_path / "q" / "quant_config.json").write_text(_json.dumps({"config": cfg.to_json()}))
+    prof = gac_weight_profile(tmp_path / "q")
+    assert prof["step_source"] == "recorded in the checkpoint" and prof["steps"] == sorted(set(cs.step.tolist()))
+    name = next(iter(store))
+    wd = w.double()
+    train_mean = sum(float(v) for v in wd if v > 0) / sum(1 for v in wd if v > 0)
+    for j, st in enumerate(prof["steps"]):
+        vals = [float(wd[i]) / train_mean for i in range(len(wd)) if int(cs.step[i]) == st and wd[i] > 0]
+        assert abs(prof["blocks"][name]["mean_rel_per_step"][j] - sum(vals) / len(vals)) < 1e-9
+    tw = [float(v) for v in wd if v > 0]
+    assert abs(prof["blocks"][name]["ess_over_n"] - sum(tw) ** 2 / sum(v * v for v in tw) / len(tw)) < 1e-9
+    assert prof["timesteps"] == [int(cs.t[cs.step == st][0]) for st in prof["steps"]]
 
 
 @pytest.mark.parametrize("method,preset", [("qdiffusion", "faithful"), ("tfmq", "common")])
