@@ -144,7 +144,9 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     x = x.contiguous()
     x8 = torch.empty((n, h, w, c), dtype=torch.int8, device=x.device)  # channels-last codes
-    bc, bp = (32, 32) if INTERPRET else (64, 64)
+    # tiles of up to 64 pixels x 4096 / 64 channels; linears (1x1 images) take one pixel x all channels per program
+    bp = min(64, triton.next_power_of_2(h * w))
+    bc = min(max(32, 4096 // bp), triton.next_power_of_2(c))
     _quantize_kernel[(n, triton.cdiv(h * w, bp), triton.cdiv(c, bc))](
         x, x8, act_scale, act_zero, c, h * w, float(qmin), float(qmax), float(center), BLOCK_C=bc, BLOCK_P=bp)
     y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
