@@ -433,6 +433,8 @@ def write_gac_diagnostics(spec: ExperimentSpec, qdirs: list[Path] | None = None)
         out = spec.results / "diagnostics" / f"{qdir.name}.json"
         if out.exists() or not (qdir / "quant_config.json").exists() or not (qdir / "gac_weights.safetensors").exists():
             continue
+        if json.loads((qdir / "quant_config.json").read_text()).get("bias_corrected_from"):
+            continue  # a bias-corrected copy carries its base checkpoint's weights unchanged
         prof = gac_weight_profile(qdir)
         prof["qdir"] = f"<work>/q/{qdir.name}"  # where it lived is no result
         out.parent.mkdir(parents=True, exist_ok=True)
