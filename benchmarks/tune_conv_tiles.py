@@ -110,6 +110,32 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     rows = []
     batch, dtype = (2, torch.float32) if smoke else (BATCH, torch.bfloat16)
+
+    def write() -> dict:  # after every kernel, so a run cut by its time limit keeps what it measured
+        result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                  "machine": {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
+                              else "cpu (Triton interpreter)", "torch": torch.__version__,
+                              "python": platform.python_version()},
+                  "wall_seconds": round(time.time() - t0, 1), "rows": rows}
+        lines = [f"# Implicit-GEMM conv kernels: tile sweep at batch {batch}", "", f"`{result['command']}`", "",
+                 f"{result['machine']['gpu']}, torch {result['machine']['torch']}, {result['wall_seconds']} s", "",
+                 "| C | O | HxW | k | stride | kernel | cuDNN bf16 TFLOPS | default T/s | best T/s | best tiles (M, N, K), "
+                 "warps, stages | best / cuDNN | best = default output |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
+        for r in rows:
+            if "summary" not in r:
+                continue
+            s, b = r["summary"], r["summary"]["best"] or {}
+            lines.append(f"| {s['c']} | {s['o']} | {s['hw']} | {s['k']} | {s['stride']} | {s['kernel']} | "
+                         f"{s['cudnn_bf16_tflops']} | {s['default_tops']} | {b.get('tops', '-')} | "
+                         f"{b.get('block', '-')}, {b.get('warps', '-')}, {b.get('stages', '-')} | {b.get('vs_cudnn', '-')} | "
+                         f"{s.get('best_matches_default', '-')} |")
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("conv_tiles.json", json.dumps(result, indent=1)), ("conv_tiles.md", "\n".join(lines) + "\n")):
+            tmp = args.out / (name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(args.out / name)
+        return result
+
     for (c, o, hw, k, stride) in ([(32, 16, 6, 3, 1)] if smoke else SHAPES):
         x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
         wb = torch.randn(o, c, k, k, device=device, dtype=dtype)
@@ -142,28 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"summary": summary})
             print(f"  {name}: default {summary['default_tops']} T/s, best "
                   f"{best and (best['block'], best['warps'], best['stages'], best['tops'])}", flush=True)
-    result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "machine": {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__,
-                          "python": platform.python_version()},
-              "wall_seconds": round(time.time() - t0, 1), "rows": rows}
-    lines = [f"# Implicit-GEMM conv kernels: tile sweep at batch {batch}", "", f"`{result['command']}`", "",
-             f"{result['machine']['gpu']}, torch {result['machine']['torch']}, {result['wall_seconds']} s", "",
-             "| C | O | HxW | k | stride | kernel | cuDNN bf16 TFLOPS | default T/s | best T/s | best tiles (M, N, K), "
-             "warps, stages | best / cuDNN | best = default output |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
-    for r in rows:
-        if "summary" not in r:
-            continue
-        s, b = r["summary"], r["summary"]["best"] or {}
-        lines.append(f"| {s['c']} | {s['o']} | {s['hw']} | {s['k']} | {s['stride']} | {s['kernel']} | "
-                     f"{s['cudnn_bf16_tflops']} | {s['default_tops']} | {b.get('tops', '-')} | "
-                     f"{b.get('block', '-')}, {b.get('warps', '-')}, {b.get('stages', '-')} | {b.get('vs_cudnn', '-')} | "
-                     f"{s.get('best_matches_default', '-')} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("conv_tiles.json", json.dumps(result, indent=1)), ("conv_tiles.md", "\n".join(lines) + "\n")):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out / name)
-    return result
+            write()
+    return write()
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@
 # Usage (device): source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-probes.sh $OUT STEP...
 #   probe     benchmarks/probe_int_mm.py: which torch._int_mm shapes and layouts cuBLAS takes, exact?, TOPS  (~20 s)
 #   tests     the GPU-only tests (Triton kernels compiled, int8 cuBLAS layers, GAC's CUDA graph)            (~100 s)
-#   tiles     benchmarks/tune_conv_tiles.py --grid quick: tile sweep of the implicit-GEMM convs vs cuDNN     (~3 min)
-#   bench     gacq bench on ddpm-cifar10, no compile, with --kernels (per-layer TOPS and GEMM peaks)          (~3 min)
+#   tiles     benchmarks/tune_conv_tiles.py --grid quick: tile sweep of the implicit-GEMM convs vs cuDNN   (~3-5 min)
+#   bench     gacq bench on ddpm-cifar10, no compile, with --kernels (per-layer TOPS and GEMM peaks)          (~4 min)
 #   fq        gacq bench on the bundled `small` config at batch 1000: fake quant W8A8, fused against unfused  (~1 min)
 #   parallel  benchmarks/parallel_throughput.py: 1, 2 and 4 W4A8 samplings of 2,000 images at once         (~5 min)
-# Two calls fit the 10-minute limit: `probe tests tiles bench`, then `fq parallel`.
+# Three calls fit the 10-minute limit: `probe tests bench`, `tiles fq`, `parallel`.
 set -u
 OUT=$1; shift
 P=$OUT/probes
@@ -22,7 +22,7 @@ for step in "$@"; do
     tests) GACQ_TRITON_DEVICE=cuda timeout 300 python -m pytest -q -p no:cacheprovider -k cuda --durations=10 \
              tests/test_triton_w4.py tests/test_export.py tests/quant/test_gac.py > "$P/gpu_tests.log" 2>&1 ;;
     tiles) timeout 270 python benchmarks/tune_conv_tiles.py --grid quick --out "$P/tiles" > "$P/tiles.log" 2>&1 ;;
-    bench) timeout 240 python -m gacq bench --config ddpm-cifar10 --no-compile \
+    bench) timeout 300 python -m gacq bench --config ddpm-cifar10 --no-compile \
              --modes "bf16,int8 W8A8,w4a8,w4a16 W4A16" --kernels --out "$P/bench" > "$P/bench.log" 2>&1 ;;
     fq) timeout 150 python -m gacq bench --config small --no-compile --no-graphs --batch-sizes 1000 --repeats 10 \
           --modes "fake-quant W8A8,fake-quant W4A8" --out "$P/fq" > "$P/fq.log" 2>&1 ;;
