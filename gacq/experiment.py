@@ -457,7 +457,10 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     t0 = time.time()
     qdir, float_acts = ensure_quantized(spec, cell, device, progress)
     if qdir is not None:
-        write_gac_diagnostics(spec, [qdir])
+        try:
+            write_gac_diagnostics(spec, [qdir])
+        except GacqError as e:  # a diagnostic that cannot be made never stops the cell
+            print(f"warning: no GAC weight profile for {qdir.name}: {e}", file=sys.stderr)
     loaded = load_model(spec.model if qdir is None else qdir, device=device, act_quant=not float_acts)
     sdir = spec.work / "samples" / cell.id
     smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
