@@ -55,6 +55,7 @@ def test_tile_sweep_runs_in_the_interpreter(tmp_path):
     summaries = [x["summary"] for x in rows if "summary" in x]
     assert [s["kernel"] for s in summaries] == ["int8", "w4a8", "w4a16"]
     assert all(s["best_matches_default"] for s in summaries)
+    assert summaries[0]["general_taps_equal"]  # int8: the per-element tap path gives the aligned path's integers
     assert "| int8 |" in (tmp_path / "conv_tiles.md").read_text()
 
 

@@ -121,7 +121,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                 kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], w_zero: torch.Tensor | None = None,
                 block: tuple[int, int, int] | None = None, num_warps: int | None = None,
-                num_stages: int | None = None) -> torch.Tensor:
+                num_stages: int | None = None, aligned: bool | None = None) -> torch.Tensor:
     """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
     qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); or, with
@@ -132,7 +132,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     one-element tensors on x's device, read by the kernels (no host sync, so per-step grids written
     into them work under CUDA graphs); qmin, qmax: the grid; center: ca. `block` = (BLOCK_M, BLOCK_N,
     BLOCK_K), `num_warps` and `num_stages` override `tiles` and Triton's default pipelining
-    (benchmarks/tune_conv_tiles.py).
+    (benchmarks/tune_conv_tiles.py); `aligned=False` forces the per-element tap arithmetic where one tap per
+    K block would apply (the same integers; for measuring what the aligned path gains).
     """
     if triton is None:
         raise RuntimeError("the int8 Triton kernel needs the triton package")
@@ -164,7 +165,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                             float(qmin), float(qmax), float(center),
                             m, out_channels, c, h, w, ho, wo, h * w * c, 1, w * c, c, qweight.stride(0), *y.stride(),
                             sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
-                            HAS_BIAS=bias is not None, W4=w_zero is not None, ALIGNED=c % bk == 0,
+                            HAS_BIAS=bias is not None, W4=w_zero is not None,
+                            ALIGNED=c % bk == 0 and aligned is not False,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **extra)
     return y
 
