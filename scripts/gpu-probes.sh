@@ -8,9 +8,11 @@
 #   tests     the GPU-only tests (Triton kernels compiled, int8 cuBLAS layers, GAC's CUDA graph)            (~100 s)
 #   tiles     benchmarks/tune_conv_tiles.py --grid quick: tile sweep of the implicit-GEMM convs vs cuDNN   (~3-5 min)
 #   bench     gacq bench on ddpm-cifar10, no compile, with --kernels (per-layer TOPS and GEMM peaks)          (~4 min)
+#   small     gacq bench on the `small` config (the bundled model's), no compile, with 100-step sampling     (~4 min)
+#   compiled  gacq bench on ddpm-cifar10 at batch 1 and 256: bf16 and the exports under torch.compile       (~5-8 min)
 #   fq        gacq bench on the bundled `small` config at batch 1000: fake quant W8A8, fused against unfused  (~1 min)
 #   parallel  benchmarks/parallel_throughput.py: 1, 2 and 4 W4A8 samplings of 2,000 images at once         (~5 min)
-# Three calls fit the 10-minute limit: `probe tests bench`, `tiles fq`, `parallel`.
+# Calls that fit the 10-minute limit: `probe tests bench`, `tiles fq`, `parallel`, `small`, `compiled`.
 set -u
 OUT=$1; shift
 P=$OUT/probes
@@ -24,6 +26,10 @@ for step in "$@"; do
     tiles) timeout 270 python benchmarks/tune_conv_tiles.py --grid quick --out "$P/tiles" > "$P/tiles.log" 2>&1 ;;
     bench) timeout 300 python -m gacq bench --config ddpm-cifar10 --no-compile \
              --modes "bf16,int8 W8A8,w4a8,w4a16 W4A16" --kernels --out "$P/bench" > "$P/bench.log" 2>&1 ;;
+    small) timeout 330 python -m gacq bench --config small --no-compile --sample-steps 100 \
+             --modes "bf16,int8 W8A8,w4a8,w4a16 W4A16" --out "$P/bench_small" > "$P/bench_small.log" 2>&1 ;;
+    compiled) timeout 540 python -m gacq bench --config ddpm-cifar10 --batch-sizes 1,256 --modes compiled \
+             --out "$P/bench_compiled" > "$P/bench_compiled.log" 2>&1 ;;
     fq) timeout 150 python -m gacq bench --config small --no-compile --no-graphs --batch-sizes 1000 --repeats 10 \
           --modes "fake-quant W8A8,fake-quant W4A8" --out "$P/fq" > "$P/fq.log" 2>&1 ;;
     parallel)
@@ -32,7 +38,7 @@ for step in "$@"; do
       timeout 400 python benchmarks/parallel_throughput.py --procs 1,2,4 --out "$P/parallel" -- \
         python -m gacq sample --model runs/probe-rtn-w4a8 --num 2000 --steps 100 --batch-size 1000 --seed '{i}' \
         --device cuda --out '{dir}' > "$P/parallel.log" 2>&1 ;;
-    *) echo "unknown step $step (probe tests tiles bench fq parallel)"; continue ;;
+    *) echo "unknown step $step (probe tests tiles bench small compiled fq parallel)"; continue ;;
   esac
   echo "$step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$P/steps.txt"
 done
