@@ -120,6 +120,8 @@ def layers():
         layer, x = make(**kw)
         ex = to_w4a16(layer)
         ex, layer, x = ex.to(DEVICE), layer.to(DEVICE), x.to(DEVICE)
+        assert not ex.kernel_applies(x)  # the default: dequantize per call + the float op
+        ex.use_kernel = True
         assert ex.kernel_applies(x)
         with torch.no_grad():
             torch.testing.assert_close(ex(x), layer(x), rtol=1e-5, atol=1e-5)
@@ -129,7 +131,9 @@ def layers():
             else:  # cuDNN may pick another algorithm per call; the same dense weights either way
                 torch.testing.assert_close(ex(x), layer(x), rtol=1e-6, atol=1e-6)
     layer, x = make_conv(wbits=4, k=1, padding=0, cin=12, split=5, x_shape=(2, 12, 5, 5))
-    assert not to_w4a16(layer).kernel_applies(x)  # two weight groups: the dense path
+    ex = to_w4a16(layer)
+    ex.use_kernel = True
+    assert not ex.kernel_applies(x)  # two weight groups: the dense path
 
 
 def int8_conv():

@@ -10,9 +10,10 @@ Backends (`BACKENDS`):
 - `w4a8`: int4 weights packed two per byte x int8 activations, the same exact integer arithmetic;
   on CUDA convs and linears run the fused Triton kernel, which unpacks the codes in its K loop
   (module `int8`).
-- `w4a16`: int4 weights packed two per byte; on CUDA a Triton GEMM dequantizes them tile by tile
-  (`triton_w4`; convs as an implicit GEMM), elsewhere they are dequantized at call time; inputs as
-  in the fake-quant model (module `w4a16`).
+- `w4a16`: int4 weights packed two per byte, dequantized at call time for the float conv/linear (on
+  CUDA, with `W4A16Layer.use_kernel`, a Triton GEMM dequantizes them tile by tile instead: `triton_w4`,
+  convs as an implicit GEMM; slower than dequantize + cuDNN in session 10's measurement); inputs as in
+  the fake-quant model (module `w4a16`).
 Layers a backend cannot run stay on a dense path with the fake-quant weight, counted in the
 report and in one warning.
 
