@@ -9,7 +9,7 @@ For one model config (random weights: speed does not depend on them) it builds
   Triton kernel ("triton-linears") instead of torch._int_mm, or with torch._int_mm's weight operand transposed
   ("nt-linears");
 - a W4A8 round-to-nearest fake-quant model and its `w4a8` export (packed int4 x int8, fused Triton
-  kernel on CUDA);
+  kernel on CUDA), also with its codes unpacked to int8 once per call for the int8 kernel ("unpacked");
 - a W4A16 round-to-nearest fake-quant model (weight-only, no calibration) and its `w4a16` export,
   as the backend runs it by default (unpack + dequantize + float op per call) and with its Triton kernel
   ("triton", CUDA; `--kernels` times that kernel per layer);
@@ -109,6 +109,16 @@ def kernels_on(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, W4A16Layer):
             m.use_kernel = True
+    return model
+
+
+def unpack_int8(model: nn.Module) -> nn.Module:
+    """A w4a8 export whose layers unpack their int4 codes to int8 once per call and run the int8 kernel."""
+    from gacq.export.int8 import W4A8Layer
+
+    for m in model.modules():
+        if isinstance(m, W4A8Layer):
+            m.unpack_for_kernel = True
     return model
 
 
@@ -318,6 +328,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ("int8 W8A8 nt-linears", lambda: nt_linears(convert(fq8(), "int8")[0]), False),
         ("fake-quant W4A8", fq48, False),
         ("w4a8 W4A8", lambda: convert(fq48(), "w4a8")[0], False),  # fused Triton conv/linear (CUDA)
+        ("w4a8 W4A8 unpacked", lambda: unpack_int8(convert(fq48(), "w4a8")[0]), False),
         ("fake-quant W4A16", fq4, False),
         ("w4a16 W4A16", lambda: convert(fq4(), "w4a16")[0], False),  # dequantize per call + cuDNN (the default)
         ("w4a16 W4A16 triton", lambda: kernels_on(convert(fq4(), "w4a16")[0]), False),  # the Triton kernel (CUDA)

@@ -273,9 +273,12 @@ def w4a8():
         assert ex.kernel_applies(x), kw
         with torch.no_grad():
             y = ex(x)
+            ex.unpack_for_kernel = True  # the int8 kernel on codes unpacked per call: the same integers
+            y_unpacked = ex(x)
             ex.use_kernel = False
             want = ex(x)
         _same_epilogue(y, want, kw)
+        _same_epilogue(y_unpacked, want, ("unpack-int8", kw))
     layer, x = make_conv(wbits=4, k=1, padding=0, cin=12, split=5, x_shape=(2, 12, 5, 5))
     assert not to_w4a8(layer).kernel_applies(x)  # two weight groups: the torch path
 
