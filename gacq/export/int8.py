@@ -144,8 +144,8 @@ class Int8Layer(ExportedLayer):
 
     use_kernel = True  # the Triton kernel where it applies; False: always the torch path (benchmarks)
     # W4A8 only: unpack the int4 codes to int8 once per call and run the int8 kernel on them, instead of unpacking
-    # nibbles inside the K loop (the same integers; session 10 timed the int8 kernel 25-45% faster per conv than
-    # the W4A8 one); `gacq bench` mode "w4a8 W4A8 unpacked"
+    # nibbles inside the K loop (the same integers; in session 10 the int8 kernel took 25-50% less time per conv
+    # than the W4A8 one); `gacq bench` mode "w4a8 W4A8 unpacked"
     unpack_for_kernel = False
     kernel_linears = False  # int8 linears keep cuBLAS's torch._int_mm; W4A8Layer has no torch int4 GEMM
 
