@@ -18,7 +18,6 @@ Writes OUT/int_mm_probe.json (command, machine, every case) and OUT/int_mm_probe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,22 +26,11 @@ from pathlib import Path
 
 import torch
 
+from gacq.bench import time_calls
+from gacq.utils import atomic_path, write_json
+
 SHAPES = [(17, 72, 72), (24, 72, 72), (546, 72, 72), (552, 72, 72), (1000, 64, 256), (1024, 1152, 128),
           (65536, 256, 256), (65536, 2304, 256), (8192, 8192, 8192)]
-
-
-def time_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def probe(m: int, k: int, n: int, layout: str, device: torch.device) -> dict:
@@ -60,7 +48,7 @@ def probe(m: int, k: int, n: int, layout: str, device: torch.device) -> dict:
     check = slice(0, min(m, 2048))  # float64 reference on at most 2,048 rows (8192^3 in float64 is slow)
     want = a[check].double() @ w.double().t()
     row["exact"] = bool(torch.equal(c[check].double(), want))
-    ms = time_ms(lambda: torch._int_mm(a, b))
+    ms = statistics.median(time_calls(lambda: torch._int_mm(a, b), device, 5, 20))
     row["ms"] = round(ms, 4)
     row["tops"] = round(2 * m * k * n / (ms * 1e-3) / 1e12, 2)
     return row
@@ -81,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
                           "cuda": torch.version.cuda, "python": platform.python_version()},
               "wall_seconds": round(time.time() - t0, 1), "cases": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     lines = ["# torch._int_mm: shapes, layouts, exactness, speed", "", f"`{result['command']}`", "",
              f"{result['machine']['gpu']}, torch {result['machine']['torch']} (CUDA {result['machine']['cuda']}), "
              f"{result['wall_seconds']} s", "", "| M | K | N | layout | exact | ms | TOPS | error |",
@@ -89,10 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         lines.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['layout']} | {r.get('exact', '-')} | {r.get('ms', '-')} "
                      f"| {r.get('tops', '-')} | {r.get('error', '')} |")
-    for name, text in (("int_mm_probe.json", json.dumps(result, indent=1)), ("int_mm_probe.md", "\n".join(lines) + "\n")):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out / name)
+    write_json(args.out / "int_mm_probe.json", result)
+    with atomic_path(args.out / "int_mm_probe.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return result
 
 

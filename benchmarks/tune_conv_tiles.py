@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import statistics
 import sys
@@ -28,29 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gacq.bench import time_calls
+from gacq.utils import atomic_path, write_json
+
 # (C, O, H=W, kernel, stride) of ddpm-cifar10's convs at 32x32 input, batch 256
 SHAPES = [(128, 128, 32, 3, 1), (256, 256, 16, 3, 1), (512, 256, 16, 3, 1), (256, 256, 8, 3, 1),
           (256, 256, 16, 1, 1), (128, 128, 32, 3, 2)]
 BATCH = 256
-
-
-def time_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if not torch.cuda.is_available():  # the smoke test in Triton's interpreter
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def configs(grid: str) -> list[tuple[int, int, int, int, int]]:
@@ -107,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("tune_conv_tiles: needs a CUDA GPU (it times compiled Triton kernels); --grid smoke runs on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
+
+    def time_ms(fn) -> float:  # CUDA events on the GPU; perf_counter in the interpreter's smoke test
+        return statistics.median(time_calls(fn, device, 3, 10))
     t0 = time.time()
     rows = []
     batch, dtype = (2, torch.float32) if smoke else (BATCH, torch.bfloat16)
@@ -131,11 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{b.get('tops', '-')} | "
                          f"{b.get('block', '-')}, {b.get('warps', '-')}, {b.get('stages', '-')} | {b.get('vs_cudnn', '-')} | "
                          f"{s.get('best_matches_default', '-')} |")
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name, text in (("conv_tiles.json", json.dumps(result, indent=1)), ("conv_tiles.md", "\n".join(lines) + "\n")):
-            tmp = args.out / (name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(args.out / name)
+        write_json(args.out / "conv_tiles.json", result)
+        with atomic_path(args.out / "conv_tiles.md") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
         return result
 
     for (c, o, hw, k, stride) in ([(32, 16, 6, 3, 1)] if smoke else SHAPES):
