@@ -42,7 +42,7 @@ _FUSED = os.environ.get("GACQ_FUSED_FAKE_QUANT") == "1"
 @contextlib.contextmanager
 def use_fused_fake_quant(on: bool = True):
     """Inside the block, no-grad fake quantization of per-tensor grids runs `gacq.quant.triton_fq`'s one-kernel
-    version where it applies (CUDA; bitwise equal to the torch ops in Triton's interpreter)."""
+    version where it applies (CUDA; bitwise equal to the torch ops in Triton's interpreter and on an H200)."""
     global _FUSED
     before, _FUSED = _FUSED, on
     try:
