@@ -51,7 +51,8 @@ def _round_up(n: int, m: int) -> int:
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_layout: bool | None = None) -> torch.Tensor:
-    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact; both operands contiguous.
+    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact. b is passed row-major (made contiguous) or, when it
+    is the transposed view of a row-major (N, K) tensor, as that view (`Int8Part.int_mm_layout` "nt").
 
     With `cuda_layout` (default: a is on CUDA) M is padded with zero rows to at least 17, as
     cuBLAS int8 GEMM requires, and to a multiple of 8: with both operands row-major (cuBLAS's "NN"
@@ -65,7 +66,8 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_layout: bool | None = None) ->
     rows = _round_up(max(m, CUDA_MIN_ROWS), 8) if cuda_layout else m
     if rows != m:
         a = F.pad(a, (0, 0, 0, rows - m))
-    return torch._int_mm(a.contiguous(), b.contiguous())[:m]
+    transposed = not b.is_contiguous() and b.t().is_contiguous()
+    return torch._int_mm(a.contiguous(), b if transposed else b.contiguous())[:m]
 
 
 def act_center(qmin: int, qmax: int) -> int:
@@ -114,13 +116,7 @@ class Int8Part(_Part):
         """S (M, O) int32 for centred inputs x8 (M, K) int8 and da = ca - za (int32 scalar tensor)."""
         kp = self.qweight.shape[0]
         a = x8 if kp == self.k else F.pad(x8, (0, kp - self.k))
-        if self.int_mm_layout == "nt":
-            m = a.shape[0]
-            rows = _round_up(max(m, CUDA_MIN_ROWS), 8) if a.is_cuda else m
-            a = F.pad(a, (0, 0, 0, rows - m)) if rows != m else a
-            acc = torch._int_mm(a.contiguous(), self._weight_nt())[:m, :self.out_channels]
-        else:
-            acc = int_mm(a, self.qweight)[:, :self.out_channels]
+        acc = int_mm(a, self._weight_nt() if self.int_mm_layout == "nt" else self.qweight)[:, :self.out_channels]
         if self.has_offset:
             acc = acc + x8.sum(1, dtype=torch.int32)[:, None] * self.w_offset
         return acc + da * self.row_term
