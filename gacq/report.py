@@ -239,7 +239,9 @@ def _gac_diagnostics(folder: Path, out: Path) -> tuple[list[str], Path] | None:
           "Per gac checkpoint, from its `gac_weights.safetensors` (`gacq.diagnostics.gac_weight_profile`): the mean "
           "weight of each sampling step's training samples relative to uniform (1), averaged over blocks, and the "
           "effective sample size over the training samples (ESS / N, 1 = uniform weights). Step 0 is the first "
-          "(noisiest) sampling step.", ""]
+          "(noisiest) sampling step. The profiles (`diagnostics/<job>.json`, each with its checkpoint's commit) are "
+          "written by `gacq experiment run` for the checkpoints it makes or uses, or by `gacq experiment "
+          "diagnostics SPEC` for checkpoints in the spec's work folder.", ""]
     rows = []
     for p in profiles:
         ess = sorted(b["ess_over_n"] for b in p["blocks"].values())
