@@ -4,9 +4,10 @@ Each cell is: calibrate (one all-steps calibration set per sampler, shared by ev
 recipe cuts its own timestep selection out of it), quantize, sample, evaluate. A finished cell is a
 JSON file `<results>/cells/<cell id>.json`; rerunning the spec skips finished cells and resumes
 unfinished ones (quantization resumes per block, sampling per shard), so a table can be built over
-many short GPU calls. `--parallel N` runs independent cells as N processes (small models leave a
-GPU mostly idle); with several GPUs visible, the N process slots are spread over them round-robin
-and each cell group runs whole on one GPU.
+many short GPU calls. `--parallel N` runs cells as up to N processes at once (small models leave a
+GPU mostly idle): the first cell of each quantization job quantizes, then every further cell that
+samples the same checkpoint gets a process of its own. With several GPUs visible, the N process
+slots are spread over them round-robin (one GPU per process).
 
 A spec (every key but `[[grid]]` optional; defaults shown)::
 
@@ -502,7 +503,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
 
 
 def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:
-    """Cells that share a quantization job run in one process (in spec order)."""
+    """Cells that share a quantization job, in spec order (the first one's process quantizes)."""
     groups: dict[str, list[Cell]] = {}
     for c in cells:
         job = quant_job_of(spec, c)[0]
@@ -568,17 +569,29 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             slots.put(gpu)
         return group, rc, log
 
+    def run_group(group: list[Cell]) -> list[tuple[list[Cell], int, Path]]:
+        # the first cell quantizes (or finds the checkpoint); the others only sample it, so they then run as
+        # processes of their own, side by side, instead of one after another behind the quantization
+        first = launch(group[:1])
+        if first[1] != 0 or len(group) == 1:
+            return [first] + ([(group[1:], None, first[2])] if len(group) > 1 else [])
+        with ThreadPoolExecutor(len(group) - 1) as sub:
+            return [first] + list(sub.map(lambda c: launch([c]), group[1:]))
+
     groups = _groups(spec, todo)
-    echo(f"{len(groups)} process group(s), {parallel} at a time" + (f" over {n_gpus} GPUs" if n_gpus > 1 else "")
-         + f"; logs in {logs}")
+    echo(f"{len(groups)} quantization group(s) of {len(todo)} cell(s), {parallel} process(es) at a time"
+         + (f" over {n_gpus} GPUs" if n_gpus > 1 else "") + f"; logs in {logs}")
     failed = []
     with ThreadPoolExecutor(parallel) as pool:
-        for group, rc, log in pool.map(launch, groups):
-            state = "done" if rc == 0 else f"FAILED (exit {rc}, see {log})"
-            echo(f"  {', '.join(c.id for c in group)}: {state}")
-            if rc != 0:
-                failed.append(log)
+        for runs in pool.map(run_group, groups):
+            for group, rc, log in runs:
+                state = ("done" if rc == 0 else "not run: the group's first cell failed" if rc is None
+                         else f"FAILED (exit {rc}, see {log})")
+                echo(f"  {', '.join(c.id for c in group)}: {state}")
+                if rc != 0:
+                    failed.append(log)
     if failed:
-        raise GacqError(f"{len(failed)} cell group(s) failed; logs: {', '.join(map(str, failed))}. "
+        failed = list(dict.fromkeys(failed))
+        raise GacqError(f"{len(failed)} cell process(es) failed; logs: {', '.join(map(str, failed))}. "
                         "Rerun the same command to resume them.")
     return [json.loads((spec.cell_dir / f"{c.id}.json").read_text()) for c in todo]

@@ -102,6 +102,9 @@ def test_cells_written_and_equal_to_the_manual_commands(ran, tiny32):
     for c in cells.values():
         assert c["metrics"]["feature_network"]["name"] == "cifar10" and c["metrics"]["samples"]["n"] == 10
         assert c["command"].startswith("gacq experiment run") and c["commit"] and c["machine"]
+    # one process per quantization job, then one per further cell of the job (its own log)
+    logs = sorted(p.stem for p in (ran / "runs/experiments/t/logs").glob("*.log"))
+    assert logs == sorted(cells), logs
     w = cells["tfmq_w4a32_steps5_seed0"]["quantize"]
     assert w["float_acts"] and w["weights_from"] == "tfmq_w4a8_steps5" and w["wall_seconds"] > 0
     # the FP cell's metrics are gacq eval's on its samples
