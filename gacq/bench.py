@@ -6,8 +6,8 @@ For one model config (random weights: speed does not depend on them) it builds
   one random batch, as gacq.quant.wrap does on calibration data), also with its activations quantized by
   the fused sampling kernel (`gacq.quant.triton_fq`, "fused-fq"), and its `int8` export, with its
   fused Triton convolution (on CUDA) and with it off (im2col + torch._int_mm), and with its linears also on the
-  Triton kernel ("triton-linears") instead of torch._int_mm, or with torch._int_mm's weight operand transposed
-  ("nt-linears");
+  Triton kernel ("triton-linears") instead of torch._int_mm, or with torch._int_mm's weight operand row-major
+  ("nn-linears"; the default passes it transposed, cuBLAS's fast int8 layout);
 - a W4A8 round-to-nearest fake-quant model and its `w4a8` export (packed int4 x int8, fused Triton
   kernel on CUDA), also with its codes unpacked to int8 once per call for the int8 kernel ("unpacked");
 - a W4A16 round-to-nearest fake-quant model (weight-only, no calibration) and its `w4a16` export,
@@ -124,7 +124,7 @@ def unpack_int8(model: nn.Module) -> nn.Module:
 
 def triton_linears(model: nn.Module) -> nn.Module:
     """An int8 export whose linears also run the fused Triton kernel (as 1x1 convs over 1x1 images) instead of
-    `torch._int_mm` (whose row-major int8 case measured 126 TOPS at 8192^3 on the H200, session 10)."""
+    `torch._int_mm` (935 TOPS at 8192^3 on the H200 in its default "nt" layout, results/int_mm_probe)."""
     from gacq.export.int8 import Int8Layer
 
     for m in model.modules():
@@ -133,15 +133,15 @@ def triton_linears(model: nn.Module) -> nn.Module:
     return model
 
 
-def nt_linears(model: nn.Module) -> nn.Module:
-    """An int8 export whose linears call `torch._int_mm` with the transposed view of a row-major (O, K) weight
-    ("nt") instead of a row-major (K, O) one ("nn"): `Int8Part.int_mm_layout`."""
+def nn_linears(model: nn.Module) -> nn.Module:
+    """An int8 export whose linears call `torch._int_mm` with a row-major (K, O) weight ("nn") instead of the
+    default transposed view of a row-major (O, K) one ("nt"): `Int8Part.int_mm_layout`."""
     from gacq.export.int8 import Int8Layer
 
     for m in model.modules():
         if isinstance(m, Int8Layer) and not m.is_conv:
             for part in m.parts:
-                part.int_mm_layout = "nt"
+                part.int_mm_layout = "nn"
     return model
 
 
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ("int8 W8A8", lambda: convert(fq8(), "int8")[0], False),  # fused Triton convs (CUDA)
         ("int8 W8A8 im2col", lambda: kernels_off(convert(fq8(), "int8")[0]), False),
         ("int8 W8A8 triton-linears", lambda: triton_linears(convert(fq8(), "int8")[0]), False),
-        ("int8 W8A8 nt-linears", lambda: nt_linears(convert(fq8(), "int8")[0]), False),
+        ("int8 W8A8 nn-linears", lambda: nn_linears(convert(fq8(), "int8")[0]), False),
         ("fake-quant W4A8", fq48, False),
         ("w4a8 W4A8", lambda: convert(fq48(), "w4a8")[0], False),  # fused Triton conv/linear (CUDA)
         ("w4a8 W4A8 unpacked", lambda: unpack_int8(convert(fq48(), "w4a8")[0]), False),

@@ -67,9 +67,23 @@ def _stat(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def _fmt(values: list[float], nd: int) -> str:
+def _fmt(values: list[float], nd: int, runs: int = 1) -> str:
     mean, std = _stat(values)
-    return f"{mean:.{nd}f}" if std is None else f"{mean:.{nd}f} ± {std:.{nd}f} ({len(values)} seeds)"
+    extra = f", {runs} quantization runs" if runs > 1 else ""
+    return f"{mean:.{nd}f}" if std is None else f"{mean:.{nd}f} ± {std:.{nd}f} ({len(values)} seeds{extra})"
+
+
+def _qrun(c: dict) -> tuple | None:
+    """Which quantization run a cell sampled: (commit, wall seconds) of its quantization job (the base job's
+    for float-activation cells), None for FP cells. Cells of one recipe requantized in another session differ."""
+    q = c.get("quantize")
+    if not q:
+        return None
+    return (q.get("job"), (q.get("commit") or "")[:7], q.get("wall_seconds"))
+
+
+def _runs(g: dict) -> int:
+    return len({_qrun(c) for c in g["cells"]} - {None})
 
 
 def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
@@ -118,7 +132,10 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                      "Each cell JSON under the results folder holds its command, commit, machine and wall "
                      "times. Seeds of the same cell are pooled: mean ± sample standard deviation. Seeds are "
                      "sampling seeds; `/cs<n>` marks a run calibrated (trajectories and reconstruction) with "
-                     "seed n instead of the spec's.", ""]
+                     "seed n instead of the spec's. Where the seeds of one cell sampled more than one quantization "
+                     "run of the same recipe and seed (a checkpoint requantized in a later GPU session), the count "
+                     "says so: that spread then holds the run-to-run variation of the quantization (GPU "
+                     "non-determinism, code changes between the commits) as well as the sampling seeds'.", ""]
     by_net: dict[str, dict] = defaultdict(dict)
     for k, g in groups.items():
         by_net[k[0]][k[1:]] = g
@@ -145,7 +162,7 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                     row = [m]
                     for b in cols:
                         g = sel.get((exp, m, b, steps, ())) if (b == "FP") == (m == "fp") else None
-                        row.append(_fmt(g["metrics"]["fid"], 2) if g else "")
+                        row.append(_fmt(g["metrics"]["fid"], 2, _runs(g)) if g else "")
                         if g:
                             plot_rows.append(((net, steps), m, b, *_stat(g["metrics"]["fid"])))
                     rows.append(row)
@@ -160,14 +177,14 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                 label += f" (W/A checkpoint {q['weights_from']}, float acts)"
             rows.append([label, b, str(steps), ",".join(sorted(g["seeds"])),
                          ",".join(map(str, sorted(g["n"])))] +
-                        [_fmt(g["metrics"][k], nd) for k, _, nd in METRICS])
+                        [_fmt(g["metrics"][k], nd, _runs(g)) for k, _, nd in METRICS])
         md += _table(["method", "bits", "steps", "seeds", "samples"] + [h for _, h, _ in METRICS], rows) + [""]
         cost = {}
         for g in gs.values():
             for c in g["cells"]:
                 q = c.get("quantize")
                 if q and not q.get("float_acts"):
-                    cost[q["job"]] = (q, bool((c.get("machine") or {}).get("gpu")))
+                    cost[_qrun(c)] = (q, bool((c.get("machine") or {}).get("gpu")))
         if cost:
             md += ["### Calibration cost (one quantization job each; wall time includes calibration-set loading)",
                    ""]
@@ -184,8 +201,12 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                 sec = q.get("quantize_seconds_of_base")
                 return f"bias correction of {base['checkpoint']}" + (f" (base: {sec:.0f} s)" if sec else "")
 
-            rows = [[j, what(q), f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None else "",
-                     peak(q, on_gpu)] for j, (q, on_gpu) in sorted(cost.items())]
+            n_runs = defaultdict(int)
+            for job, _, _ in cost:
+                n_runs[job] += 1
+            rows = [[job + (f" (run at {commit or '?'})" if n_runs[job] > 1 else ""), what(q),
+                     f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None else "", peak(q, on_gpu)]
+                    for (job, commit, _), (q, on_gpu) in sorted(cost.items(), key=lambda kv: tuple(map(str, kv[0])))]
             md += _table(["job", "work", "wall s", "peak GPU GiB"], rows) + [""]
         abl = {k: g for k, g in gs.items() if k[4]}
         if abl:
@@ -193,8 +214,8 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
             rows = []
             for (exp, m, b, steps, gac), g in sorted(abl.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][4])):
                 d = gs.get((exp, m, b, steps, ()))
-                rows.append([", ".join(f"{k}={v}" for k, v in gac), b, str(steps), _fmt(g["metrics"]["fid"], 2),
-                             _fmt(d["metrics"]["fid"], 2) if d else "not run"])
+                rows.append([", ".join(f"{k}={v}" for k, v in gac), b, str(steps), _fmt(g["metrics"]["fid"], 2, _runs(g)),
+                             _fmt(d["metrics"]["fid"], 2, _runs(d)) if d else "not run"])
             md += _table(["override", "bits", "steps", "FID", "default FID"], rows) + [""]
     png = out.with_name(out.stem + "_fid.png")
     images = []

@@ -213,6 +213,27 @@ def test_report_cost_table_names_bias_corrections_and_unrecorded_gpu_peaks(tmp_p
     assert "| tfmq_w3a8 | quantization | 900 | n/a (CPU) |" in md
 
 
+def test_report_counts_the_quantization_runs_that_pooled_seeds_sampled(tmp_path):
+    """Seed 0 sampled a checkpoint of an earlier session, seeds 1 and 2 its requantization: the pooled entry
+    says 2 runs, and the cost table lists both runs of the job."""
+    runs = [("gac_w4a8", "6a958af0aa", 792.0), ("gac_w4a8", "583aa68", 608.5), ("gac_w4a8", "583aa68", 608.5)]
+    for s, (job, commit, wall) in enumerate(runs):
+        _cell(tmp_path, "gac", "W4A8", s, 48.0 + s)
+        f = tmp_path / f"gacW4A8{s}cifar10None.json"
+        d = json.loads(f.read_text())
+        d["quantize"] = {"job": job, "float_acts": False, "commit": commit, "wall_seconds": wall}
+        d["machine"] = {"gpu": "H200"}
+        f.write_text(json.dumps(d))
+    _cell(tmp_path, "tfmq", "W4A8", 0, 50.0)
+    _cell(tmp_path, "tfmq", "W4A8", 1, 51.0)
+    render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert "49.00 ± 1.00 (3 seeds, 2 quantization runs)" in md
+    assert "50.50 ± 0.71 (2 seeds) |" in md  # FP-like cells without a quantize record: no run count
+    assert "| gac_w4a8 (run at 583aa68) | quantization | 608 |" in md
+    assert "| gac_w4a8 (run at 6a958af) | quantization | 792 |" in md
+
+
 def test_a_spec_with_other_settings_is_refused_on_shared_folders(ran, tiny32):
     other = SPEC.format(model=tiny32).replace("iters = 2\n", "iters = 3\n", 1)
     other = other.replace('name = "t"', 'name = "t2"\nresults = "results/experiments/t"\nwork = "runs/experiments/t"')

@@ -198,19 +198,20 @@ def test_int8_linear_matches_fake_quant_and_the_integer_reference(kw):
 
 @pytest.mark.parametrize("make,kw", [(make_linear, {}), (make_linear, {"wbits": 8, "cin": 16, "cout": 8}),
                                      (make_conv, {"k": 3, "stride": 1, "padding": 1})])
-def test_int8_nt_weight_layout_gives_the_same_integers(make, kw):
-    """`Int8Part.int_mm_layout = "nt"` (torch._int_mm on the transposed view of a row-major (O, K) weight copy) gives
-    bitwise the output of the default row-major (K, O) operand; the copy is made once."""
+def test_int8_nt_and_nn_weight_layouts_give_the_same_integers(make, kw):
+    """The default `Int8Part.int_mm_layout = "nt"` (torch._int_mm on the transposed view of a row-major (O, K)
+    weight copy, made once, not saved) gives bitwise the output of the row-major (K, O) operand ("nn")."""
     layer, x = make(**kw)
     ex = to_int8(layer)
     ex.use_kernel = False
+    assert all(part.int_mm_layout == "nt" for part in ex.parts)
     with torch.no_grad():
-        want = ex(x)
-        for part in ex.parts:
-            part.int_mm_layout = "nt"
         got = ex(x)
         copy = ex.parts[0]._qweight_nt
         assert torch.equal(ex(x), got) and ex.parts[0]._qweight_nt is copy
+        for part in ex.parts:
+            part.int_mm_layout = "nn"
+        want = ex(x)
     assert torch.equal(got, want)
     assert copy.is_contiguous() and torch.equal(copy.t(), ex.parts[0].qweight)
     assert "_qweight_nt" not in "".join(ex.state_dict())  # not saved with the export
@@ -485,9 +486,7 @@ def test_int8_layers_on_cuda(make, kw):
     layer = layer.cuda()
     with torch.no_grad():
         y, y_fake = ex(x.cuda()).cpu(), layer(x.cuda()).cpu()
-        for part in ex.parts:  # the transposed-weight cuBLAS layout gives the same integers
-            part.int_mm_layout = "nt"
-        ex.use_kernel = False
+        ex.use_kernel = False  # the torch path: cuBLAS in the default transposed-weight ("nt") layout
         y_nt = ex(x.cuda()).cpu()
         ex.use_kernel = True
     y_exact, mag, _ = exact_reference(layer.cpu(), x)
@@ -519,7 +518,7 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res2 = json.loads((tmp_path / "b2" / "bench_lowbit.json").read_text())
     assert {r["mode"] for r in res2["results"]} == {"int8 W8A8", "int8 W8A8 im2col", "int8 W8A8 triton-linears",
-                                                   "int8 W8A8 nt-linears"}
+                                                   "int8 W8A8 nn-linears"}
     # a 3-step sampling loop costs about 3 steps (and more than one)
     for r in res2["results"]:
         assert r["sample_steps"] == 3 and r["sample_seconds"] * 1e3 > 1.5 * r["ms_min"], r

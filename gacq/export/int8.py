@@ -55,9 +55,10 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_layout: bool | None = None) ->
     is the transposed view of a row-major (N, K) tensor, as that view (`Int8Part.int_mm_layout` "nt").
 
     With `cuda_layout` (default: a is on CUDA) M is padded with zero rows to at least 17, as
-    cuBLAS int8 GEMM requires, and to a multiple of 8: with both operands row-major (cuBLAS's "NN"
-    int8 case) CUDA 13's cuBLAS refused M = 546 on the H200 (CUBLAS_STATUS_NOT_SUPPORTED, results/gpu_tests,
-    session 10; pytorch/pytorch#169961 calls the NN case "not yet supported ... liable to change").
+    cuBLAS int8 GEMM requires, and to a multiple of 8. With both operands row-major (cuBLAS's "NN"
+    int8 case) CUDA 13's cuBLAS refused small shapes on the H200 even so (M = 546 and 552 with K = N = 72,
+    CUBLAS_STATUS_NOT_SUPPORTED; results/gpu_tests and results/int_mm_probe, sessions 10-11; pytorch/pytorch#169961
+    calls the NN case "not yet supported ... liable to change"): the layers use the transposed ("nt") layout.
     K and N must already be multiples of 8 there (export pads the weight).
     """
     m = a.shape[0]
@@ -99,11 +100,13 @@ class Int8Part(_Part):
         self.register_buffer("w_offset", dw.to(torch.int32))
         self.register_buffer("row_term", (w8.sum(1) + k * dw).to(torch.int32))
 
-    # "nn": torch._int_mm(a, qweight), both operands row-major; "nt": the second operand as the transposed view of a
-    # row-major (O8, K8) copy of the weight (made once per device, not saved), the layout cuBLAS documents its int8
-    # tensor-core kernels for. The same exact integers either way; which is faster is for `gacq bench` to say
-    # (session 10 measured 126 TOPS for "nn" at 8192^3 on the H200).
-    int_mm_layout = "nn"
+    # "nt" (default): torch._int_mm's second operand is the transposed view of a row-major (O8, K8) copy of the
+    # weight (made once per device, not saved), the layout cuBLAS documents its int8 tensor-core kernels for; "nn":
+    # torch._int_mm(a, qweight), both operands row-major. The same exact integers either way. On the H200
+    # (benchmarks/probe_int_mm.py, results/int_mm_probe, session 11) "nt" ran 935 TOPS at 8192^3 against "nn"'s 126,
+    # 561 against 118 at a 3x3 conv's im2col shape (65536 x 2304 x 256), and took every small shape that "nn"
+    # refused (CUBLAS_STATUS_NOT_SUPPORTED for M = 17 ... 1000 with K, N <= 256).
+    int_mm_layout = "nt"
 
     def _weight_nt(self) -> torch.Tensor:
         cached = getattr(self, "_qweight_nt", None)

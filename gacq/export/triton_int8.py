@@ -152,7 +152,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
         x, x8, act_scale, act_zero, c, h * w, float(qmin), float(qmax), float(center), BLOCK_C=bc, BLOCK_P=bp)
     y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
-    bm, bn, bk, warps = tiles(m, out_channels)
+    bm, bn, bk, warps = tiles(m, out_channels, "w4" if w_zero is not None else "int8", c)
     if block is not None:
         (bm, bn, bk), warps = block, 4
     warps = num_warps or warps

@@ -44,13 +44,23 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET)
 
 
-def tiles(m: int, n: int) -> tuple[int, int, int, int]:
+def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMM kernels for an M x N output: large tiles where the
     output is large (the tensor cores' shape, and each dequantized or gathered weight tile serves more rows),
     small ones where a large tile would be mostly padding, and always 32 in Triton's interpreter (where a
-    tile's cost is its size). The integer kernels' results do not depend on the tiles."""
+    tile's cost is its size). The integer kernels' results do not depend on the tiles.
+
+    `kind` "int8" (the int8 implicit-GEMM conv) and "w4" (the convs on packed int4 weights, W4A8 and W4A16) take
+    the tiles that won benchmarks/tune_conv_tiles.py's sweep on the H200 at batch 256 (results/conv_tiles,
+    session 11): int8 (128, 128, 128) with 8 warps from M = 8,192 rows (1.2-1.4x the generic tiles; only where
+    `channels` % 128 == 0, so that a K block stays within one kernel tap), w4 (256, 128, 64) with 8 warps from
+    M = 65,536 (1.1-1.5x)."""
     if INTERPRET:
         return 32, 32, 32, 4
+    if n >= 128 and kind == "int8" and m >= 8192 and (channels is None or channels % 128 == 0):
+        return 128, 128, 128, 8
+    if n >= 128 and kind == "w4" and m >= 65536:
+        return 256, 128, 64, 8
     bm = 128 if m >= 8192 else 64 if m >= 512 else 32
     bn = 128 if n >= 128 and m >= 512 else 64 if n >= 64 else 32
     return bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4
@@ -222,7 +232,7 @@ def w4a16_conv2d(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     wo = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     y = torch.empty((n, o, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
-    bm, bn, bk, warps = tiles(m, o) if block is None else (*block, 4)
+    bm, bn, bk, warps = tiles(m, o, "w4", c) if block is None else (*block, 4)
     warps = num_warps or warps
     extra = {"num_stages": num_stages} if num_stages else {}
     grid = (triton.cdiv(m, bm), triton.cdiv(o, bn))
