@@ -556,12 +556,17 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
     for j in range(parallel):
         slots.put(j % n_gpus if n_gpus > 1 else None)
 
+    # torch's CPU threads: each process defaults to one per core, so N processes would oversubscribe the cores N
+    # times over; they share them instead (an OMP_NUM_THREADS the user set is kept)
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+
     def launch(group: list[Cell]) -> tuple[list[Cell], int, Path]:
         log = logs / f"{group[0].id}.log"
         args = [sys.executable, "-m", "gacq", "experiment", "run", str(spec.path), "--results", str(spec.results),
                 "--cells", ",".join(c.id for c in group)] + ([] if progress else ["--quiet"])
         gpu = slots.get()
         env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+        env.setdefault("OMP_NUM_THREADS", str(threads))
         try:
             with open(log, "a") as f:
                 rc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env).returncode

@@ -411,3 +411,28 @@ def test_gac_cells_write_weight_profiles_that_the_report_plots(tiny32, tmp_path)
     assert "## Diagnostics: GAC's learned sample weights" in md and "| gac_w4a32_steps5 | W4A32 |" in md
     assert (tmp_path / "results" / "experiments" / "t" / "README_gac_weights.png").stat().st_size > 1000
     assert 'src="README_gac_weights.png"' in (tmp_path / "results" / "experiments" / "t" / "README.html").read_text()
+
+
+def test_a_class_conditional_dit_spec_with_guidance_runs_every_method(tmp_path):
+    """experiments/dit-cifar10.toml's shape on a tiny random DiT: fp, tfmq and gac cells with classifier-free
+    guidance run through the parallel runner, and the cells record the guidance scale in their settings."""
+    cfg = {"_class_name": "DiTTransformer2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
+           "patch_size": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
+           "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero", "dropout": 0.0}
+    torch.manual_seed(0)
+    model = save_model(build_model(cfg).eval(), tmp_path / "tinydit")
+    spec = SPEC.format(model=model).replace("steps = 5\n", "steps = 5\nguidance_scale = 1.5\n")
+    spec = spec.replace('methods = ["fp", "rtn", "tfmq"]\nbits = ["W4A8", "W4A32"]',
+                        'methods = ["fp", "tfmq", "gac"]\nbits = ["W4A8"]')
+    spec = spec.replace("recon_batch = 4\n", "recon_batch = 4\ngac_meta_iters = 2\n")
+    (tmp_path / "spec.toml").write_text(spec)
+    r = gacq("experiment", "run", "spec.toml", "--parallel", "3", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results/experiments/t/cells").glob("*.json")}
+    assert sorted(cells) == ["fp_steps5_seed0", "gac_w4a8_steps5_seed0", "tfmq_w4a8_steps5_seed0"]
+    for c in cells.values():
+        assert c["settings"]["sample"]["guidance_scale"] == 1.5 and c["metrics"]["samples"]["n"] == 10
+    q = json.loads((tmp_path / "runs/experiments/t/q/gac_w4a8_steps5/quant_config.json").read_text())
+    # calibrated on the guided sampler, both branches: 2 trajectories x 5 steps x (conditional, unconditional)
+    assert q["config"]["method"] == "gac" and q["calibration_meta"]["sampler"]["guidance_scale"] == 1.5
+    assert q["calibration_samples"] == 2 * 5 * 2

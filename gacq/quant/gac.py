@@ -113,7 +113,9 @@ def validation_split(step: torch.Tensor, fraction: float, groups: int, seed: int
     """
     steps = torch.unique(step)
     if len(steps) < groups:
-        raise GacqError(f"GAC needs calibration samples from at least K={groups} sampling steps, got {len(steps)}")
+        raise GacqError(f"GAC needs calibration samples from at least K={groups} sampling steps, got {len(steps)}: "
+                        f"lower K (`gacq quantize --gac-groups {len(steps)}`, or `gac = {{groups = [{len(steps)}]}}` "
+                        "in an experiment grid) or calibrate on a sampler with more steps")
     g = torch.Generator().manual_seed(seed)
     val_mask = torch.zeros(len(step), dtype=torch.bool)
     for k in steps:
