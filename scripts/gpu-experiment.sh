@@ -18,6 +18,8 @@
 # which once deleted finished cells of a running job between two calls.
 # Usage (device): source scripts/gpu-setup.sh; WAIT=540 bash scripts/gpu-experiment.sh $OUT SPEC [P]
 # EXTRA="--fused-fake-quant" adds options to `gacq experiment run` (when the job starts).
+# PRE="command" runs first in the same background job (e.g. training the spec's model; the experiment starts
+# only when it succeeds), its output in the job's experiment.log.
 # CELLS=id,id,... runs only those cells (given when the job starts); PACK_Q=0 skips packing the
 # checkpoints (when they were carried in, or can be remade cheaply, e.g. bias-corrected ones).
 set -u
@@ -36,7 +38,7 @@ if [ ! -f "runs/bg/exp-$NAME/pid" ]; then
   rm -rf "$DEVRES"; mkdir -p "$DEVRES"; [ -d "$RES" ] && cp -r "$RES/." "$DEVRES/"
 fi
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
-  "python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet ${CELLS:+--cells $CELLS} ${EXTRA:-} > \$JOBOUT/experiment.log 2>&1"
+  "${PRE:+$PRE >> \$JOBOUT/experiment.log 2>&1 && }python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet ${CELLS:+--cells $CELLS} ${EXTRA:-} >> \$JOBOUT/experiment.log 2>&1"
 # pack snapshots (cells are written while we pack; a live tar once came back empty-handed)
 SNAP=$(mktemp -d)
 [ -d "$DEVRES" ] && cp -r "$DEVRES" "$SNAP/" && tar czf "$OUT/$NAME-results.tgz" -C "$SNAP" "$(basename "$RES")" \
