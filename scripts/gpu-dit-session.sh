@@ -9,22 +9,23 @@
 # Device, every call: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-session.sh $OUT
 #   carry: call 1 [".whl", ".data/parts/manifest", ".data/parts/train.zip.part00"], call 2 [".data/parts/train.zip.part01"],
 #   call 3 [".data/parts/train.zip.part02"] (the job starts there), later calls [] (ignored files stay on the warm machine).
-# Env: TRAIN_MIN (8), CELLS (the 100-step cells first; "" = the whole spec), P (8 processes), WAIT (540 s).
+# Env: TRAIN_MIN (8), CELLS (the 100-step cells first; "" = the whole spec), P (8 processes), WAIT (540 s);
+# for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE.
 set -u
 OUT=$1
 JOIN_ONLY=1 bash scripts/gpu-train.sh || exit 0
-SPEC=experiments/dit-cifar10.toml
+SPEC=${SPEC:-experiments/dit-cifar10.toml}
 CELLS=${CELLS-fp_steps100_seed0,tfmq_w8a8_steps100_seed0,tfmq_w4a8_steps100_seed0,gac_w8a8_steps100_seed0,gac_w4a8_steps100_seed0}
-PRE="python -m gacq train --data .data/cifar10-mosaic-train.zip --config dit-s --out runs/dit-s --device cuda --bf16 \
+PRE="${TRAIN_CMD:-python -m gacq train --data .data/cifar10-mosaic-train.zip --config dit-s --out runs/dit-s --device cuda --bf16 \
 --compile --batch-size 256 --lr 3e-4 --warmup-steps 500 --ema-decay 0.999 --label-dropout 0.1 \
---time-budget ${TRAIN_MIN:-8} --ckpt-every 2500 --log-every 250" \
+--time-budget ${TRAIN_MIN:-8} --ckpt-every 2500 --log-every 250}" \
   CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
 mkdir -p "$OUT/dit"
 cp runs/dit-s/log.jsonl runs/dit-s/summary.json "$OUT/dit/" 2>/dev/null
 ls runs/dit-s/grids 2>/dev/null | tail -1 | xargs -I{} cp runs/dit-s/grids/{} "$OUT/dit/grid_last.png"
 calib=$(ls -d runs/experiments/dit-cifar10/calib_all_ddim100* 2>/dev/null | head -1)
 if [ -f runs/bg/exp-dit-cifar10/rc ] && [ -n "$calib" ] && [ ! -f runs/dit-ranges.done ]; then
-  timeout 240 python -m gacq ranges --model runs/dit-s/model --calib "$calib" --device cuda --out "$OUT/dit/ranges" --max-per-step 16 > "$OUT/dit/ranges.log" 2>&1 \
+  timeout 240 python -m gacq ranges --model runs/dit-s/model --calib "$calib" --device ${DEVICE:-cuda} --out "$OUT/dit/ranges" --max-per-step 16 > "$OUT/dit/ranges.log" 2>&1 \
     && touch runs/dit-ranges.done
 fi
 tar czf "$OUT/dit.tgz" -C "$OUT" dit && rm -rf "$OUT/dit"
