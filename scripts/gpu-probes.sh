@@ -5,6 +5,7 @@
 #
 # Usage (device): source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-probes.sh $OUT STEP...
 #   probe     benchmarks/probe_int_mm.py: which torch._int_mm shapes and layouts cuBLAS takes, exact?, TOPS  (~20 s)
+#   convpaths benchmarks/probe_conv_paths.py: 3x3 convs as im2col + cuBLAS int8 (NT) / FP8, cuDNN int8, vs bf16 (~1 min)
 #   tests     the GPU-only tests (Triton kernels compiled, int8 cuBLAS layers, GAC's CUDA graph)            (~100 s)
 #   tiles     benchmarks/tune_conv_tiles.py --grid quick: tile sweep of the implicit-GEMM convs vs cuDNN   (~3-5 min)
 #   bench     gacq bench on ddpm-cifar10, no compile, with --kernels (per-layer TOPS and GEMM peaks)          (~4 min)
@@ -12,7 +13,7 @@
 #   compiled  gacq bench on ddpm-cifar10 at batch 1 and 256: bf16 and the exports under torch.compile       (~5-8 min)
 #   fq        gacq bench on the bundled `small` config at batch 1000: fake quant W8A8, fused against unfused  (~1 min)
 #   parallel  benchmarks/parallel_throughput.py: 1, 2 and 4 W4A8 samplings of 2,000 images at once         (~5 min)
-# Calls that fit the 10-minute limit: `probe tests bench`, `tiles fq`, `parallel`, `small`, `compiled`.
+# Calls that fit the 10-minute limit: `probe convpaths tests bench`, `tiles fq`, `parallel`, `small`, `compiled`.
 set -u
 OUT=$1; shift
 P=$OUT/probes
@@ -21,6 +22,7 @@ for step in "$@"; do
   t0=$(date +%s)
   case $step in
     probe) timeout 90 python benchmarks/probe_int_mm.py --out "$P/int_mm" > "$P/int_mm.log" 2>&1 ;;
+    convpaths) timeout 150 python benchmarks/probe_conv_paths.py --out "$P/conv_paths" > "$P/conv_paths.log" 2>&1 ;;
     tests) GACQ_TRITON_DEVICE=cuda timeout 300 python -m pytest -q -p no:cacheprovider -k cuda --durations=10 \
              tests/test_triton_w4.py tests/test_export.py tests/quant/test_gac.py > "$P/gpu_tests.log" 2>&1 ;;
     tiles) timeout 270 python benchmarks/tune_conv_tiles.py --grid quick --out "$P/tiles" > "$P/tiles.log" 2>&1 ;;
@@ -38,7 +40,7 @@ for step in "$@"; do
       timeout 400 python benchmarks/parallel_throughput.py --procs 1,2,4 --out "$P/parallel" -- \
         python -m gacq sample --model runs/probe-rtn-w4a8 --num 2000 --steps 100 --batch-size 1000 --seed '{i}' \
         --device cuda --out '{dir}' > "$P/parallel.log" 2>&1 ;;
-    *) echo "unknown step $step (probe tests tiles bench small compiled fq parallel)"; continue ;;
+    *) echo "unknown step $step (probe convpaths tests tiles bench small compiled fq parallel)"; continue ;;
   esac
   echo "$step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$P/steps.txt"
 done

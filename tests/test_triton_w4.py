@@ -85,3 +85,18 @@ def test_tiles_follow_the_measured_sweep(monkeypatch):
     assert triton_w4.tiles(262144, 128, "w4", 128) == (256, 128, 64, 8)
     assert triton_w4.tiles(16384, 256, "w4", 256) == (128, 128, 64, 8)
     assert triton_w4.tiles(1000, 64) == (64, 64, 64, 4) and triton_w4.tiles(100, 300) == (32, 64, 64, 4)
+
+
+def test_conv_paths_probe_im2col_is_exact_and_timings_need_a_gpu(tmp_path):
+    """benchmarks/probe_conv_paths.py: its int8 im2col (k ordered (r, s, c)) + torch._int_mm equals a float64 conv of
+    the same integers (CPU smoke run); without a GPU the timing run stops with a clear message and writes nothing."""
+    script = CHECKS.parent.parent / "benchmarks" / "probe_conv_paths.py"
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "s"), "--device", "cpu", "--smoke"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "s" / "conv_paths.json").read_text())
+    assert len(res["cases"]) == 2 and all(c["im2col_int8_exact"] is True for c in res["cases"])
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "g")], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and not (tmp_path / "g").exists()
