@@ -556,9 +556,10 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
     for j in range(parallel):
         slots.put(j % n_gpus if n_gpus > 1 else None)
 
-    # torch's CPU threads: each process defaults to one per core, so N processes would oversubscribe the cores N
-    # times over; they share them instead (an OMP_NUM_THREADS the user set is kept)
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    # on a GPU, torch's CPU threads: each process defaults to one per core, so N processes would oversubscribe the
+    # cores N times over; they share them instead (an OMP_NUM_THREADS the user set is kept). Not on the CPU, where
+    # the thread count changes the rounding of the cells' arithmetic (results would depend on --parallel).
+    threads = max(1, (os.cpu_count() or 1) // parallel) if device.type == "cuda" else None
 
     def launch(group: list[Cell]) -> tuple[list[Cell], int, Path]:
         log = logs / f"{group[0].id}.log"
@@ -566,7 +567,8 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
                 "--cells", ",".join(c.id for c in group)] + ([] if progress else ["--quiet"])
         gpu = slots.get()
         env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-        env.setdefault("OMP_NUM_THREADS", str(threads))
+        if threads is not None:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
         try:
             with open(log, "a") as f:
                 rc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env).returncode

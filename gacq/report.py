@@ -83,7 +83,10 @@ def _qrun(c: dict) -> tuple | None:
 
 
 def _runs(g: dict) -> int:
-    return len({_qrun(c) for c in g["cells"]} - {None})
+    """Quantization runs of a pooled entry beyond one per calibration seed (0 or 1: nothing to say)."""
+    runs = {_qrun(c) for c in g["cells"]} - {None}
+    seeds = {_calib_seed(c) for c in g["cells"] if _qrun(c) is not None}
+    return len(runs) if len(runs) > len(seeds) else 0
 
 
 def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
@@ -105,6 +108,12 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         g["seeds"].append(_seed_label(c))
         g["cells"].append(c)
     return groups
+
+
+def _calib_seed(c: dict) -> int | None:
+    """A cell's calibration seed; cells older than the field calibrated with their spec's."""
+    cs = c["cell"].get("calib_seed")
+    return cs if cs is not None else (c.get("settings") or {}).get("calib", {}).get("seed")
 
 
 def _seed_label(c: dict) -> str:
@@ -133,7 +142,7 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                      "times. Seeds of the same cell are pooled: mean ± sample standard deviation. Seeds are "
                      "sampling seeds; `/cs<n>` marks a run calibrated (trajectories and reconstruction) with "
                      "seed n instead of the spec's. Where the seeds of one cell sampled more than one quantization "
-                     "run of the same recipe and seed (a checkpoint requantized in a later GPU session), the count "
+                     "run of the same recipe and calibration seed (a checkpoint requantized in a later GPU session), the count "
                      "says so: that spread then holds the run-to-run variation of the quantization (GPU "
                      "non-determinism, code changes between the commits) as well as the sampling seeds'.", ""]
     by_net: dict[str, dict] = defaultdict(dict)
