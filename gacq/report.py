@@ -74,8 +74,8 @@ def _fmt(values: list[float], nd: int, runs: int = 1) -> str:
 
 
 def _qrun(c: dict) -> tuple | None:
-    """Which quantization run a cell sampled: (commit, wall seconds) of its quantization job (the base job's
-    for float-activation cells), None for FP cells. Cells of one recipe requantized in another session differ."""
+    """Which quantization run a cell sampled: (job, commit, wall seconds) of its quantization (the base job's for
+    float-activation cells), None for FP cells. Cells of one recipe requantized in another session differ."""
     q = c.get("quantize")
     if not q:
         return None
