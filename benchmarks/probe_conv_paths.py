@@ -22,7 +22,6 @@ Writes OUT/conv_paths.json (command, machine, every case) and OUT/conv_paths.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gacq.bench import time_calls
-from gacq.utils import atomic_path, write_json
+from gacq.utils import atomic_path, git_commit, machine_info, write_json
 
 # (C, O, H=W) at batch 256: the tile sweep's stride-1 3x3 shapes
 SHAPES = [(128, 128, 32), (256, 256, 16), (512, 256, 16), (256, 256, 8)]
@@ -129,16 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
     for c, o, hw in shapes:
         rows.append(probe(c, o, hw, batch, device, args.repeats))
         print(rows[-1], flush=True)
-    machine = {"python": platform.python_version(), "torch": torch.__version__}
-    if device.type == "cuda":
-        machine.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    machine = {**machine_info(), "cuda": torch.version.cuda}
     result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine, "wall_seconds": round(time.time() - t0, 1), "cases": rows}
+              "commit": git_commit(), "machine": machine, "device": str(device),
+              "wall_seconds": round(time.time() - t0, 1), "cases": rows}
     cols = ["cudnn_bf16_ms", "im2col_ms", "int_mm_nt_ms", "epilogue_ms", "im2col_int8_total_ms",
             "im2col_int8_vs_cudnn_bf16", "im2col_fp8_total_ms", "im2col_fp8_vs_cudnn_bf16", "cudnn_int8_ms",
             "cudnn_int8_vs_cudnn_bf16"]
     lines = ["# 3x3 convs in 8 bits: im2col + cuBLAS int8 / FP8 and cuDNN int8 against cuDNN bf16", "",
-             f"`{result['command']}`", "", f"{machine.get('gpu', 'CPU')}, torch {machine['torch']}, "
+             f"`{result['command']}`", "", f"commit {result['commit']}, "
+             f"{machine['gpu'] if device.type == 'cuda' else 'CPU'}, torch {machine['torch']}, "
              f"{result['wall_seconds']} s; batch {batch}; ms are medians of {args.repeats} calls; "
              "vs = cuDNN bf16 ms / path ms (above 1: faster than bf16)", "",
              "| C | O | HxW | im2col int8 exact | " + " | ".join(cols) + " | errors |",

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9 in one GPU session (the 35M DiT cannot travel between sessions: see experiments/dit-cifar10.toml):
 # join the training data as its parts arrive, then one background job trains the class-conditional DiT
-# (`gacq train --config dit-s`, TRAIN_MIN minutes) and runs experiments/dit-cifar10.toml on it; every call polls it
-# and packs what is finished; the call that finds it done also measures the DiT's input ranges per sampling step
-# (`gacq ranges` on the experiment's calibration set: adaLN modulation and attention outliers).
+# (scripts/gpu-train.sh with CONFIG=dit-s, TRAIN_MIN minutes) and runs experiments/dit-cifar10.toml on it; every
+# call polls it and packs what is finished; the call that finds it done also measures the DiT's input ranges per
+# sampling step (`gacq ranges` on the experiment's calibration set: adaLN modulation and attention outliers).
 #
 # Here first: bash scripts/data-parts.sh   (three parts; the first travels with .whl)
 # Device, every call: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-session.sh $OUT
@@ -16,9 +16,7 @@ OUT=$1
 JOIN_ONLY=1 bash scripts/gpu-train.sh || exit 0
 SPEC=${SPEC:-experiments/dit-cifar10.toml}
 CELLS=${CELLS-fp_steps100_seed0,tfmq_w8a8_steps100_seed0,tfmq_w4a8_steps100_seed0,gac_w8a8_steps100_seed0,gac_w4a8_steps100_seed0}
-PRE="${TRAIN_CMD:-python -m gacq train --data .data/cifar10-mosaic-train.zip --config dit-s --out runs/dit-s --device cuda --bf16 \
---compile --batch-size 256 --lr 3e-4 --warmup-steps 500 --ema-decay 0.999 --label-dropout 0.1 \
---time-budget ${TRAIN_MIN:-8} --ckpt-every 2500 --log-every 250}" \
+PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh}" \
   CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
 mkdir -p "$OUT/dit"
 cp runs/dit-s/log.jsonl runs/dit-s/summary.json "$OUT/dit/" 2>/dev/null
