@@ -16,6 +16,7 @@ A spec (every key but `[[grid]]` optional; defaults shown)::
     work = ""                           # checkpoints and samples; "" = runs/experiments/<name>
     results = ""                        # cell JSONs; "" = results/experiments/<name>
     device = "auto"
+    matmul_tf32 = false                 # CUDA: float32 matrix products in TF32 (below)
     [calib]   trajectories = 256, seed = 0, batch_size = 256,
               record_steps = 20   # uniform selection / tfmq weight subset (all steps when fewer)
     [quantize] preset = "common", iters = 20000, act_iters = 5000, gac_meta_iters = 100,
@@ -49,6 +50,13 @@ activations, and the correction is measured with the activations quantized).
 (`CalibDataConfig.draws`), for methods with PTQ4DM's Gaussian selection: with d = `record_steps` they
 calibrate on as many samples as the uniform selection (5,120 at 256 trajectories and 20 steps, against
 256 with PTQ4DM's one draw). Such cells and jobs get `_gd<d>` in their id. Not part of PTQ4DM.
+
+`matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
+run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
+by default (`torch.backends.cudnn.allow_tf32`), so a UNet's cost is mostly TF32 anyway; a transformer's is
+matrix products, which otherwise run in full float32 at an eighth of the speed. TF32 keeps 10 mantissa bits: its
+rounding is far below a quantization step at 8 bits or fewer. Recorded in each cell's settings (when on) and
+in its `sample` record; no effect on the CPU.
 
 "W4A32" cells are the weight-only model. When the spec also has the same recipe with quantized
 activations (e.g. W4A8), the W4A32 cell samples that checkpoint with float activations (its weight
@@ -85,7 +93,7 @@ _SECTIONS = {
                "timestep_spacing": "leading", "seeds": [0], "guidance_scale": 1.0},
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
-_TOP = {"name", "model", "work", "results", "device", "grid", *_SECTIONS}
+_TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws"}
 
 
@@ -156,6 +164,7 @@ class ExperimentSpec:
     sample: dict
     eval: dict
     cells: list[Cell] = field(default_factory=list)
+    matmul_tf32: bool = False
 
     @property
     def cell_dir(self) -> Path:
@@ -259,6 +268,9 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                                     "with quantized ones); use bits like W4A8")
                 c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr)
             cells.setdefault(c.id, c)
+    tf32 = raw.get("matmul_tf32", False)
+    if not isinstance(tf32, bool):
+        raise GacqError(f"{path}: matmul_tf32 must be true or false, not {tf32!r}")
     base = Path(os.getcwd())
     work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
     if results is not None:
@@ -269,7 +281,8 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         results = base / "results" / "experiments" / name
     return ExperimentSpec(name=name, path=path, text_sha256=hashlib.sha256(text).hexdigest()[:16],
                           model=raw.get("model") or None, work=work, results=results,
-                          device=str(raw.get("device", "auto")), cells=list(cells.values()), **sections)
+                          device=str(raw.get("device", "auto")), cells=list(cells.values()), matmul_tf32=tf32,
+                          **sections)
 
 
 def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, int | None]:
@@ -290,9 +303,12 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
 
 def settings(spec: ExperimentSpec) -> dict:
     """What makes cells of different specs comparable (everything but the grid, seeds and steps)."""
-    return {"model": spec.model, "calib": spec.calib, "quantize": spec.quantize,
-            "sample": {k: v for k, v in spec.sample.items() if k not in ("seeds", "steps", "batch_size")},
-            "eval": spec.eval}
+    out = {"model": spec.model, "calib": spec.calib, "quantize": spec.quantize,
+           "sample": {k: v for k, v in spec.sample.items() if k not in ("seeds", "steps", "batch_size")},
+           "eval": spec.eval}
+    if spec.matmul_tf32:  # only when on: the digests of specs without the key stay what they were
+        out["matmul_tf32"] = True
+    return out
 
 
 def settings_digest(spec: ExperimentSpec) -> str:
@@ -489,7 +505,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],
                    "steps": smeta["steps"], "eta": smeta["eta"], "timestep_spacing": smeta["timestep_spacing"],
                    "wall_seconds_last_run": smeta["wall_seconds_this_run"], "model": smeta["model"],
-                   "fused_fake_quant": smeta.get("fused_fake_quant", False)},
+                   "fused_fake_quant": smeta.get("fused_fake_quant", False),
+                   "matmul_tf32": smeta.get("matmul_tf32", False)},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
             "wall_seconds": qmeta.get("wall_seconds"), "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
@@ -518,9 +535,12 @@ def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:
 def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel: int = 1, command: str = "",
                    progress: bool = True, echo=print) -> list[dict]:
     """Run every unfinished cell (or the `only` ids); `parallel` > 1 runs cell groups as subprocesses."""
+    import torch
+
     from .models import load_model
     from .utils import resolve_device
 
+    torch.backends.cuda.matmul.allow_tf32 = spec.matmul_tf32  # this process; every --parallel child sets its own
     cells = spec.cells
     if only:
         ids = {c.id for c in cells}
@@ -552,8 +572,6 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
 
     # several GPUs: each process slot owns one (whole cells per GPU), slots spread round-robin
     import queue
-
-    import torch
 
     n_gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     slots: queue.Queue = queue.Queue()

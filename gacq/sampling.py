@@ -327,7 +327,8 @@ def sample(
     from .quant import primitives
 
     stats = {"device": str(device), "world_size": world, "images_made_this_run": made, "shards_resumed": done_before,
-             "fused_fake_quant": primitives._FUSED}
+             "fused_fake_quant": primitives._FUSED,
+             "matmul_tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32}
     return gdist.on_rank0(lambda: _assemble(loaded, cfg, out, n_shards, run, stats, start), "writing samples.npz")
 
 
@@ -365,6 +366,7 @@ def _assemble(loaded: LoadedModel, cfg: SampleConfig, out: Path, n_shards: int, 
         "images_made_this_run": stats["images_made_this_run"],
         "shards_resumed": stats["shards_resumed"],
         "fused_fake_quant": stats["fused_fake_quant"],
+        "matmul_tf32": stats["matmul_tf32"],
         "commit": git_commit(),
         "machine": machine_info(),
     }

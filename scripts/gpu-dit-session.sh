@@ -9,19 +9,19 @@
 # Device, every call: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-session.sh $OUT
 #   carry: call 1 [".whl", ".data/parts/manifest", ".data/parts/train.zip.part00"], call 2 [".data/parts/train.zip.part01"],
 #   call 3 [".data/parts/train.zip.part02"] (the job starts there), later calls [] (ignored files stay on the warm machine).
-# Env: TRAIN_MIN (8), CELLS (the 100-step cells first; "" = the whole spec), P (8 processes), WAIT (540 s);
+# Env: TRAIN_MIN (8), CELLS (the 50-step cells; "" = the whole spec), P (8 processes), WAIT (540 s);
 # for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE.
 set -u
 OUT=$1
 JOIN_ONLY=1 bash scripts/gpu-train.sh || exit 0
 SPEC=${SPEC:-experiments/dit-cifar10.toml}
-CELLS=${CELLS-fp_steps100_seed0,tfmq_w8a8_steps100_seed0,tfmq_w4a8_steps100_seed0,gac_w8a8_steps100_seed0,gac_w4a8_steps100_seed0}
+CELLS=${CELLS-fp_steps50_seed0,tfmq_w8a8_steps50_seed0,tfmq_w4a8_steps50_seed0,gac_w8a8_steps50_seed0,gac_w4a8_steps50_seed0}
 PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh}" \
   CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
 mkdir -p "$OUT/dit"
 cp runs/dit-s/log.jsonl runs/dit-s/summary.json "$OUT/dit/" 2>/dev/null
 ls runs/dit-s/grids 2>/dev/null | tail -1 | xargs -I{} cp runs/dit-s/grids/{} "$OUT/dit/grid_last.png"
-calib=$(ls -d runs/experiments/dit-cifar10/calib_all_ddim100* 2>/dev/null | head -1)
+calib=$(ls -d runs/experiments/dit-cifar10/calib_all_ddim50* 2>/dev/null | head -1)
 if [ -f runs/bg/exp-dit-cifar10/rc ] && [ -n "$calib" ] && [ ! -f runs/dit-ranges.done ]; then
   timeout 240 python -m gacq ranges --model runs/dit-s/model --calib "$calib" --device ${DEVICE:-cuda} --out "$OUT/dit/ranges" --max-per-step 16 > "$OUT/dit/ranges.log" 2>&1 \
     && touch runs/dit-ranges.done

@@ -13,6 +13,10 @@
 #   compiled  gacq bench on ddpm-cifar10 at batch 1 and 256: bf16 and the exports under torch.compile       (~5-8 min)
 #   fq        gacq bench on the bundled `small` config at batch 1000: fake quant W8A8, fused against unfused  (~1 min)
 #   parallel  benchmarks/parallel_throughput.py: 1, 2 and 4 W4A8 samplings of 2,000 images at once         (~5 min)
+#   dit       before issue 9's session (scripts/gpu-dit-session.sh): the real DiT-S training command (bf16, compiled)
+#             for 1.5 min on 2,000 random images (a speed and compile check; the data has not arrived yet), then
+#             experiments/dit-probe.toml on it (FP and GAC W4A8 cells, 2,000 guided samples, 100-iteration
+#             reconstruction): its cells' wall times size the real session                                 (~4 min)
 # Calls that fit the 10-minute limit: `probe convpaths tests bench`, `tiles fq`, `parallel`, `small`, `compiled`.
 set -u
 OUT=$1; shift
@@ -40,7 +44,16 @@ for step in "$@"; do
       timeout 400 python benchmarks/parallel_throughput.py --procs 1,2,4 --out "$P/parallel" -- \
         python -m gacq sample --model runs/probe-rtn-w4a8 --num 2000 --steps 100 --batch-size 1000 --seed '{i}' \
         --device cuda --out '{dir}' > "$P/parallel.log" 2>&1 ;;
-    *) echo "unknown step $step (probe convpaths tests tiles bench small compiled fq parallel)"; continue ;;
+    dit)
+      python -c "import numpy as np; g = np.random.default_rng(0); np.savez('runs/dit-probe-data.npz', \
+        images=g.integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8), labels=g.integers(0, 10, 2000))"
+      timeout 200 python -m gacq train --data runs/dit-probe-data.npz --config dit-s --out runs/dit-probe --device cuda \
+        --bf16 --compile --batch-size 256 --label-dropout 0.1 --time-budget 1.5 --log-every 50 > "$P/dit_train.log" 2>&1
+      cp runs/dit-probe/log.jsonl "$P/dit_train_log.jsonl" 2>/dev/null
+      timeout 300 python -m gacq experiment run experiments/dit-probe.toml --parallel 2 --quiet \
+        --results "$P/dit_probe" > "$P/dit_probe.log" 2>&1
+      cp -r runs/experiments/dit-probe/logs "$P/dit_probe_logs" 2>/dev/null ;;
+    *) echo "unknown step $step (probe convpaths tests tiles bench small compiled fq parallel dit)"; continue ;;
   esac
   echo "$step: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$P/steps.txt"
 done

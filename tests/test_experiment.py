@@ -80,6 +80,33 @@ def test_bits_and_spec_errors(tmp_path, tiny32):
         load_spec(tmp_path / "missing.toml")
 
 
+def test_matmul_tf32_is_a_setting_only_when_on_and_set_for_the_run(tmp_path, tiny32, monkeypatch):
+    import gacq.experiment as ex
+
+    p = tmp_path / "s.toml"
+    p.write_text(SPEC.format(model=tiny32))
+    plain = load_spec(p)
+    p.write_text("matmul_tf32 = false\n" + SPEC.format(model=tiny32))
+    off = load_spec(p)
+    p.write_text("matmul_tf32 = true\n" + SPEC.format(model=tiny32))
+    on = load_spec(p)
+    assert not plain.matmul_tf32 and not off.matmul_tf32 and on.matmul_tf32
+    # specs written before the key keep their digest (their finished cells stay theirs); on is another setting
+    assert ex.settings_digest(plain) == ex.settings_digest(off) != ex.settings_digest(on)
+    assert ex.settings(on)["matmul_tf32"] is True and "matmul_tf32" not in ex.settings(off)
+    p.write_text("matmul_tf32 = 'yes'\n" + SPEC.format(model=tiny32))
+    with pytest.raises(GacqError, match="matmul_tf32 must be true or false"):
+        load_spec(p)
+    monkeypatch.setattr(ex, "_done", lambda spec, cell: True)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for s, want in ((on, True), (off, False)):
+            assert ex.run_experiment(s, progress=False, echo=lambda *a: None) == []
+            assert torch.backends.cuda.matmul.allow_tf32 is want
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_grid_expansion_and_weight_only_reuse(tmp_path, tiny32):
     p = tmp_path / "s.toml"
     p.write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['gac']\nbits = ['W4A32', 'W3A8']\n"
@@ -425,13 +452,14 @@ def test_a_class_conditional_dit_spec_with_guidance_runs_every_method(tmp_path):
     spec = spec.replace('methods = ["fp", "rtn", "tfmq"]\nbits = ["W4A8", "W4A32"]',
                         'methods = ["fp", "tfmq", "gac"]\nbits = ["W4A8"]')
     spec = spec.replace("recon_batch = 4\n", "recon_batch = 4\ngac_meta_iters = 2\n")
-    (tmp_path / "spec.toml").write_text(spec)
+    (tmp_path / "spec.toml").write_text("matmul_tf32 = true\n" + spec)  # as the GPU spec (no effect on the CPU)
     r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=tmp_path)  # one process (the parallel path: `ran`)
     assert r.returncode == 0, r.stdout + r.stderr
     cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results/experiments/t/cells").glob("*.json")}
     assert sorted(cells) == ["fp_steps5_seed0", "gac_w4a8_steps5_seed0", "tfmq_w4a8_steps5_seed0"]
     for c in cells.values():
         assert c["settings"]["sample"]["guidance_scale"] == 1.5 and c["metrics"]["samples"]["n"] == 10
+        assert c["settings"]["matmul_tf32"] is True and c["sample"]["matmul_tf32"] is False  # CPU
     q = json.loads((tmp_path / "runs/experiments/t/q/gac_w4a8_steps5/quant_config.json").read_text())
     # calibrated on the guided sampler, both branches: 2 trajectories x 5 steps x (conditional, unconditional)
     assert q["config"]["method"] == "gac" and q["calibration_meta"]["sampler"]["guidance_scale"] == 1.5
