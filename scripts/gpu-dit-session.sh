@@ -15,6 +15,14 @@ set -u
 OUT=$1
 JOIN_ONLY=1 bash scripts/gpu-train.sh || exit 0
 SPEC=${SPEC:-experiments/dit-cifar10.toml}
+# every session trains another DiT: cells of an earlier session's model must not be taken for this one's (the job
+# seeds its results from the spec's folder and skips the cells it finds there)
+read -r NAME RES < <(python -c "import sys; from gacq.experiment import load_spec; s = load_spec(sys.argv[1]); \
+  print(s.name, s.results)" "$SPEC")
+if [ ! -f "runs/bg/exp-$NAME/pid" ] && ls "$RES"/cells/*.json > /dev/null 2>&1; then
+  echo "ERROR: $RES already holds cells of an earlier session's DiT; move them to a folder of their own" \
+       "(e.g. git mv $RES $RES-s12) before this session trains another"; exit 1
+fi
 CELLS=${CELLS-fp_steps50_seed0,tfmq_w8a8_steps50_seed0,tfmq_w4a8_steps50_seed0,gac_w8a8_steps50_seed0,gac_w4a8_steps50_seed0}
 PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh}" \
   CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"

@@ -6,7 +6,8 @@ how activation quantizers are set (min-max, Q-Diffusion's learned step sizes, TF
 finite set), which calibration timesteps it uses, and which layers it quantizes.
 
 - `common`: every method quantizes the same layers the same way (all Conv2d/Linear at W/A bits
-  except conv_in and conv_out, which stay in float; attention matmuls in float; asymmetric
+  except the model's input and output layers, which stay in float: conv_in and conv_out of a UNet,
+  pos_embed.proj and proj_out_2 (proj_out) of a DiT (PixArt-style transformer); attention matmuls in float; asymmetric
   per-tensor activations; MSE-searched weight grids; eval mode), so differences come from the
   methods, not the bookkeeping. The comparison table uses it.
 - `faithful`: what the released code of the method does (baselines.md §0, §1.4, §7), where gacq
@@ -22,7 +23,11 @@ from torch import nn
 from ..errors import GacqError
 
 PRESETS = ("common", "faithful")
-COMMON_SKIP = ("conv_in", "conv_out")
+# the input and output layers per model class: UNet2DModel / UNet2DConditionModel; DiTTransformer2DModel (patch
+# embedding, final linear; its proj_out_1 is the final adaLN modulation, quantized like every block's);
+# Transformer2DModel (PixArt-style: proj_out is its final linear). Patterns match whole names: a UNet's nested
+# attentions.*.proj_out are not top-level and stay quantized.
+COMMON_SKIP = ("conv_in", "conv_out", "pos_embed.proj", "proj_out_2", "proj_out")
 
 
 @dataclass(frozen=True)

@@ -288,3 +288,32 @@ def test_w_only_model_is_the_wa_checkpoint_with_float_acts(fp, method, preset, c
     with torch.no_grad():
         assert torch.allclose(back.model(x, t).sample, q32(x, t).sample, rtol=0, atol=1e-6)
         assert not torch.allclose(load_model(tmp_path / "q").model(x, t).sample, q32(x, t).sample, atol=1e-6)
+
+
+def test_common_preset_keeps_each_model_class_input_and_output_layers_float():
+    """The common preset's float layers are the model's first and last layer, whatever the class: conv_in/conv_out
+    of a UNet (its nested attention proj_out stay quantized), pos_embed.proj/proj_out_2 of a DiT (its final adaLN
+    modulation proj_out_1 is quantized), pos_embed.proj/proj_out of a PixArt-style Transformer2DModel."""
+    from diffusers import Transformer2DModel, UNet2DConditionModel
+    from torch import nn
+
+    from gacq.quant.api import _match
+
+    unet_x = UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, layers_per_block=1, norm_num_groups=4, attention_head_dim=2)
+    pixart = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                num_layers=1, sample_size=8, patch_size=2, norm_type="ada_norm_single",
+                                cross_attention_dim=16, caption_channels=16)
+    cases = [(build_model("tiny"), {"conv_in", "conv_out"}), (unet_x, {"conv_in", "conv_out"}),
+             (build_model("tiny-dit"), {"pos_embed.proj", "proj_out_2"}), (pixart, {"pos_embed.proj", "proj_out"})]
+    skip = method_spec("tfmq", "common").skip
+    for model, want in cases:
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert {n for n in layers if _match(n, skip)} == want, type(model).__name__
+    assert any(n.endswith(".proj_out") for n, m in unet_x.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    dit = build_model("tiny-dit")
+    wrap_layers(dit, 4, 8, skip=lambda n, m: _match(n, skip))
+    assert not isinstance(dit.pos_embed.proj, QuantLayer) and not isinstance(dit.proj_out_2, QuantLayer)
+    assert isinstance(dit.proj_out_1, QuantLayer) and isinstance(dit.transformer_blocks[0].attn1.to_q, QuantLayer)
