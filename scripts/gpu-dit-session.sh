@@ -2,8 +2,8 @@
 # Issue 9 in one GPU session (the 35M DiT cannot travel between sessions: see experiments/dit-cifar10.toml):
 # join the training data as its parts arrive, then one background job trains the class-conditional DiT
 # (scripts/gpu-train.sh with CONFIG=dit-s, TRAIN_MIN minutes) and runs experiments/dit-cifar10.toml on it; every
-# call polls it and packs what is finished; the call that finds it done also measures the DiT's input ranges per
-# sampling step (`gacq ranges` on the experiment's calibration set: adaLN modulation and attention outliers).
+# call polls it and packs what is finished. Between the training and the cells the job measures the DiT's input
+# ranges per sampling step (`gacq ranges`: adaLN modulation and attention outliers).
 #
 # Here first: bash scripts/data-parts.sh   (three parts; the first travels with .whl)
 # Device, every call: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-session.sh $OUT
@@ -24,14 +24,16 @@ if [ ! -f "runs/bg/exp-$NAME/pid" ] && ls "$RES"/cells/*.json > /dev/null 2>&1; 
        "(e.g. git mv $RES $RES-s12) before this session trains another"; exit 1
 fi
 CELLS=${CELLS-fp_steps50_seed0,tfmq_w8a8_steps50_seed0,tfmq_w4a8_steps50_seed0,gac_w8a8_steps50_seed0,gac_w4a8_steps50_seed0}
-PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh}" \
+# right after the training, before the cells (session 12 scheduled it after them and ran out of GPU time first):
+# the trained DiT's input ranges per sampling step on 32 guided trajectories (`gacq ranges`; about a minute)
+RANGES="(timeout 200 python -m gacq calib --model runs/dit-s/model --selection all --trajectories 32 --steps 50 \
+  --guidance-scale 1.5 --out runs/dit-ranges-calib --device ${DEVICE:-cuda} && timeout 300 python -m gacq ranges \
+  --model runs/dit-s/model --calib runs/dit-ranges-calib --device ${DEVICE:-cuda} --out runs/dit-ranges \
+  --max-per-step 16 || echo 'ranges: failed (the cells go on)')"
+PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh} && $RANGES" \
   CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
 mkdir -p "$OUT/dit"
 cp runs/dit-s/log.jsonl runs/dit-s/summary.json "$OUT/dit/" 2>/dev/null
 ls runs/dit-s/grids 2>/dev/null | tail -1 | xargs -I{} cp runs/dit-s/grids/{} "$OUT/dit/grid_last.png"
-calib=$(ls -d runs/experiments/dit-cifar10/calib_all_ddim50* 2>/dev/null | head -1)
-if [ -f runs/bg/exp-dit-cifar10/rc ] && [ -n "$calib" ] && [ ! -f runs/dit-ranges.done ]; then
-  timeout 240 python -m gacq ranges --model runs/dit-s/model --calib "$calib" --device ${DEVICE:-cuda} --out "$OUT/dit/ranges" --max-per-step 16 > "$OUT/dit/ranges.log" 2>&1 \
-    && touch runs/dit-ranges.done
-fi
+[ -d runs/dit-ranges ] && cp -r runs/dit-ranges "$OUT/dit/ranges"
 tar czf "$OUT/dit.tgz" -C "$OUT" dit && rm -rf "$OUT/dit"
