@@ -315,15 +315,49 @@ def settings_digest(spec: ExperimentSpec) -> str:
     return hashlib.sha256(json.dumps(settings(spec), sort_keys=True).encode()).hexdigest()[:12]
 
 
+_MODEL_DIGESTS: dict[tuple, str] = {}
+
+
+def model_digest(model: str | None) -> str | None:
+    """sha256 (16 hex digits) over the safetensors files of the spec's model folder (denoiser, autoencoder), or
+    None when the model cannot be found here (not trained yet, a hub id not downloaded). Cached per folder state."""
+    from .models import resolve_model_folder
+
+    if model is not None and not Path(model).expanduser().exists():
+        return None  # a hub id (resolving it would download it) or a model not trained yet
+    try:
+        folder, _ = resolve_model_folder(model)
+    except GacqError:
+        return None
+    files = sorted(folder.rglob("*.safetensors"))
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _MODEL_DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(folder).as_posix().encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+        _MODEL_DIGESTS[key] = h.hexdigest()[:16]
+    return _MODEL_DIGESTS[key]
+
+
 def _done(spec: ExperimentSpec, cell: Cell) -> bool:
-    """A cell's result exists; one made with other settings (another spec sharing the folder) is refused."""
+    """A cell's result exists; one made with other settings (another spec sharing the folder), or from other model
+    weights at the same path (a model retrained in place), is refused."""
     path = spec.cell_dir / f"{cell.id}.json"
     if not path.exists():
         return False
-    got = json.loads(path.read_text()).get("settings_digest")
+    res = json.loads(path.read_text())
+    got = res.get("settings_digest")
     if got != settings_digest(spec):
         raise GacqError(f"{path} was made with other settings (digest {got}, this spec {settings_digest(spec)}); "
                         "give this spec its own `results` and `work` folders")
+    made_from, now = res.get("model_digest"), model_digest(spec.model)
+    if made_from is not None and now is not None and made_from != now:
+        raise GacqError(f"{path} was made from other weights than the model now at {spec.model or 'the bundled model'} "
+                        f"(weights digest {made_from}, now {now}): was it retrained? Move the old results folder "
+                        f"({spec.results}) and work folder ({spec.work}) away, or give this spec its own")
     return True
 
 
@@ -495,7 +529,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         im.convert("RGB").save(tmp, "JPEG", quality=90, subsampling=0)
     res = {
         "schema": CELL_SCHEMA, "experiment": spec.name, "spec": str(spec.path), "spec_sha256": spec.text_sha256,
-        "settings_digest": settings_digest(spec), "settings": settings(spec),
+        "settings_digest": settings_digest(spec), "settings": settings(spec), "model_digest": model_digest(spec.model),
         "cell": {"id": cell.id, "method": cell.method, "bits": cell.bits, "wbits": cell.wbits,
                  "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac),
                  "calib_seed": None if cell.method == "fp" else calib_seed(spec, cell),

@@ -107,6 +107,33 @@ def test_matmul_tf32_is_a_setting_only_when_on_and_set_for_the_run(tmp_path, tin
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+def test_cells_of_a_model_retrained_in_place_are_refused(tmp_path, tiny32):
+    """A cell records its model's weights digest; a finished cell made from other weights at the same path (a model
+    retrained in place, as every GPU session's DiT) is refused instead of being taken for the new model's."""
+    import shutil
+
+    import gacq.experiment as ex
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny32, model)
+    (tmp_path / "s.toml").write_text(SPEC.format(model=model))
+    s = load_spec(tmp_path / "s.toml")
+    cell = s.cells[0]
+    digest = ex.model_digest(str(model))
+    assert digest is not None and len(digest) == 16 and ex.model_digest(str(tmp_path / "not-trained-yet")) is None
+    s.cell_dir.mkdir(parents=True)
+    path = s.cell_dir / f"{cell.id}.json"
+    for recorded in (digest, None):  # the same weights, and cells written before the digest was recorded
+        path.write_text(json.dumps({"settings_digest": ex.settings_digest(s), "model_digest": recorded}))
+        assert ex._done(s, cell)
+    path.write_text(json.dumps({"settings_digest": ex.settings_digest(s), "model_digest": digest}))
+    m = build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32))  # "retrained": other weights, same folder
+    save_model(m, model)
+    assert ex.model_digest(str(model)) != digest
+    with pytest.raises(GacqError, match="other weights than the model now at .*retrained"):
+        ex._done(s, cell)
+
+
 def test_grid_expansion_and_weight_only_reuse(tmp_path, tiny32):
     p = tmp_path / "s.toml"
     p.write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['gac']\nbits = ['W4A32', 'W3A8']\n"
@@ -124,6 +151,9 @@ def test_grid_expansion_and_weight_only_reuse(tmp_path, tiny32):
 
 def test_cells_written_and_equal_to_the_manual_commands(ran, tiny32):
     cells = {p.stem: json.loads(p.read_text()) for p in (ran / "results/experiments/t/cells").glob("*.json")}
+    from gacq.experiment import model_digest
+
+    assert {c["model_digest"] for c in cells.values()} == {model_digest(str(tiny32))}
     assert sorted(cells) == sorted(["fp_steps5_seed0", "rtn_w4a8_steps5_seed0", "rtn_w4a32_steps5_seed0",
                                     "tfmq_w4a8_steps5_seed0", "tfmq_w4a32_steps5_seed0"])
     for c in cells.values():
