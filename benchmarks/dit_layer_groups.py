@@ -59,9 +59,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=1.5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", default="runs/dit_layer_groups", help="checkpoints and samples (43 MB for dit-xs)")
     args = ap.parse_args()
     out = Path(args.out)
-    work = out / "work"
+    work = Path(args.work)
     t_start = time.time()
     fp = load_model(args.model, device=args.device)
     cfg = SampleConfig(num=args.num, steps=args.steps, batch_size=args.num, guidance_scale=args.guidance_scale)

@@ -78,8 +78,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for s in summary:
-        ax.plot(steps, s["per_step_width"], label=s["group"], lw=1.4)
+    for i, s in enumerate(summary):  # tab20 and alternating dashes: a transformer has a dozen groups
+        ax.plot(steps, s["per_step_width"], label=s["group"], lw=1.4, color=plt.cm.tab20(i % 20),
+                ls="-" if i % 2 == 0 else "--")
     ax.set_xlabel("sampling step (0 = noisiest)")
     ax.set_ylabel("step range / all-steps range (median over the group)")
     ax.set_ylim(0, 1.05)
