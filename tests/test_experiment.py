@@ -117,7 +117,7 @@ def test_cells_of_a_model_retrained_in_place_are_refused(tmp_path, tiny32):
     model = tmp_path / "model"
     shutil.copytree(tiny32, model)
     (tmp_path / "s.toml").write_text(SPEC.format(model=model))
-    s = load_spec(tmp_path / "s.toml")
+    s = load_spec(tmp_path / "s.toml", results=tmp_path / "results")
     cell = s.cells[0]
     digest = ex.model_digest(str(model))
     assert digest is not None and len(digest) == 16 and ex.model_digest(str(tmp_path / "not-trained-yet")) is None
