@@ -5,10 +5,11 @@
 # call polls it and packs what is finished. Between the training and the cells the job measures the DiT's input
 # ranges per sampling step (`gacq ranges`: adaLN modulation and attention outliers).
 #
-# Here first: bash scripts/data-parts.sh   (three parts; the first travels with .whl)
+# Here first: bash scripts/data-parts.sh   (4 parts at a 54 MiB checkout; the first travels with .whl)
 # Device, every call: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-session.sh $OUT
 #   carry: call 1 [".whl", ".data/parts/manifest", ".data/parts/train.zip.part00"], call 2 [".data/parts/train.zip.part01"],
-#   call 3 [".data/parts/train.zip.part02"] (the job starts there), later calls [] (ignored files stay on the warm machine).
+#   and so on, one part per call (the job starts in the call that brings the last), later calls [] (ignored files
+#   stay on the warm machine; the wheels installed under /tmp/site too).
 # Env: TRAIN_MIN (8), CELLS (the 50-step cells; "" = the whole spec), P (8 processes), WAIT (540 s);
 # for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE.
 set -u
