@@ -10,7 +10,7 @@
 #   carry: call 1 [".whl", ".data/parts/manifest", ".data/parts/train.zip.part00"], call 2 [".data/parts/train.zip.part01"],
 #   and so on, one part per call (the job starts in the call that brings the last), later calls [] (ignored files
 #   stay on the warm machine; the wheels installed under /tmp/site too).
-# Env: TRAIN_MIN (8), CELLS (the 50-step cells; "" = the whole spec), P (8 processes), WAIT (540 s);
+# Env: TRAIN_MIN (8), CELLS (default: the spec's cells at its [sample] steps; "" = the whole spec), P (8 processes), WAIT (540 s);
 # for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE.
 set -u
 OUT=$1
@@ -18,18 +18,20 @@ JOIN_ONLY=1 bash scripts/gpu-train.sh || exit 0
 SPEC=${SPEC:-experiments/dit-cifar10.toml}
 # every session trains another DiT: cells of an earlier session's model must not be taken for this one's (the job
 # seeds its results from the spec's folder and skips the cells it finds there)
-read -r NAME RES < <(python -c "import sys; from gacq.experiment import load_spec; s = load_spec(sys.argv[1]); \
-  print(s.name, s.results)" "$SPEC")
+# (the spec's name, results folder, model, sampler steps and guidance, and its cells at those steps)
+read -r NAME RES MODEL STEPS GUIDANCE MAIN < <(python -c "import sys; from gacq.experiment import load_spec; \
+  s = load_spec(sys.argv[1]); st = s.sample['steps']; print(s.name, s.results, s.model, st, s.sample['guidance_scale'], \
+  ','.join(c.id for c in s.cells if c.steps == st))" "$SPEC")
 if [ ! -f "runs/bg/exp-$NAME/pid" ] && ls "$RES"/cells/*.json > /dev/null 2>&1; then
   echo "ERROR: $RES already holds cells of an earlier session's DiT; move them to a folder of their own" \
        "(e.g. git mv $RES $RES-s12) before this session trains another"; exit 1
 fi
-CELLS=${CELLS-fp_steps50_seed0,tfmq_w8a8_steps50_seed0,tfmq_w4a8_steps50_seed0,gac_w8a8_steps50_seed0,gac_w4a8_steps50_seed0}
+CELLS=${CELLS-$MAIN}
 # right after the training, before the cells (session 12 scheduled it after them and ran out of GPU time first):
 # the trained DiT's input ranges per sampling step on 32 guided trajectories (`gacq ranges`; about a minute)
-RANGES="(timeout 200 python -m gacq calib --model runs/dit-s/model --selection all --trajectories 32 --steps 50 \
-  --guidance-scale 1.5 --out runs/dit-ranges-calib --device ${DEVICE:-cuda} && timeout 300 python -m gacq ranges \
-  --model runs/dit-s/model --calib runs/dit-ranges-calib --device ${DEVICE:-cuda} --out runs/dit-ranges \
+RANGES="(timeout 200 python -m gacq calib --model $MODEL --selection all --trajectories 32 --steps $STEPS \
+  --guidance-scale $GUIDANCE --out runs/dit-ranges-calib --device ${DEVICE:-cuda} && timeout 300 python -m gacq ranges \
+  --model $MODEL --calib runs/dit-ranges-calib --device ${DEVICE:-cuda} --out runs/dit-ranges \
   --max-per-step 16 || echo 'ranges: failed (the cells go on)')"
 PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh} && $RANGES" \
   CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
