@@ -27,16 +27,18 @@ if [ ! -f "runs/bg/exp-$NAME/pid" ] && ls "$RES"/cells/*.json > /dev/null 2>&1; 
        "(e.g. git mv $RES $RES-s12) before this session trains another"; exit 1
 fi
 CELLS=${CELLS-$MAIN}
-# right after the training, before the cells (session 12 scheduled it after them and ran out of GPU time first):
+# right after the training, beside the experiment's calibration (session 12 scheduled it after the cells and ran out
+# of GPU time first; session 13 moved it off the critical path, in the background, its log runs/dit-ranges.log):
 # the trained DiT's input ranges per sampling step on 32 guided trajectories (`gacq ranges`; about a minute)
-RANGES="(timeout 200 python -m gacq calib --model $MODEL --selection all --trajectories 32 --steps $STEPS \
+RANGES="{ (timeout 200 python -m gacq calib --model $MODEL --selection all --trajectories 32 --steps $STEPS \
   --guidance-scale $GUIDANCE --out runs/dit-ranges-calib --device ${DEVICE:-cuda} && timeout 300 python -m gacq ranges \
   --model $MODEL --calib runs/dit-ranges-calib --device ${DEVICE:-cuda} --out runs/dit-ranges \
-  --max-per-step 16 || echo 'ranges: failed (the cells go on)')"
+  --max-per-step 16 || echo 'ranges: failed (the cells go on)') > runs/dit-ranges.log 2>&1 & }"
 PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh} && $RANGES" \
   CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
 mkdir -p "$OUT/dit"
 cp runs/dit-s/log.jsonl runs/dit-s/summary.json "$OUT/dit/" 2>/dev/null
 ls runs/dit-s/grids 2>/dev/null | tail -1 | xargs -I{} cp runs/dit-s/grids/{} "$OUT/dit/grid_last.png"
 [ -d runs/dit-ranges ] && cp -r runs/dit-ranges "$OUT/dit/ranges"
+cp runs/dit-ranges.log "$OUT/dit/" 2>/dev/null
 tar czf "$OUT/dit.tgz" -C "$OUT" dit && rm -rf "$OUT/dit"
