@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import GacqError
 from ..quant.modules import QuantConv2d, QuantLayer, SplitInputs
 from ..quant.quantizer import UniformQuantizer
 
@@ -76,6 +77,9 @@ class ExportedLayer(SplitInputs, nn.Module):
 
     def __init__(self, layer: QuantLayer):
         super().__init__()
+        if getattr(layer, "smooth", None) is not None:
+            raise GacqError("this checkpoint was quantized with activation smoothing (--smooth), which the export "
+                            "backends do not run yet; sample it as fake quant, or quantize without --smooth to export")
         w = layer.weight
         self.is_conv = isinstance(layer, QuantConv2d)
         self.weight_shape = tuple(w.shape)

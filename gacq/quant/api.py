@@ -46,6 +46,11 @@ class QuantConfig:
         fsc_momentum, fsc_batch_size: TFMQ-DM's per-step range EMA.
         gac: GAC's hyperparameters (method 'gac').
         recon_checkpoints: folder of per-unit resume points.
+        smooth: SmoothQuant's migration strength alpha in [0, 1] (`gacq.quant.smooth`): before anything else,
+            every Linear layer with a quantized input divides it per channel by max|X_j|^a / max|W_j|^(1-a)
+            (measured on up to `smooth_samples` calibration samples) and takes the factor into its weight.
+            None: off. Not part of any paper's method; the export backends do not run smoothed layers yet.
+        smooth_layers: fnmatch patterns of the layers to smooth (None: every eligible Linear).
         bias_correction: after everything else, measure the per-channel mean error of the noise
             prediction against the float model on the calibration set and fold it into the last
             layer's bias (`gacq.quant.bias_correction`; not part of any paper's method).
@@ -67,6 +72,9 @@ class QuantConfig:
     gac: GACConfig = field(default_factory=GACConfig)
     recon_checkpoints: str | None = None
     bias_correction: bool = False
+    smooth: float | None = None
+    smooth_layers: tuple[str, ...] | None = None
+    smooth_samples: int = 256
 
     def __post_init__(self) -> None:
         self.spec()  # validates method and preset
@@ -74,6 +82,12 @@ class QuantConfig:
             raise GacqError(f"--wbits {self.wbits} is not supported; use 2 to 8")
         if self.abits is not None and not 2 <= self.abits <= 8:
             raise GacqError(f"--abits {self.abits} is not supported; use 2 to 8, or 32 for float activations")
+        if self.smooth is not None:
+            if not 0.0 <= self.smooth <= 1.0:
+                raise GacqError(f"--smooth {self.smooth} is outside [0, 1]; SmoothQuant's usual strength is 0.5")
+            if self.abits is None:
+                raise GacqError("--smooth balances the quantized inputs' channels; with float activations (A32) "
+                                "there is nothing to balance: drop --smooth or quantize the activations")
         if self.weight_init not in (None, "mse", "minmax"):
             raise GacqError(f"--weight-init must be 'mse' or 'minmax', not {self.weight_init!r}")
 
@@ -98,6 +112,11 @@ class QuantConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["skip"] = None if self.skip is None else list(self.skip)
+        if self.smooth is None:  # absent when off: the resume fingerprints of earlier checkpoints stay valid
+            for k in ("smooth", "smooth_layers", "smooth_samples"):
+                d.pop(k)
+        elif self.smooth_layers is not None:
+            d["smooth_layers"] = list(self.smooth_layers)
         d["recipe"] = self.spec().to_json()
         return d
 
@@ -179,6 +198,8 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
         install_attention_quantizers(model, abits, softmax_bits=spec.softmax_bits, symmetric=spec.a_symmetric,
                                      softmax_mode="symmetric" if spec.a_symmetric else "zero")
     model.to(device)  # the quantizers created above start on the CPU
+    if config.smooth is not None:
+        _smooth(model, calib, config, device)
     for _, m in quant_layers(model):
         m.init_weight(spec.weight_init)
     set_quant_state(model, weights=True, acts=False)
@@ -211,6 +232,21 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     # how many calibration samples the recipe used (its selection cut out of `calib`), for the checkpoint's record
     model.gacq_calibration_samples = None if calib is None else len(calib)
     return model
+
+
+def _smooth(model, calib: CalibrationSet, config: "QuantConfig", device) -> None:
+    """SmoothQuant's per-channel migration on up to `config.smooth_samples` calibration samples (seeded)."""
+    from ..conditioning import model_forward, slice_cond
+    from .smooth import smooth_model
+
+    n = min(len(calib), config.smooth_samples)
+    idx = torch.randperm(len(calib), generator=torch.Generator().manual_seed(config.recon.seed))[:n]
+    bs = config.calib_batch_size
+    batches = [(calib.x[idx[i:i + bs]].to(device), calib.t[idx[i:i + bs]].to(device),
+                slice_cond(calib.cond, idx[i:i + bs], device)) for i in range(0, n, bs)]
+    spread = smooth_model(model, batches, model_forward, config.smooth, config.smooth_layers)
+    model.gacq_smoothed = {"alpha": config.smooth, "samples": n, "layers": len(spread),
+                           "max_scale_spread": round(max(spread.values()), 3) if spread else None}
 
 
 def _gac_weight_fn(model, wcal, config, ckpt, device):
@@ -351,6 +387,7 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
             "calibration": str(calib) if calib is not None else "collected",
             "calibration_meta": cs.meta if cs is not None else None,
             "calibration_samples": getattr(qmodel, "gacq_calibration_samples", None),
+            **({"smoothing": qmodel.gacq_smoothed} if getattr(qmodel, "gacq_smoothed", None) else {}),
             "wall_seconds": round(time.time() - t0, 2)}
     if device.type == "cuda":
         meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
@@ -380,7 +417,9 @@ def config_from_json(c: dict) -> QuantConfig:
             recon=ReconConfig(**c["recon"]), act_recon=ActReconConfig(**c["act_recon"]),
             fsc_momentum=c.get("fsc_momentum", 0.95), fsc_batch_size=c.get("fsc_batch_size", 16),
             gac=GACConfig(**c.get("gac", {})), recon_checkpoints=c.get("recon_checkpoints"),
-            bias_correction=c.get("bias_correction", False))
+            bias_correction=c.get("bias_correction", False), smooth=c.get("smooth"),
+            smooth_layers=None if c.get("smooth_layers") is None else tuple(c["smooth_layers"]),
+            smooth_samples=c.get("smooth_samples", 256))
     except (KeyError, TypeError) as e:
         raise GacqError(f"a quantization config this gacq cannot read ({type(e).__name__}: {e}); the checkpoint "
                         "comes from another gacq version: quantize again") from e

@@ -28,7 +28,10 @@ from .wrap import quant_layers, wrap_layers
 FORMAT_VERSION = 2
 # 2 added shortcut splits (per layer "split" and the second half's scale_0 / zero_point_0 /
 # act_scale_0 / act_zero_point_0); format-1 folders have no split layers and read unchanged.
-READABLE_FORMATS = (1, 2)
+# 3 = 2 plus smoothed layers (per layer "smooth": true and its input divisor `<layer>.smooth`); written only when a
+# layer is smoothed, so that a gacq that cannot divide the inputs refuses the folder instead of misreading it.
+SMOOTH_FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 
 
 def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -81,6 +84,9 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
                     raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
                 tensors[f"{name}.act_scale_0"] = m.act_quantizer_0.scale.detach().cpu().float().reshape(1)
                 tensors[f"{name}.act_zero_point_0"] = m.act_quantizer_0.zero_point.detach().cpu().float().reshape(1)
+        if m.smooth is not None:
+            entry["smooth"] = True
+            tensors[f"{name}.smooth"] = m.smooth.detach().cpu().float().contiguous()
         layers[name] = entry
         quant_names.append(name)
     floats = {}
@@ -89,7 +95,8 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
         if any(owner == n or owner.startswith(n + ".") for n in quant_names) and not k.endswith(".bias"):
             continue
         floats[k] = v.detach().cpu().contiguous()
-    meta = {"format_version": FORMAT_VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__,
+    smoothed = any(e.get("smooth") for e in layers.values())
+    meta = {"format_version": SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__,
             **config, "layers": layers}
     from .attention import attention_quantizers
 
@@ -209,6 +216,12 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
             m.act_quantizer._set(tensors[f"{name}.act_scale"], tensors[f"{name}.act_zero_point"])
             if m.split:
                 m.act_quantizer_0._set(tensors[f"{name}.act_scale_0"], tensors[f"{name}.act_zero_point_0"])
+        if entry.get("smooth"):  # the stored integers are already on W * s's grid: only the input divisor
+            s_in = tensors.get(f"{name}.smooth")
+            if s_in is None or s_in.numel() != entry["shape"][1] or not torch.isfinite(s_in).all() or (s_in <= 0).any():
+                raise GacqError(f"{folder}: layer {name} is marked smoothed but its `{name}.smooth` divisor is missing "
+                                "or invalid; the checkpoint is corrupt: quantize again")
+            m.smooth = s_in.to(m.weight.device, m.weight.dtype)
         m.w_quant, m.a_quant = True, m.act_quantizer is not None
     if meta.get("fsc"):
         from .fsc import FSCParams

@@ -112,7 +112,7 @@ def finite_set_calibration(model: nn.Module, x: torch.Tensor, t: torch.Tensor, s
 
     def make_hook(name):
         def hook(mod, args):
-            v = args[0].detach()
+            v = mod.smoothed_input(args[0].detach())  # the quantizer's input (x / s on a smoothed layer)
             lo, hi = v.amin().float(), v.amax().float()
             if name in ema:
                 ema[name][0] = momentum * ema[name][0] + (1 - momentum) * lo

@@ -64,6 +64,9 @@ class QuantLayer(SplitInputs, nn.Module):
         self.weight_quantizer_0: UniformQuantizer | None = None
         self.act_quantizer_0: UniformQuantizer | None = None
         self.frozen_weight: torch.Tensor | None = None  # set by `frozen_weights` for inference
+        # Activation smoothing (SmoothQuant): per input channel s; the layer holds W * s and divides its input by s
+        # before quantizing it. None: no smoothing (and no state-dict entry).
+        self.register_buffer("smooth", None)
 
     # ------------------------------------------------------------------ split ---
     def set_split(self, k: int) -> None:
@@ -98,6 +101,32 @@ class QuantLayer(SplitInputs, nn.Module):
         self.weight_quantizer_0.to(self.weight.device)
         if self.act_quantizer_0 is not None:
             self.act_quantizer_0.to(self.weight.device)
+
+    def set_smoothing(self, s: torch.Tensor) -> None:
+        """Move input-range imbalance into the weight (SmoothQuant, Xiao et al. 2023): the layer computes
+        (x / s) W'^T with W' = W * s per input channel, the same function in float, and quantizes x / s and W'.
+
+        Call before the weight grid is initialised (its init is marked void). Not for split layers (their two
+        channel groups have their own quantizers already) nor grouped convolutions; only once.
+        """
+        c_in = self.weight.shape[1]
+        s = torch.as_tensor(s, dtype=self.weight.dtype, device=self.weight.device).flatten()
+        if self.smooth is not None:
+            raise GacqError("layer is already smoothed; smoothing twice would compound the scales")
+        if self.split or self.adaround is not None or getattr(self, "groups", 1) != 1:
+            raise GacqError("smoothing needs an unsplit, ungrouped layer without AdaRound")
+        if s.numel() != c_in or not torch.isfinite(s).all() or (s <= 0).any():
+            raise GacqError(f"smoothing scales must be {c_in} finite positive values, got {s.numel()}")
+        with torch.no_grad():
+            self.weight.mul_(self._per_in_channel(s, self.weight.ndim, 1))
+        self.smooth = s.clone()
+        self.weight_quantizer.mark_initialized(False)
+
+    @staticmethod
+    def _per_in_channel(s: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return s.view(shape)
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight grid's (scale, zero_point), broadcastable to the weight.
@@ -176,7 +205,15 @@ class QuantLayer(SplitInputs, nn.Module):
             return torch.cat([self.weight_quantizer(w[:, :k]), self.weight_quantizer_0(w[:, k:])], 1)
         return self.weight_quantizer(self.weight)
 
+    def smoothed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the activation quantizer sees: x / s on a smoothed layer (whose weight holds W * s), else x.
+        Everything that measures a layer's input range from a forward pre-hook must measure this."""
+        if self.smooth is None:
+            return x
+        return x / self._per_in_channel(self.smooth.to(x.dtype), x.ndim, self.in_axis % x.ndim)
+
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.smoothed_input(x)  # always: the weight holds W * s
         if self.a_quant and self.act_quantizer is not None:
             if self.split:
                 a, b = self.split_input(x)
@@ -185,7 +222,8 @@ class QuantLayer(SplitInputs, nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"split={self.split}" if self.split else ""
+        parts = ([f"split={self.split}"] if self.split else []) + (["smoothed"] if self.smooth is not None else [])
+        return ", ".join(parts)
 
 
 class QuantConv2d(QuantLayer):

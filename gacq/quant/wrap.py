@@ -55,7 +55,7 @@ def observe_input_ranges(model: nn.Module, batches: Iterable[tuple], forward: Ca
         def hook(mod, args, name=name):
             # a split layer's two channel groups are observed separately: [:k] under `name`,
             # [k:] under split_range_key(name)
-            for key, x in zip((name, split_range_key(name)), mod.split_input(args[0].detach())):
+            for key, x in zip((name, split_range_key(name)), mod.split_input(mod.smoothed_input(args[0].detach()))):
                 lo, hi = x.amin(), x.amax()
                 if key in ranges:
                     lo, hi = torch.minimum(lo, ranges[key][0]), torch.maximum(hi, ranges[key][1])
