@@ -11,6 +11,7 @@ the float samples:
 
 `--method` (rtn by default) and `--iters` / `--act-iters` choose the quantization; `--layers` restricts smoothing to
 fnmatch patterns (default: every Linear layer with a quantized input). A probe on models trained here.
+Writes OUT/smooth_sweep.json and OUT/smooth_sweep.md.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def main() -> None:
     lines += [f"| {r['bits']} | {r['alpha'] if r['alpha'] is not None else 'none'} | {r['smoothed_layers']} | "
               f"{r['max_scale_spread'] if r['max_scale_spread'] is not None else '-'} | {r['psnr_db_mean']:.2f} | "
               f"{r['psnr_db_min']:.2f} | {r['quantize_seconds']} |" for r in rows]
-    with atomic_path(out / "README.md") as tmp:
+    with atomic_path(out / "smooth_sweep.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'README.md'}")
+    print(f"wrote {out / 'smooth_sweep.md'}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ activations, and the correction is measured with the activations quantized).
 calibrate on as many samples as the uniform selection (5,120 at 256 trajectories and 20 steps, against
 256 with PTQ4DM's one draw). Such cells and jobs get `_gd<d>` in their id. Not part of PTQ4DM.
 
+`[quantize] smooth = a` (optional) quantizes every cell with activation smoothing at strength a
+(`gacq quantize --smooth`, `gacq.quant.smooth`; not part of any paper's method). Every quantized cell of such a
+spec must quantize its activations (no W/A32 cells). It enters the settings digest only when given.
+
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
 by default (`torch.backends.cudnn.allow_tf32`), so a UNet's cost is mostly TF32 anyway; a transformer's is
@@ -93,6 +97,8 @@ _SECTIONS = {
                "timestep_spacing": "leading", "seeds": [0], "guidance_scale": 1.0},
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
+# optional keys: absent unless given, so that the settings digests of specs without them stay what they were
+_OPTIONAL = {"quantize": {"smooth"}}
 _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws"}
 
@@ -175,9 +181,10 @@ def _section(raw: dict, name: str, where: str) -> dict:
     got = raw.get(name, {})
     if not isinstance(got, dict):
         raise GacqError(f"{where}: [{name}] must be a table")
-    unknown = set(got) - set(_SECTIONS[name])
+    known = set(_SECTIONS[name]) | _OPTIONAL.get(name, set())
+    unknown = set(got) - known
     if unknown:
-        raise GacqError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(_SECTIONS[name])}")
+        raise GacqError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
     return {**_SECTIONS[name], **got}
 
 
@@ -271,6 +278,14 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
     tf32 = raw.get("matmul_tf32", False)
     if not isinstance(tf32, bool):
         raise GacqError(f"{path}: matmul_tf32 must be true or false, not {tf32!r}")
+    sm = sections["quantize"].get("smooth")
+    if sm is not None:
+        if isinstance(sm, bool) or not isinstance(sm, (int, float)) or not 0 <= sm <= 1:
+            raise GacqError(f"{path}: [quantize] smooth must be a number in [0, 1] (SmoothQuant's strength), not {sm!r}")
+        wa = sorted({c.id for c in cells.values() if c.method != "fp" and c.abits is None})
+        if wa:
+            raise GacqError(f"{path}: [quantize] smooth needs quantized activations, but cell(s) {wa[:3]} keep them "
+                            "float (W/A32); drop those bits or the smooth key")
     base = Path(os.getcwd())
     work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
     if results is not None:
@@ -427,7 +442,8 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        gac=GACConfig(seed=rs, **gac),
                        calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
                                              n_steps=min(spec.calib["record_steps"], cell.steps), draws=cell.draws),
-                       recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc)
+                       recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc,
+                       smooth=q.get("smooth"))
 
 
 def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) -> tuple[Path | None, bool]:

@@ -494,3 +494,25 @@ def test_a_class_conditional_dit_spec_with_guidance_runs_every_method(tmp_path):
     # calibrated on the guided sampler, both branches: 2 trajectories x 5 steps x (conditional, unconditional)
     assert q["config"]["method"] == "gac" and q["calibration_meta"]["sampler"]["guidance_scale"] == 1.5
     assert q["calibration_samples"] == 2 * 5 * 2
+
+
+def test_smooth_is_an_optional_quantize_setting(tmp_path, tiny32):
+    import gacq.experiment as ex
+
+    p = tmp_path / "s.toml"
+    p.write_text(SPEC.format(model=tiny32).replace('bits = ["W4A8", "W4A32"]', 'bits = ["W4A8"]'))
+    plain = load_spec(p)
+    p.write_text(p.read_text().replace("[quantize]\n", "[quantize]\nsmooth = 0.5\n"))
+    on = load_spec(p)
+    # absent from the settings (and digests) of specs without it; another setting when given
+    assert "smooth" not in plain.quantize and on.quantize["smooth"] == 0.5
+    assert ex.settings_digest(plain) != ex.settings_digest(on)
+    cell = next(c for c in on.cells if c.method != "fp")
+    assert ex._quant_config(on, cell, 8, "x").smooth == 0.5
+    assert ex._quant_config(plain, cell, 8, "x").smooth is None
+    p.write_text(p.read_text().replace("smooth = 0.5", "smooth = 2"))
+    with pytest.raises(GacqError, match=r"smooth must be a number in \[0, 1\]"):
+        load_spec(p)
+    p.write_text(SPEC.format(model=tiny32).replace("[quantize]\n", "[quantize]\nsmooth = 0.5\n"))
+    with pytest.raises(GacqError, match="needs quantized activations"):
+        load_spec(p)
