@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import GacqError
 from .modules import QuantLayer, QuantLinear
-from .wrap import quant_layers, set_quant_state
+from .wrap import quant_layers, run_with_hooks, set_quant_state
 
 EPS = 1e-5  # floor of the channel maxima, so a dead channel neither divides by zero nor blows up s
 
@@ -65,12 +65,7 @@ def observe_channel_absmax(model: nn.Module, names: set[str], batches: Iterable[
             a = x.abs().movedim(mod.in_axis % x.ndim, -1).reshape(-1, x.shape[mod.in_axis]).amax(0).float()
             out[name] = a if name not in out else torch.maximum(out[name], a)
         handles.append(m.register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            forward(model, *batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, handles, batches, forward)
     return out
 
 

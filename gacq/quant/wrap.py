@@ -61,13 +61,18 @@ def observe_input_ranges(model: nn.Module, batches: Iterable[tuple], forward: Ca
                     lo, hi = torch.minimum(lo, ranges[key][0]), torch.maximum(hi, ranges[key][1])
                 ranges[key] = (lo, hi)
         handles.append(m.register_forward_pre_hook(hook))
+    run_with_hooks(model, handles, batches, forward)
+    return ranges
+
+
+def run_with_hooks(model: nn.Module, handles: list, batches: Iterable[tuple], forward: Callable[..., object]) -> None:
+    """`forward(model, *batch)` for each batch, then remove the hook `handles` (also when a forward fails)."""
     try:
         for batch in batches:
             forward(model, *batch)
     finally:
         for h in handles:
             h.remove()
-    return ranges
 
 
 def init_act_quantizers_minmax(model: nn.Module, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
