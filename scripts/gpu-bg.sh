@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run a long job in the background on the device machine and poll it from successive calls.
 # The job survives between calls while the machine stays warm (a new call within 30 s), so
-# one job can outlast the 10-minute call limit. Each call waits up to WAIT seconds (or until
+# one job can outlast the 10-minute call limit.
+# The 30 s run from the end of the previous call to the start of the next one, and include reading its reply:
+# session 13 lost a running DiT job (and the machine) by reading a long reply before polling. Poll at once with a
+# command fixed in advance; read the returned files when the job is done. Each call waits up to WAIT seconds (or until
 # the job ends), then copies the job's output folder to $OUT.
 # Usage (device): source scripts/gpu-setup.sh; WAIT=560 bash scripts/gpu-bg.sh $OUT NAME -- command args...
 #   later calls: WAIT=560 bash scripts/gpu-bg.sh $OUT NAME      (poll only)
