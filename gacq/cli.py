@@ -285,7 +285,8 @@ def quantize(
                           recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
                           recon_checkpoints=str(out) + ".recon-ckpt", gac=gac, bias_correction=bias_correction,
-                          smooth=smooth, calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed,
+                          smooth=smooth,
+                          calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed,
                                                 draws=gaussian_draws))
         if gdist.relaunch(gpus, device, "gacq quantize"):
             return

@@ -96,8 +96,8 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
             continue
         floats[k] = v.detach().cpu().contiguous()
     smoothed = any(e.get("smooth") for e in layers.values())
-    meta = {"format_version": SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION, "diffusers": diffusers.__version__, "torch": torch.__version__,
-            **config, "layers": layers}
+    meta = {"format_version": SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION,
+            "diffusers": diffusers.__version__, "torch": torch.__version__, **config, "layers": layers}
     from .attention import attention_quantizers
 
     procs = attention_quantizers(model)
@@ -218,7 +218,8 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
                 m.act_quantizer_0._set(tensors[f"{name}.act_scale_0"], tensors[f"{name}.act_zero_point_0"])
         if entry.get("smooth"):  # the stored integers are already on W * s's grid: only the input divisor
             s_in = tensors.get(f"{name}.smooth")
-            if s_in is None or s_in.numel() != entry["shape"][1] or not torch.isfinite(s_in).all() or (s_in <= 0).any():
+            if (s_in is None or s_in.numel() != entry["shape"][1] or not torch.isfinite(s_in).all()
+                    or (s_in <= 0).any()):
                 raise GacqError(f"{folder}: layer {name} is marked smoothed but its `{name}.smooth` divisor is missing "
                                 "or invalid; the checkpoint is corrupt: quantize again")
             m.smooth = s_in.to(m.weight.device, m.weight.dtype)
