@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gacq.compare import compare  # noqa: E402
+from gacq.experiment import parse_bits  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.quant.api import QuantConfig, quantize_to_dir  # noqa: E402
 from gacq.quant.recon import ActReconConfig, ReconConfig  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> None:
     cfg = SampleConfig(num=args.num, steps=args.steps, batch_size=args.num, guidance_scale=args.guidance_scale)
     rows = []
     for bits in args.bits.split(","):
-        w, a = (int(x) for x in bits.strip().upper()[1:].split("A"))
+        w, a = parse_bits(bits)
         for al in args.alphas.split(","):
             alpha = None if al.strip() == "none" else float(al)
             tag = f"{args.method}_{bits.strip().lower()}_smooth{al.strip()}"

@@ -234,16 +234,22 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     return model
 
 
+def _calib_batches(src: CalibrationSet, idx: torch.Tensor, bs: int, device) -> list[tuple]:
+    """The (x, t, cond) batches of `bs` samples of `src` at `idx`, on `device`, for `model_forward`."""
+    from ..conditioning import slice_cond
+
+    return [(src.x[idx[i:i + bs]].to(device), src.t[idx[i:i + bs]].to(device),
+             slice_cond(src.cond, idx[i:i + bs], device)) for i in range(0, len(idx), bs)]
+
+
 def _smooth(model, calib: CalibrationSet, config: "QuantConfig", device) -> None:
     """SmoothQuant's per-channel migration on up to `config.smooth_samples` calibration samples (seeded)."""
-    from ..conditioning import model_forward, slice_cond
+    from ..conditioning import model_forward
     from .smooth import smooth_model
 
     n = min(len(calib), config.smooth_samples)
     idx = torch.randperm(len(calib), generator=torch.Generator().manual_seed(config.recon.seed))[:n]
-    bs = config.calib_batch_size
-    batches = [(calib.x[idx[i:i + bs]].to(device), calib.t[idx[i:i + bs]].to(device),
-                slice_cond(calib.cond, idx[i:i + bs], device)) for i in range(0, n, bs)]
+    batches = _calib_batches(calib, idx, config.calib_batch_size, device)
     spread = smooth_model(model, batches, model_forward, config.smooth, config.smooth_layers)
     model.gacq_smoothed = {"alpha": config.smooth, "samples": n, "layers": len(spread),
                            "max_scale_spread": round(max(spread.values()), 3) if spread else None}
@@ -323,10 +329,9 @@ def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, dev
     if spec.act_init_samples is not None and spec.act_init_samples < len(src):
         g = torch.Generator().manual_seed(config.recon.seed)
         idx = torch.randperm(len(src), generator=g)[: spec.act_init_samples]
-    from ..conditioning import model_forward, slice_cond
+    from ..conditioning import model_forward
 
-    batches = [(src.x[idx[i:i + bs]].to(device), src.t[idx[i:i + bs]].to(device),
-                slice_cond(src.cond, idx[i:i + bs], device)) for i in range(0, len(idx), bs)]
+    batches = _calib_batches(src, idx, bs, device)
     forward = model_forward  # forward(model, x, t, cond) over the (x, t, cond) batches
     ranges = observe_input_ranges(model, batches, forward)
     init_act_quantizers_minmax(model, ranges)
