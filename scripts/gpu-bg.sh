@@ -6,6 +6,10 @@
 # session 13 lost a running DiT job (and the machine) by reading a long reply before polling. Poll at once with a
 # command fixed in advance; read the returned files when the job is done. Each call waits up to WAIT seconds (or until
 # the job ends), then copies the job's output folder to $OUT.
+# NOPACK=1: copy nothing to $OUT while the job runs (only once it has finished). Sessions 13 and 15 found a fresh
+# machine after every long call that returned files, however fast the next call went out (session 15: the next call
+# left within seconds, and the lease's held time shows a ~30 s gap); calls returning nothing kept it. Session 15 tests
+# this: a long call with NOPACK=1, then an immediate poll.
 # Usage (device): source scripts/gpu-setup.sh; WAIT=560 bash scripts/gpu-bg.sh $OUT NAME -- command args...
 #   later calls: WAIT=560 bash scripts/gpu-bg.sh $OUT NAME      (poll only)
 # The command gets its output folder as $JOBOUT (runs/bg/NAME/out).
@@ -28,5 +32,5 @@ for ((i = 0; i < WAIT; i += 5)); do
   sleep 5
 done
 [ -f $D/rc ] && echo "$NAME finished, rc $(cat $D/rc)" || echo "$NAME still running"
-cp -r $D/out/. $OUT/ 2>/dev/null
+if [ -f $D/rc ] || [ -z "${NOPACK:-}" ]; then cp -r $D/out/. $OUT/ 2>/dev/null; else echo "(NOPACK: nothing copied to \$OUT)"; fi
 tail -5 $D/out/job.log
