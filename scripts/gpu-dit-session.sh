@@ -10,6 +10,9 @@
 #   carry: call 1 [".whl", ".data/parts/manifest", ".data/parts/train.zip.part00"], call 2 [".data/parts/train.zip.part01"],
 #   and so on, one part per call (the job starts in the call that brings the last), later calls [] (ignored files
 #   stay on the warm machine; the wheels installed under /tmp/site too).
+# Nothing comes back while the job runs (NOPACK=1 by default: a long call returning files lost the warm machine in
+# sessions 13 and 15; see scripts/gpu-bg.sh); the call that finds the job finished packs everything. A last call
+# before the budget runs out packs what is there with NOPACK= (empty).
 # Env: TRAIN_MIN (8), CELLS (default: the spec's cells at its [sample] steps; "" = the whole spec), P (8 processes), WAIT (540 s);
 # for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE.
 set -u
@@ -35,7 +38,8 @@ RANGES="{ (timeout 200 python -m gacq calib --model $MODEL --selection all --tra
   --model $MODEL --calib runs/dit-ranges-calib --device ${DEVICE:-cuda} --out runs/dit-ranges \
   --max-per-step 16 || echo 'ranges: failed (the cells go on)') > runs/dit-ranges.log 2>&1 & }"
 PRE="${TRAIN_CMD:-CONFIG=dit-s TRAIN_MIN=${TRAIN_MIN:-8} LOG=\$JOBOUT/train.log bash scripts/gpu-train.sh} && $RANGES" \
-  CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
+  NOPACK=${NOPACK-1} CELLS=$CELLS EXTRA="--fused-fake-quant" PACK_Q=0 WAIT=${WAIT:-540} bash scripts/gpu-experiment.sh "$OUT" $SPEC "${P:-8}"
+if [ -n "${NOPACK-1}" ] && [ ! -f "runs/bg/exp-$NAME/rc" ]; then exit 0; fi
 mkdir -p "$OUT/dit"
 cp runs/dit-s/log.jsonl runs/dit-s/summary.json "$OUT/dit/" 2>/dev/null
 ls runs/dit-s/grids 2>/dev/null | tail -1 | xargs -I{} cp runs/dit-s/grids/{} "$OUT/dit/grid_last.png"

@@ -20,6 +20,7 @@
 # EXTRA="--fused-fake-quant" adds options to `gacq experiment run` (when the job starts).
 # PRE="command" runs first in the same background job (e.g. training the spec's model; the experiment starts
 # only when it succeeds), its output in the job's experiment.log.
+# NOPACK=1 packs nothing while the job runs (a call returning files has lost the warm machine: gpu-bg.sh).
 # CELLS=id,id,... runs only those cells (given when the job starts); PACK_Q=0 skips packing the
 # checkpoints (when they were carried in, or can be remade cheaply, e.g. bias-corrected ones).
 set -u
@@ -39,6 +40,8 @@ if [ ! -f "runs/bg/exp-$NAME/pid" ]; then
 fi
 WAIT=${WAIT:-540} bash scripts/gpu-bg.sh "$OUT" "exp-$NAME" -- \
   "${PRE:+$PRE >> \$JOBOUT/experiment.log 2>&1 && }python -m gacq experiment run $SPEC --results $DEVRES --parallel $P --quiet ${CELLS:+--cells $CELLS} ${EXTRA:-} >> \$JOBOUT/experiment.log 2>&1"
+# NOPACK=1 (see gpu-bg.sh): nothing comes back while the job runs
+if [ -n "${NOPACK:-}" ] && [ ! -f "runs/bg/exp-$NAME/rc" ]; then exit 0; fi
 # pack snapshots (cells are written while we pack; a live tar once came back empty-handed)
 SNAP=$(mktemp -d)
 [ -d "$DEVRES" ] && cp -r "$DEVRES" "$SNAP/" && tar czf "$OUT/$NAME-results.tgz" -C "$SNAP" "$(basename "$RES")" \

@@ -496,6 +496,25 @@ def test_int8_layers_on_cuda(make, kw):
 
 
 # ---------------------------------------------------------------- benchmark ---
+def test_bench_best_float_ratio_takes_the_fastest_float_row_per_batch():
+    """The second ratio divides by the fastest float row at the same batch, CUDA-graph rows included; low-bit
+    and fake-quant rows never serve as the reference, and rows without a time get no ratio."""
+    from gacq.bench import add_best_float_ratio
+
+    rows = [{"mode": "bf16 eager", "batch": 1, "ms_median": 10.0},
+            {"mode": "bf16 eager + CUDA graph", "batch": 1, "ms_median": 2.0},
+            {"mode": "bf16 compiled", "batch": 1, "ms_median": 8.0},
+            {"mode": "bf16 compiled", "batch": 256, "ms_median": 12.0},
+            {"mode": "bf16 compiled + CUDA graph", "batch": 256, "ms_median": 6.0},
+            {"mode": "fake-quant W8A8", "batch": 256, "ms_median": 1.0},  # faster, but not a float baseline
+            {"mode": "int8 W8A8 + CUDA graph", "batch": 1, "ms_median": 4.0},
+            {"mode": "w4a8 W4A8", "batch": 256, "ms_median": 24.0},
+            {"mode": "int8 W8A8", "batch": 64, "error": "boom"}]
+    add_best_float_ratio(rows)
+    got = [r.get("speedup_vs_best_float") for r in rows]
+    assert got == [0.2, 1.0, 0.25, 0.5, 1.0, 6.0, 0.5, 0.25, None]
+
+
 def test_bench_lowbit_cpu_smoke(tmp_path):
     """`gacq bench` end to end on the CPU; `--modes` keeps only the asked modes (the benchmarks/ script is the same
     code: `gacq.bench.main`)."""
@@ -511,6 +530,12 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     assert {"fp32 eager", "fake-quant W8A8", "int8 W8A8", "fake-quant W4A16", "w4a16 W4A16"} <= modes
     assert all("ms_median" in r for r in res["results"]) and res["layer_time_share"]["conv2d"] > 0
     assert not any("CUDA graph" in m for m in modes)  # graphs are CUDA-only
+    # the only float row is the fastest float row: its own ratio is 1; the backends' are float ms / their ms
+    fp = next(r for r in res["results"] if r["mode"] == "fp32 eager")
+    assert fp["speedup_vs_best_float"] == 1.0
+    i8 = next(r for r in res["results"] if r["mode"] == "int8 W8A8")
+    assert i8["speedup_vs_best_float"] == pytest.approx(fp["ms_median"] / i8["ms_median"], abs=1e-3)
+    assert "| vs best float |" in (out / "bench_lowbit.md").read_text()
     assert res["command"].startswith("gacq bench --config tiny")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lowbit.py"), *args, "--modes", "int8",
                            "--sample-steps", "3", "--out", str(tmp_path / "b2")], capture_output=True, text=True,
