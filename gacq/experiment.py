@@ -55,6 +55,10 @@ calibrate on as many samples as the uniform selection (5,120 at 256 trajectories
 (`gacq quantize --smooth`, `gacq.quant.smooth`; not part of any paper's method). Every quantized cell of such a
 spec must quantize its activations (no W/A32 cells). It enters the settings digest only when given.
 
+`[quantize] act_granularity = "token"` (optional) quantizes every quantized Linear layer's input per token,
+dynamically (`gacq quantize --act-granularity token`, `QuantConfig.act_granularity`; not part of any paper's
+method); W/A32 cells are unaffected. It enters the settings digest only when given.
+
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
 by default (`torch.backends.cudnn.allow_tf32`), so a UNet's cost is mostly TF32 anyway; a transformer's is
@@ -98,7 +102,7 @@ _SECTIONS = {
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 # optional keys: absent unless given, so that the settings digests of specs without them stay what they were
-_OPTIONAL = {"quantize": {"smooth"}}
+_OPTIONAL = {"quantize": {"smooth", "act_granularity"}}
 _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws"}
 
@@ -286,6 +290,9 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         if wa:
             raise GacqError(f"{path}: [quantize] smooth needs quantized activations, but cell(s) {wa[:3]} keep them "
                             "float (W/A32); drop those bits or the smooth key")
+    gran = sections["quantize"].get("act_granularity")
+    if gran is not None and gran not in ("tensor", "token"):
+        raise GacqError(f"{path}: [quantize] act_granularity must be 'tensor' or 'token', not {gran!r}")
     base = Path(os.getcwd())
     work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
     if results is not None:
@@ -443,7 +450,9 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
                                              n_steps=min(spec.calib["record_steps"], cell.steps), draws=cell.draws),
                        recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc,
-                       smooth=q.get("smooth"))
+                       smooth=q.get("smooth"),
+                       # W/A32 cells have no quantized inputs to quantize per token
+                       act_granularity=q.get("act_granularity", "tensor") if abits is not None else "tensor")
 
 
 def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) -> tuple[Path | None, bool]:

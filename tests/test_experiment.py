@@ -516,3 +516,21 @@ def test_smooth_is_an_optional_quantize_setting(tmp_path, tiny32):
     p.write_text(SPEC.format(model=tiny32).replace("[quantize]\n", "[quantize]\nsmooth = 0.5\n"))
     with pytest.raises(GacqError, match="needs quantized activations"):
         load_spec(p)
+
+
+def test_act_granularity_is_an_optional_quantize_setting(tmp_path, tiny32):
+    import gacq.experiment as ex
+
+    p = tmp_path / "g.toml"
+    p.write_text(SPEC.format(model=tiny32))
+    plain = load_spec(p)
+    p.write_text(p.read_text().replace("[quantize]\n", "[quantize]\nact_granularity = \"token\"\n"))
+    on = load_spec(p)
+    assert "act_granularity" not in plain.quantize and ex.settings_digest(plain) != ex.settings_digest(on)
+    w4a8 = next(c for c in on.cells if c.method != "fp" and c.abits is not None)
+    assert ex._quant_config(on, w4a8, 8, "x").act_granularity == "token"
+    assert ex._quant_config(on, w4a8, None, "x").act_granularity == "tensor"  # W/A32: no quantized inputs
+    assert ex._quant_config(plain, w4a8, 8, "x").act_granularity == "tensor"
+    p.write_text(p.read_text().replace('act_granularity = "token"', 'act_granularity = "row"'))
+    with pytest.raises(GacqError, match="act_granularity must be 'tensor' or 'token'"):
+        load_spec(p)

@@ -154,7 +154,8 @@ class Int8Layer(ExportedLayer):
         from .triton_int8 import available
 
         kind_ok = self.groups == 1 if self.is_conv else self.kernel_linears
-        return self.use_kernel and kind_ok and len(self.parts) == 1 and available(x)
+        dynamic = any(q.dynamic for q in self.act_quantizers())  # the kernels read one stored input grid
+        return self.use_kernel and kind_ok and not dynamic and len(self.parts) == 1 and available(x)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as one `int8_conv2d` call (a linear as a 1x1 conv over 1x1 images). Nothing is computed
@@ -180,10 +181,14 @@ class Int8Layer(ExportedLayer):
             return self._fused(x)
         y = None
         for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
-            scale, zp = q.scale, q.zero_point
+            scale, zp = q.qparams(xs)  # the stored grid, or (dynamic, linears only) one grid per row of xs
+            if q.dynamic:  # the fake quantizer's float32 arithmetic; per-row grids as (M, 1) columns
+                xs = xs.float()
             # the fake quantizer's integers, centred on the zero point (exact small integers)
             u = torch.clamp(torch.round(xs / scale) + zp, q.qmin, q.qmax) - zp
             c = act_center(q.qmin, q.qmax)
+            if q.dynamic:
+                scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
             off = (zp - c).to(u.dtype)
             x8 = (self._columns(u) + off).to(torch.int8)  # Xq - ca; padded positions hold za - ca
             da = (c - zp).round().to(torch.int32)
@@ -224,6 +229,8 @@ def int8_unsupported(layer: QuantLayer) -> str | None:
             return "activation quantizer missing, disabled or uninitialised"
         if q.bits > 8:
             return f"{q.bits}-bit activations"
+        if q.dynamic:  # integer zero points on the grid by construction (qparams_from_range)
+            continue
         zp = q.zero_point.detach()
         if not torch.equal(zp, zp.round()) or zp.item() < q.qmin or zp.item() > q.qmax:
             return "activation zero point is not an integer on the grid"

@@ -51,6 +51,10 @@ class QuantConfig:
             (measured on up to `smooth_samples` calibration samples) and takes the factor into its weight.
             None: off. Not part of any paper's method; the export backends do not run smoothed layers yet.
         smooth_layers: fnmatch patterns of the layers to smooth (None: every eligible Linear).
+        act_granularity: 'tensor' (one stored grid per layer input, calibrated: the papers' choice) or 'token'
+            (every quantized Linear's input gets one grid per token, computed per call from that token's min and
+            max: dynamic per-token quantization, as LLM and DiT quantizers use against outlier tokens; convolutions
+            keep per-tensor grids). Not part of any paper's method here.
         bias_correction: after everything else, measure the per-channel mean error of the noise
             prediction against the float model on the calibration set and fold it into the last
             layer's bias (`gacq.quant.bias_correction`; not part of any paper's method).
@@ -75,9 +79,15 @@ class QuantConfig:
     smooth: float | None = None
     smooth_layers: tuple[str, ...] | None = None
     smooth_samples: int = 256
+    act_granularity: str = "tensor"
 
     def __post_init__(self) -> None:
         self.spec()  # validates method and preset
+        if self.act_granularity not in ("tensor", "token"):
+            raise GacqError(f"--act-granularity must be 'tensor' or 'token', not {self.act_granularity!r}")
+        if self.act_granularity == "token" and self.abits is None:
+            raise GacqError("--act-granularity token quantizes activations per token; with float activations (A32) "
+                            "there are none to quantize: drop it or quantize the activations")
         if not 2 <= self.wbits <= 8:
             raise GacqError(f"--wbits {self.wbits} is not supported; use 2 to 8")
         if self.abits is not None and not 2 <= self.abits <= 8:
@@ -117,6 +127,8 @@ class QuantConfig:
                 d.pop(k)
         elif self.smooth_layers is not None:
             d["smooth_layers"] = list(self.smooth_layers)
+        if self.act_granularity == "tensor":  # absent at the default: earlier resume fingerprints stay valid
+            d.pop("act_granularity")
         d["recipe"] = self.spec().to_json()
         return d
 
@@ -179,10 +191,11 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     skip_names = float_layers(model, spec.skip_fn)
     eight = set(spec.eight_bit)
     skip = lambda n, m: _match(n, spec.skip) or n in skip_names or _match(n, eight)  # noqa: E731
-    wrap_layers(model, config.wbits, abits, skip=skip, a_symmetric=spec.a_symmetric)
+    dynamic = (lambda n, m: True) if config.act_granularity == "token" else None  # noqa: E731 (Linear layers)
+    wrap_layers(model, config.wbits, abits, skip=skip, a_symmetric=spec.a_symmetric, dynamic=dynamic)
     if eight:
         wrap_layers(model, 8, 8 if abits is not None else None, skip=lambda n, m: not _match(n, eight),
-                    a_symmetric=spec.a_symmetric)
+                    a_symmetric=spec.a_symmetric, dynamic=dynamic)
     float_inputs = float_input_layers(model, spec.act_skip_fn)
     for name, m in quant_layers(model):
         if name in float_inputs:
@@ -315,8 +328,11 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
 def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress) -> None:
     bs = config.calib_batch_size
     if spec.act_mode == "fsc":
-        from .fsc import finite_set_calibration
+        from .fsc import _act_layers, finite_set_calibration
 
+        if not _act_layers(model):  # every quantized input is dynamic per token: no stored grid to calibrate
+            set_quant_state(model, weights=True, acts=True)
+            return
         sampler = calib.meta.get("sampler", {})
         params = finite_set_calibration(model, calib.x, calib.t, calib.step, sampler, config.fsc_momentum,
                                         config.fsc_batch_size, config.recon.seed, device, progress, cond=calib.cond)
@@ -424,7 +440,7 @@ def config_from_json(c: dict) -> QuantConfig:
             gac=GACConfig(**c.get("gac", {})), recon_checkpoints=c.get("recon_checkpoints"),
             bias_correction=c.get("bias_correction", False), smooth=c.get("smooth"),
             smooth_layers=None if c.get("smooth_layers") is None else tuple(c["smooth_layers"]),
-            smooth_samples=c.get("smooth_samples", 256))
+            smooth_samples=c.get("smooth_samples", 256), act_granularity=c.get("act_granularity", "tensor"))
     except (KeyError, TypeError) as e:
         raise GacqError(f"a quantization config this gacq cannot read ({type(e).__name__}: {e}); the checkpoint "
                         "comes from another gacq version: quantize again") from e

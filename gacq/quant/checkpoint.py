@@ -31,7 +31,10 @@ FORMAT_VERSION = 2
 # 3 = 2 plus smoothed layers (per layer "smooth": true and its input divisor `<layer>.smooth`); written only when a
 # layer is smoothed, so that a gacq that cannot divide the inputs refuses the folder instead of misreading it.
 SMOOTH_FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+# 4 = 3 plus dynamic per-token input quantization (per layer "a_dynamic": true, no act_scale / act_zero_point);
+# written only when a layer has it.
+DYNAMIC_FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 
 
 def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -70,7 +73,9 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
         entry = {"type": type(m).__name__, "wbits": q.bits, "shape": list(m.weight.shape),
                  "abits": m.abits if m.act_quantizer is not None else None,
                  "a_symmetric": bool(m.act_quantizer.symmetric) if m.act_quantizer is not None else None}
-        if m.act_quantizer is not None:
+        if m.a_dynamic:
+            entry["a_dynamic"] = True  # the grid is computed per token at run time: nothing stored
+        elif m.act_quantizer is not None:
             if not m.act_quantizer.is_initialized:
                 raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
             tensors[f"{name}.act_scale"] = m.act_quantizer.scale.detach().cpu().float().reshape(1)
@@ -79,7 +84,7 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
             entry["split"] = m.split
             tensors[f"{name}.scale_0"] = m.weight_quantizer_0.scale.detach().cpu().float()
             tensors[f"{name}.zero_point_0"] = m.weight_quantizer_0.zero_point.detach().cpu().float()
-            if m.act_quantizer is not None and m.act_quantizer_0 is not None:
+            if m.act_quantizer is not None and m.act_quantizer_0 is not None and not m.a_dynamic:
                 if not m.act_quantizer_0.is_initialized:
                     raise GacqError(f"layer {name} has an uncalibrated activation quantizer; calibrate before saving")
                 tensors[f"{name}.act_scale_0"] = m.act_quantizer_0.scale.detach().cpu().float().reshape(1)
@@ -96,7 +101,9 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
             continue
         floats[k] = v.detach().cpu().contiguous()
     smoothed = any(e.get("smooth") for e in layers.values())
-    meta = {"format_version": SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION,
+    dynamic = any(e.get("a_dynamic") for e in layers.values())
+    version = DYNAMIC_FORMAT_VERSION if dynamic else SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION
+    meta = {"format_version": version,
             "diffusers": diffusers.__version__, "torch": torch.__version__, **config, "layers": layers}
     from .attention import attention_quantizers
 
@@ -177,11 +184,12 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
     layers = meta["layers"]
     groups: dict[tuple, set[str]] = {}
     for n, e in layers.items():  # layers may differ in bits (W8A8 first/last) or keep float inputs
-        groups.setdefault((e["wbits"], e["abits"], bool(e["a_symmetric"])), set()).add(n)
+        groups.setdefault((e["wbits"], e["abits"], bool(e["a_symmetric"]), bool(e.get("a_dynamic"))), set()).add(n)
     wrapped = []
     try:
-        for (wb, ab, sym), names in groups.items():
-            wrapped += wrap_layers(model, wb, ab, skip=lambda n, m, names=names: n not in names, a_symmetric=sym)
+        for (wb, ab, sym, dyn), names in groups.items():
+            wrapped += wrap_layers(model, wb, ab, skip=lambda n, m, names=names: n not in names, a_symmetric=sym,
+                                   dynamic=(lambda n, m: True) if dyn else None)
     except GacqError as e:
         raise GacqError(f"{folder}: the quantized layers do not match the model architecture ({e})") from e
     if sorted(wrapped) != sorted(layers):
@@ -212,7 +220,10 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
         with torch.no_grad():
             full_scale, full_zp = m.weight_qparams()  # scale, zp, or both halves' grid of a split layer
             m.weight.copy_((ints.to(scale.dtype) - full_zp) * full_scale)
-        if m.act_quantizer is not None:
+        if bool(entry.get("a_dynamic")) != m.a_dynamic:  # a conv marked dynamic: wrap_layers made it static
+            raise GacqError(f"{folder}: layer {name} is marked for dynamic per-token inputs, which only Linear "
+                            "layers have; the checkpoint is corrupt: quantize again")
+        if m.act_quantizer is not None and not m.a_dynamic:
             m.act_quantizer._set(tensors[f"{name}.act_scale"], tensors[f"{name}.act_zero_point"])
             if m.split:
                 m.act_quantizer_0._set(tensors[f"{name}.act_scale_0"], tensors[f"{name}.act_zero_point_0"])

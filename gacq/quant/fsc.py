@@ -28,7 +28,9 @@ from .primitives import qparams_from_range
 
 
 def _act_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.act_quantizer is not None]
+    """The layers with a stored input grid (dynamic per-token layers compute theirs per call: no per-step set)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, QuantLayer) and m.act_quantizer is not None and not m.a_dynamic]
 
 
 @dataclass

@@ -47,14 +47,17 @@ class QuantLayer(SplitInputs, nn.Module):
     in_axis = 1  # channel axis of the layer's input (Linear: -1)
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: int, abits: int | None,
-                 a_symmetric: bool = False):
+                 a_symmetric: bool = False, a_dynamic: bool = False):
         super().__init__()
+        if a_dynamic and self.in_axis != -1:
+            raise GacqError(f"dynamic per-token input quantization is for Linear layers, not {type(layer).__name__} "
+                            "(a token is a row of a Linear's input)")
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.wbits, self.abits = wbits, abits
         self.weight_quantizer = UniformQuantizer(wbits, symmetric=False, channel_axis=0, shape=tuple(self.weight.shape))
-        self.act_quantizer = (UniformQuantizer(abits, symmetric=a_symmetric, learn_scale=True)
-                              if abits is not None else None)
+        self.a_dynamic = bool(a_dynamic) and abits is not None
+        self.act_quantizer = self._new_act_quantizer(abits, a_symmetric) if abits is not None else None
         self.adaround: AdaRoundQuantizer | None = None
         self.w_quant = True
         self.a_quant = False
@@ -67,6 +70,12 @@ class QuantLayer(SplitInputs, nn.Module):
         # Activation smoothing (SmoothQuant): per input channel s; the layer holds W * s and divides its input by s
         # before quantizing it. None: no smoothing (and no state-dict entry).
         self.register_buffer("smooth", None)
+
+    def _new_act_quantizer(self, abits: int, symmetric: bool) -> UniformQuantizer:
+        """Static per-tensor with a learnable step size, or (a_dynamic) one grid per token, computed per call."""
+        if self.a_dynamic:
+            return UniformQuantizer(abits, symmetric=symmetric, dynamic_axis=-1)
+        return UniformQuantizer(abits, symmetric=symmetric, learn_scale=True)
 
     # ------------------------------------------------------------------ split ---
     def set_split(self, k: int) -> None:
@@ -96,8 +105,9 @@ class QuantLayer(SplitInputs, nn.Module):
                                                    shape=tuple(self.weight[:, k:].shape))
         if self.act_quantizer is not None:
             self.act_quantizer.mark_initialized(False)
-            self.act_quantizer_0 = UniformQuantizer(self.abits, symmetric=self.act_quantizer.symmetric,
-                                                    learn_scale=True)
+            self.act_quantizer_0 = self._new_act_quantizer(self.abits, self.act_quantizer.symmetric)
+            if self.a_dynamic:  # nothing to calibrate
+                self.act_quantizer.mark_initialized(True)
         self.weight_quantizer_0.to(self.weight.device)
         if self.act_quantizer_0 is not None:
             self.act_quantizer_0.to(self.weight.device)
@@ -222,13 +232,15 @@ class QuantLayer(SplitInputs, nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        parts = ([f"split={self.split}"] if self.split else []) + (["smoothed"] if self.smooth is not None else [])
+        parts = ([f"split={self.split}"] if self.split else []) + (["smoothed"] if self.smooth is not None else []) \
+            + (["dynamic per-token inputs"] if self.a_dynamic else [])
         return ", ".join(parts)
 
 
 class QuantConv2d(QuantLayer):
-    def __init__(self, layer: nn.Conv2d, wbits: int, abits: int | None, a_symmetric: bool = False):
-        super().__init__(layer, wbits, abits, a_symmetric)
+    def __init__(self, layer: nn.Conv2d, wbits: int, abits: int | None, a_symmetric: bool = False,
+                 a_dynamic: bool = False):
+        super().__init__(layer, wbits, abits, a_symmetric, a_dynamic)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding mode {layer.padding_mode!r} is not supported")
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import GacqError
-from .primitives import choose_qparams_minmax, choose_qparams_mse, fake_quantize, qrange
+from .primitives import choose_qparams_minmax, choose_qparams_mse, fake_quantize, qparams_from_range, qrange
 
 
 class UniformQuantizer(nn.Module):
@@ -25,12 +25,20 @@ class UniformQuantizer(nn.Module):
         channel_axis: axis with one (scale, zero point) per index, or None for per-tensor.
         shape: the shape of the tensors it will quantize (needed for per-channel parameters).
         learn_scale: make the step size a Parameter (LSQ-style activation calibration).
+        dynamic_axis: dynamic per-token quantization: the grid is not stored but computed on every call, one
+            (scale, zero point) per token from the min and max over this axis (the features'), as
+            `qparams_from_range` maps them (asymmetric grids include 0). Nothing to calibrate: the quantizer is
+            initialised from the start, and `init_*` / `_set` refuse. The `scale` and `zero_point` buffers stay
+            (unused, shape ()) so that code reading a quantizer's state finds the same attributes.
     """
 
     def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = None,
-                 shape: tuple[int, ...] | None = None, learn_scale: bool = False):
+                 shape: tuple[int, ...] | None = None, learn_scale: bool = False, dynamic_axis: int | None = None):
         super().__init__()
+        if dynamic_axis is not None and (learn_scale or channel_axis is not None):
+            raise GacqError("a dynamic per-token quantizer has no stored grid: no learned scale, no channel axis")
         self.bits, self.symmetric, self.channel_axis = bits, symmetric, channel_axis
+        self.dynamic_axis = dynamic_axis
         self.qmin, self.qmax = qrange(bits, symmetric)
         if channel_axis is None:
             pshape: tuple[int, ...] = ()
@@ -51,6 +59,27 @@ class UniformQuantizer(nn.Module):
         # `mark_initialized` and by loading a state dict.
         self.is_initialized = False
         self.enabled = True
+        if dynamic_axis is not None:
+            self.mark_initialized(True)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.dynamic_axis is not None
+
+    def _refuse_if_dynamic(self) -> None:
+        if self.dynamic:
+            raise GacqError("a dynamic per-token quantizer computes its grid from every input; it has no step size "
+                            "to initialise or set")
+
+    def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) for quantizing `x`: the stored grid, or (dynamic) one grid per token of `x`, in
+        float32, with `x`'s rank and size 1 on `dynamic_axis`."""
+        if not self.dynamic:
+            return self.scale, self.zero_point
+        v = x.detach()
+        lo = v.amin(dim=self.dynamic_axis, keepdim=True).float()
+        hi = v.amax(dim=self.dynamic_axis, keepdim=True).float()
+        return qparams_from_range(lo, hi, self.bits, self.symmetric)
 
     def mark_initialized(self, value: bool = True) -> None:
         with torch.no_grad():
@@ -64,6 +93,7 @@ class UniformQuantizer(nn.Module):
             self.is_initialized = bool(state_dict[key])
 
     def _set(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self._refuse_if_dynamic()
         with torch.no_grad():
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
@@ -82,10 +112,15 @@ class UniformQuantizer(nn.Module):
             return x
         if not self.is_initialized:
             raise GacqError("quantizer used before initialisation: call init_minmax or init_mse first")
+        if self.dynamic:  # float32 grid and arithmetic (a bf16 step size of a near-constant token underflows)
+            scale, zp = self.qparams(x)
+            return fake_quantize(x.float(), scale, zp, self.qmin, self.qmax).to(x.dtype)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
         gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        if self.dynamic:
+            gran = f"dynamic per-token(over axis {self.dynamic_axis})"
         return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {gran}"
 
 

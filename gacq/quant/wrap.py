@@ -19,8 +19,9 @@ SkipFn = Callable[[str, nn.Module], bool]
 
 
 def wrap_layers(model: nn.Module, wbits: int, abits: int | None, skip: SkipFn | None = None,
-                a_symmetric: bool = False) -> list[str]:
-    """Replace every Conv2d/Linear (except skipped ones) in place; returns the wrapped names in order."""
+                a_symmetric: bool = False, dynamic: SkipFn | None = None) -> list[str]:
+    """Replace every Conv2d/Linear (except skipped ones) in place; returns the wrapped names in order.
+    `dynamic(name, module)`: the Linear layers whose inputs are quantized per token, dynamically."""
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) in QUANT_CLASSES and not (skip is not None and skip(name, m))]
     if not targets:
@@ -28,7 +29,8 @@ def wrap_layers(model: nn.Module, wbits: int, abits: int | None, skip: SkipFn | 
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QUANT_CLASSES[type(layer)](layer, wbits, abits, a_symmetric))
+        dyn = dynamic is not None and isinstance(layer, nn.Linear) and dynamic(name, layer)
+        setattr(parent, child, QUANT_CLASSES[type(layer)](layer, wbits, abits, a_symmetric, a_dynamic=dyn))
     return [name for name, _ in targets]
 
 
@@ -78,7 +80,7 @@ def run_with_hooks(model: nn.Module, handles: list, batches: Iterable[tuple], fo
 def init_act_quantizers_minmax(model: nn.Module, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Set every input quantizer's step size from observed (min, max) (both of a split layer's)."""
     for name, m in quant_layers(model):
-        if m.act_quantizer is None:
+        if m.act_quantizer is None or m.a_dynamic:  # dynamic: a grid per token, computed per call
             continue
         if name not in ranges:
             raise GacqError(f"no calibration input reached layer {name}; the calibration set does not cover it")
