@@ -10,7 +10,8 @@ the float samples:
         --out results/smooth_sweep --alphas none,0.25,0.5,0.75 --bits W8A8,W4A8 --num 64 --steps 50 --guidance-scale 1.5
 
 `--method` (rtn by default) and `--iters` / `--act-iters` choose the quantization; `--layers` restricts smoothing to
-fnmatch patterns (default: every Linear layer with a quantized input). A probe on models trained here.
+fnmatch patterns (default: every Linear layer with a quantized input). `--granularities tensor,token` also sweeps the
+Linear inputs' grid (`--act-granularity`: calibrated per tensor, or dynamic per token). A probe on models trained here.
 Writes OUT/smooth_sweep.json and OUT/smooth_sweep.md.
 """
 
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--act-iters", type=int, default=100)
+    ap.add_argument("--granularities", default="tensor", help="comma-separated act granularities: tensor, token")
     ap.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of the layers to smooth")
     ap.add_argument("--num", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
@@ -58,14 +60,14 @@ def main() -> None:
     rows = []
     for bits in args.bits.split(","):
         w, a = parse_bits(bits)
-        for al in args.alphas.split(","):
+        for al, gran in [(al, g.strip()) for g in args.granularities.split(",") for al in args.alphas.split(",")]:
             alpha = None if al.strip() == "none" else float(al)
-            tag = f"{args.method}_{bits.strip().lower()}_smooth{al.strip()}"
+            tag = f"{args.method}_{bits.strip().lower()}_smooth{al.strip()}" + ("" if gran == "tensor" else f"_{gran}")
             t0 = time.time()
             qdir = work / tag
             if not (qdir / "quant_config.json").exists():
                 quantize_to_dir(fp, QuantConfig(method=args.method, wbits=w, abits=a, smooth=alpha, smooth_layers=layers,
-                                                recon=ReconConfig(iters=args.iters),
+                                                act_granularity=gran, recon=ReconConfig(iters=args.iters),
                                                 act_recon=ActReconConfig(iters=args.act_iters),
                                                 recon_checkpoints=str(qdir) + ".recon-ckpt"),
                                 qdir, calib=args.calib, device=args.device, progress=False)
@@ -73,11 +75,11 @@ def main() -> None:
             q = load_model(str(qdir), device=args.device)
             rep = compare(fp, q, cfg, work / f"compare_{tag}", device=args.device, metrics=False, label=tag)
             sm = meta.get("smoothing") or {}
-            rows.append({"bits": bits.strip().upper(), "method": args.method, "alpha": alpha,
+            rows.append({"bits": bits.strip().upper(), "method": args.method, "alpha": alpha, "act_granularity": gran,
                          "smoothed_layers": sm.get("layers", 0), "max_scale_spread": sm.get("max_scale_spread"),
                          "psnr_db_mean": rep["psnr_db_mean"], "psnr_db_min": rep["psnr_db_min"],
                          "quantize_seconds": meta.get("wall_seconds"), "seconds": round(time.time() - t0, 1)})
-            print(f"{rows[-1]['bits']} alpha {al.strip():5s} smoothed {rows[-1]['smoothed_layers']:3d}  "
+            print(f"{rows[-1]['bits']} {gran:6s} alpha {al.strip():5s} smoothed {rows[-1]['smoothed_layers']:3d}  "
                   f"PSNR {rep['psnr_db_mean']:.2f} dB (min {rep['psnr_db_min']:.2f})", flush=True)
     res = {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "machine": machine_info(),
            "wall_seconds": round(time.time() - t_start, 1), "model": args.model, "calib": args.calib,
@@ -89,10 +91,11 @@ def main() -> None:
              f"`{res['command']}` (commit {res['commit']}, {res['machine'].get('gpu') or 'CPU'}, "
              f"{res['wall_seconds']:.0f} s). {args.num} images, DDIM {args.steps} steps, guidance "
              f"{args.guidance_scale}, the same noise and labels as the float model's; PSNR of each checkpoint's images "
-             "against the float model's (higher is closer). alpha: SmoothQuant's migration strength (none: off).", "",
-             "| bits | alpha | smoothed layers | max s / min s (widest layer) | PSNR mean dB | PSNR min dB | quantize s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['bits']} | {r['alpha'] if r['alpha'] is not None else 'none'} | {r['smoothed_layers']} | "
+             "against the float model's (higher is closer). alpha: SmoothQuant's migration strength (none: off). "
+             "inputs: the Linear layers' input grids (tensor: calibrated per tensor; token: dynamic per token).", "",
+             "| bits | inputs | alpha | smoothed layers | max s / min s (widest layer) | PSNR mean dB | PSNR min dB | quantize s |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['bits']} | {r.get('act_granularity', 'tensor')} | {r['alpha'] if r['alpha'] is not None else 'none'} | {r['smoothed_layers']} | "
               f"{r['max_scale_spread'] if r['max_scale_spread'] is not None else '-'} | {r['psnr_db_mean']:.2f} | "
               f"{r['psnr_db_min']:.2f} | {r['quantize_seconds']} |" for r in rows]
     with atomic_path(out / "smooth_sweep.md") as tmp:
