@@ -166,6 +166,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device):
         self.cfg, self.out, self.device = cfg, out, device
+        self.commit = git_commit()  # read once, before the first step: the code this call runs
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.config).to(device).train()
         if cfg.init_from is not None:
@@ -203,7 +204,7 @@ class _Run:
                 "images_seen": self.images_seen,
                 "train_seconds": round(self.train_seconds, 3),
                 "calls": self.calls,
-                "commit": git_commit(),
+                "commit": self.commit,
             }
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
         save_model(self.ema, self.out / "model", DDPM_SCHEDULE)
@@ -279,7 +280,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
                             f"{k} classes")
         labels_all = torch.from_numpy(ds.labels).to(dev)
 
-    run = _Run(cfg, out, dev)
+    run = _Run(cfg, out, dev)  # records the commit now: the code this call runs (the tree may change meanwhile)
     if resume:
         run.load()
     run.calls += 1
@@ -380,7 +381,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
         "params": count_parameters(run.model),
         "device": str(dev),
         "machine": machine_info(),
-        "commit": git_commit(),
+        "commit": run.commit,
     }
     write_json(out / "summary.json", summary)
     return summary

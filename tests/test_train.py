@@ -72,3 +72,18 @@ def test_init_from(image_folder, tmp_path, tiny_model_dir):
     # lr 1e-12 (during warm-up, 2e-13): one AdamW step moves weights by at most ~1e-12.
     for k, v in src.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-9)
+
+
+def test_commit_is_read_once_at_the_start(image_folder, tmp_path, monkeypatch):
+    """The summary and the checkpoint name the code the call started with, even if the checkout changes while it
+    trains (session 12's summary named a commit made during its training)."""
+    import itertools
+    import sys
+
+    tr = sys.modules[TrainConfig.__module__]  # the module (gacq.train the attribute may be a function)
+
+    calls = itertools.count()
+    monkeypatch.setattr(tr, "git_commit", lambda: "start" if next(calls) == 0 else "changed-later")
+    s = train(TrainConfig(data=str(image_folder), max_steps=3, ckpt_every=2, **BASE), tmp_path / "run", progress=False)
+    assert s["commit"] == "start"
+    assert json.loads((tmp_path / "run" / "ckpt" / "state.json").read_text())["commit"] == "start"
