@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     layers = tuple(args.layers.split(",")) if args.layers else None
-    t_start = time.time()
+    t_start, commit = time.time(), git_commit()  # the code this run starts with
     fp = load_model(args.model, device=args.device)
     cfg = SampleConfig(num=args.num, steps=args.steps, batch_size=args.num, guidance_scale=args.guidance_scale)
     rows = []
@@ -81,7 +81,7 @@ def main() -> None:
                          "quantize_seconds": meta.get("wall_seconds"), "seconds": round(time.time() - t0, 1)})
             print(f"{rows[-1]['bits']} {gran:6s} alpha {al.strip():5s} smoothed {rows[-1]['smoothed_layers']:3d}  "
                   f"PSNR {rep['psnr_db_mean']:.2f} dB (min {rep['psnr_db_min']:.2f})", flush=True)
-    res = {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "machine": machine_info(),
+    res = {"command": "python " + " ".join(sys.argv), "commit": commit, "machine": machine_info(),
            "wall_seconds": round(time.time() - t_start, 1), "model": args.model, "calib": args.calib,
            "method": args.method, "smooth_layers": list(layers) if layers else "every Linear with a quantized input",
            "sampler": {"steps": args.steps, "num": args.num, "guidance_scale": args.guidance_scale, "seed": 0},
