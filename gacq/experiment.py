@@ -55,9 +55,10 @@ calibrate on as many samples as the uniform selection (5,120 at 256 trajectories
 (`gacq quantize --smooth`, `gacq.quant.smooth`; not part of any paper's method). Every quantized cell of such a
 spec must quantize its activations (no W/A32 cells). It enters the settings digest only when given.
 
-`[quantize] act_granularity = "token"` (optional) quantizes every quantized Linear layer's input per token,
-dynamically (`gacq quantize --act-granularity token`, `QuantConfig.act_granularity`; not part of any paper's
-method); W/A32 cells are unaffected. It enters the settings digest only when given.
+`act_granularity = ["tensor", "token"]` in a grid (optional; default "tensor") also makes cells whose quantized
+Linear layers quantize their inputs per token, dynamically (`gacq quantize --act-granularity token`,
+`QuantConfig.act_granularity`; not part of any paper's method). Such cells and jobs get `_tok` in their id; they
+need quantized activations (no W/A32 bits in that grid).
 
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
@@ -102,9 +103,10 @@ _SECTIONS = {
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 # optional keys: absent unless given, so that the settings digests of specs without them stay what they were
-_OPTIONAL = {"quantize": {"smooth", "act_granularity"}}
+_OPTIONAL = {"quantize": {"smooth"}}
 _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
-_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws"}
+_GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws",
+              "act_granularity"}
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:
@@ -140,6 +142,7 @@ class Cell:
     cseed: int | None = None
     bc: bool = False
     draws: int = 1  # Gaussian timestep draws per calibration trajectory (PTQ4DM's selection; 1 = its own)
+    gran: str = "tensor"  # the quantized Linear inputs' grids: "tensor" (calibrated) or "token" (dynamic)
 
     @property
     def bits(self) -> str:
@@ -148,7 +151,8 @@ class Cell:
     def _suffix(self) -> str:
         return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac) \
             + ("" if self.draws == 1 else f"_gd{self.draws}") \
-            + ("" if self.cseed is None else f"_cs{self.cseed}") + ("_bc" if self.bc else "")
+            + ("" if self.cseed is None else f"_cs{self.cseed}") + ("_tok" if self.gran == "token" else "") \
+            + ("_bc" if self.bc else "")
 
     @property
     def id(self) -> str:
@@ -266,8 +270,11 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
             if other:
                 raise GacqError(f"{where}: gaussian_draws applies to methods that calibrate on Gaussian-drawn "
                                 f"timesteps (ptq4dm), not {other}")
-        for m, (w, a), st, sd, gv, cs, bc, dr in itertools.product(methods, bits, steps, seeds,
-                                                                   itertools.product(*gvals), cseeds, bcs, draws):
+        grans = _as_list(g.get("act_granularity", ["tensor"]), "act_granularity", where)
+        if any(x not in ("tensor", "token") for x in grans):
+            raise GacqError(f"{where}: act_granularity must be 'tensor', 'token' or a list of them, not {grans!r}")
+        for m, (w, a), st, sd, gv, cs, bc, dr, gr in itertools.product(
+                methods, bits, steps, seeds, itertools.product(*gvals), cseeds, bcs, draws, grans):
             if m == "fp":
                 c = Cell("fp", None, None, st, sd)
             else:
@@ -277,7 +284,10 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                     raise GacqError(f"{where}: bias_correction cells need quantized activations (W{w}A32 cells "
                                     "sample a W/A checkpoint with float activations, whose correction was measured "
                                     "with quantized ones); use bits like W4A8")
-                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr)
+                if gr == "token" and a is None:
+                    raise GacqError(f"{where}: act_granularity 'token' quantizes activations per token; W{w}A32 "
+                                    "cells keep them float: use bits like W8A8 in that grid")
+                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr, gr)
             cells.setdefault(c.id, c)
     tf32 = raw.get("matmul_tf32", False)
     if not isinstance(tf32, bool):
@@ -290,9 +300,6 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         if wa:
             raise GacqError(f"{path}: [quantize] smooth needs quantized activations, but cell(s) {wa[:3]} keep them "
                             "float (W/A32); drop those bits or the smooth key")
-    gran = sections["quantize"].get("act_granularity")
-    if gran is not None and gran not in ("tensor", "token"):
-        raise GacqError(f"{path}: [quantize] act_granularity must be 'tensor' or 'token', not {gran!r}")
     base = Path(os.getcwd())
     work = Path(raw["work"]) if raw.get("work") else base / "runs" / "experiments" / name
     if results is not None:
@@ -317,7 +324,7 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
     if cell.abits is None:
         donors = sorted({c.abits for c in spec.cells if c.abits is not None and c.method == cell.method
                          and c.wbits == cell.wbits and c.steps == cell.steps and c.gac == cell.gac
-                         and c.cseed == cell.cseed and c.bc == cell.bc})
+                         and c.cseed == cell.cseed and c.bc == cell.bc and c.gran == "tensor"})
         if donors:
             return cell.quant_job(donors[-1]), True, donors[-1]
     return cell.quant_job(cell.abits), False, cell.abits
@@ -450,9 +457,7 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
                                              n_steps=min(spec.calib["record_steps"], cell.steps), draws=cell.draws),
                        recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc,
-                       smooth=q.get("smooth"),
-                       # W/A32 cells have no quantized inputs to quantize per token
-                       act_granularity=q.get("act_granularity", "tensor") if abits is not None else "tensor")
+                       smooth=q.get("smooth"), act_granularity=cell.gran)
 
 
 def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) -> tuple[Path | None, bool]:
@@ -558,7 +563,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         "cell": {"id": cell.id, "method": cell.method, "bits": cell.bits, "wbits": cell.wbits,
                  "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac),
                  "calib_seed": None if cell.method == "fp" else calib_seed(spec, cell),
-                 "bias_correction": cell.bc, "gaussian_draws": cell.draws,
+                 "bias_correction": cell.bc, "gaussian_draws": cell.draws, "act_granularity": cell.gran,
                  "recon_seed": None if cell.method == "fp" else recon_seed(spec, cell)},
         "metrics": metrics,
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],

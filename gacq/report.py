@@ -25,6 +25,7 @@ from .errors import GacqError
 from .experiment import CELL_SCHEMA
 
 BC = "+bc"  # rows of cells quantized with output bias correction: "<method>+bc"
+TOK = "+tok"  # rows of cells with dynamic per-token Linear inputs (`act_granularity = "token"`): "<method>+tok"
 METHOD_ORDER = ["fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "tfmq", "gac"]
 METRICS = [("fid", "FID", 2), ("sfid", "sFID", 4), ("is_mean", "IS", 3), ("precision", "precision", 3),
            ("recall", "recall", 3)]
@@ -56,7 +57,7 @@ def _bits_key(b: str) -> tuple:
 
 
 def _mkey(m: str) -> tuple:
-    base = m.removesuffix(BC)  # a bias-corrected method right after its plain row
+    base = m.removesuffix(BC).removesuffix(TOK)  # bias-corrected / per-token variants right after the plain row
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), m)
 
 
@@ -99,7 +100,8 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         # cells of different specs with the same settings pool (e.g. extra seeds run by a second spec)
         setting = f"settings {c.get('settings_digest', c['experiment'])}"
         draws = cell.get("gaussian_draws", 1)
-        method = cell["method"] + (f" ({draws} draws)" if draws != 1 else "") + (BC if cell.get("bias_correction") else "")
+        method = cell["method"] + (f" ({draws} draws)" if draws != 1 else "") \
+            + (TOK if cell.get("act_granularity") == "token" else "") + (BC if cell.get("bias_correction") else "")
         key = (f"{fn['name']} ({fn['hash']})", setting, method, cell["bits"], cell["steps"], gac)
         g = groups.setdefault(key, {"metrics": defaultdict(list), "n": set(), "seeds": [], "cells": []})
         for k, _, _ in METRICS:

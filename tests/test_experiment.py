@@ -518,19 +518,40 @@ def test_smooth_is_an_optional_quantize_setting(tmp_path, tiny32):
         load_spec(p)
 
 
-def test_act_granularity_is_an_optional_quantize_setting(tmp_path, tiny32):
+def test_act_granularity_grid_key(tmp_path, tiny32):
+    """`act_granularity` in a grid: token cells (and jobs) of their own, the setting reaching the quantization,
+    W/A32 bits refused; the W4A32 cell keeps sampling the plain (per-tensor) W4A8 job."""
     import gacq.experiment as ex
 
     p = tmp_path / "g.toml"
-    p.write_text(SPEC.format(model=tiny32))
-    plain = load_spec(p)
-    p.write_text(p.read_text().replace("[quantize]\n", "[quantize]\nact_granularity = \"token\"\n"))
-    on = load_spec(p)
-    assert "act_granularity" not in plain.quantize and ex.settings_digest(plain) != ex.settings_digest(on)
-    w4a8 = next(c for c in on.cells if c.method != "fp" and c.abits is not None)
-    assert ex._quant_config(on, w4a8, 8, "x").act_granularity == "token"
-    assert ex._quant_config(on, w4a8, None, "x").act_granularity == "tensor"  # W/A32: no quantized inputs
-    assert ex._quant_config(plain, w4a8, 8, "x").act_granularity == "tensor"
-    p.write_text(p.read_text().replace('act_granularity = "token"', 'act_granularity = "row"'))
-    with pytest.raises(GacqError, match="act_granularity must be 'tensor' or 'token'"):
+    base = SPEC.format(model=tiny32)
+    p.write_text(base + '[[grid]]\nmethods = ["rtn"]\nbits = ["W4A8"]\nact_granularity = ["tensor", "token"]\n')
+    s = load_spec(p)
+    by = {c.id: c for c in s.cells}
+    tok = by["rtn_w4a8_tok_steps5_seed0"]
+    assert tok.gran == "token" and by["rtn_w4a8_steps5_seed0"].gran == "tensor"
+    assert quant_job_of(s, tok) == ("rtn_w4a8_tok_steps5", False, 8)
+    assert ex._quant_config(s, tok, 8, "x").act_granularity == "token"
+    assert ex._quant_config(s, by["rtn_w4a8_steps5_seed0"], 8, "x").act_granularity == "tensor"
+    w4a32 = next(c for c in s.cells if c.method == "tfmq" and c.abits is None)
+    assert quant_job_of(s, w4a32)[0] == "tfmq_w4a8_steps5"
+    assert ex.settings_digest(s) == ex.settings_digest(load_spec_text(tmp_path, base))  # a grid key, not a setting
+    p.write_text(base + '[[grid]]\nmethods = ["rtn"]\nbits = ["W4A32"]\nact_granularity = "token"\n')
+    with pytest.raises(GacqError, match="W4A32 cells keep them float"):
         load_spec(p)
+    p.write_text(base + '[[grid]]\nmethods = ["rtn"]\nact_granularity = "row"\n')
+    with pytest.raises(GacqError, match="act_granularity must be 'tensor', 'token'"):
+        load_spec(p)
+    p.write_text(base + '[[grid]]\nmethods = ["rtn"]\nbits = ["W8A8"]\nact_granularity = "token"\n')
+    r = gacq("experiment", "run", str(p), "--cells", "rtn_w8a8_tok_steps5_seed0", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cell = json.loads((tmp_path / "results/experiments/t/cells/rtn_w8a8_tok_steps5_seed0.json").read_text())
+    assert cell["cell"]["act_granularity"] == "token"
+    qc = json.loads((tmp_path / "runs/experiments/t/q/rtn_w8a8_tok_steps5/quant_config.json").read_text())
+    assert qc["config"]["act_granularity"] == "token" and qc["format_version"] == 4
+
+
+def load_spec_text(tmp_path, text):
+    q = tmp_path / "plain.toml"
+    q.write_text(text)
+    return load_spec(q)
