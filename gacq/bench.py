@@ -73,10 +73,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------ models ---
-def fake_quant(model: nn.Module, wbits: int, abits: int | None, device: torch.device, seed: int) -> nn.Module:
-    """Round-to-nearest W/A fake quantization of a copy of `model` (float32), gacq's common layer set."""
+def fake_quant(model: nn.Module, wbits: int, abits: int | None, device: torch.device, seed: int,
+               token: bool = False) -> nn.Module:
+    """Round-to-nearest W/A fake quantization of a copy of `model` (float32), gacq's common layer set; `token`:
+    the Linear layers' inputs dynamic per token (`--act-granularity token`)."""
     q = copy.deepcopy(model).to(device).float().eval()
-    wrap_layers(q, wbits, abits, skip=lambda n, m: n in COMMON_SKIP)
+    wrap_layers(q, wbits, abits, skip=lambda n, m: n in COMMON_SKIP, dynamic=(lambda n, m: True) if token else None)
     q.to(device)
     for m in q.modules():
         if isinstance(m, QuantLayer):
@@ -326,6 +328,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ("int8 W8A8 im2col", lambda: kernels_off(convert(fq8(), "int8")[0]), False),
         ("int8 W8A8 triton-linears", lambda: triton_linears(convert(fq8(), "int8")[0]), False),
         ("int8 W8A8 nn-linears", lambda: nn_linears(convert(fq8(), "int8")[0]), False),
+        # dynamic per-token Linear inputs: the linears on the torch path (row min/max, one grid per row)
+        ("fake-quant W8A8 token", lambda: fake_quant(fp, 8, 8, device, args.seed, token=True), False),
+        ("int8 W8A8 token", lambda: convert(fake_quant(fp, 8, 8, device, args.seed, token=True), "int8")[0], False),
         ("fake-quant W4A8", fq48, False),
         ("w4a8 W4A8", lambda: convert(fq48(), "w4a8")[0], False),  # fused Triton conv/linear (CUDA)
         ("w4a8 W4A8 unpacked", lambda: unpack_int8(convert(fq48(), "w4a8")[0]), False),

