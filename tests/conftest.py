@@ -14,6 +14,17 @@ from PIL import Image
 from gacq.models import build_model, save_model
 
 
+def perturbed_tiny_dit(seed: int = 0) -> torch.nn.Module:
+    """The `tiny-dit` config with every parameter nudged: adaLN-Zero starts at zero, and a perturbed model carries
+    signal on every path (and its labels matter)."""
+    torch.manual_seed(seed)
+    model = build_model("tiny-dit").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 def write_images(root: Path, classes=("cat", "dog"), per_class=6, size=16, seed=0, fmt="png") -> Path:
     """A class-per-subfolder image folder with distinguishable classes."""
     rng = np.random.default_rng(seed)

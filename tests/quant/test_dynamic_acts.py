@@ -15,7 +15,7 @@ from torch import nn
 
 from gacq.conditioning import model_forward, slice_cond
 from gacq.errors import GacqError
-from gacq.models import build_model, load_model, save_model
+from gacq.models import load_model, save_model
 from gacq.quant.api import QuantConfig, config_from_json, quantize, quantize_to_dir
 from gacq.quant.calib_data import CalibDataConfig, CalibrationSet, collect
 from gacq.quant.modules import QuantConv2d, QuantLinear
@@ -23,6 +23,8 @@ from gacq.quant.quantizer import UniformQuantizer
 from gacq.quant.recon import ReconConfig
 from gacq.quant.wrap import quant_layers
 from gacq.sampling import SampleConfig
+
+from ..conftest import perturbed_tiny_dit
 
 
 def gacq(*args):
@@ -98,13 +100,8 @@ def test_refusals():
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-dit").eval()
-    with torch.no_grad():  # adaLN-Zero starts at zero: perturb so that every path carries signal
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     root = tmp_path_factory.mktemp("dyn")
-    path = save_model(model, root / "dit")
+    path = save_model(perturbed_tiny_dit(), root / "dit")
     calib = collect(load_model(path), SampleConfig(steps=10, guidance_scale=1.5),
                     CalibDataConfig(selection="all", n_trajectories=2), device="cpu", progress=False)
     calib.save(root / "calib")

@@ -15,13 +15,15 @@ import torch
 from torch import nn
 
 from gacq.errors import GacqError
-from gacq.models import build_model, load_model, save_model
+from gacq.models import load_model, save_model
 from gacq.quant.api import QuantConfig, config_from_json, quantize, quantize_to_dir
 from gacq.quant.calib_data import CalibDataConfig, collect
 from gacq.quant.modules import QuantLinear
 from gacq.quant.smooth import smoothing_scales
 from gacq.quant.wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers
 from gacq.sampling import SampleConfig
+
+from ..conftest import perturbed_tiny_dit
 
 
 def gacq(*args):
@@ -116,13 +118,8 @@ def test_ranges_are_observed_on_the_smoothed_input():
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("tiny-dit").eval()
-    with torch.no_grad():  # adaLN-Zero starts at zero: perturb so that every path carries signal
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     root = tmp_path_factory.mktemp("smooth")
-    path = save_model(model, root / "dit")
+    path = save_model(perturbed_tiny_dit(), root / "dit")
     loaded = load_model(path)
     calib = collect(loaded, SampleConfig(steps=20, guidance_scale=1.5), CalibDataConfig(selection="all", n_trajectories=2),
                     device="cpu")
