@@ -116,6 +116,36 @@ def test_ranges_are_observed_on_the_smoothed_input():
     assert r[0].item() == -1.0 and r[1].item() == 4.0  # x / s = [[1, 4, 4, 4], [-1, 0, 0, 0]]; raw x reaches 32
 
 
+def test_finite_set_calibration_measures_the_smoothed_input():
+    """TFMQ-DM's per-step ranges on a smoothed layer are those of x / s (what its quantizer sees), per step."""
+    from gacq.quant.fsc import finite_set_calibration
+    from gacq.quant.primitives import qparams_from_range
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = QuantLinear(nn.Linear(4, 2), 8, 8)
+
+        def forward(self, x, t):
+            return self.lin(x)
+
+    net = Net()
+    s = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    net.lin.set_smoothing(s)
+    net.lin.init_weight("minmax")
+    x = torch.tensor([[1.0, 8.0, 16.0, 32.0], [-1.0, 0.0, 0.0, 0.0],  # step 0: x / s in [-1, 4]
+                      [2.0, -8.0, 0.0, 8.0], [0.5, 0.0, 4.0, 0.0]])   # step 1: x / s in [-4, 2]
+    step = torch.tensor([0, 0, 1, 1])
+    p = finite_set_calibration(net, x, torch.zeros(4, dtype=torch.long), step, {"steps": 2}, batch_size=2,
+                               progress=False)
+    for k, (lo, hi) in enumerate([(-1.0, 4.0), (-4.0, 2.0)]):
+        want_s, want_z = qparams_from_range(torch.tensor(lo), torch.tensor(hi), 8, False)
+        assert p.scale["lin"][k].item() == pytest.approx(want_s.item(), rel=1e-6)
+        assert p.zero_point["lin"][k].item() == want_z.item()
+    # the raw input's range (up to 32 at step 0) would give an 8x wider step
+    assert p.scale["lin"][0].item() < (33.0 / 255) / 4
+
+
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
     root = tmp_path_factory.mktemp("smooth")
