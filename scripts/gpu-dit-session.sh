@@ -12,7 +12,10 @@
 #   stay on the warm machine; the wheels installed under /tmp/site too).
 # Nothing comes back while the job runs (NOPACK=1 by default: a long call returning files lost the warm machine in
 # sessions 13 and 15; see scripts/gpu-bg.sh); the call that finds the job finished packs everything. A last call
-# before the budget runs out packs what is there with NOPACK= (empty).
+# before the budget runs out packs what is there with NOPACK= (empty) and a WAIT that ends the call with a minute of
+# budget to spare (a machine taken back mid-call returns nothing). Session 15's plan for the next session, about
+# 1,500 of the 1,800 s: the data calls; call 4 `TRAIN_MIN=5 WAIT=540 ...`; poll `WAIT=530 ...`; last poll
+# `NOPACK= WAIT=<budget_left - 90> ...`; each poll sent at once, with no reading in between.
 # Env: TRAIN_MIN (8), CELLS (default: the spec's cells at its [sample] steps; "" = the whole spec), P (8 processes), WAIT (540 s);
 # for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE.
 set -u
