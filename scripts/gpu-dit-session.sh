@@ -17,7 +17,9 @@
 # 1,500 of the 1,800 s: the data calls; call 4 `TRAIN_MIN=5 WAIT=540 ...`; poll `WAIT=530 ...`; last poll
 # `NOPACK= WAIT=<budget_left - 90> ...`; each poll sent at once, with no reading in between.
 # Env: TRAIN_MIN (8), CELLS (default: the spec's cells at its [sample] steps; "" = the whole spec), P (8 processes), WAIT (540 s);
-# for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE.
+# for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE
+# (session 15 ran one with NOPACK: a 32x32 tiny DiT, four cells incl. rtn W8A8 per token; the first call returned
+# nothing, the poll that found the job finished packed the cells, grids and ranges).
 set -u
 OUT=$1
 JOIN_ONLY=1 bash scripts/gpu-train.sh || exit 0
