@@ -56,8 +56,7 @@ class QuantLayer(SplitInputs, nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.wbits, self.abits = wbits, abits
         self.weight_quantizer = UniformQuantizer(wbits, symmetric=False, channel_axis=0, shape=tuple(self.weight.shape))
-        self.a_dynamic = bool(a_dynamic) and abits is not None
-        self.act_quantizer = self._new_act_quantizer(abits, a_symmetric) if abits is not None else None
+        self.act_quantizer = self._new_act_quantizer(abits, a_symmetric, a_dynamic) if abits is not None else None
         self.adaround: AdaRoundQuantizer | None = None
         self.w_quant = True
         self.a_quant = False
@@ -71,11 +70,17 @@ class QuantLayer(SplitInputs, nn.Module):
         # before quantizing it. None: no smoothing (and no state-dict entry).
         self.register_buffer("smooth", None)
 
-    def _new_act_quantizer(self, abits: int, symmetric: bool) -> UniformQuantizer:
-        """Static per-tensor with a learnable step size, or (a_dynamic) one grid per token, computed per call."""
-        if self.a_dynamic:
+    @staticmethod
+    def _new_act_quantizer(abits: int, symmetric: bool, dynamic: bool) -> UniformQuantizer:
+        """Static per-tensor with a learnable step size, or (dynamic) one grid per token, computed per call."""
+        if dynamic:
             return UniformQuantizer(abits, symmetric=symmetric, dynamic_axis=-1)
         return UniformQuantizer(abits, symmetric=symmetric, learn_scale=True)
+
+    @property
+    def a_dynamic(self) -> bool:
+        """The input is quantized per token, dynamically (False when the input quantizer was removed: float input)."""
+        return self.act_quantizer is not None and self.act_quantizer.dynamic
 
     # ------------------------------------------------------------------ split ---
     def set_split(self, k: int) -> None:
@@ -105,7 +110,7 @@ class QuantLayer(SplitInputs, nn.Module):
                                                    shape=tuple(self.weight[:, k:].shape))
         if self.act_quantizer is not None:
             self.act_quantizer.mark_initialized(False)
-            self.act_quantizer_0 = self._new_act_quantizer(self.abits, self.act_quantizer.symmetric)
+            self.act_quantizer_0 = self._new_act_quantizer(self.abits, self.act_quantizer.symmetric, self.a_dynamic)
             if self.a_dynamic:  # nothing to calibrate
                 self.act_quantizer.mark_initialized(True)
         self.weight_quantizer_0.to(self.weight.device)

@@ -190,3 +190,26 @@ def test_cli_quantize_export_and_refusal(dit, tmp_path):
     assert not (tmp_path / "bad").exists()
     # the default leaves the config (and the resume fingerprints of earlier runs) as they were
     assert "act_granularity" not in QuantConfig(method="rtn", wbits=8, abits=8).to_json()
+
+
+def test_float_input_linear_is_not_dynamic_and_reloads(tiny_model_dir, tmp_path):
+    """TFMQ-DM's faithful preset keeps the time embedding's second Linear's input float: with per-token inputs
+    elsewhere, that layer is neither dynamic nor calibrated, and the checkpoint loads back to the same outputs."""
+    loaded = load_model(tiny_model_dir)
+    calib = collect(loaded, SampleConfig(steps=4), CalibDataConfig(selection="all", n_trajectories=2),
+                    device="cpu", progress=False)
+    cfg = QuantConfig(method="tfmq", preset="faithful", wbits=8, abits=8, act_granularity="token",
+                      recon=ReconConfig(iters=2), calib=CalibDataConfig(n_trajectories=2, n_steps=4))
+    calib.save(tmp_path / "calib")
+    quantize_to_dir(loaded, cfg, tmp_path / "q", calib=tmp_path / "calib", progress=False)
+    qc = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    floats = [n for n, e in qc["layers"].items() if e["type"] == "QuantLinear" and e["abits"] is None]
+    assert floats and not any(qc["layers"][n].get("a_dynamic") for n in floats)
+    assert any(e.get("a_dynamic") for e in qc["layers"].values())
+    q_disk = load_model(tmp_path / "q").model
+    q_mem = quantize(loaded, cfg, CalibrationSet.load(tmp_path / "calib"), progress=False)
+    for m in (q_mem, q_disk):
+        m.gacq_fsc.apply(m, 0)
+    cs = CalibrationSet.load(tmp_path / "calib")
+    idx = torch.arange(4)
+    torch.testing.assert_close(_eps(q_disk, cs, idx), _eps(q_mem, cs, idx), rtol=0, atol=1e-5)
