@@ -78,7 +78,7 @@ def fake_quant(model: nn.Module, wbits: int, abits: int | None, device: torch.de
     """Round-to-nearest W/A fake quantization of a copy of `model` (float32), gacq's common layer set; `token`:
     the Linear layers' inputs dynamic per token (`--act-granularity token`)."""
     q = copy.deepcopy(model).to(device).float().eval()
-    wrap_layers(q, wbits, abits, skip=lambda n, m: n in COMMON_SKIP, dynamic=(lambda n, m: True) if token else None)
+    wrap_layers(q, wbits, abits, skip=lambda n, m: n in COMMON_SKIP, dynamic=token)
     q.to(device)
     for m in q.modules():
         if isinstance(m, QuantLayer):

@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
                             f"{k} classes")
         labels_all = torch.from_numpy(ds.labels).to(dev)
 
-    run = _Run(cfg, out, dev)  # records the commit now: the code this call runs (the tree may change meanwhile)
+    run = _Run(cfg, out, dev)
     if resume:
         run.load()
     run.calls += 1

@@ -7,9 +7,9 @@
 # command fixed in advance; read the returned files when the job is done. Each call waits up to WAIT seconds (or until
 # the job ends), then copies the job's output folder to $OUT.
 # NOPACK=1: copy nothing to $OUT while the job runs (only once it has finished). Sessions 13 and 15 found a fresh
-# machine after every long call that returned files, however fast the next call went out (session 15: the next call
-# left within seconds, and the lease's held time shows a ~30 s gap); calls returning nothing kept it. Session 15 tests
-# this: a long call with NOPACK=1, then an immediate poll.
+# machine after every long call that returned files, even when the poll was sent at once (session 15: the lease's held
+# time still shows about 30 s between that reply and the next call); calls returning nothing kept it, and a 251 s call
+# with NOPACK=1 followed by an immediate poll kept it too (session 15).
 # Usage (device): source scripts/gpu-setup.sh; WAIT=560 bash scripts/gpu-bg.sh $OUT NAME -- command args...
 #   later calls: WAIT=560 bash scripts/gpu-bg.sh $OUT NAME      (poll only)
 # The command gets its output folder as $JOBOUT (runs/bg/NAME/out).

@@ -191,7 +191,7 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     skip_names = float_layers(model, spec.skip_fn)
     eight = set(spec.eight_bit)
     skip = lambda n, m: _match(n, spec.skip) or n in skip_names or _match(n, eight)  # noqa: E731
-    dynamic = (lambda n, m: True) if config.act_granularity == "token" else None  # noqa: E731 (Linear layers)
+    dynamic = config.act_granularity == "token"  # Linear inputs per token
     wrap_layers(model, config.wbits, abits, skip=skip, a_symmetric=spec.a_symmetric, dynamic=dynamic)
     if eight:
         wrap_layers(model, 8, 8 if abits is not None else None, skip=lambda n, m: not _match(n, eight),
@@ -328,9 +328,9 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
 def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress) -> None:
     bs = config.calib_batch_size
     if spec.act_mode == "fsc":
-        from .fsc import _act_layers, finite_set_calibration
+        from .fsc import static_act_layers, finite_set_calibration
 
-        if not _act_layers(model):  # every quantized input is dynamic per token: no stored grid to calibrate
+        if not static_act_layers(model):  # every quantized input is dynamic per token: no stored grid to calibrate
             set_quant_state(model, weights=True, acts=True)
             return
         sampler = calib.meta.get("sampler", {})

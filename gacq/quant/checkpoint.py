@@ -189,7 +189,7 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
     try:
         for (wb, ab, sym, dyn), names in groups.items():
             wrapped += wrap_layers(model, wb, ab, skip=lambda n, m, names=names: n not in names, a_symmetric=sym,
-                                   dynamic=(lambda n, m: True) if dyn else None)
+                                   dynamic=dyn)
     except GacqError as e:
         raise GacqError(f"{folder}: the quantized layers do not match the model architecture ({e})") from e
     if sorted(wrapped) != sorted(layers):

@@ -27,7 +27,7 @@ from .modules import QuantLayer
 from .primitives import qparams_from_range
 
 
-def _act_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+def static_act_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """The layers with a stored input grid (dynamic per-token layers compute theirs per call: no per-step set)."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, QuantLayer) and m.act_quantizer is not None and not m.a_dynamic]
@@ -48,7 +48,7 @@ class FSCParams:
     def apply(self, model: nn.Module, step: int) -> None:
         if not 0 <= step < self.n_steps:
             raise GacqError(f"sampling step {step} has no calibrated activation set (there are {self.n_steps})")
-        layers = dict(_act_layers(model))
+        layers = dict(static_act_layers(model))
         missing = [n for n in self.scale if n not in layers]
         if missing:
             raise GacqError(f"per-step activation parameters name layers the model lacks: {', '.join(missing[:5])}")
@@ -94,7 +94,7 @@ def finite_set_calibration(model: nn.Module, x: torch.Tensor, t: torch.Tensor, s
     The model must be wrapped with activation quantizers; its quantization state is restored afterwards.
     """
     device = torch.device(device)
-    layers = _act_layers(model)
+    layers = static_act_layers(model)
     if not layers:
         raise GacqError("finite set calibration needs activation quantizers (abits is float?)")
     split = [n for n, m in layers if m.split]

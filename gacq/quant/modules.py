@@ -87,8 +87,8 @@ class QuantLayer(SplitInputs, nn.Module):
         """Split the input channels at k: [:k] and [k:] get their own weight and input quantizers.
 
         Creates `weight_quantizer_0` (per output channel over W[:, k:]) and `act_quantizer_0`, and
-        marks every quantizer of the layer uninitialised: call `init_weight` (and calibrate the
-        activation quantizers) after splitting. Calling it again with the same k does nothing.
+        marks every quantizer of the layer uninitialised (except a dynamic input quantizer): call `init_weight` (and
+        calibrate the activation quantizers) after splitting. Calling it again with the same k does nothing.
         """
         k = int(k)
         c_in = self.weight.shape[1]
@@ -109,10 +109,9 @@ class QuantLayer(SplitInputs, nn.Module):
         self.weight_quantizer_0 = UniformQuantizer(self.wbits, symmetric=False, channel_axis=0,
                                                    shape=tuple(self.weight[:, k:].shape))
         if self.act_quantizer is not None:
-            self.act_quantizer.mark_initialized(False)
+            if not self.a_dynamic:  # a dynamic grid has nothing to calibrate: it stays initialised
+                self.act_quantizer.mark_initialized(False)
             self.act_quantizer_0 = self._new_act_quantizer(self.abits, self.act_quantizer.symmetric, self.a_dynamic)
-            if self.a_dynamic:  # nothing to calibrate
-                self.act_quantizer.mark_initialized(True)
         self.weight_quantizer_0.to(self.weight.device)
         if self.act_quantizer_0 is not None:
             self.act_quantizer_0.to(self.weight.device)

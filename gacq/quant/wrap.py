@@ -19,9 +19,9 @@ SkipFn = Callable[[str, nn.Module], bool]
 
 
 def wrap_layers(model: nn.Module, wbits: int, abits: int | None, skip: SkipFn | None = None,
-                a_symmetric: bool = False, dynamic: SkipFn | None = None) -> list[str]:
+                a_symmetric: bool = False, dynamic: bool = False) -> list[str]:
     """Replace every Conv2d/Linear (except skipped ones) in place; returns the wrapped names in order.
-    `dynamic(name, module)`: the Linear layers whose inputs are quantized per token, dynamically."""
+    `dynamic`: the wrapped Linear layers quantize their inputs per token, dynamically (convolutions per tensor)."""
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) in QUANT_CLASSES and not (skip is not None and skip(name, m))]
     if not targets:
@@ -29,7 +29,7 @@ def wrap_layers(model: nn.Module, wbits: int, abits: int | None, skip: SkipFn | 
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        dyn = dynamic is not None and isinstance(layer, nn.Linear) and dynamic(name, layer)
+        dyn = dynamic and isinstance(layer, nn.Linear)
         setattr(parent, child, QUANT_CLASSES[type(layer)](layer, wbits, abits, a_symmetric, a_dynamic=dyn))
     return [name for name, _ in targets]
 
