@@ -48,7 +48,7 @@ SNAP=$(mktemp -d)
   || echo "WARNING: could not pack $DEVRES"
 if [ -d "$WORK" ]; then
   mkdir -p "$SNAP/small" "$SNAP/q"
-  (cd "$WORK" && cp -r --parents logs $(ls -d q/*/gac q/*/quant_config.json 2>/dev/null) "$SNAP/small/")
+  (cd "$WORK" && cp -r --parents $(ls -d logs q/*/gac q/*/quant_config.json 2>/dev/null) "$SNAP/small/" 2>/dev/null)
   mv "$OUT"/job.log "$OUT"/experiment.log "$SNAP/small/" 2>/dev/null
   cp runs/bg/gpu-mon.txt "$SNAP/small/" 2>/dev/null
   tar czf "$OUT/$NAME-work-small.tgz" -C "$SNAP/small" . || echo "WARNING: could not pack the logs of $WORK"

@@ -5,8 +5,8 @@
 # JOIN_ONLY=1 only joins the parts (exit 3 or 4 while they are incomplete or wrong). TRAIN_MIN sets the time
 # budget instead (minutes, e.g. in a background job that outlives the call), LOG the log file.
 # Env: CONFIG (dit-s), RUN (CONFIG), BATCH (256), LR (3e-4), WARMUP (500), EMA (0.999), DROPOUT (label dropout,
-# 0.1; 0 for unconditional configs). The model is not packed: a 35M model cannot travel back (see
-# experiments/dit-cifar10.toml), so the experiment runs in the same session on runs/$RUN/model.
+# 0.1; 0 for unconditional configs). The model is not packed here: scripts/gpu-dit-session.sh cuts it into float16
+# parts (scripts/model_parts.py) that come back over the next calls.
 used=${1:-0}
 CONFIG=${CONFIG:-dit-s}; RUN=${RUN:-$CONFIG}
 DATA=.data/cifar10-mosaic-train.zip
