@@ -70,9 +70,11 @@ def train(
     resize: bool = typer.Option(False, help="Resize and centre-crop images of another size."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     init_from: Optional[str] = typer.Option(None, help="Start from this saved model's weights (fresh optimizer)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Latent diffusion: an AutoencoderKL folder (from `gacq train-autoencoder`); the denoiser learns its latents and the saved model carries it."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Train a full-precision DDPM denoiser (epsilon prediction, T=1000, linear betas)."""
+    """Train a full-precision DDPM denoiser (epsilon prediction, T=1000, linear betas), on pixels or on an
+    autoencoder's latents (--vae)."""
     from .train import TrainConfig
     from .train import train as train_fn
 
@@ -82,8 +84,42 @@ def train(
             weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, max_steps=max_steps,
             time_budget_min=time_budget, ckpt_every=ckpt_every, log_every=log_every, hflip=hflip, bf16=bf16,
             label_dropout=label_dropout, compile=compile, seed=seed, grid_num=grid_num, grid_steps=grid_steps, resize=resize,
-            init_from=init_from,
+            init_from=init_from, vae=vae,
         )
+        summary = train_fn(cfg, out, resume=resume, device=device)
+    except GacqError as e:
+        _fail(e)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
+
+
+@app.command("train-autoencoder")
+def train_autoencoder(
+    data: Path = typer.Option(..., "--data", help="Training images: folder, zip, mosaic zip, idx file or npz."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoint, log, recon.png, model/)."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Held-out images for the reconstruction PSNR."),
+    config: str = typer.Option("ae-f4", help="Named autoencoder config: ae-f4 (32x32 -> 8x8x4) or ae-tiny."),
+    batch_size: int = typer.Option(64, min=1, help="Images per step."),
+    lr: float = typer.Option(5e-4, help="Adam learning rate after warm-up."),
+    warmup_steps: int = typer.Option(500, min=0, help="Linear warm-up steps."),
+    kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the latent KL term against the pixel MSE."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Total steps of the run."),
+    time_budget: Optional[float] = typer.Option(None, min=0.1, help="Stop with a checkpoint after this many minutes."),
+    ckpt_every: int = typer.Option(2000, min=1, help="Checkpoint every N steps."),
+    log_every: int = typer.Option(100, min=1, help="Log line every N steps."),
+    hflip: bool = typer.Option(True, help="Random horizontal flips."),
+    seed: int = typer.Option(0, help="Seed for weights, data order and posterior samples."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Train the autoencoder (AutoencoderKL) of a latent diffusion model; then `gacq train --vae OUT/model`."""
+    from .train_ae import AETrainConfig
+    from .train_ae import train_autoencoder as train_fn
+
+    try:
+        cfg = AETrainConfig(data=str(data), test=str(test) if test else None, config=config, batch_size=batch_size,
+                            lr=lr, warmup_steps=warmup_steps, kl_weight=kl_weight, max_steps=max_steps,
+                            time_budget_min=time_budget, ckpt_every=ckpt_every, log_every=log_every, hflip=hflip,
+                            seed=seed)
         summary = train_fn(cfg, out, resume=resume, device=device)
     except GacqError as e:
         _fail(e)

@@ -92,7 +92,33 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "dit-xs": {"_class_name": "DiTTransformer2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
                "patch_size": 4, "num_attention_heads": 4, "attention_head_dim": 32, "num_layers": 6,
                "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero", "dropout": 0.0},
+    # A latent denoiser for `gacq train --vae` (the autoencoder sets its sample size and channels: 8x8x4 for `ae-f4`
+    # on 32x32 images): two levels, attention at 4x4.
+    "ldm-s": {**_DDPM_CIFAR10_UNET, "sample_size": 8, "in_channels": 4, "out_channels": 4,
+              "block_out_channels": (64, 128), "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+              "up_block_types": ("AttnUpBlock2D", "UpBlock2D")},
 }
+
+# Autoencoders (diffusers' AutoencoderKL) that `gacq train-autoencoder` trains for latent diffusion.
+AE_CONFIGS: dict[str, dict[str, Any]] = {
+    # Tests: 16x16 images -> 8x8x4 latents.
+    "ae-tiny": {"sample_size": 16, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+                "block_out_channels": (8, 16), "norm_num_groups": 4,
+                "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2},
+    # CIFAR-10: 32x32 images -> 8x8x4 latents (a factor of 4 per side, 12x fewer numbers).
+    "ae-f4": {"sample_size": 32, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+              "block_out_channels": (64, 128, 128), "norm_num_groups": 32,
+              "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3},
+}
+
+
+def build_autoencoder(config: str) -> torch.nn.Module:
+    """A freshly initialised AutoencoderKL from a named config (AE_CONFIGS)."""
+    from diffusers import AutoencoderKL
+
+    if config not in AE_CONFIGS:
+        raise GacqError(f"unknown autoencoder config {config!r}; choose one of {', '.join(AE_CONFIGS)}")
+    return AutoencoderKL(**AE_CONFIGS[config])
 
 # Model classes gacq knows how to load from a config's `_class_name`.
 MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
@@ -323,10 +349,12 @@ def save_model(
     scheduler_config: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: str = "10GB",
+    vae: torch.nn.Module | None = None,
 ) -> Path:
     """Save as a diffusers DDPM pipeline folder (model_index.json, unet/, scheduler/), atomically.
 
-    The folder loads back with `load_model` and with `diffusers.DDPMPipeline.from_pretrained`.
+    The folder loads back with `load_model` and with `diffusers.DDPMPipeline.from_pretrained`. With `vae` (a
+    latent denoiser's AutoencoderKL or VQModel) the autoencoder is saved as vae/ and listed in model_index.json.
     """
     from diffusers import DDPMPipeline, DDPMScheduler
 
@@ -339,4 +367,9 @@ def save_model(
     with atomic_dir(out) as tmp:
         pipe = DDPMPipeline(unet=model, scheduler=sched)
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if vae is not None:  # a latent model: the decoder beside the denoiser (load_model finds vae/)
+            vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            index = json.loads((tmp / "model_index.json").read_text())
+            index["vae"] = ["diffusers", type(vae).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out

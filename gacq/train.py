@@ -63,6 +63,9 @@ class TrainConfig:
         resize: allow resizing data whose size differs from the model's.
         init_from: start model and EMA from the weights of this saved model (a new leg of
             training with a fresh optimizer, e.g. when the full checkpoint could not be kept).
+        vae: latent diffusion: an autoencoder folder (`gacq train-autoencoder`'s model/, AutoencoderKL). The images
+            are encoded once; the denoiser (the named config with the latents' size and channels) learns the
+            latents times the autoencoder's `scaling_factor`, and the saved model carries the autoencoder as vae/.
     """
 
     data: str
@@ -86,6 +89,7 @@ class TrainConfig:
     resize: bool = False
     init_from: str | None = None
     label_dropout: float = 0.1
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         if self.config not in NAMED_CONFIGS:
@@ -148,13 +152,47 @@ def _restore_rng(gen: torch.Generator, t: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(t["rng.torch_cuda"])
 
 
-def _init_weights(model: torch.nn.Module, source: str, config: str) -> None:
+def _load_vae(source: str, device: torch.device) -> torch.nn.Module:
+    """The frozen autoencoder of a latent run: an AutoencoderKL folder (or a pipeline folder holding vae/)."""
+    from .models import _load_autoencoder
+
+    folder = Path(source).expanduser()
+    if (folder / "vae" / "config.json").exists():
+        folder = folder / "vae"
+    if not (folder / "config.json").exists():
+        raise GacqError(f"--vae {source} is not an autoencoder folder (no config.json); pass the model/ folder of "
+                        "`gacq train-autoencoder`")
+    vae = _load_autoencoder(folder, device).requires_grad_(False)
+    if type(vae).__name__ != "AutoencoderKL":
+        raise GacqError(f"--vae {source} holds a {type(vae).__name__}; `gacq train --vae` takes an AutoencoderKL")
+    return vae
+
+
+@torch.no_grad()
+def _encode_all(vae: torch.nn.Module, data: torch.Tensor, hflip: bool, progress: bool,
+                batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations of every image (and of its mirror image when `hflip`)."""
+    means, stds = [], []
+    views = [False, True] if hflip else [False]
+    total = len(views) * len(data)
+    with tqdm(total=total, desc="encoding", unit="img", disable=not progress, mininterval=5.0) as bar:
+        for flip in views:
+            for i in range(0, len(data), batch):
+                x = data[i:i + batch].float() / 127.5 - 1.0
+                post = vae.encode(x.flip(3) if flip else x).latent_dist
+                means.append(post.mean)
+                stds.append(post.std)
+                bar.update(len(x))
+    return torch.cat(means), torch.cat(stds)
+
+
+def _init_weights(model: torch.nn.Module, source: str, config: str, arch: dict[str, Any] | None = None) -> None:
     from .models import load_model
 
     loaded = load_model(source)
     want = dict(model.config)
     got = dict(loaded.model.config)
-    diff = sorted(k for k in NAMED_CONFIGS[config] if not k.startswith("_") and list(np.atleast_1d(want.get(k))) != list(np.atleast_1d(got.get(k))))
+    diff = sorted(k for k in (arch or NAMED_CONFIGS[config]) if not k.startswith("_") and list(np.atleast_1d(want.get(k))) != list(np.atleast_1d(got.get(k))))
     if diff:
         raise GacqError(f"--init-from {source} is not a {config!r} model ({', '.join(diff)} differ)")
     model.load_state_dict(loaded.model.state_dict())
@@ -164,13 +202,14 @@ def _init_weights(model: torch.nn.Module, source: str, config: str) -> None:
 class _Run:
     """The mutable state of one training run."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device):
-        self.cfg, self.out, self.device = cfg, out, device
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, arch: dict[str, Any] | None = None,
+                 vae: torch.nn.Module | None = None):
+        self.cfg, self.out, self.device, self.vae = cfg, out, device, vae
         self.commit = git_commit()  # read once, before the first step: the code this call runs
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.config).to(device).train()
+        self.model = build_model(arch or cfg.config).to(device).train()
         if cfg.init_from is not None:
-            _init_weights(self.model, cfg.init_from, cfg.config)
+            _init_weights(self.model, cfg.init_from, cfg.config, arch)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
@@ -207,7 +246,7 @@ class _Run:
                 "commit": self.commit,
             }
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        save_model(self.ema, self.out / "model", DDPM_SCHEDULE)
+        save_model(self.ema, self.out / "model", DDPM_SCHEDULE, vae=self.vae)
 
     def load(self) -> None:
         folder = self.out / "ckpt"
@@ -245,7 +284,7 @@ def _grid(run: _Run) -> None:
     cfg = run.cfg
     if cfg.grid_num <= 0 or cfg.grid_steps <= 0:
         return
-    loaded = LoadedModel(run.ema, dict(DDPM_SCHEDULE))
+    loaded = LoadedModel(run.ema, dict(DDPM_SCHEDULE), vae=run.vae)
     scfg = SampleConfig(steps=cfg.grid_steps, num=cfg.grid_num, batch_size=cfg.grid_num, seed=0,
                         precision="bf16" if cfg.bf16 else "fp32")
     images = generate(loaded, scfg, range(cfg.grid_num), run.device)
@@ -267,9 +306,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
     out.mkdir(parents=True, exist_ok=True)
     _prepare_run_folder(cfg, out, resume)
     arch = NAMED_CONFIGS[cfg.config]
-    size, channels = arch["sample_size"], arch["in_channels"]
+    vae = latents = None
+    if cfg.vae is not None:
+        vae = _load_vae(cfg.vae, dev)
+        size, channels = vae.config.sample_size, vae.config.in_channels
+    else:
+        size, channels = arch["sample_size"], arch["in_channels"]
     ds = load_images(cfg.data, size=size, channels=channels, resize=cfg.resize)
     data = torch.from_numpy(ds.images).to(dev).permute(0, 3, 1, 2).contiguous()  # uint8 N,C,H,W
+    if vae is not None:
+        latents = _encode_all(vae, data, cfg.hflip, progress)  # (mean, std), the flipped images after the others
+        c, h, w = latents[0].shape[1:]
+        arch = {**arch, "sample_size": h, "in_channels": c, "out_channels": c * arch["out_channels"] // arch["in_channels"]}
+        if h != w:
+            raise GacqError(f"the autoencoder {cfg.vae} gives {h}x{w} latents; gacq's denoisers want square ones")
     from .conditioning import is_class_conditional, model_forward, null_label, num_classes
 
     cond_model = is_class_conditional(build_model(cfg.config))
@@ -280,7 +330,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
                             f"{k} classes")
         labels_all = torch.from_numpy(ds.labels).to(dev)
 
-    run = _Run(cfg, out, dev)
+    run = _Run(cfg, out, dev, arch, vae)
     if resume:
         run.load()
     run.calls += 1
@@ -293,11 +343,17 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, device: str |
 
     def train_step() -> torch.Tensor:
         g, B = run.gen, cfg.batch_size
-        idx = torch.randint(0, len(data), (B,), device=dev, generator=g)
-        x0 = data[idx].float() / 127.5 - 1.0
-        if cfg.hflip:
-            flip = torch.rand(B, device=dev, generator=g) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        if latents is not None:  # a posterior sample of each drawn image's latent (flips were encoded up front)
+            pick = torch.randint(0, len(latents[0]), (B,), device=dev, generator=g)
+            idx = pick % len(data)
+            mean, std = latents[0][pick], latents[1][pick]
+            x0 = (mean + std * torch.randn(mean.shape, device=dev, generator=g)) * vae.config.scaling_factor
+        else:
+            idx = torch.randint(0, len(data), (B,), device=dev, generator=g)
+            x0 = data[idx].float() / 127.5 - 1.0
+            if cfg.hflip:
+                flip = torch.rand(B, device=dev, generator=g) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         t = torch.randint(0, T, (B,), device=dev, generator=g)
         noise = torch.randn(x0.shape, device=dev, generator=g)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
