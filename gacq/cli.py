@@ -549,6 +549,15 @@ def configs() -> None:
         kind = cfg.get("_class_name", "UNet2DModel") + (", class-conditional" if "num_class_embeds" in cfg or
                                                          "num_embeds_ada_norm" in cfg else "")
         typer.echo(f"{name:14s} {n / 1e6:8.3f}M params  {cfg['sample_size']}x{cfg['sample_size']}  {shape}  ({kind})")
+    from .models import AE_CONFIGS, build_autoencoder
+
+    typer.echo("autoencoders (gacq train-autoencoder):")
+    for name, cfg in AE_CONFIGS.items():
+        n = count_parameters(build_autoencoder(name))
+        f = 2 ** (len(cfg["block_out_channels"]) - 1)
+        s, c = cfg["sample_size"], cfg["latent_channels"]
+        typer.echo(f"{name:14s} {n / 1e6:8.3f}M params  {s}x{s} -> {s // f}x{s // f}x{c} latents  "
+                   f"channels {tuple(cfg['block_out_channels'])}  (AutoencoderKL)")
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Run a grid of table cells from a TOML spec (see gacq.experiment).")
 app.add_typer(experiment_app, name="experiment")
