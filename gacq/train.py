@@ -205,6 +205,8 @@ class _Run:
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, arch: dict[str, Any] | None = None,
                  vae: torch.nn.Module | None = None):
         self.cfg, self.out, self.device, self.vae = cfg, out, device, vae
+        # latents are not bounded to [-1, 1] as pixels are: no clipping of the predicted x0 when sampling them
+        self.schedule = {**DDPM_SCHEDULE, "clip_sample": False} if vae is not None else dict(DDPM_SCHEDULE)
         self.commit = git_commit()  # read once, before the first step: the code this call runs
         torch.manual_seed(cfg.seed)
         self.model = build_model(arch or cfg.config).to(device).train()
@@ -246,7 +248,7 @@ class _Run:
                 "commit": self.commit,
             }
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        save_model(self.ema, self.out / "model", DDPM_SCHEDULE, vae=self.vae)
+        save_model(self.ema, self.out / "model", self.schedule, vae=self.vae)
 
     def load(self) -> None:
         folder = self.out / "ckpt"
@@ -284,7 +286,7 @@ def _grid(run: _Run) -> None:
     cfg = run.cfg
     if cfg.grid_num <= 0 or cfg.grid_steps <= 0:
         return
-    loaded = LoadedModel(run.ema, dict(DDPM_SCHEDULE), vae=run.vae)
+    loaded = LoadedModel(run.ema, dict(run.schedule), vae=run.vae)
     scfg = SampleConfig(steps=cfg.grid_steps, num=cfg.grid_num, batch_size=cfg.grid_num, seed=0,
                         precision="bf16" if cfg.bf16 else "fp32")
     images = generate(loaded, scfg, range(cfg.grid_num), run.device)

@@ -113,6 +113,7 @@ def test_train_on_latents_cli(ae_run, images, tmp_path):
     assert loaded.vae is not None and type(loaded.vae).__name__ == "AutoencoderKL"
     cfg = loaded.model.config
     assert (cfg.sample_size, cfg.in_channels, cfg.out_channels) == (8, 4, 4)  # the latents', not tiny's 16x16x3
+    assert loaded.scheduler_config["clip_sample"] is False  # unit-variance latents must not be clipped to [-1, 1]
     assert list((out / "grids").glob("step_*.png"))
     # the saved autoencoder is the one trained, unchanged
     a = load_file(ae_run / "model" / "diffusion_pytorch_model.safetensors")
