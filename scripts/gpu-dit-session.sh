@@ -13,7 +13,8 @@
 # (b) carry a model trained in an earlier session: here, join what came back and cut parts that fit a call:
 #       python scripts/model_parts.py join <folder with model.tar.partNN + manifest.json> runs/dit-s/model
 #       python scripts/model_parts.py pack runs/dit-s/model .data/dit-parts --carry
-#     then carry .whl, .data/dit-parts/manifest.json and part00 in call 1 and one part a call after that; the job
+#     then carry .whl and .data/dit-parts/manifest.json in call 1 (a part does not fit beside .whl) and one part a
+#     call after that (9 at a 57.7 MB checkout); the job
 #     starts (no data, no training) in the call that brings the last. Cells of that model already in the spec's
 #     results folder are skipped (the runner checks the weights digest).
 # Device, every call: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-session.sh $OUT
