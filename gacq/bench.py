@@ -135,6 +135,17 @@ def triton_linears(model: nn.Module) -> nn.Module:
     return model
 
 
+def token_kernels(model: nn.Module) -> nn.Module:
+    """An int8 / W4A8 export whose linears with dynamic per-token inputs run `triton_int8.int8_linear_dynamic`
+    (each row's grid and codes in one kernel, per-row scales in the GEMM's epilogue) instead of the torch path."""
+    from gacq.export.int8 import Int8Layer
+
+    for m in model.modules():
+        if isinstance(m, Int8Layer):
+            m.kernel_dynamic = True
+    return model
+
+
 def nn_linears(model: nn.Module) -> nn.Module:
     """An int8 export whose linears call `torch._int_mm` with a row-major (K, O) weight ("nn") instead of the
     default transposed view of a row-major (O, K) one ("nt"): `Int8Part.int_mm_layout`."""
@@ -331,6 +342,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         # dynamic per-token Linear inputs: the linears on the torch path (row min/max, one grid per row)
         ("fake-quant W8A8 token", lambda: fake_quant(fp, 8, 8, device, args.seed, token=True), False),
         ("int8 W8A8 token", lambda: convert(fake_quant(fp, 8, 8, device, args.seed, token=True), "int8")[0], False),
+        ("int8 W8A8 token triton", lambda: token_kernels(convert(fake_quant(fp, 8, 8, device, args.seed, token=True),
+                                                                  "int8")[0]), False),
         ("fake-quant W4A8", fq48, False),
         ("w4a8 W4A8", lambda: convert(fq48(), "w4a8")[0], False),  # fused Triton conv/linear (CUDA)
         ("w4a8 W4A8 unpacked", lambda: unpack_int8(convert(fq48(), "w4a8")[0]), False),

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is 
 
 
 @pytest.mark.parametrize("case", ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8",
-                                  "fake_quant"])
+                                  "int8_token", "fake_quant"])
 def test_w4a16_kernel_in_the_interpreter(case):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(CHECKS), case], capture_output=True, text=True, env=env, timeout=600,
@@ -33,7 +33,7 @@ def test_w4a16_kernel_in_the_interpreter(case):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA GPU")
 @pytest.mark.parametrize("case", ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8",
-                                  "fake_quant"])
+                                  "int8_token", "fake_quant"])
 def test_w4a16_kernel_on_cuda(case):
     """The same checks, compiled for the GPU (fp32 products must stay IEEE, not TF32)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

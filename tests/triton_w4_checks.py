@@ -283,6 +283,71 @@ def w4a8():
     assert not to_w4a8(layer).kernel_applies(x)  # two weight groups: the torch path
 
 
+def int8_token():
+    """Linears with dynamic per-token inputs through `triton_int8.int8_linear_dynamic` (each row's grid and codes in
+    one kernel, per-row scales in the GEMM's epilogue) against the int8 / W4A8 torch path, bitwise in the
+    interpreter (compiled: see _same_epilogue): asymmetric and symmetric grids, 8- and 6-bit inputs, 3-d inputs,
+    a K over one block of the row kernel, a constant row (the MIN_SCALE floor), a row of exact ties, rows of one sign
+    (the range widened to 0), weights that need the 128 offset."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch.nn as nn
+
+    from gacq.export.int8 import to_int8, to_w4a8
+    from gacq.quant.modules import QuantLinear
+
+    def layer(cin, cout, wbits, abits, sym, bias=True, seed=0):
+        torch.manual_seed(seed)
+        q = QuantLinear(nn.Linear(cin, cout, bias=bias), wbits, abits, sym, a_dynamic=True)
+        q.init_weight("mse")
+        q.w_quant, q.a_quant = True, True
+        return q
+
+    g = torch.Generator().manual_seed(1)
+    cases = [(13, 10, 8, 8, False, (2, 5, 13)), (13, 10, 8, 8, True, (7, 13)), (40, 33, 8, 6, False, (3, 4, 40)),
+             (1100, 9, 8, 8, False, (3, 1100)), (24, 16, 4, 8, False, (2, 3, 24)), (24, 16, 4, 8, True, (5, 24))]
+    for (cin, cout, wbits, abits, sym, shape) in cases:
+        q = layer(cin, cout, wbits, abits, sym, bias=cin != 40)
+        x = torch.randn(shape, generator=g) * 1.5 - 0.2
+        rows = x.reshape(-1, cin)
+        rows[0] = 0.75  # a constant row: lo = min(0.75, 0) = 0, hi = 0.75
+        if rows.shape[0] > 2:
+            rows[1] = rows[1].abs() + 0.1  # one sign: the range widened to include 0
+            # exact ties x / s = j + 0.5: a row whose range makes its step exactly 1/16
+            qmin, qmax = (-(2 ** (abits - 1)) + 1, 2 ** (abits - 1) - 1) if sym else (0, 2 ** abits - 1)
+            lo = -qmax if sym else 0
+            rows[2] = (torch.randint(lo, qmax - (qmax - qmin) // 2 * sym, (cin,), generator=g) + 0.5) / 16
+            rows[2, 0], rows[2, 1] = (-qmax / 16, qmax / 16) if sym else (0.0, (qmax - qmin) / 16)
+        for make in ((to_int8, to_w4a8) if wbits <= 4 else (to_int8,)):
+            ex = make(q).to(DEVICE)
+            ex.kernel_dynamic = True
+            xd = x.to(DEVICE)
+            assert ex.kernel_applies(xd), (make.__name__, cin, shape)
+            with torch.no_grad():
+                y = ex(xd)
+                ex.use_kernel = False
+                want = ex(xd)
+            _same_epilogue(y, want, (make.__name__, cin, cout, wbits, abits, sym, shape))
+    # weights whose rows span more than 255 codes: the offset term (dw = 128 - zw) with per-row input grids
+    q = layer(13, 10, 8, 8, False)
+    with torch.no_grad():
+        q.weight_quantizer.zero_point.fill_(0.0)
+    ex = to_int8(q).to(DEVICE)
+    ex.kernel_dynamic = True
+    assert ex.parts[0].has_offset
+    x = (torch.randn(4, 13, generator=g) * 2).to(DEVICE)
+    with torch.no_grad():
+        y = ex(x)
+        ex.use_kernel = False
+        _same_epilogue(y, ex(x), "offset rows")
+    # off by default, and never for a conv or a split linear
+    q = layer(13, 10, 8, 8, False)
+    assert not to_int8(q).kernel_applies(torch.randn(2, 13).to(DEVICE))
+    q.set_split(5)
+    ex = to_int8(q)
+    ex.kernel_dynamic = True
+    assert not ex.kernel_applies(torch.randn(2, 13).to(DEVICE))
+
+
 def fake_quant():
     """gacq.quant.triton_fq's fused fake quantization against the six torch ops it replaces, bitwise: random
     inputs with values far outside the grid, exact ties x / s = k + 0.5, asymmetric 8-bit and symmetric 4-bit

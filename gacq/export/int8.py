@@ -147,15 +147,24 @@ class Int8Layer(ExportedLayer):
     # than the W4A8 one); `gacq bench` mode "w4a8 W4A8 unpacked"
     unpack_for_kernel = False
     kernel_linears = False  # int8 linears keep cuBLAS's torch._int_mm; W4A8Layer has no torch int4 GEMM
+    # linears with dynamic per-token inputs: one Triton kernel computes each row's grid and codes, the conv kernel
+    # takes per-row scales in its epilogue (`triton_int8.int8_linear_dynamic`), instead of the torch path's row
+    # min/max, grid, codes and dequantization passes. Off by default until a GPU measures it (`gacq bench` mode
+    # "int8 W8A8 token triton"); bitwise equal to the torch path in Triton's interpreter (tests/triton_w4_checks.py)
+    kernel_dynamic = False
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
         """The fused Triton kernel (`triton_int8`) runs this call: one weight group, a conv with groups
         1 (or a linear, where `kernel_linears`), on CUDA (or in Triton's interpreter)."""
         from .triton_int8 import available
 
-        kind_ok = self.groups == 1 if self.is_conv else self.kernel_linears
-        dynamic = any(q.dynamic for q in self.act_quantizers())  # the kernels read one stored input grid
-        return self.use_kernel and kind_ok and not dynamic and len(self.parts) == 1 and available(x)
+        quantizers = list(self.act_quantizers())
+        if any(q.dynamic for q in quantizers):  # per-token grids: linears over the last axis only
+            kind_ok = not self.is_conv and self.kernel_dynamic and all(q.dynamic_axis in (-1, x.dim() - 1)
+                                                                       for q in quantizers)
+        else:
+            kind_ok = self.groups == 1 if self.is_conv else self.kernel_linears
+        return self.use_kernel and kind_ok and len(self.parts) == 1 and available(x)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as one `int8_conv2d` call (a linear as a 1x1 conv over 1x1 images). Nothing is computed
@@ -166,6 +175,14 @@ class Int8Layer(ExportedLayer):
         qweight, w_zero = part.qweight, part.kernel_zero
         if w_zero is not None and self.unpack_for_kernel:  # W4A8: the int8 kernel on this call's unpacked codes
             qweight, w_zero = part.int8_weight(), None
+        if q.dynamic:
+            from ..quant.primitives import MIN_SCALE
+            from .triton_int8 import int8_linear_dynamic
+
+            return int8_linear_dynamic(x, qweight, part.k, part.out_channels, part.w_scale,
+                                       part.w_offset if part.has_offset else None, part.row_term, self.bias,
+                                       q.qmin, q.qmax, act_center(q.qmin, q.qmax), q.symmetric, MIN_SCALE,
+                                       w_zero=w_zero)
         args = (qweight, part.k, part.out_channels, part.w_scale, part.w_offset if part.has_offset else None,
                 part.row_term, self.bias, q.scale.detach(), q.zero_point.detach(), q.qmin, q.qmax,
                 act_center(q.qmin, q.qmax))

@@ -45,7 +45,7 @@ from .triton_w4 import INTERPRET, available, tiles, triton
 if triton is not None:
     import triton.language as tl
 
-    from ..quant.triton_fq import grid_codes
+    from ..quant.triton_fq import _round_half_even, grid_codes
     from .triton_w4 import conv_rows, conv_taps, int4_codes
 
     @triton.jit
@@ -63,6 +63,41 @@ if triton is not None:
         tl.store(x8_ptr + base + offs_p[None, :] * C + offs_c[:, None], (q - center).to(tl.int8), mask=mask)
 
     @triton.jit
+    def _quantize_rows_kernel(x_ptr, x8_ptr, s_ptr, z_ptr, qmin, qmax, center, min_scale, K: tl.constexpr,
+                              SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Dynamic per-token grids: row m of contiguous (M, K) x gets the grid of its own min and max, computed as
+        `qparams_from_range` computes it in float32 (written to s[m], z[m]), then its centred codes (M, K) int8,
+        with the torch path's float32 arithmetic (`UniformQuantizer.qparams`, `Int8Layer.forward`)."""
+        m = tl.program_id(0)
+        base = m.to(tl.int64) * K
+        lo = tl.full((BLOCK_K,), float("inf"), tl.float32)
+        hi = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            mask = offs < K
+            v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
+            hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
+        lo_m = tl.min(lo, axis=0)
+        hi_m = tl.max(hi, axis=0)
+        if SYMMETRIC:
+            scale = tl.maximum(tl.math.div_rn(tl.maximum(tl.abs(lo_m), tl.abs(hi_m)), qmax), min_scale)
+            zp = scale * 0.0
+        else:  # the range widened to hold 0; IEEE divisions (Triton's `/` is approximate on GPUs)
+            lo_m = tl.minimum(lo_m, 0.0)
+            hi_m = tl.maximum(hi_m, 0.0)
+            scale = tl.maximum(tl.math.div_rn(hi_m - lo_m, qmax - qmin), min_scale)
+            zp = _round_half_even(tl.math.div_rn(-lo_m, scale))
+        tl.store(s_ptr + m, scale)
+        tl.store(z_ptr + m, zp)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            mask = offs < K
+            v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, scale)) + zp, qmin), qmax)
+            tl.store(x8_ptr + base + offs, (q - center).to(tl.int8), mask=mask)
+
+    @triton.jit
     def _int8_conv_kernel(x8_ptr, w_ptr, wzero_ptr, wscale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr,
                           ascale_ptr, azp_ptr, qmin, qmax, center,
                           M, O, C, H, W, HO, WO,
@@ -70,7 +105,8 @@ if triton is not None:
                           SH, SW, PH, PW, DH, DW,
                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                           HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr, ALIGNED: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PER_ROW: tl.constexpr = False):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -102,12 +138,18 @@ if triton is not None:
             if HAS_OFFSET:
                 rsum += tl.sum(x8.to(tl.int32), axis=1)
         row = tl.load(row_ptr + offs_n, mask=mask_n, other=0)
-        total = acc + da * row[None, :]
+        sw = tl.load(wscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if PER_ROW:  # dynamic per-token grids (linears, no padding): one scale and zero point per output row
+            da_m = (center - tl.load(azp_ptr + offs_m, mask=mask_m, other=0.0)).to(tl.int32)
+            total = acc + da_m[:, None] * row[None, :]
+            scale = tl.load(ascale_ptr + offs_m, mask=mask_m, other=0.0)[:, None] * sw[None, :]
+        else:
+            total = acc + da * row[None, :]
+            # sa * sw[o] in float32, as the torch path multiplies `scale.float() * w_scale`
+            scale = tl.load(ascale_ptr).to(tl.float32) * sw[None, :]
         if HAS_OFFSET:
             total += rsum[:, None] * tl.load(woff_ptr + offs_n, mask=mask_n, other=0)[None, :]
-        # sa * sw[o] in float32, as the torch path multiplies `scale.float() * w_scale`
-        scale = tl.load(ascale_ptr).to(tl.float32) * tl.load(wscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        y = total.to(tl.float32) * scale[None, :]
+        y = total.to(tl.float32) * scale
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho[:, None] * syh + wo[:, None] * syw
@@ -171,4 +213,40 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     return y
 
 
-__all__ = ["INTERPRET", "available", "int8_conv2d", "tiles"]
+def int8_linear_dynamic(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
+                        w_offset: torch.Tensor | None, row_term: torch.Tensor, bias: torch.Tensor | None,
+                        qmin: int, qmax: int, center: int, symmetric: bool, min_scale: float,
+                        w_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """An int8 (or, with `w_zero`, W4A8) linear with dynamic per-token inputs: (..., K) float -> (..., O) in x's
+    dtype. One kernel computes each row's grid and codes (`_quantize_rows_kernel`), the conv kernel runs the GEMM as
+    a 1x1 conv over 1x1 images with one scale and zero point per row in its epilogue. The weight arguments are
+    `int8_conv2d`'s."""
+    if triton is None:
+        raise RuntimeError("the int8 Triton kernel needs the triton package")
+    if x.shape[-1] != k:
+        raise ValueError(f"int8_linear_dynamic: input has {x.shape[-1]} features, the weight expects {k}")
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    x8 = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    a_scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    a_zero = torch.empty((m,), dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(m,)](x2, x8, a_scale, a_zero, float(qmin), float(qmax), float(center),
+                                float(min_scale), K=k, SYMMETRIC=symmetric,
+                                BLOCK_K=min(1024, triton.next_power_of_2(k)))
+    y = torch.empty((m, out_channels), dtype=x.dtype, device=x.device)
+    bm, bn, bk, warps = tiles(m, out_channels, "w4" if w_zero is not None else "int8", k)
+    grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn))
+    off = w_offset if w_offset is not None else row_term
+    b = bias if bias is not None else w_scale
+    wz = w_zero if w_zero is not None else row_term
+    # (m, k) codes as channels-last (m, 1, 1, k) images; y as (m, O, 1, 1) with strides (O, 1, 1, 1)
+    _int8_conv_kernel[grid](x8, qweight, wz, w_scale, off, row_term, b, y, a_scale, a_zero,
+                            float(qmin), float(qmax), float(center),
+                            m, out_channels, k, 1, 1, 1, 1, k, 1, k, k, qweight.stride(0), out_channels, 1, 1, 1,
+                            1, 1, 0, 0, 1, 1, K=k, KH=1, KW=1, HAS_OFFSET=w_offset is not None,
+                            HAS_BIAS=bias is not None, W4=w_zero is not None, ALIGNED=k % bk == 0,
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PER_ROW=True)
+    return y.reshape(*x.shape[:-1], out_channels)
+
+
+__all__ = ["INTERPRET", "available", "int8_conv2d", "int8_linear_dynamic", "tiles"]
