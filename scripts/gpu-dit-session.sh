@@ -24,9 +24,11 @@
 # while the job ran (NOPACK=1, after sessions 13 and 15 lost the machine after calls that returned files); its
 # training call did return files and the machine stayed warm, then the machine was lost anyway, with the finished
 # cells (results/experiments/dit-cifar10-s16). So nothing is held back now (NOPACK=1 still does it).
-# Plan (a), about 1,500 of the 1,800 s: the data calls; `TRAIN_MIN=5 WAIT=540 ...` with the last part; polls
-# `WAIT=530 ...`, each sent at once with a command fixed in advance; the last one with a WAIT that ends the call with
-# a minute of budget to spare (a machine taken back mid-call returns nothing).
+# Plan (a), about 1,500 of the 1,800 s: the data calls (.whl + manifest + part00, then part01-03: 4 calls at a
+# 57.7 MB checkout); `TRAIN_MIN=8 WAIT=560 ...` with the last part (the model is trained once now, so 8 minutes
+# rather than sessions 12-16's 5; its parts are cut right after the training and come back from the next call on);
+# polls `WAIT=530 ...`, each sent at once with a command fixed in advance; the last one with a WAIT that ends the
+# call with a minute of budget to spare (a machine taken back mid-call returns nothing).
 # Env: TRAIN_MIN (8), CELLS (default: the spec's cells at its [sample] steps; "" = the whole spec), P (8 processes), WAIT (540 s);
 # for a dry run on a CPU: SPEC (a spec whose model is runs/dit-s/model), TRAIN_CMD (instead of the training), DEVICE
 # (session 16 ran one of each way in: a 32x32 tiny DiT, four cells).
