@@ -12,6 +12,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import gzip  # noqa: E402
 import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -31,6 +33,48 @@ def perturbed_tiny_dit(seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+def gacq_here(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`gacq ARGS` in this process, through the command's own entry point (`gacq.cli.main`, what `python -m gacq`
+    runs): the same parsing, command code, error handler and exit status, stdout and stderr captured as a
+    CompletedProcess; an uncaught exception gives exit status 1 and its traceback on stderr, as the interpreter does.
+    For quick commands and refusals: a new interpreter spends 2-7 s (2 cores) importing torch and diffusers again.
+    The end-to-end runs (and at least one refusal per file's kind of run) stay real subprocesses."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    from gacq import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = []  # main()'s basicConfig then logs to this call's stderr
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["gacq", *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+                rc = 0
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    rc = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    rc = 1
+            except BaseException:  # noqa: BLE001 -- what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                rc = 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        root.handlers, root.level = handlers, level
+    return subprocess.CompletedProcess(["gacq", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
 def write_images(root: Path, classes=("cat", "dog"), per_class=6, size=16, seed=0, fmt="png") -> Path:

@@ -1,4 +1,5 @@
-"""The `gacq` command run as a real subprocess, end to end on a tiny model."""
+"""The `gacq` command run as a real subprocess, end to end on a tiny model (quick commands and refusals through the same
+entry point in this process: `gacq_here`)."""
 
 import json
 import os
@@ -8,18 +9,30 @@ import sys
 import numpy as np
 import pytest
 
+from .conftest import gacq_here
 
-def gacq(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+
+def _checked(proc, args, check):
     if check and proc.returncode != 0:
         raise AssertionError(f"gacq {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
+def gacq(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+    return _checked(proc, args, check)
+
+
+def here(*args, check=True, cwd=None):
+    """`gacq ARGS` through the same entry point in this process (no new interpreter importing torch and diffusers)."""
+    return _checked(gacq_here(*args, cwd=cwd), args, check)
+
+
 @pytest.mark.parametrize("sub", [None, "train", "sample", "calib", "quantize", "info", "configs"])
 def test_help(sub):
-    proc = gacq(*([sub] if sub else []), "--help")
+    # the bare command in a new interpreter (`python -m gacq`), each subcommand's help through its entry point here
+    proc = gacq("--help") if sub is None else here(sub, "--help")
     assert "Usage" in proc.stdout
 
 
@@ -37,7 +50,7 @@ def test_train_sample_info_end_to_end(image_folder, tmp_path):
     assert np.load(out / "samples.npz")["images"].shape == (5, 16, 16, 3)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["scheduler"] == "ddim" and meta["steps"] == 3 and meta["model"] == str(run / "model")
-    info = json.loads(gacq("info", "--model", run / "model").stdout)
+    info = json.loads(here("info", "--model", run / "model").stdout)
     assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
 
 
@@ -49,9 +62,10 @@ def test_train_sample_info_end_to_end(image_folder, tmp_path):
     (["train", "--data", ".", "--out", "r", "--config", "tiny"], "--max-steps or --time-budget"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, msg):
+    # through the entry point in this process (an uncaught exception would be exit status 1 with its traceback on
+    # stderr, as in a new interpreter); test_hub_id_uses_real_hub_code_offline checks a refusal in a real subprocess
     (tmp_path / "weights.ckpt").write_bytes(b"not really a pickle")
-    proc = subprocess.run([sys.executable, "-m", "gacq", *args], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300)
+    proc = gacq_here(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert msg in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x" / "samples.npz").exists()
@@ -94,7 +108,7 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     proc = gacq("quantize", "--model", tiny_model_dir, "--method", "rtn", "--wbits", 4, "--abits", 8,
                 "--calib-trajectories", 4, "--record-steps", 5, "--steps", 5, "--out", q, "--device", "cpu")
     assert "wrote W4A8 rtn (common) checkpoint" in proc.stdout
-    info = json.loads(gacq("info", "--model", q).stdout)
+    info = json.loads(here("info", "--model", q).stdout)
     assert info["class"] == "UNet2DModel" and info["sample_shape"] == [3, 16, 16]
     gacq("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu",
          "--no-fused-fake-quant")
@@ -105,7 +119,7 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["fused_fake_quant"] is False
     assert np.array_equal(np.load(tmp_path / "f" / "samples.npz")["images"],
                           np.load(tmp_path / "s" / "samples.npz")["images"])
-    bad = gacq("quantize", "--model", tiny_model_dir, "--method", "foo", "--out", tmp_path / "x", check=False)
+    bad = here("quantize", "--model", tiny_model_dir, "--method", "foo", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "unknown method 'foo'" in bad.stderr
     assert not (tmp_path / "x").exists()
 
@@ -132,7 +146,7 @@ def test_quantize_tfmq_then_sample_needs_its_sampler(tiny_model_dir, tmp_path):
                 "--out", q, "--device", "cpu")
     assert "wrote W4A8 tfmq (common) checkpoint" in proc.stdout and (q / "fsc.safetensors").exists()
     gacq("sample", "--model", q, "--num", 2, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu")
-    bad = gacq("sample", "--model", q, "--num", 2, "--steps", 5, "--out", tmp_path / "s2", "--device", "cpu",
+    bad = here("sample", "--model", q, "--num", 2, "--steps", 5, "--out", tmp_path / "s2", "--device", "cpu",
                check=False)
     assert bad.returncode == 2 and "same settings" in bad.stderr and not (tmp_path / "s2").exists()
 
