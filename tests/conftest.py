@@ -44,6 +44,7 @@ def gacq_here(*args, cwd=None) -> subprocess.CompletedProcess:
     import contextlib
     import io
     import logging
+    import random
     import traceback
 
     from gacq import cli
@@ -53,6 +54,9 @@ def gacq_here(*args, cwd=None) -> subprocess.CompletedProcess:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     root.handlers = []  # main()'s basicConfig then logs to this call's stderr
+    # what a command may change for the process, restored after it (the next tests see what they saw before)
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    threads = torch.get_num_threads()
     try:
         if cwd is not None:
             os.chdir(cwd)
@@ -74,6 +78,10 @@ def gacq_here(*args, cwd=None) -> subprocess.CompletedProcess:
         sys.argv = argv
         os.chdir(here)
         root.handlers, root.level = handlers, level
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["gacq", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
