@@ -18,9 +18,16 @@ from gacq.metrics import evaluate
 from gacq.models import NAMED_CONFIGS, build_model, save_model
 from gacq.report import render
 
+from .conftest import gacq_here
+
 
 def gacq(*args, cwd):
     return subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+# quick commands (list, report, diagnostics, refusals, runs with nothing left to do) go through the same entry point
+# in this process; every run that calibrates, quantizes or samples is a real subprocess
+here = gacq_here
 
 
 SPEC = """
@@ -149,6 +156,25 @@ def test_grid_expansion_and_weight_only_reuse(tmp_path, tiny32):
         ("gac_w4a32_groups2_tau0.5_steps5", False, None)
 
 
+# the grids of the calib_seeds, gaussian_draws and bias_correction tests below (each test loads its own spec with
+# the base spec and its grid)
+SEEDS_GRID = "[[grid]]\nmethods = ['rtn']\nbits = ['W4A8', 'W4A32']\ncalib_seeds = [0, 1]\n"
+DRAWS_GRID = "[[grid]]\nmethods = ['ptq4dm']\nbits = ['W8A8']\ngaussian_draws = [1, 4]\n"
+BC_GRID = "[[grid]]\nmethods = ['tfmq']\nbits = ['W4A8']\nbias_correction = [false, true]\n"
+EXTRA_CELLS = ["rtn_w4a8_cs1_steps5_seed0", "ptq4dm_w8a8_gd4_steps5_seed0", "tfmq_w4a8_bc_steps5_seed0"]
+
+
+@pytest.fixture(scope="module")
+def extras(ran, tiny32):
+    """The cells of those three tests, run by one `gacq experiment run` of a spec with the three grids, into `ran`'s
+    folders (a process per cell would spend most of its time importing torch and diffusers again)."""
+    (ran / "extras.toml").write_text(SPEC.format(model=tiny32) + SEEDS_GRID + DRAWS_GRID + BC_GRID)
+    r = gacq("experiment", "run", "extras.toml", "--cells", ",".join(EXTRA_CELLS), "--quiet", cwd=ran)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 of 3 cells done, running 3" in r.stdout
+    return ran
+
+
 def test_cells_written_and_equal_to_the_manual_commands(ran, tiny32):
     cells = {p.stem: json.loads(p.read_text()) for p in (ran / "results/experiments/t/cells").glob("*.json")}
     from gacq.experiment import model_digest
@@ -198,14 +224,14 @@ def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
     assert new["metrics"]["fid"] == old["metrics"]["fid"]
     meta = json.loads((ran / "runs/experiments/t/samples/rtn_w4a32_steps5_seed0/meta.json").read_text())
     assert meta["images_made_this_run"] == 0 and meta["shards_resumed"] == 1
-    r = gacq("experiment", "list", "spec.toml", cwd=ran)
+    r = here("experiment", "list", "spec.toml", cwd=ran)
     assert r.stdout.count("done") == 5
-    r = gacq("experiment", "run", "spec.toml", "--cells", "nope", cwd=ran)
+    r = here("experiment", "run", "spec.toml", "--cells", "nope", cwd=ran)
     assert r.returncode == 2 and "no cell(s) ['nope']" in r.stderr
 
 
 def test_report_renders_the_run(ran):
-    r = gacq("report", "results/experiments/t", cwd=ran)
+    r = here("report", "results/experiments/t", cwd=ran)
     assert r.returncode == 0, r.stderr
     md = (ran / "results/experiments/t/README.md").read_text()
     assert "Feature network: cifar10" in md and "| method | FP | W4A32 | W4A8 |" in md
@@ -295,13 +321,13 @@ def test_a_spec_with_other_settings_is_refused_on_shared_folders(ran, tiny32):
     other = SPEC.format(model=tiny32).replace("iters = 2\n", "iters = 3\n", 1)
     other = other.replace('name = "t"', 'name = "t2"\nresults = "results/experiments/t"\nwork = "runs/experiments/t"')
     (ran / "other.toml").write_text(other)
-    r = gacq("experiment", "run", "other.toml", "--quiet", cwd=ran)
+    r = here("experiment", "run", "other.toml", "--quiet", cwd=ran)
     assert r.returncode == 2 and "made with other settings" in r.stderr
     # the same settings under another name share the finished cells
     same = SPEC.format(model=tiny32).replace('name = "t"', 'name = "t3"\nresults = "results/experiments/t"\n'
                                                            'work = "runs/experiments/t"')
     (ran / "same.toml").write_text(same)
-    r = gacq("experiment", "run", "same.toml", "--quiet", cwd=ran)
+    r = here("experiment", "run", "same.toml", "--quiet", cwd=ran)
     assert r.returncode == 0 and "5 of 5 cells done, running 0" in r.stdout
 
 
@@ -322,17 +348,17 @@ def test_a_finished_checkpoint_carried_to_another_machine_is_sampled_not_requant
     assert got["metrics"]["fid"] == want["metrics"]["fid"]
 
 
-def test_calibration_seeds_repeat_the_whole_quantization(ran, tiny32):
+def test_calibration_seeds_repeat_the_whole_quantization(extras, tiny32):
     """`calib_seeds` in a grid: the spec's own seed is its ordinary cell; another seed gets its own
     calibration trajectories and reconstruction seed, its own job (shared by its W4A32 cell) and id."""
-    text = SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['rtn']\nbits = ['W4A8', 'W4A32']\ncalib_seeds = [0, 1]\n"
+    ran = extras
+    text = SPEC.format(model=tiny32) + SEEDS_GRID
     (ran / "seeds.toml").write_text(text)
     s = load_spec(ran / "seeds.toml")
     by = {c.id: c for c in s.cells}
     assert "rtn_w4a8_cs0_steps5_seed0" not in by and by["rtn_w4a8_steps5_seed0"].cseed is None
     assert quant_job_of(s, by["rtn_w4a32_cs1_steps5_seed0"]) == ("rtn_w4a8_cs1_steps5", True, 8)
-    r = gacq("experiment", "run", "seeds.toml", "--cells", "rtn_w4a8_cs1_steps5_seed0", "--quiet", cwd=ran)
-    assert r.returncode == 0, r.stderr
+    assert "rtn_w4a8_cs1_steps5_seed0" in by  # run by `extras`
     work = ran / "runs/experiments/t"
     assert (work / "calib_all_ddim5_leading_traj2_seed1/calib.json").exists()
     cells = ran / "results/experiments/t/cells"
@@ -343,7 +369,7 @@ def test_calibration_seeds_repeat_the_whole_quantization(ran, tiny32):
     a = np.load(work / "samples/rtn_w4a8_cs1_steps5_seed0/samples.npz")["images"]
     b = np.load(work / "samples/rtn_w4a8_steps5_seed0/samples.npz")["images"]
     assert a.shape == b.shape and not np.array_equal(a, b)  # other calibration data, other activation ranges
-    r = gacq("report", "results/experiments/t", "--out", "seeds.md", cwd=ran)
+    r = here("report", "results/experiments/t", "--out", "seeds.md", cwd=ran)
     assert r.returncode == 0, r.stderr
     rows = [ln for ln in (ran / "seeds.md").read_text().splitlines() if ln.startswith("| rtn | W4A8 |")]
     assert len(rows) == 1 and "| 0,0/cs1 |" in rows[0] and "(2 seeds)" in rows[0]
@@ -352,22 +378,21 @@ def test_calibration_seeds_repeat_the_whole_quantization(ran, tiny32):
         load_spec(ran / "bad.toml")
 
 
-def test_gaussian_draws_calibrate_ptq4dm_at_equal_data(ran, tiny32):
+def test_gaussian_draws_calibrate_ptq4dm_at_equal_data(extras, tiny32):
     """`gaussian_draws` in a grid: ptq4dm's trajectories recorded at d Gaussian-drawn steps each (cell and job
     `_gd<d>`), the count in the checkpoint's config, a row of its own in the report; refused for other methods."""
-    text = SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['ptq4dm']\nbits = ['W8A8']\ngaussian_draws = [1, 4]\n"
+    ran = extras
+    text = SPEC.format(model=tiny32) + DRAWS_GRID
     (ran / "draws.toml").write_text(text)
     s = load_spec(ran / "draws.toml")
     by = {c.id: c for c in s.cells}
     assert by["ptq4dm_w8a8_steps5_seed0"].draws == 1 and by["ptq4dm_w8a8_gd4_steps5_seed0"].draws == 4
-    assert quant_job_of(s, by["ptq4dm_w8a8_gd4_steps5_seed0"])[0] == "ptq4dm_w8a8_gd4_steps5"
-    r = gacq("experiment", "run", "draws.toml", "--cells", "ptq4dm_w8a8_gd4_steps5_seed0", "--quiet", cwd=ran)
-    assert r.returncode == 0, r.stderr
+    assert quant_job_of(s, by["ptq4dm_w8a8_gd4_steps5_seed0"])[0] == "ptq4dm_w8a8_gd4_steps5"  # run by `extras`
     got = json.loads((ran / "results/experiments/t/cells/ptq4dm_w8a8_gd4_steps5_seed0.json").read_text())
     assert got["cell"]["gaussian_draws"] == 4 and got["quantize"]["config"]["calib"]["draws"] == 4
     q = json.loads((ran / "runs/experiments/t/q/ptq4dm_w8a8_gd4_steps5/quant_config.json").read_text())
     assert q["calibration_samples"] == 2 * 4  # 2 trajectories x 4 draws (PTQ4DM's own selection: 2)
-    r = gacq("report", "results/experiments/t", "--out", "draws.md", cwd=ran)
+    r = here("report", "results/experiments/t", "--out", "draws.md", cwd=ran)
     assert r.returncode == 0, r.stderr
     assert "| ptq4dm (4 draws) | W8A8 |" in (ran / "draws.md").read_text()
     for grid, msg in [("methods = ['tfmq']\ngaussian_draws = 4\n", "Gaussian-drawn timesteps"),
@@ -377,7 +402,7 @@ def test_gaussian_draws_calibrate_ptq4dm_at_equal_data(ran, tiny32):
             load_spec(ran / "bad.toml")
 
 
-def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp_path, monkeypatch):
+def test_bias_correction_cells_derive_from_the_plain_checkpoint(extras, tiny32, tmp_path, monkeypatch):
     """A `bias_correction` cell whose plain job has a checkpoint corrects that checkpoint instead of
     quantizing again; the result equals a from-scratch quantization with bias correction."""
     from safetensors.torch import load_file
@@ -386,14 +411,13 @@ def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp
     from gacq.models import load_model
     from gacq.quant.api import quantize_to_dir
 
+    ran = extras
     monkeypatch.chdir(ran)  # the spec's work folder is relative to it
-    text = SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['tfmq']\nbits = ['W4A8']\nbias_correction = [false, true]\n"
+    text = SPEC.format(model=tiny32) + BC_GRID
     (ran / "bc.toml").write_text(text)
     s = load_spec(ran / "bc.toml")
     cell = next(c for c in s.cells if c.bc)
-    assert cell.id == "tfmq_w4a8_bc_steps5_seed0" and quant_job_of(s, cell)[0] == "tfmq_w4a8_bc_steps5"
-    r = gacq("experiment", "run", "bc.toml", "--cells", cell.id, "--quiet", cwd=ran)
-    assert r.returncode == 0, r.stderr
+    assert cell.id == "tfmq_w4a8_bc_steps5_seed0" and quant_job_of(s, cell)[0] == "tfmq_w4a8_bc_steps5"  # `extras`
     work = ran / "runs/experiments/t"
     got = json.loads((ran / f"results/experiments/t/cells/{cell.id}.json").read_text())
     assert got["cell"]["bias_correction"] is True
@@ -411,7 +435,7 @@ def test_bias_correction_cells_derive_from_the_plain_checkpoint(ran, tiny32, tmp
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (f, k)
     plain = load_file(str(work / "q" / "tfmq_w4a8_steps5" / "float.safetensors"))
     assert not torch.equal(plain["conv_out.bias"], load_file(str(derived / "float.safetensors"))["conv_out.bias"])
-    r = gacq("report", "results/experiments/t", "--out", "bc.md", cwd=ran)
+    r = here("report", "results/experiments/t", "--out", "bc.md", cwd=ran)
     assert r.returncode == 0, r.stderr
     assert any(ln.startswith("| tfmq+bc | W4A8 |") for ln in (ran / "bc.md").read_text().splitlines())
     (ran / "bad.toml").write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['rtn']\nbits = ['W4A32']\n"
@@ -457,12 +481,12 @@ def test_gac_cells_write_weight_profiles_that_the_report_plots(tiny32, tmp_path)
     assert prof["step_source"] == "recorded in the checkpoint" and prof["qdir"] == "<work>/q/gac_w4a32_steps5"
     assert prof["blocks"] and all(len(b["mean_rel_per_step"]) == len(prof["steps"]) for b in prof["blocks"].values())
     prof_file.unlink()
-    r = gacq("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
+    r = here("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
     assert r.returncode == 0 and "1 new GAC weight profile(s)" in r.stdout, r.stdout + r.stderr
     assert json.loads(prof_file.read_text())["blocks"] == prof["blocks"]
-    r = gacq("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
+    r = here("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
     assert "0 new GAC weight profile(s)" in r.stdout  # written once
-    r = gacq("report", "results/experiments/t", cwd=tmp_path)
+    r = here("report", "results/experiments/t", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "results" / "experiments" / "t" / "README.md").read_text()
     assert "## Diagnostics: GAC's learned sample weights" in md and "| gac_w4a32_steps5 | W4A32 |" in md
