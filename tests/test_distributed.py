@@ -204,30 +204,40 @@ def test_eval_with_two_procs_equals_one_process(tmp_path):
     assert {k: v for k, v in got.items() if k != "command"} == {k: v for k, v in want.items() if k != "command"}
 
 
+QUANT_ARGS = ["quantize", "--method", "gac", "--wbits", 4, "--abits", 8, "--calib-trajectories", 4, "--steps", 10,
+              "--record-steps", 5, "--iters", 20, "--act-iters", 10, "--gac-meta-iters", 3, "--recon-batch", 8,
+              "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def quantized_one_process(model_dir, tmp_path_factory) -> Path:
+    """The single-process checkpoint both data-parallel runs are compared with (the same command, made once)."""
+    out = tmp_path_factory.mktemp("dpref") / "one"
+    ok(run([*QUANT_ARGS, "--model", model_dir, "--out", out]))
+    return out
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_data_parallel_quantize_equals_one_process(model_dir, tmp_path, nproc):
+def test_data_parallel_quantize_equals_one_process(model_dir, quantized_one_process, tmp_path, nproc):
     """gac W4A8 (TIB, AdaRound with learned weights, FSC): each minibatch split over the ranks with
     summed gradients (and GAC's validation groups split over them) gives the single-process checkpoint; rank 0 alone writes (no duplicate log
     lines). Minibatches of 8 split 3/3/2 over three ranks."""
     from safetensors.torch import load_file
 
-    args = ["quantize", "--model", model_dir, "--method", "gac", "--wbits", 4, "--abits", 8,
-            "--calib-trajectories", 4, "--steps", 10, "--record-steps", 5, "--iters", 20, "--act-iters", 10,
-            "--gac-meta-iters", 3, "--recon-batch", 8, "--device", "cpu"]
-    ok(run(args + ["--out", tmp_path / "one"]))
-    ok(run(args + ["--gpus", nproc, "--out", tmp_path / "dp"]))
-    a, b = (load_file(str(tmp_path / d / "quantized.safetensors")) for d in ("one", "dp"))
+    one = quantized_one_process
+    ok(run([*QUANT_ARGS, "--model", model_dir, "--gpus", nproc, "--out", tmp_path / "dp"]))
+    a, b = (load_file(str(d / "quantized.safetensors")) for d in (one, tmp_path / "dp"))
     assert a.keys() == b.keys()
     for k in a:
         if k.endswith("qweight"):  # rounding decisions
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    ga, gb = (load_file(str(tmp_path / d / "gac_weights.safetensors")) for d in ("one", "dp"))
+    ga, gb = (load_file(str(d / "gac_weights.safetensors")) for d in (one, tmp_path / "dp"))
     assert ga.keys() == gb.keys()
     for k in ga:  # the meta-gradient's validation groups are split over the ranks: summation order only
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-6, atol=0)
-    logs = [(tmp_path / d / "recon_log.jsonl").read_text().splitlines() for d in ("one", "dp")]
+    logs = [(d / "recon_log.jsonl").read_text().splitlines() for d in (one, tmp_path / "dp")]
     assert len(logs[0]) == len(logs[1])
     meta = json.loads((tmp_path / "dp" / "quant_config.json").read_text())
     assert meta["world_size"] == nproc
