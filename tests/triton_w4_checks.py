@@ -2,7 +2,7 @@
 TRITON_INTERPRET=1 (Triton's interpreter runs the kernel on CPU tensors; it must be set before
 triton is imported), or with GACQ_TRITON_DEVICE=cuda on a GPU (inputs are built on the CPU as in
 the interpreter run and moved to the GPU; results come back to the CPU for the float64 checks).
-Usage: python tests/triton_w4_checks.py CASE"""
+Usage: python tests/triton_w4_checks.py CASE [CASE ...]"""
 
 from __future__ import annotations
 
@@ -389,5 +389,18 @@ def fake_quant():
 
 
 if __name__ == "__main__":
-    globals()[sys.argv[1]]()
-    print("ok", sys.argv[1])
+    # one or more cases; several share one interpreter (importing torch and triton once), each from the default
+    # generator's state of a new process, a failure reported and the next case run
+    import traceback
+
+    failed = []
+    for case in sys.argv[1:]:
+        torch.manual_seed(torch.initial_seed())
+        try:
+            globals()[case]()
+        except Exception:  # noqa: BLE001
+            print(f"FAILED {case}\n{traceback.format_exc()}", flush=True)
+            failed.append(case)
+        else:
+            print("ok", case, flush=True)
+    sys.exit(1 if failed else 0)
