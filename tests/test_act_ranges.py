@@ -15,6 +15,8 @@ from gacq.models import LoadedModel, build_model
 from gacq.quant.calib_data import CalibDataConfig, collect
 from gacq.sampling import SampleConfig
 
+from .conftest import gacq_here
+
 
 @pytest.mark.parametrize("config", ["tiny", "tiny-dit"])
 def test_ranges_equal_a_naive_capture(config, tmp_path):
@@ -69,5 +71,6 @@ def test_ranges_cli(tiny_model_dir, tmp_path):
     assert "layers x 3 steps" in r.stdout
     got = json.loads((tmp_path / "r" / "ranges.json").read_text())
     assert got["steps"] == 3 and got["command"].startswith("gacq ranges")
-    r = gacq("ranges", "--model", tiny_model_dir, "--calib", tmp_path / "nothing", "--out", tmp_path / "r2")
+    # the refusal through the CLI's entry point in this process
+    r = gacq_here("ranges", "--model", tiny_model_dir, "--calib", tmp_path / "nothing", "--out", tmp_path / "r2")
     assert r.returncode == 2 and "error:" in r.stderr and not (tmp_path / "r2").exists()

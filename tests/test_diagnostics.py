@@ -28,6 +28,8 @@ from gacq.quant.modules import QuantLayer
 from gacq.quant.recon import ReconConfig, capture_unit_io, lp_loss_per_sample, trainable_layers
 from gacq.sampling import SampleConfig
 
+from .conftest import gacq_here
+
 STEPS = 6
 RESNET, ATTN = "down_blocks.1.resnets.0", "mid_block.attentions.0"
 GAC_CFG = QuantConfig(method="gac", gac=GACConfig(meta_iters=2, batch_size=8, val_fraction=0.1, groups=3),
@@ -281,8 +283,9 @@ def test_cli_diagnose_errors(files, tmp_path, case, msg):
         args["extra"] = ["--blocks", f"{RESNET},mid_block.nothing"]
     else:
         args["calib"] = files / "calib_small"
-    proc = gacq("diagnose", "--calib", args["calib"], "--out", tmp_path / "o", "--model", files / "model",
-                "--qdir", args["qdir"], "--max-per-step", 2, *args["extra"])
+    # refusals through the CLI's entry point in this process (the full run above is a real subprocess)
+    proc = gacq_here("diagnose", "--calib", args["calib"], "--out", tmp_path / "o", "--model", files / "model",
+                     "--qdir", args["qdir"], "--max-per-step", 2, *args["extra"])
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert msg in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "diagnose.json").exists()

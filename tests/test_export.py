@@ -39,6 +39,8 @@ from gacq.quant.checkpoint import load_quantized, pack_int, save_quantized
 from gacq.quant.modules import QuantConv2d, QuantLinear
 from gacq.quant.wrap import quant_layers
 
+from .conftest import gacq_here
+
 ROOT = Path(__file__).resolve().parent.parent
 U32 = 2.0**-24  # float32 unit roundoff
 LAYER_RTOL = 2.0**-21  # the int8 layer's stated bound relative to sa sw |S| + |b| (gacq/export/int8.py)
@@ -402,7 +404,7 @@ def test_gacq_export_subprocess(qdirs, tmp_path):
     out = tmp_path / "int8"
     proc = _gacq("export", qdirs["w8a8"], "--backend", "int8", "--out", out, "--device", "cpu", "--check-batches", 1)
     assert "int8: 49 layers" in proc.stdout and (out / "export.json").exists()
-    bad = _gacq("export", qdirs["w8a8"], "--backend", "w4a16", "--out", tmp_path / "x", check=False)
+    bad = gacq_here("export", qdirs["w8a8"], "--backend", "w4a16", "--out", tmp_path / "x")  # refusal: in this process
     assert bad.returncode == 2 and "at most 4 bits" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -565,7 +567,6 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     assert by["down_blocks.0.resnets.0.conv1"]["K"] == conv1.in_channels * 9
     assert by["down_blocks.0.resnets.0.conv1"]["M"] == 1 * model.config.sample_size ** 2  # batch 1, stride 1
     assert set(kern["variants"]) == {"fp32", "int8", "w4a8", "w4a16"} and kern["peaks"] == "not measured on the CPU"
-    proc = subprocess.run([sys.executable, "-m", "gacq", "bench", *args, "--modes", "none", "--out",
-                           str(tmp_path / "b4")], capture_output=True, text=True, timeout=300, check=False)
+    proc = gacq_here("bench", *args, "--modes", "none", "--out", tmp_path / "b4")  # a refusal: in this process
     assert proc.returncode == 2 and "matches no mode" in proc.stderr  # nothing to run is an error
     assert res["command"] and res["machine"]["torch"] == torch.__version__ and (out / "bench_lowbit.md").exists()

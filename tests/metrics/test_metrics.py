@@ -18,6 +18,8 @@ from gacq.metrics import (
 )
 from gacq.metrics.cifar10_net import Cifar10Net, augment, load_cifar10_net, save_cifar10_net
 
+from ..conftest import gacq_here
+
 
 def _random_stats(rng, d, n=400):
     a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
@@ -229,6 +231,5 @@ def test_cli_stats_and_eval(tmp_path):
     assert "feature network: cifar10" in r.stdout and "biased" in r.stdout
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["samples"]["n"] == 30 and m["reference"]["n"] == 30 and m["command"].startswith("gacq eval")
-    r = subprocess.run(cmd + ["eval", "--samples", str(tmp_path / "nope.npz"), "--device", "cpu"],
-                       capture_output=True, text=True)
+    r = gacq_here("eval", "--samples", tmp_path / "nope.npz", "--device", "cpu")  # a refusal: in this process
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -24,7 +24,7 @@ from gacq.quant.recon import ReconConfig
 from gacq.quant.wrap import quant_layers
 from gacq.sampling import SampleConfig
 
-from ..conftest import perturbed_tiny_dit
+from ..conftest import gacq_here, perturbed_tiny_dit
 
 
 def gacq(*args):
@@ -184,8 +184,8 @@ def test_cli_quantize_export_and_refusal(dit, tmp_path):
     assert json.loads((out / "quant_config.json").read_text())["config"]["act_granularity"] == "token"
     r = gacq("export", out, "--backend", "int8", "--out", tmp_path / "exp")
     assert r.returncode == 0, r.stderr + r.stdout
-    r = gacq("quantize", "--model", path, "--method", "rtn", "--wbits", 8, "--abits", 32, "--act-granularity",
-             "token", "--calib", calib, "--record-steps", 10, "--out", tmp_path / "bad", "--device", "cpu")
+    r = gacq_here("quantize", "--model", path, "--method", "rtn", "--wbits", 8, "--abits", 32, "--act-granularity",
+                  "token", "--calib", calib, "--record-steps", 10, "--out", tmp_path / "bad", "--device", "cpu")
     assert r.returncode != 0 and "act-granularity" in (r.stderr + r.stdout) and "Traceback" not in r.stderr
     assert not (tmp_path / "bad").exists()
     # the default leaves the config (and the resume fingerprints of earlier runs) as they were

@@ -23,7 +23,7 @@ from gacq.quant.smooth import smoothing_scales
 from gacq.quant.wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers
 from gacq.sampling import SampleConfig
 
-from ..conftest import perturbed_tiny_dit
+from ..conftest import gacq_here, perturbed_tiny_dit
 
 
 def gacq(*args):
@@ -203,11 +203,12 @@ def test_cli_smooth_and_export_refusal(dit):
     assert json.loads((out / "quant_config.json").read_text())["config"]["smooth"] == 0.5
     r = gacq("sample", "--model", out, "--num", 2, "--steps", 2, "--out", root / "s.npz", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    r = gacq("export", out, "--backend", "int8", "--out", root / "exp")
+    # the refusals through the CLI's entry point in this process
+    r = gacq_here("export", out, "--backend", "int8", "--out", root / "exp")
     assert r.returncode != 0 and "smoothing" in (r.stderr + r.stdout) and "Traceback" not in r.stderr
     assert not (root / "exp").exists()
-    r = gacq("quantize", "--model", path, "--method", "rtn", "--wbits", 8, "--abits", 8, "--smooth", 1.5,
-             "--calib", calib, "--out", root / "bad")
+    r = gacq_here("quantize", "--model", path, "--method", "rtn", "--wbits", 8, "--abits", 8, "--smooth", 1.5,
+                  "--calib", calib, "--out", root / "bad")
     assert r.returncode != 0 and "--smooth" in (r.stderr + r.stdout) and not (root / "bad").exists()
 
 
