@@ -156,22 +156,24 @@ def test_grid_expansion_and_weight_only_reuse(tmp_path, tiny32):
         ("gac_w4a32_groups2_tau0.5_steps5", False, None)
 
 
-# the grids of the calib_seeds, gaussian_draws and bias_correction tests below (each test loads its own spec with
-# the base spec and its grid)
+# the grids of the calib_seeds, gaussian_draws, bias_correction and act_granularity tests below (each test loads
+# its own spec with the base spec and its grid)
 SEEDS_GRID = "[[grid]]\nmethods = ['rtn']\nbits = ['W4A8', 'W4A32']\ncalib_seeds = [0, 1]\n"
 DRAWS_GRID = "[[grid]]\nmethods = ['ptq4dm']\nbits = ['W8A8']\ngaussian_draws = [1, 4]\n"
 BC_GRID = "[[grid]]\nmethods = ['tfmq']\nbits = ['W4A8']\nbias_correction = [false, true]\n"
-EXTRA_CELLS = ["rtn_w4a8_cs1_steps5_seed0", "ptq4dm_w8a8_gd4_steps5_seed0", "tfmq_w4a8_bc_steps5_seed0"]
+GRAN_GRID = '[[grid]]\nmethods = ["rtn"]\nbits = ["W8A8"]\nact_granularity = "token"\n'
+EXTRA_CELLS = ["rtn_w4a8_cs1_steps5_seed0", "ptq4dm_w8a8_gd4_steps5_seed0", "tfmq_w4a8_bc_steps5_seed0",
+               "rtn_w8a8_tok_steps5_seed0"]
 
 
 @pytest.fixture(scope="module")
 def extras(ran, tiny32):
-    """The cells of those three tests, run by one `gacq experiment run` of a spec with the three grids, into `ran`'s
+    """The cells of those four tests, run by one `gacq experiment run` of a spec with the four grids, into `ran`'s
     folders (a process per cell would spend most of its time importing torch and diffusers again)."""
-    (ran / "extras.toml").write_text(SPEC.format(model=tiny32) + SEEDS_GRID + DRAWS_GRID + BC_GRID)
+    (ran / "extras.toml").write_text(SPEC.format(model=tiny32) + SEEDS_GRID + DRAWS_GRID + BC_GRID + GRAN_GRID)
     r = gacq("experiment", "run", "extras.toml", "--cells", ",".join(EXTRA_CELLS), "--quiet", cwd=ran)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 of 3 cells done, running 3" in r.stdout
+    assert "0 of 4 cells done, running 4" in r.stdout
     return ran
 
 
@@ -542,7 +544,7 @@ def test_smooth_is_an_optional_quantize_setting(tmp_path, tiny32):
         load_spec(p)
 
 
-def test_act_granularity_grid_key(tmp_path, tiny32):
+def test_act_granularity_grid_key(tmp_path, tiny32, extras):
     """`act_granularity` in a grid: token cells (and jobs) of their own, the setting reaching the quantization,
     W/A32 bits refused; the W4A32 cell keeps sampling the plain (per-tensor) W4A8 job."""
     import gacq.experiment as ex
@@ -566,12 +568,11 @@ def test_act_granularity_grid_key(tmp_path, tiny32):
     p.write_text(base + '[[grid]]\nmethods = ["rtn"]\nact_granularity = "row"\n')
     with pytest.raises(GacqError, match="act_granularity must be 'tensor', 'token'"):
         load_spec(p)
-    p.write_text(base + '[[grid]]\nmethods = ["rtn"]\nbits = ["W8A8"]\nact_granularity = "token"\n')
-    r = gacq("experiment", "run", str(p), "--cells", "rtn_w8a8_tok_steps5_seed0", "--quiet", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    cell = json.loads((tmp_path / "results/experiments/t/cells/rtn_w8a8_tok_steps5_seed0.json").read_text())
+    p.write_text(base + GRAN_GRID)
+    assert "rtn_w8a8_tok_steps5_seed0" in {c.id for c in load_spec(p).cells}  # run by `extras`, into `ran`'s folders
+    cell = json.loads((extras / "results/experiments/t/cells/rtn_w8a8_tok_steps5_seed0.json").read_text())
     assert cell["cell"]["act_granularity"] == "token"
-    qc = json.loads((tmp_path / "runs/experiments/t/q/rtn_w8a8_tok_steps5/quant_config.json").read_text())
+    qc = json.loads((extras / "runs/experiments/t/q/rtn_w8a8_tok_steps5/quant_config.json").read_text())
     assert qc["config"]["act_granularity"] == "token" and qc["format_version"] == 4
 
 

@@ -149,8 +149,10 @@ def test_quantize_save_load_sample(dit, method):
     # quantized per token at 8 bits: close to the float model, not equal to it
     rel = ((a - f).norm() / f.norm()).item()
     assert 0 < rel < 0.1, rel
-    r = gacq("sample", "--model", out, "--num", 2, "--steps", 10, "--guidance-scale", 1.5, "--out",
-             root / f"s_{method}", "--device", "cpu")
+    # `gacq sample` through its entry point in this process (the checkpoint is loaded in a new interpreter by
+    # test_cli_quantize_export_and_refusal's export run)
+    r = gacq_here("sample", "--model", out, "--num", 2, "--steps", 10, "--guidance-scale", 1.5, "--out",
+                  root / f"s_{method}", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert np.isfinite(np.load(root / f"s_{method}" / "samples.npz")["images"].astype(float)).all()
 
