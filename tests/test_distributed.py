@@ -112,7 +112,9 @@ def test_relaunch_refuses_a_mismatched_world(monkeypatch):
 
 # ---- sampling ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nproc", [2, 3])
+# 3 ranks over 5 shards (2/2/1: uneven, the last rank short); two ranks sample and equal the reference in
+# test_failed_rank_fails_the_job_then_gpus_flag_resumes
+@pytest.mark.parametrize("nproc", [3])
 def test_torchrun_sampling_equals_one_process(model_dir, reference, tmp_path, nproc):
     out = tmp_path / "s"
     proc = ok(run(["sample", "--model", model_dir, "--out", out, *SAMPLE_ARGS], torchrun=nproc))
@@ -204,6 +206,8 @@ def test_eval_with_two_procs_equals_one_process(tmp_path):
     assert {k: v for k, v in got.items() if k != "command"} == {k: v for k, v in want.items() if k != "command"}
 
 
+# 3 ranks: minibatches of 8 split 3/3/2 and GAC's 5 validation groups 2/2/1, uneven both ways (2 ranks would split
+# both more evenly through the same code)
 QUANT_ARGS = ["quantize", "--method", "gac", "--wbits", 4, "--abits", 8, "--calib-trajectories", 4, "--steps", 10,
               "--record-steps", 5, "--iters", 20, "--act-iters", 10, "--gac-meta-iters", 3, "--recon-batch", 8,
               "--device", "cpu"]
@@ -211,13 +215,13 @@ QUANT_ARGS = ["quantize", "--method", "gac", "--wbits", 4, "--abits", 8, "--cali
 
 @pytest.fixture(scope="module")
 def quantized_one_process(model_dir, tmp_path_factory) -> Path:
-    """The single-process checkpoint both data-parallel runs are compared with (the same command, made once)."""
+    """The single-process checkpoint the data-parallel run is compared with."""
     out = tmp_path_factory.mktemp("dpref") / "one"
     ok(run([*QUANT_ARGS, "--model", model_dir, "--out", out]))
     return out
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [3])
 def test_data_parallel_quantize_equals_one_process(model_dir, quantized_one_process, tmp_path, nproc):
     """gac W4A8 (TIB, AdaRound with learned weights, FSC): each minibatch split over the ranks with
     summed gradients (and GAC's validation groups split over them) gives the single-process checkpoint; rank 0 alone writes (no duplicate log
