@@ -54,9 +54,12 @@ def gacq_here(*args, cwd=None) -> subprocess.CompletedProcess:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     root.handlers = []  # main()'s basicConfig then logs to this call's stderr
-    # what a command may change for the process, restored after it (the next tests see what they saw before)
+    # what a command may change for the process, restored after it (the next tests, and the subprocesses they start,
+    # see what they saw before): e.g. `experiment run` sets GACQ_FUSED_FAKE_QUANT=1 for its --parallel children
     rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
     threads = torch.get_num_threads()
+    environ = dict(os.environ)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # `experiment run` sets the spec's
     try:
         if cwd is not None:
             os.chdir(cwd)
@@ -82,6 +85,9 @@ def gacq_here(*args, cwd=None) -> subprocess.CompletedProcess:
         np.random.set_state(rng[1])
         random.setstate(rng[2])
         torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return subprocess.CompletedProcess(["gacq", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
