@@ -63,8 +63,9 @@ def test_ranges_cli(tiny_model_dir, tmp_path):
         return subprocess.run([sys.executable, "-m", "gacq", *map(str, args)], capture_output=True, text=True,
                               check=False)
 
-    r = gacq("calib", "--model", tiny_model_dir, "--selection", "all", "--trajectories", 2, "--steps", 3,
-             "--out", tmp_path / "c", "--device", "cpu")
+    # the calibration set through the CLI's entry point in this process, `gacq ranges` in a new interpreter
+    r = gacq_here("calib", "--model", tiny_model_dir, "--selection", "all", "--trajectories", 2, "--steps", 3,
+                  "--out", tmp_path / "c", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     r = gacq("ranges", "--model", tiny_model_dir, "--calib", tmp_path / "c", "--out", tmp_path / "r")
     assert r.returncode == 0, r.stderr

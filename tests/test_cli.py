@@ -44,7 +44,9 @@ def test_train_sample_info_end_to_end(image_folder, tmp_path):
          "--log-every", 4, "--ckpt-every", 6, "--grid-num", 4, "--grid-steps", 2, "--device", "cpu", "--resume")
     assert json.loads((run / "ckpt" / "state.json").read_text())["step"] == 16
     out = tmp_path / "samples"
-    proc = gacq("sample", "--model", run / "model", "--num", 5, "--batch-size", 2, "--steps", 3, "--out", out,
+    # the trained model sampled through the CLI's entry point in this process (models load in new interpreters in
+    # the tests below)
+    proc = here("sample", "--model", run / "model", "--num", 5, "--batch-size", 2, "--steps", 3, "--out", out,
                 "--device", "cpu")
     assert "wrote 5 images" in proc.stdout
     assert np.load(out / "samples.npz")["images"].shape == (5, 16, 16, 3)
@@ -105,7 +107,8 @@ def test_calib_command(tiny_model_dir, tmp_path):
 
 def test_quantize_then_sample(tiny_model_dir, tmp_path):
     q = tmp_path / "q"
-    proc = gacq("quantize", "--model", tiny_model_dir, "--method", "rtn", "--wbits", 4, "--abits", 8,
+    # quantized through the CLI's entry point in this process; the checkpoint is sampled by new interpreters below
+    proc = here("quantize", "--model", tiny_model_dir, "--method", "rtn", "--wbits", 4, "--abits", 8,
                 "--calib-trajectories", 4, "--record-steps", 5, "--steps", 5, "--out", q, "--device", "cpu")
     assert "wrote W4A8 rtn (common) checkpoint" in proc.stdout
     info = json.loads(here("info", "--model", q).stdout)
@@ -126,7 +129,9 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
 
 def test_quantize_brecq(tiny_model_dir, tmp_path):
     calib = tmp_path / "c"
-    gacq("calib", "--model", tiny_model_dir, "--trajectories", 4, "--record-steps", 3, "--steps", 6, "--out", calib,
+    # the calibration set through the CLI's entry point in this process (test_calib_command runs `calib` in its own
+    # interpreter), the quantization in a new interpreter
+    here("calib", "--model", tiny_model_dir, "--trajectories", 4, "--record-steps", 3, "--steps", 6, "--out", calib,
          "--device", "cpu")
     q = tmp_path / "q"
     proc = gacq("quantize", "--model", tiny_model_dir, "--method", "brecq", "--wbits", 4, "--abits", 8,
@@ -141,7 +146,8 @@ def test_quantize_tfmq_then_sample_needs_its_sampler(tiny_model_dir, tmp_path):
     """TFMQ-DM end to end through the CLI: all-steps calibration, per-step activation sets in the
     checkpoint, sampling with the calibration sampler, and a clear refusal of another step count."""
     q = tmp_path / "q"
-    proc = gacq("quantize", "--model", tiny_model_dir, "--method", "tfmq", "--wbits", 4, "--abits", 8,
+    # quantized through the CLI's entry point in this process; the checkpoint is sampled by a new interpreter
+    proc = here("quantize", "--model", tiny_model_dir, "--method", "tfmq", "--wbits", 4, "--abits", 8,
                 "--calib-trajectories", 4, "--record-steps", 2, "--steps", 4, "--iters", 3, "--recon-batch", 4,
                 "--out", q, "--device", "cpu")
     assert "wrote W4A8 tfmq (common) checkpoint" in proc.stdout and (q / "fsc.safetensors").exists()
@@ -163,6 +169,8 @@ def test_quantize_gac_with_compare(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "calib" / "calib.json").read_text())["count"] == 6 * 6  # all steps kept
     rep = json.loads((q / "compare" / "report.json").read_text())
     assert rep["num"] == 3 and rep["psnr_db_mean"] > 0 and (q / "compare" / "side_by_side.png").exists()
-    proc = gacq("compare", "--model", q, "--fp-model", tiny_model_dir, "--num", 2, "--steps", 6,
+    # `gacq compare` through its entry point in this process (a gac checkpoint is loaded by a new interpreter in
+    # test_conditional)
+    proc = here("compare", "--model", q, "--fp-model", tiny_model_dir, "--num", 2, "--steps", 6,
                 "--out", tmp_path / "c", "--device", "cpu")
     assert "mean PSNR" in proc.stdout and (tmp_path / "c" / "report.md").exists()

@@ -104,7 +104,7 @@ def test_quantize_and_sample_class_conditional(cond_model_dir, tmp_path, method)
     args = ["quantize", "--model", cond_model_dir, "--method", method, "--wbits", 4, "--abits", 8,
             "--guidance-scale", 2, "--steps", 6, "--record-steps", 5, "--calib-trajectories", 2, "--iters", 4,
             "--act-iters", 4, "--gac-meta-iters", 2, "--device", "cpu", "--out", q]
-    r = gacq(*args)
+    r = gacq_here(*args)  # the CLI's entry point in this process; the checkpoint is loaded by a new interpreter below
     assert r.returncode == 0, r.stderr
     r = gacq("sample", "--model", q, "--guidance-scale", 2, "--steps", 6, "--num", 3, "--batch-size", 3,
              "--device", "cpu", "--out", s)
@@ -185,9 +185,10 @@ def test_text_conditioned_calibrate_quantize_sample(text_model, tmp_path):
     assert torch.equal(e[0, 3, 0], stored["encoder_hidden_states"][0])  # trajectory 3 uses prompt 3 mod 3
     assert torch.equal(e[2, 1, 1], stored["negative_encoder_hidden_states"][0])
     q, s = tmp_path / "q", tmp_path / "s"
-    r = gacq("quantize", "--model", model_dir, "--method", "qdiffusion", "--wbits", 4, "--abits", 8, "--steps", 4,
-             "--record-steps", 2, "--calib-trajectories", 2, "--iters", 3, "--act-iters", 3, "--device", "cpu",
-             "--prompt-embeds", prompts, "--guidance-scale", 3, "--out", q)
+    # the CLI's entry point in this process; the checkpoint is loaded by a new interpreter below
+    r = gacq_here("quantize", "--model", model_dir, "--method", "qdiffusion", "--wbits", 4, "--abits", 8,
+                  "--steps", 4, "--record-steps", 2, "--calib-trajectories", 2, "--iters", 3, "--act-iters", 3,
+                  "--device", "cpu", "--prompt-embeds", prompts, "--guidance-scale", 3, "--out", q)
     assert r.returncode == 0, r.stderr
     r = gacq("sample", "--model", q, "--steps", 4, "--num", 3, "--prompt-embeds", prompts, "--guidance-scale", 3,
              "--device", "cpu", "--out", s)

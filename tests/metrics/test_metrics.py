@@ -221,8 +221,9 @@ def test_cli_stats_and_eval(tmp_path):
     np.savez(tmp_path / "ref.npz", images=_imgs(30, seed=0))
     np.savez(tmp_path / "samples.npz", images=_imgs(30, seed=5))
     cmd = [sys.executable, "-m", "gacq"]
-    r = subprocess.run(cmd + ["stats", "--data", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "ref_stats.npz"),
-                              "--device", "cpu", "--pr-max", "30"], capture_output=True, text=True)
+    # `gacq stats` through the CLI's entry point in this process, `gacq eval` in a new interpreter
+    r = gacq_here("stats", "--data", tmp_path / "ref.npz", "--out", tmp_path / "ref_stats.npz", "--device", "cpu",
+                  "--pr-max", "30")
     assert r.returncode == 0, r.stderr
     r = subprocess.run(cmd + ["eval", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref_stats.npz"),
                               "--json", str(tmp_path / "m.json"), "--device", "cpu", "--pr-max", "30"],
