@@ -87,6 +87,12 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "dit-s": {"_class_name": "DiTTransformer2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
               "patch_size": 2, "num_attention_heads": 6, "attention_head_dim": 64, "num_layers": 12,
               "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero", "dropout": 0.0},
+    # `dit-s` at half the depth (6 blocks, 17.8M parameters, 34 MiB in float16): small enough that a device call
+    # carries it in beside the checkout and one 10-minute call quantizes and samples its cells
+    # (experiments/dit-s6-cifar10.toml, scripts/gpu-dit-call.sh).
+    "dit-s6": {"_class_name": "DiTTransformer2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
+               "patch_size": 2, "num_attention_heads": 6, "attention_head_dim": 64, "num_layers": 6,
+               "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero", "dropout": 0.0},
     # The same design small enough to train on a CPU in half an hour (64 tokens of 4x4 patches, hidden 128 =
     # 4 heads x 32, 6 blocks, 2.1M parameters): the DiT whose activation ranges a CPU-only machine can measure.
     "dit-xs": {"_class_name": "DiTTransformer2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,

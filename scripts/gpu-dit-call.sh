@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 9 on the GPU in self-contained device calls: nothing is left on the machine for a later call (it goes back
+# 30 s after a call returns, and sessions 12-16 lost every background job that counted on the next call finding it).
+#
+#   train: trains `dit-s6` for TRAIN_MIN minutes on the carried CIFAR-10 zip, rounds it to float16 in place and
+#          returns it in 15 MiB parts ($OUT/model/), then runs the cheap cells (FP at every step count, RTN) and the
+#          trained DiT's input ranges per sampling step, until the deadline.
+#   cells: joins the carried parts (.data/dit-s6-parts) into the very model the train call left, and runs CELLS
+#          (default: the quantized cells at the spec's 50 steps) in parallel until the deadline.
+# Each call returns $OUT/call.tgz: the spec's results folder (finished cells only: a cell's JSON is written last),
+# the runner's and the cells' logs, GAC's per-block weights, a GPU monitor; train also the training log and grid.
+# Cells unfinished at the deadline are lost (rerunning resumes nothing: the machine is gone); say so in the note.
+#
+# Here, before a call: bash scripts/gpu-dit-stash.sh out    (takes the bundled UNet, its test-split statistics and
+# results/ other than this spec's folder out of the working tree so that .whl + data or model fit; `in` restores)
+#   train call: carry [".whl", ".data/cifar10-mosaic-train.zip"]   (cp ../shared/data/cifar10-mosaic/train.zip there)
+#   cells call: carry [".whl", ".data/dit-s6-parts"]   (the parts and manifest.json the train call returned)
+# Device: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-call.sh train|cells $OUT
+# Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
+#      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
+set -u
+MODE=$1; OUT=$2
+DEADLINE=${DEADLINE:-545}
+SPEC=${SPEC:-experiments/dit-s6-cifar10.toml}
+DEVICE=${DEVICE:-cuda}
+read -r NAME RES WORK MODEL STEPS GUIDANCE < <(python -c "import sys; from gacq.experiment import load_spec; \
+  s = load_spec(sys.argv[1]); print(s.name, s.results, s.work, s.model, s.sample['steps'], s.sample['guidance_scale'])" "$SPEC")
+LOGS=$(mktemp -d)
+mkdir -p runs "$OUT"
+if command -v nvidia-smi > /dev/null; then
+  (while true; do date +%T; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; sleep 15; done) \
+    > "$LOGS/gpu-mon.txt" 2>&1 &
+fi
+cells_of() {  # the spec's cell ids that match a grep -E pattern
+  python -m gacq experiment list "$SPEC" | awk '{print $2}' | grep -E "$1" | paste -sd, -
+}
+run_cells() {  # run the given cells until the deadline
+  local left=$(( DEADLINE - SECONDS ))
+  [ "$left" -gt 30 ] || { echo "no time left for cells $1"; return 1; }
+  echo "cells $1: $left s left"
+  timeout -k 10 "$left" python -m gacq experiment run "$SPEC" --parallel "${P:-8}" --quiet --cells "$1" \
+    --fused-fake-quant >> "$LOGS/experiment.log" 2>&1
+  echo "experiment rc $? at ${SECONDS}s"
+}
+case $MODE in
+  train)
+    DATA=.data/cifar10-mosaic-train.zip
+    [ -f "$DATA" ] || [ -n "${TRAIN_CMD:-}" ] || { echo "ERROR: carry $DATA"; exit 1; }
+    ${TRAIN_CMD:-python -m gacq train --data $DATA --config dit-s6 --out runs/dit-s6 --device cuda --bf16 --compile \
+      --batch-size 256 --lr 3e-4 --warmup-steps 500 --ema-decay 0.999 --label-dropout 0.1 \
+      --time-budget ${TRAIN_MIN:-6} --ckpt-every 100000 --log-every 250} > "$LOGS/train.log" 2>&1 \
+      || { echo "ERROR: training failed"; tail -20 "$LOGS/train.log"; DEADLINE=0; }
+    echo "trained at ${SECONDS}s"
+    cp runs/dit-s6/log.jsonl runs/dit-s6/summary.json "$LOGS/" 2>/dev/null
+    ls runs/dit-s6/grids 2>/dev/null | tail -1 | xargs -I{} cp runs/dit-s6/grids/{} "$LOGS/grid_last.png"
+    if [ "$DEADLINE" -gt 0 ] && python scripts/model_parts.py pack "$MODEL" runs/dit-s6-parts > "$LOGS/model-parts.log" 2>&1; then
+      mkdir -p "$OUT/model" && cp runs/dit-s6-parts/* "$OUT/model/"
+    else
+      echo "ERROR: packing the model failed"; cat "$LOGS/model-parts.log"
+    fi
+    # the trained DiT's input ranges per sampling step (32 guided trajectories), beside the cheap cells
+    [ "$DEADLINE" -gt 0 ] && (timeout 150 python -m gacq calib --model "$MODEL" --selection all --trajectories 32 --steps "$STEPS" \
+      --guidance-scale "$GUIDANCE" --out runs/dit-ranges-calib --device "$DEVICE" && timeout 150 python -m gacq ranges \
+      --model "$MODEL" --calib runs/dit-ranges-calib --device "$DEVICE" --out "$LOGS/ranges" --max-per-step 16) \
+      > "$LOGS/ranges.log" 2>&1 &
+    run_cells "${CELLS:-$(cells_of '^(fp|rtn)_')}"
+    wait
+    ;;
+  cells)
+    if [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then
+      python scripts/model_parts.py join .data/dit-s6-parts "$MODEL" || { echo "ERROR: could not join the model"; exit 1; }
+    fi
+    run_cells "${CELLS:-$(cells_of "^(tfmq|gac)_.*_steps${STEPS}_")}"
+    ;;
+  *) echo "usage: gpu-dit-call.sh train|cells OUT"; exit 2 ;;
+esac
+# pack: finished cells, logs (the runner's, each cell process's), GAC's per-block weights, the monitor
+kill %1 2>/dev/null
+[ -d "$RES" ] && mkdir -p "$LOGS/results" && cp -r "$RES/." "$LOGS/results/"
+[ -d "$WORK" ] && (cd "$WORK" && cp -r --parents $(ls -d logs q/*/gac q/*/quant_config.json 2>/dev/null) "$LOGS/" 2>/dev/null)
+tar czf "$OUT/call.tgz" -C "$LOGS" . && echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
+ls -l "$OUT" "$OUT"/model 2>/dev/null
