@@ -30,16 +30,26 @@ mkdir -p runs "$OUT"
 if command -v nvidia-smi > /dev/null; then
   (while true; do date +%T; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; sleep 15; done) \
     > "$LOGS/gpu-mon.txt" 2>&1 &
+  MON=$!
 fi
 cells_of() {  # the spec's cell ids that match a grep -E pattern
   python -m gacq experiment list "$SPEC" | awk '{print $2}' | grep -E "$1" | paste -sd, -
 }
 run_cells() {  # run the given cells until the deadline
   local left=$(( DEADLINE - SECONDS ))
-  [ "$left" -gt 30 ] || { echo "no time left for cells $1"; return 1; }
+  [ "$left" -gt ${MINLEFT:-30} ] || { echo "no time left for cells $1"; return 1; }
   echo "cells $1: $left s left"
-  timeout -k 10 "$left" python -m gacq experiment run "$SPEC" --parallel "${P:-8}" --quiet --cells "$1" \
-    --fused-fake-quant >> "$LOGS/experiment.log" 2>&1
+  # in a process group of its own, which the deadline stops whole: `timeout` alone stops only the runner, and its
+  # cell processes then ran on past the call's end (session 17's train call returned none of its cells)
+  setsid python -m gacq experiment run "$SPEC" --parallel "${P:-8}" --quiet --cells "$1" \
+    --fused-fake-quant >> "$LOGS/experiment.log" 2>&1 &
+  local pid=$! end=$(( SECONDS + left ))
+  while kill -0 $pid 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 2; done
+  if kill -0 $pid 2>/dev/null; then
+    echo "deadline: stopping the cells at ${SECONDS}s"
+    kill -TERM -- -$pid 2>/dev/null; sleep 5; kill -KILL -- -$pid 2>/dev/null
+  fi
+  wait $pid
   echo "experiment rc $? at ${SECONDS}s"
 }
 case $MODE in
@@ -59,12 +69,16 @@ case $MODE in
       echo "ERROR: packing the model failed"; cat "$LOGS/model-parts.log"
     fi
     # the trained DiT's input ranges per sampling step (32 guided trajectories), beside the cheap cells
-    [ "$DEADLINE" -gt 0 ] && (timeout 150 python -m gacq calib --model "$MODEL" --selection all --trajectories 32 --steps "$STEPS" \
-      --guidance-scale "$GUIDANCE" --out runs/dit-ranges-calib --device "$DEVICE" && timeout 150 python -m gacq ranges \
-      --model "$MODEL" --calib runs/dit-ranges-calib --device "$DEVICE" --out "$LOGS/ranges" --max-per-step 16) \
-      > "$LOGS/ranges.log" 2>&1 &
+    RPID=
+    if [ "$DEADLINE" -gt 0 ] && [ "${RANGES:-1}" = 1 ]; then
+      setsid bash -c "timeout 150 python -m gacq calib --model $MODEL --selection all --trajectories 32 --steps $STEPS \
+        --guidance-scale $GUIDANCE --out runs/dit-ranges-calib --device $DEVICE && timeout 150 python -m gacq ranges \
+        --model $MODEL --calib runs/dit-ranges-calib --device $DEVICE --out $LOGS/ranges --max-per-step 16" \
+        > "$LOGS/ranges.log" 2>&1 &
+      RPID=$!
+    fi
     run_cells "${CELLS:-$(cells_of '^(fp|rtn)_')}"
-    wait
+    [ -n "$RPID" ] && kill -- -$RPID 2>/dev/null
     ;;
   cells)
     if [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then
@@ -75,7 +89,7 @@ case $MODE in
   *) echo "usage: gpu-dit-call.sh train|cells OUT"; exit 2 ;;
 esac
 # pack: finished cells, logs (the runner's, each cell process's), GAC's per-block weights, the monitor
-kill %1 2>/dev/null
+[ -n "${MON:-}" ] && kill $MON 2>/dev/null
 [ -d "$RES" ] && mkdir -p "$LOGS/results" && cp -r "$RES/." "$LOGS/results/"
 [ -d "$WORK" ] && (cd "$WORK" && cp -r --parents $(ls -d logs q/*/gac q/*/quant_config.json 2>/dev/null) "$LOGS/" 2>/dev/null)
 tar czf "$OUT/call.tgz" -C "$LOGS" . && echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
