@@ -14,7 +14,8 @@
 # Here, before a call: bash scripts/gpu-dit-stash.sh out    (takes the bundled UNet, its test-split statistics and
 # results/ other than this spec's folder out of the working tree so that .whl + data or model fit; `in` restores)
 #   train call: carry [".whl", ".data/cifar10-mosaic-train.zip"]   (cp ../shared/data/cifar10-mosaic/train.zip there)
-#   cells call: carry [".whl", ".data/dit-s6-parts"]   (the parts and manifest.json the train call returned)
+#   cells call: carry [".whl", ".data/dit-s6-parts"]   (the parts and manifest.json the train call returned), or,
+#               with `MODELS=keep bash scripts/gpu-dit-stash.sh out`, carry [".whl"]: the parts in models/dit-s6-cifar10
 # Device: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-call.sh train|cells $OUT
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
@@ -82,7 +83,8 @@ case $MODE in
     ;;
   cells)
     if [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then
-      python scripts/model_parts.py join .data/dit-s6-parts "$MODEL" || { echo "ERROR: could not join the model"; exit 1; }
+      PARTS=.data/dit-s6-parts; [ -f $PARTS/manifest.json ] || PARTS=models/dit-s6-cifar10
+      python scripts/model_parts.py join $PARTS "$MODEL" || { echo "ERROR: could not join the model"; exit 1; }
     fi
     run_cells "${CELLS:-$(cells_of "^(tfmq|gac)_.*_steps${STEPS}_")}"
     ;;

@@ -11,18 +11,20 @@ KEEP=${2:-results/experiments/dit-s6-cifar10}
 S=.stash
 grep -qx '/.stash/' .git/info/exclude 2>/dev/null || echo /.stash/ >> .git/info/exclude
 FILES="gacq/assets/cifar10-small/unet/diffusion_pytorch_model.safetensors gacq/assets/cifar10-features/stats_test.npz"
+[ "${MODELS:-}" = keep ] || FILES="$FILES models"
 case $1 in
   out)
     [ -e $S ] && { echo "gpu-dit-stash: $S exists: run 'in' first"; exit 1; }
     mkdir -p $S
     for f in $FILES; do mkdir -p "$S/$(dirname "$f")"; mv "$f" "$S/$f"; done
+    echo "$FILES" > $S/files
     mv results $S/results
     if [ -d "$S/$KEEP" ]; then mkdir -p "$(dirname "$KEEP")"; cp -r "$S/$KEEP" "$KEEP"; fi
     echo "stashed; the working tree now holds $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) bytes of tracked files"
     ;;
   in)
     [ -d $S ] || { echo "gpu-dit-stash: nothing stashed"; exit 1; }
-    for f in $FILES; do mv "$S/$f" "$f"; done
+    for f in $(cat $S/files); do mv "$S/$f" "$f"; done
     # what the call's results brought into KEEP since stays (it is newer than the stashed copy)
     if [ -d "$KEEP" ]; then cp -rn "$S/$KEEP/." "$KEEP/" 2>/dev/null || true; rm -rf "$S/$KEEP"; fi
     mkdir -p results && cp -rn $S/results/. results/ && rm -rf $S
