@@ -72,7 +72,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                 return fake_quantize_fused(x, scale, zero_point, qmin, qmax)
         return _fake_quantize_nograd(x, scale, zero_point.detach(), qmin, qmax)
     zp = zero_point.detach()
-    x_int = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
+    v = round_ste(x / scale) + zp
+    # the clamp's gradient made explicit, 1 on the closed range [qmin, qmax]: v sits exactly on a bound for every
+    # value that rounds to the grid's first or last code, and torch 2.14 changed clamp's backward to 0 there
+    # (2.13 and earlier: 1), which silently cut the STE gradient of a grid's edge values
+    inside = ((v >= qmin) & (v <= qmax)).to(v.dtype)
+    x_int = torch.clamp(v, qmin, qmax).detach() + (v - v.detach()) * inside
     return (x_int - zp) * scale
 
 
@@ -96,12 +101,15 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
     Symmetric: scale = max(|lo|, |hi|) / (2^(b-1) - 1), zero_point = 0.
     """
     qmin, qmax = qrange(bits, symmetric)
+    # divisors as tensors on lo's device, not Python numbers: CUDA torch computes `t / number` as t * (1 / number),
+    # which can be 1 ulp off the IEEE quotient that the CPU (and the int8 backend's Triton kernels) compute, and a
+    # scale 1 ulp off moves some codes by one step (session 17's H200 run of benchmarks/int8_token_layer.py)
     if symmetric:
         absmax = torch.maximum(lo.abs(), hi.abs())
-        scale = (absmax / qmax).clamp_min(MIN_SCALE)
+        scale = (absmax / lo.new_tensor(float(qmax))).clamp_min(MIN_SCALE)
         return scale, torch.zeros_like(scale)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
+    scale = ((hi - lo) / lo.new_tensor(float(qmax - qmin))).clamp_min(MIN_SCALE)
     zero_point = torch.round(-lo / scale)
     return scale, zero_point
 

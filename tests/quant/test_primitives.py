@@ -56,6 +56,11 @@ def test_ste_and_clip_gradients():
     y = fake_quantize(x, scale, zp, *qrange(3, False))
     y.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    # values that round onto the grid's first or last code pass the gradient (the closed range; torch 2.14's clamp
+    # backward alone would give 0 there), values that round one code beyond it do not
+    x = torch.tensor([-1.0, -1.2, -1.3, 2.5, 2.7, 2.8], requires_grad=True)
+    fake_quantize(x, scale, zp, *qrange(3, False)).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
     xs = torch.linspace(-2, 2, 9, requires_grad=True)
     round_ste(xs).sum().backward()
     assert torch.equal(xs.grad, torch.ones(9))
