@@ -17,6 +17,10 @@
 #   cells call: carry [".whl", ".data/dit-s6-parts"]   (the parts and manifest.json the train call returned), or,
 #               with `MODELS=keep bash scripts/gpu-dit-stash.sh out`, carry [".whl"]: the parts in models/dit-s6-cifar10
 # Device: source scripts/gpu-setup.sh; export GACQ_COMMIT=<sha>; bash scripts/gpu-dit-call.sh train|cells $OUT
+# Session 17: a train call (6 min of training) then a cells call (FP + tfmq/gac W4A8, 302 s). The model is in
+# models/dit-s6-cifar10 since, so a later session needs only cells calls, e.g. (MODELS=keep stash, carry [".whl"]):
+#   DEADLINE=470 CELLS=tfmq_w8a8_steps50_seed0,gac_w8a8_steps50_seed0,rtn_w8a8_steps50_seed0,rtn_w8a8_tok_steps50_seed0
+#   DEADLINE=470 CELLS=<the fp/tfmq/gac cells at 5, 10 and 20 steps>      (`gacq experiment list` prints the ids)
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u

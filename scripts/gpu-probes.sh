@@ -13,7 +13,7 @@
 #   compiled  gacq bench on ddpm-cifar10 at batch 1 and 256: bf16 and the exports under torch.compile       (~5-8 min)
 #   fq        gacq bench on the bundled `small` config at batch 1000: fake quant W8A8, fused against unfused  (~1 min)
 #   parallel  benchmarks/parallel_throughput.py: 1, 2 and 4 W4A8 samplings of 2,000 images at once         (~5 min)
-#   dit       before issue 9's session (scripts/gpu-dit-session.sh): the real DiT-S training command (bf16, compiled)
+#   dit       before issue 9's DiT-S session (its scripts/gpu-dit-session.sh was removed in session 17): the real DiT-S training command (bf16, compiled)
 #             for 1.5 min on 2,000 random images (a speed and compile check; the data has not arrived yet), then
 #             experiments/dit-probe.toml on it (FP and GAC W4A8 cells, 2,000 guided samples, 100-iteration
 #             reconstruction): its cells' wall times size the real session                                 (~4 min)

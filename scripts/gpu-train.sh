@@ -5,8 +5,8 @@
 # JOIN_ONLY=1 only joins the parts (exit 3 or 4 while they are incomplete or wrong). TRAIN_MIN sets the time
 # budget instead (minutes, e.g. in a background job that outlives the call), LOG the log file.
 # Env: CONFIG (dit-s), RUN (CONFIG), BATCH (256), LR (3e-4), WARMUP (500), EMA (0.999), DROPOUT (label dropout,
-# 0.1; 0 for unconditional configs). The model is not packed here: scripts/gpu-dit-session.sh cuts it into float16
-# parts (scripts/model_parts.py) that come back over the next calls.
+# 0.1; 0 for unconditional configs). The model is not packed here: scripts/model_parts.py cuts a model into float16
+# parts that fit a call's returned files (scripts/gpu-dit-call.sh does so for the DiT).
 used=${1:-0}
 CONFIG=${CONFIG:-dit-s}; RUN=${RUN:-$CONFIG}
 DATA=.data/cifar10-mosaic-train.zip

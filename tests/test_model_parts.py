@@ -131,3 +131,27 @@ def test_single_part(tmp_path: Path, capsys):
     out = load_model(tmp_path / "m2").model.state_dict()
     ref = load_model(model).model.state_dict()
     assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+def test_shipped_dit_joins_loads_and_matches_its_digest(tmp_path: Path, capsys):
+    """models/dit-s6-cifar10 (the DiT trained on the H200 in session 17, measured in
+    results/experiments/dit-s6-cifar10): its parts pass the manifest's sha256, join into the float32 model the cells
+    used (the weights digest recorded in every cell JSON), and that model loads and runs a guided step."""
+    from gacq.experiment import model_digest
+
+    repo = Path(__file__).resolve().parents[1]
+    cells = sorted((repo / "results" / "experiments" / "dit-s6-cifar10" / "cells").glob("*.json"))
+    assert cells, "the dit-s6 cells are missing"
+    digests = {json.loads(c.read_text())["model_digest"] for c in cells}
+    assert len(digests) == 1
+    model = tmp_path / "dit-s6"
+    r = parts_main("join", repo / "models" / "dit-s6-cifar10", model, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    assert model_digest(str(model)) == digests.pop()
+    loaded = load_model(str(model), device="cpu")
+    net = loaded.model
+    assert type(net).__name__ == "DiTTransformer2DModel" and net.config.num_layers == 6
+    assert sum(p.numel() for p in net.parameters()) == 17_769_612
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 32, 32), timestep=torch.tensor([500, 500]), class_labels=torch.tensor([3, 10])).sample
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
