@@ -30,6 +30,7 @@ SPEC=${SPEC:-experiments/dit-s6-cifar10.toml}
 DEVICE=${DEVICE:-cuda}
 read -r NAME RES WORK MODEL STEPS GUIDANCE < <(python -c "import sys; from gacq.experiment import load_spec; \
   s = load_spec(sys.argv[1]); print(s.name, s.results, s.work, s.model, s.sample['steps'], s.sample['guidance_scale'])" "$SPEC")
+RUN=$(dirname "$MODEL")  # the training run's folder (gacq train writes the model to RUN/model)
 LOGS=$(mktemp -d)
 mkdir -p runs "$OUT"
 if command -v nvidia-smi > /dev/null; then
@@ -61,13 +62,13 @@ case $MODE in
   train)
     DATA=.data/cifar10-mosaic-train.zip
     [ -f "$DATA" ] || [ -n "${TRAIN_CMD:-}" ] || { echo "ERROR: carry $DATA"; exit 1; }
-    ${TRAIN_CMD:-python -m gacq train --data $DATA --config dit-s6 --out runs/dit-s6 --device cuda --bf16 --compile \
+    ${TRAIN_CMD:-python -m gacq train --data $DATA --config dit-s6 --out $RUN --device cuda --bf16 --compile \
       --batch-size 256 --lr 3e-4 --warmup-steps 500 --ema-decay 0.999 --label-dropout 0.1 \
       --time-budget ${TRAIN_MIN:-6} --ckpt-every 100000 --log-every 250} > "$LOGS/train.log" 2>&1 \
       || { echo "ERROR: training failed"; tail -20 "$LOGS/train.log"; DEADLINE=0; }
     echo "trained at ${SECONDS}s"
-    cp runs/dit-s6/log.jsonl runs/dit-s6/summary.json "$LOGS/" 2>/dev/null
-    ls runs/dit-s6/grids 2>/dev/null | tail -1 | xargs -I{} cp runs/dit-s6/grids/{} "$LOGS/grid_last.png"
+    cp $RUN/log.jsonl $RUN/summary.json "$LOGS/" 2>/dev/null
+    ls $RUN/grids 2>/dev/null | tail -1 | xargs -I{} cp $RUN/grids/{} "$LOGS/grid_last.png"
     if [ "$DEADLINE" -gt 0 ] && python scripts/model_parts.py pack "$MODEL" runs/dit-s6-parts > "$LOGS/model-parts.log" 2>&1; then
       mkdir -p "$OUT/model" && cp runs/dit-s6-parts/* "$OUT/model/"
     else

@@ -302,6 +302,17 @@ def int8_token():
         q.w_quant, q.a_quant = True, True
         return q
 
+    def same_as_torch_path(ex, x, what):
+        """The kernel's output for x against the layer's own torch path."""
+        ex.kernel_dynamic = True
+        x = x.to(DEVICE)
+        assert ex.kernel_applies(x), what
+        with torch.no_grad():
+            y = ex(x)
+            ex.use_kernel = False
+            want = ex(x)
+        _same_epilogue(y, want, what)
+
     g = torch.Generator().manual_seed(1)
     cases = [(13, 10, 8, 8, False, (2, 5, 13)), (13, 10, 8, 8, True, (7, 13)), (40, 33, 8, 6, False, (3, 4, 40)),
              (1100, 9, 8, 8, False, (3, 1100)), (24, 16, 4, 8, False, (2, 3, 24)), (24, 16, 4, 8, True, (5, 24))]
@@ -318,40 +329,20 @@ def int8_token():
             rows[2] = (torch.randint(lo, qmax - (qmax - qmin) // 2 * sym, (cin,), generator=g) + 0.5) / 16
             rows[2, 0], rows[2, 1] = (-qmax / 16, qmax / 16) if sym else (0.0, (qmax - qmin) / 16)
         for make in ((to_int8, to_w4a8) if wbits <= 4 else (to_int8,)):
-            ex = make(q).to(DEVICE)
-            ex.kernel_dynamic = True
-            xd = x.to(DEVICE)
-            assert ex.kernel_applies(xd), (make.__name__, cin, shape)
-            with torch.no_grad():
-                y = ex(xd)
-                ex.use_kernel = False
-                want = ex(xd)
-            _same_epilogue(y, want, (make.__name__, cin, cout, wbits, abits, sym, shape))
+            same_as_torch_path(make(q).to(DEVICE), x, (make.__name__, cin, cout, wbits, abits, sym, shape))
     # many rows of the DiT's width: on the H200 (session 17) every such shape differed from the torch path by one
     # code somewhere, because CUDA torch divided the grids' ranges by a Python number as a multiplication by its
     # reciprocal (1 ulp off; now divided by a tensor in `qparams_from_range`); the small cases above did not show it
     for sym in (False, True):
         q = layer(384, 16, 8, 8, sym, seed=3)
-        ex = to_int8(q).to(DEVICE)
-        ex.kernel_dynamic = True
-        xd = (torch.randn(256, 384, generator=g) * 1.3 + 0.1).to(DEVICE)
-        with torch.no_grad():
-            y = ex(xd)
-            ex.use_kernel = False
-            want = ex(xd)
-        _same_epilogue(y, want, ("wide", sym))
+        same_as_torch_path(to_int8(q).to(DEVICE), torch.randn(256, 384, generator=g) * 1.3 + 0.1, ("wide", sym))
     # weights whose rows span more than 255 codes: the offset term (dw = 128 - zw) with per-row input grids
     q = layer(13, 10, 8, 8, False)
     with torch.no_grad():
         q.weight_quantizer.zero_point.fill_(0.0)
     ex = to_int8(q).to(DEVICE)
-    ex.kernel_dynamic = True
     assert ex.parts[0].has_offset
-    x = (torch.randn(4, 13, generator=g) * 2).to(DEVICE)
-    with torch.no_grad():
-        y = ex(x)
-        ex.use_kernel = False
-        _same_epilogue(y, ex(x), "offset rows")
+    same_as_torch_path(ex, torch.randn(4, 13, generator=g) * 2, "offset rows")
     # off by default, and never for a conv or a split linear
     q = layer(13, 10, 8, 8, False)
     assert not to_int8(q).kernel_applies(torch.randn(2, 13).to(DEVICE))
