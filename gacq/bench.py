@@ -135,14 +135,15 @@ def triton_linears(model: nn.Module) -> nn.Module:
     return model
 
 
-def token_kernels(model: nn.Module) -> nn.Module:
+def token_kernels(model: nn.Module, on: bool = True) -> nn.Module:
     """An int8 / W4A8 export whose linears with dynamic per-token inputs run `triton_int8.int8_linear_dynamic`
-    (each row's grid and codes in one kernel, per-row scales in the GEMM's epilogue) instead of the torch path."""
+    (each row's grid and codes in one kernel, per-row scales in the GEMM's epilogue; the default since session 18)
+    or, with `on` False, the torch path (row min/max, grid, codes and dequantization as separate passes)."""
     from gacq.export.int8 import Int8Layer
 
     for m in model.modules():
         if isinstance(m, Int8Layer):
-            m.kernel_dynamic = True
+            m.kernel_dynamic = on
     return model
 
 
@@ -339,9 +340,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ("int8 W8A8 im2col", lambda: kernels_off(convert(fq8(), "int8")[0]), False),
         ("int8 W8A8 triton-linears", lambda: triton_linears(convert(fq8(), "int8")[0]), False),
         ("int8 W8A8 nn-linears", lambda: nn_linears(convert(fq8(), "int8")[0]), False),
-        # dynamic per-token Linear inputs: the linears on the torch path (row min/max, one grid per row)
+        # dynamic per-token Linear inputs: the linears on the torch path (row min/max, one grid per row), then on
+        # the fused Triton kernel (the export's default)
         ("fake-quant W8A8 token", lambda: fake_quant(fp, 8, 8, device, args.seed, token=True), False),
-        ("int8 W8A8 token", lambda: convert(fake_quant(fp, 8, 8, device, args.seed, token=True), "int8")[0], False),
+        ("int8 W8A8 token", lambda: token_kernels(convert(fake_quant(fp, 8, 8, device, args.seed, token=True),
+                                                          "int8")[0], on=False), False),
         ("int8 W8A8 token triton", lambda: token_kernels(convert(fake_quant(fp, 8, 8, device, args.seed, token=True),
                                                                   "int8")[0]), False),
         ("fake-quant W4A8", fq48, False),

@@ -343,9 +343,12 @@ def int8_token():
     ex = to_int8(q).to(DEVICE)
     assert ex.parts[0].has_offset
     same_as_torch_path(ex, torch.randn(4, 13, generator=g) * 2, "offset rows")
-    # off by default, and never for a conv or a split linear
+    # on by default (since session 18), off when asked, and never for a conv or a split linear
     q = layer(13, 10, 8, 8, False)
-    assert not to_int8(q).kernel_applies(torch.randn(2, 13).to(DEVICE))
+    ex = to_int8(q).to(DEVICE)
+    assert ex.kernel_applies(torch.randn(2, 13).to(DEVICE))
+    ex.kernel_dynamic = False
+    assert not ex.kernel_applies(torch.randn(2, 13).to(DEVICE))
     q.set_split(5)
     ex = to_int8(q)
     ex.kernel_dynamic = True

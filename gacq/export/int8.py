@@ -149,9 +149,10 @@ class Int8Layer(ExportedLayer):
     kernel_linears = False  # int8 linears keep cuBLAS's torch._int_mm; W4A8Layer has no torch int4 GEMM
     # linears with dynamic per-token inputs: one Triton kernel computes each row's grid and codes, the conv kernel
     # takes per-row scales in its epilogue (`triton_int8.int8_linear_dynamic`), instead of the torch path's row
-    # min/max, grid, codes and dequantization passes. Off by default until a GPU measures it (`gacq bench` mode
-    # "int8 W8A8 token triton"); bitwise equal to the torch path in Triton's interpreter (tests/triton_w4_checks.py)
-    kernel_dynamic = False
+    # min/max, grid, codes and dequantization passes. Bitwise equal to the torch path in Triton's interpreter
+    # (tests/triton_w4_checks.py int8_token); compiled on the H200 within 2 float32 ulps of it and 2.5-7.8x faster on
+    # the DiT's Linear shapes (session 18, results/bench_token_kernel), so on by default; False: the torch path
+    kernel_dynamic = True
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
         """The fused Triton kernel (`triton_int8`) runs this call: one weight group, a conv with groups
