@@ -106,7 +106,10 @@ if triton is not None:
                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                           HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr, ALIGNED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PER_ROW: tl.constexpr = False):
+                          PER_ROW: tl.constexpr):
+        # every argument without a default: torch.compile's wrapper of user Triton kernels (torch 2.11) drops an
+        # omitted defaulted constexpr from the launch, and the compiled launcher then fails ("launcher() missing 1
+        # required positional argument: '_grid_2'"; `gacq bench` mode int8 W8A8 compiled, session 18)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -209,7 +212,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                             sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
                             HAS_BIAS=bias is not None, W4=w_zero is not None,
                             ALIGNED=c % bk == 0 and aligned is not False,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **extra)
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_ROW=False, num_warps=warps, **extra)
     return y
 
 
