@@ -295,6 +295,8 @@ def _plot(rows, path: Path) -> None:
     from .utils import atomic_path
 
     panels = sorted({r[0] for r in rows}, key=lambda p: (p[0], -p[1]))
+    quantized = [p for p in panels if any(r[0] == p and r[1] != "fp" for r in rows)]
+    panels = quantized or panels  # a panel with FP alone says nothing about quantization
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         sel = [r for r in rows if r[0] == panel]
@@ -309,13 +311,24 @@ def _plot(rows, path: Path) -> None:
                     xs.append(j + i * width)
                     ys.append(r[3])
                     es.append(r[4] or 0.0)
-            ax.bar(xs, ys, width, yerr=es, label=m, capsize=3)
+            # points, not bars: the axis then spans the figures instead of starting at 0, where differences of
+            # a few tenths (most quantized cells against each other) would be invisible
+            ax.errorbar(xs, ys, yerr=es, fmt="o", ms=6, capsize=3, label=m)
+            for x, y in zip(xs, ys) if len(methods) <= 4 else ():  # more labels than that overlap
+                ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
         fp = next((r for r in sel if r[1] == "fp"), None)
         if fp is not None:
             ax.axhline(fp[3], color="k", ls="--", lw=1, label=f"FP {fp[3]:.2f}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], bits)
+        ax.set_xlim(-0.5 * width - 0.2, len(bits) - 0.2)
+        values = [r[3] for r in sel if r[3] > 0]
+        if values and max(values) > 3 * min(values):  # a collapsed cell would flatten the others on a linear axis
+            ax.set_yscale("log")
+        ax.margins(y=0.15)
         ax.set_ylabel(f"FID on {panel[0].split()[0]} features (lower is better)")
-        ax.set_title(f"{panel[1]} sampling steps")
+        spread = any(r[4] for r in sel)
+        ax.set_title(f"{panel[1]} sampling steps" + ("" if spread else " (one seed each: no spread shown; the axis "
+                                                     "does not start at 0)"), fontsize=9 if not spread else None)
         ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
