@@ -21,6 +21,8 @@
 # models/dit-s6-cifar10 since, so a later session needs only cells calls, e.g. (MODELS=keep stash, carry [".whl"]):
 #   DEADLINE=470 CELLS=tfmq_w8a8_steps50_seed0,gac_w8a8_steps50_seed0,rtn_w8a8_steps50_seed0,rtn_w8a8_tok_steps50_seed0
 #   DEADLINE=470 CELLS=<the fp/tfmq/gac cells at 5, 10 and 20 steps>      (`gacq experiment list` prints the ids)
+# Other specs: SPEC=experiments/cifar10-call-sized.toml (the bundled UNet's few-step rows and GAC ablations at
+# call-sized iterations; `UNET=keep bash scripts/gpu-dit-stash.sh out`, carry [".whl"]).
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u
@@ -87,7 +89,8 @@ case $MODE in
     [ -n "$RPID" ] && kill -- -$RPID 2>/dev/null
     ;;
   cells)
-    if [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then
+    # a spec without `model` (None) uses the bundled UNet (keep it in the tree: UNET=keep with gpu-dit-stash.sh)
+    if [ "$MODEL" != None ] && [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then
       PARTS=.data/dit-s6-parts; [ -f $PARTS/manifest.json ] || PARTS=models/dit-s6-cifar10
       python scripts/model_parts.py join $PARTS "$MODEL" || { echo "ERROR: could not join the model"; exit 1; }
     fi

@@ -4,13 +4,16 @@
 # the bundled UNet (17 MiB), nor the test split's feature statistics (8 MiB; the cells are measured against the
 # training split's), nor results/ other than the spec's own folder (14 MiB), so `out` moves those into the ignored
 # folder .stash/ and `in` moves them back. Run `in` right after the call (git status must then be clean again).
-#   bash scripts/gpu-dit-stash.sh out|in [KEEP]     KEEP: the results folder that stays (results/experiments/dit-s6-cifar10)
+#   [MODELS=keep] [UNET=keep] bash scripts/gpu-dit-stash.sh out|in [KEEP]
+#   KEEP: the results folder that stays (results/experiments/dit-s6-cifar10)
 set -eu
 cd "$(dirname "$0")/.."
 KEEP=${2:-results/experiments/dit-s6-cifar10}
 S=.stash
 grep -qx '/.stash/' .git/info/exclude 2>/dev/null || echo /.stash/ >> .git/info/exclude
-FILES="gacq/assets/cifar10-small/unet/diffusion_pytorch_model.safetensors gacq/assets/cifar10-features/stats_test.npz"
+# MODELS=keep keeps models/ (the shipped DiT's parts); UNET=keep keeps the bundled UNet (specs on the bundled model)
+FILES="gacq/assets/cifar10-features/stats_test.npz"
+[ "${UNET:-}" = keep ] || FILES="$FILES gacq/assets/cifar10-small/unet/diffusion_pytorch_model.safetensors"
 [ "${MODELS:-}" = keep ] || FILES="$FILES models"
 case $1 in
   out)
