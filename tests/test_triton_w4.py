@@ -21,7 +21,8 @@ CHECKS = Path(__file__).with_name("triton_w4_checks.py")
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is only installed on Linux")
 
 
-CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "int8_token", "fake_quant"]
+CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "int8_token", "fake_quant",
+         "fake_quant_token"]
 
 
 @pytest.fixture(scope="module")

@@ -395,6 +395,38 @@ def fake_quant():
     assert torch.equal(plain, fused)
 
 
+def fake_quant_token():
+    """A dynamic per-token quantizer's fused path (`triton_fq.fake_quantize_rows_fused`: each row's grid and fake
+    quantization in one kernel) against its torch path, bitwise: rows wider than one block (K = 1536), a partial
+    block (K = 13), constant rows (the step size floored), all-negative and all-positive rows, 8-bit asymmetric
+    and symmetric, 4-bit; 3-d inputs as the DiT's (batch, tokens, features); bf16 inputs (float32 arithmetic)."""
+    from gacq.quant.primitives import fused_rows_apply, use_fused_fake_quant
+    from gacq.quant.quantizer import UniformQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(2, 7, 13, generator=g) * 3, torch.randn(3, 1536, generator=g),
+             torch.randn(5, 384, generator=g) * 0.01 + 4.0, -torch.rand(4, 40, generator=g) * 2,
+             torch.full((2, 64), 0.75), torch.zeros(1, 8)]
+    cases[1][0, 5] = 60.0  # an outlier token
+    for bits, symmetric in [(8, False), (8, True), (4, False)]:
+        q = UniformQuantizer(bits, symmetric, dynamic_axis=-1).to(DEVICE)
+        for x in cases:
+            for v in (x.to(DEVICE), x.to(DEVICE, torch.bfloat16)):
+                with torch.no_grad():
+                    plain = q(v)
+                    with use_fused_fake_quant():
+                        assert fused_rows_apply(v.float(), -1), (bits, tuple(v.shape))
+                        fused = q(v)
+                assert fused.dtype == plain.dtype and torch.equal(fused, plain), \
+                    (bits, symmetric, tuple(v.shape), v.dtype, (fused.float() - plain.float()).abs().max())
+    x = torch.randn(4, 6).to(DEVICE)
+    with use_fused_fake_quant():
+        assert not fused_rows_apply(x.double(), -1)  # float32 only
+        assert not fused_rows_apply(x, 0)  # grids over the last axis only
+        assert not fused_rows_apply(x.requires_grad_(), -1)  # reconstruction keeps the differentiable torch path
+    assert not fused_rows_apply(x.detach(), -1)  # off unless switched on
+
+
 if __name__ == "__main__":
     # one or more cases; several share one interpreter (importing torch and triton once), each from the default
     # generator's state of a new process, a failure reported and the next case run

@@ -45,7 +45,7 @@ from .triton_w4 import INTERPRET, available, tiles, triton
 if triton is not None:
     import triton.language as tl
 
-    from ..quant.triton_fq import _round_half_even, grid_codes
+    from ..quant.triton_fq import _round_half_even, grid_codes, row_grid
     from .triton_w4 import conv_rows, conv_taps, int4_codes
 
     @triton.jit
@@ -70,24 +70,7 @@ if triton is not None:
         with the torch path's float32 arithmetic (`UniformQuantizer.qparams`, `Int8Layer.forward`)."""
         m = tl.program_id(0)
         base = m.to(tl.int64) * K
-        lo = tl.full((BLOCK_K,), float("inf"), tl.float32)
-        hi = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            mask = offs < K
-            v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
-            hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
-        lo_m = tl.min(lo, axis=0)
-        hi_m = tl.max(hi, axis=0)
-        if SYMMETRIC:
-            scale = tl.maximum(tl.math.div_rn(tl.maximum(tl.abs(lo_m), tl.abs(hi_m)), qmax), min_scale)
-            zp = scale * 0.0
-        else:  # the range widened to hold 0; IEEE divisions (Triton's `/` is approximate on GPUs)
-            lo_m = tl.minimum(lo_m, 0.0)
-            hi_m = tl.maximum(hi_m, 0.0)
-            scale = tl.maximum(tl.math.div_rn(hi_m - lo_m, qmax - qmin), min_scale)
-            zp = _round_half_even(tl.math.div_rn(-lo_m, scale))
+        scale, zp = row_grid(x_ptr, base, K, qmin, qmax, min_scale, SYMMETRIC, BLOCK_K)
         tl.store(s_ptr + m, scale)
         tl.store(z_ptr + m, zp)
         for k0 in range(0, K, BLOCK_K):

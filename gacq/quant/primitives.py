@@ -51,6 +51,16 @@ def use_fused_fake_quant(on: bool = True):
         _FUSED = before
 
 
+def fused_rows_apply(x: torch.Tensor, axis: int) -> bool:
+    """Whether a dynamic per-token quantizer's call on x (float32) runs `triton_fq.fake_quantize_rows_fused`: the
+    fused path is on (`use_fused_fake_quant`), nothing needs a gradient, and the kernel applies (CUDA, last axis)."""
+    if not _FUSED or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    from .triton_fq import rows_apply
+
+    return rows_apply(x, axis)
+
+
 def _fake_quantize_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                           qmax: int) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import GacqError
-from .primitives import choose_qparams_minmax, choose_qparams_mse, fake_quantize, qparams_from_range, qrange
+from .primitives import (MIN_SCALE, choose_qparams_minmax, choose_qparams_mse, fake_quantize, fused_rows_apply,
+                         qparams_from_range, qrange)
 
 
 class UniformQuantizer(nn.Module):
@@ -113,8 +114,14 @@ class UniformQuantizer(nn.Module):
         if not self.is_initialized:
             raise GacqError("quantizer used before initialisation: call init_minmax or init_mse first")
         if self.dynamic:  # float32 grid and arithmetic (a bf16 step size of a near-constant token underflows)
+            xf = x.float()
+            if fused_rows_apply(xf, self.dynamic_axis):  # sampling: grid and fake quantization in one kernel
+                from .triton_fq import fake_quantize_rows_fused
+
+                return fake_quantize_rows_fused(xf, self.bits, self.symmetric, self.qmin, self.qmax,
+                                                MIN_SCALE).to(x.dtype)
             scale, zp = self.qparams(x)
-            return fake_quantize(x.float(), scale, zp, self.qmin, self.qmax).to(x.dtype)
+            return fake_quantize(xf, scale, zp, self.qmin, self.qmax).to(x.dtype)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
