@@ -83,6 +83,6 @@ def test_fake_quant_launches_pass_every_argument(recorded):
     from gacq.quant.triton_fq import fake_quantize_fused, fake_quantize_rows_fused
 
     fake_quantize_fused(torch.randn(5, 7), torch.tensor(0.1), torch.tensor(3.0), 0, 255)
-    fake_quantize_rows_fused(torch.randn(3, 4, 9), 8, False, 0, 255, 1e-8)
+    fake_quantize_rows_fused(torch.randn(3, 4, 9), False, 0, 255, 1e-8)
     assert {c[0] for c in recorded} == {"_fake_quant_kernel", "_fake_quant_rows_kernel"}
     _check(recorded)

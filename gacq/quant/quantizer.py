@@ -118,8 +118,7 @@ class UniformQuantizer(nn.Module):
             if fused_rows_apply(xf, self.dynamic_axis):  # sampling: grid and fake quantization in one kernel
                 from .triton_fq import fake_quantize_rows_fused
 
-                return fake_quantize_rows_fused(xf, self.bits, self.symmetric, self.qmin, self.qmax,
-                                                MIN_SCALE).to(x.dtype)
+                return fake_quantize_rows_fused(xf, self.symmetric, self.qmin, self.qmax, MIN_SCALE).to(x.dtype)
             scale, zp = self.qparams(x)
             return fake_quantize(xf, scale, zp, self.qmin, self.qmax).to(x.dtype)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)

@@ -18,7 +18,7 @@ dtype), float32 / bf16 / fp16 inputs, on CUDA (or in Triton's interpreter). Dyna
 and its fake quantization in one pass, in float32 as their torch path (min, max, grid and the six ops), bitwise
 equal to it in Triton's interpreter (tests/triton_w4_checks.py, case fake_quant_token; not yet run on a GPU). In
 session 18 on the H200, sampling 5,000 DiT images with per-token inputs on the torch path took 207 s against 111 s
-per tensor (seven cells sharing the GPU). The compiled kernel was checked
+per tensor (seven cells sharing the GPU). The per-tensor kernel, compiled, was checked
 bitwise against the torch ops on an H200 (session 10, results/gpu_tests). In the Python API it is off unless
 switched on (`gacq.quant.primitives.use_fused_fake_quant()` or `GACQ_FUSED_FAKE_QUANT=1`); `gacq sample` and
 `gacq experiment run` switch it on by default (`--no-fused-fake-quant` turns it off).
@@ -138,8 +138,7 @@ def rows_apply(x: torch.Tensor, axis: int) -> bool:
             and axis in (-1, x.dim() - 1))
 
 
-def fake_quantize_rows_fused(x: torch.Tensor, bits: int, symmetric: bool, qmin: int, qmax: int,
-                             min_scale: float) -> torch.Tensor:
+def fake_quantize_rows_fused(x: torch.Tensor, symmetric: bool, qmin: int, qmax: int, min_scale: float) -> torch.Tensor:
     """A dynamic per-token quantizer's no-grad output (one grid per row of the last axis, from the row's min and
     max) in one kernel instead of the torch path's min, max, grid and six fake-quantization passes."""
     k = x.shape[-1]
