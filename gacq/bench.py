@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         # dynamic per-token Linear inputs: the linears on the torch path (row min/max, one grid per row), then on
         # the fused Triton kernel (the export's default)
         ("fake-quant W8A8 token", lambda: fake_quant(fp, 8, 8, device, args.seed, token=True), False),
+        # the same through the per-token fused fake quantizer (`triton_fq.fake_quantize_rows_fused`, CUDA)
+        ("fake-quant W8A8 token fused-fq", lambda: fake_quant(fp, 8, 8, device, args.seed, token=True), False),
         ("int8 W8A8 token", lambda: token_kernels(convert(fake_quant(fp, 8, 8, device, args.seed, token=True),
                                                           "int8")[0], on=False), False),
         ("int8 W8A8 token triton", lambda: token_kernels(convert(fake_quant(fp, 8, 8, device, args.seed, token=True),
