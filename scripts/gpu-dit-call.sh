@@ -22,7 +22,8 @@
 #   DEADLINE=470 CELLS=tfmq_w8a8_steps50_seed0,gac_w8a8_steps50_seed0,rtn_w8a8_steps50_seed0,rtn_w8a8_tok_steps50_seed0
 #   DEADLINE=470 CELLS=<the fp/tfmq/gac cells at 5, 10 and 20 steps>      (`gacq experiment list` prints the ids)
 # Other specs: SPEC=experiments/cifar10-call-sized.toml (the bundled UNet's few-step rows and GAC ablations at
-# call-sized iterations; `UNET=keep bash scripts/gpu-dit-stash.sh out`, carry [".whl"]).
+# call-sized iterations; `UNET=keep bash scripts/gpu-dit-stash.sh out results/experiments/cifar10-call-sized`, so that
+# its finished cells travel and are skipped; carry [".whl"]).
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u

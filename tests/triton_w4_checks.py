@@ -35,6 +35,17 @@ def _same_epilogue(y: torch.Tensor, want: torch.Tensor, what) -> None:
     assert err <= tol, (what, err, tol)
 
 
+def _kernel_vs_torch_path(ex, x: torch.Tensor, what) -> None:
+    """An exported layer's fused kernel against its own torch path (`use_kernel` off) on x, by `_same_epilogue`."""
+    assert ex.kernel_applies(x), what
+    with torch.no_grad():
+        y = ex(x)
+        ex.use_kernel = False
+        want = ex(x)
+    ex.use_kernel = True
+    _same_epilogue(y, want, what)
+
+
 def _on_device(f):
     """f with its tensor arguments moved to DEVICE and its result moved back to the CPU."""
     def call(*args, **kw):
@@ -155,14 +166,8 @@ def int8_conv():
     for kw in cases:
         layer, x = make_conv(**kw)
         ex = to_int8(layer).to(DEVICE)
-        x = x.to(DEVICE)
         offsets += ex.parts[0].has_offset
-        assert ex.kernel_applies(x), kw
-        with torch.no_grad():
-            y = ex(x)
-            ex.use_kernel = False
-            want = ex(x)
-        _same_epilogue(y, want, kw)
+        _kernel_vs_torch_path(ex, x.to(DEVICE), kw)
     # tiles other than `tiles`' choice (in the interpreter: always 32x32x32) give the same output
     layer, x = make_conv(cin=8, cout=70, x_shape=(3, 8, 13, 14))
     ex = to_int8(layer).to(DEVICE)
@@ -197,21 +202,14 @@ def int8_conv():
         wq.zero_point.fill_(0.0)  # rows of codes 0..255 around a zero point at 0
     ex = to_int8(layer).to(DEVICE)
     assert ex.parts[0].has_offset
-    with torch.no_grad():
-        y = ex(x.to(DEVICE))
-        ex.use_kernel = False
-        _same_epilogue(y, ex(x.to(DEVICE)), "offset rows / ties")
+    _kernel_vs_torch_path(ex, x.to(DEVICE), "offset rows / ties")
     # exact ties x / sa = j + 0.5 round half to even, as torch.round does
     layer, x = make_conv()
     with torch.no_grad():
         layer.act_quantizer.scale.fill_(0.0625)
         layer.act_quantizer.zero_point.fill_(100.0)
     x = (torch.randint(-60, 60, x.shape, generator=torch.Generator().manual_seed(3)) + 0.5) * 0.0625
-    ex = to_int8(layer).to(DEVICE)
-    with torch.no_grad():
-        y = ex(x.to(DEVICE))
-        ex.use_kernel = False
-        _same_epilogue(y, ex(x.to(DEVICE)), "offset rows / ties")
+    _kernel_vs_torch_path(to_int8(layer).to(DEVICE), x.to(DEVICE), "offset rows / ties")
     if DEVICE == "cuda":  # bf16 (Triton's interpreter truncates float32 -> bf16 casts; the GPU rounds to nearest)
         for kw in cases:
             layer, x = make_conv(**kw)
@@ -302,17 +300,6 @@ def int8_token():
         q.w_quant, q.a_quant = True, True
         return q
 
-    def same_as_torch_path(ex, x, what):
-        """The kernel's output for x against the layer's own torch path."""
-        ex.kernel_dynamic = True
-        x = x.to(DEVICE)
-        assert ex.kernel_applies(x), what
-        with torch.no_grad():
-            y = ex(x)
-            ex.use_kernel = False
-            want = ex(x)
-        _same_epilogue(y, want, what)
-
     g = torch.Generator().manual_seed(1)
     cases = [(13, 10, 8, 8, False, (2, 5, 13)), (13, 10, 8, 8, True, (7, 13)), (40, 33, 8, 6, False, (3, 4, 40)),
              (1100, 9, 8, 8, False, (3, 1100)), (24, 16, 4, 8, False, (2, 3, 24)), (24, 16, 4, 8, True, (5, 24))]
@@ -329,20 +316,22 @@ def int8_token():
             rows[2] = (torch.randint(lo, qmax - (qmax - qmin) // 2 * sym, (cin,), generator=g) + 0.5) / 16
             rows[2, 0], rows[2, 1] = (-qmax / 16, qmax / 16) if sym else (0.0, (qmax - qmin) / 16)
         for make in ((to_int8, to_w4a8) if wbits <= 4 else (to_int8,)):
-            same_as_torch_path(make(q).to(DEVICE), x, (make.__name__, cin, cout, wbits, abits, sym, shape))
+            _kernel_vs_torch_path(make(q).to(DEVICE), x.to(DEVICE),
+                                  (make.__name__, cin, cout, wbits, abits, sym, shape))
     # many rows of the DiT's width: on the H200 (session 17) every such shape differed from the torch path by one
     # code somewhere, because CUDA torch divided the grids' ranges by a Python number as a multiplication by its
     # reciprocal (1 ulp off; now divided by a tensor in `qparams_from_range`); the small cases above did not show it
     for sym in (False, True):
         q = layer(384, 16, 8, 8, sym, seed=3)
-        same_as_torch_path(to_int8(q).to(DEVICE), torch.randn(256, 384, generator=g) * 1.3 + 0.1, ("wide", sym))
+        _kernel_vs_torch_path(to_int8(q).to(DEVICE), (torch.randn(256, 384, generator=g) * 1.3 + 0.1).to(DEVICE),
+                              ("wide", sym))
     # weights whose rows span more than 255 codes: the offset term (dw = 128 - zw) with per-row input grids
     q = layer(13, 10, 8, 8, False)
     with torch.no_grad():
         q.weight_quantizer.zero_point.fill_(0.0)
     ex = to_int8(q).to(DEVICE)
     assert ex.parts[0].has_offset
-    same_as_torch_path(ex, torch.randn(4, 13, generator=g) * 2, "offset rows")
+    _kernel_vs_torch_path(ex, (torch.randn(4, 13, generator=g) * 2).to(DEVICE), "offset rows")
     # on by default (since session 18), off when asked, and never for a conv or a split linear
     q = layer(13, 10, 8, 8, False)
     ex = to_int8(q).to(DEVICE)
