@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is 
 
 
 CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "int8_token", "fake_quant",
-         "fake_quant_token"]
+         "fake_quant_token", "compiled_ops"]
 
 
 @pytest.fixture(scope="module")

@@ -416,6 +416,71 @@ def fake_quant_token():
     assert not fused_rows_apply(x.detach(), -1)  # off unless switched on
 
 
+def compiled_ops():
+    """The exported layers under torch.compile with fullgraph=True (a graph break fails): their kernels are reached
+    through the custom ops `gacq::int8_conv2d` / `gacq::int8_linear_dynamic` (one per layer in Dynamo's graph, no
+    traced Triton launch) and give the eager kernel's output exactly (the same kernel on the same inputs). In the
+    interpreter through the aot_eager backend (the ops' shape functions on fake tensors), on CUDA through inductor.
+    Conv, linear and W4A8 layers, per-token linears, a conv -> SiLU -> conv chain; `torch.library.opcheck` on both
+    ops (inference only: neither has an autograd formula, so their tensor arguments are detached)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch.nn as nn
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from gacq.export import triton_int8
+    from gacq.export.int8 import act_center, to_int8, to_w4a8
+    from gacq.quant.modules import QuantLinear
+    from gacq.quant.primitives import MIN_SCALE
+    from tests.test_export import make_conv, make_linear
+
+    def token_linear(wbits, sym):
+        torch.manual_seed(0)
+        q = QuantLinear(nn.Linear(24, 16), wbits, 8, sym, a_dynamic=True)
+        q.init_weight("mse")
+        q.w_quant, q.a_quant = True, True
+        return q
+
+    conv, xc = make_conv(stride=2, x_shape=(3, 5, 7, 9))
+    lin, xl = make_linear()
+    xt = torch.randn(2, 5, 24)
+    kernel_lin = to_int8(lin)
+    kernel_lin.kernel_linears = True  # int8 linears default to torch._int_mm (traced: no op, case 2)
+    cases = [(to_int8(conv), xc, 1), (to_w4a8(make_conv(wbits=4)[0]), xc, 1), (to_int8(lin), xl, 0), (kernel_lin, xl, 1),
+             (to_w4a8(make_linear(wbits=4)[0]), xl, 1), (to_int8(token_linear(8, False)), xt, 1),
+             (to_w4a8(token_linear(4, True)), xt, 1),
+             (nn.Sequential(to_int8(make_conv(cout=6)[0]), nn.SiLU(), to_int8(make_conv(cin=6, cout=4, seed=1)[0])),
+              xc, 2)]
+    backend = lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")
+    for i, (ex, x, n_ops) in enumerate(cases):
+        ex, x = ex.to(DEVICE), x.to(DEVICE)
+        graphs = []
+
+        def record(gm, inputs):
+            graphs.append(gm)
+            return backend(gm, inputs)
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = ex(x)
+            got = torch.compile(ex, backend=record, fullgraph=True, dynamic=False)(x)
+        (gm,) = graphs
+        ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gacq" in str(n.target)]
+        launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        assert len(ops) == n_ops and not launches, (i, [str(n.target) for n in gm.graph.nodes])
+        assert got.shape == want.shape and torch.equal(got, want), (i, (got - want).abs().max())
+    ex = to_int8(conv).to(DEVICE)
+    (part,), (q,) = ex.parts, list(ex.act_quantizers())
+    torch.library.opcheck(triton_int8.int8_conv2d_op,
+                          (xc.to(DEVICE), part.qweight, part.k, part.out_channels, part.w_scale, None, part.row_term,
+                           ex.bias.detach(), q.scale.detach(), q.zero_point.detach(), q.qmin, q.qmax,
+                           act_center(q.qmin, q.qmax), [3, 3], [2, 2], [1, 1], [1, 1]))
+    ex = to_int8(token_linear(8, False)).to(DEVICE)
+    (part,), (q,) = ex.parts, list(ex.act_quantizers())
+    torch.library.opcheck(triton_int8.int8_linear_dynamic_op,
+                          (xt.to(DEVICE), part.qweight, part.k, part.out_channels, part.w_scale, None, part.row_term,
+                           ex.bias.detach(), q.qmin, q.qmax, act_center(q.qmin, q.qmax), q.symmetric, MIN_SCALE))
+
+
 if __name__ == "__main__":
     # one or more cases; several share one interpreter (importing torch and triton once), each from the default
     # generator's state of a new process, a failure reported and the next case run

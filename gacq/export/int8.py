@@ -169,8 +169,12 @@ class Int8Layer(ExportedLayer):
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as one `int8_conv2d` call (a linear as a 1x1 conv over 1x1 images). Nothing is computed
-        here: the kernels read the quantizer's scale and zero point and the layer's buffers directly."""
-        from .triton_int8 import int8_conv2d
+        here: the kernels read the quantizer's scale and zero point and the layer's buffers directly. Under
+        torch.compile through the same functions' custom ops (`triton_int8.int8_conv2d_op`), opaque to Dynamo."""
+        from . import triton_int8
+
+        compiling = torch.compiler.is_compiling()
+        int8_conv2d = triton_int8.int8_conv2d_op if compiling else triton_int8.int8_conv2d
 
         (part,), (q,) = self.parts, list(self.act_quantizers())
         qweight, w_zero = part.qweight, part.kernel_zero
@@ -178,8 +182,8 @@ class Int8Layer(ExportedLayer):
             qweight, w_zero = part.int8_weight(), None
         if q.dynamic:
             from ..quant.primitives import MIN_SCALE
-            from .triton_int8 import int8_linear_dynamic
 
+            int8_linear_dynamic = triton_int8.int8_linear_dynamic_op if compiling else triton_int8.int8_linear_dynamic
             return int8_linear_dynamic(x, qweight, part.k, part.out_channels, part.w_scale,
                                        part.w_offset if part.has_offset else None, part.row_term, self.bias,
                                        q.qmin, q.qmax, act_center(q.qmin, q.qmax), q.symmetric, MIN_SCALE,

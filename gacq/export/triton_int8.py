@@ -37,6 +37,8 @@ keep the torch path.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .base import conv_output_size
@@ -235,4 +237,46 @@ def int8_linear_dynamic(x: torch.Tensor, qweight: torch.Tensor, k: int, out_chan
     return y.reshape(*x.shape[:-1], out_channels)
 
 
-__all__ = ["INTERPRET", "available", "int8_conv2d", "int8_linear_dynamic", "tiles"]
+# Under torch.compile the layers launch the kernels through these custom ops (`Int8Layer._fused`): Dynamo then sees
+# one opaque op per layer, with a shape function, instead of tracing into the Triton launches. Its wrapper of user
+# Triton kernels analyses every launch site (session 18 on the H200: it failed on a defaulted kernel argument; session
+# 19: `int8 W8A8 compiled` on `small` was still compiling after 75 s). Eager calls keep the plain functions above (no
+# dispatcher step per layer). Only the tile defaults are reachable through the ops.
+@torch.library.custom_op("gacq::int8_conv2d", mutates_args=())
+def int8_conv2d_op(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
+                   w_offset: Optional[torch.Tensor], row_term: torch.Tensor, bias: Optional[torch.Tensor],
+                   act_scale: torch.Tensor, act_zero: torch.Tensor, qmin: int, qmax: int, center: int,
+                   kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                   w_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`int8_conv2d` as the custom op `gacq::int8_conv2d`."""
+    return int8_conv2d(x, qweight, k, out_channels, w_scale, w_offset, row_term, bias, act_scale, act_zero, qmin,
+                       qmax, center, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
+                       w_zero=w_zero)
+
+
+@int8_conv2d_op.register_fake
+def _int8_conv2d_shape(x, qweight, k, out_channels, w_scale, w_offset, row_term, bias, act_scale, act_zero, qmin,
+                       qmax, center, kernel_size, stride, padding, dilation, w_zero=None):
+    n, _, h, w = x.shape
+    ho, wo = (conv_output_size(size, *geom) for size, *geom in zip((h, w), kernel_size, stride, padding, dilation))
+    return x.new_empty((n, out_channels, ho, wo))
+
+
+@torch.library.custom_op("gacq::int8_linear_dynamic", mutates_args=())
+def int8_linear_dynamic_op(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int,
+                           w_scale: torch.Tensor, w_offset: Optional[torch.Tensor], row_term: torch.Tensor,
+                           bias: Optional[torch.Tensor], qmin: int, qmax: int, center: int, symmetric: bool,
+                           min_scale: float, w_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`int8_linear_dynamic` as the custom op `gacq::int8_linear_dynamic`."""
+    return int8_linear_dynamic(x, qweight, k, out_channels, w_scale, w_offset, row_term, bias, qmin, qmax, center,
+                               symmetric, min_scale, w_zero=w_zero)
+
+
+@int8_linear_dynamic_op.register_fake
+def _int8_linear_dynamic_shape(x, qweight, k, out_channels, w_scale, w_offset, row_term, bias, qmin, qmax, center,
+                               symmetric, min_scale, w_zero=None):
+    return x.new_empty((*x.shape[:-1], out_channels))
+
+
+__all__ = ["INTERPRET", "available", "int8_conv2d", "int8_conv2d_op", "int8_linear_dynamic", "int8_linear_dynamic_op",
+           "tiles"]
