@@ -419,8 +419,9 @@ def fake_quant_token():
 def compiled_ops():
     """The exported layers under torch.compile with fullgraph=True (a graph break fails): their kernels are reached
     through the custom ops `gacq::int8_conv2d` / `gacq::int8_linear_dynamic` (one per layer in Dynamo's graph, no
-    traced Triton launch) and give the eager kernel's output exactly (the same kernel on the same inputs). In the
-    interpreter through the aot_eager backend (the ops' shape functions on fake tensors), on CUDA through inductor.
+    traced Triton launch) and give the eager kernel's output exactly (the same kernel on the same inputs; on CUDA the
+    chain within a tolerance). In the interpreter through the aot_eager backend (the ops' shape functions on fake
+    tensors), on CUDA through inductor.
     Conv, linear and W4A8 layers, per-token linears, a conv -> SiLU -> conv chain; `torch.library.opcheck` on both
     ops (inference only: neither has an autograd formula, so their tensor arguments are detached)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -444,9 +445,10 @@ def compiled_ops():
     lin, xl = make_linear()
     xt = torch.randn(2, 5, 24)
     kernel_lin = to_int8(lin)
-    kernel_lin.kernel_linears = True  # int8 linears default to torch._int_mm (traced: no op, case 2)
-    cases = [(to_int8(conv), xc, 1), (to_w4a8(make_conv(wbits=4)[0]), xc, 1), (to_int8(lin), xl, 0), (kernel_lin, xl, 1),
-             (to_w4a8(make_linear(wbits=4)[0]), xl, 1), (to_int8(token_linear(8, False)), xt, 1),
+    kernel_lin.kernel_linears = True
+    # (layer, input, ops in the graph): static int8 linears default to torch._int_mm, which Dynamo traces (no op)
+    cases = [(to_int8(conv), xc, 1), (to_w4a8(make_conv(wbits=4)[0]), xc, 1), (to_int8(lin), xl, 0),
+             (kernel_lin, xl, 1), (to_w4a8(make_linear(wbits=4)[0]), xl, 1), (to_int8(token_linear(8, False)), xt, 1),
              (to_w4a8(token_linear(4, True)), xt, 1),
              (nn.Sequential(to_int8(make_conv(cout=6)[0]), nn.SiLU(), to_int8(make_conv(cin=6, cout=4, seed=1)[0])),
               xc, 2)]
@@ -467,7 +469,13 @@ def compiled_ops():
         ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gacq" in str(n.target)]
         launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
         assert len(ops) == n_ops and not launches, (i, [str(n.target) for n in gm.graph.nodes])
-        assert got.shape == want.shape and torch.equal(got, want), (i, (got - want).abs().max())
+        assert got.shape == want.shape, (i, got.shape, want.shape)
+        if DEVICE == "cuda" and isinstance(ex, nn.Sequential):
+            # inductor's own SiLU may round differently from eager's, and one ulp can move an input code of the next
+            # layer: within a few of its steps, not bitwise
+            assert (got - want).abs().max() <= 0.05 * want.abs().max(), (i, (got - want).abs().max())
+        else:
+            assert torch.equal(got, want), (i, (got - want).abs().max())
     ex = to_int8(conv).to(DEVICE)
     (part,), (q,) = ex.parts, list(ex.act_quantizers())
     torch.library.opcheck(triton_int8.int8_conv2d_op,
