@@ -424,13 +424,20 @@ def timed_row(row: dict, make_call, device: torch.device, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
-        times = time_calls(make_call(), device, args.warmup, args.repeats)
+        t0 = time.perf_counter()
+        fn = make_call()
+        fn()  # the first call: torch.compile's compilation, a CUDA graph's capture, Triton's kernel builds
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        times = time_calls(fn, device, args.warmup, args.repeats)
         row.update(ms_median=statistics.median(times), ms_min=min(times), ms_all=[round(v, 4) for v in times])
         if device.type == "cuda":
             row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     except Exception as e:  # noqa: BLE001 (recorded; the other modes still run)
         row["error"] = f"{type(e).__name__}: {e}"
-    print(f"  {row['mode']}, batch {row['batch']}: {row.get('ms_median', float('nan')):.3f} ms "
+    first = f"(first call {row['first_call_s']:.1f} s) " if "first_call_s" in row else ""
+    print(f"  {row['mode']}, batch {row['batch']}: {row.get('ms_median', float('nan')):.3f} ms {first}"
           f"{row.get('error', '')[:200]}", flush=True)
     return row
 
@@ -603,20 +610,25 @@ def render_markdown(res: dict) -> str:
              ""]
     if res["results"]:
         lines += ["| mode | batch | ms/step (median) | ratio | vs best float | sample s | peak memory MB | weight MB | "
-                  "model MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "model MB | first call s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     steps = res["args"].get("sample_steps") or 0
     for r in res["results"]:
         if "ms_median" not in r:
-            lines.append(f"| {r['mode']} | {r.get('batch', '')} | error: {r.get('error', '')[:80]} | | | | | | |")
+            lines.append(f"| {r['mode']} | {r.get('batch', '')} | error: {r.get('error', '')[:80]} | | | | | | | |")
             continue
         mem = f"{r['peak_memory_bytes'] / 2**20:.1f}" if "peak_memory_bytes" in r else "-"
         samp = f"{r['sample_seconds']:.3f}" if "sample_seconds" in r else \
             ("error" if "sample_error" in r else "-")
         lines.append(f"| {r['mode']} | {r['batch']} | {r['ms_median']:.3f} | {r.get('speedup_vs_baseline', '-')} | "
                      f"{r.get('speedup_vs_best_float', '-')} | "
-                     f"{samp} | {mem} | {r['weight_bytes'] / 2**20:.3f} | {r['model_bytes'] / 2**20:.3f} |")
+                     f"{samp} | {mem} | {r['weight_bytes'] / 2**20:.3f} | {r['model_bytes'] / 2**20:.3f} | "
+                     f"{r.get('first_call_s', '-')} |")
     if steps:
         lines += ["", f"sample s: one whole DDIM sampling loop of {steps} steps (model calls and scheduler updates)."]
+    if any("first_call_s" in r for r in res["results"]):
+        lines += ["", "first call s: the wall time of a mode's first call at that batch size, before the warm-up calls: "
+                  "it holds torch.compile's compilation (compiled modes, per batch size), a CUDA graph's capture and "
+                  "Triton's kernel builds."]
     kern = res.get("kernels")
     if kern:
         vs = [v for v, state in kern["variants"].items() if state == "ok"]
