@@ -536,7 +536,13 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         return json.loads(out.read_text())
     device = resolve_device(spec.device)
     t0 = time.time()
+
+    def phase(what: str) -> None:  # one line per phase, --quiet too: a cell stopped from outside shows how far it got
+        print(f"  {cell.id}: {what} at {time.time() - t0:.0f} s", flush=True)
+
     qdir, float_acts = ensure_quantized(spec, cell, device, progress)
+    if qdir is not None:
+        phase(f"checkpoint {qdir.name} ready")
     if qdir is not None:
         try:
             write_gac_diagnostics(spec, [qdir])
@@ -545,9 +551,11 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     loaded = load_model(spec.model if qdir is None else qdir, device=device, act_quant=not float_acts)
     sdir = spec.work / "samples" / cell.id
     smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
+    phase(f"{smeta['shape'][0]} samples drawn")
     ev = spec.eval
     metrics = evaluate(sdir / "samples.npz", ev["ref"] or None, features=ev["features"],
                        inception_weights=ev["inception_weights"] or None, device=device, progress=progress)
+    phase("evaluated")
     qmeta = json.loads((qdir / "quant_config.json").read_text()) if qdir is not None else {}
     # the results folder travels with every GPU call (64 MiB in all): a JPEG (quality 90, no chroma subsampling) of
     # the sample grid is a third of the PNG's size; the samples themselves stay in the work folder

@@ -190,6 +190,11 @@ def test_cells_written_and_equal_to_the_manual_commands(ran, tiny32):
     # one process per quantization job, then one per further cell of the job (its own log)
     logs = sorted(p.stem for p in (ran / "runs/experiments/t/logs").glob("*.log"))
     assert logs == sorted(cells), logs
+    # each cell process logs its phases with times, --quiet too (the runner's children run quiet)
+    for cid in cells:
+        text = (ran / "runs/experiments/t/logs" / f"{cid}.log").read_text()
+        assert f"{cid}: 10 samples drawn at" in text and f"{cid}: evaluated at" in text, text
+        assert (f"{cid}: checkpoint " in text) == (not cid.startswith("fp_")), text
     w = cells["tfmq_w4a32_steps5_seed0"]["quantize"]
     assert w["float_acts"] and w["weights_from"] == "tfmq_w4a8_steps5" and w["wall_seconds"] > 0
     # the FP cell's metrics are gacq eval's on its samples
