@@ -601,8 +601,9 @@ def experiment_list(
     results: Optional[Path] = typer.Option(None, "--results", help="Look for cell results here instead of "
                                            "the spec's results folder."),
 ) -> None:
-    """The spec's cells, their quantization jobs and whether they are done."""
-    from .experiment import cell_status, load_spec, quant_job_of
+    """The spec's cells, their quantization jobs and whether they are done; for done cells their recorded wall times
+    (the whole cell's last run, its quantization job's, its sampling's), to size the next runs."""
+    from .experiment import cell_status, cell_times, load_spec, quant_job_of
 
     try:
         s = load_spec(spec, results=results)
@@ -611,7 +612,9 @@ def experiment_list(
     for c in s.cells:
         job, float_acts, _ = quant_job_of(s, c)
         how = "" if job is None else f"  <- {job}" + (" (float acts)" if float_acts else "")
-        typer.echo(f"{cell_status(s, c):8s} {c.id}{how}")
+        times = cell_times(s, c)
+        took = "" if not times else "  [" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + "]"
+        typer.echo(f"{cell_status(s, c):8s} {c.id}{how}{took}")
 
 
 @experiment_app.command("diagnostics")

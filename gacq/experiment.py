@@ -399,6 +399,18 @@ def cell_status(spec: ExperimentSpec, cell: Cell) -> str:
     return "started" if partial else "pending"
 
 
+def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
+    """A finished cell's recorded wall times in seconds (None when it is not done): `cell` (its last run, all
+    phases), `quantize` (its quantization job, when it has one and recorded it) and `sample` (the sampling of its
+    last run), for sizing the next runs (one GPU call holds what fits in ten minutes)."""
+    if not _done(spec, cell):
+        return None
+    res = json.loads((spec.cell_dir / f"{cell.id}.json").read_text())
+    times = {"cell": res.get("wall_seconds_this_run"), "quantize": (res.get("quantize") or {}).get("wall_seconds"),
+             "sample": (res.get("sample") or {}).get("wall_seconds_last_run")}
+    return {k: float(v) for k, v in times.items() if v is not None}
+
+
 def calib_seed(spec: ExperimentSpec, cell: Cell) -> int:
     """The seed of a cell's calibration trajectories."""
     return spec.calib["seed"] if cell.cseed is None else cell.cseed

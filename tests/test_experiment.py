@@ -233,6 +233,17 @@ def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
     assert meta["images_made_this_run"] == 0 and meta["shards_resumed"] == 1
     r = here("experiment", "list", "spec.toml", cwd=ran)
     assert r.stdout.count("done") == 5
+    # done cells show their recorded times: the cell's, its quantization job's (not FP's), its sampling's
+    lines = {ln.split()[1]: ln for ln in r.stdout.splitlines() if ln.startswith("done")}
+    assert all("[cell " in ln and ", sample " in ln for ln in lines.values()), r.stdout
+    assert ("quantize" in lines["tfmq_w4a8_steps5_seed0"]) and "quantize" not in lines["fp_steps5_seed0"], r.stdout
+    from gacq.experiment import cell_times, load_spec
+
+    spec = load_spec(ran / "spec.toml", results=cell_dir.parent)  # the CLI ran in `ran`: its results folder
+    times = cell_times(spec, next(c for c in spec.cells if c.id == "tfmq_w4a8_steps5_seed0"))
+    cell = json.loads((cell_dir / "tfmq_w4a8_steps5_seed0.json").read_text())
+    assert times == {"cell": cell["wall_seconds_this_run"], "quantize": cell["quantize"]["wall_seconds"],
+                     "sample": cell["sample"]["wall_seconds_last_run"]}
     r = here("experiment", "run", "spec.toml", "--cells", "nope", cwd=ran)
     assert r.returncode == 2 and "no cell(s) ['nope']" in r.stderr
 
