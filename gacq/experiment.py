@@ -555,7 +555,6 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     qdir, float_acts = ensure_quantized(spec, cell, device, progress)
     if qdir is not None:
         phase(f"checkpoint {qdir.name} ready")
-    if qdir is not None:
         try:
             write_gac_diagnostics(spec, [qdir])
         except GacqError as e:  # a diagnostic that cannot be made never stops the cell
