@@ -16,7 +16,8 @@ Per-tensor grids (one scale and zero point, 0-dim or of x's dtype, so torch's ty
 dtype), float32 / bf16 / fp16 inputs, on CUDA (or in Triton's interpreter). Dynamic per-token quantizers
 (`--act-granularity token`) have their own kernel, `fake_quantize_rows_fused`: each row's grid from its min and max
 and its fake quantization in one pass, in float32 as their torch path (min, max, grid and the six ops), bitwise
-equal to it in Triton's interpreter (tests/triton_w4_checks.py, case fake_quant_token; not yet run on a GPU). In
+equal to it in Triton's interpreter and, compiled, on the H200 (tests/triton_w4_checks.py, case fake_quant_token;
+session 19, results/gpu_tests). In
 session 18 on the H200, sampling 5,000 DiT images with per-token inputs on the torch path took 207 s against 111 s
 per tensor (seven cells sharing the GPU). The per-tensor kernel, compiled, was checked
 bitwise against the torch ops on an H200 (session 10, results/gpu_tests). In the Python API it is off unless
