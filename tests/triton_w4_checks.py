@@ -475,7 +475,10 @@ def compiled_ops():
             # layer: within a few of its steps, not bitwise
             assert (got - want).abs().max() <= 0.05 * want.abs().max(), (i, (got - want).abs().max())
         else:
-            assert torch.equal(got, want), (i, (got - want).abs().max())
+            # bitwise in the interpreter; on CUDA inductor compiles what is around the ops (the static linear's
+            # torch._int_mm and its dequantizing epilogue), contracting multiply-adds into FMAs: the H200 run of
+            # session 20 was 1 float32 ulp off in case 2 (1.2e-7), so `_same_epilogue`'s tolerance there
+            _same_epilogue(got, want, i)
     ex = to_int8(conv).to(DEVICE)
     (part,), (q,) = ex.parts, list(ex.act_quantizers())
     torch.library.opcheck(triton_int8.int8_conv2d_op,
