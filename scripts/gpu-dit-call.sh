@@ -7,7 +7,8 @@
 #          trained DiT's input ranges per sampling step, until the deadline.
 #   cells: joins the carried parts (.data/dit-s6-parts) into the very model the train call left, and runs CELLS
 #          (default: the quantized cells at the spec's 50 steps) in parallel until the deadline.
-# Each call returns $OUT/call.tgz: the spec's results folder (finished cells only: a cell's JSON is written last),
+# Each call returns $OUT/call.tgz: what it wrote to the spec's results folder (finished cells only: a cell's JSON is
+# written last; unpack with scripts/gpu-unpack.sh),
 # the runner's and the cells' logs, GAC's per-block weights, a GPU monitor; train also the training log and grid.
 # Cells unfinished at the deadline are lost (rerunning resumes nothing: the machine is gone); say so in the note.
 #
@@ -24,6 +25,8 @@
 # Other specs: SPEC=experiments/cifar10-call-sized.toml (the bundled UNet's few-step rows and GAC ablations at
 # call-sized iterations; `UNET=keep bash scripts/gpu-dit-stash.sh out results/experiments/cifar10-call-sized`, so that
 # its finished cells travel and are skipped; carry [".whl"]).
+# DEADLINE must end before the device call's own limit (the run tool's limit_s: timeout_s, or less when less device time
+# is left; a cold start is paid from the same budget): a call cut by that limit packs nothing (session 20 lost one so).
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u
@@ -35,6 +38,7 @@ read -r NAME RES WORK MODEL STEPS GUIDANCE < <(python -c "import sys; from gacq.
   s = load_spec(sys.argv[1]); print(s.name, s.results, s.work, s.model, s.sample['steps'], s.sample['guidance_scale'])" "$SPEC")
 RUN=$(dirname "$MODEL")  # the training run's folder (gacq train writes the model to RUN/model)
 LOGS=$(mktemp -d)
+touch "$LOGS/.start"  # what this call writes is newer: only that is packed (a machine may hold an earlier call's files)
 mkdir -p runs "$OUT"
 if command -v nvidia-smi > /dev/null; then
   (while true; do date +%T; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; sleep 15; done) \
@@ -101,7 +105,12 @@ case $MODE in
 esac
 # pack: finished cells, logs (the runner's, each cell process's), GAC's per-block weights, the monitor
 [ -n "${MON:-}" ] && kill $MON 2>/dev/null
-[ -d "$RES" ] && mkdir -p "$LOGS/results" && cp -r "$RES/." "$LOGS/results/"
-[ -d "$WORK" ] && (cd "$WORK" && cp -r --parents $(ls -d logs q/*/gac q/*/quant_config.json 2>/dev/null) "$LOGS/" 2>/dev/null)
+# Only files written since the call began: session 20's machine held other specs' cells and logs from earlier calls
+# in the same folders, which came back with the new ones. Unpack here with scripts/gpu-unpack.sh.
+[ -d "$RES" ] && mkdir -p "$LOGS/results" && (cd "$RES" && find . -type f -newer "$LOGS/.start" \
+  -exec cp --parents {} "$LOGS/results/" \;)
+[ -d "$WORK" ] && (cd "$WORK" && find logs q -type f -newer "$LOGS/.start" \( -path 'logs/*' -o -path 'q/*/gac/*' \
+  -o -path 'q/*/quant_config.json' \) -exec cp --parents {} "$LOGS/" \; 2>/dev/null)
+rm -f "$LOGS/.start"
 tar czf "$OUT/call.tgz" -C "$LOGS" . && echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
-ls -l "$OUT" "$OUT"/model 2>/dev/null
+ls -l "$OUT"; [ ! -d "$OUT/model" ] || ls -l "$OUT/model"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Here, after a device call of scripts/gpu-dit-call.sh (and `gpu-dit-stash.sh in`): unpack the call's call.tgz into
+# the spec's results folder and render its report again.
+#   bash scripts/gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]
+#   e.g. bash scripts/gpu-unpack.sh /work/.device/3/call.tgz results/experiments/cifar10-call-sized 2026-12-03-s20-call1
+# The call's result files (cells/, grids/, diagnostics/) join RESULTS_FOLDER without replacing any file already there
+# (a finished cell is never overwritten); its logs (the runner's, each cell's, the GPU monitor, the quant configs and
+# GAC's weights) go to RESULTS_FOLDER/runs/RUN_NAME-logs/. TITLE defaults to the folder's current report heading.
+set -eu
+[ $# -ge 3 ] || { echo "usage: gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]"; exit 2; }
+TGZ=$1; RES=$2; NAME=$3
+[ -f "$TGZ" ] || { echo "gpu-unpack: no such file $TGZ (the call's \$OUT/call.tgz, under the run's files_at)"; exit 1; }
+LOGS="$RES/runs/$NAME-logs"
+[ -e "$LOGS" ] && { echo "gpu-unpack: $LOGS exists: choose another RUN_NAME (each call unpacks once)"; exit 1; }
+T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
+tar xzf "$TGZ" -C "$T"
+mkdir -p "$RES/runs"
+NEW=0
+if [ -d "$T/results" ]; then
+  rm -f "$T/results"/README*  # the device's report: rendered again below
+  while IFS= read -r -d '' f; do
+    rel=${f#"$T/results/"}
+    if [ ! -e "$RES/$rel" ]; then
+      mkdir -p "$(dirname "$RES/$rel")" && mv "$f" "$RES/$rel"
+      case $rel in cells/*.json) NEW=$((NEW + 1));; esac
+    elif ! cmp -s "$f" "$RES/$rel"; then  # never replaced, never dropped: kept beside the logs
+      mkdir -p "$(dirname "$T/not-merged/$rel")" && mv "$f" "$T/not-merged/$rel"
+      echo "gpu-unpack: $RES/$rel exists and differs: kept it; the call's copy is in $LOGS/not-merged/$rel"
+    fi
+  done < <(find "$T/results" -type f -print0)
+  rm -rf "$T/results"
+fi
+mkdir -p "$LOGS" && cp -r "$T/." "$LOGS/"
+echo "gpu-unpack: $NEW new cell result(s); logs in $LOGS"
+TITLE=${4:-$(sed -n '1s/^# //p' "$RES/README.md" 2>/dev/null)}
+python -m gacq report "$RES" ${TITLE:+--title "$TITLE"}

@@ -1,0 +1,88 @@
+"""scripts/gpu-dit-call.sh (cells mode, as a CPU dry run) packs only what its call wrote, and scripts/gpu-unpack.sh
+merges a call's results into a results folder without replacing or dropping anything (run as the sessions run them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import torch
+
+from gacq.models import NAMED_CONFIGS, build_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """
+name = "t"
+model = "{model}"
+device = "cpu"
+[calib]
+trajectories = 2
+batch_size = 2
+[sample]
+steps = 5
+num = 10
+batch_size = 10
+[[grid]]
+methods = ["fp"]
+steps = [5, 10]
+"""
+
+
+def _old(path: Path, text: str) -> Path:
+    """A file from an earlier call on the same machine (mtime an hour back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    past = path.stat().st_mtime - 3600
+    os.utime(path, (past, past))
+    return path
+
+
+def _bash(*args, cwd, env=None):
+    return subprocess.run(["bash", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_call_packs_only_its_own_files_and_unpack_merges(tmp_path):
+    torch.manual_seed(0)
+    model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
+    dev = tmp_path / "device"  # the device's working tree, holding files of an earlier call
+    dev.mkdir()
+    (dev / "spec.toml").write_text(SPEC.format(model=model))
+    _old(dev / "results/experiments/t/cells/fp_steps50_seed0.json", "{}")
+    _old(dev / "runs/experiments/t/logs/fp_steps50_seed0.log", "old")
+    out = tmp_path / "out"
+    r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out, cwd=dev,
+              env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": "fp_steps5_seed0,fp_steps10_seed0", "DEADLINE": "500"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    with tarfile.open(out / "call.tgz") as t:
+        names = {n.lstrip("./") for n in t.getnames()}
+    assert "results/cells/fp_steps5_seed0.json" in names and "logs/fp_steps5_seed0.log" in names, names
+    assert "experiment.log" in names
+    assert not any("steps50" in n for n in names), names  # the earlier call's files stay behind
+    assert not any(n.endswith(".start") for n in names)
+
+    # here: a results folder with one finished cell of another call, and a stale copy of the new cell's grid
+    res = tmp_path / "here/results/experiments/t"
+    _old(res / "cells/fp_steps20_seed0.json", '{"keep": 1}')
+    with tarfile.open(out / "call.tgz") as t:
+        grid = t.extractfile("./results/grids/fp_steps5_seed0.jpg").read()
+    (res / "grids").mkdir(parents=True)
+    (res / "grids/fp_steps5_seed0.jpg").write_bytes(b"not the call's")
+    r = _bash(ROOT / "scripts/gpu-unpack.sh", out / "call.tgz", res, "call1", "Title", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 new cell result(s)" in r.stdout, r.stdout
+    assert json.loads((res / "cells/fp_steps5_seed0.json").read_text())["metrics"]["samples"]["n"] == 10
+    assert json.loads((res / "cells/fp_steps20_seed0.json").read_text()) == {"keep": 1}
+    # an existing, different file is kept, and the call's copy is not lost
+    assert (res / "grids/fp_steps5_seed0.jpg").read_bytes() == b"not the call's"
+    assert (res / "runs/call1-logs/not-merged/grids/fp_steps5_seed0.jpg").read_bytes() == grid
+    assert "exists and differs" in r.stdout
+    assert (res / "runs/call1-logs/logs/fp_steps5_seed0.log").exists()
+    assert (res / "README.md").read_text().startswith("# Title")
+    # each call unpacks once
+    r = _bash(ROOT / "scripts/gpu-unpack.sh", out / "call.tgz", res, "call1", cwd=tmp_path)
+    assert r.returncode == 1 and "exists: choose another RUN_NAME" in r.stdout
