@@ -67,7 +67,7 @@ from .quant.wrap import (
     set_quant_state,
     wrap_layers,
 )
-from .utils import git_commit, machine_info, write_json
+from .utils import atomic_path, git_commit, machine_info, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -596,7 +596,8 @@ def write_results(args, results: list[dict], share, t_start: float, kernels: dic
               "baseline": base_label, "layer_time_share": share, "results": results, "kernels": kernels,
               "wall_seconds": round(time.time() - t_start, 1)}
     write_json(out / "bench_lowbit.json", result)
-    (out / "bench_lowbit.md").write_text(render_markdown(result))
+    with atomic_path(out / "bench_lowbit.md") as tmp:  # a time limit may stop the run mid-write
+        tmp.write_text(render_markdown(result))
     print(f"wrote {out / 'bench_lowbit.json'} and {out / 'bench_lowbit.md'}", flush=True)
 
 
