@@ -13,19 +13,12 @@ import torch
 
 from gacq.models import NAMED_CONFIGS, build_model, save_model
 
+from .test_experiment import SPEC as EXPERIMENT_SPEC
+
 ROOT = Path(__file__).resolve().parents[1]
 
-SPEC = """
-name = "t"
-model = "{model}"
-device = "cpu"
-[calib]
-trajectories = 2
-batch_size = 2
-[sample]
-steps = 5
-num = 10
-batch_size = 10
+# the runner tests' tiny spec, with two float cells (one cell runs in the runner's process and writes no cell log)
+SPEC = EXPERIMENT_SPEC + """
 [[grid]]
 methods = ["fp"]
 steps = [5, 10]
