@@ -419,8 +419,9 @@ def fake_quant_token():
 def compiled_ops():
     """The exported layers under torch.compile with fullgraph=True (a graph break fails): their kernels are reached
     through the custom ops `gacq::int8_conv2d` / `gacq::int8_linear_dynamic` (one per layer in Dynamo's graph, no
-    traced Triton launch) and give the eager kernel's output exactly (the same kernel on the same inputs; on CUDA the
-    chain within a tolerance). In the interpreter through the aot_eager backend (the ops' shape functions on fake
+    traced Triton launch) and give the eager kernel's output: exactly in the interpreter (the same kernel on the same
+    inputs); on CUDA within `_same_epilogue`'s 2 epsilons (inductor contracts the code around the ops into FMAs), the
+    conv -> SiLU -> conv chain within a few quantization steps. In the interpreter through the aot_eager backend (the ops' shape functions on fake
     tensors), on CUDA through inductor.
     Conv, linear and W4A8 layers, per-token linears, a conv -> SiLU -> conv chain; `torch.library.opcheck` on both
     ops (inference only: neither has an autograd formula, so their tensor arguments are detached)."""
