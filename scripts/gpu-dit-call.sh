@@ -27,6 +27,9 @@
 # its finished cells travel and are skipped; carry [".whl"]).
 # DEADLINE must end before the device call's own limit (the run tool's limit_s: timeout_s, or less when less device time
 # is left; a cold start is paid from the same budget): a call cut by that limit packs nothing (session 20 lost one so).
+# Checkpoints: a call returns the quantized checkpoints it finished for cells it did not ($OUT/q.tgz); carried back
+# as .data/q.tgz (carry [".whl", ".data/q.tgz"]) a cells call unpacks them into the work folder and those cells only
+# sample (their recorded quantization time is the checkpoint's own). Sample shards and resume points do not travel.
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u
@@ -94,6 +97,11 @@ case $MODE in
     [ -n "$RPID" ] && kill -- -$RPID 2>/dev/null
     ;;
   cells)
+    # finished checkpoints an earlier call returned ($OUT/q.tgz; carry it as .data/q.tgz): those cells only sample
+    if [ -f .data/q.tgz ]; then
+      mkdir -p "$WORK" && tar xzf .data/q.tgz -C "$WORK" --skip-old-files && echo "carried checkpoints: $(tar tzf \
+        .data/q.tgz | grep -c '/quant_config.json$')"
+    fi
     # a spec without `model` (None) uses the bundled UNet (keep it in the tree: UNET=keep with gpu-dit-stash.sh)
     if [ "$MODEL" != None ] && [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then
       PARTS=.data/dit-s6-parts; [ -f $PARTS/manifest.json ] || PARTS=models/dit-s6-cifar10
@@ -111,6 +119,19 @@ esac
   -exec cp --parents {} "$LOGS/results/" \;)
 [ -d "$WORK" ] && (cd "$WORK" && find logs q -type f -newer "$LOGS/.start" \( -path 'logs/*' -o -path 'q/*/gac/*' \
   -o -path 'q/*/quant_config.json' \) -exec cp --parents {} "$LOGS/" \; 2>/dev/null)
+# the finished checkpoints (made here or carried in) whose cells did not finish, for a later call (carry $OUT/q.tgz as .data/q.tgz):
+# a machine goes back 30 s after a call, and quantizing is most of a cell's time (packed W4: ~5 MB each)
+python - "$SPEC" > "$LOGS/q-carry.txt" <<'PY' || echo "listing the checkpoints to carry failed"
+import sys
+from gacq.experiment import _done, load_spec, quant_job_of
+spec = load_spec(sys.argv[1])
+jobs = {quant_job_of(spec, c)[0] for c in spec.cells if not _done(spec, c)} - {None}
+print("\n".join(f"q/{job}" for job in sorted(jobs) if (spec.work / "q" / job / "quant_config.json").exists()))
+PY
+if [ -s "$LOGS/q-carry.txt" ]; then
+  tar czf "$OUT/q.tgz" -C "$WORK" $(cat "$LOGS/q-carry.txt") && echo "checkpoints to carry: $(tr '\n' ' ' \
+    < "$LOGS/q-carry.txt")($(du -h "$OUT/q.tgz" | cut -f1)): carry as .data/q.tgz"
+fi
 rm -f "$LOGS/.start"
 tar czf "$OUT/call.tgz" -C "$LOGS" . && echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
 ls -l "$OUT"; [ ! -d "$OUT/model" ] || ls -l "$OUT/model"

@@ -79,3 +79,37 @@ def test_call_packs_only_its_own_files_and_unpack_merges(tmp_path):
     # each call unpacks once
     r = _bash(ROOT / "scripts/gpu-unpack.sh", out / "call.tgz", res, "call1", cwd=tmp_path)
     assert r.returncode == 1 and "exists: choose another RUN_NAME" in r.stdout
+
+
+def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples(tmp_path):
+    torch.manual_seed(0)
+    model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
+    cell = "rtn_w4a8_steps5_seed0"
+    # call 1: the cell quantizes, then fails at evaluation (a reference that does not exist): its checkpoint returns
+    dev1 = tmp_path / "device1"
+    dev1.mkdir()
+    (dev1 / "spec.toml").write_text(SPEC.format(model=model) + '[eval]\nref = "no-such-stats.npz"\n')
+    out1 = tmp_path / "out1"
+    r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out1, cwd=dev1,
+              env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (dev1 / f"results/experiments/t/cells/{cell}.json").exists()
+    assert "checkpoints to carry: q/rtn_w4a8_steps5 " in r.stdout, r.stdout
+    with tarfile.open(out1 / "q.tgz") as t:
+        assert "q/rtn_w4a8_steps5/quant_config.json" in t.getnames()
+
+    # call 2, on a fresh machine, carries it: the cell samples from that very checkpoint and finishes
+    dev2 = tmp_path / "device2"
+    (dev2 / ".data").mkdir(parents=True)
+    (dev2 / ".data/q.tgz").write_bytes((out1 / "q.tgz").read_bytes())
+    (dev2 / "spec.toml").write_text(SPEC.format(model=model))
+    r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", tmp_path / "out2", cwd=dev2,
+              env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "carried checkpoints: 1" in r.stdout, r.stdout
+    cfg = "runs/experiments/t/q/rtn_w4a8_steps5/quant_config.json"
+    assert (dev2 / cfg).read_bytes() == (dev1 / cfg).read_bytes()  # not quantized again
+    res = json.loads((dev2 / f"results/experiments/t/cells/{cell}.json").read_text())
+    assert res["quantize"]["wall_seconds"] == json.loads((dev1 / cfg).read_text())["wall_seconds"]
+    # the checkpoint goes on: the spec's W4A32 rtn cell, not run yet, samples from it too (its weights, float acts)
+    assert "checkpoints to carry: q/rtn_w4a8_steps5 " in r.stdout, r.stdout
