@@ -592,7 +592,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                    "matmul_tf32": smeta.get("matmul_tf32", False)},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
-            "wall_seconds": qmeta.get("wall_seconds"), "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
+            "wall_seconds": qmeta.get("wall_seconds"), "wall_seconds_runs": qmeta.get("wall_seconds_runs"),
+            "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
             "commit": qmeta.get("commit"), "config": qmeta.get("config"),
             "bias_corrected_from": qmeta.get("bias_corrected_from"),
             "quantize_seconds_of_base": qmeta.get("quantize_seconds_of_base"),

@@ -365,6 +365,27 @@ def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, dev
         set_attention_quant(model, True)
 
 
+def _earlier_runs_seconds(ckpt: Path, t0: float) -> list[float]:
+    """Wall seconds of the earlier, killed runs that left resume points in `ckpt` (each counted from its start to
+    the last file it wrote there: work after its last resume point was lost and is done again, and counted, by a
+    later run), and this run's start noted for the next one. `ckpt/wall_runs.json` holds the runs' starts."""
+    import os
+
+    from ..utils import write_json
+
+    path = ckpt / "wall_runs.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    starts = [r["start"] for r in runs] + [t0]
+    mtimes = [f.stat().st_mtime for f in ckpt.rglob("*") if f.is_file() and f != path] if ckpt.is_dir() else []
+    for i, r in enumerate(runs):
+        if "seconds" not in r:  # the last file it wrote, before the next run began
+            mine = [m for m in mtimes if starts[i] <= m < starts[i + 1]]
+            r["seconds"] = round(max(mine) - r["start"], 2) if mine else 0.0
+    os.makedirs(ckpt, exist_ok=True)
+    write_json(path, runs + [{"start": t0}])
+    return [r["seconds"] for r in runs]
+
+
 def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, calib: str | Path | None = None,
                     sample_cfg=None, save_calib: str | Path | None = None, device: torch.device | str = "cpu",
                     extra_meta: dict | None = None, progress: bool = True) -> dict:
@@ -392,6 +413,8 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
     t0 = time.time()
     device = torch.device(device)
     progress = progress and gdist.rank() == 0  # one set of progress bars in data-parallel runs
+    earlier = _earlier_runs_seconds(Path(config.recon_checkpoints), t0) \
+        if config.recon_checkpoints and gdist.rank() == 0 else []
     cs = None
     if config.needs_calibration():
         if calib is not None:
@@ -409,7 +432,9 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
             "calibration_meta": cs.meta if cs is not None else None,
             "calibration_samples": getattr(qmodel, "gacq_calibration_samples", None),
             **({"smoothing": qmodel.gacq_smoothed} if getattr(qmodel, "gacq_smoothed", None) else {}),
-            "wall_seconds": round(time.time() - t0, 2)}
+            "wall_seconds": round(time.time() - t0 + sum(earlier), 2)}
+    if earlier:  # resumed: the total above counts the killed runs up to their last resume points
+        meta["wall_seconds_runs"] = [*earlier, round(time.time() - t0, 2)]
     if device.type == "cuda":
         meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     out = Path(out)

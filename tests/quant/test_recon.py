@@ -198,3 +198,41 @@ def test_non_finite_unit_is_named_and_earlier_units_kept(setup, tmp_path):
                           progress=False)
     assert sorted(p.name for p in (tmp_path / "c").glob("unit_*.safetensors")) == ["unit_000.safetensors",
                                                                                   "unit_001.safetensors"]
+
+
+def test_a_resumed_quantization_records_the_killed_runs_time(setup, tmp_path, monkeypatch):
+    """A run killed after its last resume point (here: while writing the checkpoint) and resumed: the checkpoint's
+    wall_seconds adds the killed run's time up to its last resume point to the resumed run's own."""
+    import json
+    import time
+
+    import gacq.quant.checkpoint as ckpt_mod
+    from gacq.quant.api import QuantConfig, quantize_to_dir
+
+    fp, cs = setup
+    cs.save(tmp_path / "calib")
+    cfg = QuantConfig(method="brecq", wbits=4, abits=8, recon=ReconConfig(iters=3, batch_size=8),
+                      recon_checkpoints=str(tmp_path / "q.recon-ckpt"))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod, "save_quantized", killed)  # quantize_to_dir imports it from there when it runs
+    t = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        quantize_to_dir(LoadedModel(fp), cfg, tmp_path / "q", calib=tmp_path / "calib", progress=False)
+    first = time.time() - t
+    monkeypatch.undo()
+    ckpt = tmp_path / "q.recon-ckpt"
+    units = sorted(ckpt.glob("*unit_*.safetensors"))
+    assert units
+    start = json.loads((ckpt / "wall_runs.json").read_text())[0]["start"]
+    last_point = max(f.stat().st_mtime for f in ckpt.rglob("*") if f.name != "wall_runs.json")
+    time.sleep(0.2)
+    meta = quantize_to_dir(LoadedModel(fp), cfg, tmp_path / "q", calib=tmp_path / "calib", progress=False)
+    runs = meta["wall_seconds_runs"]
+    assert len(runs) == 2 and runs[0] == pytest.approx(last_point - start, abs=0.01)
+    assert 0 < runs[0] <= first + 0.01
+    assert meta["wall_seconds"] == pytest.approx(sum(runs), abs=0.02)
+    assert json.loads((tmp_path / "q" / "quant_config.json").read_text())["wall_seconds"] == meta["wall_seconds"]
+    assert not ckpt.exists()  # finished: the resume points and their run times are gone
