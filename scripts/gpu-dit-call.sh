@@ -27,8 +27,8 @@
 # its finished cells travel and are skipped; carry [".whl"]).
 # DEADLINE must end before the device call's own limit (the run tool's limit_s: timeout_s, or less when less device time
 # is left; a cold start is paid from the same budget): a call cut by that limit packs nothing (session 20 lost one so).
-# Checkpoints: a call returns the quantized checkpoints it finished for cells it did not ($OUT/q.tgz); carried back
-# as .data/q.tgz (carry [".whl", ".data/q.tgz"]) a cells call unpacks them into the work folder and those cells only
+# Checkpoints: a call returns the quantized checkpoints it finished for cells it did not ($OUT/q/q.tgz.*); carried
+# back as .data/q.tgz (carry [".whl", ".data/q.tgz"]) a cells call unpacks them into the work folder and those cells only
 # sample (their recorded quantization time is the checkpoint's own). Sample shards and resume points do not travel.
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
@@ -60,13 +60,59 @@ run_cells() {  # run the given cells until the deadline
   setsid python -m gacq experiment run "$SPEC" --parallel "${P:-8}" --quiet --cells "$1" \
     --fused-fake-quant >> "$LOGS/experiment.log" 2>&1 &
   local pid=$! end=$(( SECONDS + left ))
-  while kill -0 $pid 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 2; done
+  local packed=$SECONDS
+  while kill -0 $pid 2>/dev/null && [ $SECONDS -lt $end ]; do
+    sleep 2
+    if [ $(( SECONDS - packed )) -ge "${PACK_EVERY:-30}" ]; then pack; packed=$SECONDS; fi
+  done
   if kill -0 $pid 2>/dev/null; then
     echo "deadline: stopping the cells at ${SECONDS}s"
     kill -TERM -- -$pid 2>/dev/null; sleep 5; kill -KILL -- -$pid 2>/dev/null
   fi
   wait $pid
   echo "experiment rc $? at ${SECONDS}s"
+}
+# pack: what the call has finished so far into $OUT, replacing the last pack; run_cells packs every PACK_EVERY
+# seconds and once more at the end, so a call cut by its limit (session 21's third call) still returns what it had.
+#  - $OUT/call.tgz: finished cells, logs (the runner's, each cell process's), GAC's per-block weights, the monitor;
+#    only files written since the call began (session 20's machine held other specs' cells and logs from earlier
+#    calls in the same folders). Unpack here with scripts/gpu-unpack.sh.
+#  - $OUT/q/q.tgz.aa, .ab, ...: the finished checkpoints (made here or carried in) whose cells did not finish, in
+#    parts of at most 15 MiB (a returned file is at most 16 MiB; session 21's one 30 MB q.tgz did not come back),
+#    at most 44 MiB in all (a call returns 64 MiB). Here: cat q/q.tgz.* > q.tgz; a later call carries (some of) them
+#    as .data/q.tgz (the working tree travels in 64 MiB: about four W4 checkpoints of the bundled UNet beside .whl).
+pack() {
+  [ -d "$RES" ] && mkdir -p "$LOGS/results" && (cd "$RES" && find . -type f -newer "$LOGS/.start" \
+    -exec cp --parents {} "$LOGS/results/" \;)
+  [ -d "$WORK" ] && (cd "$WORK" && find logs q -type f -newer "$LOGS/.start" \( -path 'logs/*' -o -path 'q/*/gac/*' \
+    -o -path 'q/*/quant_config.json' \) -exec cp --parents {} "$LOGS/" \; 2>/dev/null)
+  python - "$SPEC" > "$LOGS/q-carry.new" <<'PY' || echo "listing the checkpoints to carry failed"
+import subprocess, sys
+from gacq.experiment import _done, load_spec, quant_job_of
+spec = load_spec(sys.argv[1])
+jobs, total = [], 0
+for job in dict.fromkeys(quant_job_of(spec, c)[0] for c in spec.cells if not _done(spec, c)):  # spec order
+    d = spec.work / "q" / str(job)
+    if job is not None and (d / "quant_config.json").exists():
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        if total + size <= 44 << 20:
+            jobs.append(f"q/{job}"); total += size
+print("\n".join(jobs))
+PY
+  if ! cmp -s "$LOGS/q-carry.new" "$LOGS/q-carry.txt"; then
+    mv "$LOGS/q-carry.new" "$LOGS/q-carry.txt"
+    rm -rf "$OUT/q.tmp" && mkdir -p "$OUT/q.tmp"
+    if [ -s "$LOGS/q-carry.txt" ]; then
+      tar czf - -C "$WORK" $(cat "$LOGS/q-carry.txt") | split -b 15M - "$OUT/q.tmp/q.tgz."
+    fi
+    rm -rf "$OUT/q" && mv "$OUT/q.tmp" "$OUT/q"
+  fi
+  tar czf "$OUT/call.tgz.tmp" --exclude=./.start --exclude=./q-carry.new -C "$LOGS" . && mv "$OUT/call.tgz.tmp" "$OUT/call.tgz"
+  if [ "${1:-}" = final ]; then
+    [ -s "$LOGS/q-carry.txt" ] && echo "checkpoints to carry: $(tr '\n' ' ' < "$LOGS/q-carry.txt")($(du -ch "$OUT"/q/q.tgz.* \
+      | tail -1 | cut -f1)): here cat q/q.tgz.* > .data/q.tgz"
+    echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
+  fi
 }
 case $MODE in
   train)
@@ -97,7 +143,8 @@ case $MODE in
     [ -n "$RPID" ] && kill -- -$RPID 2>/dev/null
     ;;
   cells)
-    # finished checkpoints an earlier call returned ($OUT/q.tgz; carry it as .data/q.tgz): those cells only sample
+    # finished checkpoints an earlier call returned ($OUT/q/q.tgz.*, joined here and carried as .data/q.tgz): those
+    # cells only sample
     if [ -f .data/q.tgz ]; then
       mkdir -p "$WORK" && tar xzf .data/q.tgz -C "$WORK" --skip-old-files && echo "carried checkpoints: $(tar tzf \
         .data/q.tgz | grep -c '/quant_config.json$')"
@@ -111,27 +158,6 @@ case $MODE in
     ;;
   *) echo "usage: gpu-dit-call.sh train|cells OUT"; exit 2 ;;
 esac
-# pack: finished cells, logs (the runner's, each cell process's), GAC's per-block weights, the monitor
 [ -n "${MON:-}" ] && kill $MON 2>/dev/null
-# Only files written since the call began: session 20's machine held other specs' cells and logs from earlier calls
-# in the same folders, which came back with the new ones. Unpack here with scripts/gpu-unpack.sh.
-[ -d "$RES" ] && mkdir -p "$LOGS/results" && (cd "$RES" && find . -type f -newer "$LOGS/.start" \
-  -exec cp --parents {} "$LOGS/results/" \;)
-[ -d "$WORK" ] && (cd "$WORK" && find logs q -type f -newer "$LOGS/.start" \( -path 'logs/*' -o -path 'q/*/gac/*' \
-  -o -path 'q/*/quant_config.json' \) -exec cp --parents {} "$LOGS/" \; 2>/dev/null)
-# the finished checkpoints (made here or carried in) whose cells did not finish, for a later call (carry $OUT/q.tgz as .data/q.tgz):
-# a machine goes back 30 s after a call, and quantizing is most of a cell's time (packed W4: ~5 MB each)
-python - "$SPEC" > "$LOGS/q-carry.txt" <<'PY' || echo "listing the checkpoints to carry failed"
-import sys
-from gacq.experiment import _done, load_spec, quant_job_of
-spec = load_spec(sys.argv[1])
-jobs = {quant_job_of(spec, c)[0] for c in spec.cells if not _done(spec, c)} - {None}
-print("\n".join(f"q/{job}" for job in sorted(jobs) if (spec.work / "q" / job / "quant_config.json").exists()))
-PY
-if [ -s "$LOGS/q-carry.txt" ]; then
-  tar czf "$OUT/q.tgz" -C "$WORK" $(cat "$LOGS/q-carry.txt") && echo "checkpoints to carry: $(tr '\n' ' ' \
-    < "$LOGS/q-carry.txt")($(du -h "$OUT/q.tgz" | cut -f1)): carry as .data/q.tgz"
-fi
-rm -f "$LOGS/.start"
-tar czf "$OUT/call.tgz" -C "$LOGS" . && echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
+pack final
 ls -l "$OUT"; [ ! -d "$OUT/model" ] || ls -l "$OUT/model"

@@ -95,13 +95,17 @@ def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (dev1 / f"results/experiments/t/cells/{cell}.json").exists()
     assert "checkpoints to carry: q/rtn_w4a8_steps5 " in r.stdout, r.stdout
-    with tarfile.open(out1 / "q.tgz") as t:
+    parts = sorted((out1 / "q").glob("q.tgz.*"))  # the parts a call returns; joined here
+    assert parts and all(p.stat().st_size <= 15 << 20 for p in parts)
+    joined = tmp_path / "q.tgz"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(joined) as t:
         assert "q/rtn_w4a8_steps5/quant_config.json" in t.getnames()
 
     # call 2, on a fresh machine, carries it: the cell samples from that very checkpoint and finishes
     dev2 = tmp_path / "device2"
     (dev2 / ".data").mkdir(parents=True)
-    (dev2 / ".data/q.tgz").write_bytes((out1 / "q.tgz").read_bytes())
+    (dev2 / ".data/q.tgz").write_bytes(joined.read_bytes())
     (dev2 / "spec.toml").write_text(SPEC.format(model=model))
     r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", tmp_path / "out2", cwd=dev2,
               env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500"})
@@ -113,3 +117,40 @@ def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples
     assert res["quantize"]["wall_seconds"] == json.loads((dev1 / cfg).read_text())["wall_seconds"]
     # the checkpoint goes on: the spec's W4A32 rtn cell, not run yet, samples from it too (its weights, float acts)
     assert "checkpoints to carry: q/rtn_w4a8_steps5 " in r.stdout, r.stdout
+
+
+def test_a_call_killed_by_its_limit_still_returns_what_finished(tmp_path):
+    """The call packs while its cells run: killed whole (as the device kills a call at its limit), $OUT holds the
+    cells finished by then."""
+    import signal
+    import time
+
+    torch.manual_seed(0)
+    model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
+    dev = tmp_path / "device"
+    dev.mkdir()
+    (dev / "spec.toml").write_text(SPEC.format(model=model))
+    out = tmp_path / "out"
+    env = {**os.environ, "SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": "fp_steps5_seed0,rtn_w4a8_steps5_seed0",
+           "DEADLINE": "500", "P": "1", "PACK_EVERY": "1"}
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts/gpu-dit-call.sh"), "cells", str(out)], cwd=dev, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def packed() -> set[str]:
+        try:
+            with tarfile.open(out / "call.tgz") as t:
+                return {n.lstrip("./") for n in t.getnames()}
+        except (FileNotFoundError, tarfile.TarError):
+            return set()
+
+    try:
+        t0 = time.time()
+        while "results/cells/fp_steps5_seed0.json" not in packed() and time.time() - t0 < 300:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        # the float cell is packed while the quantized one still runs (one process runs them in turn)
+        assert proc.poll() is None and not (dev / "results/experiments/t/cells/rtn_w4a8_steps5_seed0.json").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "results/cells/fp_steps5_seed0.json" in packed()  # a whole archive, left in place by the kill
