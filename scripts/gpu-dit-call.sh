@@ -26,7 +26,8 @@
 # call-sized iterations; `UNET=keep bash scripts/gpu-dit-stash.sh out results/experiments/cifar10-call-sized`, so that
 # its finished cells travel and are skipped; carry [".whl"]).
 # DEADLINE must end before the device call's own limit (the run tool's limit_s: timeout_s, or less when less device time
-# is left; a cold start is paid from the same budget): a call cut by that limit packs nothing (session 20 lost one so).
+# is left; a cold start is paid from the same budget): a call cut by that limit returns only its last pack (made every
+# PACK_EVERY = 30 s; before session 21 it returned nothing, and session 20 lost a call so).
 # Checkpoints: a call returns the quantized checkpoints it finished for cells it did not ($OUT/q/q.tgz.*); carried
 # back as .data/q.tgz (carry [".whl", ".data/q.tgz"]) a cells call unpacks them into the work folder and those cells only
 # sample (their recorded quantization time is the checkpoint's own). Sample shards and resume points do not travel.
@@ -87,7 +88,7 @@ pack() {
   [ -d "$WORK" ] && (cd "$WORK" && find logs q -type f -newer "$LOGS/.start" \( -path 'logs/*' -o -path 'q/*/gac/*' \
     -o -path 'q/*/quant_config.json' \) -exec cp --parents {} "$LOGS/" \; 2>/dev/null)
   python - "$SPEC" > "$LOGS/q-carry.new" <<'PY' || echo "listing the checkpoints to carry failed"
-import subprocess, sys
+import sys
 from gacq.experiment import _done, load_spec, quant_job_of
 spec = load_spec(sys.argv[1])
 jobs, total = [], 0
