@@ -80,7 +80,7 @@ run_cells() {  # run the given cells until the deadline
 #    calls in the same folders). Unpack here with scripts/gpu-unpack.sh.
 #  - $OUT/q/q.tgz.aa, .ab, ...: the finished checkpoints (made here or carried in) whose cells did not finish, in
 #    parts of at most 15 MiB (a returned file is at most 16 MiB; session 21's one 30 MB q.tgz did not come back),
-#    at most 44 MiB in all (a call returns 64 MiB). Here: cat q/q.tgz.* > q.tgz; a later call carries (some of) them
+#    at most 44 MiB in all (a call returns 64 MiB). Here: scripts/gpu-q-carry.sh joins them; a later call carries (some of) them
 #    as .data/q.tgz (the working tree travels in 64 MiB: about four W4 checkpoints of the bundled UNet beside .whl).
 pack() {
   [ -d "$RES" ] && mkdir -p "$LOGS/results" && (cd "$RES" && find . -type f -newer "$LOGS/.start" \
@@ -111,7 +111,7 @@ PY
   tar czf "$OUT/call.tgz.tmp" --exclude=./.start --exclude=./q-carry.new -C "$LOGS" . && mv "$OUT/call.tgz.tmp" "$OUT/call.tgz"
   if [ "${1:-}" = final ]; then
     [ -s "$LOGS/q-carry.txt" ] && echo "checkpoints to carry: $(tr '\n' ' ' < "$LOGS/q-carry.txt")($(du -ch "$OUT"/q/q.tgz.* \
-      | tail -1 | cut -f1)): here cat q/q.tgz.* > .data/q.tgz"
+      | tail -1 | cut -f1)): here bash scripts/gpu-q-carry.sh FILES_AT/q [JOB ...]"
     echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
   fi
 }

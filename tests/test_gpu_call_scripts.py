@@ -97,8 +97,13 @@ def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples
     assert "checkpoints to carry: q/rtn_w4a8_steps5 " in r.stdout, r.stdout
     parts = sorted((out1 / "q").glob("q.tgz.*"))  # the parts a call returns; joined here
     assert parts and all(p.stat().st_size <= 15 << 20 for p in parts)
-    joined = tmp_path / "q.tgz"
-    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    here = tmp_path / "here"
+    here.mkdir()
+    r = _bash(ROOT / "scripts/gpu-q-carry.sh", out1 / "q", "no_such_job", cwd=here)
+    assert r.returncode == 1 and "no checkpoint no_such_job" in r.stdout and "rtn_w4a8_steps5" in r.stdout
+    r = _bash(ROOT / "scripts/gpu-q-carry.sh", out1 / "q", "rtn_w4a8_steps5", cwd=here)
+    assert r.returncode == 0 and ".data/q.tgz holds rtn_w4a8_steps5" in r.stdout, r.stdout + r.stderr
+    joined = here / ".data/q.tgz"
     with tarfile.open(joined) as t:
         assert "q/rtn_w4a8_steps5/quant_config.json" in t.getnames()
 
