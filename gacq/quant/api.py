@@ -426,15 +426,16 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     qmodel = quantize(loaded, config, cs, device=device, progress=progress)
+    this_run = round(time.time() - t0, 2)
     meta = {"config": config.to_json(), "base_model": loaded.source, "commit": git_commit(),
             **(extra_meta or {}),
             "calibration": str(calib) if calib is not None else "collected",
             "calibration_meta": cs.meta if cs is not None else None,
             "calibration_samples": getattr(qmodel, "gacq_calibration_samples", None),
             **({"smoothing": qmodel.gacq_smoothed} if getattr(qmodel, "gacq_smoothed", None) else {}),
-            "wall_seconds": round(time.time() - t0 + sum(earlier), 2)}
+            "wall_seconds": round(this_run + sum(earlier), 2)}
     if earlier:  # resumed: the total above counts the killed runs up to their last resume points
-        meta["wall_seconds_runs"] = [*earlier, round(time.time() - t0, 2)]
+        meta["wall_seconds_runs"] = [*earlier, this_run]
     if device.type == "cuda":
         meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     out = Path(out)
