@@ -515,21 +515,39 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
 def write_gac_diagnostics(spec: ExperimentSpec, qdirs: list[Path] | None = None) -> list[Path]:
     """For each finished gac checkpoint (default: every one in the spec's work folder) without one yet, its learned
     sample weights per sampling step (`gacq.diagnostics.gac_weight_profile`) as
-    `<results>/diagnostics/<job>.json`, which `gacq report` plots. Returns the files written."""
+    `<results>/diagnostics/<job>.json`, which `gacq report` plots. Returns the files written.
+
+    A profile names the weights file it was made from (`gac_weights_sha256`). Where the job was quantized again (a
+    later session requantized a checkpoint that did not come back), the old profile describes another run: it moves
+    to `diagnostics/superseded/<job>-<its sha or commit>.json` (kept, as every run is) and the new one is written."""
     from .diagnostics import gac_weight_profile
-    from .utils import write_json
+    from .utils import file_sha256, write_json
 
     if qdirs is None:
         qdirs = sorted(d for d in (spec.work / "q").glob("*") if d.is_dir()) if (spec.work / "q").is_dir() else []
     written = []
     for qdir in qdirs:
         out = spec.results / "diagnostics" / f"{qdir.name}.json"
-        if out.exists() or not (qdir / "quant_config.json").exists() or not (qdir / "gac_weights.safetensors").exists():
+        gac_file = qdir / "gac_weights.safetensors"
+        if not (qdir / "quant_config.json").exists() or not gac_file.exists():
             continue
-        if json.loads((qdir / "quant_config.json").read_text()).get("bias_corrected_from"):
+        meta = json.loads((qdir / "quant_config.json").read_text())
+        if meta.get("bias_corrected_from"):
             continue  # a bias-corrected copy carries its base checkpoint's weights unchanged
+        sha = file_sha256(gac_file)
+        if out.exists():
+            old = json.loads(out.read_text())
+            # profiles written before the sha was recorded name only their commit
+            same = old.get("gac_weights_sha256") == sha if "gac_weights_sha256" in old \
+                else old.get("commit") == meta.get("commit")
+            if same:
+                continue
+            tag = (old.get("gac_weights_sha256") or "")[:12] or str(old.get("commit") or "unknown")[:12]
+            (out.parent / "superseded").mkdir(exist_ok=True)
+            out.replace(out.parent / "superseded" / f"{qdir.name}-{tag}.json")
         prof = gac_weight_profile(qdir)
         prof["qdir"] = f"<work>/q/{qdir.name}"  # where it lived is no result
+        prof["gac_weights_sha256"] = sha
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, prof)
         written.append(out)

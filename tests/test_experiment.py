@@ -504,6 +504,21 @@ def test_gac_cells_write_weight_profiles_that_the_report_plots(tiny32, tmp_path)
     assert json.loads(prof_file.read_text())["blocks"] == prof["blocks"]
     r = here("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
     assert "0 new GAC weight profile(s)" in r.stdout  # written once
+    # the job quantized again (another run's weights): the old profile is kept under superseded/, a new one written
+    from safetensors.torch import load_file, save_file
+
+    wfile = tmp_path / "runs/experiments/t/q/gac_w4a32_steps5/gac_weights.safetensors"
+    tensors = load_file(wfile)
+    first = next(k for k in tensors if tensors[k].is_floating_point())
+    tensors[first] = tensors[first] * 2
+    save_file(tensors, wfile)
+    old = json.loads(prof_file.read_text())
+    r = here("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
+    assert "1 new GAC weight profile(s)" in r.stdout, r.stdout + r.stderr
+    new = json.loads(prof_file.read_text())
+    assert new["gac_weights_sha256"] != old["gac_weights_sha256"]  # (one block scaled: its relative weights stay)
+    kept = tmp_path / "results/experiments/t/diagnostics/superseded" / f"gac_w4a32_steps5-{old['gac_weights_sha256'][:12]}.json"
+    assert json.loads(kept.read_text()) == old
     r = here("report", "results/experiments/t", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "results" / "experiments" / "t" / "README.md").read_text()
