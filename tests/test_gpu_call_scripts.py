@@ -51,6 +51,10 @@ def test_call_packs_only_its_own_files_and_unpack_merges(tmp_path):
     r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out, cwd=dev,
               env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": "fp_steps5_seed0,fp_steps10_seed0", "DEADLINE": "500"})
     assert r.returncode == 0, r.stdout + r.stderr
+    # no checkpoint to carry (FP cells only): no empty tar, no q parts, no tool complaining about either
+    log = r.stdout + r.stderr
+    assert "Cowardly" not in log and "cannot access" not in log and "checkpoints to carry" not in log, log
+    assert not list((out / "q").glob("q.tgz.*"))
     with tarfile.open(out / "call.tgz") as t:
         names = {n.lstrip("./") for n in t.getnames()}
     assert "results/cells/fp_steps5_seed0.json" in names and "logs/fp_steps5_seed0.log" in names, names
