@@ -13,9 +13,11 @@ activation sets gets the set of each input's step), split into
 
     bias[c, step] = mean over samples and pixels of (eps_q - eps_fp) in channel c
     rms[step]     = root mean square of (eps_q - eps_fp) over everything
+    gain[step]    = sum((eps_q - eps_fp) * eps_fp) / sum(eps_fp^2): how much more (+) or less (-) of the float
+                    prediction the quantized model predicts (a scale error, which a loss of contrast could come from)
 
-and, where a sample grid's colour is given (`benchmarks/grid_colour.py`'s JSON) and a cell's FID
-(the experiment's cell JSONs), relates them across checkpoints (Pearson r over checkpoints).
+and, where a sample grid's colour and contrast are given (`benchmarks/grid_colour.py`'s JSON) and a cell's
+FID (the experiment's cell JSONs), relates them across checkpoints (Pearson r over checkpoints).
 
     python benchmarks/output_bias.py runs/experiments/cifar10-table/q/*w3a8* --out results/output_bias \
         --colours results/grid_colour/grid_colour.json --cells results/experiments/cifar10-table/cells
@@ -83,17 +85,21 @@ def main(argv=None) -> int:
         m = measure_output_bias(q.model, fp.model, calib, args.batch)  # per-step activation sets applied
         bias = torch.stack([m["by_step"][k] for k in steps], dim=1).numpy()
         rms = np.array([m["rms_by_step"][k] for k in steps])
+        gain = np.array([m["gain_by_step"][k] for k in steps])
         job = qdir.name
-        row = {"checkpoint": job, "bias": bias.tolist(), "rms": rms.tolist(),
-               "mean_bias": bias.mean(1).tolist(), "mean_rms": float(rms.mean()), "fid": fids.get(job),
+        row = {"checkpoint": job, "bias": bias.tolist(), "rms": rms.tolist(), "gain": gain.tolist(),
+               "mean_bias": bias.mean(1).tolist(), "mean_rms": float(rms.mean()), "mean_gain": float(gain.mean()),
+               "fid": fids.get(job),
                "seconds": round(time.time() - t0, 1)}
         if colours:
             grid = next((g for g in colours["rows"] if Path(g["grid"]).stem.startswith(job + "_seed")), None)
             if grid:
                 row["grid_rgb"] = grid["mean_rgb"]
+                if "contrast" in grid:
+                    row["grid_contrast"] = grid["contrast"]
         rows.append(row)
         print(f"{job:28s} mean bias R {bias[0].mean():+.4f} G {bias[1].mean():+.4f} B {bias[2].mean():+.4f}  "
-              f"rms {rms.mean():.4f}  ({row['seconds']} s)", flush=True)
+              f"rms {rms.mean():.4f}  gain {gain.mean():+.5f}  ({row['seconds']} s)", flush=True)
 
     # across checkpoints: the blue-minus-red bias of the noise prediction against the grids' blue-minus-red
     # colour and against FID
@@ -107,6 +113,11 @@ def main(argv=None) -> int:
     if len(with_fid) >= 3:
         summary["r_abs_bias_vs_fid"] = pearson([abs(b) for b, _ in with_fid], [r["fid"] for _, r in with_fid])
         summary["r_rms_vs_fid"] = pearson([r["mean_rms"] for _, r in with_fid], [r["fid"] for _, r in with_fid])
+        summary["r_gain_vs_fid"] = pearson([r["mean_gain"] for _, r in with_fid], [r["fid"] for _, r in with_fid])
+    with_contrast = [r for r in rows if "grid_contrast" in r]
+    if len(with_contrast) >= 3:
+        summary["r_gain_vs_grid_contrast"] = pearson([r["mean_gain"] for r in with_contrast],
+                                                     [r["grid_contrast"] for r in with_contrast])
 
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))
@@ -120,16 +131,18 @@ def main(argv=None) -> int:
              f"{result['machine'].get('cpus')} CPUs.", "",
              f"Teacher-forced: {args.trajectories} float DDIM-{args.steps} trajectories (seed {args.seed}), "
              f"{len(steps)} recorded steps each; every model predicts the noise of the same float x_t. "
-             "Bias: mean of eps_q - eps_fp per channel, averaged over steps. Grid RGB: mean colour of the cell's sample grid (FP: see results/grid_colour). "
+             "Bias: mean of eps_q - eps_fp per channel, averaged over steps. Gain: the least-squares slope of "
+             "eps_q - eps_fp on eps_fp, averaged over steps (+0.01: 1 % more of the float prediction). Grid RGB: mean colour of the cell's sample grid (FP: see results/grid_colour). "
              "FID: cifar10 feature network (hash 4e70bc356286329a, not Inception), from the experiment's cells.", "",
-             "| checkpoint | bias R | bias G | bias B | B - R | rms | grid RGB | FID |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| checkpoint | bias R | bias G | bias B | B - R | rms | gain | grid RGB | grid contrast | FID |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r, br in zip(rows, br_bias):
         rgb = " ".join(f"{v:.0f}" for v in r["grid_rgb"]) if "grid_rgb" in r else ""
         fid = f"{r['fid']:.2f}" if r["fid"] is not None else ""
         b = r["mean_bias"]
+        contrast = f"{r['grid_contrast']:.1f}" if "grid_contrast" in r else ""
         lines.append(f"| {r['checkpoint']} | {b[0]:+.4f} | {b[1]:+.4f} | {b[2]:+.4f} | {br:+.4f} | {r['mean_rms']:.4f} "
-                     f"| {rgb} | {fid} |")
+                     f"| {r['mean_gain']:+.5f} | {rgb} | {contrast} | {fid} |")
     if summary:
         lines += ["", "Across checkpoints (Pearson r): " + ", ".join(f"{k} = {v:.3f}" for k, v in summary.items()) + "."]
     lines += ["", "![bias per step](output_bias.png)", ""]
@@ -143,13 +156,19 @@ def plot(rows: list[dict], steps: list[int], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for c, ax in enumerate(axes):
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    axes[1].sharey(axes[0]), axes[2].sharey(axes[0])
+    for c, ax in enumerate(axes[:3]):
         for r in rows:
             ax.plot(steps, r["bias"][c], label=r["checkpoint"])
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(f"channel {CHANNELS[c]}: mean eps_q - eps_fp")
         ax.set_xlabel("sampling step (0 = noisiest)")
+    for r in rows:
+        axes[3].plot(steps, r["gain"], label=r["checkpoint"])
+    axes[3].axhline(0, color="k", lw=0.5)
+    axes[3].set_title("gain: slope of eps_q - eps_fp on eps_fp")
+    axes[3].set_xlabel("sampling step (0 = noisiest)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -37,7 +37,10 @@ def measure_output_bias(q_model: nn.Module, fp_model: nn.Module, calib, batch_si
     batches the quantized model's per-step activation set is loaded when it has one
     (`q_model.gacq_fsc`), and set 0 is restored afterwards, as `quantize` leaves it.
     Returns {"bias": (C,) float64, "by_step": {step: (C,) float64}, "rms_by_step": {step: float}
-    (root mean square of the whole error), "count": {step: n}}.
+    (root mean square of the whole error), "gain_by_step": {step: float}, "count": {step: n}}.
+    The gain is the least-squares slope of the error on the float prediction over the step's samples,
+    sum((eps_q - eps_fp) * eps_fp) / sum(eps_fp ** 2): +0.01 means the quantized model predicts 1 % more
+    of the float model's noise on top of it (a scale error, which a per-channel bias cannot hold).
     """
     device = torch.device(device)
     fsc = getattr(q_model, "gacq_fsc", None)
@@ -54,29 +57,34 @@ def measure_output_bias(q_model: nn.Module, fp_model: nn.Module, calib, batch_si
         raise GacqError(f"calibration samples at sampling step {steps[-1]} but the model has per-step activation "
                         f"sets for {fsc.n_steps} steps; measure on the calibration set the model was quantized with")
     total, n_total = None, 0
-    by_step, rms, count = {}, {}, {}
+    by_step, rms, gain, count = {}, {}, {}, {}
     for k in tqdm(steps, desc="output bias", unit="step", disable=not progress):
         if fsc is not None:
             fsc.apply(q_model, k)
         idx = torch.nonzero(calib.step == k).flatten()
-        acc, sq = None, 0.0
+        acc, sq, cross, norm = None, 0.0, 0.0, 0.0
         for lo in range(0, len(idx), batch_size):
             b = idx[lo:lo + batch_size]
             x, t = calib.x[b].to(device), calib.t[b].to(device)
             cond = slice_cond(calib.cond, b, device)
-            d = predict_eps(q_model, x, t, cond).double() - predict_eps(fp_model, x, t, cond).double()
+            e_fp = predict_eps(fp_model, x, t, cond).double()
+            d = predict_eps(q_model, x, t, cond).double() - e_fp
+            cross += float((d * e_fp).sum())
+            norm += float(e_fp.pow(2).sum())
             err = d.mean(dim=(2, 3)).sum(0)
             sq += float(d.pow(2).mean(dim=(1, 2, 3)).sum())
             acc = err if acc is None else acc + err
         by_step[k], count[k] = (acc / len(idx)).cpu(), len(idx)
         rms[k] = (sq / len(idx)) ** 0.5
+        gain[k] = cross / norm if norm > 0 else float("nan")
         total = acc if total is None else total + acc
         n_total += len(idx)
     if fsc is not None:
         fsc.apply(q_model, 0)
     if total is None or not torch.isfinite(total).all():
         raise GacqError("the output bias could not be measured (no calibration samples, or non-finite outputs)")
-    return {"bias": (total / n_total).cpu(), "by_step": by_step, "rms_by_step": rms, "count": count}
+    return {"bias": (total / n_total).cpu(), "by_step": by_step, "rms_by_step": rms, "gain_by_step": gain,
+            "count": count}
 
 
 def output_layer(model: nn.Module) -> tuple[str, nn.Module, torch.Tensor]:

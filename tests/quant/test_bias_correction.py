@@ -55,19 +55,25 @@ def test_measured_bias_matches_a_naive_per_sample_loop(fp, q_tfmq, calib_all):
     models run in float32, batching changes their last bits, and an activation on a rounding boundary
     then lands one quantization level over (measured: differences up to 1.4e-5)."""
     m = measure_output_bias(q_tfmq, fp, calib_all, batch_size=4)
-    errs = []
+    errs, cross, norm = [], {}, {}
     with torch.no_grad():
         for i in range(len(calib_all)):
             q_tfmq.gacq_fsc.apply(q_tfmq, int(calib_all.step[i]))
             x, t = calib_all.x[i:i + 1], calib_all.t[i:i + 1]
-            d = q_tfmq(x, t).sample.double() - fp(x, t).sample.double()
+            e_fp = fp(x, t).sample.double()
+            d = q_tfmq(x, t).sample.double() - e_fp
             errs.append(d[0].mean(dim=(1, 2)))
+            k = int(calib_all.step[i])  # the gain: a plain dot-product ratio per step
+            cross[k] = cross.get(k, 0.0) + float((d * e_fp).sum())
+            norm[k] = norm.get(k, 0.0) + float((e_fp * e_fp).sum())
     q_tfmq.gacq_fsc.apply(q_tfmq, 0)
     ref = torch.stack(errs).mean(0)
     assert m["bias"].shape == (3,)
     assert (m["bias"] - ref).abs().max() < 1e-4, (m["bias"] - ref)
     assert sum(m["count"].values()) == len(calib_all) and sorted(m["by_step"]) == list(range(STEPS))
     assert m["bias"].abs().max() > 1e-3  # a real bias to correct, far above the tolerance
+    for k in range(STEPS):
+        assert abs(m["gain_by_step"][k] - cross[k] / norm[k]) < 1e-4, (k, m["gain_by_step"][k], cross[k] / norm[k])
 
 
 def test_fold_shifts_unet_predictions_by_minus_bias(fp):
