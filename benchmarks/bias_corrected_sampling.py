@@ -11,7 +11,7 @@ the same images (same per-sample noise) four ways on this machine:
     folded      what `gacq quantize --bias-correction` ships: one bias per channel (the mean over the
                 recorded steps) folded into the last layer (`gacq.quant.bias_correction.fold_output_bias`)
 
-and reports each set's mean RGB, its pixel PSNR against the float images, and a grid of the sets
+and reports each set's mean RGB, contrast, pixel PSNR against the float images, and a grid of the sets
 (rows of 8: fp, quantized, corrected, folded).
 A quick hypothesis test on a few images, not a metric: FID needs thousands of samples.
 
@@ -85,7 +85,10 @@ def main(argv=None) -> int:
         seconds[name] = round(time.time() - t0, 1)
         print(f"{name}: {seconds[name]} s", flush=True)
     rows = {k: {"mean_rgb": v.reshape(-1, 3).mean(0).round(2).tolist(),
-                "psnr_vs_fp_db": float(np.mean(np.minimum(psnr(images["fp"], v), 99.0))), "seconds": seconds[k]}
+                "psnr_vs_fp_db": float(np.mean(np.minimum(psnr(images["fp"], v), 99.0))),
+                # as benchmarks/grid_colour.py's: each image's pixel standard deviation (0-255), averaged
+                "contrast": round(float(v.reshape(len(v), -1).astype(np.float64).std(axis=1).mean()), 3),
+                "seconds": seconds[k]}
             for k, v in images.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     save_image(image_grid(np.concatenate([images[k][:8] for k in ("fp", "quantized", "corrected", "folded")]), ncols=8),
