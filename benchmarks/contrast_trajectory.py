@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gacq.conditioning import predict_eps  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.sampling import SampleConfig, generate, make_scheduler  # noqa: E402
-from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
+from gacq.utils import atomic_path, git_commit, machine_info, save_figure, write_json  # noqa: E402
 
 
 def recorder(model, abar: torch.Tensor, store: list):
@@ -122,10 +122,7 @@ def plot(runs: list[dict], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("sampling step (0 = noisiest)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gacq.diagnostics import pearson  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.quant.bias_correction import measure_output_bias  # noqa: E402
-from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
+from gacq.utils import atomic_path, git_commit, machine_info, save_figure, write_json  # noqa: E402
 from gac_meta_study import calibration  # noqa: E402  (this script's folder: benchmarks/)
 
 CHANNELS = "RGB"
@@ -170,10 +170,7 @@ def plot(rows: list[dict], steps: list[int], path: Path) -> None:
     axes[3].set_title("gain: slope of eps_q - eps_fp on eps_fp")
     axes[3].set_xlabel("sampling step (0 = noisiest)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
