@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gacq.compare import psnr  # noqa: E402
+from gacq.compare import contrast, psnr  # noqa: E402
 from gacq.conditioning import predict_eps  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.quant.bias_correction import fold_output_bias  # noqa: E402
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
         print(f"{name}: {seconds[name]} s", flush=True)
     rows = {k: {"mean_rgb": v.reshape(-1, 3).mean(0).round(2).tolist(),
                 "psnr_vs_fp_db": float(np.mean(np.minimum(psnr(images["fp"], v), 99.0))),
-                # as benchmarks/grid_colour.py's: each image's pixel standard deviation (0-255), averaged
-                "contrast": round(float(v.reshape(len(v), -1).astype(np.float64).std(axis=1).mean()), 3),
+                "contrast": round(contrast(v), 3),  # as benchmarks/grid_colour.py's
                 "seconds": seconds[k]}
             for k, v in images.items()}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gacq.compare import contrast as image_contrast  # noqa: E402
 from gacq.conditioning import predict_eps  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.sampling import SampleConfig, generate, make_scheduler  # noqa: E402
@@ -74,8 +75,7 @@ def main(argv=None) -> int:
         contrast = x0.flatten(2).std(dim=2).mean(dim=1)
         dist = (x0 - fp_x0).pow(2).mean(dim=(1, 2, 3, 4)).sqrt()
         runs.append({"model": name, "contrast": contrast.tolist(), "dist": dist.tolist(),
-                     "final_contrast": round(float(images.reshape(len(images), -1).astype(np.float64)
-                                                   .std(axis=1).mean()), 3),
+                     "final_contrast": round(image_contrast(images), 3),
                      "seconds": round(time.time() - t0, 1)})
         print(f"{name:36s} x0 contrast at steps {'/'.join(map(str, marks))}: "
               + " ".join(f"{contrast[i]:.3f}" for i in marks)
@@ -83,15 +83,15 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))
-    commit = git_commit()
+    commit, machine = git_commit(), machine_info()
     write_json(args.out / "contrast_trajectory.json",
-               {"command": cmd, "commit": commit, "machine": machine_info(), "num": args.num, "steps": args.steps,
+               {"command": cmd, "commit": commit, "machine": machine, "num": args.num, "steps": args.steps,
                 "seed": args.seed, "runs": runs, "wall_seconds": round(time.time() - t_all, 1)})
     plot(runs, args.out / "contrast_trajectory.png")
     fp_c = runs[0]["contrast"]
     lines = ["# Contrast of the predicted clean image along the sampling trajectory", "",
              f"Command: `{cmd}`; commit {commit}; {round(time.time() - t_all)} s on "
-             f"{machine_info().get('cpus')} CPUs.", "",
+             f"{machine.get('cpus')} CPUs.", "",
              f"{args.num} images, DDIM {args.steps} steps, sampling seed {args.seed}, the same noise for every model. "
              "x0 contrast: per-image standard deviation of the predicted clean image (model space), averaged; "
              "as a ratio to the float run's at the same step. Final: the samples' pixel standard deviation (0-255).",

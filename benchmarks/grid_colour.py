@@ -17,10 +17,9 @@ a look at the samples, not a metric.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-
-import json
 
 import numpy as np
 from PIL import Image
@@ -28,6 +27,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gacq.compare import contrast  # noqa: E402
 from gacq.utils import atomic_path, git_commit, write_json  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         per = t.mean(axis=(1, 2))  # (64, 3)
         row = {"grid": str(p), "mean_rgb": per.mean(0).round(2).tolist(),
                "blue_dominant_share": float((per[:, 2] > per[:, 0] + 10).mean()),
-               "contrast": round(float(t.reshape(len(t), -1).std(axis=1).mean()), 3)}
+               "contrast": round(contrast(t), 3)}
         if args.cells is not None:
             cell = args.cells / f"{p.stem}.json"
             if not cell.is_file():

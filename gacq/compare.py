@@ -28,6 +28,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(mse > 0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12)), np.inf)
 
 
+def contrast(images: np.ndarray) -> float:
+    """Mean over images (N, H, W, C) of each image's pixel standard deviation, all channels together (in the
+    images' own units: 0-255 for uint8)."""
+    return float(images.reshape(len(images), -1).astype(np.float64).std(axis=1).mean())
+
+
 def side_by_side(fp: np.ndarray, q: np.ndarray, per_row: int = 8):
     """Pairs of rows: FP images, then the quantized images from the same noise."""
     rows = []

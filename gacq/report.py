@@ -292,7 +292,7 @@ def _plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .utils import atomic_path
+    from .utils import save_figure
 
     panels = sorted({r[0] for r in rows}, key=lambda p: (p[0], -p[1]))
     quantized = [p for p in panels if any(r[0] == p and r[1] != "fp" for r in rows)]
@@ -330,10 +330,7 @@ def _plot(rows, path: Path) -> None:
         ax.set_title(f"{panel[1]} sampling steps" + ("" if spread else " (one seed each: no spread shown; the axis "
                                                      "does not start at 0)"), fontsize=9 if not spread else None)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _html(md: list[str], images: list[tuple[Path, str]], grids, root: Path) -> str:

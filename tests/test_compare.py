@@ -1,6 +1,6 @@
 import numpy as np
 
-from gacq.compare import psnr, side_by_side
+from gacq.compare import contrast, psnr, side_by_side
 
 
 def test_psnr_matches_naive_formula():
@@ -23,3 +23,14 @@ def test_side_by_side_pairs_rows():
     # 2 pairs of rows (the second pair padded white), 2 columns, pad 2: height 4*(2+2)+2, width 2*(2+2)+2
     assert img.shape == (18, 10, 3)
     assert (img[2:4, 2:4] == 0).all() and (img[6:8, 2:4] == 200).all()  # FP row above its quantized row
+
+
+def test_contrast_matches_a_naive_loop():
+    """Each image's population standard deviation over all its pixels and channels, averaged over the images."""
+    import statistics
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    ref = sum(statistics.pstdev(int(v) for v in img.ravel()) for img in images) / len(images)
+    assert abs(contrast(images) - ref) < 1e-9
+    assert contrast(np.full((2, 4, 4, 3), 7, np.uint8)) == 0.0
