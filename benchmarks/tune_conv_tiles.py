@@ -1,7 +1,7 @@
 """Tile sweep of the implicit-GEMM conv kernels (int8 W8A8, W4A8, W4A16) on the `ddpm-cifar10` model's conv shapes,
 against cuDNN's bf16 conv of the same shape, so `triton_w4.tiles` can be chosen from measurements.
 
-For each shape (batch 256 at the model's resolutions) and each kernel it times every (BLOCK_M, BLOCK_N, BLOCK_K,
+For each shape (batch 256 at the model's resolutions, or --batch) and each kernel it times every (BLOCK_M, BLOCK_N, BLOCK_K,
 num_warps, num_stages) in the grid below (CUDA events, median of 10 after 3 warm-up calls; a config that fails to
 compile or run is recorded with its error), checks the fastest against the default tiles' output (the integer
 kernels: equal up to the epilogue's float rounding), and reports TOPS / TFLOPS (2 operations per multiply-add) and the
@@ -9,6 +9,8 @@ ratio to cuDNN bf16. Random inputs and weights: speed does not depend on the val
 
     python benchmarks/tune_conv_tiles.py --out results/conv_tiles          # GPU; about 2-4 minutes
     python benchmarks/tune_conv_tiles.py --out /tmp/t --grid quick         # fewer configs
+    python benchmarks/tune_conv_tiles.py --out /tmp/t --batch 1 --grid small-m   # batch 1: few output rows (M = H*W),
+        # so the large tiles leave most of the GPU's SMs idle; small-m tries tiles of 16-64 rows
     TRITON_INTERPRET=1 python benchmarks/tune_conv_tiles.py --out /tmp/t --grid smoke   # CPU smoke test
 
 Writes OUT/conv_tiles.json (command, machine, every timing) and OUT/conv_tiles.md.
@@ -37,8 +39,11 @@ BATCH = 256
 
 
 def configs(grid: str) -> list[tuple[int, int, int, int, int]]:
-    if grid == "smoke":
-        return [(32, 32, 32, 4, 2)]
+    if grid == "smoke":  # the default tiles of the interpreter, and one 16-row tile (the small-m grid's smallest)
+        return [(32, 32, 32, 4, 2), (16, 32, 32, 2, 2)]
+    if grid == "small-m":
+        blocks = [(16, 32, 64), (16, 64, 64), (32, 32, 64), (32, 64, 64), (64, 64, 64), (32, 128, 64), (64, 128, 64)]
+        return [(*b, w, 3) for b, w in itertools.product(blocks, [2, 4])]
     blocks = [(128, 128, 64), (128, 128, 128), (128, 256, 64), (256, 128, 64), (64, 128, 128), (128, 64, 128)]
     warps, stages = {"quick": ([8], [3]), "default": ([4, 8], [3]), "full": ([4, 8], [2, 3, 4])}[grid]
     return [(*b, w, s) for b, w, s in itertools.product(blocks, warps, stages)]
@@ -81,10 +86,15 @@ def kernels(c: int, o: int, k: int, stride: int, device: torch.device):
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--grid", choices=["quick", "default", "full", "smoke"], default="default",
+    p.add_argument("--grid", choices=["quick", "default", "full", "small-m", "smoke"], default="default",
                    help="quick: 6 tile shapes at 8 warps, 3 stages; default: 4 and 8 warps; full: also 2 and 4 stages; "
-                        "smoke: one tiny shape and config in Triton's interpreter (TRITON_INTERPRET=1, CPU; the test)")
+                        "small-m: 7 tile shapes of 16-64 rows at 2 and 4 warps (for small batches); "
+                        "smoke: one tiny shape and two configs in Triton's interpreter (TRITON_INTERPRET=1, CPU; the test)")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"images per conv call (default {BATCH}; the smoke grid 2)")
     args = p.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
     smoke = args.grid == "smoke"
     if not torch.cuda.is_available() and not smoke:
         sys.exit("tune_conv_tiles: needs a CUDA GPU (it times compiled Triton kernels); --grid smoke runs on the CPU")
@@ -96,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     rows = []
     batch, dtype = (2, torch.float32) if smoke else (BATCH, torch.bfloat16)
+    batch = args.batch or batch
 
     def write() -> dict:  # after every kernel, so a run cut by its time limit keeps what it measured
         result = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -140,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
                 try:
                     ms = time_ms(lambda: fn(x, cfg[:3], cfg[3], cfg[4]))
                     r.update(ms=round(ms, 4), tops=round(ops / ms / 1e9, 1), vs_cudnn=round(bf16 / ms, 3))
+                    if smoke:  # every config's output, not only the fastest's (the tiles must not change it)
+                        r["matches_default"] = bool(torch.allclose(fn(x, cfg[:3], cfg[3], cfg[4]).float(),
+                                                                   default.float(), rtol=1e-2, atol=1e-2))
                     if best is None or ms < best["ms"]:
                         best = r
                 except Exception as e:  # noqa: BLE001 (recorded: too much shared memory, ...)

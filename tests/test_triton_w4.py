@@ -67,6 +67,25 @@ def test_tile_sweep_runs_in_the_interpreter(tmp_path):
     assert all(s["best_matches_default"] for s in summaries)
     assert summaries[0]["general_taps_equal"]  # int8: the per-element tap path gives the aligned path's integers
     assert "| int8 |" in (tmp_path / "conv_tiles.md").read_text()
+    configs = [x for x in rows if "summary" not in x]
+    assert len(configs) == 6 and all(x.get("matches_default") for x in configs), configs  # the 16-row tile too
+
+
+def test_tile_sweep_at_batch_one(tmp_path):
+    """--batch 1 (the small-M case): a 16-row tile over a single image gives the default tiles' output, and the
+    report says the batch; a bad --batch is refused before anything runs."""
+    script = CHECKS.parent.parent / "benchmarks" / "tune_conv_tiles.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--grid", "smoke", "--batch", "1"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=CHECKS.parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "conv_tiles.json").read_text())["rows"]
+    assert all(x.get("matches_default") for x in rows if "summary" not in x)
+    assert "tile sweep at batch 1" in (tmp_path / "conv_tiles.md").read_text()
+    bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "bad"), "--grid", "smoke", "--batch",
+                          "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "--batch must be at least 1" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_int_mm_probe_needs_a_gpu(tmp_path):
