@@ -4,17 +4,24 @@
 # keeping only the named quantization jobs (default: all). A call's working tree travels in 64 MiB: with the stash
 # out and .whl, about four W4 checkpoints of the bundled UNet fit; the script says the size.
 #   bash scripts/gpu-q-carry.sh FILES_AT/q [JOB ...]     e.g. ... /work/.device/3/q gac_w4a8_steps100 tfmq_w4a8_steps100
+# or from checkpoints kept here, in a spec's work folder (its q/JOB folders; e.g. ones a call returned in an earlier
+# session, unpacked there):  bash scripts/gpu-q-carry.sh runs/experiments/NAME JOB ...
 set -eu
-[ $# -ge 1 ] || { echo "usage: gpu-q-carry.sh PARTS_FOLDER [JOB ...]"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: gpu-q-carry.sh PARTS_FOLDER|WORK_FOLDER [JOB ...]"; exit 2; }
 PARTS=$1; shift
-ls "$PARTS"/q.tgz.* > /dev/null 2>&1 || { echo "gpu-q-carry: no q.tgz.* parts in $PARTS (a call's \$OUT/q)"; exit 1; }
-T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
-cat "$PARTS"/q.tgz.* | tar xzf - -C "$T"
-HAVE=$(ls "$T/q")
+TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT  # only the joined parts are removed, never a work folder
+if ls "$PARTS"/q.tgz.* > /dev/null 2>&1; then
+  cat "$PARTS"/q.tgz.* | tar xzf - -C "$TMP"; SRC=$TMP
+elif ls "$PARTS"/q/*/quant_config.json > /dev/null 2>&1; then
+  SRC=$PARTS  # a work folder: its checkpoints as they are
+else
+  echo "gpu-q-carry: no q.tgz.* parts (a call's \$OUT/q) and no q/JOB/quant_config.json (a work folder) in $PARTS"; exit 1
+fi
+HAVE=$(cd "$SRC/q" && for d in */quant_config.json; do [ -f "$d" ] && dirname "$d"; done)  # checkpoints only
 for job in "$@"; do
-  [ -f "$T/q/$job/quant_config.json" ] || { echo "gpu-q-carry: no checkpoint $job in the parts (they hold: $(echo $HAVE))"; exit 1; }
+  [ -f "$SRC/q/$job/quant_config.json" ] || { echo "gpu-q-carry: no checkpoint $job in $PARTS (it holds: $(echo $HAVE))"; exit 1; }
 done
 JOBS=${*:-$HAVE}
 mkdir -p .data
-tar czf .data/q.tgz.tmp -C "$T" $(for j in $JOBS; do echo "q/$j"; done) && mv .data/q.tgz.tmp .data/q.tgz
+tar czf .data/q.tgz.tmp -C "$SRC" $(for j in $JOBS; do echo "q/$j"; done) && mv .data/q.tgz.tmp .data/q.tgz
 echo "gpu-q-carry: .data/q.tgz holds $(echo $JOBS) ($(du -h .data/q.tgz | cut -f1)); carry [\".whl\", \".data/q.tgz\"]"

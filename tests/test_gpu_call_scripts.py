@@ -110,6 +110,19 @@ def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples
     joined = here / ".data/q.tgz"
     with tarfile.open(joined) as t:
         assert "q/rtn_w4a8_steps5/quant_config.json" in t.getnames()
+        from_parts = sorted(t.getnames())
+    # the same from a work folder holding the checkpoint (kept here between sessions): same files, the folder kept
+    work = dev1 / "runs/experiments/t"
+    (work / "q/rtn_w4a8_steps5.recon-ckpt").mkdir()  # not a checkpoint: left out when no job is named
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = _bash(ROOT / "scripts/gpu-q-carry.sh", work, cwd=elsewhere)
+    assert r.returncode == 0 and ".data/q.tgz holds rtn_w4a8_steps5 (" in r.stdout, r.stdout + r.stderr
+    with tarfile.open(elsewhere / ".data/q.tgz") as t:
+        assert sorted(t.getnames()) == from_parts
+    assert (work / "q/rtn_w4a8_steps5/quant_config.json").exists()
+    r = _bash(ROOT / "scripts/gpu-q-carry.sh", tmp_path / "out2-none", cwd=elsewhere)
+    assert r.returncode == 1 and "no q.tgz.* parts" in r.stdout
 
     # call 2, on a fresh machine, carries it: the cell samples from that very checkpoint and finishes
     dev2 = tmp_path / "device2"
