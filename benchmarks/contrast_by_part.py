@@ -13,7 +13,11 @@ The call-sized W4A8 checkpoints sample flatter images than the float model, and 
                     or one element of a list child: down_blocks.0, up_blocks.2, ...) put back to float, weights
                     and activations; the rest quantized
 
-and reports each run's final contrast (per-image pixel standard deviation, 0-255, as benchmarks/grid_colour.py
+With --within PART the single-part runs are the layers of that part instead, one at a time, each with weights and
+input back to float and then with its weights alone (a quantized conv or linear; an attention module's own
+quantizers, of its q/k/v and softmax, count as one layer).
+
+It reports each run's final contrast (per-image pixel standard deviation, 0-255, as benchmarks/grid_colour.py
 computes it), the share of the contrast gap it recovers, (c - c_quantized) / (c_fp - c_quantized), and the RMS
 pixel distance of its images from fp's. Putting a part back to float copies the float model's weights into its
 quantized layers and turns their weight and input quantization off (and that of the part's attention).
@@ -44,17 +48,27 @@ from gacq.sampling import SampleConfig, generate  # noqa: E402
 from gacq.utils import atomic_path, git_commit, machine_info, save_figure, write_json  # noqa: E402
 
 
-def part_of(model: nn.Module, name: str) -> str:
-    """The part a module belongs to: its top-level child, or that child's element where the child is a list."""
+def part_of(model: nn.Module, name: str, within: str | None = None) -> str:
+    """The part a module belongs to: its top-level child, or that child's element where the child is a list; a
+    module inside `within` is a part of its own."""
+    if within is not None and name.startswith(within + "."):
+        return name
     head = name.split(".")
     return ".".join(head[:2]) if len(head) > 1 and isinstance(getattr(model, head[0], None), nn.ModuleList) \
         else head[0]
 
 
-def parts(model: nn.Module) -> list[str]:
-    """The parts holding quantized layers or attention quantizers, in module order."""
+def parts(model: nn.Module, within: str | None = None) -> list[str]:
+    """The parts holding quantized layers or attention quantizers, in module order (with `within`: only the layers
+    of that part)."""
     names = [n for n, _ in quant_layers(model)] + [n for n, _ in attention_quantizers(model)]
-    return list(dict.fromkeys(part_of(model, n) for n in sorted(names, key=_module_order(model))))
+    found = list(dict.fromkeys(part_of(model, n, within) for n in sorted(names, key=_module_order(model))))
+    if within is None:
+        return found
+    inner = [p for p in found if p.startswith(within + ".")]
+    if not inner:
+        raise SystemExit(f"--within {within}: no quantized layer inside it; parts: {', '.join(parts(model))}")
+    return inner
 
 
 def _module_order(model: nn.Module):
@@ -63,11 +77,11 @@ def _module_order(model: nn.Module):
 
 
 def to_float(qmodel: nn.Module, fp_model: nn.Module, chosen: list[str], weights: bool = True,
-             acts: bool = True) -> int:
-    """Put the chosen parts of `qmodel` back to float (weights from `fp_model`, inputs unquantized); returns how many
-    quantized layers changed."""
+             acts: bool = True, within: str | None = None) -> int:
+    """Put the chosen parts of `qmodel` (as `parts(qmodel, within)` names them) back to float (weights from
+    `fp_model`, inputs unquantized); returns how many quantized layers changed."""
     fp = dict(fp_model.named_modules())
-    inside = [n for n, _ in quant_layers(qmodel) if part_of(qmodel, n) in chosen]
+    inside = [n for n, _ in quant_layers(qmodel) if part_of(qmodel, n, within) in chosen]
     for name, m in quant_layers(qmodel):
         if name not in inside:
             continue
@@ -86,7 +100,7 @@ def to_float(qmodel: nn.Module, fp_model: nn.Module, chosen: list[str], weights:
             m.a_quant = False
     if acts:
         for name, proc in attention_quantizers(qmodel):
-            if part_of(qmodel, name) in chosen:
+            if part_of(qmodel, name, within) in chosen:
                 proc.quant = False
     return len(inside)
 
@@ -99,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--within", default=None,
+                    help="one part (e.g. up_blocks.3): the single-part runs are its layers, one at a time")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     if not (args.checkpoint / "quant_config.json").exists():
@@ -111,7 +127,13 @@ def main(argv=None) -> int:
     all_parts = parts(probe)
     variants = [("fp", None), ("quantized", ([], True, True)), ("all float", (all_parts, True, True)),
                 ("acts float", (all_parts, False, True)), ("weights float", (all_parts, True, False))]
-    variants += [(f"float {p}", ([p], True, True)) for p in all_parts]
+    if args.within is None:
+        variants += [(f"float {p}", ([p], True, True)) for p in all_parts]
+    else:
+        variants += [(f"float {args.within}", ([args.within], True, True))]
+        for p in parts(probe, args.within):  # each layer: weights and inputs, then its weights alone
+            variants += [(f"float {p}", ([p], True, True, args.within)),
+                         (f"float {p} weights", ([p], True, False, args.within))]
     runs, fp_images = [], None
     for label, how in variants:
         t0 = time.time()
