@@ -36,6 +36,22 @@ def test_contrast_by_part_restores_float_parts(tiny_model_dir, tmp_path):
     assert len(rows) == len(parts)
     assert (out / "contrast_by_part.png").stat().st_size > 0
 
+    # --within: that part's layers one at a time (weights and input, then weights alone), covering the part once
+    r = subprocess.run([sys.executable, str(SCRIPT), str(q), "--float", str(tiny_model_dir), "--num", "2", "--steps",
+                        "5", "--within", "up_blocks.0", "--out", str(tmp_path / "w")], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    w = {x["variant"]: x for x in json.loads((tmp_path / "w" / "contrast_by_part.json").read_text())["runs"]}
+    layers = [v[len("float "):-len(" weights")] for v in w if v.endswith(" weights")]
+    assert layers and all(x.startswith("up_blocks.0.") for x in layers), layers
+    assert all(w[f"float {x}"]["float_layers"] == w[f"float {x} weights"]["float_layers"] == 1 for x in layers)
+    assert w["float up_blocks.0"]["float_layers"] == len(layers) == runs["float up_blocks.0"]["float_layers"]
+    assert w["all float"]["rms_to_fp"] == 0
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(q), "--float", str(tiny_model_dir), "--within", "nope",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert bad.returncode != 0 and "--within nope: no quantized layer inside it; parts: time_embedding" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
 
 def test_contrast_by_part_refuses_a_folder_that_is_not_a_checkpoint(tiny_model_dir, tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), str(tiny_model_dir), "--out", str(tmp_path / "o")],
