@@ -17,7 +17,7 @@ elif ls "$PARTS"/q/*/quant_config.json > /dev/null 2>&1; then
 else
   echo "gpu-q-carry: no q.tgz.* parts (a call's \$OUT/q) and no q/JOB/quant_config.json (a work folder) in $PARTS"; exit 1
 fi
-HAVE=$(cd "$SRC/q" && for d in */quant_config.json; do [ -f "$d" ] && dirname "$d"; done)  # checkpoints only
+HAVE=$(cd "$SRC/q" && for d in */quant_config.json; do if [ -f "$d" ]; then dirname "$d"; fi; done)  # checkpoints only
 for job in "$@"; do
   [ -f "$SRC/q/$job/quant_config.json" ] || { echo "gpu-q-carry: no checkpoint $job in $PARTS (it holds: $(echo $HAVE))"; exit 1; }
 done
