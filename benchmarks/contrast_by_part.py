@@ -81,10 +81,8 @@ def to_float(qmodel: nn.Module, fp_model: nn.Module, chosen: list[str], weights:
     """Put the chosen parts of `qmodel` (as `parts(qmodel, within)` names them) back to float (weights from
     `fp_model`, inputs unquantized); returns how many quantized layers changed."""
     fp = dict(fp_model.named_modules())
-    inside = [n for n, _ in quant_layers(qmodel) if part_of(qmodel, n, within) in chosen]
-    for name, m in quant_layers(qmodel):
-        if name not in inside:
-            continue
+    inside = [(n, m) for n, m in quant_layers(qmodel) if part_of(qmodel, n, within) in chosen]
+    for name, m in inside:
         if weights:
             ref = fp.get(name)
             if ref is None or ref.weight.shape != m.weight.shape:
