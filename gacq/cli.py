@@ -291,6 +291,7 @@ def quantize(
     gac_groups: int = typer.Option(5, help="gac: timestep groups K of the validation split."),
     bias_correction: bool = typer.Option(False, "--bias-correction", help="Then fold the per-channel mean error of the noise prediction (against the float model, on the calibration set) into the last layer's bias; see gacq.quant.bias_correction. Not part of any paper's method."),
     smooth: Optional[float] = typer.Option(None, "--smooth", min=0.0, max=1.0, help="Activation smoothing (SmoothQuant) of the Linear layers' quantized inputs at this migration strength alpha (0.5 is SmoothQuant's default): per input channel, max|X|^alpha / max|W|^(1-alpha) moves from the input into the weight. Off by default; not part of any paper's method; `gacq export` refuses smoothed checkpoints for now."),
+    w8_layer: Optional[list[str]] = typer.Option(None, "--w8-layer", help="Give the layers this name pattern matches 8-bit weights (mixed precision; repeatable; their inputs keep --abits), e.g. 'up_blocks.3.resnets.*.conv_shortcut'. Not part of any paper's method."),
     act_granularity: str = typer.Option("tensor", "--act-granularity", help="tensor: one calibrated grid per layer input (the papers'); token: every quantized Linear's input gets one grid per token, computed at run time from its min and max (dynamic per-token quantization, against outlier tokens in transformers; convolutions stay per tensor). Not part of any paper's method."),
     quick: bool = typer.Option(False, "--quick", help="A CPU-sized run: 16 trajectories, 100 AdaRound / 50 step-size iterations, 10 GAC meta-iterations (far below the papers' settings)."),
     compare_num: int = typer.Option(0, "--compare", min=0, help="Then sample N images from the FP and the quantized model with the same noise: QDIR/compare/ (side-by-side grid, report)."),
@@ -322,7 +323,7 @@ def quantize(
                           recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
                           recon_checkpoints=str(out) + ".recon-ckpt", gac=gac, bias_correction=bias_correction,
-                          smooth=smooth, act_granularity=act_granularity,
+                          smooth=smooth, act_granularity=act_granularity, w8_layers=tuple(w8_layer) if w8_layer else None,
                           calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed,
                                                 draws=gaussian_draws))
         if gdist.relaunch(gpus, device, "gacq quantize"):

@@ -31,6 +31,7 @@ A spec (every key but `[[grid]]` optional; defaults shown)::
               calib_seeds = [0, 1, 2],     # optional: calibration seeds (below)
               bias_correction = [false, true],  # optional: output bias correction (below)
               gaussian_draws = [1, 20]     # optional, ptq4dm only: calibration at equal data (below)
+              w8_layers = {sc = ["up_blocks.3.resnets.*.conv_shortcut"]}  # optional: 8-bit weights (below)
 
 `seeds` are sampling seeds (the noise of the 10k samples). `calib_seeds` repeat the whole
 quantization with another seed: the calibration trajectories and the reconstruction (minibatch
@@ -66,6 +67,13 @@ by default (`torch.backends.cudnn.allow_tf32`), so a UNet's cost is mostly TF32 
 matrix products, which otherwise run in full float32 at an eighth of the speed. TF32 keeps 10 mantissa bits: its
 rounding is far below a quantization step at 8 bits or fewer. Recorded in each cell's settings (when on) and
 in its `sample` record; no effect on the CPU.
+
+`w8_layers = {NAME = [PATTERN, ...], ...}` in a grid makes, for each named pattern list, cells whose matching layers
+have 8-bit weights (mixed precision; `QuantConfig.w8_layers`, `gacq.quant.api.w8_checkpoint`; not part of any
+paper's method). Such cells and jobs get `_w8<NAME>` in their id. They are always derived from the same job without
+the patterns (its checkpoint, quantized first when the work folder lacks it, and then reused by that job's own
+cells): the chosen layers take the float weights rounded to nearest on an 8-bit grid, every other layer stays as in
+that checkpoint. So the pair differs in those layers' weights only. Not with bias_correction in the same grid.
 
 "W4A32" cells are the weight-only model. When the spec also has the same recipe with quantized
 activations (e.g. W4A8), the W4A32 cell samples that checkpoint with float activations (its weight
@@ -106,7 +114,7 @@ _SECTIONS = {
 _OPTIONAL = {"quantize": {"smooth"}}
 _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws",
-              "act_granularity"}
+              "act_granularity", "w8_layers"}
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:
@@ -143,6 +151,7 @@ class Cell:
     bc: bool = False
     draws: int = 1  # Gaussian timestep draws per calibration trajectory (PTQ4DM's selection; 1 = its own)
     gran: str = "tensor"  # the quantized Linear inputs' grids: "tensor" (calibrated) or "token" (dynamic)
+    w8: tuple[str, tuple[str, ...]] | None = None  # (name, layer patterns) given 8-bit weights (w8_layers)
 
     @property
     def bits(self) -> str:
@@ -152,7 +161,7 @@ class Cell:
         return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac) \
             + ("" if self.draws == 1 else f"_gd{self.draws}") \
             + ("" if self.cseed is None else f"_cs{self.cseed}") + ("_tok" if self.gran == "token" else "") \
-            + ("_bc" if self.bc else "")
+            + ("_bc" if self.bc else "") + (f"_w8{self.w8[0]}" if self.w8 else "")
 
     @property
     def id(self) -> str:
@@ -226,6 +235,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
     if not isinstance(grids, list) or not grids:
         raise GacqError(f"{path}: no [[grid]] tables; add e.g. [[grid]] methods = [\"fp\", \"gac\"] bits = [\"W4A8\"]")
     cells: dict[str, Cell] = {}
+    w8_seen: dict[str, tuple[str, ...]] = {}
     for gi, g in enumerate(grids):
         where = f"{path} [[grid]] #{gi + 1}"
         bad = set(g) - _GRID_KEYS
@@ -273,8 +283,12 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         grans = _as_list(g.get("act_granularity", ["tensor"]), "act_granularity", where)
         if any(x not in ("tensor", "token") for x in grans):
             raise GacqError(f"{where}: act_granularity must be 'tensor', 'token' or a list of them, not {grans!r}")
-        for m, (w, a), st, sd, gv, cs, bc, dr, gr in itertools.product(
-                methods, bits, steps, seeds, itertools.product(*gvals), cseeds, bcs, draws, grans):
+        w8s = _w8_sets(g.get("w8_layers"), where, w8_seen)
+        if w8s != [None] and (True in bcs or "fp" in methods or any(w == 8 for w, _ in bits)):
+            raise GacqError(f"{where}: w8_layers gives chosen layers of a low-bit checkpoint 8-bit weights: not with "
+                            "bias_correction, method fp or W8 bits in the same grid")
+        for m, (w, a), st, sd, gv, cs, bc, dr, gr, w8 in itertools.product(
+                methods, bits, steps, seeds, itertools.product(*gvals), cseeds, bcs, draws, grans, w8s):
             if m == "fp":
                 c = Cell("fp", None, None, st, sd)
             else:
@@ -287,7 +301,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                 if gr == "token" and a is None:
                     raise GacqError(f"{where}: act_granularity 'token' quantizes activations per token; W{w}A32 "
                                     "cells keep them float: use bits like W8A8 in that grid")
-                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr, gr)
+                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr, gr, w8)
             cells.setdefault(c.id, c)
     tf32 = raw.get("matmul_tf32", False)
     if not isinstance(tf32, bool):
@@ -314,6 +328,27 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                           **sections)
 
 
+def _w8_sets(raw, where: str, seen: dict[str, tuple[str, ...]]) -> list:
+    """A grid's `w8_layers` table -> [(name, patterns), ...] ([None] when absent); a name means the same patterns in
+    every grid of the spec (`seen`)."""
+    if raw is None:
+        return [None]
+    if not isinstance(raw, dict) or not raw:
+        raise GacqError(f"{where}: w8_layers must be a table of named layer-pattern lists, e.g. "
+                        "w8_layers = {sc = [\"up_blocks.3.resnets.*.conv_shortcut\"]}")
+    out = []
+    for name, pats in raw.items():
+        if not name.isascii() or not name.isalnum():
+            raise GacqError(f"{where}: w8_layers name {name!r} goes into cell ids: use letters and digits only")
+        if not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats):
+            raise GacqError(f"{where}: w8_layers.{name} must be a non-empty list of layer-name patterns")
+        if seen.setdefault(name, tuple(pats)) != tuple(pats):
+            raise GacqError(f"{where}: w8_layers.{name} is {pats}, another grid gave it {list(seen[name])}: one name, "
+                            "one pattern list")
+        out.append((name, tuple(pats)))
+    return out
+
+
 def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, int | None]:
     """(quantization job id, float_acts, the job's activation bits) of a cell; job None for FP.
 
@@ -324,7 +359,7 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
     if cell.abits is None:
         donors = sorted({c.abits for c in spec.cells if c.abits is not None and c.method == cell.method
                          and c.wbits == cell.wbits and c.steps == cell.steps and c.gac == cell.gac
-                         and c.cseed == cell.cseed and c.bc == cell.bc and c.gran == "tensor"})
+                         and c.cseed == cell.cseed and c.bc == cell.bc and c.gran == "tensor" and c.w8 == cell.w8})
         if donors:
             return cell.quant_job(donors[-1]), True, donors[-1]
     return cell.quant_job(cell.abits), False, cell.abits
@@ -469,7 +504,7 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
                                              n_steps=min(spec.calib["record_steps"], cell.steps), draws=cell.draws),
                        recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc,
-                       smooth=q.get("smooth"), act_granularity=cell.gran)
+                       smooth=q.get("smooth"), act_granularity=cell.gran, w8_layers=cell.w8[1] if cell.w8 else None)
 
 
 def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) -> tuple[Path | None, bool]:
@@ -496,6 +531,12 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
         if settings_of(stored) != settings_of(json.loads(json.dumps(cfg.to_json()))):
             raise GacqError(f"{qdir} was quantized with other settings than this spec's; give the spec its own "
                             "`work` folder (or delete that checkpoint)")
+    elif cell.w8:  # always from the plain job's checkpoint (made first when missing): they differ in those layers only
+        from .quant.api import w8_checkpoint
+
+        base, _ = ensure_quantized(spec, dataclasses.replace(cell, w8=None), device, progress)
+        w8_checkpoint(base, qdir, load_model(spec.model, device=device), cell.w8[1], device=device,
+                      extra_meta={"experiment": spec.name, "job": job})
     else:
         loaded = load_model(spec.model, device=device)
         calib = ensure_calib(spec, cell.steps, loaded, device, calib_seed(spec, cell)) \
@@ -601,6 +642,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                  "abits": cell.abits, "steps": cell.steps, "seed": cell.seed, "gac": dict(cell.gac),
                  "calib_seed": None if cell.method == "fp" else calib_seed(spec, cell),
                  "bias_correction": cell.bc, "gaussian_draws": cell.draws, "act_granularity": cell.gran,
+                 "w8_layers": {cell.w8[0]: list(cell.w8[1])} if cell.w8 else None,
                  "recon_seed": None if cell.method == "fp" else recon_seed(spec, cell)},
         "metrics": metrics,
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],
@@ -613,7 +655,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
             "wall_seconds": qmeta.get("wall_seconds"), "wall_seconds_runs": qmeta.get("wall_seconds_runs"),
             "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
             "commit": qmeta.get("commit"), "config": qmeta.get("config"),
-            "bias_corrected_from": qmeta.get("bias_corrected_from"),
+            "bias_corrected_from": qmeta.get("bias_corrected_from"), "w8_from": qmeta.get("w8_from"),
             "quantize_seconds_of_base": qmeta.get("quantize_seconds_of_base"),
             "calibration_meta": qmeta.get("calibration_meta")},
         "grid": str(grid.relative_to(spec.results)),
@@ -626,12 +668,13 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
 
 
 def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:
-    """Cells that share a quantization job, in spec order (the first one's process quantizes)."""
+    """Cells that share a quantization job, in spec order (the first one's process quantizes). A w8_layers cell joins
+    the group of the job it derives from, after that job's own cells (it derives once their checkpoint exists)."""
     groups: dict[str, list[Cell]] = {}
     for c in cells:
-        job = quant_job_of(spec, c)[0]
+        job = quant_job_of(spec, dataclasses.replace(c, w8=None))[0]
         groups.setdefault(job or f"fp:{c.id}", []).append(c)
-    return list(groups.values())
+    return [sorted(g, key=lambda c: c.w8 is not None) for g in groups.values()]
 
 
 def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel: int = 1, command: str = "",

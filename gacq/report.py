@@ -26,6 +26,7 @@ from .experiment import CELL_SCHEMA
 
 BC = "+bc"  # rows of cells quantized with output bias correction: "<method>+bc"
 TOK = "+tok"  # rows of cells with dynamic per-token Linear inputs (`act_granularity = "token"`): "<method>+tok"
+W8 = "+w8"  # rows of cells with 8-bit weights in chosen layers (`w8_layers`): "<method>+w8<name>"
 METHOD_ORDER = ["fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "tfmq", "gac"]
 METRICS = [("fid", "FID", 2), ("sfid", "sFID", 4), ("is_mean", "IS", 3), ("precision", "precision", 3),
            ("recall", "recall", 3)]
@@ -57,7 +58,7 @@ def _bits_key(b: str) -> tuple:
 
 
 def _mkey(m: str) -> tuple:
-    base = m.removesuffix(BC).removesuffix(TOK)  # bias-corrected / per-token variants right after the plain row
+    base = m.split("+", 1)[0]  # bias-corrected / per-token / mixed-precision variants right after the plain row
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), m)
 
 
@@ -101,7 +102,8 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         setting = f"settings {c.get('settings_digest', c['experiment'])}"
         draws = cell.get("gaussian_draws", 1)
         method = cell["method"] + (f" ({draws} draws)" if draws != 1 else "") \
-            + (TOK if cell.get("act_granularity") == "token" else "") + (BC if cell.get("bias_correction") else "")
+            + (TOK if cell.get("act_granularity") == "token" else "") + (BC if cell.get("bias_correction") else "") \
+            + "".join(W8 + name for name in (cell.get("w8_layers") or {}))
         key = (f"{fn['name']} ({fn['hash']})", setting, method, cell["bits"], cell["steps"], gac)
         g = groups.setdefault(key, {"metrics": defaultdict(list), "n": set(), "seeds": [], "cells": []})
         for k, _, _ in METRICS:
@@ -206,11 +208,13 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                 return "not recorded" if on_gpu else "n/a (CPU)"
 
             def what(q: dict) -> str:
-                base = q.get("bias_corrected_from")
-                if not base:
+                base, w8 = q.get("bias_corrected_from"), q.get("w8_from")
+                if not base and not w8:
                     return "quantization"
                 sec = q.get("quantize_seconds_of_base")
-                return f"bias correction of {base['checkpoint']}" + (f" (base: {sec:.0f} s)" if sec else "")
+                work = f"bias correction of {base['checkpoint']}" if base else \
+                    f"8-bit weights for {len(w8['layers'])} layer(s) of {w8['checkpoint']}"
+                return work + (f" (base: {sec:.0f} s)" if sec else "")
 
             n_runs = defaultdict(int)
             for job, _, _ in cost:

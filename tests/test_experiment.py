@@ -162,18 +162,20 @@ SEEDS_GRID = "[[grid]]\nmethods = ['rtn']\nbits = ['W4A8', 'W4A32']\ncalib_seeds
 DRAWS_GRID = "[[grid]]\nmethods = ['ptq4dm']\nbits = ['W8A8']\ngaussian_draws = [1, 4]\n"
 BC_GRID = "[[grid]]\nmethods = ['tfmq']\nbits = ['W4A8']\nbias_correction = [false, true]\n"
 GRAN_GRID = '[[grid]]\nmethods = ["rtn"]\nbits = ["W8A8"]\nact_granularity = "token"\n'
+W8_GRID = '[[grid]]\nmethods = ["rtn"]\nbits = ["W4A8"]\nw8_layers = {sc = ["up_blocks.*.conv_shortcut"]}\n'
 EXTRA_CELLS = ["rtn_w4a8_cs1_steps5_seed0", "ptq4dm_w8a8_gd4_steps5_seed0", "tfmq_w4a8_bc_steps5_seed0",
-               "rtn_w8a8_tok_steps5_seed0"]
+               "rtn_w8a8_tok_steps5_seed0", "rtn_w4a8_w8sc_steps5_seed0"]
 
 
 @pytest.fixture(scope="module")
 def extras(ran, tiny32):
-    """The cells of those four tests, run by one `gacq experiment run` of a spec with the four grids, into `ran`'s
+    """The cells of those five tests, run by one `gacq experiment run` of a spec with the five grids, into `ran`'s
     folders (a process per cell would spend most of its time importing torch and diffusers again)."""
-    (ran / "extras.toml").write_text(SPEC.format(model=tiny32) + SEEDS_GRID + DRAWS_GRID + BC_GRID + GRAN_GRID)
+    (ran / "extras.toml").write_text(SPEC.format(model=tiny32) + SEEDS_GRID + DRAWS_GRID + BC_GRID + GRAN_GRID
+                                     + W8_GRID)
     r = gacq("experiment", "run", "extras.toml", "--cells", ",".join(EXTRA_CELLS), "--quiet", cwd=ran)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 of 4 cells done, running 4" in r.stdout
+    assert "0 of 5 cells done, running 5" in r.stdout
     return ran
 
 
@@ -460,6 +462,48 @@ def test_bias_correction_cells_derive_from_the_plain_checkpoint(extras, tiny32, 
                                   "bias_correction = true\n")
     with pytest.raises(GacqError, match="need quantized activations"):
         load_spec(ran / "bad.toml")
+
+
+def test_w8_layers_cells_derive_from_the_plain_checkpoint(extras, tiny32, monkeypatch):
+    """A `w8_layers` cell is its plain job's checkpoint (quantized by `ran`) with the matched layers' weights at 8
+    bits and nothing else changed; it groups behind the plain job's cells; the report gives it its own row."""
+    from safetensors.torch import load_file
+
+    from gacq.experiment import _groups
+
+    ran = extras
+    monkeypatch.chdir(ran)
+    got = json.loads((ran / "results/experiments/t/cells/rtn_w4a8_w8sc_steps5_seed0.json").read_text())
+    assert got["cell"]["w8_layers"] == {"sc": ["up_blocks.*.conv_shortcut"]}
+    w8 = got["quantize"]["w8_from"]
+    assert w8["checkpoint"] == "rtn_w4a8_steps5" and len(w8["layers"]) == 4
+    work = ran / "runs/experiments/t/q"
+    a, b = (load_file(str(work / j / "quantized.safetensors")) for j in ("rtn_w4a8_w8sc_steps5", "rtn_w4a8_steps5"))
+    assert sorted(a) == sorted(b)
+    changed = {k.rsplit(".", 1)[0] for k in a if not torch.equal(a[k], b[k])}
+    assert changed == set(w8["layers"])
+    layers = json.loads((work / "rtn_w4a8_w8sc_steps5" / "quant_config.json").read_text())["layers"]
+    assert sorted(n for n, e in layers.items() if e["wbits"] == 8) == w8["layers"]
+    # the w8 grid before the plain one: its cell still runs after the plain job's
+    (ran / "w8.toml").write_text(SPEC.format(model=tiny32).replace("[[grid]]", W8_GRID + "[[grid]]", 1))
+    s = load_spec(ran / "w8.toml")
+    groups = {g[0].id: [c.id for c in g] for g in _groups(s, s.cells)}
+    assert groups["rtn_w4a8_steps5_seed0"] == ["rtn_w4a8_steps5_seed0", "rtn_w4a32_steps5_seed0",
+                                               "rtn_w4a8_w8sc_steps5_seed0"]
+    r = here("report", "results/experiments/t", "--out", "w8.md", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    md = (ran / "w8.md").read_text()
+    assert any(ln.startswith("| rtn+w8sc | W4A8 |") for ln in md.splitlines()), md
+    assert "| rtn_w4a8_w8sc_steps5 | 8-bit weights for 4 layer(s) of rtn_w4a8_steps5" in md
+    bad = {"w8_layers = {sc = ['*conv_shortcut']}\nbias_correction = true": "not with bias_correction",
+           "w8_layers = {'s-c' = ['*conv_shortcut']}": "letters and digits",
+           "w8_layers = {sc = []}": "non-empty list",
+           "w8_layers = {sc = ['*conv1']}\n[[grid]]\nmethods = ['rtn']\nw8_layers = {sc = ['*conv2']}":
+               "one name, one pattern list"}
+    for text, msg in bad.items():
+        (ran / "bad.toml").write_text(SPEC.format(model=tiny32) + "[[grid]]\nmethods = ['rtn']\n" + text + "\n")
+        with pytest.raises(GacqError, match=msg):
+            load_spec(ran / "bad.toml")
 
 
 def test_checkpoints_of_an_older_gacq_keep_their_cells(ran, tiny32, monkeypatch):

@@ -24,6 +24,7 @@ from .calib_data import CalibDataConfig, CalibrationSet
 from .gac import GACConfig, make_gac_weight_fn
 from .methods import MethodSpec, float_input_layers, float_layers, method_spec, with_overrides
 from .recon import ActReconConfig, ReconConfig, reconstruct_model
+from .modules import QUANT_CLASSES
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
 
 
@@ -58,6 +59,9 @@ class QuantConfig:
         bias_correction: after everything else, measure the per-channel mean error of the noise
             prediction against the float model on the calibration set and fold it into the last
             layer's bias (`gacq.quant.bias_correction`; not part of any paper's method).
+        w8_layers: fnmatch patterns of quantized layers whose weights take 8 bits instead of `wbits` (mixed
+            precision; their inputs keep `abits`). Each pattern must match at least one quantized layer. None: off.
+            Not part of any paper's method. `w8_checkpoint` applies it to a finished checkpoint instead.
     """
 
     method: str = "rtn"
@@ -80,9 +84,18 @@ class QuantConfig:
     smooth_layers: tuple[str, ...] | None = None
     smooth_samples: int = 256
     act_granularity: str = "tensor"
+    w8_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self.spec()  # validates method and preset
+        if self.w8_layers is not None:
+            if isinstance(self.w8_layers, str) or not self.w8_layers \
+                    or not all(isinstance(p, str) and p for p in self.w8_layers):
+                raise GacqError("--w8-layer takes layer-name patterns (e.g. 'up_blocks.3.resnets.*.conv_shortcut'); "
+                                f"got {self.w8_layers!r}")
+            if self.wbits == 8:
+                raise GacqError("--w8-layer raises chosen layers to 8-bit weights; with --wbits 8 every layer already "
+                                "has them: drop --w8-layer")
         if self.act_granularity not in ("tensor", "token"):
             raise GacqError(f"--act-granularity must be 'tensor' or 'token', not {self.act_granularity!r}")
         if self.act_granularity == "token" and self.abits is None:
@@ -129,6 +142,10 @@ class QuantConfig:
             d["smooth_layers"] = list(self.smooth_layers)
         if self.act_granularity == "tensor":  # absent at the default: earlier resume fingerprints stay valid
             d.pop("act_granularity")
+        if self.w8_layers is None:  # absent when off, likewise
+            d.pop("w8_layers")
+        else:
+            d["w8_layers"] = list(self.w8_layers)
         d["recipe"] = self.spec().to_json()
         return d
 
@@ -192,7 +209,12 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     eight = set(spec.eight_bit)
     skip = lambda n, m: _match(n, spec.skip) or n in skip_names or _match(n, eight)  # noqa: E731
     dynamic = config.act_granularity == "token"  # Linear inputs per token
-    wrap_layers(model, config.wbits, abits, skip=skip, a_symmetric=spec.a_symmetric, dynamic=dynamic)
+    w8 = _w8_names([n for n, m in model.named_modules() if type(m) in QUANT_CLASSES and not skip(n, m)],
+                   config.w8_layers)
+    wrap_layers(model, config.wbits, abits, skip=lambda n, m: skip(n, m) or n in w8, a_symmetric=spec.a_symmetric,
+                dynamic=dynamic)
+    if w8:
+        wrap_layers(model, 8, abits, skip=lambda n, m: n not in w8, a_symmetric=spec.a_symmetric, dynamic=dynamic)
     if eight:
         wrap_layers(model, 8, 8 if abits is not None else None, skip=lambda n, m: not _match(n, eight),
                     a_symmetric=spec.a_symmetric, dynamic=dynamic)
@@ -245,6 +267,19 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     # how many calibration samples the recipe used (its selection cut out of `calib`), for the checkpoint's record
     model.gacq_calibration_samples = None if calib is None else len(calib)
     return model
+
+
+def _w8_names(cand: list[str], patterns) -> set[str]:
+    """The layers among `cand` (those the recipe quantizes to low bits) that `patterns` (QuantConfig.w8_layers) raise
+    to 8-bit weights; every pattern must match one."""
+    names = set()
+    for p in patterns or ():
+        hit = {n for n in cand if _match(n, (p,))}
+        if not hit:
+            raise GacqError(f"--w8-layer {p!r} matches none of the {len(cand)} layers this recipe quantizes to "
+                            f"low bits; their names look like {', '.join(cand[:3])}")
+        names |= hit
+    return names
 
 
 def _calib_batches(src: CalibrationSet, idx: torch.Tensor, bs: int, device) -> list[tuple]:
@@ -466,7 +501,8 @@ def config_from_json(c: dict) -> QuantConfig:
             gac=GACConfig(**c.get("gac", {})), recon_checkpoints=c.get("recon_checkpoints"),
             bias_correction=c.get("bias_correction", False), smooth=c.get("smooth"),
             smooth_layers=None if c.get("smooth_layers") is None else tuple(c["smooth_layers"]),
-            smooth_samples=c.get("smooth_samples", 256), act_granularity=c.get("act_granularity", "tensor"))
+            smooth_samples=c.get("smooth_samples", 256), act_granularity=c.get("act_granularity", "tensor"),
+            w8_layers=None if c.get("w8_layers") is None else tuple(c["w8_layers"]))
     except (KeyError, TypeError) as e:
         raise GacqError(f"a quantization config this gacq cannot read ({type(e).__name__}: {e}); the checkpoint "
                         "comes from another gacq version: quantize again") from e
@@ -481,13 +517,10 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
     quantizing again. Returns the new checkpoint's metadata; `quantize_seconds_of_base` keeps the
     base checkpoint's cost, `wall_seconds` is the correction's."""
     import dataclasses
-    import shutil
     import time
 
     from ..models import load_model
-    from ..utils import git_commit
     from .bias_correction import correct_output_bias
-    from .checkpoint import save_quantized
 
     t0 = time.time()
     qdir, out, device = Path(qdir), Path(out), torch.device(device)
@@ -503,6 +536,21 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
         torch.cuda.reset_peak_memory_stats(device)
     correct_output_bias(q.model, fp_model.eval(), cs, config.calib_batch_size, device, progress)
     peak = {"peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated(device))} if device.type == "cuda" else {}
+    meta = {"bias_corrected_from": {"checkpoint": qdir.name, "commit": base_meta.get("commit"),
+                                    "calibration": str(calib)},
+            **(extra_meta or {}), "wall_seconds": round(time.time() - t0, 2), **peak}
+    return _save_derived(q, qdir, out, base_meta, config, meta)
+
+
+def _save_derived(q: LoadedModel, qdir: Path, out: Path, base_meta: dict, config: QuantConfig, meta: dict) -> dict:
+    """Write `out`, a checkpoint derived from `qdir` (whose metadata is `base_meta`) without quantizing again: the
+    changed model `q.model` under `config`, `meta` added to what the base recorded of its making; the base's GAC
+    weights and reconstruction log go along unchanged. Returns the new checkpoint's metadata."""
+    import shutil
+
+    from ..utils import git_commit
+    from .checkpoint import save_quantized
+
     gac_file = qdir / "gac_weights.safetensors"
     if gac_file.exists():  # carried over unchanged
         from .checkpoint import load_gac_weights
@@ -514,14 +562,62 @@ def bias_correct_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, 
             if k not in ("format_version", "diffusers", "torch", "layers", "attention", "fsc", "gac_weights",
                          "output_bias", "config", "wall_seconds", "peak_gpu_memory_bytes", "commit")}
     meta = {**keep, "config": config.to_json(), "commit": git_commit(),
-            "bias_corrected_from": {"checkpoint": qdir.name, "commit": base_meta.get("commit"),
-                                    "calibration": str(calib)},
             "quantize_seconds_of_base": base_meta.get("wall_seconds"),
-            "peak_gpu_memory_bytes_of_base": base_meta.get("peak_gpu_memory_bytes"),
-            **(extra_meta or {}), "wall_seconds": round(time.time() - t0, 2), **peak}
+            "peak_gpu_memory_bytes_of_base": base_meta.get("peak_gpu_memory_bytes"), **meta}
     mcfg = json.loads((qdir / "model_config.json").read_text())["model"]
     save_quantized(q.model, out, meta, {k: v for k, v in mcfg.items() if k != "_class_name"}, q.scheduler_config,
                    vae=q.vae)
     if (qdir / "recon_log.jsonl").exists():
         shutil.copyfile(qdir / "recon_log.jsonl", out / "recon_log.jsonl")
     return meta
+
+
+def w8_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, patterns, device: torch.device | str = "cpu",
+                  extra_meta: dict | None = None) -> dict:
+    """Write `out`: the quantized checkpoint `qdir` with the layers that `patterns` match (fnmatch, as
+    `QuantConfig.w8_layers`) at 8-bit weights. Each such layer takes the float model's weight, rounded to nearest
+    on an 8-bit per-channel grid searched as the recipe's weight init searches; its input grid (and per-step input
+    sets) stay. Every other layer stays exactly as in `qdir`.
+
+    Mixed precision after the fact: no calibration data, no reconstruction. Quantizing with `w8_layers` from
+    scratch differs in that the 8-bit layers' rounding is learned with the rest of their block (AdaRound), and the
+    other layers of that block adapt to them. Returns the new checkpoint's metadata; `w8_from` names the base."""
+    import dataclasses
+    import time
+
+    from ..models import load_model
+
+    t0 = time.time()
+    qdir, out, device = Path(qdir), Path(out), torch.device(device)
+    base_meta = json.loads((qdir / "quant_config.json").read_text())
+    c = dict(base_meta["config"])
+    if c.get("w8_layers"):
+        raise GacqError(f"{qdir} already has 8-bit layers ({', '.join(c['w8_layers'])}); derive from its base "
+                        "checkpoint instead")
+    config = dataclasses.replace(config_from_json(c), w8_layers=tuple(patterns))
+    q = load_model(qdir, device=device)
+    layers = dict(quant_layers(q.model))
+    names = _w8_names([n for n, m in layers.items() if m.wbits < 8], config.w8_layers)
+    init = config.spec().weight_init
+    for name in sorted(names):
+        m = layers[name]
+        if m.split or m.smooth is not None:
+            raise GacqError(f"{qdir}: layer {name} is {'split' if m.split else 'smoothed'}; w8_checkpoint handles "
+                            "plain layers only: quantize with w8_layers from scratch instead")
+        try:
+            layer = fp.model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if type(layer) not in QUANT_CLASSES or tuple(layer.weight.shape) != tuple(m.weight.shape):
+            raise GacqError(f"{qdir}: the float model has no layer {name} of shape {tuple(m.weight.shape)}; pass the "
+                            "model the checkpoint was quantized from")
+        new = QUANT_CLASSES[type(layer)](layer, 8, m.abits, a_dynamic=m.a_dynamic).to(device)
+        new.act_quantizer, new.bias = m.act_quantizer, m.bias  # calibrated input grid; a corrected bias stays
+        new.init_weight(init)
+        new.w_quant, new.a_quant = True, m.a_quant
+        parent, _, child = name.rpartition(".")
+        setattr(q.model.get_submodule(parent) if parent else q.model, child, new)
+    meta = {"w8_from": {"checkpoint": qdir.name, "commit": base_meta.get("commit"), "layers": sorted(names),
+                        "rounding": f"nearest on the {init} grid"},
+            **(extra_meta or {}), "wall_seconds": round(time.time() - t0, 2)}
+    return _save_derived(q, qdir, out, base_meta, config, meta)
