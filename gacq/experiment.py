@@ -573,8 +573,8 @@ def write_gac_diagnostics(spec: ExperimentSpec, qdirs: list[Path] | None = None)
         if not (qdir / "quant_config.json").exists() or not gac_file.exists():
             continue
         meta = json.loads((qdir / "quant_config.json").read_text())
-        if meta.get("bias_corrected_from"):
-            continue  # a bias-corrected copy carries its base checkpoint's weights unchanged
+        if meta.get("bias_corrected_from") or meta.get("w8_from"):
+            continue  # a bias-corrected or 8-bit-layer copy carries its base checkpoint's GAC weights unchanged
         sha = file_sha256(gac_file)
         if out.exists():
             old = json.loads(out.read_text())
