@@ -4,7 +4,8 @@
 #   bash scripts/gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]
 #   e.g. bash scripts/gpu-unpack.sh /work/.device/3/call.tgz results/experiments/cifar10-call-sized 2026-12-03-s20-call1
 # The call's result files (cells/, grids/, diagnostics/) join RESULTS_FOLDER without replacing any file already there
-# (a finished cell is never overwritten); its logs (the runner's, each cell's, the GPU monitor, the quant configs and
+# (a finished cell is never overwritten; a GAC profile of a job quantized again replaces the old one, which moves to
+# diagnostics/superseded/); its logs (the runner's, each cell's, the GPU monitor, the quant configs and
 # GAC's weights) go to RESULTS_FOLDER/runs/RUN_NAME-logs/. TITLE defaults to the folder's current report heading.
 set -eu
 [ $# -ge 3 ] || { echo "usage: gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]"; exit 2; }
@@ -16,6 +17,10 @@ T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
 tar xzf "$TGZ" -C "$T"
 mkdir -p "$RES/runs"
 NEW=0
+# a GAC profile's weights-file sha (empty when not recorded), and the superseded name's tag (gacq.experiment's rule)
+_gac_sha() { python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("gac_weights_sha256") or "")' "$1"; }
+_gac_tag() { python -c 'import json, sys; d = json.load(open(sys.argv[1]))
+print((d.get("gac_weights_sha256") or "")[:12] or str(d.get("commit") or "unknown")[:12])' "$1"; }
 if [ -d "$T/results" ]; then
   rm -f "$T/results"/README*  # the device's report: rendered again below
   while IFS= read -r -d '' f; do
@@ -23,6 +28,12 @@ if [ -d "$T/results" ]; then
     if [ ! -e "$RES/$rel" ]; then
       mkdir -p "$(dirname "$RES/$rel")" && mv "$f" "$RES/$rel"
       case $rel in cells/*.json) NEW=$((NEW + 1));; esac
+    elif [[ $rel == diagnostics/*.json && $rel != */*/* ]] && [ "$(_gac_sha "$f")" != "$(_gac_sha "$RES/$rel")" ]; then
+      # a GAC weight profile of a job quantized again (another weights file): the new one replaces it and the old
+      # moves to diagnostics/superseded/ (as gacq.experiment.write_gac_diagnostics does on the device)
+      old="$RES/diagnostics/superseded/$(basename "$rel" .json)-$(_gac_tag "$RES/$rel").json"
+      mkdir -p "$(dirname "$old")" && mv "$RES/$rel" "$old" && mv "$f" "$RES/$rel"
+      echo "gpu-unpack: $RES/$rel is a profile of another quantization run: moved it to $old, took the call's"
     elif ! cmp -s "$f" "$RES/$rel"; then  # never replaced, never dropped: kept beside the logs
       mkdir -p "$(dirname "$T/not-merged/$rel")" && mv "$f" "$T/not-merged/$rel"
       echo "gpu-unpack: $RES/$rel exists and differs: kept it; the call's copy is in $LOGS/not-merged/$rel"

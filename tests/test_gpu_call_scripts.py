@@ -176,3 +176,26 @@ def test_a_call_killed_by_its_limit_still_returns_what_finished(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert "results/cells/fp_steps5_seed0.json" in packed()  # a whole archive, left in place by the kill
+
+
+def test_unpack_supersedes_the_gac_profile_of_a_requantized_job(tmp_path):
+    """A call's GAC weight profile of another weights file (the job quantized again) replaces the one here, which
+    moves to diagnostics/superseded/; a differing profile of the same weights file is kept, the call's beside the
+    logs. (The folder has no cells, so the report at the end fails: the files are checked.)"""
+    call = tmp_path / "call"
+    (call / "results/diagnostics").mkdir(parents=True)
+    (call / "results/diagnostics/requant.json").write_text(json.dumps({"gac_weights_sha256": "b" * 64, "v": "new"}))
+    (call / "results/diagnostics/same.json").write_text(json.dumps({"gac_weights_sha256": "c" * 64, "v": "new"}))
+    res = tmp_path / "res"
+    (res / "diagnostics").mkdir(parents=True)
+    (res / "diagnostics/requant.json").write_text(json.dumps({"commit": "0123456789abcdef", "v": "old"}))
+    (res / "diagnostics/same.json").write_text(json.dumps({"gac_weights_sha256": "c" * 64, "v": "old"}))
+    with tarfile.open(tmp_path / "call.tgz", "w:gz") as t:
+        t.add(call, arcname=".")
+    r = _bash(ROOT / "scripts/gpu-unpack.sh", tmp_path / "call.tgz", res, "c1", "T", cwd=tmp_path)
+    assert "no experiment cell results" in r.stderr, r.stdout + r.stderr
+    assert json.loads((res / "diagnostics/requant.json").read_text())["v"] == "new"
+    assert json.loads((res / "diagnostics/superseded/requant-0123456789ab.json").read_text())["v"] == "old"
+    assert json.loads((res / "diagnostics/same.json").read_text())["v"] == "old"
+    assert json.loads((res / "runs/c1-logs/not-merged/diagnostics/same.json").read_text())["v"] == "new"
+    assert "moved it to" in r.stdout and "exists and differs" in r.stdout, r.stdout
