@@ -373,6 +373,25 @@ def test_export_int8_whole_model(qdirs, tmp_path, ckpt, backend):
     assert again["agree_fraction"] >= 0.5
 
 
+def test_mixed_precision_w4a8_runs_its_8_bit_layers_on_the_int8_kernel(qdirs, tmp_path):
+    """A W4A8 checkpoint with 8-bit weights in its four up-block shortcut convs (`w8_checkpoint`): the w4a8 backend
+    runs those as int8 layers and the rest packed int4, with no fallback; w4a16 leaves them on the dense path."""
+    from gacq.models import load_model
+    from gacq.quant.api import w8_checkpoint
+
+    mixed = w8_checkpoint(qdirs["w4a8"], tmp_path / "mixed", load_model(str(qdirs["root"] / "tiny")),
+                          ("up_blocks.*.conv_shortcut",))
+    assert len(mixed["w8_from"]["layers"]) == 4
+    info = export(tmp_path / "mixed", "w4a8", tmp_path / "e", check_batches=2, check_batch_size=4)
+    rep, chk = info["report"], info["check"]
+    assert rep["converted"] == {"Int8Conv2d": 4, "W4A8Conv2d": 19, "W4A8Linear": 26} and rep["fallbacks"] == []
+    assert chk["agree_fraction"] >= BACKENDS["w4a8"].min_agree and chk["max_rel_error"] <= BACKENDS["w4a8"].max_rtol
+    model = load_exported(tmp_path / "e")
+    assert type(model.get_submodule("up_blocks.0.resnets.0.conv_shortcut")).__name__ == "Int8Conv2d"
+    _, rep16 = convert(load_quantized(tmp_path / "mixed")[0], "w4a16")
+    assert len(rep16.fallbacks) == 4 and all("8-bit weights" in f["reason"] for f in rep16.fallbacks)
+
+
 def test_export_w4a16_via_the_command(qdirs, tmp_path):
     """`export_cmd` through a typer app (the function gacq/cli.py registers); outputs equal fake quant exactly."""
     import typer

@@ -86,6 +86,21 @@ def _refuse_w4a16(wbits: int, abits: int | None) -> str | None:
     return None
 
 
+def _wide(layer: QuantLayer) -> bool:
+    """Weights wider than 4 bits (a W8 layer of a mixed-precision W4 checkpoint: QuantConfig.w8_layers, a recipe's
+    W8A8 first and last layers)."""
+    return max(layer.weight_quantizer.bits, layer.weight_quantizer_0.bits if layer.split else 0) > 4
+
+
+def _w4a8_unsupported(layer: QuantLayer) -> str | None:
+    """The w4a8 backend runs a layer with wider weights (5-8 bits) on the int8 kernel, the rest packed int4."""
+    return int8_unsupported(layer) if _wide(layer) else w4a8_unsupported(layer)
+
+
+def _to_w4a8(layer: QuantLayer) -> ExportedLayer:
+    return to_int8(layer) if _wide(layer) else to_w4a8(layer)
+
+
 BACKENDS: dict[str, Backend] = {
     "int8": Backend(
         "int8", "int8 weights (W<=8) x int8 activations (A<=8), int32 GEMM via torch._int_mm; convs as one fused "
@@ -104,8 +119,9 @@ BACKENDS: dict[str, Backend] = {
     ),
     "w4a8": Backend(
         "w4a8", "int4 weights packed two per byte (W<=4) x int8 activations (A<=8), int32 accumulation: on CUDA one "
-        "fused Triton kernel per conv or linear unpacks the codes in its K loop; elsewhere the int8 torch path",
-        w4a8_unsupported, to_w4a8, _refuse_w4a8,
+        "fused Triton kernel per conv or linear unpacks the codes in its K loop; elsewhere the int8 torch path. "
+        "Layers with 5-8-bit weights in a W4 model (mixed precision) run as the int8 backend's layers",
+        _w4a8_unsupported, _to_w4a8, _refuse_w4a8,
         sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
         tolerance_note="as int8: the same exact integer sum and float32 epilogue, so the same per-layer bounds.",
     ),
