@@ -572,6 +572,37 @@ def _save_derived(q: LoadedModel, qdir: Path, out: Path, base_meta: dict, config
     return meta
 
 
+def set_w8_layers(q_model: torch.nn.Module, fp_model: torch.nn.Module, names, weight_init: str = "mse") -> dict:
+    """Give the quantized layers `names` of `q_model` 8-bit weights, in place: each takes `fp_model`'s weight of the
+    same name, rounded to nearest on an 8-bit per-channel grid searched by `weight_init` ('mse' or 'minmax'), and
+    keeps its input quantizer (calibrated grid, per-step sets) and bias. Returns {name: the replaced layer}; setting
+    those back undoes it."""
+    layers = dict(quant_layers(q_model))
+    old = {}
+    for name in sorted(names):
+        m = layers.get(name)
+        if m is None:
+            raise GacqError(f"{name} is not a quantized layer of the model")
+        if m.split or m.smooth is not None:
+            raise GacqError(f"layer {name} is {'split' if m.split else 'smoothed'}; 8-bit weights after the fact "
+                            "handle plain layers only: quantize with w8_layers from scratch instead")
+        try:
+            layer = fp_model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if type(layer) not in QUANT_CLASSES or tuple(layer.weight.shape) != tuple(m.weight.shape):
+            raise GacqError(f"the float model has no layer {name} of shape {tuple(m.weight.shape)}; pass the model "
+                            "the checkpoint was quantized from")
+        new = QUANT_CLASSES[type(layer)](layer, 8, m.abits, a_dynamic=m.a_dynamic).to(m.weight.device)
+        new.act_quantizer, new.bias = m.act_quantizer, m.bias  # calibrated input grid; a corrected bias stays
+        new.init_weight(weight_init)
+        new.w_quant, new.a_quant = True, m.a_quant
+        parent, _, child = name.rpartition(".")
+        setattr(q_model.get_submodule(parent) if parent else q_model, child, new)
+        old[name] = m
+    return old
+
+
 def w8_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, patterns, device: torch.device | str = "cpu",
                   extra_meta: dict | None = None) -> dict:
     """Write `out`: the quantized checkpoint `qdir` with the layers that `patterns` match (fnmatch, as
@@ -599,24 +630,7 @@ def w8_checkpoint(qdir: str | Path, out: str | Path, fp: LoadedModel, patterns, 
     layers = dict(quant_layers(q.model))
     names = _w8_names([n for n, m in layers.items() if m.wbits < 8], config.w8_layers)
     init = config.spec().weight_init
-    for name in sorted(names):
-        m = layers[name]
-        if m.split or m.smooth is not None:
-            raise GacqError(f"{qdir}: layer {name} is {'split' if m.split else 'smoothed'}; w8_checkpoint handles "
-                            "plain layers only: quantize with w8_layers from scratch instead")
-        try:
-            layer = fp.model.get_submodule(name)
-        except AttributeError:
-            layer = None
-        if type(layer) not in QUANT_CLASSES or tuple(layer.weight.shape) != tuple(m.weight.shape):
-            raise GacqError(f"{qdir}: the float model has no layer {name} of shape {tuple(m.weight.shape)}; pass the "
-                            "model the checkpoint was quantized from")
-        new = QUANT_CLASSES[type(layer)](layer, 8, m.abits, a_dynamic=m.a_dynamic).to(device)
-        new.act_quantizer, new.bias = m.act_quantizer, m.bias  # calibrated input grid; a corrected bias stays
-        new.init_weight(init)
-        new.w_quant, new.a_quant = True, m.a_quant
-        parent, _, child = name.rpartition(".")
-        setattr(q.model.get_submodule(parent) if parent else q.model, child, new)
+    set_w8_layers(q.model, fp.model, names, init)
     meta = {"w8_from": {"checkpoint": qdir.name, "commit": base_meta.get("commit"), "layers": sorted(names),
                         "rounding": f"nearest on the {init} grid"},
             **(extra_meta or {}), "wall_seconds": round(time.time() - t0, 2)}
