@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--record-steps", type=int, default=10, help="uniformly spaced steps recorded per trajectory")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--together", action="store_true",
+                    help="also measure every chosen layer at 8-bit weights at once (the `together` entry)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
@@ -85,17 +87,22 @@ def main(argv=None) -> int:
 
     base = measure()
     rows = []
-    for name in tqdm(names, desc="layers at 8 bits", unit="layer"):
-        old = set_w8_layers(q.model, fp.model, [name], init)
+
+    def at_8_bits(chosen: list[str]) -> dict:
+        old = set_w8_layers(q.model, fp.model, chosen, init)
         r = measure()
         for n, m in old.items():  # undo
             parent, _, child = n.rpartition(".")
             setattr(q.model.get_submodule(parent) if parent else q.model, child, m)
-        rows.append({"layer": name, **r, "mse_ratio": r["mse"] / base["mse"]})
+        return {**r, "mse_ratio": r["mse"] / base["mse"]}
+
+    for name in tqdm(names, desc="layers at 8 bits", unit="layer"):
+        rows.append({"layer": name, **at_8_bits([name])})
+    together = {"layers": names, **at_8_bits(names)} if args.together else None
     result = {"checkpoint": str(args.checkpoint), "float_model": args.float_model or "bundled",
               "calibration": str(args.calib) if args.calib else {"trajectories": args.trajectories,
                                                                  "record_steps": args.record_steps, "seed": args.seed},
-              "samples": len(calib), "weight_init": init, "base": base, "rows": rows,
+              "samples": len(calib), "weight_init": init, "base": base, "rows": rows, "together": together,
               "command": "python benchmarks/w8_sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": git_commit(), "machine": machine_info(), "wall_seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +120,9 @@ def main(argv=None) -> int:
              "| layer | MSE ratio | gain | bias R | bias G | bias B |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['layer']} | {r['mse_ratio']:.4f} | {r['gain']:+.4f} | "
               + " | ".join(f"{b:+.4f}" for b in r["bias"]) + " |" for r in ordered]
+    if together is not None:
+        lines += ["", f"All {len(names)} at once: MSE ratio {together['mse_ratio']:.4f}, gain {together['gain']:+.4f}, "
+                  f"bias ({', '.join(f'{b:+.4f}' for b in together['bias'])})"]
     with atomic_path(args.out / "README.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
     ax.set_title(args.checkpoint.name, fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
     save_figure(fig, args.out / "w8_sensitivity.png")
-    print("\n".join(lines[-len(ordered):]))
+    print("\n".join(lines[-len(ordered) - (2 if together is not None else 0):]))
     return 0
 
 

@@ -37,7 +37,7 @@ def test_rows_equal_the_measurement_on_the_written_w8_checkpoint(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/w8_sensitivity.py"), str(qdir), "--float",
                         str(model_dir), "--calib", str(tmp_path / "calib"), "--layers", "up_blocks.*.conv_shortcut",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--together", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((out / "w8_sensitivity.json").read_text())
     assert [row["layer"] for row in res["rows"]] == [f"up_blocks.{i}.resnets.{j}.conv_shortcut"
@@ -54,6 +54,9 @@ def test_rows_equal_the_measurement_on_the_written_w8_checkpoint(tmp_path):
         assert got["bias"] == pytest.approx(row["bias"], rel=1e-6, abs=1e-9)
         assert row["mse_ratio"] == pytest.approx(row["mse"] / res["base"]["mse"])
     assert len({row["mse"] for row in res["rows"]}) == 4  # each layer measured, not one state four times
+    w8_checkpoint(qdir, tmp_path / "all4", fp, ("up_blocks.*.conv_shortcut",))
+    got = summarise(measure_output_bias(load_model(str(tmp_path / "all4")).model, fp.model, calib))
+    assert got["mse"] == pytest.approx(res["together"]["mse"], rel=1e-6) and len(res["together"]["layers"]) == 4
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/w8_sensitivity.py"), str(qdir), "--float",
                           str(model_dir), "--calib", str(tmp_path / "calib"), "--layers", "nothing*",
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
