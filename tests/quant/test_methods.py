@@ -13,6 +13,7 @@ from gacq.models import LoadedModel, build_model
 from gacq.quant.api import QuantConfig, quantize
 from gacq.quant.calib_data import CalibDataConfig, collect
 from gacq.quant.fsc import FSCParams, finite_set_calibration
+from gacq.quant.gac import GACConfig
 from gacq.quant.methods import METHODS, float_input_layers, float_layers, method_spec
 from gacq.quant.modules import QuantLayer
 from gacq.quant.recon import ActReconConfig, ReconConfig, capture_unit_io, find_units, reconstruct_acts_unit
@@ -180,7 +181,7 @@ def test_method_registry_errors(fp):
         quantize(LoadedModel(fp), QuantConfig(method="qdiffusion"), None)
 
 
-@pytest.mark.parametrize("method", ["ptq4dm", "qdiffusion", "tfmq"])
+@pytest.mark.parametrize("method", ["ptq4dm", "qdiffusion", "tfmq", "gac"])
 def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_path):
     """Mixed bit widths (PTQ4DM's W8A8 first/last), attention quantizers and split shortcuts
     (Q-Diffusion), float-input layers and per-step activation sets (TFMQ-DM) survive a checkpoint."""
@@ -188,7 +189,8 @@ def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_pat
     from gacq.quant.checkpoint import save_quantized
 
     cfg = QuantConfig(method=method, preset="faithful", wbits=4, abits=8, recon=ReconConfig(iters=3, batch_size=8),
-                      act_recon=ActReconConfig(iters=2, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3))
+                      act_recon=ActReconConfig(iters=2, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3),
+                      gac=GACConfig(meta_iters=2, groups=2))
     sel = cfg.calib_config()
     cs = calib_all if sel.selection == "all" else collect(LoadedModel(fp), SampleConfig(steps=STEPS), sel, progress=False)
     q = quantize(LoadedModel(fp), cfg, cs)
@@ -197,13 +199,14 @@ def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_pat
         assert layers["conv_in"].weight_quantizer.bits == 8 and layers["down_blocks.0.resnets.0.conv1"].wbits == 4
     if method == "qdiffusion":
         assert any(m.split for m in layers.values()) and "conv_in" in layers
-    if method == "tfmq":
+    if method in ("tfmq", "gac"):  # TFMQ-DM's float layers (GAC's faithful preset is TFMQ-DM's plus GAC)
         assert "time_embedding.linear_1" not in layers and layers["time_embedding.linear_2"].act_quantizer is None
+        assert not any(n.endswith("conv_shortcut") for n in layers) and "conv_in" not in layers
     save_quantized(q, tmp_path / "q", {"method": method}, dict(fp.config), {})
     back = load_model(tmp_path / "q")
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     with torch.no_grad():
-        if method == "tfmq":
+        if method in ("tfmq", "gac"):
             for k in (0, STEPS - 1):
                 q.gacq_fsc.apply(q, k)
                 back.step_hook(k, SampleConfig(steps=STEPS))
@@ -213,7 +216,6 @@ def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_pat
 
 
 def test_gac_with_zero_meta_iterations_is_tfmq(fp, calib_all):
-    from gacq.quant.gac import GACConfig
 
     kw = dict(wbits=4, abits=8, recon=ReconConfig(iters=5, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3))
     a = quantize(LoadedModel(fp), QuantConfig(method="tfmq", **kw), calib_all)
@@ -227,7 +229,6 @@ def test_gac_end_to_end_saves_learned_weights(fp, tmp_path):
 
     from gacq.diagnostics import gac_weight_profile
     from gacq.quant.checkpoint import load_gac_weights, save_quantized
-    from gacq.quant.gac import GACConfig
 
     cs = collect(LoadedModel(fp), SampleConfig(steps=STEPS), CalibDataConfig(selection="all", n_trajectories=12),
                  progress=False)
