@@ -125,3 +125,24 @@ def test_w8_checkpoint_keeps_calibrated_input_grids_and_refuses_what_it_cannot_d
     with pytest.raises(GacqError, match="the float model has no layer"):  # another architecture's float model
         w8_checkpoint(base, tmp_path / "e", LoadedModel(build_model("tiny-dit").eval()), (SC,))
     assert not (tmp_path / "e").exists()  # nothing half-written
+
+
+def test_cli_quantize_w8_layer_and_a_bad_pattern(model_dir, tmp_path):
+    """`gacq quantize --w8-layer` through a subprocess: the checkpoint's matched layers are 8-bit; a pattern that
+    matches nothing is a clean error naming the option, with no traceback and no output folder."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "gacq", "quantize", "--model", str(model_dir), "--method", "rtn", "--wbits", "4",
+            "--abits", "32", "--device", "cpu"]
+    r = subprocess.run(base + ["--w8-layer", SC, "--out", str(tmp_path / "q")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    assert sorted(n for n, e in meta["layers"].items() if e["wbits"] == 8) == [
+        f"up_blocks.{i}.resnets.{j}.conv_shortcut" for i in (0, 1) for j in (0, 1)]
+    assert meta["config"]["w8_layers"] == [SC]
+    bad = subprocess.run(base + ["--w8-layer", "up_blocks.9.*", "--out", str(tmp_path / "bad")], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "--w8-layer 'up_blocks.9.*' matches none" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
