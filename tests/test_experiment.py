@@ -563,6 +563,17 @@ def test_gac_cells_write_weight_profiles_that_the_report_plots(tiny32, tmp_path)
     assert new["gac_weights_sha256"] != old["gac_weights_sha256"]  # (one block scaled: its relative weights stay)
     kept = tmp_path / "results/experiments/t/diagnostics/superseded" / f"gac_w4a32_steps5-{old['gac_weights_sha256'][:12]}.json"
     assert json.loads(kept.read_text()) == old
+    # a copy with 8-bit layers carries its base's GAC weights unchanged: no profile of its own
+    from gacq.models import load_model
+    from gacq.quant.api import w8_checkpoint
+
+    work_q = tmp_path / "runs/experiments/t/q"
+    w8_checkpoint(work_q / "gac_w4a32_steps5", work_q / "gac_w4a32_w8sc_steps5", load_model(str(tiny32)),
+                  ("up_blocks.*.conv_shortcut",))
+    assert (work_q / "gac_w4a32_w8sc_steps5" / "gac_weights.safetensors").exists()
+    r = here("experiment", "diagnostics", "spec.toml", cwd=tmp_path)
+    assert "0 new GAC weight profile(s)" in r.stdout, r.stdout + r.stderr
+    assert not (prof_file.parent / "gac_w4a32_w8sc_steps5.json").exists()
     r = here("report", "results/experiments/t", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "results" / "experiments" / "t" / "README.md").read_text()
