@@ -29,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gacq.models import load_model  # noqa: E402
-from gacq.quant.api import set_w8_layers  # noqa: E402
+from gacq.quant.api import config_from_json, set_w8_layers  # noqa: E402
 from gacq.quant.bias_correction import measure_output_bias  # noqa: E402
 from gacq.quant.calib_data import CalibDataConfig, CalibrationSet, collect  # noqa: E402
 from gacq.quant.wrap import quant_layers  # noqa: E402
@@ -74,8 +74,8 @@ def main(argv=None) -> int:
                            timestep_spacing=smp.get("timestep_spacing", "leading"), seed=args.seed)
         calib = collect(fp, cfg, CalibDataConfig(selection="uniform", n_trajectories=args.trajectories,
                                                  n_steps=args.record_steps, seed=args.seed), progress=True)
-    init = json.loads((args.checkpoint / "quant_config.json").read_text())["config"].get("recipe", {}) \
-        .get("weight_init", "mse")
+    init = config_from_json(json.loads((args.checkpoint / "quant_config.json").read_text())["config"]) \
+        .spec().weight_init  # the recipe's grid search, as w8_checkpoint uses
     names = [n for n, m in quant_layers(q.model)
              if m.weight_quantizer.bits < 8 and any(fnmatch.fnmatchcase(n, p) for p in args.layers)]
     if not names:
@@ -92,8 +92,7 @@ def main(argv=None) -> int:
         old = set_w8_layers(q.model, fp.model, chosen, init)
         r = measure()
         for n, m in old.items():  # undo
-            parent, _, child = n.rpartition(".")
-            setattr(q.model.get_submodule(parent) if parent else q.model, child, m)
+            q.model.set_submodule(n, m)
         return {**r, "mse_ratio": r["mse"] / base["mse"]}
 
     for name in tqdm(names, desc="layers at 8 bits", unit="layer"):

@@ -28,7 +28,7 @@ from ..quant.modules import QuantLayer
 from ..quant.wrap import quant_layers
 from .base import ExportedLayer, dense_fallback
 from .int8 import int8_unsupported, to_int8, to_w4a8, w4a8_unsupported
-from .w4a16 import to_w4a16, w4a16_unsupported
+from .w4a16 import to_w4a16, w4a16_unsupported, weight_bits
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _refuse_w4a16(wbits: int, abits: int | None) -> str | None:
 def _wide(layer: QuantLayer) -> bool:
     """Weights wider than 4 bits (a W8 layer of a mixed-precision W4 checkpoint: QuantConfig.w8_layers, a recipe's
     W8A8 first and last layers)."""
-    return max(layer.weight_quantizer.bits, layer.weight_quantizer_0.bits if layer.split else 0) > 4
+    return weight_bits(layer) > 4
 
 
 def _w4a8_unsupported(layer: QuantLayer) -> str | None:

@@ -82,11 +82,16 @@ class W4A16Linear(W4A16Layer):
     pass
 
 
+def weight_bits(layer: QuantLayer) -> int:
+    """A layer's weight bits (the wider half's, for a split layer)."""
+    return max(layer.weight_quantizer.bits, layer.weight_quantizer_0.bits if layer.split else 0)
+
+
 def w4a16_unsupported(layer: QuantLayer) -> str | None:
     """Why the w4a16 backend cannot run this layer, or None."""
     if not layer.w_quant:
         return "weight quantization is switched off"
-    bits = max(layer.weight_quantizer.bits, layer.weight_quantizer_0.bits if layer.split else 0)
+    bits = weight_bits(layer)
     if bits > 4:
         return f"{bits}-bit weights (w4a16 stores at most 4 bits)"
     for p in weight_parts(layer):

@@ -597,8 +597,7 @@ def set_w8_layers(q_model: torch.nn.Module, fp_model: torch.nn.Module, names, we
         new.act_quantizer, new.bias = m.act_quantizer, m.bias  # calibrated input grid; a corrected bias stays
         new.init_weight(weight_init)
         new.w_quant, new.a_quant = True, m.a_quant
-        parent, _, child = name.rpartition(".")
-        setattr(q_model.get_submodule(parent) if parent else q_model, child, new)
+        q_model.set_submodule(name, new)
         old[name] = m
     return old
 
