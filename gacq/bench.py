@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from .export import ExportedLayer, convert
+from .export.triton_w4 import TILE_RULES, set_tile_rule
 from .models import NAMED_CONFIGS, build_model
 from .quant.methods import COMMON_SKIP
 from .quant.modules import QuantConv2d, QuantLayer, frozen_weights
@@ -312,6 +313,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--modes", default="",
                     help="comma-separated substrings: run only the modes whose label contains one (e.g. 'bf16,int8'); "
                          "the float compiled baseline is always kept for the ratios")
+    ap.add_argument("--tile-rules", default="default",
+                    help="comma-separated tile rules of the Triton low-bit kernels (gacq.export.triton_w4.TILE_RULES: "
+                         "default, small-m); each int8 / w4a8 / Triton mode runs once per rule, side by side, labelled "
+                         "' tiles=RULE' for a rule other than default")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record each mode's kernels at each batch size with torch.profiler (3 calls, no CUDA "
+                         "graph): the device time of all its kernels per call and the costliest ones (CPU: its ops)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
@@ -368,13 +376,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         modes = [m for i, m in enumerate(modes) if i == 1 and not args.no_compile or any(w in m[0] for w in wanted)]
         if not modes and not args.kernels:
             ap.error(f"--modes {args.modes!r} matches no mode; the modes are: {', '.join(labels)}")
+    rules = [r.strip() for r in args.tile_rules.split(",") if r.strip()]
+    bad = [r for r in rules if r not in TILE_RULES]
+    if bad or not rules:
+        ap.error(f"--tile-rules {args.tile_rules!r}: unknown rule(s) {', '.join(bad) or '(none given)'}; "
+                 f"the rules are: {', '.join(TILE_RULES)}")
+    # each Triton low-bit mode once per tile rule; the others (float, fake quant, cuDNN dequantize) once
+    modes = [(label + ("" if rule == "default" else f" tiles={rule}"), build, compiled, rule)
+             for label, build, compiled in modes
+             for rule in (rules if label.startswith(("int8", "w4a8")) or "triton" in label else ["default"])]
     graphs = device.type == "cuda" and not args.no_graphs
 
     results = []
     share = None
     kernels = None
-    for label, build, compiled in modes:
+    for label, build, compiled, rule in modes:
         print(f"[bench] {label}", flush=True)
+        set_tile_rule(rule)  # read when a kernel is launched (and captured with it into a CUDA graph)
         try:
             model = build().to(device, dtype).eval()
         except Exception as e:  # noqa: BLE001 (a mode that cannot be built is recorded; the others still run)
@@ -394,6 +412,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                 base = {"mode": label, "batch": bs, "weight_bytes": wbytes, "model_bytes": mbytes}
                 row = timed_row(dict(base), lambda: call, device, args)
                 results.append(row)
+                if args.profile and "error" not in row:
+                    row["profile"] = top_kernels(call, device)
                 if args.sample_steps and "error" not in row:
                     row.update(time_sampling(fn_model, x, device, args.sample_steps, graph=False))
                 if graphs and "error" not in row:
@@ -403,6 +423,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                         grow.update(time_sampling(fn_model, x, device, args.sample_steps, graph=True))
                     results.append(grow)
         del model, fn_model
+        set_tile_rule("default")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write_results(args, results, share, t_start, kernels)
@@ -521,6 +542,30 @@ def kernel_report(fp: nn.Module, builders: dict, args, device: torch.device, dty
             "total_ms": {v: round(t, 3) for v, t in totals.items()}, "layers": rows}
 
 
+def top_kernels(call, device: torch.device, calls: int = 3, top: int = 8) -> dict:
+    """`calls` calls of `call` under torch.profiler, after one unrecorded call: on CUDA the device time of all
+    kernels per call (what a CUDA graph's replay cannot go below) and the `top` kernels by their own device time;
+    on the CPU the same for the ops' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            call()
+        if cuda:
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted((e for e in prof.key_averages() if getattr(e, attr) > 0), key=lambda e: -getattr(e, attr))
+    return {"what": "CUDA kernels" if cuda else "CPU ops", "calls": calls,
+            "ms_per_call": round(sum(getattr(e, attr) for e in events) / calls / 1e3, 4),
+            "launches_per_call": round(sum(e.count for e in events) / calls, 1),
+            "top": [{"name": e.key[:120], "ms_per_call": round(getattr(e, attr) / calls / 1e3, 4),
+                     "launches_per_call": round(e.count / calls, 1)} for e in events[:top]]}
+
+
 def time_sampling(model, x: torch.Tensor, device: torch.device, steps: int, graph: bool) -> dict:
     """One DDIM sampling loop of `steps` steps from x's shape (eta 0, the default DDPM noise schedule), timed
     whole: the model call per step (one CUDA-graph replay per step when `graph`: the step's x and timestep are
@@ -630,6 +675,17 @@ def render_markdown(res: dict) -> str:
         lines += ["", "first call s: the wall time of a mode's first call at that batch size, before the warm-up calls: "
                   "it holds torch.compile's compilation (compiled modes, per batch size), a CUDA graph's capture and "
                   "Triton's kernel builds."]
+    profiled = [r for r in res["results"] if "profile" in r]
+    if profiled:
+        lines += ["", "## Where the time goes (--profile: torch.profiler, 3 calls without a CUDA graph)", "",
+                  f"Per call: the {profiled[0]['profile']['what']}' own time summed, their number, and the costliest.",
+                  "", "| mode | batch | ms per call | launches | costliest (ms per call, launches) |",
+                  "|---|---:|---:|---:|---|"]
+        for r in profiled:
+            p = r["profile"]
+            top = "; ".join(f"`{t['name'][:60]}` {t['ms_per_call']:.3f} ({t['launches_per_call']:g})"
+                            for t in p["top"][:4])
+            lines.append(f"| {r['mode']} | {r['batch']} | {p['ms_per_call']:.3f} | {p['launches_per_call']:g} | {top} |")
     kern = res.get("kernels")
     if kern:
         vs = [v for v, state in kern["variants"].items() if state == "ok"]

@@ -116,6 +116,28 @@ def test_tiles_follow_the_measured_sweep(monkeypatch):
     assert triton_w4.tiles(1000, 64) == (64, 64, 64, 4) and triton_w4.tiles(100, 300) == (32, 64, 64, 4)
 
 
+def test_small_m_tile_rule(monkeypatch):
+    """`set_tile_rule("small-m")` gives outputs of at most SMALL_M rows the batch-1 sweep's tiles (int8 16 x 64,
+    int4 weights and the generic GEMM 32 x 32, 4 warps) and leaves larger outputs on the default rule; "default"
+    restores it; an unknown rule is refused with the choices named, and the rule in force stays."""
+    from gacq.export import triton_w4
+
+    monkeypatch.setattr(triton_w4, "INTERPRET", False)
+    before = {(m, kind): triton_w4.tiles(m, 256, kind, 256) for m in (64, 1024, 4096, 16384) for kind in ("int8", "w4", "gemm")}
+    assert triton_w4.set_tile_rule("small-m") == "default"
+    try:
+        assert triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
+        assert triton_w4.tiles(64, 256, "w4", 256) == (32, 32, 64, 4) == triton_w4.tiles(4096, 256)
+        assert triton_w4.tiles(16384, 256, "int8", 256) == before[(16384, "int8")]
+        assert triton_w4.tiles(4097, 256, "w4", 256) == triton_w4.tiles(4097, 256, "w4", 256) != (32, 32, 64, 4)
+        with pytest.raises(ValueError, match="unknown tile rule 'tiny'.*default, small-m"):
+            triton_w4.set_tile_rule("tiny")
+        assert triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
+    finally:
+        assert triton_w4.set_tile_rule("default") == "small-m"
+    assert {(m, kind): triton_w4.tiles(m, 256, kind, 256) for m, kind in before} == before
+
+
 def test_conv_paths_probe_im2col_is_exact_and_timings_need_a_gpu(tmp_path):
     """benchmarks/probe_conv_paths.py: its int8 im2col (k ordered (r, s, c)) + torch._int_mm equals a float64 conv of
     the same integers (CPU smoke run); without a GPU the timing run stops with a clear message and writes nothing."""
