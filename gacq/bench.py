@@ -313,10 +313,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--modes", default="",
                     help="comma-separated substrings: run only the modes whose label contains one (e.g. 'bf16,int8'); "
                          "the float compiled baseline is always kept for the ratios")
-    ap.add_argument("--tile-rules", default="default",
+    ap.add_argument("--tile-rules", default=TILE_RULES[0],
                     help="comma-separated tile rules of the Triton low-bit kernels (gacq.export.triton_w4.TILE_RULES: "
-                         "default, small-m); each int8 / w4a8 / Triton mode runs once per rule, side by side, labelled "
-                         "' tiles=RULE' for a rule other than default")
+                         "small-m, the default, and no-small-m); each int8 / w4a8 / Triton mode runs once per rule, side "
+                         "by side, labelled ' tiles=RULE' for a rule other than the default")
     ap.add_argument("--profile", action="store_true",
                     help="also record each mode's kernels at each batch size with torch.profiler (3 calls, no CUDA "
                          "graph): the device time of all its kernels per call and the costliest ones (CPU: its ops)")
@@ -382,9 +382,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ap.error(f"--tile-rules {args.tile_rules!r}: unknown rule(s) {', '.join(bad) or '(none given)'}; "
                  f"the rules are: {', '.join(TILE_RULES)}")
     # each Triton low-bit mode once per tile rule; the others (float, fake quant, cuDNN dequantize) once
-    modes = [(label + ("" if rule == "default" else f" tiles={rule}"), build, compiled, rule)
+    modes = [(label + ("" if rule == TILE_RULES[0] else f" tiles={rule}"), build, compiled, rule)
              for label, build, compiled in modes
-             for rule in (rules if label.startswith(("int8", "w4a8")) or "triton" in label else ["default"])]
+             for rule in (rules if label.startswith(("int8", "w4a8")) or "triton" in label else [TILE_RULES[0]])]
     graphs = device.type == "cuda" and not args.no_graphs
 
     results = []
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                         grow.update(time_sampling(fn_model, x, device, args.sample_steps, graph=True))
                     results.append(grow)
         del model, fn_model
-        set_tile_rule("default")
+        set_tile_rule(TILE_RULES[0])
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write_results(args, results, share, t_start, kernels)

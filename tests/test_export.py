@@ -595,7 +595,7 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
 
 
 def test_bench_tile_rules_and_profile(tmp_path):
-    """`gacq bench --tile-rules default,small-m --profile`: each Triton low-bit mode runs once per tile rule (the
+    """`gacq bench --tile-rules small-m,no-small-m --profile`: each Triton low-bit mode runs once per tile rule (the
     rule named in its label), a float or fake-quant mode once; every timed row carries its profile (time per call
     summed over the recorded ops, their number, the costliest), and the markdown gets the profile table. An unknown
     rule is refused before anything runs."""
@@ -604,20 +604,20 @@ def test_bench_tile_rules_and_profile(tmp_path):
             "--warmup", "1", "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "gacq", "bench", *args, "--modes", "w4a8 W4A8,fake-quant W4A8",
-                           "--tile-rules", "default,small-m", "--profile", "--out", str(out)],
+                           "--tile-rules", "small-m,no-small-m", "--profile", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "bench_lowbit.json").read_text())
     modes = [r["mode"] for r in res["results"]]
-    assert sorted(modes) == sorted(["fake-quant W4A8", "w4a8 W4A8", "w4a8 W4A8 tiles=small-m", "w4a8 W4A8 unpacked",
-                                    "w4a8 W4A8 unpacked tiles=small-m"])
+    assert sorted(modes) == sorted(["fake-quant W4A8", "w4a8 W4A8", "w4a8 W4A8 tiles=no-small-m", "w4a8 W4A8 unpacked",
+                                    "w4a8 W4A8 unpacked tiles=no-small-m"])
     for r in res["results"]:
         p = r["profile"]
         assert p["what"] == "CPU ops" and p["calls"] == 3 and p["launches_per_call"] >= 1
         assert 0 < p["top"][0]["ms_per_call"] <= p["ms_per_call"] and len(p["top"]) <= 8
         assert [t["ms_per_call"] for t in p["top"]] == sorted((t["ms_per_call"] for t in p["top"]), reverse=True)
     md = (out / "bench_lowbit.md").read_text()
-    assert "## Where the time goes" in md and "| w4a8 W4A8 tiles=small-m | 1 |" in md
-    proc = gacq_here("bench", *args, "--tile-rules", "default,huge", "--out", tmp_path / "b2")
-    assert proc.returncode == 2 and "unknown rule(s) huge" in proc.stderr and "default, small-m" in proc.stderr
+    assert "## Where the time goes" in md and "| w4a8 W4A8 tiles=no-small-m | 1 |" in md
+    proc = gacq_here("bench", *args, "--tile-rules", "small-m,huge", "--out", tmp_path / "b2")
+    assert proc.returncode == 2 and "unknown rule(s) huge" in proc.stderr and "small-m, no-small-m" in proc.stderr
     assert not (tmp_path / "b2").exists()

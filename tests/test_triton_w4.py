@@ -113,29 +113,38 @@ def test_tiles_follow_the_measured_sweep(monkeypatch):
     assert triton_w4.tiles(16384, 256, "int8", 192) == (128, 128, 64, 8)  # 192 channels: not whole 128-blocks
     assert triton_w4.tiles(262144, 128, "w4", 128) == (256, 128, 64, 8)
     assert triton_w4.tiles(16384, 256, "w4", 256) == (128, 128, 64, 8)
-    assert triton_w4.tiles(1000, 64) == (64, 64, 64, 4) and triton_w4.tiles(100, 300) == (32, 64, 64, 4)
+    assert triton_w4.tiles(2000, 64) == (64, 64, 64, 4) and triton_w4.tiles(2000, 300) == (64, 128, 64, 4)
+    assert triton_w4.set_tile_rule("no-small-m") == "small-m"  # the batch-256 rule down to the smallest outputs
+    try:
+        assert triton_w4.tiles(1000, 64) == (64, 64, 64, 4) and triton_w4.tiles(100, 300) == (32, 64, 64, 4)
+    finally:
+        triton_w4.set_tile_rule("small-m")
 
 
 def test_small_m_tile_rule(monkeypatch):
-    """`set_tile_rule("small-m")` gives outputs of at most SMALL_M rows the batch-1 sweep's tiles (int8 16 x 64,
-    int4 weights and the generic GEMM 32 x 32, 4 warps) and leaves larger outputs on the default rule; "default"
-    restores it; an unknown rule is refused with the choices named, and the rule in force stays."""
+    """The default "small-m" rule gives outputs of at most SMALL_M rows the batch-1 sweep's tiles (int8 16 x 64,
+    int4 weights and the generic GEMM 32 x 32, 4 warps) and larger outputs the batch-256 rule, which
+    `set_tile_rule("no-small-m")` applies everywhere; an unknown rule is refused with the choices named, and the
+    rule in force stays."""
     from gacq.export import triton_w4
 
     monkeypatch.setattr(triton_w4, "INTERPRET", False)
-    before = {(m, kind): triton_w4.tiles(m, 256, kind, 256) for m in (64, 1024, 4096, 16384) for kind in ("int8", "w4", "gemm")}
-    assert triton_w4.set_tile_rule("small-m") == "default"
+    assert triton_w4.SMALL_M == 1024
+    small = {(m, kind): triton_w4.tiles(m, 256, kind, 256) for m in (64, 1024, 1025, 16384)
+             for kind in ("int8", "w4", "gemm")}
+    assert small[(1024, "int8")] == small[(64, "int8")] == (16, 64, 64, 4)
+    assert small[(64, "w4")] == small[(1024, "gemm")] == (32, 32, 64, 4)
+    assert triton_w4.set_tile_rule("no-small-m") == "small-m"
     try:
-        assert triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
-        assert triton_w4.tiles(64, 256, "w4", 256) == (32, 32, 64, 4) == triton_w4.tiles(4096, 256)
-        assert triton_w4.tiles(16384, 256, "int8", 256) == before[(16384, "int8")]
-        assert triton_w4.tiles(4097, 256, "w4", 256) == triton_w4.tiles(4097, 256, "w4", 256) != (32, 32, 64, 4)
-        with pytest.raises(ValueError, match="unknown tile rule 'tiny'.*default, small-m"):
+        large = {(m, kind): triton_w4.tiles(m, 256, kind, 256) for m, kind in small}
+        with pytest.raises(ValueError, match="unknown tile rule 'tiny'.*small-m, no-small-m"):
             triton_w4.set_tile_rule("tiny")
-        assert triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
+        assert triton_w4.tiles(1024, 256, "int8", 256) == large[(1024, "int8")]
     finally:
-        assert triton_w4.set_tile_rule("default") == "small-m"
-    assert {(m, kind): triton_w4.tiles(m, 256, kind, 256) for m, kind in before} == before
+        assert triton_w4.set_tile_rule("small-m") == "no-small-m"
+    for (m, kind), t in small.items():  # the rules part at SMALL_M rows
+        assert (t == large[(m, kind)]) == (m > 1024), (m, kind)
+    assert large[(1024, "int8")] == (64, 128, 64, 4) and large[(64, "w4")] == (32, 64, 64, 4)
 
 
 def test_conv_paths_probe_im2col_is_exact_and_timings_need_a_gpu(tmp_path):

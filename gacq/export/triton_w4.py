@@ -44,24 +44,25 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET)
 
 
-TILE_RULES = ("default", "small-m")
-_tile_rule = "default"
+TILE_RULES = ("small-m", "no-small-m")
+_tile_rule = "small-m"
+SMALL_M = 1024
 
 
 def set_tile_rule(name: str) -> str:
-    """Choose `tiles`' rule for the kernels launched from now on (returns the previous one): "default" (the measured
-    batch-256 rule below) or "small-m", which gives outputs of at most SMALL_M rows (batch 1 at 32x32 and
-    below) the small tiles that won benchmarks/tune_conv_tiles.py's batch-1 sweep on the H200 (results/conv_tiles,
-    session 26: 1.1-2.2x the default tiles, eager): int8 (16, 64, 64), w4 and the generic GEMM (32, 32, 64), 4 warps.
-    The integer kernels' results do not depend on the tiles. Kernels already captured in a CUDA graph keep theirs."""
+    """Choose `tiles`' rule for the kernels launched from now on (returns the previous one). "small-m" (the default)
+    gives outputs of at most SMALL_M rows (batch 1 at 32x32 and below) the small tiles that won
+    benchmarks/tune_conv_tiles.py's batch-1 sweep on the H200 (results/conv_tiles, session 26, M = 64-1,024): int8
+    (16, 64, 64), int4 weights and the generic GEMM (32, 32, 64), 4 warps; in the compiled, CUDA-graphed ddpm-cifar10
+    model at batch 1 they made a W4A8 step 1.61x and a W8A8 step 1.41x faster than the batch-256 rule
+    (results/bench_lowbit/s27-ddpm-cifar10-batch1-tiles). "no-small-m" keeps that batch-256 rule everywhere (as
+    before session 27), for comparison (`gacq bench --tile-rules`). The integer kernels' results do not depend on
+    the tiles. Kernels already captured in a CUDA graph keep theirs."""
     global _tile_rule
     if name not in TILE_RULES:
         raise ValueError(f"unknown tile rule {name!r}; choose one of {', '.join(TILE_RULES)}")
     previous, _tile_rule = _tile_rule, name
     return previous
-
-
-SMALL_M = 4096
 
 
 def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tuple[int, int, int, int]:
@@ -77,7 +78,7 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
     M = 65,536 (1.1-1.5x)."""
     if INTERPRET:
         return 32, 32, 32, 4
-    if _tile_rule == "small-m" and m <= SMALL_M:
+    if _tile_rule == "small-m" and m <= SMALL_M:  # few output rows: enough blocks for the SMs (see set_tile_rule)
         return (16, 64, 64, 4) if kind == "int8" else (32, 32, 64, 4)
     if n >= 128 and kind == "int8" and m >= 8192 and (channels is None or channels % 128 == 0):
         return 128, 128, 128, 8
