@@ -73,9 +73,14 @@ def test_int8_launches_pass_every_argument(recorded):
             torch.ones(1), torch.zeros(1), -128, 127, 0)
     int8_conv2d(x, *args, (3, 3), (1, 1), (1, 1), (1, 1))
     int8_conv2d(x, *args, (3, 3), (1, 1), (1, 1), (1, 1), w_zero=torch.zeros(o))
+    # split-K (K = 144: three K blocks of 64): a second kernel adds the partial sums
+    k2 = 16 * 3 * 3
+    int8_conv2d(torch.randn(2, 16, 5, 5), torch.zeros(k2, o, dtype=torch.int8), k2, o, *args[3:], (3, 3), (1, 1),
+                (1, 1), (1, 1), split_k=2)
     int8_linear_dynamic(torch.randn(3, 7, 8), torch.zeros(8, o, dtype=torch.int8), 8, o, torch.ones(o), None, i32,
                         None, -128, 127, 0, False, 1e-8)
-    assert {c[0] for c in recorded} == {"_quantize_kernel", "_quantize_rows_kernel", "_int8_conv_kernel"}
+    assert {c[0] for c in recorded} == {"_quantize_kernel", "_quantize_rows_kernel", "_int8_conv_kernel",
+                                        "_int8_splitk_epilogue"}
     _check(recorded)
 
 

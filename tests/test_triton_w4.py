@@ -21,7 +21,7 @@ CHECKS = Path(__file__).with_name("triton_w4_checks.py")
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is only installed on Linux")
 
 
-CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "int8_token", "fake_quant",
+CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "split_k", "int8_token", "fake_quant",
          "fake_quant_token", "compiled_ops"]
 
 
@@ -145,6 +145,20 @@ def test_small_m_tile_rule(monkeypatch):
     for (m, kind), t in small.items():  # the rules part at SMALL_M rows
         assert (t == large[(m, kind)]) == (m > 1024), (m, kind)
     assert large[(1024, "int8")] == (64, 128, 64, 4) and large[(64, "w4")] == (32, 64, 64, 4)
+
+    # split-K only under "small-m-splitk" (with small-m's tiles): about 264 programs, at least 4 K blocks a split
+    assert triton_w4.split_k(1024, 128, 1152, 16, 64, 64) == 1
+    assert triton_w4.set_tile_rule("small-m-splitk") == "small-m"
+    try:
+        assert triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
+        assert triton_w4.split_k(1024, 128, 1152, 16, 64, 64) == 3  # 128 tiles, 18 K blocks
+        assert triton_w4.split_k(64, 256, 4608, 16, 64, 64) == 17  # 16 tiles, 72 K blocks
+        assert triton_w4.split_k(16, 512, 512, 16, 64, 64) == 2  # 8 tiles, but only 8 K blocks
+        assert triton_w4.split_k(262144, 128, 1152, 128, 128, 128) == 1  # enough tiles
+        monkeypatch.setattr(triton_w4, "INTERPRET", True)
+        assert triton_w4.split_k(64, 256, 4608, 16, 64, 64) == 1  # the interpreter: tests pass split_k themselves
+    finally:
+        triton_w4.set_tile_rule("small-m")
 
 
 def test_conv_paths_probe_im2col_is_exact_and_timings_need_a_gpu(tmp_path):

@@ -227,6 +227,51 @@ def int8_conv():
     assert not to_int8(layer).kernel_applies(x)  # two weight groups: the torch path
 
 
+def split_k():
+    """Split-K in the int8 / W4A8 conv kernel (`int8_conv2d(split_k=S)`, the "small-m-splitk" tile rule's path):
+    S programs per output tile each sum part of the K loop, a second kernel adds their int32 partial sums and runs
+    the epilogue. The integers are the same, so the output equals the unsplit kernel's bit for bit (interpreter;
+    compiled the two epilogues are different kernels, so `_same_epilogue`) and the torch path's, for int8 and
+    packed int4 weights, offset rows (the row-sum term), no bias, stride 2, K blocks not dividing evenly among the
+    splits, and a split larger than the K blocks (clamped)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gacq.export.int8 import to_int8, to_w4a8
+    from tests.test_export import make_conv
+
+    rule = triton_int8.split_k_rule
+    seen = set()
+    for convert, kw in [(to_int8, {"cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)}),
+                        (to_int8, {"stride": 2, "bias": False, "cin": 16, "x_shape": (2, 16, 9, 8)}),
+                        (to_int8, {"wbits": 8, "offset_rows": True, "cin": 12, "x_shape": (1, 12, 7, 7)}),
+                        (to_w4a8, {"wbits": 4, "cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)}),
+                        (to_w4a8, {"wbits": 4, "cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)})]:
+        offset_rows = kw.pop("offset_rows", False)
+        layer, x = make_conv(**kw)
+        if offset_rows:  # rows of codes 0..255 around a zero point at 0: dw = 128 - zw != 0
+            with torch.no_grad():
+                layer.weight_quantizer.zero_point.fill_(0.0)
+        ex = convert(layer).to(DEVICE)
+        x = x.to(DEVICE)
+        seen.add((convert.__name__, ex.parts[0].has_offset))
+        with torch.no_grad():
+            y1 = ex(x)
+            ex.use_kernel = False
+            want = ex(x)
+            ex.use_kernel = True
+            for split in (2, 3, 4, 1000):
+                triton_int8.split_k_rule = lambda *_, s=split: s
+                try:
+                    y = ex(x)
+                finally:
+                    triton_int8.split_k_rule = rule
+                if DEVICE == "cpu":
+                    assert torch.equal(y, y1), (kw, split, (y - y1).abs().max())
+                _same_epilogue(y, want, (convert.__name__, kw, split))
+    assert ("to_int8", True) in seen and ("to_w4a8", False) in seen, seen
+    # the rule: no split unless "small-m-splitk", and never in the interpreter
+    assert triton_w4.split_k(64, 256, 4608, 16, 64, 64) == 1
+
+
 def _bf16_diagnosis(ex, x, y, want) -> str:
     """Where a bf16 mismatch of the fused int8 conv comes from: the input codes as torch computes them in bf16
     on the device, against the kernel's recipe (float32 IEEE division rounded to bf16) and against exact codes

@@ -33,6 +33,12 @@ element. Scales, zero points and the bias are read by the kernels from the layer
 call launches two kernels and nothing else, and per-step activation grids written into those
 buffers in place are seen by CUDA-graph replays. One weight group and groups=1 only; other layers
 keep the torch path.
+
+Split-K (`int8_conv2d(split_k=S)`, or the "small-m-splitk" tile rule's choice, `triton_w4.split_k`): where a
+small output has too few tiles to fill the GPU (batch 1: 8-128 tiles on 132 SMs, each looping over all of K),
+S programs share a tile's K loop and write int32 partial sums; `_int8_splitk_epilogue` adds them and runs the
+same epilogue. Integer sums do not depend on their order, so the output is the unsplit kernel's bit for bit
+(checked in the interpreter); the price is a third launch and S x M x O int32 of scratch.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 
 from .base import conv_output_size
 from .triton_w4 import INTERPRET, available, tiles, triton
+from .triton_w4 import split_k as split_k_rule
 
 if triton is not None:
     import triton.language as tl
@@ -91,7 +98,10 @@ if triton is not None:
                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                           HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr, ALIGNED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PER_ROW: tl.constexpr):
+                          PER_ROW: tl.constexpr, part_ptr, rpart_ptr, KB_PER: tl.constexpr, SPLIT: tl.constexpr):
+        # SPLIT > 1 (split-K): program (i, j, s) sums K blocks [s * KB_PER, (s + 1) * KB_PER) only and writes its
+        # int32 partial sums to part (SPLIT, M, O) and rpart (SPLIT, M); `_int8_splitk_epilogue` adds them (exact:
+        # integers) and runs the epilogue. SPLIT == 1: the whole K loop and the epilogue here.
         # every argument without a default: torch.compile's wrapper of user Triton kernels (torch 2.11) drops an
         # omitted defaulted constexpr from the launch, and the compiled launcher then fails ("launcher() missing 1
         # required positional argument: '_grid_2'"; `gacq bench` mode int8 W8A8 compiled, session 18)
@@ -108,7 +118,11 @@ if triton is not None:
             wz = tl.load(wzero_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         rsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        # unsplit: every K block, a compile-time count; split: KB_PER blocks from this split's first (the last split
+        # may run past K: those blocks are masked out, so they add zeros)
+        kb0 = 0 if SPLIT == 1 else tl.program_id(2) * KB_PER
+        for i in range(0, tl.cdiv(K, BLOCK_K) if SPLIT == 1 else KB_PER):
+            kb = kb0 + i
             mask_k = kb * BLOCK_K + tl.arange(0, BLOCK_K) < K
             # k = (r, s, c), channels fastest; wrow: each k's row in the weight's (c, r, s) order
             offs, inside, wrow = conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H, W, SH, SW, PH, PW, DH, DW,
@@ -125,6 +139,23 @@ if triton is not None:
             acc += tl.dot(x8, w8, out_dtype=tl.int32)
             if HAS_OFFSET:
                 rsum += tl.sum(x8.to(tl.int32), axis=1)
+        if SPLIT > 1:
+            pid_k = tl.program_id(2)
+            mask = mask_m[:, None] & mask_n[None, :]
+            base = pid_k.to(tl.int64) * M
+            tl.store(part_ptr + (base + offs_m[:, None]) * O + offs_n[None, :], acc, mask=mask)
+            if HAS_OFFSET:
+                tl.store(rpart_ptr + pid_k.to(tl.int64) * M + offs_m, rsum, mask=mask_m & (pid_n == 0))
+        else:
+            _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, da, wscale_ptr, woff_ptr,
+                           row_ptr, bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw,
+                           HAS_OFFSET, HAS_BIAS, PER_ROW)
+
+    @triton.jit
+    def _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, da, wscale_ptr, woff_ptr, row_ptr,
+                       bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw,
+                       HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr):
+        """The correction terms, scales and bias of an (BLOCK_M, BLOCK_N) int32 tile, stored to y."""
         row = tl.load(row_ptr + offs_n, mask=mask_n, other=0)
         sw = tl.load(wscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if PER_ROW:  # dynamic per-token grids (linears, no padding): one scale and zero point per output row
@@ -143,6 +174,31 @@ if triton is not None:
         ptr = y_ptr + n_idx[:, None] * syn + offs_n[None, :] * syc + ho[:, None] * syh + wo[:, None] * syw
         tl.store(ptr, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    @triton.jit
+    def _int8_splitk_epilogue(part_ptr, rpart_ptr, wscale_ptr, woff_ptr, row_ptr, bias_ptr, y_ptr, ascale_ptr, azp_ptr,
+                              center, M, O, HO, WO, syn, syc, syh, syw,
+                              HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        """Split-K's second kernel: the SPLIT int32 partial sums of a tile added (exact, in any order), then
+        `_int8_epilogue`, so the output equals the unsplit kernel's bit for bit."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < O
+        mask = mask_m[:, None] & mask_n[None, :]
+        n_idx, ho, wo = conv_rows(offs_m, HO, WO)
+        da = (center - tl.load(azp_ptr).to(tl.float32)).to(tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        rsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for sk in range(0, SPLIT):
+            base = (sk * M).to(tl.int64)
+            acc += tl.load(part_ptr + (base + offs_m[:, None]) * O + offs_n[None, :], mask=mask, other=0)
+            if HAS_OFFSET:
+                rsum += tl.load(rpart_ptr + base + offs_m, mask=mask_m, other=0)
+        _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, da, wscale_ptr, woff_ptr, row_ptr,
+                       bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw,
+                       HAS_OFFSET, HAS_BIAS, PER_ROW)
 
 
 def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
@@ -151,7 +207,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                 kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], w_zero: torch.Tensor | None = None,
                 block: tuple[int, int, int] | None = None, num_warps: int | None = None,
-                num_stages: int | None = None, aligned: bool | None = None) -> torch.Tensor:
+                num_stages: int | None = None, aligned: bool | None = None,
+                split_k: int | None = None) -> torch.Tensor:
     """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
     qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); or, with
@@ -163,7 +220,10 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     into them work under CUDA graphs); qmin, qmax: the grid; center: ca. `block` = (BLOCK_M, BLOCK_N,
     BLOCK_K), `num_warps` and `num_stages` override `tiles` and Triton's default pipelining
     (benchmarks/tune_conv_tiles.py); `aligned=False` forces the per-element tap arithmetic where one tap per
-    K block would apply (the same integers; for measuring what the aligned path gains).
+    K block would apply (the same integers; for measuring what the aligned path gains). `split_k` (default:
+    `triton_w4.split_k`'s rule, 1 unless the tile rule is "small-m-splitk") splits the K loop over that many
+    programs per output tile, whose int32 partial sums a second kernel adds before the epilogue: the same
+    integers, so the same output bit for bit.
     """
     if triton is None:
         raise RuntimeError("the int8 Triton kernel needs the triton package")
@@ -187,17 +247,29 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
         (bm, bn, bk), warps = block, 4
     warps = num_warps or warps
     extra = {"num_stages": num_stages} if num_stages else {}
-    grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn))
+    kblocks = triton.cdiv(k, bk)
+    split = split_k_rule(m, out_channels, k, bm, bn, bk) if split_k is None else max(1, min(int(split_k), kblocks))
+    kb_per = triton.cdiv(kblocks, split)
+    split = triton.cdiv(kblocks, kb_per)  # no empty split
+    grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn), split)
     off = w_offset if w_offset is not None else row_term  # any int32 pointer when unused
     b = bias if bias is not None else w_scale  # any pointer when unused
     wz = w_zero if w_zero is not None else row_term  # any pointer when unused
+    part = torch.empty((split, m, out_channels), dtype=torch.int32, device=x.device) if split > 1 else row_term
+    rpart = torch.empty((split, m), dtype=torch.int32, device=x.device) if split > 1 else row_term
     _int8_conv_kernel[grid](x8, qweight, wz, w_scale, off, row_term, b, y, act_scale, act_zero,
                             float(qmin), float(qmax), float(center),
                             m, out_channels, c, h, w, ho, wo, h * w * c, 1, w * c, c, qweight.stride(0), *y.stride(),
                             sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
                             HAS_BIAS=bias is not None, W4=w_zero is not None,
                             ALIGNED=c % bk == 0 and aligned is not False,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_ROW=False, num_warps=warps, **extra)
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_ROW=False, part_ptr=part, rpart_ptr=rpart,
+                            KB_PER=kb_per, SPLIT=split, num_warps=warps, **extra)
+    if split > 1:
+        _int8_splitk_epilogue[grid[:2]](part, rpart, w_scale, off, row_term, b, y, act_scale, act_zero, float(center),
+                                        m, out_channels, ho, wo, *y.stride(), HAS_OFFSET=w_offset is not None,
+                                        HAS_BIAS=bias is not None, PER_ROW=False, BLOCK_M=bm, BLOCK_N=bn,
+                                        SPLIT=split, num_warps=warps)
     return y
 
 
@@ -233,7 +305,8 @@ def int8_linear_dynamic(x: torch.Tensor, qweight: torch.Tensor, k: int, out_chan
                             m, out_channels, k, 1, 1, 1, 1, k, 1, k, k, qweight.stride(0), out_channels, 1, 1, 1,
                             1, 1, 0, 0, 1, 1, K=k, KH=1, KW=1, HAS_OFFSET=w_offset is not None,
                             HAS_BIAS=bias is not None, W4=w_zero is not None, ALIGNED=k % bk == 0,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PER_ROW=True)
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PER_ROW=True,
+                            part_ptr=row_term, rpart_ptr=row_term, KB_PER=1, SPLIT=1)  # linears: no split-K
     return y.reshape(*x.shape[:-1], out_channels)
 
 

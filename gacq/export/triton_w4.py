@@ -44,7 +44,7 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET)
 
 
-TILE_RULES = ("small-m", "no-small-m")
+TILE_RULES = ("small-m", "no-small-m", "small-m-splitk")
 _tile_rule = "small-m"
 SMALL_M = 1024
 
@@ -56,8 +56,10 @@ def set_tile_rule(name: str) -> str:
     (16, 64, 64), int4 weights and the generic GEMM (32, 32, 64), 4 warps; in the compiled, CUDA-graphed ddpm-cifar10
     model at batch 1 they made a W4A8 step 1.61x and a W8A8 step 1.41x faster than the batch-256 rule
     (results/bench_lowbit/s27-ddpm-cifar10-batch1-tiles). "no-small-m" keeps that batch-256 rule everywhere (as
-    before session 27), for comparison (`gacq bench --tile-rules`). The integer kernels' results do not depend on
-    the tiles. Kernels already captured in a CUDA graph keep theirs."""
+    before session 27), for comparison (`gacq bench --tile-rules`). "small-m-splitk" is small-m plus split-K in
+    the int8 / W4A8 conv kernel where an output has too few tiles to fill the GPU (`split_k`; not yet measured on a
+    GPU, so not the default). The integer kernels' results do not depend on the tiles or the split. Kernels
+    already captured in a CUDA graph keep theirs."""
     global _tile_rule
     if name not in TILE_RULES:
         raise ValueError(f"unknown tile rule {name!r}; choose one of {', '.join(TILE_RULES)}")
@@ -78,7 +80,7 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
     M = 65,536 (1.1-1.5x)."""
     if INTERPRET:
         return 32, 32, 32, 4
-    if _tile_rule == "small-m" and m <= SMALL_M:  # few output rows: enough blocks for the SMs (see set_tile_rule)
+    if _tile_rule != "no-small-m" and m <= SMALL_M:  # few output rows: enough blocks for the SMs (see set_tile_rule)
         return (16, 64, 64, 4) if kind == "int8" else (32, 32, 64, 4)
     if n >= 128 and kind == "int8" and m >= 8192 and (channels is None or channels % 128 == 0):
         return 128, 128, 128, 8
@@ -87,6 +89,21 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
     bm = 128 if m >= 8192 else 64 if m >= 512 else 32
     bn = 128 if n >= 128 and m >= 512 else 64 if n >= 64 else 32
     return bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4
+
+
+SPLIT_K_PROGRAMS = 264  # two programs per SM of an H100 / H200 (132 SMs)
+SPLIT_K_MIN_BLOCKS = 4  # K blocks each split keeps at least
+
+
+def split_k(m: int, n: int, k: int, bm: int, bn: int, bk: int) -> int:
+    """How many programs share one output tile's K loop in the int8 / W4A8 conv kernel: 1 (no split) unless the tile
+    rule is "small-m-splitk"; then enough to give about SPLIT_K_PROGRAMS programs in all, with at least
+    SPLIT_K_MIN_BLOCKS K blocks each. Always 1 in Triton's interpreter (the tests pass `split_k` themselves)."""
+    if _tile_rule != "small-m-splitk" or INTERPRET:
+        return 1
+    programs = -(-m // bm) * -(-n // bn)
+    kblocks = -(-k // bk)
+    return max(1, min(-(-SPLIT_K_PROGRAMS // programs), kblocks // SPLIT_K_MIN_BLOCKS))
 
 
 if triton is not None:
