@@ -19,6 +19,9 @@ case $1 in
   out)
     [ -e $S ] && { echo "gpu-dit-stash: $S exists: run 'in' first"; exit 1; }
     mkdir -p $S
+    # git is told to ignore the moved files' absence (skip-worktree), so that a `git add -A` / `git commit -a` while
+    # they are out stages no deletion (session 27 committed the bundled UNet's deletion so, and restored it after)
+    git ls-files -z $FILES results | xargs -0 -r git update-index --skip-worktree
     for f in $FILES; do mkdir -p "$S/$(dirname "$f")"; mv "$f" "$S/$f"; done
     echo "$FILES" > $S/files
     mv results $S/results
@@ -31,6 +34,7 @@ case $1 in
     # what the call's results brought into KEEP since stays (it is newer than the stashed copy)
     if [ -d "$KEEP" ]; then cp -rn "$S/$KEEP/." "$KEEP/" 2>/dev/null || true; rm -rf "$S/$KEEP"; fi
     mkdir -p results && cp -rn $S/results/. results/ && rm -rf $S
+    git ls-files -z -v | tr '\0' '\n' | grep '^S ' | cut -c3- | tr '\n' '\0' | xargs -0 -r git update-index --no-skip-worktree
     git status --short | head
     ;;
   *) echo "usage: gpu-dit-stash.sh out|in"; exit 2 ;;
