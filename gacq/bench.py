@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                          "the float compiled baseline is always kept for the ratios")
     ap.add_argument("--tile-rules", default=TILE_RULES[0],
                     help="comma-separated tile rules of the Triton low-bit kernels (gacq.export.triton_w4.TILE_RULES: "
-                         "small-m, the default, no-small-m and small-m-splitk); each int8 / w4a8 / Triton mode runs once per rule, side "
-                         "by side, labelled ' tiles=RULE' for a rule other than the default")
+                         "small-m, the default, no-small-m and small-m-splitk); each int8 / w4a8 / Triton mode runs "
+                         "once per rule, side by side, labelled ' tiles=RULE' for a rule other than the default")
     ap.add_argument("--profile", action="store_true",
                     help="also record each mode's kernels at each batch size with torch.profiler (3 calls, no CUDA "
                          "graph): the device time of all its kernels per call and the costliest ones (CPU: its ops)")
@@ -685,7 +685,8 @@ def render_markdown(res: dict) -> str:
             p = r["profile"]
             top = "; ".join(f"`{t['name'][:60]}` {t['ms_per_call']:.3f} ({t['launches_per_call']:g})"
                             for t in p["top"][:4])
-            lines.append(f"| {r['mode']} | {r['batch']} | {p['ms_per_call']:.3f} | {p['launches_per_call']:g} | {top} |")
+            lines.append(f"| {r['mode']} | {r['batch']} | {p['ms_per_call']:.3f} | {p['launches_per_call']:g} "
+                         f"| {top} |")
     kern = res.get("kernels")
     if kern:
         vs = [v for v, state in kern["variants"].items() if state == "ok"]

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["gacq/assets/cifar10-features/stats_test.npz", "gacq/assets/cifar10-small/unet/diffusion_pytorch_model.safetensors",
-         "models/dit-s6-cifar10/manifest.json", "results/other/README.md", "results/experiments/keep/cell.json",
+FILES = ["gacq/assets/cifar10-features/stats_test.npz",
+         "gacq/assets/cifar10-small/unet/diffusion_pytorch_model.safetensors", "models/dit-s6-cifar10/manifest.json", "results/other/README.md", "results/experiments/keep/cell.json",
          "gacq/code.py"]
 
 

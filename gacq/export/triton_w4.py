@@ -77,7 +77,8 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
     the tiles that won benchmarks/tune_conv_tiles.py's sweep on the H200 at batch 256 (results/conv_tiles,
     session 11): int8 (128, 128, 128) with 8 warps from M = 8,192 rows (1.2-1.4x the generic tiles; only where
     `channels` % 128 == 0, so that a K block stays within one kernel tap), w4 (256, 128, 64) with 8 warps from
-    M = 65,536 (1.1-1.5x)."""
+    M = 65,536 (1.1-1.5x). Outputs of at most SMALL_M rows take smaller tiles under the default "small-m" rule
+    (`set_tile_rule`: session 27's batch-1 measurements)."""
     if INTERPRET:
         return 32, 32, 32, 4
     if _tile_rule != "no-small-m" and m <= SMALL_M:  # few output rows: enough blocks for the SMs (see set_tile_rule)
