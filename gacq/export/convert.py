@@ -236,8 +236,7 @@ def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Mo
         with torch.no_grad():
             new = dense_fallback(m) if reason is not None else b.make(m)
         new.to(m.weight.device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.set_submodule(name, new)
         counts[type(new).__name__] += 1
         report.weight_bytes_after += new.weight_bytes()
     report.converted = dict(sorted(counts.items()))

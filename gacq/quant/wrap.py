@@ -27,10 +27,8 @@ def wrap_layers(model: nn.Module, wbits: int, abits: int | None, skip: SkipFn | 
     if not targets:
         raise GacqError("the model has no Conv2d or Linear layers to quantize (or the skip list excludes all)")
     for name, layer in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         dyn = dynamic and isinstance(layer, nn.Linear)
-        setattr(parent, child, QUANT_CLASSES[type(layer)](layer, wbits, abits, a_symmetric, a_dynamic=dyn))
+        model.set_submodule(name, QUANT_CLASSES[type(layer)](layer, wbits, abits, a_symmetric, a_dynamic=dyn))
     return [name for name, _ in targets]
 
 
