@@ -423,10 +423,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                         grow.update(time_sampling(fn_model, x, device, args.sample_steps, graph=True))
                     results.append(grow)
         del model, fn_model
-        set_tile_rule(TILE_RULES[0])
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write_results(args, results, share, t_start, kernels)
+    set_tile_rule(TILE_RULES[0])  # the default again, also after a mode that failed to build
 
     if args.kernels:
         print("[bench] kernels: each layer alone", flush=True)

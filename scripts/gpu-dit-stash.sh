@@ -30,11 +30,12 @@ case $1 in
     ;;
   in)
     [ -d $S ] || { echo "gpu-dit-stash: nothing stashed"; exit 1; }
-    for f in $(cat $S/files); do mv "$S/$f" "$f"; done
+    STASHED=$(cat $S/files)
+    for f in $STASHED; do mv "$S/$f" "$f"; done
     # what the call's results brought into KEEP since stays (it is newer than the stashed copy)
     if [ -d "$KEEP" ]; then cp -rn "$S/$KEEP/." "$KEEP/" 2>/dev/null || true; rm -rf "$S/$KEEP"; fi
     mkdir -p results && cp -rn $S/results/. results/ && rm -rf $S
-    git ls-files -z -v | tr '\0' '\n' | grep '^S ' | cut -c3- | tr '\n' '\0' | xargs -0 -r git update-index --no-skip-worktree
+    git ls-files -z $STASHED results | xargs -0 -r git update-index --no-skip-worktree  # what `out` marked
     git status --short | head
     ;;
   *) echo "usage: gpu-dit-stash.sh out|in"; exit 2 ;;

@@ -113,7 +113,6 @@ if triton is not None:
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
         a_zp = tl.load(azp_ptr).to(tl.float32)  # an integer on the grid (int8_unsupported checks)
         pad = (tl.minimum(tl.maximum(a_zp, qmin), qmax) - center).to(tl.int8)  # the code of 0.0
-        da = (center - a_zp).to(tl.int32)  # ca - za, exact
         if W4:
             wz = tl.load(wzero_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -147,12 +146,12 @@ if triton is not None:
             if HAS_OFFSET:
                 tl.store(rpart_ptr + pid_k.to(tl.int64) * M + offs_m, rsum, mask=mask_m & (pid_n == 0))
         else:
-            _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, da, wscale_ptr, woff_ptr,
-                           row_ptr, bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw,
-                           HAS_OFFSET, HAS_BIAS, PER_ROW)
+            _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, wscale_ptr, woff_ptr, row_ptr,
+                           bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw, HAS_OFFSET, HAS_BIAS,
+                           PER_ROW)
 
     @triton.jit
-    def _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, da, wscale_ptr, woff_ptr, row_ptr,
+    def _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, wscale_ptr, woff_ptr, row_ptr,
                        bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw,
                        HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr):
         """The correction terms, scales and bias of an (BLOCK_M, BLOCK_N) int32 tile, stored to y."""
@@ -163,6 +162,7 @@ if triton is not None:
             total = acc + da_m[:, None] * row[None, :]
             scale = tl.load(ascale_ptr + offs_m, mask=mask_m, other=0.0)[:, None] * sw[None, :]
         else:
+            da = (center - tl.load(azp_ptr).to(tl.float32)).to(tl.int32)  # ca - za, exact
             total = acc + da * row[None, :]
             # sa * sw[o] in float32, as the torch path multiplies `scale.float() * w_scale`
             scale = tl.load(ascale_ptr).to(tl.float32) * sw[None, :]
@@ -188,7 +188,6 @@ if triton is not None:
         mask_m, mask_n = offs_m < M, offs_n < O
         mask = mask_m[:, None] & mask_n[None, :]
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
-        da = (center - tl.load(azp_ptr).to(tl.float32)).to(tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         rsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for sk in range(0, SPLIT):
@@ -196,9 +195,9 @@ if triton is not None:
             acc += tl.load(part_ptr + (base + offs_m[:, None]) * O + offs_n[None, :], mask=mask, other=0)
             if HAS_OFFSET:
                 rsum += tl.load(rpart_ptr + base + offs_m, mask=mask_m, other=0)
-        _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, da, wscale_ptr, woff_ptr, row_ptr,
-                       bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw,
-                       HAS_OFFSET, HAS_BIAS, PER_ROW)
+        _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, wscale_ptr, woff_ptr, row_ptr,
+                       bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw, HAS_OFFSET, HAS_BIAS,
+                       PER_ROW)
 
 
 def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,

@@ -216,7 +216,6 @@ def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_pat
 
 
 def test_gac_with_zero_meta_iterations_is_tfmq(fp, calib_all):
-
     kw = dict(wbits=4, abits=8, recon=ReconConfig(iters=5, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3))
     a = quantize(LoadedModel(fp), QuantConfig(method="tfmq", **kw), calib_all)
     b = quantize(LoadedModel(fp), QuantConfig(method="gac", gac=GACConfig(meta_iters=0), **kw), calib_all)
