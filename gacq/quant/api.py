@@ -23,7 +23,7 @@ from ..utils import atomic_path
 from .calib_data import CalibDataConfig, CalibrationSet
 from .gac import GACConfig, make_gac_weight_fn
 from .methods import MethodSpec, float_input_layers, float_layers, method_spec, with_overrides
-from .recon import ActReconConfig, ReconConfig, reconstruct_model
+from .recon import ActReconConfig, ReconConfig, load_resume_point, reconstruct_model, save_resume_point
 from .modules import QUANT_CLASSES
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
 
@@ -337,12 +337,8 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
     if path is not None and path.exists():
         layers = TIB(model).layers()
         for m in layers:
-            m.enable_adaround()
-        state = load_file(str(path))
-        for m in layers:
-            prefix = names[id(m)] + "."
-            m.load_state_dict({k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)})
-            m.adaround.harden()
+            m.enable_adaround().harden()
+        load_resume_point(path, [(names[id(m)] + ".", m) for m in layers], device)
         freeze_tib(model)
         return
     from .. import distributed as gdist
@@ -352,10 +348,7 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
     gdist.barrier("temporal-block reconstruction")
     if path is not None and gdist.rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {f"{names[id(m)]}.{k}": v.detach().contiguous().cpu()
-                 for m in TIB(model).layers() for k, v in m.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(state, str(tmp))
+        save_resume_point(path, [(names[id(m)] + ".", m) for m in TIB(model).layers()])
         with open(path.parent / "recon_log.jsonl", "a") as f:
             f.write(json.dumps({"index": -1, "stage": "tib", **stats}) + "\n")
 

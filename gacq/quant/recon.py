@@ -443,6 +443,95 @@ def _unit_file(ckpt_dir, i: int, stage: str = "weights") -> Path:
     return Path(ckpt_dir) / (f"unit_{i:03d}.safetensors" if stage == "weights" else f"act_unit_{i:03d}.safetensors")
 
 
+# Resume points hold what reconstruction learned and nothing the resumed run rebuilds itself. A QuantLayer's weight
+# and bias are never trained, and its AdaRound `w_floor` is floor(weight / scale), made again by `enable_adaround`;
+# once hardened, only the sign of each rounding variable matters (`AdaRoundQuantizer`: up = 1[alpha >= 0]). So a
+# resume point stores the signs packed eight to a byte and drops those tensors, keeping a sha256 of them in its
+# metadata: loading checks it against the resumed model's own and refuses a mismatch (another model, other weight
+# grids). For the bundled 9M-parameter UNet a job's resume points shrink from about 100 MB (three float32 copies of
+# every weight) to about 1 MB, small enough to come back from a device call and resume there in the next
+# (scripts/gpu-dit-call.sh). Files without the metadata (the full state, as before session 28) still load.
+_SIGNS = ".alpha_signs"  # suffix of the packed signs' key: "<layer>.adaround.alpha" + _SIGNS
+_COMPACT = "gacq_resume_compact"
+
+
+def _rebuilt_keys(parts: list[tuple[str, nn.Module]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Over `parts` ((key prefix, module) pairs), the tensors a resumed run rebuilds itself (the hardened AdaRound
+    layers' weight, bias and w_floor), by key, and the keys of their rounding variables."""
+    rebuilt, alphas = {}, []
+    for prefix, module in parts:
+        for name, m in module.named_modules():
+            ada = getattr(m, "adaround", None) if isinstance(m, QuantLayer) else None
+            if ada is None or ada.soft:
+                continue
+            pre = f"{prefix}{name}." if name else prefix
+            rebuilt[f"{pre}weight"] = m.weight
+            if m.bias is not None:
+                rebuilt[f"{pre}bias"] = m.bias
+            rebuilt[f"{pre}adaround.w_floor"] = ada.w_floor
+            alphas.append(f"{pre}adaround.alpha")
+    return rebuilt, alphas
+
+
+def _sha256(tensors: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def save_resume_point(path, parts: list[tuple[str, nn.Module]]) -> None:
+    """Write the state of `parts` ((key prefix, module) pairs) to the safetensors file `path` (atomically), compact:
+    see the comment above `_rebuilt_keys`."""
+    import numpy as np
+
+    rebuilt, alphas = _rebuilt_keys(parts)
+    state = {f"{prefix}{k}": v for prefix, module in parts for k, v in module.state_dict().items()}
+    out = {}
+    for k, v in state.items():
+        if k in rebuilt:
+            continue
+        v = v.detach().contiguous().cpu()
+        if k in alphas:
+            out[k + _SIGNS] = torch.from_numpy(np.packbits((v >= 0).flatten().numpy()))
+        else:
+            out[k] = v
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata={_COMPACT: "1", "rebuilt_sha256": _sha256(rebuilt)})
+
+
+def load_resume_point(path, parts: list[tuple[str, nn.Module]], device) -> None:
+    """Load a resume point `save_resume_point` (or, before it, a full state dict) wrote into `parts`, whose hardened
+    AdaRound layers must already exist (`enable_adaround`, then `harden`)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    state = load_file(str(path))
+    if meta.get(_COMPACT) == "1":
+        rebuilt, alphas = _rebuilt_keys(parts)
+        if _sha256(rebuilt) != meta.get("rebuilt_sha256"):
+            raise GacqError(f"the resume point {path} was made from other weights or weight grids than this run's "
+                            "(another model, or other quantizer settings); delete its folder to start over")
+        own = {f"{prefix}{k}": v for prefix, module in parts for k, v in module.state_dict().items()}
+        for k in alphas:
+            signs = state.pop(k + _SIGNS, None)
+            if signs is None:
+                raise GacqError(f"the resume point {path} has no rounding of {k[:-len('.adaround.alpha')]}; "
+                                "delete its folder to start over")
+            bits = np.unpackbits(signs.numpy())[:own[k].numel()].astype(bool)
+            # +1 / -1: the hardened rounding reads only alpha >= 0
+            state[k] = torch.where(torch.from_numpy(bits), 1.0, -1.0).to(own[k].dtype).reshape(own[k].shape)
+        state.update({k: v for k, v in rebuilt.items()})
+    for prefix, module in parts:
+        module.load_state_dict({k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)})
+
+
 def _set_unit_act_quant(unit: nn.Module, on: bool) -> None:
     from .attention import QuantAttnProcessor
 
@@ -499,13 +588,9 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
         if path is not None and path.exists():
             if stage == "weights":
                 for m in layers:
-                    m.enable_adaround()
-            state = load_file(str(path))
-            unit.load_state_dict({k: v.to(device) for k, v in state.items()})
-            if stage == "weights":
-                for m in layers:
-                    m.adaround.harden()
-            else:
+                    m.enable_adaround().harden()
+            load_resume_point(path, [("", unit)], device)
+            if stage == "acts":
                 _set_unit_act_quant(unit, True)
             stats.append({"unit": name, "stage": stage, "resumed": True})
             continue
@@ -530,8 +615,7 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
         stats.append(s)
         bar.set_postfix(loss=f"{s['loss_before']:.3g}->{s['loss_after']:.3g}")
         if path is not None and gdist.rank() == 0:  # data-parallel ranks hold the same unit: one writes
-            with atomic_path(path) as tmp:
-                save_file({k: v.detach().contiguous().cpu() for k, v in unit.state_dict().items()}, str(tmp))
+            save_resume_point(path, [("", unit)])
             with open(path.parent / "recon_log.jsonl", "a") as f:
                 f.write(json.dumps({"index": i, **s}) + "\n")
         gdist.barrier(f"reconstruction of unit {i} ({name})")
