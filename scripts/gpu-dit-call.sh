@@ -10,7 +10,8 @@
 # Each call returns $OUT/call.tgz: what it wrote to the spec's results folder (finished cells only: a cell's JSON is
 # written last; unpack with scripts/gpu-unpack.sh),
 # the runner's and the cells' logs, GAC's per-block weights, a GPU monitor; train also the training log and grid.
-# Cells unfinished at the deadline are lost (rerunning resumes nothing: the machine is gone); say so in the note.
+# Cells unfinished at the deadline lose their samples (the machine is gone; say so in the note); their finished
+# checkpoints, or a stopped quantization's resume points, come back (below).
 #
 # Here, before a call: bash scripts/gpu-dit-stash.sh out    (takes the bundled UNet, its test-split statistics and
 # results/ other than this spec's folder out of the working tree so that .whl + data or model fit; `in` restores)
@@ -30,7 +31,9 @@
 # PACK_EVERY = 30 s; before session 21 it returned nothing, and session 20 lost a call so).
 # Checkpoints: a call returns the quantized checkpoints it finished for cells it did not ($OUT/q/q.tgz.*); carried
 # back as .data/q.tgz (carry [".whl", ".data/q.tgz"]) a cells call unpacks them into the work folder and those cells only
-# sample (their recorded quantization time is the checkpoint's own). Sample shards and resume points do not travel.
+# sample (their recorded quantization time is the checkpoint's own). A quantization stopped at the deadline returns its
+# resume points the same way (q/JOB.recon-ckpt, about 1 MB since session 28), and the call that carries them goes on
+# from its last finished unit (its calibration set is collected again, from the same seed). Sample shards do not travel.
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u
@@ -91,27 +94,34 @@ pack() {
 import sys
 from gacq.experiment import _done, load_spec, quant_job_of
 spec = load_spec(sys.argv[1])
-jobs, total = [], 0
+jobs, sig, total = [], [], 0
 for job in dict.fromkeys(quant_job_of(spec, c)[0] for c in spec.cells if not _done(spec, c)):  # spec order
-    d = spec.work / "q" / str(job)
-    if job is not None and (d / "quant_config.json").exists():
-        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    if job is None:
+        continue
+    d, r = spec.work / "q" / job, spec.work / "q" / f"{job}.recon-ckpt"
+    # a finished checkpoint, else the resume points of a quantization stopped at the deadline (compact since
+    # session 28: about 1 MB a job), from which a later call's quantization goes on
+    d = d if (d / "quant_config.json").exists() else r if r.is_dir() and any(r.glob("*unit_*.safetensors")) else None
+    if d is not None:
+        files = [f for f in d.rglob("*") if f.is_file() and not f.name.endswith(".tmp")]
+        size = sum(f.stat().st_size for f in files)
         if total + size <= 44 << 20:
-            jobs.append(f"q/{job}"); total += size
+            jobs.append(f"q/{d.name}"); total += size
+            sig.append(f"#{d.name} {len(files)} {max(f.stat().st_mtime for f in files)}")  # repack when it grows
 if jobs:  # nothing at all when none (a lone newline made the tests below pack an empty tar)
-    print("\n".join(jobs))
+    print("\n".join(jobs + sig))
 PY
   if ! cmp -s "$LOGS/q-carry.new" "$LOGS/q-carry.txt"; then
     mv "$LOGS/q-carry.new" "$LOGS/q-carry.txt"
     rm -rf "$OUT/q.tmp" && mkdir -p "$OUT/q.tmp"
     if [ -s "$LOGS/q-carry.txt" ]; then
-      tar czf - -C "$WORK" $(cat "$LOGS/q-carry.txt") | split -b 15M - "$OUT/q.tmp/q.tgz."
+      tar czf - --exclude='.*.tmp' -C "$WORK" $(grep -v '^#' "$LOGS/q-carry.txt") | split -b 15M - "$OUT/q.tmp/q.tgz."
     fi
     rm -rf "$OUT/q" && mv "$OUT/q.tmp" "$OUT/q"
   fi
   tar czf "$OUT/call.tgz.tmp" --exclude=./.start --exclude=./q-carry.new -C "$LOGS" . && mv "$OUT/call.tgz.tmp" "$OUT/call.tgz"
   if [ "${1:-}" = final ]; then
-    [ -s "$LOGS/q-carry.txt" ] && echo "checkpoints to carry: $(tr '\n' ' ' < "$LOGS/q-carry.txt")($(du -ch "$OUT"/q/q.tgz.* \
+    [ -s "$LOGS/q-carry.txt" ] && echo "checkpoints to carry: $(grep -v '^#' "$LOGS/q-carry.txt" | tr '\n' ' ')($(du -ch "$OUT"/q/q.tgz.* \
       | tail -1 | cut -f1)): here bash scripts/gpu-q-carry.sh FILES_AT/q [JOB ...]"
     echo "packed at ${SECONDS}s: $(ls "$LOGS" | tr '\n' ' ')"
   fi

@@ -199,3 +199,56 @@ def test_unpack_supersedes_the_gac_profile_of_a_requantized_job(tmp_path):
     assert json.loads((res / "diagnostics/same.json").read_text())["v"] == "old"
     assert json.loads((res / "runs/c1-logs/not-merged/diagnostics/same.json").read_text())["v"] == "new"
     assert "moved it to" in r.stdout and "exists and differs" in r.stdout, r.stdout
+
+
+def test_a_quantization_stopped_in_one_call_goes_on_in_the_next(tmp_path):
+    """A quantization stopped part-way (as a call's deadline stops it) returns its resume points with the call; a later
+    call, on a fresh machine, carries them and goes on from the last finished unit (its run times add up)."""
+    import sys
+
+    torch.manual_seed(0)
+    model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
+    cell, job = "tfmq_w4a8_steps5_seed0", "tfmq_w4a8_steps5"
+    dev1 = tmp_path / "device1"
+    dev1.mkdir()
+    (dev1 / "spec.toml").write_text(SPEC.format(model=model))
+    stop_after_two_units = """
+import sys
+import gacq.quant.recon as recon
+from gacq.experiment import ensure_quantized, load_spec
+done, real = [], recon.reconstruct_unit
+def unit(*a, **k):
+    if len(done) == 2:
+        sys.exit(3)
+    done.append(1)
+    return real(*a, **k)
+recon.reconstruct_unit = unit
+spec = load_spec("spec.toml")
+ensure_quantized(spec, next(c for c in spec.cells if c.id == sys.argv[1]), "cpu", progress=False)
+"""
+    r = subprocess.run([sys.executable, "-c", stop_after_two_units, cell], cwd=dev1, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 3, r.stdout + r.stderr
+    points = dev1 / f"runs/experiments/t/q/{job}.recon-ckpt"
+    assert len(list(points.glob("unit_*.safetensors"))) == 2
+    # call 1 runs another cell; the stopped quantization's resume points come back with it
+    out1 = tmp_path / "out1"
+    r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out1, cwd=dev1,
+              env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": "fp_steps5_seed0", "DEADLINE": "500"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"checkpoints to carry: q/{job}.recon-ckpt " in r.stdout, r.stdout
+    here = tmp_path / "here"
+    here.mkdir()
+    r = _bash(ROOT / "scripts/gpu-q-carry.sh", out1 / "q", cwd=here)
+    assert r.returncode == 0 and f".data/q.tgz holds {job}.recon-ckpt (" in r.stdout, r.stdout + r.stderr
+    # call 2, on a fresh machine: the cell's quantization goes on from the two units and the cell finishes
+    dev2 = tmp_path / "device2"
+    (dev2 / ".data").mkdir(parents=True)
+    (dev2 / ".data/q.tgz").write_bytes((here / ".data/q.tgz").read_bytes())
+    (dev2 / "spec.toml").write_text(SPEC.format(model=model))
+    r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", tmp_path / "out2", cwd=dev2,
+              env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (dev2 / f"results/experiments/t/cells/{cell}.json").exists(), r.stdout
+    meta = json.loads((dev2 / f"runs/experiments/t/q/{job}/quant_config.json").read_text())
+    assert len(meta["wall_seconds_runs"]) == 2, meta  # the stopped run's time up to its last unit, and the resumed run

@@ -87,6 +87,13 @@ class CalibrationSet:
     def __len__(self) -> int:
         return len(self.t)
 
+    def digest(self) -> str:
+        """sha256 of the samples (x, t, step, cond): which set a resumed reconstruction must find again."""
+        from .recon import tensors_sha256
+
+        return tensors_sha256({"x": self.x, "t": self.t, "step": self.step,
+                               **{f"cond.{k}": v for k, v in self.cond.items()}})
+
     def save(self, folder: str | Path, shard_size: int = 4096) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

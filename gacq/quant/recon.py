@@ -473,7 +473,8 @@ def _rebuilt_keys(parts: list[tuple[str, nn.Module]]) -> tuple[dict[str, torch.T
     return rebuilt, alphas
 
 
-def _sha256(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (names, dtypes, shapes and bytes, in name order)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -501,7 +502,7 @@ def save_resume_point(path, parts: list[tuple[str, nn.Module]]) -> None:
         else:
             out[k] = v
     with atomic_path(path) as tmp:
-        save_file(out, str(tmp), metadata={_COMPACT: "1", "rebuilt_sha256": _sha256(rebuilt)})
+        save_file(out, str(tmp), metadata={_COMPACT: "1", "rebuilt_sha256": tensors_sha256(rebuilt)})
 
 
 def load_resume_point(path, parts: list[tuple[str, nn.Module]], device) -> None:
@@ -515,7 +516,7 @@ def load_resume_point(path, parts: list[tuple[str, nn.Module]], device) -> None:
     state = load_file(str(path))
     if meta.get(_COMPACT) == "1":
         rebuilt, alphas = _rebuilt_keys(parts)
-        if _sha256(rebuilt) != meta.get("rebuilt_sha256"):
+        if tensors_sha256(rebuilt) != meta.get("rebuilt_sha256"):
             raise GacqError(f"the resume point {path} was made from other weights or weight grids than this run's "
                             "(another model, or other quantizer settings); delete its folder to start over")
         own = {f"{prefix}{k}": v for prefix, module in parts for k, v in module.state_dict().items()}
@@ -570,8 +571,10 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
     if ckpt_dir is not None:
         run_file = Path(ckpt_dir) / ("run.json" if stage == "weights" else "run_acts.json")
         fp_json = json.loads(json.dumps({"recon": dataclasses.asdict(cfg), "n_samples": len(t), **(fingerprint or {})}))
-        if run_file.exists() and json.loads(run_file.read_text()) != fp_json:
-            raise GacqError(f"{ckpt_dir} holds reconstruction checkpoints of another run; delete it or change --out")
+        if run_file.exists() and (had := json.loads(run_file.read_text())) != fp_json:
+            differ = sorted(k for k in {**had, **fp_json} if had.get(k) != fp_json.get(k))
+            raise GacqError(f"{ckpt_dir} holds reconstruction checkpoints of another run (it differs in: "
+                            f"{', '.join(differ)}); delete it or change --out")
         gdist.barrier("checking the reconstruction checkpoints")
         if gdist.rank() == 0:
             write_json(run_file, fp_json)

@@ -346,3 +346,31 @@ def test_a_quantization_resumed_from_every_resume_point_writes_the_same_checkpoi
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_resume_onto_another_calibration_set_is_refused(setup, tmp_path, monkeypatch):
+    """Resume points record the calibration samples' digest: a later run (another device call collects the set
+    again) goes on from them only on the very same samples, and says so by name otherwise."""
+    import gacq.quant.checkpoint as ckpt_mod
+    from gacq.errors import GacqError
+    from gacq.quant.api import QuantConfig, quantize_to_dir
+    from gacq.quant.calib_data import CalibrationSet
+
+    fp, cs = setup
+    cs.save(tmp_path / "calib")
+    other = CalibrationSet(cs.x.clone(), cs.t, cs.step, cs.meta, cs.cond)
+    other.x[0, 0, 0, 0] += 1e-3  # one value of one sample
+    other.save(tmp_path / "other")
+    assert other.digest() != cs.digest()
+    cfg = QuantConfig(method="brecq", wbits=4, abits=8, recon=ReconConfig(iters=2, batch_size=8),
+                      recon_checkpoints=str(tmp_path / "q.recon-ckpt"))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod, "save_quantized", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_to_dir(LoadedModel(fp), cfg, tmp_path / "q", calib=tmp_path / "calib", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(GacqError, match=r"another run \(it differs in: calibration_sha256\)"):
+        quantize_to_dir(LoadedModel(fp), cfg, tmp_path / "q", calib=tmp_path / "other", progress=False)
