@@ -31,9 +31,10 @@
 # PACK_EVERY = 30 s; before session 21 it returned nothing, and session 20 lost a call so).
 # Checkpoints: a call returns the quantized checkpoints it finished for cells it did not ($OUT/q/q.tgz.*); carried
 # back as .data/q.tgz (carry [".whl", ".data/q.tgz"]) a cells call unpacks them into the work folder and those cells only
-# sample (their recorded quantization time is the checkpoint's own). A quantization stopped at the deadline returns its
-# resume points the same way (q/JOB.recon-ckpt, about 1 MB since session 28), and the call that carries them goes on
-# from its last finished unit (its calibration set is collected again, from the same seed). Sample shards do not travel.
+# sample (their recorded quantization time is the checkpoint's own). A quantization stopped at the deadline returns
+# its resume points the same way (q/JOB.recon-ckpt, 1.5-3 MB for the bundled UNet since session 28), and the call
+# that carries them goes on from its last finished unit (its calibration set is collected again from the same seed,
+# and must come out the same: the resume points record its digest). Sample shards do not travel.
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u
@@ -100,7 +101,7 @@ for job in dict.fromkeys(quant_job_of(spec, c)[0] for c in spec.cells if not _do
         continue
     d, r = spec.work / "q" / job, spec.work / "q" / f"{job}.recon-ckpt"
     # a finished checkpoint, else the resume points of a quantization stopped at the deadline (compact since
-    # session 28: about 1 MB a job), from which a later call's quantization goes on
+    # session 28: 1.5-3 MB a job for the bundled UNet), from which a later call's quantization goes on
     d = d if (d / "quant_config.json").exists() else r if r.is_dir() and any(r.glob("*unit_*.safetensors")) else None
     if d is not None:
         files = [f for f in d.rglob("*") if f.is_file() and not f.name.endswith(".tmp")]
