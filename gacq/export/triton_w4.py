@@ -137,7 +137,9 @@ if triton is not None:
         if ALIGNED:
             k0 = kb * BLOCK_K
             tap = k0 // C
-            c = (k0 % C) + tl.arange(0, BLOCK_K)
+            # k0 % C is a multiple of BLOCK_K here; said explicitly because Triton's axis analysis does not derive it
+            # from `%`, and without it the load of the tile is not pipelined (cp.async) on sm_90 (TTGIR, triton 3.6)
+            c = tl.multiple_of(k0 % C, BLOCK_K) + tl.arange(0, BLOCK_K)
             r, s = tap // KW, tap % KW
             hi = ho * SH - PH + r * DH
             wi = wo * SW - PW + s * DW
