@@ -71,16 +71,20 @@ def test_int8_launches_pass_every_argument(recorded):
     i32 = torch.zeros(o, dtype=torch.int32)
     args = (torch.zeros(k, o, dtype=torch.int8), k, o, torch.ones(o), None, i32, torch.zeros(o),
             torch.ones(1), torch.zeros(1), -128, 127, 0)
-    int8_conv2d(x, *args, (3, 3), (1, 1), (1, 1), (1, 1))
+    int8_conv2d(x, *args, (3, 3), (1, 1), (1, 1), (1, 1))  # padded: the halo path (`_quantize_halo_kernel`)
     int8_conv2d(x, *args, (3, 3), (1, 1), (1, 1), (1, 1), w_zero=torch.zeros(o))
+    int8_conv2d(x, *args, (3, 3), (1, 1), (1, 1), (1, 1), halo=False)  # the masked path over the plain codes
+    int8_conv2d(x, torch.zeros(4, o, dtype=torch.int8), 4, o, *args[3:], (1, 1), (1, 1), (0, 0), (1, 1))  # unpadded
     # split-K (K = 144: three K blocks of 64): a second kernel adds the partial sums
     k2 = 16 * 3 * 3
     int8_conv2d(torch.randn(2, 16, 5, 5), torch.zeros(k2, o, dtype=torch.int8), k2, o, *args[3:], (3, 3), (1, 1),
                 (1, 1), (1, 1), split_k=2)
     int8_linear_dynamic(torch.randn(3, 7, 8), torch.zeros(8, o, dtype=torch.int8), 8, o, torch.ones(o), None, i32,
                         None, -128, 127, 0, False, 1e-8)
-    assert {c[0] for c in recorded} == {"_quantize_kernel", "_quantize_rows_kernel", "_int8_conv_kernel",
-                                        "_int8_splitk_epilogue"}
+    assert {c[0] for c in recorded} == {"_quantize_kernel", "_quantize_halo_kernel", "_quantize_rows_kernel",
+                                        "_int8_conv_kernel", "_int8_splitk_epilogue"}
+    halo = [c[3]["HALO"] for c in recorded if c[0] == "_int8_conv_kernel"]
+    assert halo == [True, True, False, True, True, False], halo  # the linear: the masked path
     _check(recorded)
 
 

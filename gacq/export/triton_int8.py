@@ -12,7 +12,8 @@ kernels do the same arithmetic:
 
    in the input dtype's rounding (the quotient is rounded to x's dtype before the integer rounding,
    as torch computes `x / scale` for fp16/bf16 inputs, with sa and za cast to x's dtype as torch's
-   type promotion casts them; rounding is half to even, as torch.round);
+   type promotion casts them; rounding is half to even, as torch.round); with padding, by default into a
+   padded "halo" buffer (below);
 2. `_int8_conv_kernel`, for a tile of output positions (n, ho, wo) and channels o, walks the
    reduction index k = (r, s, c), channels fastest (`triton_w4.conv_taps`; where C is a multiple of
    BLOCK_K each K block is one kernel tap over BLOCK_K consecutive channels, so each row of the input
@@ -39,6 +40,31 @@ small output has too few tiles to fill the GPU (batch 1: 8-128 tiles on 132 SMs,
 S programs share a tile's K loop and write int32 partial sums; `_int8_splitk_epilogue` adds them and runs the
 same epilogue. Integer sums do not depend on their order, so the output is the unsplit kernel's bit for bit
 (checked in the interpreter); the price is a third launch and S x M x O int32 of scratch.
+
+The halo path (`int8_conv2d(halo=None / True)`, the default for every conv; `halo=False` the masked path above):
+`_quantize_halo_kernel` writes the codes into (N, H + 2*PH, W + 2*PW, C), one launch over the padded pixels, those
+inside the image their codes of x, the border the code of 0.0, clamp(za, qmin, qmax) - ca, from the zero point on the
+device (no host sync, no fill launch: CUDA-graph safe). The GEMM then runs as an unpadded conv over the padded image
+(hi = ho*SH + r*DH, wi = wo*SW + s*DW), where every tap of a valid output row is in bounds: the input tile is loaded
+under the row mask only (and the k < K mask unless K is a multiple of BLOCK_K and no split runs past K: EVEN_K) and
+goes to `tl.dot` as loaded, without the per-tap `inside` mask and the two `tl.where`s (pad code, k past K) of the
+masked path. The codes, pads included, are the masked path's, so are the integer sums and row sums: the output is the
+masked path's bit for bit (interpreter; the `halo` check). The buffer is (H + 2*PH)(W + 2*PW) / (H*W) of the plain
+one (1.13x at 32x32, 1.27x at 16x16, 1.56x at 8x8 for 3x3 convs); without padding it is the plain buffer, written
+by `_quantize_kernel`. Split-K works the same over either buffer; the per-token linears (`int8_linear_dynamic`: 1x1
+images, no padding) keep the masked path.
+
+Why (~55-60 int8 TOPS per conv at batch 256 on the H200, peak ~1,900), read off the kernel compiled for sm_90 with
+Triton 3.6 on a CPU (`tests/test_triton_w4.py::test_halo_tile_streams_into_shared_memory_on_sm90`), not timed: the
+input tile was not software-pipelined at all in either path until `conv_taps` said that k0 % C is a multiple of
+BLOCK_K (`tl.multiple_of`; the axis analysis does not derive it). With that, both paths copy the tile into shared
+memory asynchronously (cp.async) over the K loop; the halo path's wgmma reads it there, the masked path loads it
+back to registers, applies its two selects and stores it to shared memory again first. The weight tile, (K8, O8)
+with O contiguous, is not pipelined in either path (int8 wgmma wants its B operand K-major in shared memory, so each
+iteration loads it to registers and stores it transposed), and each wgmma is waited for in its own iteration; a
+K-major weight in (r, s, c) order would be pipelined too (a reduced kernel's TTGIR), not done here. Whether the halo
+path is faster is NOT yet measured on a GPU (`benchmarks/tune_conv_tiles.py`, by default `--halo both`, times both
+side by side).
 """
 
 from __future__ import annotations
@@ -72,6 +98,28 @@ if triton is not None:
         tl.store(x8_ptr + base + offs_p[None, :] * C + offs_c[:, None], (q - center).to(tl.int8), mask=mask)
 
     @triton.jit
+    def _quantize_halo_kernel(x_ptr, x8_ptr, ascale_ptr, azp_ptr, C, H, W, PH, PW, qmin, qmax, center,
+                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """`_quantize_kernel` into the halo buffer (N, H + 2*PH, W + 2*PW, C), channels-last: a (BLOCK_C channels,
+        BLOCK_P padded pixels) tile of image n, pixels inside the image their codes of x, the border of PH rows and PW
+        columns the code of 0.0, clamp(za, qmin, qmax) - ca, computed as `_int8_conv_kernel` computes its `pad` (the
+        same integer) from the zero point on the device. One launch writes every byte of the buffer (no fill)."""
+        n = tl.program_id(0)
+        HP, WP = H + 2 * PH, W + 2 * PW
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        hi, wi = offs_p // WP - PH, offs_p % WP - PW  # the padded pixel's place in x
+        inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        mask = (offs_c[:, None] < C) & (offs_p[None, :] < HP * WP)
+        x = tl.load(x_ptr + n.to(tl.int64) * C * H * W + offs_c[:, None] * (H * W) + (hi * W + wi)[None, :],
+                    mask=mask & inside[None, :], other=0.0)
+        q, _, _ = grid_codes(x, ascale_ptr, azp_ptr, qmin, qmax)
+        pad = tl.minimum(tl.maximum(tl.load(azp_ptr).to(tl.float32), qmin), qmax)  # the code of 0.0, as the conv's
+        code = tl.where(inside[None, :], q, pad) - center
+        tl.store(x8_ptr + n.to(tl.int64) * C * HP * WP + offs_p[None, :] * C + offs_c[:, None], code.to(tl.int8),
+                 mask=mask)
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, x8_ptr, s_ptr, z_ptr, qmin, qmax, center, min_scale, K: tl.constexpr,
                               SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
         """Dynamic per-token grids: row m of contiguous (M, K) x gets the grid of its own min and max, computed as
@@ -98,10 +146,18 @@ if triton is not None:
                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                           HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr, ALIGNED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PER_ROW: tl.constexpr, part_ptr, rpart_ptr, KB_PER: tl.constexpr, SPLIT: tl.constexpr):
+                          PER_ROW: tl.constexpr, part_ptr, rpart_ptr, KB_PER: tl.constexpr, SPLIT: tl.constexpr,
+                          HALO: tl.constexpr, EVEN_K: tl.constexpr):
         # SPLIT > 1 (split-K): program (i, j, s) sums K blocks [s * KB_PER, (s + 1) * KB_PER) only and writes its
         # int32 partial sums to part (SPLIT, M, O) and rpart (SPLIT, M); `_int8_splitk_epilogue` adds them (exact:
         # integers) and runs the epilogue. SPLIT == 1: the whole K loop and the epilogue here.
+        # HALO: x8 is `_quantize_halo_kernel`'s padded buffer (N, H + 2*PH, W + 2*PW, C) (strides sx* its own), so the
+        # taps are those of an unpadded conv over the padded image, every one of a valid output row in bounds: the A
+        # tile is loaded under mask_m only (plus mask_k unless EVEN_K) and goes to tl.dot as loaded, with no
+        # tl.where in between, so that on sm_90 the wgmma reads it from the shared memory the pipeliner copies it to
+        # (module docstring). EVEN_K (HALO only: K % BLOCK_K == 0 and no split runs past K) drops mask_k from the A
+        # and W tiles. Not HALO: the masked path (and the linears'), each tap masked by whether it lies inside the
+        # image and given the pad code if not.
         # every argument without a default: torch.compile's wrapper of user Triton kernels (torch 2.11) drops an
         # omitted defaulted constexpr from the launch, and the compiled launcher then fails ("launcher() missing 1
         # required positional argument: '_grid_2'"; `gacq bench` mode int8 W8A8 compiled, session 18)
@@ -124,15 +180,28 @@ if triton is not None:
             kb = kb0 + i
             mask_k = kb * BLOCK_K + tl.arange(0, BLOCK_K) < K
             # k = (r, s, c), channels fastest; wrow: each k's row in the weight's (c, r, s) order
-            offs, inside, wrow = conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H, W, SH, SW, PH, PW, DH, DW,
-                                           KH, KW, BLOCK_K, ALIGNED)
-            x8 = tl.load(x8_ptr + offs, mask=mask_m[:, None] & mask_k[None, :] & inside, other=0)
-            x8 = tl.where(inside, x8, pad)
-            x8 = tl.where(mask_k[None, :], x8, 0).to(tl.int8)
-            mask_w = mask_k[:, None] & mask_n[None, :]
+            if HALO:  # padding 0 over the padded image: `inside` is all true on valid rows (and unused)
+                offs, _, wrow = conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H + 2 * PH, W + 2 * PW, SH, SW,
+                                          0, 0, DH, DW, KH, KW, BLOCK_K, ALIGNED)
+                if EVEN_K:
+                    x8 = tl.load(x8_ptr + offs, mask=mask_m[:, None], other=0)
+                    mask_w = mask_n[None, :]
+                else:  # k past K: 0 (as before), from the load
+                    x8 = tl.load(x8_ptr + offs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+                    mask_w = mask_k[:, None] & mask_n[None, :]
+            else:
+                offs, inside, wrow = conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H, W, SH, SW, PH, PW, DH,
+                                               DW, KH, KW, BLOCK_K, ALIGNED)
+                x8 = tl.load(x8_ptr + offs, mask=mask_m[:, None] & mask_k[None, :] & inside, other=0)
+                x8 = tl.where(inside, x8, pad)
+                x8 = tl.where(mask_k[None, :], x8, 0).to(tl.int8)
+                mask_w = mask_k[:, None] & mask_n[None, :]
             if W4:  # packed int4 codes (O, ceil(K/2)): W8 = code - zw, in [-15, 15]
                 code = tl.trans(int4_codes(w_ptr, offs_n, wrow, tl.trans(mask_w), swk))
-                w8 = tl.where(mask_w, code.to(tl.int32) - wz[None, :], 0).to(tl.int8)
+                if HALO and EVEN_K:  # every k < K; a column past O loads code 0 and zw 0 (other=0): 0
+                    w8 = (code.to(tl.int32) - wz[None, :]).to(tl.int8)
+                else:
+                    w8 = tl.where(mask_w, code.to(tl.int32) - wz[None, :], 0).to(tl.int8)
             else:  # int8 (K8, O8) row-major
                 w8 = tl.load(w_ptr + wrow[:, None] * swk + offs_n[None, :], mask=mask_w, other=0)
             acc += tl.dot(x8, w8, out_dtype=tl.int32)
@@ -207,7 +276,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                 dilation: tuple[int, int], w_zero: torch.Tensor | None = None,
                 block: tuple[int, int, int] | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, aligned: bool | None = None,
-                split_k: int | None = None) -> torch.Tensor:
+                split_k: int | None = None, halo: bool | None = None) -> torch.Tensor:
     """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
     qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); or, with
@@ -222,7 +291,9 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     K block would apply (the same integers; for measuring what the aligned path gains). `split_k` (default:
     `triton_w4.split_k`'s rule, 1 unless the tile rule is "small-m-splitk") splits the K loop over that many
     programs per output tile, whose int32 partial sums a second kernel adds before the epilogue: the same
-    integers, so the same output bit for bit.
+    integers, so the same output bit for bit. `halo` (default None: on) quantizes into a padded buffer whose border
+    holds the code of 0.0, so the GEMM loads its input tiles without the per-tap bounds masks (the module
+    docstring); `halo=False` keeps the masked path over the unpadded codes. The same integers either way.
     """
     if triton is None:
         raise RuntimeError("the int8 Triton kernel needs the triton package")
@@ -233,12 +304,19 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     x = x.contiguous()
-    x8 = torch.empty((n, h, w, c), dtype=torch.int8, device=x.device)  # channels-last codes
+    halo = halo is not False
+    hp, wp = (h + 2 * ph, w + 2 * pw) if halo else (h, w)  # the halo buffer's image; without padding x's own
+    x8 = torch.empty((n, hp, wp, c), dtype=torch.int8, device=x.device)  # channels-last codes
     # tiles of up to 64 pixels x 4096 / 64 channels; linears (1x1 images) take one pixel x all channels per program
-    bp = min(64, triton.next_power_of_2(h * w))
+    bp = min(64, triton.next_power_of_2(hp * wp))
     bc = min(max(32, 4096 // bp), triton.next_power_of_2(c))
-    _quantize_kernel[(n, triton.cdiv(h * w, bp), triton.cdiv(c, bc))](
-        x, x8, act_scale, act_zero, c, h * w, float(qmin), float(qmax), float(center), BLOCK_C=bc, BLOCK_P=bp)
+    qgrid = (n, triton.cdiv(hp * wp, bp), triton.cdiv(c, bc))
+    if (hp, wp) != (h, w):  # the border written by the same launch
+        _quantize_halo_kernel[qgrid](x, x8, act_scale, act_zero, c, h, w, ph, pw, float(qmin), float(qmax),
+                                     float(center), BLOCK_C=bc, BLOCK_P=bp)
+    else:  # no padding (or halo=False): the plain buffer, which is then also the halo buffer
+        _quantize_kernel[qgrid](x, x8, act_scale, act_zero, c, h * w, float(qmin), float(qmax), float(center),
+                                BLOCK_C=bc, BLOCK_P=bp)
     y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
     m = n * ho * wo
     bm, bn, bk, warps = tiles(m, out_channels, "w4" if w_zero is not None else "int8", c)
@@ -250,6 +328,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     split = split_k_rule(m, out_channels, k, bm, bn, bk) if split_k is None else max(1, min(int(split_k), kblocks))
     kb_per = triton.cdiv(kblocks, split)
     split = triton.cdiv(kblocks, kb_per)  # no empty split
+    even_k = k % bk == 0 and split * kb_per == kblocks  # no k past K in any block (the last split's may run past)
     grid = (triton.cdiv(m, bm), triton.cdiv(out_channels, bn), split)
     off = w_offset if w_offset is not None else row_term  # any int32 pointer when unused
     b = bias if bias is not None else w_scale  # any pointer when unused
@@ -258,12 +337,12 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     rpart = torch.empty((split, m), dtype=torch.int32, device=x.device) if split > 1 else row_term
     _int8_conv_kernel[grid](x8, qweight, wz, w_scale, off, row_term, b, y, act_scale, act_zero,
                             float(qmin), float(qmax), float(center),
-                            m, out_channels, c, h, w, ho, wo, h * w * c, 1, w * c, c, qweight.stride(0), *y.stride(),
-                            sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
+                            m, out_channels, c, h, w, ho, wo, hp * wp * c, 1, wp * c, c, qweight.stride(0),
+                            *y.stride(), sh, sw, ph, pw, dh, dw, K=k, KH=kh, KW=kw, HAS_OFFSET=w_offset is not None,
                             HAS_BIAS=bias is not None, W4=w_zero is not None,
                             ALIGNED=c % bk == 0 and aligned is not False,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_ROW=False, part_ptr=part, rpart_ptr=rpart,
-                            KB_PER=kb_per, SPLIT=split, num_warps=warps, **extra)
+                            KB_PER=kb_per, SPLIT=split, HALO=halo, EVEN_K=halo and even_k, num_warps=warps, **extra)
     if split > 1:
         _int8_splitk_epilogue[grid[:2]](part, rpart, w_scale, off, row_term, b, y, act_scale, act_zero, float(center),
                                         m, out_channels, ho, wo, *y.stride(), HAS_OFFSET=w_offset is not None,
@@ -305,7 +384,8 @@ def int8_linear_dynamic(x: torch.Tensor, qweight: torch.Tensor, k: int, out_chan
                             1, 1, 0, 0, 1, 1, K=k, KH=1, KW=1, HAS_OFFSET=w_offset is not None,
                             HAS_BIAS=bias is not None, W4=w_zero is not None, ALIGNED=k % bk == 0,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PER_ROW=True,
-                            part_ptr=row_term, rpart_ptr=row_term, KB_PER=1, SPLIT=1)  # linears: no split-K
+                            part_ptr=row_term, rpart_ptr=row_term, KB_PER=1, SPLIT=1,  # linears: no split-K
+                            HALO=False, EVEN_K=False)  # the masked path (1x1 images: every tap inside anyway)
     return y.reshape(*x.shape[:-1], out_channels)
 
 
