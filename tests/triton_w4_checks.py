@@ -272,6 +272,84 @@ def split_k():
     assert triton_w4.split_k(64, 256, 4608, 16, 64, 64) == 1
 
 
+def halo():
+    """The halo path of the int8 / W4A8 conv kernel (`int8_conv2d(halo=True)`, the default: the input quantized into
+    a buffer padded with the code of 0.0, the GEMM's input tiles loaded without bounds masks, and without K masks
+    where K is a multiple of BLOCK_K) against the masked path (`halo=False`) over the same layer: the same integer
+    sums, so bitwise equal in the interpreter (compiled the two are different kernels: `_same_epilogue`), and both
+    against the torch path. int8 and packed int4 weights; 3x3 padding 1 at stride 1 and 2, 1x1 without padding,
+    padding 2 with dilation 2, unequal padding (2, 1), a 2x2 kernel over 8 channels (K = 32: whole K blocks in the
+    interpreter without whole-channel blocks), C = 3 (conv_in), C = 64 (one tap per K block, also with
+    `aligned=False`); with and without a bias, offset rows (the row-sum term, which must count the border's codes);
+    batches of 1-3, non-square images; split-K 2, 3 and 4 (with C = 64 in the interpreter: 18 K blocks, so 4 splits
+    leave the last one running past K). Zero points whose pad code clamp(za) - ca is far from 0 (za = 0, 255 and
+    the calibrated ones) and 0 (symmetric), so a wrong border code changes the output."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gacq.export.int8 import act_center, to_int8, to_w4a8
+    from tests.test_export import make_conv
+
+    conv2d = _on_device(triton_int8.int8_conv2d)
+
+    def run(ex, x, **kw):  # what `Int8Layer._fused` passes, and kw
+        (part,), (q,) = ex.parts, list(ex.act_quantizers())
+        return conv2d(x, part.qweight, part.k, part.out_channels, part.w_scale,
+                      part.w_offset if part.has_offset else None, part.row_term, ex.bias, q.scale.detach(),
+                      q.zero_point.detach(), q.qmin, q.qmax, act_center(q.qmin, q.qmax), ex.kernel_size, ex.stride,
+                      tuple(ex.padding), ex.dilation, w_zero=part.kernel_zero, **kw)
+
+    cases = [{}, {"stride": 2, "bias": False}, {"k": 1, "padding": 0, "x_shape": (3, 5, 6, 4)},
+             {"dilation": 2, "padding": 2}, {"padding": (2, 1), "x_shape": (1, 5, 5, 8)},
+             {"k": 2, "cin": 8, "x_shape": (2, 8, 6, 7)},
+             {"cin": 3, "cout": 37, "x_shape": (3, 3, 6, 5)}, {"cin": 3, "stride": 2, "x_shape": (2, 3, 9, 6)},
+             {"cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)},
+             {"cin": 64, "cout": 16, "stride": 2, "bias": False, "x_shape": (1, 64, 9, 8)},
+             {"a_symmetric": True}, {"za": 0.0}, {"za": 255.0, "stride": 2},
+             {"wbits": 4, "abits": 6, "cin": 64, "x_shape": (2, 64, 6, 7)},
+             {"offset_rows": True}, {"offset_rows": True, "cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)}]
+    seen = set()
+    for convert in (to_int8, to_w4a8):
+        for kw in cases:
+            kw = dict(kw)
+            za, offset_rows = kw.pop("za", None), kw.pop("offset_rows", False)
+            if convert is to_w4a8:
+                if offset_rows:
+                    continue  # 4-bit rows never need the offset
+                kw["wbits"] = 4
+            layer, x = make_conv(**kw)
+            with torch.no_grad():
+                if za is not None:
+                    layer.act_quantizer.zero_point.fill_(za)
+                if offset_rows:  # rows of codes 0..255 around a zero point at 0: dw = 128 - zw != 0
+                    layer.weight_quantizer.zero_point.fill_(0.0)
+            ex = convert(layer).to(DEVICE)
+            x = x.to(DEVICE)
+            (q,) = list(ex.act_quantizers())
+            pad_code = min(max(int(q.zero_point), q.qmin), q.qmax) - act_center(q.qmin, q.qmax)
+            seen.add((convert.__name__, ex.parts[0].has_offset, pad_code != 0, max(ex.padding) > 0))
+            what = (convert.__name__, kw, za, offset_rows, pad_code)
+            with torch.no_grad():
+                ex.use_kernel = False
+                want = ex(x).cpu()
+            plain = run(ex, x, halo=False)
+            _same_epilogue(plain, want, ("masked", what))
+            variants = [{}, {"split_k": 2}, {"split_k": 3}, {"split_k": 4}]
+            if x.shape[1] == 64:  # whole-channel K blocks: also the per-element taps
+                variants.append({"aligned": False})
+            for v in variants:
+                for h in ([True, None] if not v else [True]):  # None: the default is the halo path
+                    y = run(ex, x, halo=h, **v)
+                    if DEVICE == "cpu":
+                        assert torch.equal(y, plain), (what, v, (y - plain).abs().max())
+                    _same_epilogue(y, want, ("halo", what, v))
+                if v:  # the masked path with the same split / taps: still the same integers
+                    _same_epilogue(run(ex, x, halo=False, **v), want, ("masked", what, v))
+    # (weights, offset rows, pad code != 0, padded) covered: offset rows with a nonzero pad code (the row sums count
+    # the border), int8 weights without offsets, W4A8, pad codes 0 and nonzero, padded or not
+    for key in [("to_int8", True, True, True), ("to_int8", False, True, True), ("to_int8", True, False, True),
+                ("to_w4a8", False, True, True), ("to_w4a8", False, False, True), ("to_w4a8", False, True, False)]:
+        assert key in seen, (key, seen)
+
+
 def _bf16_diagnosis(ex, x, y, want) -> str:
     """Where a bf16 mismatch of the fused int8 conv comes from: the input codes as torch computes them in bf16
     on the device, against the kernel's recipe (float32 IEEE division rounded to bf16) and against exact codes
