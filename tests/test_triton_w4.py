@@ -21,8 +21,8 @@ CHECKS = Path(__file__).with_name("triton_w4_checks.py")
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is only installed on Linux")
 
 
-CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "split_k", "int8_token", "fake_quant",
-         "fake_quant_token", "compiled_ops"]
+CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "split_k", "halo", "int8_token",
+         "fake_quant", "fake_quant_token", "compiled_ops"]
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +174,68 @@ def test_conv_paths_probe_im2col_is_exact_and_timings_need_a_gpu(tmp_path):
         r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "g")], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and not (tmp_path / "g").exists()
+
+
+def _sm90_ttgir(halo: bool, w4: bool, offset: bool = False) -> str:
+    """`_int8_conv_kernel` compiled for sm_90 (an H100 / H200) on this machine, no GPU needed (triton.compile with an
+    explicit target; ptxas ships with triton): its TTGIR at the batch-256 rule's tiles for a 3x3 conv, C = O = 128 at
+    32x32, specialised as a launch would specialise it (pointers and multiples of 16 marked divisible by 16, ints of 1
+    as constants)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gacq.export import triton_int8
+
+    fn = triton_int8._int8_conv_kernel
+    c, o, hw = 128, 128, 32
+    bm, bn, bk = (256, 128, 64) if w4 else (128, 128, 128)
+    hp = hw + 2 if halo else hw
+    ints = dict(M=256 * hw * hw, O=o, C=c, H=hw, W=hw, HO=hw, WO=hw, sxn=hp * hp * c, sxc=1, sxh=hp * c, sxw=c,
+                swk=(c * 9 + 1) // 2 if w4 else o, syn=o * hw * hw, syc=hw * hw, syh=hw, syw=1, SH=1, SW=1, PH=1, PW=1,
+                DH=1, DW=1)
+    consts = dict(K=c * 9, KH=3, KW=3, HAS_OFFSET=offset, HAS_BIAS=True, W4=w4, ALIGNED=True, BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_K=bk, PER_ROW=False, KB_PER=1, SPLIT=1, HALO=halo, EVEN_K=halo)
+    ptrs = dict(x8_ptr="*i8", w_ptr="*u8" if w4 else "*i8", wzero_ptr="*i32", wscale_ptr="*fp32", woff_ptr="*i32",
+                row_ptr="*i32", bias_ptr="*fp32", y_ptr="*bf16", ascale_ptr="*fp32", azp_ptr="*fp32",
+                part_ptr="*i32", rpart_ptr="*i32")
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = consts.get(name, ints.get(name))
+        if name in consts or value == 1:
+            sig[name], constexprs[name] = "constexpr", value
+        elif name in ptrs or name in ints:
+            sig[name] = ptrs.get(name, "i32")
+            if name in ptrs or value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:  # qmin, qmax, center
+            sig[name] = "fp32"
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 8, "num_stages": 3})
+    return kernel.asm["ttgir"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: not in the interpreter")
+@pytest.mark.parametrize("w4", [False, True], ids=["int8", "w4a8"])
+def test_halo_tile_streams_into_shared_memory_on_sm90(w4):
+    """What the halo path is for, read off the compiled kernel (Triton 3.6's TTGIR for sm_90; not a timing): its input
+    tile is copied asynchronously into shared memory (cp.async, pipelined over the K loop) and the wgmma reads it
+    there, with no select or register round trip in between; the masked path's tile is loaded to registers from
+    shared memory, selected (pad code, k < K) and stored back before the wgmma. (The weight tile, (K8, O8) with O
+    contiguous, is loaded to registers and stored to shared memory every iteration either way: not pipelined.)"""
+    import re
+
+    import triton
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton without its NVIDIA backend")
+    bm, bk = (256, 64) if w4 else (128, 128)
+    tile = f"{bm}x{bk}xi8"
+    for offset in (False, True) if not w4 else (False,):  # HAS_OFFSET: the row sums read the tile from shared memory
+        halo = _sm90_ttgir(True, w4, offset)
+        assert re.search(rf"async_copy_global_to_local .*tensor<{bm}x{bk}x!tt\.ptr<i8>", halo), "tile not cp.async"
+        assert re.search(rf"warp_group_dot %\S+, %\S+, %\S+ .*: !ttg\.memdesc<{tile}", halo), "wgmma not from smem"
+        assert not re.search(rf"arith\.select .*tensor<{tile}", halo), "a select on the tile"
+    masked = _sm90_ttgir(False, w4)
+    assert re.search(rf"arith\.select .*tensor<{bm}x{bk}xi1, #\S+>, tensor<{tile}", masked)  # the pad code's select
+    assert re.search(rf"warp_group_dot %\S+, %\S+, %\S+ .*: tensor<{tile}, #ttg\.dot_op", masked)  # from registers
