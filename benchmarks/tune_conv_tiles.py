@@ -7,8 +7,15 @@ compile or run is recorded with its error), checks the fastest against the defau
 kernels: equal up to the epilogue's float rounding), and reports TOPS / TFLOPS (2 operations per multiply-add) and the
 ratio to cuDNN bf16. Random inputs and weights: speed does not depend on the values.
 
+The int8 and W4A8 kernels run both ways by default (--halo both): the halo path (`int8_conv2d`'s default: the input
+codes in a buffer padded with the code of 0.0, input tiles loaded without bounds masks) and the masked path
+(`halo=False`: each tap masked and selected), each swept over the grid as its own row (the `halo` column), and the halo
+row gets the masked row's default and best times divided by its own (`halo_vs_masked`: > 1, the halo path faster).
+--halo on / off sweeps one of them.
+
     python benchmarks/tune_conv_tiles.py --out results/conv_tiles          # GPU; about 2-4 minutes
     python benchmarks/tune_conv_tiles.py --out /tmp/t --grid quick         # fewer configs
+    python benchmarks/tune_conv_tiles.py --out /tmp/t --grid quick --halo on   # only the halo path (half the time)
     python benchmarks/tune_conv_tiles.py --out /tmp/t --batch 1 --grid small-m   # batch 1: few output rows (M = H*W),
         # so the large tiles leave most of the GPU's SMs idle; small-m tries tiles of 16-64 rows
     TRITON_INTERPRET=1 python benchmarks/tune_conv_tiles.py --out /tmp/t --grid smoke   # CPU smoke test
@@ -49,8 +56,9 @@ def configs(grid: str) -> list[tuple[int, int, int, int, int]]:
     return [(*b, w, s) for b, w, s in itertools.product(blocks, warps, stages)]
 
 
-def kernels(c: int, o: int, k: int, stride: int, device: torch.device):
-    """{name: fn(x, block, warps, stages)} for one conv shape, random weights."""
+def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str = "both"):
+    """{(name, halo): fn(x, block, warps, stages)} for one conv shape, random weights; halo None for W4A16, True /
+    False (as `halo` asks) for int8 and W4A8."""
     from gacq.export.base import pack_int4
     from gacq.export.triton_int8 import int8_conv2d
     from gacq.export.triton_w4 import w4a16_conv2d
@@ -64,23 +72,29 @@ def kernels(c: int, o: int, k: int, stride: int, device: torch.device):
     w_scale = torch.rand(o, generator=g, device=device) * 1e-3
     w_zero = torch.full((o,), 8, device=device, dtype=torch.int32)
     row = torch.zeros(o, device=device, dtype=torch.int32)
-    a_scale, a_zero = torch.tensor([0.02], device=device), torch.tensor([128.0], device=device)
+    # a zero point off the centre (128): the border's code is -15, not 0, so the halo / masked comparison sees it
+    a_scale, a_zero = torch.tensor([0.02], device=device), torch.tensor([113.0], device=device)
     bias = torch.zeros(o, device=device)
     geo = ((k, k), (stride, stride), (k // 2, k // 2), (1, 1))
 
-    def int8(x, block=None, warps=None, stages=None, aligned=None):
+    def int8(x, block=None, warps=None, stages=None, aligned=None, halo=True):
         return int8_conv2d(x, w8, kk, o, w_scale, None, row, bias, a_scale, a_zero, 0, 255, 128, *geo,
-                           block=block, num_warps=warps, num_stages=stages, aligned=aligned)
+                           block=block, num_warps=warps, num_stages=stages, aligned=aligned, halo=halo)
 
-    def w4a8(x, block=None, warps=None, stages=None):
+    def w4a8(x, block=None, warps=None, stages=None, halo=True):
         return int8_conv2d(x, packed, kk, o, w_scale, None, row, bias, a_scale, a_zero, 0, 255, 128, *geo,
-                           w_zero=w_zero, block=block, num_warps=warps, num_stages=stages)
+                           w_zero=w_zero, block=block, num_warps=warps, num_stages=stages, halo=halo)
 
     def w4a16(x, block=None, warps=None, stages=None):
         return w4a16_conv2d(x, packed, w_scale, w_zero, (o, c, k, k), bias, geo[1], geo[2], geo[3],
                             block=block, num_warps=warps, num_stages=stages)
 
-    return {"int8": int8, "w4a8": w4a8, "w4a16": w4a16}
+    ways = {"both": (True, False), "on": (True,), "off": (False,)}[halo]
+    out = {}
+    for name, fn in (("int8", int8), ("w4a8", w4a8)):
+        for h in ways:
+            out[name, h] = lambda x, *a, _fn=fn, _h=h, **kw: _fn(x, *a, halo=_h, **kw)
+    return {**out, ("w4a16", None): w4a16}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="quick: 6 tile shapes at 8 warps, 3 stages; default: 4 and 8 warps; full: also 2 and 4 stages; "
                         "small-m: 7 tile shapes of 16-64 rows at 2 and 4 warps (for small batches); "
                         "smoke: one tiny shape and two configs in Triton's interpreter (TRITON_INTERPRET=1, CPU; the test)")
+    p.add_argument("--halo", choices=["both", "on", "off"], default="both",
+                   help="int8 and W4A8: sweep the halo path (on, int8_conv2d's default), the masked path (off, "
+                        "halo=False) or both, side by side (default)")
     p.add_argument("--batch", type=int, default=None,
                    help=f"images per conv call (default {BATCH}; the smoke grid 2)")
     args = p.parse_args(argv)
@@ -116,18 +133,22 @@ def main(argv: list[str] | None = None) -> dict:
                   "wall_seconds": round(time.time() - t0, 1), "rows": rows}
         lines = [f"# Implicit-GEMM conv kernels: tile sweep at batch {batch}", "", f"`{result['command']}`", "",
                  f"{result['machine']['gpu']}, torch {result['machine']['torch']}, {result['wall_seconds']} s", "",
-                 "| C | O | HxW | k | stride | kernel | cuDNN bf16 TFLOPS | default T/s | default, per-element taps T/s | "
-                 "best T/s | best tiles (M, N, K), warps, stages | best / cuDNN | best = default output |",
-                 "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|"]
+                 "| C | O | HxW | k | stride | kernel | halo | cuDNN bf16 TFLOPS | default T/s | "
+                 "default, per-element taps T/s | best T/s | best tiles (M, N, K), warps, stages | best / cuDNN | "
+                 "best = default output | halo / masked speed, default, best |",
+                 "|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---|---|"]
         for r in rows:
             if "summary" not in r:
                 continue
             s, b = r["summary"], r["summary"]["best"] or {}
-            lines.append(f"| {s['c']} | {s['o']} | {s['hw']} | {s['k']} | {s['stride']} | {s['kernel']} | "
+            hm = s.get("halo_vs_masked") or {}
+            halo = {True: "on", False: "off"}.get(s.get("halo"), "-")
+            lines.append(f"| {s['c']} | {s['o']} | {s['hw']} | {s['k']} | {s['stride']} | {s['kernel']} | {halo} | "
                          f"{s['cudnn_bf16_tflops']} | {s['default_tops']} | {s.get('general_taps_tops', '-')} | "
                          f"{b.get('tops', '-')} | "
                          f"{b.get('block', '-')}, {b.get('warps', '-')}, {b.get('stages', '-')} | {b.get('vs_cudnn', '-')} | "
-                         f"{s.get('best_matches_default', '-')} |")
+                         f"{s.get('best_matches_default', '-')} | "
+                         f"{hm.get('default', '-')}, {hm.get('best', '-')} |")
         write_json(args.out / "conv_tiles.json", result)
         with atomic_path(args.out / "conv_tiles.md") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
@@ -142,12 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
         shape = {"c": c, "o": o, "hw": hw, "k": k, "stride": stride, "ops": ops, "cudnn_bf16_ms": round(bf16, 4),
                  "cudnn_bf16_tflops": round(ops / bf16 / 1e9, 1)}
         print(shape, flush=True)
-        for name, fn in kernels(c, o, k, stride, device).items():
+        halo_rows = {}  # kernel name -> (its halo summary, its halo default output)
+        for (name, halo), fn in kernels(c, o, k, stride, device, args.halo).items():
             default = fn(x)
             best = None
             default_ms = time_ms(lambda: fn(x))
             for cfg in configs(args.grid):
-                r = {**shape, "kernel": name, "block": cfg[:3], "warps": cfg[3], "stages": cfg[4]}
+                r = {**shape, "kernel": name, "halo": halo, "block": cfg[:3], "warps": cfg[3], "stages": cfg[4]}
                 try:
                     ms = time_ms(lambda: fn(x, cfg[:3], cfg[3], cfg[4]))
                     r.update(ms=round(ms, 4), tops=round(ops / ms / 1e9, 1), vs_cudnn=round(bf16 / ms, 3))
@@ -159,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                 except Exception as e:  # noqa: BLE001 (recorded: too much shared memory, ...)
                     r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 rows.append(r)
-            summary = {**shape, "kernel": name, "default_ms": round(default_ms, 4),
+            summary = {**shape, "kernel": name, "halo": halo, "default_ms": round(default_ms, 4),
                        "default_tops": round(ops / default_ms / 1e9, 1), "best": best}
             if name == "int8":  # the default tiles with the per-element tap arithmetic: what alignment gains
                 general_ms = time_ms(lambda: fn(x, aligned=False))
@@ -169,8 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
                 got = fn(x, best["block"], best["warps"], best["stages"])
                 summary["best_matches_default"] = bool(torch.allclose(got.float(), default.float(), rtol=1e-2,
                                                                       atol=1e-2))
+            if halo:
+                halo_rows[name] = (summary, default)
+            elif name in halo_rows:  # the masked row after the halo row: their speeds side by side, in the halo row
+                hs, hy = halo_rows[name]
+                # the same integers: equal (compiled, the two kernels' epilogues may contract differently: an ulp)
+                summary["same_as_halo"] = bool(torch.equal(default, hy))
+                hs["halo_vs_masked"] = {"default": round(default_ms / hs["default_ms"], 3),
+                                        "best": round(best["ms"] / hs["best"]["ms"], 3)
+                                        if best is not None and hs["best"] is not None else None}
             rows.append({"summary": summary})
-            print(f"  {name}: default {summary['default_tops']} T/s, best "
+            print(f"  {name}{'' if halo is None else ' halo' if halo else ' masked'}: default "
+                  f"{summary['default_tops']} T/s, best "
                   f"{best and (best['block'], best['warps'], best['stages'], best['tops'])}", flush=True)
             write()
     return write()
