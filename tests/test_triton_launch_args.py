@@ -81,10 +81,17 @@ def test_int8_launches_pass_every_argument(recorded):
                 (1, 1), (1, 1), split_k=2)
     int8_linear_dynamic(torch.randn(3, 7, 8), torch.zeros(8, o, dtype=torch.int8), 8, o, torch.ones(o), None, i32,
                         None, -128, 127, 0, False, 1e-8)
+    from gacq.export import triton_w4
+
+    triton_w4.set_tile_rule("small-m-masked")  # the masked path by default: `gacq bench --tile-rules` compares them
+    try:
+        int8_conv2d(x, *args, (3, 3), (1, 1), (1, 1), (1, 1))
+    finally:
+        triton_w4.set_tile_rule("small-m")
     assert {c[0] for c in recorded} == {"_quantize_kernel", "_quantize_halo_kernel", "_quantize_rows_kernel",
                                         "_int8_conv_kernel", "_int8_splitk_epilogue"}
     halo = [c[3]["HALO"] for c in recorded if c[0] == "_int8_conv_kernel"]
-    assert halo == [True, True, False, True, True, False], halo  # the linear: the masked path
+    assert halo == [True, True, False, True, True, False, False], halo  # the linear: the masked path
     _check(recorded)
 
 

@@ -41,7 +41,8 @@ S programs share a tile's K loop and write int32 partial sums; `_int8_splitk_epi
 same epilogue. Integer sums do not depend on their order, so the output is the unsplit kernel's bit for bit
 (checked in the interpreter); the price is a third launch and S x M x O int32 of scratch.
 
-The halo path (`int8_conv2d(halo=None / True)`, the default for every conv; `halo=False` the masked path above):
+The halo path (`int8_conv2d(halo=True)`, the default for every conv; `halo=False`, or the tile rule "small-m-masked"
+for the default, the masked path above):
 `_quantize_halo_kernel` writes the codes into (N, H + 2*PH, W + 2*PW, C), one launch over the padded pixels, those
 inside the image their codes of x, the border the code of 0.0, clamp(za, qmin, qmax) - ca, from the zero point on the
 device (no host sync, no fill launch: CUDA-graph safe). The GEMM then runs as an unpadded conv over the padded image
@@ -75,6 +76,7 @@ import torch
 
 from .base import conv_output_size
 from .triton_w4 import INTERPRET, available, tiles, triton
+from .triton_w4 import halo as halo_rule
 from .triton_w4 import split_k as split_k_rule
 
 if triton is not None:
@@ -291,7 +293,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     K block would apply (the same integers; for measuring what the aligned path gains). `split_k` (default:
     `triton_w4.split_k`'s rule, 1 unless the tile rule is "small-m-splitk") splits the K loop over that many
     programs per output tile, whose int32 partial sums a second kernel adds before the epilogue: the same
-    integers, so the same output bit for bit. `halo` (default None: on) quantizes into a padded buffer whose border
+    integers, so the same output bit for bit. `halo` (default: `triton_w4.halo`'s rule, on unless the tile rule is
+    "small-m-masked") quantizes into a padded buffer whose border
     holds the code of 0.0, so the GEMM loads its input tiles without the per-tap bounds masks (the module
     docstring); `halo=False` keeps the masked path over the unpadded codes. The same integers either way.
     """
@@ -304,7 +307,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     x = x.contiguous()
-    halo = halo is not False
+    halo = halo_rule() if halo is None else halo
     hp, wp = (h + 2 * ph, w + 2 * pw) if halo else (h, w)  # the halo buffer's image; without padding x's own
     x8 = torch.empty((n, hp, wp, c), dtype=torch.int8, device=x.device)  # channels-last codes
     # tiles of up to 64 pixels x 4096 / 64 channels; linears (1x1 images) take one pixel x all channels per program

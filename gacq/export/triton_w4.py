@@ -44,7 +44,7 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET)
 
 
-TILE_RULES = ("small-m", "no-small-m", "small-m-splitk")
+TILE_RULES = ("small-m", "no-small-m", "small-m-splitk", "small-m-masked")
 _tile_rule = "small-m"
 SMALL_M = 1024
 
@@ -58,8 +58,10 @@ def set_tile_rule(name: str) -> str:
     (results/bench_lowbit/s27-ddpm-cifar10-batch1-tiles). "no-small-m" keeps that batch-256 rule everywhere (as
     before session 27), for comparison (`gacq bench --tile-rules`). "small-m-splitk" is small-m plus split-K in
     the int8 / W4A8 conv kernel where an output has too few tiles to fill the GPU (`split_k`; not yet measured on a
-    GPU, so not the default). The integer kernels' results do not depend on the tiles or the split. Kernels
-    already captured in a CUDA graph keep theirs."""
+    GPU, so not the default). "small-m-masked" is small-m with the int8 / W4A8 convs on their masked path instead of
+    the halo path (`halo`; `triton_int8`'s docstring), so that `gacq bench --tile-rules small-m,small-m-masked` times
+    the two end to end in one run. The integer kernels' results do not depend on the tiles, the split or the path.
+    Kernels already captured in a CUDA graph keep theirs."""
     global _tile_rule
     if name not in TILE_RULES:
         raise ValueError(f"unknown tile rule {name!r}; choose one of {', '.join(TILE_RULES)}")
@@ -90,6 +92,12 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
     bm = 128 if m >= 8192 else 64 if m >= 512 else 32
     bn = 128 if n >= 128 and m >= 512 else 64 if n >= 64 else 32
     return bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4
+
+
+def halo() -> bool:
+    """Whether the int8 / W4A8 convs take the halo path by default (`triton_int8.int8_conv2d(halo=None)`): yes, unless
+    the tile rule is "small-m-masked"."""
+    return _tile_rule != "small-m-masked"
 
 
 SPLIT_K_PROGRAMS = 264  # two programs per SM of an H100 / H200 (132 SMs)
