@@ -115,6 +115,26 @@ class Int8Part(_Part):
             self._qweight_nt = cached
         return cached.t()
 
+    def kernel_weight(self, kernel_size: tuple[int, int]) -> torch.Tensor:
+        """The Triton conv's weight (`triton_int8.int8_conv2d(w_kmajor=True)`): W8 as (O8, K8) int8 row-major, k in
+        (r, s, c) order, channels fastest (the order of the kernel's K loop), where `qweight` is (K8, O8) in
+        (c, r, s) order; so each K block's weight tile is contiguous along k, as int8 wgmma wants it in shared memory
+        (`triton_int8`'s docstring). Made from `qweight` once per device and cached, not saved: the checkpoint, the
+        state dict and the torch path keep `qweight`. GPU memory: a second copy of the int8 weight (O8 x K8 bytes,
+        as much again as `qweight`, which stays); a 1x1 kernel's is `_weight_nt`'s copy, the one the torch path's
+        "nt" GEMM uses ((c, r, s) is (r, s, c) there)."""
+        kh, kw = kernel_size
+        if kh * kw == 1:
+            return self._weight_nt().t()
+        cached = getattr(self, "_qweight_kmajor", None)
+        if cached is None or cached.device != self.qweight.device:
+            o, k = self.out_channels, self.k
+            w = self.qweight[:k, :o].t().reshape(o, k // (kh * kw), kh, kw).permute(0, 2, 3, 1).reshape(o, k)
+            cached = torch.zeros(self.qweight.shape[::-1], dtype=torch.int8, device=self.qweight.device)
+            cached[:o, :k] = w
+            self._qweight_kmajor = cached
+        return cached
+
     def accumulate(self, x8: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
         """S (M, O) int32 for centred inputs x8 (M, K) int8 and da = ca - za (int32 scalar tensor)."""
         kp = self.qweight.shape[0]
@@ -153,6 +173,10 @@ class Int8Layer(ExportedLayer):
     # (tests/triton_w4_checks.py int8_token); compiled on the H200 within 2 float32 ulps of it and 2.5-7.8x faster on
     # the DiT's Linear shapes (session 18, results/bench_token_kernel), so on by default; False: the torch path
     kernel_dynamic = True
+    # the conv kernel (`int8_conv2d`, convs and static linears) reads the K-major (r, s, c) copy of the weight
+    # (`Int8Part.kernel_weight`: as much GPU memory again as the weight) instead of `qweight`; the same integers.
+    # False: `qweight` as stored (the per-token linears always read it: `int8_linear_dynamic`)
+    kernel_kmajor = True
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
         """The fused Triton kernel (`triton_int8`) runs this call: one weight group, a conv with groups
@@ -177,9 +201,11 @@ class Int8Layer(ExportedLayer):
         int8_conv2d = triton_int8.int8_conv2d_op if compiling else triton_int8.int8_conv2d
 
         (part,), (q,) = self.parts, list(self.act_quantizers())
-        qweight, w_zero = part.qweight, part.kernel_zero
+        qweight, w_zero, kmajor = part.qweight, part.kernel_zero, False
         if w_zero is not None and self.unpack_for_kernel:  # W4A8: the int8 kernel on this call's unpacked codes
             qweight, w_zero = part.int8_weight(), None
+        elif not q.dynamic and self.kernel_kmajor:
+            qweight, kmajor = part.kernel_weight(self.kernel_size if self.is_conv else (1, 1)), True
         if q.dynamic:
             from ..quant.primitives import MIN_SCALE
 
@@ -193,9 +219,9 @@ class Int8Layer(ExportedLayer):
                 act_center(q.qmin, q.qmax))
         if self.is_conv:
             return int8_conv2d(x, *args, self.kernel_size, self.stride, tuple(self.padding), self.dilation,
-                               w_zero=w_zero)
+                               w_zero=w_zero, w_kmajor=kmajor)
         y = int8_conv2d(x.reshape(-1, x.shape[-1], 1, 1), *args, (1, 1), (1, 1), (0, 0), (1, 1),
-                        w_zero=w_zero)
+                        w_zero=w_zero, w_kmajor=kmajor)
         return y.reshape(*x.shape[:-1], self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,6 +324,27 @@ class W4A8Part(_Part):
     @property
     def kernel_zero(self) -> torch.Tensor:
         return self.w_zero
+
+    def kernel_weight(self, kernel_size: tuple[int, int]) -> torch.Tensor:
+        """`Int8Part.kernel_weight` for packed codes: `qweight`'s codes with k in (r, s, c) order, packed by
+        `pack_int4` as (O, ceil(K/2)) uint8, made once per device and cached, not saved. GPU memory: a second packed
+        copy (K/2 bytes per output channel, as much again as `qweight`, which stays: the stored weight of a W4A8 conv
+        on the Triton path is then 0.5x of fp16, not 0.25x); a 1x1 kernel's is `qweight` itself (no copy)."""
+        from .base import unpack_int4
+
+        kh, kw = kernel_size
+        if kh * kw == 1:
+            return self.qweight
+        cached = getattr(self, "_qweight_kmajor", None)
+        if cached is None or cached.device != self.qweight.device:
+            o, k = self.out_channels, self.k
+            codes = unpack_int4(self.qweight, k).reshape(o, k // (kh * kw), kh, kw).permute(0, 2, 3, 1)
+            # `pack_int4`'s layout, packed here without its range check (a data-dependent branch, which
+            # torch.compile(fullgraph=True) refuses): the codes come from `qweight`, so they are in 0..15
+            codes = F.pad(codes.reshape(o, k), (0, k % 2))
+            cached = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            self._qweight_kmajor = cached
+        return cached
 
     def int8_weight(self) -> torch.Tensor:
         """W8 = Wq - zw as (K8, O8) int8, padded as `Int8Part` stores it (the torch path's operand)."""

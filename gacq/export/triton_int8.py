@@ -60,12 +60,21 @@ Triton 3.6 on a CPU (`tests/test_triton_w4.py::test_halo_tile_streams_into_share
 input tile was not software-pipelined at all in either path until `conv_taps` said that k0 % C is a multiple of
 BLOCK_K (`tl.multiple_of`; the axis analysis does not derive it). With that, both paths copy the tile into shared
 memory asynchronously (cp.async) over the K loop; the halo path's wgmma reads it there, the masked path loads it
-back to registers, applies its two selects and stores it to shared memory again first. The weight tile, (K8, O8)
-with O contiguous, is not pipelined in either path (int8 wgmma wants its B operand K-major in shared memory, so each
-iteration loads it to registers and stores it transposed), and each wgmma is waited for in its own iteration; a
-K-major weight in (r, s, c) order would be pipelined too (a reduced kernel's TTGIR), not done here. Whether the halo
-path is faster is NOT yet measured on a GPU (`benchmarks/tune_conv_tiles.py`, by default `--halo both`, times both
-side by side).
+back to registers, applies its two selects and stores it to shared memory again first. The weight tile of the
+stored weight, (K8, O8) with O contiguous and rows in (c, r, s) order (so a K block's rows are KH*KW apart), is not
+pipelined in either path: int8 wgmma wants its B operand K-major in shared memory, so each iteration loads it to
+registers and stores it transposed. The layers therefore give the kernel a K-major copy with k in the K loop's own
+(r, s, c) order (`W_KMAJOR`, `int8_conv2d(w_kmajor=True)`, `Int8Part.kernel_weight`: (O8, K8), made once per device
+and cached; it costs as much GPU memory again as the int8 weight, which is kept for the torch path and the state
+dict), whose K block is BLOCK_K consecutive bytes of each output channel's row: in the TTGIR
+(`test_kmajor_weight_tile_streams_into_shared_memory_on_sm90`) it is then cp.async'd into its own multi-buffered
+shared memory as the input tile is, and on the halo path the wgmma reads both operands there with no register round
+trip of either tile. Each wgmma is still waited for in its own iteration (pendings = 0) either way. W4A8's packed
+codes get the same (r, s, c) packing (`W4A8Part.kernel_weight`, a second packed copy), but their tile is unpacked in
+registers and stored to shared memory every iteration regardless (only its byte loads become contiguous along k).
+The same integers with either weight layout (interpreter; the `kmajor` check). Whether the halo path or the K-major
+weight is faster is NOT yet measured on a GPU (`benchmarks/tune_conv_tiles.py`, by default `--halo both`, times the
+halo and masked paths side by side, on the stored weight layout: it calls `int8_conv2d` with `qweight`).
 """
 
 from __future__ import annotations
@@ -149,7 +158,7 @@ if triton is not None:
                           HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, W4: tl.constexpr, ALIGNED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PER_ROW: tl.constexpr, part_ptr, rpart_ptr, KB_PER: tl.constexpr, SPLIT: tl.constexpr,
-                          HALO: tl.constexpr, EVEN_K: tl.constexpr):
+                          HALO: tl.constexpr, EVEN_K: tl.constexpr, W_KMAJOR: tl.constexpr):
         # SPLIT > 1 (split-K): program (i, j, s) sums K blocks [s * KB_PER, (s + 1) * KB_PER) only and writes its
         # int32 partial sums to part (SPLIT, M, O) and rpart (SPLIT, M); `_int8_splitk_epilogue` adds them (exact:
         # integers) and runs the epilogue. SPLIT == 1: the whole K loop and the epilogue here.
@@ -160,6 +169,11 @@ if triton is not None:
         # (module docstring). EVEN_K (HALO only: K % BLOCK_K == 0 and no split runs past K) drops mask_k from the A
         # and W tiles. Not HALO: the masked path (and the linears'), each tap masked by whether it lies inside the
         # image and given the pad code if not.
+        # W_KMAJOR: the weight is K-major with k in the K loop's own (r, s, c) order (`Int8Part.kernel_weight`:
+        # int8 (O8, K8), row stride swk; W4: packed codes (O, ceil(K'/2)), `W4A8Part.kernel_weight`), so a K block's
+        # weight is BLOCK_K consecutive elements of each of BLOCK_N rows, the operand layout int8 wgmma wants in shared
+        # memory (module docstring). Else the weight's own (c, r, s) order (`conv_taps`' wrow): int8 (K8, O8) with O
+        # contiguous (`Int8Part.qweight`), W4 `pack_int4`'s (O, ceil(K/2)); a K block's rows are then KH*KW apart.
         # every argument without a default: torch.compile's wrapper of user Triton kernels (torch 2.11) drops an
         # omitted defaulted constexpr from the launch, and the compiled launcher then fails ("launcher() missing 1
         # required positional argument: '_grid_2'"; `gacq bench` mode int8 W8A8 compiled, session 18)
@@ -180,7 +194,8 @@ if triton is not None:
         kb0 = 0 if SPLIT == 1 else tl.program_id(2) * KB_PER
         for i in range(0, tl.cdiv(K, BLOCK_K) if SPLIT == 1 else KB_PER):
             kb = kb0 + i
-            mask_k = kb * BLOCK_K + tl.arange(0, BLOCK_K) < K
+            kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)  # k itself, (r, s, c): the K-major weight's column
+            mask_k = kk < K
             # k = (r, s, c), channels fastest; wrow: each k's row in the weight's (c, r, s) order
             if HALO:  # padding 0 over the padded image: `inside` is all true on valid rows (and unused)
                 offs, _, wrow = conv_taps(n_idx, ho, wo, kb, sxn, sxc, sxh, sxw, C, H + 2 * PH, W + 2 * PW, SH, SW,
@@ -199,12 +214,14 @@ if triton is not None:
                 x8 = tl.where(mask_k[None, :], x8, 0).to(tl.int8)
                 mask_w = mask_k[:, None] & mask_n[None, :]
             if W4:  # packed int4 codes (O, ceil(K/2)): W8 = code - zw, in [-15, 15]
-                code = tl.trans(int4_codes(w_ptr, offs_n, wrow, tl.trans(mask_w), swk))
+                code = tl.trans(int4_codes(w_ptr, offs_n, kk if W_KMAJOR else wrow, tl.trans(mask_w), swk))
                 if HALO and EVEN_K:  # every k < K; a column past O loads code 0 and zw 0 (other=0): 0
                     w8 = (code.to(tl.int32) - wz[None, :]).to(tl.int8)
                 else:
                     w8 = tl.where(mask_w, code.to(tl.int32) - wz[None, :], 0).to(tl.int8)
-            else:  # int8 (K8, O8) row-major
+            elif W_KMAJOR:  # int8 (O8, K8) row-major, (r, s, c)
+                w8 = tl.load(w_ptr + offs_n[None, :] * swk + kk[:, None], mask=mask_w, other=0)
+            else:  # int8 (K8, O8) row-major, (c, r, s)
                 w8 = tl.load(w_ptr + wrow[:, None] * swk + offs_n[None, :], mask=mask_w, other=0)
             acc += tl.dot(x8, w8, out_dtype=tl.int32)
             if HAS_OFFSET:
@@ -278,7 +295,7 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                 dilation: tuple[int, int], w_zero: torch.Tensor | None = None,
                 block: tuple[int, int, int] | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, aligned: bool | None = None,
-                split_k: int | None = None, halo: bool | None = None) -> torch.Tensor:
+                split_k: int | None = None, halo: bool | None = None, w_kmajor: bool = False) -> torch.Tensor:
     """The int8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
     qweight: (K8, O8) int8, `Int8Part`'s padded transposed weight (row stride O8); or, with
@@ -297,6 +314,10 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
     "small-m-masked") quantizes into a padded buffer whose border
     holds the code of 0.0, so the GEMM loads its input tiles without the per-tap bounds masks (the module
     docstring); `halo=False` keeps the masked path over the unpadded codes. The same integers either way.
+    `w_kmajor`: qweight is instead K-major with k in (r, s, c) order, channels fastest (the order of the kernel's K
+    loop): int8 (O, K') with K' >= k, row stride qweight.stride(0) (`Int8Part.kernel_weight`, (O8, K8)), or with
+    `w_zero` packed int4 codes (O, ceil(K'/2)) of that order (`W4A8Part.kernel_weight`); each K block's weight tile
+    is then contiguous along k (module docstring). The same integers as the stored layout.
     """
     if triton is None:
         raise RuntimeError("the int8 Triton kernel needs the triton package")
@@ -345,7 +366,8 @@ def int8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: in
                             HAS_BIAS=bias is not None, W4=w_zero is not None,
                             ALIGNED=c % bk == 0 and aligned is not False,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_ROW=False, part_ptr=part, rpart_ptr=rpart,
-                            KB_PER=kb_per, SPLIT=split, HALO=halo, EVEN_K=halo and even_k, num_warps=warps, **extra)
+                            KB_PER=kb_per, SPLIT=split, HALO=halo, EVEN_K=halo and even_k, W_KMAJOR=w_kmajor,
+                            num_warps=warps, **extra)
     if split > 1:
         _int8_splitk_epilogue[grid[:2]](part, rpart, w_scale, off, row_term, b, y, act_scale, act_zero, float(center),
                                         m, out_channels, ho, wo, *y.stride(), HAS_OFFSET=w_offset is not None,
@@ -388,7 +410,8 @@ def int8_linear_dynamic(x: torch.Tensor, qweight: torch.Tensor, k: int, out_chan
                             HAS_BIAS=bias is not None, W4=w_zero is not None, ALIGNED=k % bk == 0,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PER_ROW=True,
                             part_ptr=row_term, rpart_ptr=row_term, KB_PER=1, SPLIT=1,  # linears: no split-K
-                            HALO=False, EVEN_K=False)  # the masked path (1x1 images: every tap inside anyway)
+                            HALO=False, EVEN_K=False,  # the masked path (1x1 images: every tap inside anyway)
+                            W_KMAJOR=False)  # `Int8Part.qweight` as stored (1x1: (c, r, s) is (r, s, c) anyway)
     return y.reshape(*x.shape[:-1], out_channels)
 
 
@@ -402,16 +425,16 @@ def int8_conv2d_op(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels:
                    w_offset: Optional[torch.Tensor], row_term: torch.Tensor, bias: Optional[torch.Tensor],
                    act_scale: torch.Tensor, act_zero: torch.Tensor, qmin: int, qmax: int, center: int,
                    kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
-                   w_zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   w_zero: Optional[torch.Tensor] = None, w_kmajor: bool = False) -> torch.Tensor:
     """`int8_conv2d` as the custom op `gacq::int8_conv2d`."""
     return int8_conv2d(x, qweight, k, out_channels, w_scale, w_offset, row_term, bias, act_scale, act_zero, qmin,
                        qmax, center, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
-                       w_zero=w_zero)
+                       w_zero=w_zero, w_kmajor=w_kmajor)
 
 
 @int8_conv2d_op.register_fake
 def _int8_conv2d_shape(x, qweight, k, out_channels, w_scale, w_offset, row_term, bias, act_scale, act_zero, qmin,
-                       qmax, center, kernel_size, stride, padding, dilation, w_zero=None):
+                       qmax, center, kernel_size, stride, padding, dilation, w_zero=None, w_kmajor=False):
     n, _, h, w = x.shape
     ho, wo = (conv_output_size(size, *geom) for size, *geom in zip((h, w), kernel_size, stride, padding, dilation))
     return x.new_empty((n, out_channels, ho, wo))
