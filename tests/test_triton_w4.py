@@ -21,7 +21,7 @@ CHECKS = Path(__file__).with_name("triton_w4_checks.py")
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is only installed on Linux")
 
 
-CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "split_k", "halo", "int8_token",
+CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "split_k", "halo", "kmajor", "int8_token",
          "fake_quant", "fake_quant_token", "compiled_ops"]
 
 
@@ -180,11 +180,11 @@ def test_conv_paths_probe_im2col_is_exact_and_timings_need_a_gpu(tmp_path):
         assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and not (tmp_path / "g").exists()
 
 
-def _sm90_ttgir(halo: bool, w4: bool, offset: bool = False) -> str:
+def _sm90_ttgir(halo: bool, w4: bool, offset: bool = False, kmajor: bool = False) -> str:
     """`_int8_conv_kernel` compiled for sm_90 (an H100 / H200) on this machine, no GPU needed (triton.compile with an
     explicit target; ptxas ships with triton): its TTGIR at the batch-256 rule's tiles for a 3x3 conv, C = O = 128 at
     32x32, specialised as a launch would specialise it (pointers and multiples of 16 marked divisible by 16, ints of 1
-    as constants)."""
+    as constants); `kmajor`: with the K-major weight (`W_KMAJOR`, row stride K for int8)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -196,10 +196,10 @@ def _sm90_ttgir(halo: bool, w4: bool, offset: bool = False) -> str:
     bm, bn, bk = (256, 128, 64) if w4 else (128, 128, 128)
     hp = hw + 2 if halo else hw
     ints = dict(M=256 * hw * hw, O=o, C=c, H=hw, W=hw, HO=hw, WO=hw, sxn=hp * hp * c, sxc=1, sxh=hp * c, sxw=c,
-                swk=(c * 9 + 1) // 2 if w4 else o, syn=o * hw * hw, syc=hw * hw, syh=hw, syw=1, SH=1, SW=1, PH=1, PW=1,
-                DH=1, DW=1)
+                swk=(c * 9 + 1) // 2 if w4 else c * 9 if kmajor else o, syn=o * hw * hw, syc=hw * hw, syh=hw, syw=1,
+                SH=1, SW=1, PH=1, PW=1, DH=1, DW=1)
     consts = dict(K=c * 9, KH=3, KW=3, HAS_OFFSET=offset, HAS_BIAS=True, W4=w4, ALIGNED=True, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_K=bk, PER_ROW=False, KB_PER=1, SPLIT=1, HALO=halo, EVEN_K=halo)
+                  BLOCK_K=bk, PER_ROW=False, KB_PER=1, SPLIT=1, HALO=halo, EVEN_K=halo, W_KMAJOR=kmajor)
     ptrs = dict(x8_ptr="*i8", w_ptr="*u8" if w4 else "*i8", wzero_ptr="*i32", wscale_ptr="*fp32", woff_ptr="*i32",
                 row_ptr="*i32", bias_ptr="*fp32", y_ptr="*bf16", ascale_ptr="*fp32", azp_ptr="*fp32",
                 part_ptr="*i32", rpart_ptr="*i32")
@@ -225,8 +225,9 @@ def test_halo_tile_streams_into_shared_memory_on_sm90(w4):
     """What the halo path is for, read off the compiled kernel (Triton 3.6's TTGIR for sm_90; not a timing): its input
     tile is copied asynchronously into shared memory (cp.async, pipelined over the K loop) and the wgmma reads it
     there, with no select or register round trip in between; the masked path's tile is loaded to registers from
-    shared memory, selected (pad code, k < K) and stored back before the wgmma. (The weight tile, (K8, O8) with O
-    contiguous, is loaded to registers and stored to shared memory every iteration either way: not pipelined.)"""
+    shared memory, selected (pad code, k < K) and stored back before the wgmma. (The weight tile of the stored weight,
+    (K8, O8) with O contiguous, is loaded to registers and stored to shared memory every iteration either way: not
+    pipelined; the K-major weight's is, `test_kmajor_weight_tile_streams_into_shared_memory_on_sm90`.)"""
     import re
 
     import triton
@@ -243,3 +244,39 @@ def test_halo_tile_streams_into_shared_memory_on_sm90(w4):
     masked = _sm90_ttgir(False, w4)
     assert re.search(rf"arith\.select .*tensor<{bm}x{bk}xi1, #\S+>, tensor<{tile}", masked)  # the pad code's select
     assert re.search(rf"warp_group_dot %\S+, %\S+, %\S+ .*: tensor<{tile}, #ttg\.dot_op", masked)  # from registers
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: not in the interpreter")
+def test_kmajor_weight_tile_streams_into_shared_memory_on_sm90():
+    """What the K-major weight (`int8_conv2d(w_kmajor=True)`, k in (r, s, c) order) is for, read off Triton 3.6's TTGIR
+    for sm_90 (not a timing): the int8 weight tile is copied asynchronously into its own multi-buffered shared memory
+    (cp.async, pipelined over the K loop) as the input tile is, and the wgmma reads both operands there, with no
+    register -> shared store of either tile on the halo path; on the masked path the weight tile streams the same way
+    (the input tile still goes through registers for its selects). With the stored (K8, O8) weight the weight tile is
+    loaded to registers and stored to shared memory every iteration. Not changed by it: each wgmma is still waited for
+    in its own iteration (warp_group_dot_wait pendings = 0), and a W4A8 weight tile (packed nibbles, unpacked in
+    registers) is loaded to registers and stored to shared memory either way."""
+    import re
+
+    import triton
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton without its NVIDIA backend")
+    tile = "128x128xi8"
+    copy = re.compile(rf"async_copy_global_to_local .*: tensor<128x128x!tt\.ptr<i8>, #\w+> -> <{tile}, #(\w+)")
+    smem = rf"!ttg\.memdesc<{tile}, #\w+, #smem, mutable>"  # a slot of a multi-buffered (pipelined) allocation
+    stored = rf"ttg\.local_alloc %\S+ : \(tensor<{tile}"  # a tile stored from registers to shared memory
+    for offset in (False, True):  # HAS_OFFSET: the row sums also read the input tile
+        kmajor = _sm90_ttgir(True, False, offset, kmajor=True)
+        assert len(set(copy.findall(kmajor))) == 2, "input and weight tiles not both cp.async"
+        assert re.search(rf"warp_group_dot %\S+, %\S+, %\S+ .*: {smem} \* {smem}", kmajor), "wgmma not from smem"
+        assert not re.search(stored, kmajor), "a tile stored from registers"
+        assert re.search(r"warp_group_dot_wait .*pendings = 0", kmajor)  # still waited for in its own iteration
+    old = _sm90_ttgir(True, False)
+    assert len(set(copy.findall(old))) == 1 and re.search(stored, old)  # the weight through registers
+    masked = _sm90_ttgir(False, False, kmajor=True)
+    assert len(set(copy.findall(masked))) == 2
+    assert re.search(rf"warp_group_dot %\S+, %\S+, %\S+ .*: tensor<{tile}, #ttg\.dot_op<[^>]*>> \* {smem}", masked)
+    w4 = _sm90_ttgir(True, True, kmajor=True)  # (256, 128, 64) tiles
+    assert re.search(r"tt\.load .*: tensor<128x64x!tt\.ptr<i8>", w4)  # the packed bytes to registers
+    assert re.search(r"warp_group_dot %\S+, %\S+, %\S+ .*\* !ttg\.memdesc<64x128xi8, #\w+, #smem> ", w4)

@@ -350,6 +350,114 @@ def halo():
         assert key in seen, (key, seen)
 
 
+def kmajor():
+    """The K-major weight of the int8 / W4A8 conv kernel (`int8_conv2d(w_kmajor=True)` on `kernel_weight`, the layers'
+    default: `Int8Layer.kernel_kmajor`): k in (r, s, c) order, the kernel's own, against the stored (c, r, s) layout
+    (`qweight`, `w_kmajor=False`) over the same layer. Every (k, weight) pair is the same, so are the integer sums:
+    bitwise equal in the interpreter (compiled: `_same_epilogue`), and both against the torch path. int8 and packed
+    int4 weights; 3x3 padding 1 at stride 1 and 2, 1x1, 2x3 (kh != kw, so a transposed (s, r) order would differ),
+    C = 3 (K blocks across taps: not ALIGNED), C = 64 (ALIGNED in the interpreter, also with `aligned=False`); with and
+    without a bias, offset rows (HAS_OFFSET), batches of 1-3; split-K 2 and 3, halo on and off. `kernel_weight`'s
+    content against the permutation written out index by index; and a layer compiled (fullgraph) before any eager
+    call, which builds the cached copy inside the traced call."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gacq.export.base import unpack_int4
+    from gacq.export.int8 import act_center, to_int8, to_w4a8
+    from tests.test_export import make_conv
+
+    conv2d = _on_device(triton_int8.int8_conv2d)
+
+    def run(ex, x, kmajor, **kw):  # what `Int8Layer._fused` passes, with the weight of either layout
+        (part,), (q,) = ex.parts, list(ex.act_quantizers())
+        w = part.kernel_weight(ex.kernel_size) if kmajor else part.qweight
+        return conv2d(x, w, part.k, part.out_channels, part.w_scale, part.w_offset if part.has_offset else None,
+                      part.row_term, ex.bias, q.scale.detach(), q.zero_point.detach(), q.qmin, q.qmax,
+                      act_center(q.qmin, q.qmax), ex.kernel_size, ex.stride, tuple(ex.padding), ex.dilation,
+                      w_zero=part.kernel_zero, w_kmajor=kmajor, **kw)
+
+    cases = [{}, {"stride": 2, "bias": False}, {"k": 1, "padding": 0, "x_shape": (3, 5, 6, 4)},
+             {"k": (2, 3), "padding": (1, 0), "cin": 7, "x_shape": (2, 7, 6, 8)},
+             {"cin": 3, "cout": 37, "x_shape": (3, 3, 6, 5)}, {"cin": 3, "stride": 2, "x_shape": (1, 3, 9, 6)},
+             {"cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)},
+             {"cin": 64, "cout": 16, "stride": 2, "bias": False, "x_shape": (1, 64, 9, 8)},
+             {"wbits": 6, "abits": 6, "bias": False},  # int8: 6-bit rows fit int8 around their zero point: no offset
+             {"offset_rows": True}, {"offset_rows": True, "cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)}]
+    seen = set()
+    for convert in (to_int8, to_w4a8):
+        for kw in cases:
+            kw = dict(kw)
+            offset_rows = kw.pop("offset_rows", False)
+            if convert is to_w4a8:
+                if offset_rows:
+                    continue  # 4-bit rows never need the offset
+                kw["wbits"] = 4
+            layer, x = make_conv(**kw)
+            if offset_rows:  # rows of codes 0..255 around a zero point at 0: dw = 128 - zw != 0
+                with torch.no_grad():
+                    layer.weight_quantizer.zero_point.fill_(0.0)
+            ex = convert(layer).to(DEVICE)
+            x = x.to(DEVICE)
+            (part,) = ex.parts
+            kh, kw_ = ex.kernel_size
+            c, o, k = x.shape[1], part.out_channels, part.k
+            seen.add((convert.__name__, part.has_offset, kh * kw_ > 1, c % 32 == 0))
+            what = (convert.__name__, kw, offset_rows)
+            # the permutation written out: column (r * KW + s) * C + c of the K-major weight is column
+            # c * KH * KW + r * KW + s of the stored one
+            idx = torch.tensor([ci * kh * kw_ + r * kw_ + s for r in range(kh) for s in range(kw_) for ci in range(c)])
+            kweight = part.kernel_weight(ex.kernel_size).cpu()
+            if convert is to_int8:
+                stored = part.qweight[:k, :o].t().cpu()
+                assert kweight.dtype == torch.int8 and kweight.shape == part.qweight.shape[::-1], what
+                assert torch.equal(kweight[:o, :k], stored[:, idx]) and not kweight[o:].any(), what
+                assert not kweight[:, k:].any(), what
+            else:
+                stored = unpack_int4(part.qweight.cpu(), k)
+                assert kweight.dtype == torch.uint8 and kweight.shape == part.qweight.shape, what
+                assert torch.equal(unpack_int4(kweight, k), stored[:, idx]), what
+                if kh * kw_ == 1:
+                    assert kweight.data_ptr() == part.qweight.data_ptr(), what  # 1x1: the stored codes themselves
+            with torch.no_grad():
+                y_layer = ex(x).cpu()  # the layer's own call: the K-major weight by default
+                ex.kernel_kmajor = False
+                y_stored = ex(x).cpu()
+                ex.kernel_kmajor = True
+                ex.use_kernel = False
+                want = ex(x).cpu()
+                ex.use_kernel = True
+            _same_epilogue(y_layer, want, ("layer", what))
+            _same_epilogue(y_stored, want, ("layer, stored weight", what))
+            variants = [{"halo": True}, {"halo": False}, {"split_k": 2}, {"split_k": 3},
+                        {"split_k": 2, "halo": False}]
+            if c % 32 == 0:  # whole-channel K blocks in the interpreter: also the per-element taps
+                variants.append({"aligned": False})
+            for v in variants:
+                y = run(ex, x, True, **v)
+                ref = run(ex, x, False, **v)
+                if DEVICE == "cpu":
+                    assert torch.equal(y, ref), (what, v, (y - ref).abs().max())
+                    assert torch.equal(y, y_layer), (what, v, (y - y_layer).abs().max())
+                _same_epilogue(y, want, ("kmajor", what, v))
+    for key in [("to_int8", True, True, False), ("to_int8", False, True, False), ("to_int8", True, True, True),
+                ("to_int8", True, False, False), ("to_w4a8", False, True, False), ("to_w4a8", False, True, True),
+                ("to_w4a8", False, False, False)]:
+        assert key in seen, (key, seen)
+    # compiled before any eager call: `kernel_weight` runs inside the traced call (fullgraph: no graph break); its
+    # copy is then cached on the part, and the output is the eager kernel's
+    from torch._dynamo.backends.registry import lookup_backend
+
+    backend = lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")
+    for convert in (to_int8, to_w4a8):
+        layer, x = make_conv(stride=2, wbits=4 if convert is to_w4a8 else 8, x_shape=(2, 5, 7, 9))
+        ex, x = convert(layer).to(DEVICE), x.to(DEVICE)
+        assert getattr(ex.parts[0], "_qweight_kmajor", None) is None
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(ex, backend=backend, fullgraph=True, dynamic=False)(x)
+            assert ex.parts[0]._qweight_kmajor is not None, convert.__name__
+            _same_epilogue(got, ex(x), ("compiled first", convert.__name__))
+
+
 def _bf16_diagnosis(ex, x, y, want) -> str:
     """Where a bf16 mismatch of the fused int8 conv comes from: the input codes as torch computes them in bf16
     on the device, against the kernel's recipe (float32 IEEE division rounded to bf16) and against exact codes
