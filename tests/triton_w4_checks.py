@@ -352,8 +352,8 @@ def halo():
 
 def kmajor():
     """The K-major weight of the int8 / W4A8 conv kernel (`int8_conv2d(w_kmajor=True)` on `kernel_weight`, the layers'
-    default: `Int8Layer.kernel_kmajor`): k in (r, s, c) order, the kernel's own, against the stored (c, r, s) layout
-    (`qweight`, `w_kmajor=False`) over the same layer. Every (k, weight) pair is the same, so are the integer sums:
+    choice with `Int8Layer.kernel_kmajor` True or under the tile rule "small-m-kmajor"): k in (r, s, c) order, the
+    kernel's own, against the stored (c, r, s) layout (`qweight`, `w_kmajor=False`) over the same layer. Every (k, weight) pair is the same, so are the integer sums:
     bitwise equal in the interpreter (compiled: `_same_epilogue`), and both against the torch path. int8 and packed
     int4 weights; 3x3 padding 1 at stride 1 and 2, 1x1, 2x3 (kh != kw, so a transposed (s, r) order would differ),
     C = 3 (K blocks across taps: not ALIGNED), C = 64 (ALIGNED in the interpreter, also with `aligned=False`); with and
@@ -418,10 +418,11 @@ def kmajor():
                 if kh * kw_ == 1:
                     assert kweight.data_ptr() == part.qweight.data_ptr(), what  # 1x1: the stored codes themselves
             with torch.no_grad():
-                y_layer = ex(x).cpu()  # the layer's own call: the K-major weight by default
+                ex.kernel_kmajor = True  # (by default only under the tile rule "small-m-kmajor")
+                y_layer = ex(x).cpu()
                 ex.kernel_kmajor = False
                 y_stored = ex(x).cpu()
-                ex.kernel_kmajor = True
+                ex.kernel_kmajor = None
                 ex.use_kernel = False
                 want = ex(x).cpu()
                 ex.use_kernel = True
@@ -450,6 +451,7 @@ def kmajor():
     for convert in (to_int8, to_w4a8):
         layer, x = make_conv(stride=2, wbits=4 if convert is to_w4a8 else 8, x_shape=(2, 5, 7, 9))
         ex, x = convert(layer).to(DEVICE), x.to(DEVICE)
+        ex.kernel_kmajor = True
         assert getattr(ex.parts[0], "_qweight_kmajor", None) is None
         torch._dynamo.reset()
         with torch.no_grad():

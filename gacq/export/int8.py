@@ -175,10 +175,12 @@ class Int8Layer(ExportedLayer):
     # (tests/triton_w4_checks.py int8_token); compiled on the H200 within 2 float32 ulps of it and 2.5-7.8x faster on
     # the DiT's Linear shapes (session 18, results/bench_token_kernel), so on by default; False: the torch path
     kernel_dynamic = True
-    # the conv kernel (`int8_conv2d`, convs and static linears) reads the K-major (r, s, c) copy of the weight
-    # (`Int8Part.kernel_weight`: as much GPU memory again as the weight) instead of `qweight`; the same integers.
-    # False: `qweight` as stored (the per-token linears always read it: `int8_linear_dynamic`)
-    kernel_kmajor = True
+    # True: the conv kernel (`int8_conv2d`, convs and static linears) reads the K-major (r, s, c) copy of the weight
+    # (`Int8Part.kernel_weight`: as much GPU memory again as the weight, not counted in `weight_bytes`) instead of
+    # `qweight`; the same integers. False: `qweight` as stored (the per-token linears always read it:
+    # `int8_linear_dynamic`). None (the default): True under the tile rule "small-m-kmajor" only
+    # (`triton_w4.kmajor`), so that `gacq bench --tile-rules` times it before it costs anyone the memory
+    kernel_kmajor: bool | None = None
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
         """The fused Triton kernel (`triton_int8`) runs this call: one weight group, a conv with groups
@@ -197,7 +199,7 @@ class Int8Layer(ExportedLayer):
         """The layer as one `int8_conv2d` call (a linear as a 1x1 conv over 1x1 images). Nothing is computed
         here: the kernels read the quantizer's scale and zero point and the layer's buffers directly. Under
         torch.compile through the same functions' custom ops (`triton_int8.int8_conv2d_op`), opaque to Dynamo."""
-        from . import triton_int8
+        from . import triton_int8, triton_w4
 
         compiling = torch.compiler.is_compiling()
         int8_conv2d = triton_int8.int8_conv2d_op if compiling else triton_int8.int8_conv2d
@@ -206,7 +208,7 @@ class Int8Layer(ExportedLayer):
         qweight, w_zero, kmajor = part.qweight, part.kernel_zero, False
         if w_zero is not None and self.unpack_for_kernel:  # W4A8: the int8 kernel on this call's unpacked codes
             qweight, w_zero = part.int8_weight(), None
-        elif not q.dynamic and self.kernel_kmajor:
+        elif not q.dynamic and (triton_w4.kmajor() if self.kernel_kmajor is None else self.kernel_kmajor):
             qweight, kmajor = part.kernel_weight(self.kernel_size if self.is_conv else (1, 1)), True
         if q.dynamic:
             from ..quant.primitives import MIN_SCALE

@@ -59,22 +59,23 @@ Why (~55-60 int8 TOPS per conv at batch 256 on the H200, peak ~1,900), read off 
 Triton 3.6 on a CPU (`tests/test_triton_w4.py::test_halo_tile_streams_into_shared_memory_on_sm90`), not timed: the
 input tile was not software-pipelined at all in either path until `conv_taps` said that k0 % C is a multiple of
 BLOCK_K (`tl.multiple_of`; the axis analysis does not derive it). With that, both paths copy the tile into shared
-memory asynchronously (cp.async) over the K loop; the halo path's wgmma reads it there, the masked path loads it
-back to registers, applies its two selects and stores it to shared memory again first. The weight tile of the
-stored weight, (K8, O8) with O contiguous and rows in (c, r, s) order (so a K block's rows are KH*KW apart), is not
-pipelined in either path: int8 wgmma wants its B operand K-major in shared memory, so each iteration loads it to
-registers and stores it transposed. The layers therefore give the kernel a K-major copy with k in the K loop's own
-(r, s, c) order (`W_KMAJOR`, `int8_conv2d(w_kmajor=True)`, `Int8Part.kernel_weight`: (O8, K8), made once per device
-and cached; it costs as much GPU memory again as the int8 weight, which is kept for the torch path and the state
-dict), whose K block is BLOCK_K consecutive bytes of each output channel's row: in the TTGIR
+memory asynchronously (cp.async) over the K loop; the halo path's wgmma reads it there, the masked path loads it back
+to registers, applies its two selects and stores it to shared memory again first. The weight tile of the stored
+weight, (K8, O8) with O contiguous and rows in (c, r, s) order (so a K block's rows are KH*KW apart), is not pipelined
+in either path: int8 wgmma wants its B operand K-major in shared memory, so each iteration loads it to registers and
+stores it transposed. The layers can therefore give the kernel a K-major copy with k in the K loop's own (r, s, c)
+order (opt-in: `Int8Layer.kernel_kmajor = True`, or the tile rule "small-m-kmajor", so that `gacq bench --tile-rules`
+times it first; `W_KMAJOR`, `int8_conv2d(w_kmajor=True)`, `Int8Part.kernel_weight`: (O8, K8), made once per device and
+cached; it costs as much GPU memory again as the int8 weight, which is kept for the torch path and the state dict),
+whose K block is BLOCK_K consecutive bytes of each output channel's row: in the TTGIR
 (`test_kmajor_weight_tile_streams_into_shared_memory_on_sm90`) it is then cp.async'd into its own multi-buffered
 shared memory as the input tile is, and on the halo path the wgmma reads both operands there with no register round
 trip of either tile. Each wgmma is still waited for in its own iteration (pendings = 0) either way. W4A8's packed
 codes get the same (r, s, c) packing (`W4A8Part.kernel_weight`, a second packed copy), but their tile is unpacked in
-registers and stored to shared memory every iteration regardless (only its byte loads become contiguous along k).
-The same integers with either weight layout (interpreter; the `kmajor` check). Whether the halo path or the K-major
-weight is faster is NOT yet measured on a GPU (`benchmarks/tune_conv_tiles.py`, by default `--halo both`, times the
-halo and masked paths side by side, on the stored weight layout: it calls `int8_conv2d` with `qweight`).
+registers and stored to shared memory every iteration regardless (only its byte loads become contiguous along k). The
+same integers with either weight layout (interpreter; the `kmajor` check). Whether the halo path or the K-major weight
+is faster is NOT yet measured on a GPU (`benchmarks/tune_conv_tiles.py`, by default `--halo both`, times the halo and
+masked paths side by side, on the stored weight layout: it calls `int8_conv2d` with `qweight`).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET)
 
 
-TILE_RULES = ("small-m", "no-small-m", "small-m-splitk", "small-m-masked")
+TILE_RULES = ("small-m", "no-small-m", "small-m-splitk", "small-m-masked", "small-m-kmajor")
 _tile_rule = "small-m"
 SMALL_M = 1024
 
@@ -60,7 +60,9 @@ def set_tile_rule(name: str) -> str:
     the int8 / W4A8 conv kernel where an output has too few tiles to fill the GPU (`split_k`; not yet measured on a
     GPU, so not the default). "small-m-masked" is small-m with the int8 / W4A8 convs on their masked path instead of
     the halo path (`halo`; `triton_int8`'s docstring), so that `gacq bench --tile-rules small-m,small-m-masked` times
-    the two end to end in one run. The integer kernels' results do not depend on the tiles, the split or the path.
+    the two end to end in one run. "small-m-kmajor" is small-m with the int8 / W4A8 conv layers reading a K-major
+    (r, s, c) copy of their weight (`kmajor`; `Int8Part.kernel_weight`), opt-in until timed. The integer kernels'
+    results do not depend on the tiles, the split, the path or the weight layout.
     Kernels already captured in a CUDA graph keep theirs."""
     global _tile_rule
     if name not in TILE_RULES:
@@ -98,6 +100,12 @@ def halo() -> bool:
     """Whether the int8 / W4A8 convs take the halo path by default (`triton_int8.int8_conv2d(halo=None)`): yes, unless
     the tile rule is "small-m-masked"."""
     return _tile_rule != "small-m-masked"
+
+
+def kmajor() -> bool:
+    """Whether the int8 / W4A8 conv layers read their K-major weight copy by default (`Int8Layer.kernel_kmajor` None):
+    only under the tile rule "small-m-kmajor" (a second copy of the weight in GPU memory; not yet timed on a GPU)."""
+    return _tile_rule == "small-m-kmajor"
 
 
 SPLIT_K_PROGRAMS = 264  # two programs per SM of an H100 / H200 (132 SMs)
