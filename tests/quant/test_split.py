@@ -356,4 +356,9 @@ def test_reconstruct_model_resumes_split_units(tiny_fp, tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and any(k.endswith("weight_quantizer_0.scale") for k in sa)
     for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+        if k.endswith("adaround.alpha"):  # resume points keep the signs only, all a hardened rounding reads
+            assert torch.equal(sa[k] >= 0, sb[k] >= 0), k
+        else:
+            assert torch.equal(sa[k], sb[k]), k
+    with torch.no_grad():
+        assert torch.equal(a(x[:4], t[:4]).sample, b(x[:4], t[:4]).sample)
