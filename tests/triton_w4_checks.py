@@ -227,6 +227,18 @@ def int8_conv():
     assert not to_int8(layer).kernel_applies(x)  # two weight groups: the torch path
 
 
+def _converted_conv(convert, offset_rows: bool = False, **kw):
+    """`make_conv(**kw)` converted (`to_int8` / `to_w4a8`) and moved to DEVICE, with its input; `offset_rows`: rows of
+    codes 0..255 around a zero point at 0, so dw = 128 - zw != 0 (HAS_OFFSET)."""
+    from tests.test_export import make_conv
+
+    layer, x = make_conv(**kw)
+    if offset_rows:
+        with torch.no_grad():
+            layer.weight_quantizer.zero_point.fill_(0.0)
+    return convert(layer).to(DEVICE), x.to(DEVICE)
+
+
 def split_k():
     """Split-K in the int8 / W4A8 conv kernel (`int8_conv2d(split_k=S)`, the "small-m-splitk" tile rule's path):
     S programs per output tile each sum part of the K loop, a second kernel adds their int32 partial sums and runs
@@ -245,13 +257,7 @@ def split_k():
                         (to_int8, {"wbits": 8, "offset_rows": True, "cin": 12, "x_shape": (1, 12, 7, 7)}),
                         (to_w4a8, {"wbits": 4, "cin": 19, "cout": 37, "x_shape": (3, 19, 6, 5)}),
                         (to_w4a8, {"wbits": 4, "cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)})]:
-        offset_rows = kw.pop("offset_rows", False)
-        layer, x = make_conv(**kw)
-        if offset_rows:  # rows of codes 0..255 around a zero point at 0: dw = 128 - zw != 0
-            with torch.no_grad():
-                layer.weight_quantizer.zero_point.fill_(0.0)
-        ex = convert(layer).to(DEVICE)
-        x = x.to(DEVICE)
+        ex, x = _converted_conv(convert, **kw)
         seen.add((convert.__name__, ex.parts[0].has_offset))
         with torch.no_grad():
             y1 = ex(x)
@@ -385,23 +391,16 @@ def kmajor():
     seen = set()
     for convert in (to_int8, to_w4a8):
         for kw in cases:
-            kw = dict(kw)
-            offset_rows = kw.pop("offset_rows", False)
             if convert is to_w4a8:
-                if offset_rows:
+                if kw.get("offset_rows"):
                     continue  # 4-bit rows never need the offset
-                kw["wbits"] = 4
-            layer, x = make_conv(**kw)
-            if offset_rows:  # rows of codes 0..255 around a zero point at 0: dw = 128 - zw != 0
-                with torch.no_grad():
-                    layer.weight_quantizer.zero_point.fill_(0.0)
-            ex = convert(layer).to(DEVICE)
-            x = x.to(DEVICE)
+                kw = dict(kw, wbits=4)
+            ex, x = _converted_conv(convert, **kw)
             (part,) = ex.parts
             kh, kw_ = ex.kernel_size
             c, o, k = x.shape[1], part.out_channels, part.k
             seen.add((convert.__name__, part.has_offset, kh * kw_ > 1, c % 32 == 0))
-            what = (convert.__name__, kw, offset_rows)
+            what = (convert.__name__, kw)
             # the permutation written out: column (r * KW + s) * C + c of the K-major weight is column
             # c * KH * KW + r * KW + s of the stored one
             idx = torch.tensor([ci * kh * kw_ + r * kw_ + s for r in range(kh) for s in range(kw_) for ci in range(c)])
