@@ -359,13 +359,15 @@ def halo():
 def kmajor():
     """The K-major weight of the int8 / W4A8 conv kernel (`int8_conv2d(w_kmajor=True)` on `kernel_weight`, the layers'
     choice with `Int8Layer.kernel_kmajor` True or under the tile rule "small-m-kmajor"): k in (r, s, c) order, the
-    kernel's own, against the stored (c, r, s) layout (`qweight`, `w_kmajor=False`) over the same layer. Every (k, weight) pair is the same, so are the integer sums:
-    bitwise equal in the interpreter (compiled: `_same_epilogue`), and both against the torch path. int8 and packed
-    int4 weights; 3x3 padding 1 at stride 1 and 2, 1x1, 2x3 (kh != kw, so a transposed (s, r) order would differ),
-    C = 3 (K blocks across taps: not ALIGNED), C = 64 (ALIGNED in the interpreter, also with `aligned=False`); with and
-    without a bias, offset rows (HAS_OFFSET), batches of 1-3; split-K 2 and 3, halo on and off. `kernel_weight`'s
-    content against the permutation written out index by index; and a layer compiled (fullgraph) before any eager
-    call, which builds the cached copy inside the traced call."""
+    kernel's own, against the stored (c, r, s) layout (`qweight`, `w_kmajor=False`) over the same layer. Every (k,
+    weight) pair is the same, so are the integer sums: bitwise equal in the interpreter (compiled:
+    `_same_epilogue`), and both against the torch path. int8 and packed int4 weights; 3x3 padding 1 at stride 1 and
+    2, 1x1, 2x3 (kh != kw, so a transposed (s, r) order would differ), C = 3 (K blocks across taps: not ALIGNED), C
+    = 64 (ALIGNED in the interpreter, also with `aligned=False`); with and without a bias, offset rows (HAS_OFFSET),
+    batches of 1-3; split-K 2 and 3, halo on and off. `kernel_weight`'s content against the permutation written out
+    index by index; and a layer compiled (fullgraph) before any eager call, which builds the cached copy inside the
+    traced call.
+    """
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from gacq.export.base import unpack_int4
     from gacq.export.int8 import act_center, to_int8, to_w4a8

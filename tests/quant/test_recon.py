@@ -3,7 +3,8 @@ import torch
 
 from gacq.models import build_model
 from gacq.quant.calib_data import CalibDataConfig, collect
-from gacq.quant.recon import ActReconConfig, ReconConfig, capture_unit_io, find_units, lp_loss_per_sample, reconstruct_unit
+from gacq.quant.recon import (ActReconConfig, ReconConfig, capture_unit_io, find_units, lp_loss_per_sample,
+                              reconstruct_unit)
 from gacq.quant.wrap import quant_layers, set_quant_state, wrap_layers
 from gacq.models import LoadedModel
 from gacq.sampling import SampleConfig
@@ -339,7 +340,8 @@ def test_a_quantization_resumed_from_every_resume_point_writes_the_same_checkpoi
     def learned(*a, **k):
         raise AssertionError("learned again instead of resumed")
 
-    for mod, fn in ((recon_mod, "reconstruct_unit"), (recon_mod, "reconstruct_acts_unit"), (tfmq_mod, "reconstruct_tib")):
+    for mod, fn in ((recon_mod, "reconstruct_unit"), (recon_mod, "reconstruct_acts_unit"),
+                    (tfmq_mod, "reconstruct_tib")):
         monkeypatch.setattr(mod, fn, learned)
     quantize_to_dir(LoadedModel(fp), cfg, tmp_path / "b", calib=tmp_path / "calib", progress=False)
     a, b = (load_file(str(tmp_path / d / "quantized.safetensors")) for d in "ab")
