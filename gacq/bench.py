@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                     help="comma-separated tile rules of the Triton low-bit kernels (gacq.export.triton_w4.TILE_RULES: "
                          "small-m, the default, no-small-m, small-m-splitk, small-m-masked: the int8 / W4A8 convs "
                          "without the halo path, and small-m-kmajor: their K-major weight copy); each int8 / w4a8 / "
-                         "Triton mode runs "
-                         "once per rule, side by side, labelled ' tiles=RULE' for a rule other than the default")
+                         "Triton mode runs once per rule, side by side, labelled ' tiles=RULE' for a rule other than "
+                         "the default")
     ap.add_argument("--profile", action="store_true",
                     help="also record each mode's kernels at each batch size with torch.profiler (3 calls, no CUDA "
                          "graph): the device time of all its kernels per call and the costliest ones (CPU: its ops)")

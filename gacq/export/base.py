@@ -186,19 +186,27 @@ def dense_fallback(layer: QuantLayer) -> DenseLayer:
 
 
 # ---------------------------------------------------------------- int4 packing ---
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+def pack_int4(codes: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Unsigned 4-bit codes (0..15) along the last axis -> uint8, two per byte (low nibble first).
 
     An odd last axis is padded with one zero code, so (..., K) packs to (..., ceil(K / 2)); each
     row packs on its own (rows of a weight stay addressable). The nibble order is that of the
-    checkpoint's `pack_int`.
+    checkpoint's `pack_int`. `check=False` skips the range check, for codes known to be in range
+    (it is a data-dependent branch, which torch.compile(fullgraph=True) refuses).
     """
-    if codes.numel() and (codes.min() < 0 or codes.max() > 15):
+    if check and codes.numel() and (codes.min() < 0 or codes.max() > 15):
         raise ValueError("pack_int4 takes codes in 0..15")
     v = codes.to(torch.uint8)
     if v.shape[-1] % 2:
         v = F.pad(v, (0, 1))
     return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def rsc_order(w: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """A conv weight flattened as `weight.reshape(O, -1)`, (O, K) with k in (c, r, s) order, reordered to k in
+    (r, s, c) order, channels fastest (the int8 conv kernel's K loop order)."""
+    (kh, kw), (o, k) = kernel_size, w.shape
+    return w.reshape(o, k // (kh * kw), kh, kw).permute(0, 2, 3, 1).reshape(o, k)
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:

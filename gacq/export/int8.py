@@ -125,15 +125,15 @@ class Int8Part(_Part):
         "nt" GEMM uses ((c, r, s) is (r, s, c) there). Under torch.compile a first call that makes the copy makes it
         inside the traced graph (no graph break) and the next call compiles once more, the cached attribute being
         guarded on (2 graphs for 3 calls, aot_eager, torch 2.13 CPU)."""
-        kh, kw = kernel_size
-        if kh * kw == 1:
+        from .base import rsc_order
+
+        if kernel_size[0] * kernel_size[1] == 1:
             return self._weight_nt().t()
         cached = getattr(self, "_qweight_kmajor", None)
         if cached is None or cached.device != self.qweight.device:
             o, k = self.out_channels, self.k
-            w = self.qweight[:k, :o].t().reshape(o, k // (kh * kw), kh, kw).permute(0, 2, 3, 1).reshape(o, k)
             cached = torch.zeros(self.qweight.shape[::-1], dtype=torch.int8, device=self.qweight.device)
-            cached[:o, :k] = w
+            cached[:o, :k] = rsc_order(self.qweight[:k, :o].t(), kernel_size)
             self._qweight_kmajor = cached
         return cached
 
@@ -334,19 +334,14 @@ class W4A8Part(_Part):
         `pack_int4` as (O, ceil(K/2)) uint8, made once per device and cached, not saved. GPU memory: a second packed
         copy (K/2 bytes per output channel, as much again as `qweight`, which stays: the stored weight of a W4A8 conv
         on the Triton path is then 0.5x of fp16, not 0.25x); a 1x1 kernel's is `qweight` itself (no copy)."""
-        from .base import unpack_int4
+        from .base import pack_int4, rsc_order, unpack_int4
 
-        kh, kw = kernel_size
-        if kh * kw == 1:
+        if kernel_size[0] * kernel_size[1] == 1:
             return self.qweight
         cached = getattr(self, "_qweight_kmajor", None)
         if cached is None or cached.device != self.qweight.device:
-            o, k = self.out_channels, self.k
-            codes = unpack_int4(self.qweight, k).reshape(o, k // (kh * kw), kh, kw).permute(0, 2, 3, 1)
-            # `pack_int4`'s layout, packed here without its range check (a data-dependent branch, which
-            # torch.compile(fullgraph=True) refuses): the codes come from `qweight`, so they are in 0..15
-            codes = F.pad(codes.reshape(o, k), (0, k % 2))
-            cached = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            # no range check (torch.compile(fullgraph=True) refuses its branch): the codes come from `qweight`
+            cached = pack_int4(rsc_order(unpack_int4(self.qweight, self.k), kernel_size), check=False)
             self._qweight_kmajor = cached
         return cached
 

@@ -244,12 +244,13 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
         fp = copy.deepcopy(fp).to(device)  # leave the caller's model where it is
     fp = fp.eval()
     ckpt = Path(config.recon_checkpoints) if config.recon_checkpoints else None
-    # the calibration samples too: a resume (possibly in another device call, which collects the set again from the
-    # same seed) goes on only where it finds the very same set
-    # (where the resume points live is no setting: a later device call may find them under another path)
+    # what resume points must find again: the settings (not where the points live: a later device call may find them
+    # under another path), the model and the calibration samples (another device call collects the set again from
+    # the same seed); hashed only where there are resume points
     fingerprint = {"quant": {k: v for k, v in config.to_json().items()
                              if k not in ("recon", "act_recon", "recon_checkpoints")},
-                   "model": loaded.source, "calibration_sha256": calib.digest() if calib is not None else None}
+                   "model": loaded.source,
+                   "calibration_sha256": calib.digest() if calib is not None and ckpt is not None else None}
     wcal = _weight_subset(calib, spec, config.calib.n_steps) if calib is not None else None
 
     # 2. TFMQ-DM temporal information block

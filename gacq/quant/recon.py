@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -514,7 +514,7 @@ def load_resume_point(path, parts: list[tuple[str, nn.Module]], device) -> None:
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    state = load_file(str(path))
+        state = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get(_COMPACT) == "1":
         rebuilt, alphas = _rebuilt_keys(parts)
         if tensors_sha256(rebuilt) != meta.get("rebuilt_sha256"):
@@ -529,7 +529,7 @@ def load_resume_point(path, parts: list[tuple[str, nn.Module]], device) -> None:
             bits = np.unpackbits(signs.numpy())[:own[k].numel()].astype(bool)
             # +1 / -1: the hardened rounding reads only alpha >= 0
             state[k] = torch.where(torch.from_numpy(bits), 1.0, -1.0).to(own[k].dtype).reshape(own[k].shape)
-        state.update({k: v for k, v in rebuilt.items()})
+        state.update(rebuilt)
     for prefix, module in parts:
         module.load_state_dict({k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)})
 
