@@ -280,3 +280,60 @@ def test_kmajor_weight_tile_streams_into_shared_memory_on_sm90():
     w4 = _sm90_ttgir(True, True, kmajor=True)  # (256, 128, 64) tiles
     assert re.search(r"tt\.load .*: tensor<128x64x!tt\.ptr<i8>", w4)  # the packed bytes to registers
     assert re.search(r"warp_group_dot %\S+, %\S+, %\S+ .*\* !ttg\.memdesc<64x128xi8, #\w+, #smem> ", w4)
+
+
+def _plain_gemm_ttgir(dtype: str) -> str:
+    """A plain K-looped GEMM (the textbook Triton matmul: (128, 128, 128) tiles, 8 warps, 3 stages, both operands
+    K-major, no masks) of `dtype` inputs compiled for sm_90 on this machine: int8 accumulates in int32, the floating
+    types in float32."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def gemm(a_ptr, b_ptr, c_ptr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             INT: tl.constexpr):
+        om = tl.program_id(0) * BM + tl.arange(0, BM)
+        on = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.int32 if INT else tl.float32)
+        for kb in range(0, K // BK):
+            kk = kb * BK + tl.arange(0, BK)
+            a = tl.load(a_ptr + om[:, None] * K + kk[None, :])
+            b = tl.load(b_ptr + on[None, :] * K + kk[:, None])
+            acc = tl.dot(a, b, acc, out_dtype=acc.dtype)  # fp8: `acc +=` is not folded into the MMA
+        tl.store(c_ptr + om[:, None] * (BN * tl.num_programs(1)) + on[None, :], acc)
+
+    integer = dtype == "i8"
+    sig = dict(a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", c_ptr="*i32" if integer else "*fp32", K="constexpr",
+               BM="constexpr", BN="constexpr", BK="constexpr", INT="constexpr")
+    consts = dict(K=1152, BM=128, BN=128, BK=128, INT=integer)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(3)}
+    kernel = triton.compile(ASTSource(gemm, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 8, "num_stages": 3})
+    return kernel.asm["ttgir"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: not in the interpreter")
+def test_triton_waits_for_every_int32_accumulating_wgmma_on_sm90():
+    """What bounds the int8 / W4A8 kernels' K loop in Triton (3.6), read off the compiled TTGIR (not a timing): its
+    Hopper pipeliner lets a wgmma run on while the next K block is prepared ("properly async":
+    `warp_group_dot_wait {pendings = 1}` after it) only when the accumulator is float32 (WGMMAPipeline.cpp,
+    `dotCanBeProperlyAsync`, rule 2.1). int8 tensor-core products accumulate in int32, so even the textbook int8 GEMM,
+    both tiles cp.async'd, waits for each wgmma to finish in its own iteration (pendings = 0), as
+    `_int8_conv_kernel` does on every path; the same GEMM in fp16, bf16 or fp8 (float32 accumulator) is pipelined."""
+    import re
+
+    import triton
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton without its NVIDIA backend")
+    waits = {}
+    for dtype in ("i8", "fp16", "bf16", "fp8e4nv"):
+        ttgir = _plain_gemm_ttgir(dtype)
+        loop = ttgir[ttgir.index("scf.for"):ttgir.index("scf.yield")]
+        assert len(re.findall(r"async_copy_global_to_local", loop)) == 2, dtype  # both tiles pipelined
+        assert re.search(r"warp_group_dot %\S+, %\S+, %\S+ .*isAsync = true.*!ttg\.memdesc<.*\* !ttg\.memdesc<",
+                         loop), dtype  # both operands read from shared memory
+        waits[dtype] = [int(p) for p in re.findall(r"warp_group_dot_wait .*pendings = (\d+)", loop)]
+    assert waits == {"i8": [0], "fp16": [1], "bf16": [1], "fp8e4nv": [1]}

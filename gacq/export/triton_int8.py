@@ -70,7 +70,15 @@ cached; it costs as much GPU memory again as the int8 weight, which is kept for 
 whose K block is BLOCK_K consecutive bytes of each output channel's row: in the TTGIR
 (`test_kmajor_weight_tile_streams_into_shared_memory_on_sm90`) it is then cp.async'd into its own multi-buffered
 shared memory as the input tile is, and on the halo path the wgmma reads both operands there with no register round
-trip of either tile. Each wgmma is still waited for in its own iteration (pendings = 0) either way. W4A8's packed
+trip of either tile. Each wgmma is still waited for in its own iteration (pendings = 0) either way, and no tiling or
+layout of these kernels can change that: Triton 3.6's Hopper pipeliner makes a wgmma "properly async" (left running
+while the next K block's addresses and copies are issued, `pendings = 1`) only when its accumulator is float32
+(WGMMAPipeline.cpp, `dotCanBeProperlyAsync`, rule 2.1), and int8 products accumulate in int32; the textbook int8
+GEMM gets pendings = 0 too, the same GEMM in fp16, bf16 or fp8 pendings = 1
+(`test_triton_waits_for_every_int32_accumulating_wgmma_on_sm90`). Within one program the tensor cores therefore idle
+while each iteration's address arithmetic, copies and waits run; only other programs on the same SM fill that gap
+(so more, smaller programs per SM and fewer, longer K blocks are the levers left in Triton; a hand-pipelined kernel,
+in CUDA or Triton's Gluon, is not written). W4A8's packed
 codes get the same (r, s, c) packing (`W4A8Part.kernel_weight`, a second packed copy), but their tile is unpacked in
 registers and stored to shared memory every iteration regardless (only its byte loads become contiguous along k). The
 same integers with either weight layout (interpreter; the `kmajor` check). Whether the halo path or the K-major weight
