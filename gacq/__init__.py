@@ -4,18 +4,58 @@ The public API (the CLI calls exactly these):
 
     from gacq import load_model, save_model, build_model, load_images
     from gacq import TrainConfig, train, SampleConfig, sample, generate
+    from gacq import QuantConfig, ReconConfig, ActReconConfig, GACConfig, CalibDataConfig
+    from gacq import quantize, quantize_to_dir, collect_calibration
+    from gacq import evaluate, load_exported
+    from gacq.export import export                             # `gacq export`; gacq.export is its package
+    from gacq.compare import compare                           # `gacq compare`
+    from gacq import diffusers_pipeline, follow_timesteps      # quantized models in diffusers pipelines
+
+The quantization, evaluation and export names are imported on first use (they pull in more of torch's stack).
 """
+
+from importlib import import_module
 
 from .data import ImageDataset, load_images
 from .errors import GacqError
 from .models import NAMED_CONFIGS, LoadedModel, build_model, bundled_model_path, load_model, save_model
+from .pipeline import diffusers_pipeline, follow_timesteps
 from .sampling import SampleConfig, generate, sample
 from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
+# name -> (module, attribute), imported by __getattr__ on first use
+_LAZY = {
+    "QuantConfig": (".quant.api", "QuantConfig"),
+    "quantize": (".quant.api", "quantize"),
+    "quantize_to_dir": (".quant.api", "quantize_to_dir"),
+    "ReconConfig": (".quant.recon", "ReconConfig"),
+    "ActReconConfig": (".quant.recon", "ActReconConfig"),
+    "GACConfig": (".quant.gac", "GACConfig"),
+    "CalibDataConfig": (".quant.calib_data", "CalibDataConfig"),
+    "CalibrationSet": (".quant.calib_data", "CalibrationSet"),
+    "collect_calibration": (".quant.calib_data", "collect"),
+    "evaluate": (".metrics", "evaluate"),
+    "load_exported": (".export", "load_exported"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(import_module(module, __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gacq' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "GacqError", "ImageDataset", "LoadedModel", "NAMED_CONFIGS", "SampleConfig", "TrainConfig",
-    "build_model", "bundled_model_path", "generate", "load_images", "load_model", "sample", "save_model",
-    "train", "__version__",
+    "build_model", "bundled_model_path", "diffusers_pipeline", "follow_timesteps", "generate", "load_images",
+    "load_model", "sample", "save_model", "train", "__version__", *_LAZY,
 ]
