@@ -312,7 +312,9 @@ def sample(
         parts = []
         for b in range(lo, hi, cfg.batch_size):
             idx = range(b, min(hi, b + cfg.batch_size))
-            parts.append(generate(loaded, cfg, idx, device, model_fn, on_step=bar.update))
+            # per-step fractions of the batch; clamped, as their float sum can pass the total by a rounding error
+            step = lambda f: bar.update(min(f, bar.total - bar.n))  # noqa: E731
+            parts.append(generate(loaded, cfg, idx, device, model_fn, on_step=step))
             made += len(idx)
             bar.n = round(bar.n)  # undo float drift of the per-step fractions
             bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.2f}")

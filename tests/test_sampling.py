@@ -132,3 +132,13 @@ def test_sample_seeds_are_distinct():
     # _mix32 is a bijection: check it on a slice of the 32-bit range against a brute-force set.
     xs = range(0, 2**32, 2**32 // 100_003)
     assert len({_mix32(x) for x in xs}) == len(xs)
+
+
+def test_progress_bar_stays_within_its_total(tiny, tmp_path):
+    """The bar advances by a fraction of the batch per step; 100 steps of 1/100 of 64 images once summed past 64 by a
+    rounding error, and tqdm warned ("clamping frac to range [0, 1]") at the end of every batch."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(tiny, SampleConfig(num=64, batch_size=64, steps=100), tmp_path / "s", progress=True)
