@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .models import LoadedModel
 from .sampling import SampleConfig, generate
@@ -46,17 +47,32 @@ def side_by_side(fp: np.ndarray, q: np.ndarray, per_row: int = 8):
     return image_grid(np.concatenate(rows), ncols=per_row)
 
 
+def _images(loaded: LoadedModel, cfg: SampleConfig, device, desc: str, progress: bool) -> np.ndarray:
+    """Images 0 .. cfg.num - 1 of `loaded` in batches of cfg.batch_size (per-image noise: the batches change them only
+    by float rounding in batched kernels), with a progress bar that advances every denoising step."""
+    bar = tqdm(total=cfg.num, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+    parts = []
+    for lo in range(0, cfg.num, cfg.batch_size):
+        idx = range(lo, min(cfg.num, lo + cfg.batch_size))
+        parts.append(generate(loaded, cfg, idx, device, on_step=lambda f: bar.update(min(f, bar.total - bar.n))))
+        bar.n = idx.stop  # undo float drift of the per-step fractions
+        bar.refresh()
+    bar.close()
+    return np.concatenate(parts)
+
+
 def compare(fp: LoadedModel, q: LoadedModel, cfg: SampleConfig, out: str | Path, device="cpu",
-            metrics: bool = True, label: str = "quantized") -> dict:
+            metrics: bool = True, label: str = "quantized", progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if q.step_hook is not None:
         q.step_hook(0, cfg)  # refuse a sampler the quantized model was not calibrated for, early
     t0 = time.time()
-    a = generate(fp, cfg, range(cfg.num), device)
+    a = _images(fp, cfg, device, "sampling FP", progress)
     t_fp = time.time() - t0
     t0 = time.time()
-    b = generate(q, cfg, range(cfg.num), device)
+    b = _images(q, cfg, device, f"sampling {label}", progress)
     t_q = time.time() - t0
     p = psnr(a, b)
     report = {
