@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .models import LoadedModel
-from .sampling import SampleConfig, generate
+from .sampling import SampleConfig, advance, generate
 from .utils import atomic_path, git_commit, image_grid, machine_info, save_image, write_json
 
 
@@ -55,7 +55,7 @@ def _images(loaded: LoadedModel, cfg: SampleConfig, device, desc: str, progress:
     parts = []
     for lo in range(0, cfg.num, cfg.batch_size):
         idx = range(lo, min(cfg.num, lo + cfg.batch_size))
-        parts.append(generate(loaded, cfg, idx, device, on_step=lambda f: bar.update(min(f, bar.total - bar.n))))
+        parts.append(generate(loaded, cfg, idx, device, on_step=advance(bar)))
         bar.n = idx.stop  # undo float drift of the per-step fractions
         bar.refresh()
     bar.close()

@@ -249,6 +249,12 @@ def generate(
     return to_uint8(x)
 
 
+def advance(bar) -> Callable[[float], None]:
+    """`generate`'s on_step for a tqdm bar counting images: advances it by each step's fraction of the batch, clamped
+    to the bar's total (the fractions' float sum can pass it by a rounding error, and tqdm then warns)."""
+    return lambda fraction: bar.update(min(fraction, bar.total - bar.n))
+
+
 def _check_run(out: Path, run: dict[str, Any]) -> None:
     run_file = out / "run.json"
     if run_file.exists():
@@ -312,9 +318,7 @@ def sample(
         parts = []
         for b in range(lo, hi, cfg.batch_size):
             idx = range(b, min(hi, b + cfg.batch_size))
-            # per-step fractions of the batch; clamped, as their float sum can pass the total by a rounding error
-            step = lambda f: bar.update(min(f, bar.total - bar.n))  # noqa: E731
-            parts.append(generate(loaded, cfg, idx, device, model_fn, on_step=step))
+            parts.append(generate(loaded, cfg, idx, device, model_fn, on_step=advance(bar)))
             made += len(idx)
             bar.n = round(bar.n)  # undo float drift of the per-step fractions
             bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.2f}")
