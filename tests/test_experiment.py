@@ -666,3 +666,12 @@ def load_spec_text(tmp_path, text):
     q = tmp_path / "plain.toml"
     q.write_text(text)
     return load_spec(q)
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.toml")))
+def test_every_shipped_spec_loads(spec, tmp_path):
+    """The specs in experiments/ are what the GPU sessions run: each parses and validates, and expands to cells."""
+    from gacq.experiment import load_spec
+
+    loaded = load_spec(Path(__file__).parents[1] / "experiments" / spec, results=tmp_path)
+    assert loaded.cells
