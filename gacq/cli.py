@@ -267,6 +267,8 @@ def quantize(
     abits: int = typer.Option(8, help="Activation bits (2-8; 32 = float activations)."),
     weight_init: Optional[str] = typer.Option(None, help="Override the recipe's weight grid init: mse or minmax."),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="Override the recipe's float layers: name pattern (repeatable)."),
+    act_mode: Optional[str] = typer.Option(None, "--act-mode", help="Override the recipe's activation quantizer (ablations across recipes): minmax (calibrated ranges), lsq (learned step sizes: qdiffusion, ptq4dm) or fsc (per-step sets: tfmq, gac; only methods that calibrate on every step)."),
+    split_shortcuts: Optional[bool] = typer.Option(None, "--split-shortcuts/--no-split-shortcuts", help="Override the recipe's shortcut splitting (qdiffusion's): the up blocks' concatenated skip inputs get two separately quantized halves. Not with --act-mode fsc."),
     calib: Optional[Path] = typer.Option(None, help="Calibration set from `gacq calib`; collected if omitted."),
     save_calib: Optional[Path] = typer.Option(None, "--save-calib", help="Keep the collected calibration set in this folder (for `gacq diagnose` or other methods)."),
     calib_trajectories: Optional[int] = typer.Option(None, min=1, help="Trajectories when collecting calibration data [64; --quick 16]."),
@@ -319,7 +321,8 @@ def quantize(
                         meta_optimizer=gac_meta_optimizer,
                         val_fraction=gac_val_fraction, groups=gac_groups, seed=seed)
         cfg = QuantConfig(method=method, preset=preset, wbits=wbits, abits=None if abits == 32 else abits,
-                          weight_init=weight_init, skip=tuple(skip) if skip else None,
+                          weight_init=weight_init, skip=tuple(skip) if skip else None, act_mode=act_mode,
+                          split_shortcuts=split_shortcuts,
                           recon=ReconConfig(iters=iters, batch_size=recon_batch, lr=recon_lr, seed=seed),
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
                           recon_checkpoints=str(out) + ".recon-ckpt", gac=gac, bias_correction=bias_correction,

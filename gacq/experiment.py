@@ -32,6 +32,7 @@ A spec (every key but `[[grid]]` optional; defaults shown)::
               bias_correction = [false, true],  # optional: output bias correction (below)
               gaussian_draws = [1, 20]     # optional, ptq4dm only: calibration at equal data (below)
               w8_layers = {sc = ["up_blocks.3.resnets.*.conv_shortcut"]}  # optional: 8-bit weights (below)
+              recipe = {lsq = {act_mode = "lsq"}}  # optional: recipe overrides (below)
 
 `seeds` are sampling seeds (the noise of the 10k samples). `calib_seeds` repeat the whole
 quantization with another seed: the calibration trajectories and the reconstruction (minibatch
@@ -60,6 +61,12 @@ spec must quantize its activations (no W/A32 cells). It enters the settings dige
 Linear layers quantize their inputs per token, dynamically (`gacq quantize --act-granularity token`,
 `QuantConfig.act_granularity`; not part of any paper's method). Such cells and jobs get `_tok` in their id; they
 need quantized activations (no W/A32 bits in that grid).
+
+`recipe = {NAME = {act_mode = "lsq", split_shortcuts = true}, ...}` in a grid (optional) also makes cells whose
+recipe takes those overrides (`gacq quantize --act-mode / --split-shortcuts`, `QuantConfig.act_mode` /
+`split_shortcuts`): ablations across the methods' recipes, e.g. TFMQ-DM with Q-Diffusion's learned activation step
+sizes. Such cells and jobs get `_r<NAME>` in their id, and their report rows read `<method>+<NAME>`. NAME is letters
+and digits; one name means the same overrides in every grid of the spec.
 
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
@@ -114,7 +121,8 @@ _SECTIONS = {
 _OPTIONAL = {"quantize": {"smooth"}}
 _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws",
-              "act_granularity", "w8_layers"}
+              "act_granularity", "w8_layers", "recipe"}
+RECIPE_KEYS = {"act_mode": str, "split_shortcuts": bool}  # QuantConfig's recipe overrides a grid's `recipe` may set
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:
@@ -152,6 +160,7 @@ class Cell:
     draws: int = 1  # Gaussian timestep draws per calibration trajectory (PTQ4DM's selection; 1 = its own)
     gran: str = "tensor"  # the quantized Linear inputs' grids: "tensor" (calibrated) or "token" (dynamic)
     w8: tuple[str, tuple[str, ...]] | None = None  # (name, layer patterns) given 8-bit weights (w8_layers)
+    recipe: tuple[str, tuple[tuple[str, Any], ...]] | None = None  # (name, sorted overrides) of a grid's `recipe`
 
     @property
     def bits(self) -> str:
@@ -161,7 +170,8 @@ class Cell:
         return "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in self.gac) \
             + ("" if self.draws == 1 else f"_gd{self.draws}") \
             + ("" if self.cseed is None else f"_cs{self.cseed}") + ("_tok" if self.gran == "token" else "") \
-            + ("_bc" if self.bc else "") + (f"_w8{self.w8[0]}" if self.w8 else "")
+            + ("_bc" if self.bc else "") + (f"_w8{self.w8[0]}" if self.w8 else "") \
+            + (f"_r{self.recipe[0]}" if self.recipe else "")
 
     @property
     def id(self) -> str:
@@ -236,6 +246,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         raise GacqError(f"{path}: no [[grid]] tables; add e.g. [[grid]] methods = [\"fp\", \"gac\"] bits = [\"W4A8\"]")
     cells: dict[str, Cell] = {}
     w8_seen: dict[str, tuple[str, ...]] = {}
+    recipe_seen: dict[str, tuple] = {}
     for gi, g in enumerate(grids):
         where = f"{path} [[grid]] #{gi + 1}"
         bad = set(g) - _GRID_KEYS
@@ -287,8 +298,11 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         if w8s != [None] and (True in bcs or "fp" in methods or any(w == 8 for w, _ in bits)):
             raise GacqError(f"{where}: w8_layers gives chosen layers of a low-bit checkpoint 8-bit weights: not with "
                             "bias_correction, method fp or W8 bits in the same grid")
-        for m, (w, a), st, sd, gv, cs, bc, dr, gr, w8 in itertools.product(
-                methods, bits, steps, seeds, itertools.product(*gvals), cseeds, bcs, draws, grans, w8s):
+        recipes = _recipe_sets(g.get("recipe"), where, recipe_seen)
+        if recipes != [None] and "fp" in methods:
+            raise GacqError(f"{where}: recipe overrides a quantization recipe: not with method fp in the same grid")
+        for m, (w, a), st, sd, gv, cs, bc, dr, gr, w8, rc in itertools.product(
+                methods, bits, steps, seeds, itertools.product(*gvals), cseeds, bcs, draws, grans, w8s, recipes):
             if m == "fp":
                 c = Cell("fp", None, None, st, sd)
             else:
@@ -301,7 +315,14 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                 if gr == "token" and a is None:
                     raise GacqError(f"{where}: act_granularity 'token' quantizes activations per token; W{w}A32 "
                                     "cells keep them float: use bits like W8A8 in that grid")
-                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr, gr, w8)
+                if rc is not None:
+                    from .quant.api import QuantConfig
+
+                    try:  # the overrides' own checks (e.g. fsc needs every step), now rather than mid-run
+                        QuantConfig(method=m, preset=sections["quantize"]["preset"], wbits=w, abits=a, **dict(rc[1]))
+                    except GacqError as e:
+                        raise GacqError(f"{where}: recipe.{rc[0]} with method {m}: {e}") from None
+                c = Cell(m, w, a, st, sd, tuple(zip(gkeys, gv)), cs, bc, dr, gr, w8, rc)
             cells.setdefault(c.id, c)
     tf32 = raw.get("matmul_tf32", False)
     if not isinstance(tf32, bool):
@@ -349,6 +370,31 @@ def _w8_sets(raw, where: str, seen: dict[str, tuple[str, ...]]) -> list:
     return out
 
 
+def _recipe_sets(raw, where: str, seen: dict[str, tuple]) -> list:
+    """A grid's `recipe` table -> [(name, sorted overrides), ...] ([None] when absent); one name means the same
+    overrides in every grid of the spec (`seen`)."""
+    if raw is None:
+        return [None]
+    if not isinstance(raw, dict) or not raw:
+        raise GacqError(f"{where}: recipe must be a table of named override tables, e.g. "
+                        "recipe = {lsq = {act_mode = \"lsq\"}}")
+    out = []
+    for name, over in raw.items():
+        if not name.isascii() or not name.isalnum():
+            raise GacqError(f"{where}: recipe name {name!r} goes into cell ids: use letters and digits only")
+        if not isinstance(over, dict) or not over or set(over) - set(RECIPE_KEYS):
+            raise GacqError(f"{where}: recipe.{name} must be a non-empty table with keys among {sorted(RECIPE_KEYS)}")
+        for k, v in over.items():
+            if not isinstance(v, RECIPE_KEYS[k]):
+                raise GacqError(f"{where}: recipe.{name}.{k} must be a {RECIPE_KEYS[k].__name__}, not {v!r}")
+        items = tuple(sorted(over.items()))
+        if seen.setdefault(name, items) != items:
+            raise GacqError(f"{where}: recipe.{name} is {dict(items)}, another grid gave it {dict(seen[name])}: one "
+                            "name, one set of overrides")
+        out.append((name, items))
+    return out
+
+
 def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, int | None]:
     """(quantization job id, float_acts, the job's activation bits) of a cell; job None for FP.
 
@@ -359,7 +405,8 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
     if cell.abits is None:
         donors = sorted({c.abits for c in spec.cells if c.abits is not None and c.method == cell.method
                          and c.wbits == cell.wbits and c.steps == cell.steps and c.gac == cell.gac
-                         and c.cseed == cell.cseed and c.bc == cell.bc and c.gran == "tensor" and c.w8 == cell.w8})
+                         and c.cseed == cell.cseed and c.bc == cell.bc and c.gran == "tensor" and c.w8 == cell.w8
+                         and c.recipe == cell.recipe})
         if donors:
             return cell.quant_job(donors[-1]), True, donors[-1]
     return cell.quant_job(cell.abits), False, cell.abits
@@ -504,7 +551,8 @@ def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str)
                        calib=CalibDataConfig(n_trajectories=spec.calib["trajectories"], seed=calib_seed(spec, cell),
                                              n_steps=min(spec.calib["record_steps"], cell.steps), draws=cell.draws),
                        recon_checkpoints=str(spec.work / "q" / f"{job}.recon-ckpt"), bias_correction=cell.bc,
-                       smooth=q.get("smooth"), act_granularity=cell.gran, w8_layers=cell.w8[1] if cell.w8 else None)
+                       smooth=q.get("smooth"), act_granularity=cell.gran, w8_layers=cell.w8[1] if cell.w8 else None,
+                       **(dict(cell.recipe[1]) if cell.recipe else {}))
 
 
 def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) -> tuple[Path | None, bool]:
@@ -643,6 +691,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                  "calib_seed": None if cell.method == "fp" else calib_seed(spec, cell),
                  "bias_correction": cell.bc, "gaussian_draws": cell.draws, "act_granularity": cell.gran,
                  "w8_layers": {cell.w8[0]: list(cell.w8[1])} if cell.w8 else None,
+                 "recipe": {cell.recipe[0]: dict(cell.recipe[1])} if cell.recipe else None,
                  "recon_seed": None if cell.method == "fp" else recon_seed(spec, cell)},
         "metrics": metrics,
         "sample": {"n": smeta["shape"][0], "seed": cell.seed, "scheduler": smeta["scheduler"],

@@ -103,7 +103,8 @@ def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
         draws = cell.get("gaussian_draws", 1)
         method = cell["method"] + (f" ({draws} draws)" if draws != 1 else "") \
             + (TOK if cell.get("act_granularity") == "token" else "") + (BC if cell.get("bias_correction") else "") \
-            + "".join(W8 + name for name in (cell.get("w8_layers") or {}))
+            + "".join(W8 + name for name in (cell.get("w8_layers") or {})) \
+            + "".join("+" + name for name in (cell.get("recipe") or {}))
         key = (f"{fn['name']} ({fn['hash']})", setting, method, cell["bits"], cell["steps"], gac)
         g = groups.setdefault(key, {"metrics": defaultdict(list), "n": set(), "seeds": [], "cells": []})
         for k, _, _ in METRICS:

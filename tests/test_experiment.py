@@ -163,19 +163,21 @@ DRAWS_GRID = "[[grid]]\nmethods = ['ptq4dm']\nbits = ['W8A8']\ngaussian_draws = 
 BC_GRID = "[[grid]]\nmethods = ['tfmq']\nbits = ['W4A8']\nbias_correction = [false, true]\n"
 GRAN_GRID = '[[grid]]\nmethods = ["rtn"]\nbits = ["W8A8"]\nact_granularity = "token"\n'
 W8_GRID = '[[grid]]\nmethods = ["rtn"]\nbits = ["W4A8"]\nw8_layers = {sc = ["up_blocks.*.conv_shortcut"]}\n'
+RECIPE_GRID = '[[grid]]\nmethods = ["tfmq"]\nbits = ["W4A8", "W4A32"]\n' \
+              'recipe = {lsq = {act_mode = "lsq", split_shortcuts = true}}\n'
 EXTRA_CELLS = ["rtn_w4a8_cs1_steps5_seed0", "ptq4dm_w8a8_gd4_steps5_seed0", "tfmq_w4a8_bc_steps5_seed0",
-               "rtn_w8a8_tok_steps5_seed0", "rtn_w4a8_w8sc_steps5_seed0"]
+               "rtn_w8a8_tok_steps5_seed0", "rtn_w4a8_w8sc_steps5_seed0", "tfmq_w4a8_rlsq_steps5_seed0"]
 
 
 @pytest.fixture(scope="module")
 def extras(ran, tiny32):
-    """The cells of those five tests, run by one `gacq experiment run` of a spec with the five grids, into `ran`'s
+    """The cells of those six tests, run by one `gacq experiment run` of a spec with the six grids, into `ran`'s
     folders (a process per cell would spend most of its time importing torch and diffusers again)."""
     (ran / "extras.toml").write_text(SPEC.format(model=tiny32) + SEEDS_GRID + DRAWS_GRID + BC_GRID + GRAN_GRID
-                                     + W8_GRID)
+                                     + W8_GRID + RECIPE_GRID)
     r = gacq("experiment", "run", "extras.toml", "--cells", ",".join(EXTRA_CELLS), "--quiet", cwd=ran)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 of 5 cells done, running 5" in r.stdout
+    assert "0 of 6 cells done, running 6" in r.stdout
     return ran
 
 
@@ -660,6 +662,48 @@ def test_act_granularity_grid_key(tmp_path, tiny32, extras):
     assert cell["cell"]["act_granularity"] == "token"
     qc = json.loads((extras / "runs/experiments/t/q/rtn_w8a8_tok_steps5/quant_config.json").read_text())
     assert qc["config"]["act_granularity"] == "token" and qc["format_version"] == 4
+
+
+def test_recipe_grid_key_overrides_the_methods_recipe(extras, tiny32):
+    """`recipe` in a grid: cells and jobs `_r<name>` whose quantization takes the overrides (tfmq with learned
+    activation step sizes and split shortcuts: split layers, no per-step sets), a W/A32 cell sampling that job, a
+    report row `<method>+<name>`; bad tables refused when the spec loads."""
+    import gacq.experiment as ex
+    from gacq.models import load_model
+    from gacq.quant.wrap import quant_layers
+
+    ran = extras
+    (ran / "recipe.toml").write_text(SPEC.format(model=tiny32) + RECIPE_GRID)
+    s = load_spec(ran / "recipe.toml")
+    by = {c.id: c for c in s.cells}
+    cell = by["tfmq_w4a8_rlsq_steps5_seed0"]
+    assert cell.recipe == ("lsq", (("act_mode", "lsq"), ("split_shortcuts", True)))
+    assert quant_job_of(s, by["tfmq_w4a32_rlsq_steps5_seed0"]) == ("tfmq_w4a8_rlsq_steps5", True, 8)
+    assert quant_job_of(s, by["tfmq_w4a32_steps5_seed0"])[0] == "tfmq_w4a8_steps5"  # the plain job stays plain
+    cfg = ex._quant_config(s, cell, 8, "x")
+    assert (cfg.spec().act_mode, cfg.spec().split_shortcuts, cfg.spec().tib) == ("lsq", True, True)
+    got = json.loads((ran / "results/experiments/t/cells/tfmq_w4a8_rlsq_steps5_seed0.json").read_text())
+    assert got["cell"]["recipe"] == {"lsq": {"act_mode": "lsq", "split_shortcuts": True}}
+    assert got["quantize"]["config"]["recipe"]["act_mode"] == "lsq"
+    q = load_model(ran / "runs/experiments/t/q/tfmq_w4a8_rlsq_steps5")
+    plain = load_model(ran / "runs/experiments/t/q/tfmq_w4a8_steps5")
+    assert any(m.split for _, m in quant_layers(q.model)) and not any(m.split for _, m in quant_layers(plain.model))
+    assert q.step_hook is None and plain.step_hook is not None  # no per-step activation sets with lsq
+    r = here("report", "results/experiments/t", "--out", "recipe.md", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    assert any(ln.startswith("| tfmq+lsq | W4A8 |") for ln in (ran / "recipe.md").read_text().splitlines())
+    bad = {"methods = ['qdiffusion']\nrecipe = {f = {act_mode = 'fsc'}}": "needs calibration samples at every",
+           "methods = ['tfmq']\nrecipe = {s = {split_shortcuts = true}}": "does not support split layers",
+           "methods = ['tfmq']\nrecipe = {s = {split = true}}": "keys among",
+           "methods = ['tfmq']\nrecipe = {s = {split_shortcuts = 'yes'}}": "must be a bool",
+           "methods = ['fp', 'tfmq']\nrecipe = {l = {act_mode = 'lsq'}}": "not with method fp",
+           "methods = ['tfmq']\nrecipe = {'l-1' = {act_mode = 'lsq'}}": "letters and digits",
+           "methods = ['tfmq']\nrecipe = {l = {act_mode = 'lsq'}}\n[[grid]]\nmethods = ['gac']\n"
+           "recipe = {l = {act_mode = 'minmax'}}": "one name, one set of overrides"}
+    for text, msg in bad.items():
+        (ran / "bad.toml").write_text(SPEC.format(model=tiny32) + "[[grid]]\n" + text + "\n")
+        with pytest.raises(GacqError, match=msg):
+            load_spec(ran / "bad.toml")
 
 
 def load_spec_text(tmp_path, text):

@@ -40,6 +40,11 @@ class QuantConfig:
         abits: input-activation bits (2..8), per tensor; None keeps activations in float (W-only).
         weight_init, a_symmetric, skip: override the recipe (None keeps it). skip: fnmatch
             patterns of layer names kept in full precision.
+        act_mode, split_shortcuts: override the recipe's activation quantizer and shortcut splitting (None keeps
+            it), for ablations across recipes: act_mode 'minmax' (calibrated ranges), 'lsq' (learned step sizes,
+            Q-Diffusion's and PTQ4DM's) or 'fsc' (TFMQ-DM's per-step sets; methods that calibrate on every step
+            only); split_shortcuts gives the concatenated skip inputs of the up blocks two separately quantized
+            halves (Q-Diffusion's). Finite set calibration does not take split layers.
         calib: how calibration data are collected when none is given (selection None: the recipe's).
         calib_batch_size: samples per forward while observing activation ranges.
         recon: AdaRound settings of the weight stage (and of TFMQ-DM's temporal block).
@@ -71,6 +76,8 @@ class QuantConfig:
     weight_init: str | None = None
     a_symmetric: bool | None = None
     skip: tuple[str, ...] | None = None
+    act_mode: str | None = None
+    split_shortcuts: bool | None = None
     calib: CalibDataConfig = field(default_factory=lambda: CalibDataConfig(n_trajectories=64, n_steps=20))
     calib_batch_size: int = 64
     recon: ReconConfig = field(default_factory=ReconConfig)
@@ -113,6 +120,19 @@ class QuantConfig:
                                 "there is nothing to balance: drop --smooth or quantize the activations")
         if self.weight_init not in (None, "mse", "minmax"):
             raise GacqError(f"--weight-init must be 'mse' or 'minmax', not {self.weight_init!r}")
+        if self.act_mode not in (None, "minmax", "lsq", "fsc"):
+            raise GacqError(f"--act-mode must be 'minmax', 'lsq' or 'fsc', not {self.act_mode!r}")
+        if self.split_shortcuts not in (None, True, False):
+            raise GacqError(f"split_shortcuts must be true or false, not {self.split_shortcuts!r}")
+        s = self.spec()
+        if s.act_mode == "fsc" and s.calib_selection != "all":
+            raise GacqError(f"--act-mode fsc (TFMQ-DM's per-step activation sets) needs calibration samples at every "
+                            f"sampling step; method {self.method} calibrates on '{s.calib_selection}' timesteps: use "
+                            "--act-mode lsq or minmax, or method tfmq / gac")
+        if s.act_mode == "fsc" and s.split_shortcuts:
+            raise GacqError(f"method {self.method} with split shortcuts and --act-mode fsc: finite set calibration "
+                            "does not support split layers; use --act-mode lsq (or minmax) with --split-shortcuts, or "
+                            "--no-split-shortcuts")
 
     def needs_calibration(self) -> bool:
         """Any reconstruction or activation quantization needs calibration data."""
@@ -121,7 +141,8 @@ class QuantConfig:
 
     def spec(self) -> MethodSpec:
         return with_overrides(method_spec(self.method, self.preset), weight_init=self.weight_init,
-                              a_symmetric=self.a_symmetric, skip=self.skip)
+                              a_symmetric=self.a_symmetric, skip=self.skip, act_mode=self.act_mode,
+                              split_shortcuts=self.split_shortcuts)
 
     def calib_config(self) -> CalibDataConfig:
         """The calibration collection settings, with the recipe's timestep selection."""
@@ -146,6 +167,9 @@ class QuantConfig:
             d.pop("w8_layers")
         else:
             d["w8_layers"] = list(self.w8_layers)
+        for k in ("act_mode", "split_shortcuts"):  # absent unless given, likewise
+            if d[k] is None:
+                d.pop(k)
         d["recipe"] = self.spec().to_json()
         return d
 
@@ -492,6 +516,7 @@ def config_from_json(c: dict) -> QuantConfig:
         return QuantConfig(
             method=c["method"], preset=c["preset"], wbits=c["wbits"], abits=c["abits"],
             weight_init=c.get("weight_init"), a_symmetric=c.get("a_symmetric"),
+            act_mode=c.get("act_mode"), split_shortcuts=c.get("split_shortcuts"),
             skip=None if c.get("skip") is None else tuple(c["skip"]),
             calib=CalibDataConfig(**c["calib"]), calib_batch_size=c.get("calib_batch_size", 64),
             recon=ReconConfig(**c["recon"]), act_recon=ActReconConfig(**c["act_recon"]),

@@ -215,6 +215,54 @@ def test_faithful_presets_save_and_load_bit_exact(fp, method, calib_all, tmp_pat
             assert torch.equal(q(x, t).sample, back.model(x, t).sample)
 
 
+def test_recipe_overrides_change_only_what_they_name(fp, calib_all, tmp_path):
+    """QuantConfig.act_mode / split_shortcuts: tfmq with learned step sizes has the same weights as tfmq with
+    min-max ranges (the act stage comes after the weights) and other activation grids, no per-step sets; with split
+    shortcuts it has split layers and survives a checkpoint; impossible pairs are refused; the JSON round trip keeps
+    the overrides and leaves them out when unset."""
+    from gacq.models import load_model
+    from gacq.quant.api import config_from_json
+    from gacq.quant.checkpoint import save_quantized
+
+    kw = dict(wbits=4, abits=8, recon=ReconConfig(iters=4, batch_size=8), act_recon=ActReconConfig(iters=5, batch_size=8),
+              calib=CalibDataConfig(n_trajectories=8, n_steps=3))
+    base = method_spec("tfmq", "common")
+    cfg = QuantConfig(method="tfmq", act_mode="lsq", split_shortcuts=True, **kw)
+    assert cfg.spec() == method_spec("tfmq", "common").__class__(**{**base.__dict__, "act_mode": "lsq",
+                                                                     "split_shortcuts": True})
+    assert config_from_json(cfg.to_json()) == cfg
+    plain = QuantConfig(method="tfmq", **kw).to_json()
+    assert "act_mode" not in plain and "split_shortcuts" not in plain  # earlier resume fingerprints stay valid
+    assert not QuantConfig(method="qdiffusion", split_shortcuts=False).spec().split_shortcuts
+    with pytest.raises(GacqError, match="needs calibration samples at every"):
+        QuantConfig(method="qdiffusion", act_mode="fsc")
+    with pytest.raises(GacqError, match="does not support split layers"):
+        QuantConfig(method="tfmq", split_shortcuts=True)
+    with pytest.raises(GacqError, match="--act-mode must be"):
+        QuantConfig(method="tfmq", act_mode="ema")
+
+    lsq = quantize(LoadedModel(fp), QuantConfig(method="tfmq", act_mode="lsq", **kw), calib_all)
+    mm = quantize(LoadedModel(fp), QuantConfig(method="tfmq", act_mode="minmax", **kw), calib_all)
+    assert not hasattr(lsq, "gacq_fsc") and not hasattr(mm, "gacq_fsc")
+    la, lb = dict(quant_layers(lsq)), dict(quant_layers(mm))
+    assert la.keys() == lb.keys()
+    assert all(torch.equal(la[n].integer_weight(), lb[n].integer_weight()) for n in la)
+    scales = [(la[n].act_quantizer.scale, lb[n].act_quantizer.scale) for n in la if la[n].act_quantizer is not None]
+    assert scales and any(not torch.equal(a, b) for a, b in scales)  # the learned step sizes moved
+
+    q = quantize(LoadedModel(fp), cfg, calib_all)
+    assert any(m.split for _, m in quant_layers(q))
+    # GAC's meta-step learns through a split layer's one rounding variable over both halves
+    g = quantize(LoadedModel(fp), QuantConfig(method="gac", act_mode="lsq", split_shortcuts=True,
+                                              gac=GACConfig(meta_iters=2, groups=2), **kw), calib_all)
+    assert any(m.split for _, m in quant_layers(g)) and not hasattr(g, "gacq_fsc")
+    save_quantized(q, tmp_path / "q", {"method": "tfmq"}, dict(fp.config), {})
+    back = load_model(tmp_path / "q")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.equal(q(x, t).sample, back.model(x, t).sample)
+
+
 def test_gac_with_zero_meta_iterations_is_tfmq(fp, calib_all):
     kw = dict(wbits=4, abits=8, recon=ReconConfig(iters=5, batch_size=8), calib=CalibDataConfig(n_trajectories=8, n_steps=3))
     a = quantize(LoadedModel(fp), QuantConfig(method="tfmq", **kw), calib_all)
