@@ -349,50 +349,50 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                           **sections)
 
 
-def _w8_sets(raw, where: str, seen: dict[str, tuple[str, ...]]) -> list:
-    """A grid's `w8_layers` table -> [(name, patterns), ...] ([None] when absent); a name means the same patterns in
-    every grid of the spec (`seen`)."""
+def _named_tables(raw, where: str, seen: dict[str, Any], key: str, example: str, entry, what: str) -> list:
+    """A grid's table of named entries (`w8_layers`, `recipe`) -> [(name, entry(name, value)), ...] ([None] when
+    absent). The names go into cell ids; one name means the same entry in every grid of the spec (`seen`). `entry`
+    checks one value and returns its canonical form; `what` names such a value in errors."""
     if raw is None:
         return [None]
     if not isinstance(raw, dict) or not raw:
-        raise GacqError(f"{where}: w8_layers must be a table of named layer-pattern lists, e.g. "
-                        "w8_layers = {sc = [\"up_blocks.3.resnets.*.conv_shortcut\"]}")
+        raise GacqError(f"{where}: {key} must be a table of named {example}")
     out = []
-    for name, pats in raw.items():
+    for name, value in raw.items():
         if not name.isascii() or not name.isalnum():
-            raise GacqError(f"{where}: w8_layers name {name!r} goes into cell ids: use letters and digits only")
-        if not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats):
-            raise GacqError(f"{where}: w8_layers.{name} must be a non-empty list of layer-name patterns")
-        if seen.setdefault(name, tuple(pats)) != tuple(pats):
-            raise GacqError(f"{where}: w8_layers.{name} is {pats}, another grid gave it {list(seen[name])}: one name, "
-                            "one pattern list")
-        out.append((name, tuple(pats)))
+            raise GacqError(f"{where}: {key} name {name!r} goes into cell ids: use letters and digits only")
+        value = entry(name, value)
+        if seen.setdefault(name, value) != value:
+            raise GacqError(f"{where}: {key}.{name} differs from what another grid gave it ({seen[name]!r}): one "
+                            f"name, one {what}")
+        out.append((name, value))
     return out
 
 
+def _w8_sets(raw, where: str, seen: dict[str, tuple[str, ...]]) -> list:
+    """A grid's `w8_layers` table -> [(name, patterns), ...] ([None] when absent)."""
+    def entry(name, pats):
+        if not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats):
+            raise GacqError(f"{where}: w8_layers.{name} must be a non-empty list of layer-name patterns")
+        return tuple(pats)
+
+    return _named_tables(raw, where, seen, "w8_layers", "layer-pattern lists, e.g. "
+                         "w8_layers = {sc = [\"up_blocks.3.resnets.*.conv_shortcut\"]}", entry,
+                         "pattern list")
+
+
 def _recipe_sets(raw, where: str, seen: dict[str, tuple]) -> list:
-    """A grid's `recipe` table -> [(name, sorted overrides), ...] ([None] when absent); one name means the same
-    overrides in every grid of the spec (`seen`)."""
-    if raw is None:
-        return [None]
-    if not isinstance(raw, dict) or not raw:
-        raise GacqError(f"{where}: recipe must be a table of named override tables, e.g. "
-                        "recipe = {lsq = {act_mode = \"lsq\"}}")
-    out = []
-    for name, over in raw.items():
-        if not name.isascii() or not name.isalnum():
-            raise GacqError(f"{where}: recipe name {name!r} goes into cell ids: use letters and digits only")
+    """A grid's `recipe` table -> [(name, sorted overrides), ...] ([None] when absent)."""
+    def entry(name, over):
         if not isinstance(over, dict) or not over or set(over) - set(RECIPE_KEYS):
             raise GacqError(f"{where}: recipe.{name} must be a non-empty table with keys among {sorted(RECIPE_KEYS)}")
         for k, v in over.items():
             if not isinstance(v, RECIPE_KEYS[k]):
                 raise GacqError(f"{where}: recipe.{name}.{k} must be a {RECIPE_KEYS[k].__name__}, not {v!r}")
-        items = tuple(sorted(over.items()))
-        if seen.setdefault(name, items) != items:
-            raise GacqError(f"{where}: recipe.{name} is {dict(items)}, another grid gave it {dict(seen[name])}: one "
-                            "name, one set of overrides")
-        out.append((name, items))
-    return out
+        return tuple(sorted(over.items()))
+
+    return _named_tables(raw, where, seen, "recipe", "override tables, e.g. recipe = {lsq = {act_mode = \"lsq\"}}",
+                         entry, "set of overrides")
 
 
 def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, int | None]:

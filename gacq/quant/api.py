@@ -94,7 +94,7 @@ class QuantConfig:
     w8_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        self.spec()  # validates method and preset
+        s = self.spec()  # validates method and preset
         if self.w8_layers is not None:
             if isinstance(self.w8_layers, str) or not self.w8_layers \
                     or not all(isinstance(p, str) and p for p in self.w8_layers):
@@ -124,7 +124,6 @@ class QuantConfig:
             raise GacqError(f"--act-mode must be 'minmax', 'lsq' or 'fsc', not {self.act_mode!r}")
         if self.split_shortcuts not in (None, True, False):
             raise GacqError(f"split_shortcuts must be true or false, not {self.split_shortcuts!r}")
-        s = self.spec()
         if s.act_mode == "fsc" and s.calib_selection != "all":
             raise GacqError(f"--act-mode fsc (TFMQ-DM's per-step activation sets) needs calibration samples at every "
                             f"sampling step; method {self.method} calibrates on '{s.calib_selection}' timesteps: use "
