@@ -122,7 +122,8 @@ _OPTIONAL = {"quantize": {"smooth"}}
 _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws",
               "act_granularity", "w8_layers", "recipe"}
-RECIPE_KEYS = {"act_mode": str, "split_shortcuts": bool}  # QuantConfig's recipe overrides a grid's `recipe` may set
+# QuantConfig's recipe overrides a grid's `recipe` may set (fmt: the number format, e.g. recipe = {fp8 = {fmt = "fp8"}})
+RECIPE_KEYS = {"act_mode": str, "split_shortcuts": bool, "fmt": str}
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:

@@ -27,6 +27,7 @@ from ..errors import GacqError
 from ..quant.modules import QuantLayer
 from ..quant.wrap import quant_layers
 from .base import ExportedLayer, dense_fallback
+from .fp8 import fp8_unsupported, to_fp8
 from .int8 import int8_unsupported, to_int8, to_w4a8, w4a8_unsupported
 from .w4a16 import to_w4a16, w4a16_unsupported, weight_bits
 
@@ -137,6 +138,37 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+def _refuse_fp8(wbits: int, abits: int | None) -> str | None:
+    if wbits != 8 or abits not in (8, None):
+        return f"the fp8 backend runs FP8 E4M3 weights and inputs; this model is W{wbits}A{abits or 32}"
+    return None
+
+
+BACKENDS["fp8"] = Backend(
+    "fp8", "FP8 E4M3 weights x FP8 E4M3 activations (checkpoints from `gacq quantize --format fp8`), one "
+    "torch._scaled_mm per layer with float32 accumulation; convs as im2col + that GEMM; float-input layers keep FP8 "
+    "weights and dequantize them",
+    fp8_unsupported, to_fp8, _refuse_fp8,
+    sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
+    tolerance_note=(
+        "The codes are the fake quantizer's bit for bit; only float rounding differs (fake quant rounds each "
+        "dequantized value to float32 before its GEMM, the fp8 layer rounds the sum and then the scales), so per layer "
+        "a few float32 ulps of sa sw sum|x||w|. Whole model: as int8, such differences can move an input at a rounding "
+        "boundary of a later quantizer by one FP8 step (2^-3 of its value at most). Same acceptance as int8."),
+)
+
+
+def _check_formats(layers: list[tuple[str, QuantLayer]], backend: str) -> None:
+    """The fp8 backend takes fp8 checkpoints only, the integer backends integer ones."""
+    fmts = {getattr(m, "fmt", "int") for _, m in layers}
+    if backend == "fp8" and "fp8" not in fmts:
+        raise GacqError("the fp8 backend runs checkpoints quantized with `gacq quantize --format fp8`; this one has "
+                        "integer grids: use --backend int8, w4a8 or w4a16")
+    if backend != "fp8" and "fp8" in fmts:
+        raise GacqError(f"this checkpoint is FP8 E4M3 (`--format fp8`); the {backend} backend runs integer grids: use "
+                        "--backend fp8")
+
+
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise GacqError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
@@ -201,7 +233,7 @@ def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Mo
     Args:
         model: a fake-quant model (from `load_quantized` or `gacq.quant.quantize`); deep-copy it first
             to keep the fake-quant one.
-        backend: a name in `BACKENDS` ('int8', 'w4a8', 'w4a16').
+        backend: a name in `BACKENDS` ('int8', 'w4a8', 'w4a16', 'fp8').
         strict: refuse (GacqError) instead of falling back to the dense path for some layers.
 
     Returns:
@@ -217,6 +249,7 @@ def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Mo
     if not layers:
         raise GacqError("the model has no quantized layers (QuantConv2d / QuantLinear); export a checkpoint "
                         "written by `gacq quantize`")
+    _check_formats(layers, backend)
     why = b.refuse(*model_bits(layers))
     if why:
         raise GacqError(why)

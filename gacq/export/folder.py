@@ -135,7 +135,7 @@ def export(qdir: str | Path, backend: str, out: str | Path, device: torch.device
 
     Args:
         qdir: a folder written by `gacq quantize`.
-        backend: 'int8' or 'w4a16' (see `BACKENDS`).
+        backend: 'int8', 'w4a8', 'w4a16' or 'fp8' (see `BACKENDS`).
         out: the exported folder (QDIR's files + export.json); must not be QDIR or inside it.
         device: where the check runs.
         strict: refuse layers the backend cannot run instead of leaving them on the dense path.

@@ -67,6 +67,11 @@ class QuantConfig:
         w8_layers: fnmatch patterns of quantized layers whose weights take 8 bits instead of `wbits` (mixed
             precision; their inputs keep `abits`). Each pattern must match at least one quantized layer. None: off.
             Not part of any paper's method. `w8_checkpoint` applies it to a finished checkpoint instead.
+        fmt: the number format of every quantized weight and input: 'int' (uniform integer grids, the papers') or
+            'fp8' (FP8 E4M3, the 8-bit float of Hopper's and Ada's tensor cores: per-output-channel weight scales
+            max|W| / 448 or MSE-searched, per-tensor input scales max|x| / 448 from the calibration data). fp8 takes
+            8-bit weights and 8-bit (or float) inputs and recipes without learned rounding (rtn, ptq4dm's faithful
+            preset). Not part of any paper's method.
     """
 
     method: str = "rtn"
@@ -92,9 +97,11 @@ class QuantConfig:
     smooth_samples: int = 256
     act_granularity: str = "tensor"
     w8_layers: tuple[str, ...] | None = None
+    fmt: str = "int"
 
     def __post_init__(self) -> None:
         s = self.spec()  # validates method and preset
+        self._check_format(s)
         if self.w8_layers is not None:
             if isinstance(self.w8_layers, str) or not self.w8_layers \
                     or not all(isinstance(p, str) and p for p in self.w8_layers):
@@ -133,6 +140,22 @@ class QuantConfig:
                             "does not support split layers; use --act-mode lsq (or minmax) with --split-shortcuts, or "
                             "--no-split-shortcuts")
 
+    def _check_format(self, s: MethodSpec) -> None:
+        from .primitives import FORMATS
+
+        if self.fmt not in FORMATS:
+            raise GacqError(f"--format must be {' or '.join(FORMATS)}, not {self.fmt!r}")
+        if self.fmt != "fp8":
+            return
+        if self.wbits != 8 or self.abits not in (8, None):
+            raise GacqError(f"--format fp8 quantizes to FP8 E4M3, an 8-bit format: use --wbits 8 and --abits 8 (or "
+                            f"32), not W{self.wbits}A{self.abits or 32}")
+        if s.weight_recon or s.tib:
+            raise GacqError(f"--format fp8 rounds weights to nearest; method {self.method} ({self.preset}) learns "
+                            "roundings on an integer grid (AdaRound): use --method rtn, or --format int")
+        if self.act_granularity != "tensor":
+            raise GacqError("--format fp8 has per-tensor input scales only: drop --act-granularity token")
+
     def needs_calibration(self) -> bool:
         """Any reconstruction or activation quantization needs calibration data."""
         s = self.spec()
@@ -169,6 +192,8 @@ class QuantConfig:
         for k in ("act_mode", "split_shortcuts"):  # absent unless given, likewise
             if d[k] is None:
                 d.pop(k)
+        if self.fmt == "int":  # absent at the default, likewise
+            d.pop("fmt")
         d["recipe"] = self.spec().to_json()
         return d
 
@@ -235,12 +260,12 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     w8 = _w8_names([n for n, m in model.named_modules() if type(m) in QUANT_CLASSES and not skip(n, m)],
                    config.w8_layers)
     wrap_layers(model, config.wbits, abits, skip=lambda n, m: skip(n, m) or n in w8, a_symmetric=spec.a_symmetric,
-                dynamic=dynamic)
+                dynamic=dynamic, fmt=config.fmt)
     if w8:
         wrap_layers(model, 8, abits, skip=lambda n, m: n not in w8, a_symmetric=spec.a_symmetric, dynamic=dynamic)
     if eight:
         wrap_layers(model, 8, 8 if abits is not None else None, skip=lambda n, m: not _match(n, eight),
-                    a_symmetric=spec.a_symmetric, dynamic=dynamic)
+                    a_symmetric=spec.a_symmetric, dynamic=dynamic, fmt=config.fmt)
     float_inputs = float_input_layers(model, spec.act_skip_fn)
     for name, m in quant_layers(model):
         if name in float_inputs:
@@ -524,7 +549,7 @@ def config_from_json(c: dict) -> QuantConfig:
             bias_correction=c.get("bias_correction", False), smooth=c.get("smooth"),
             smooth_layers=None if c.get("smooth_layers") is None else tuple(c["smooth_layers"]),
             smooth_samples=c.get("smooth_samples", 256), act_granularity=c.get("act_granularity", "tensor"),
-            w8_layers=None if c.get("w8_layers") is None else tuple(c["w8_layers"]))
+            w8_layers=None if c.get("w8_layers") is None else tuple(c["w8_layers"]), fmt=c.get("fmt", "int"))
     except (KeyError, TypeError) as e:
         raise GacqError(f"a quantization config this gacq cannot read ({type(e).__name__}: {e}); the checkpoint "
                         "comes from another gacq version: quantize again") from e

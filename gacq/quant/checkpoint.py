@@ -3,7 +3,8 @@
 Layout of QDIR:
     quant_config.json     method, bits, options, versions, and one entry per quantized layer
     model_config.json     the base model's diffusers config and its noise schedule
-    quantized.safetensors per layer: qweight (uint8; two 4-bit values per byte when bits <= 4),
+    quantized.safetensors per layer: qweight (uint8; two 4-bit values per byte when bits <= 4; an fp8 layer's
+                          FP8 E4M3 values of W / scale, float8_e4m3fn, in the weight's shape),
                           scale, zero_point, and the input quantizer's act_scale / act_zero_point
     float.safetensors     everything kept in floating point (norms, biases, unquantized layers)
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import GacqError
 from ..utils import atomic_dir
+from .primitives import FP8_DTYPE
 from .wrap import quant_layers, wrap_layers
 
 FORMAT_VERSION = 2
@@ -34,7 +36,9 @@ SMOOTH_FORMAT_VERSION = 3
 # 4 = 3 plus dynamic per-token input quantization (per layer "a_dynamic": true, no act_scale / act_zero_point);
 # written only when a layer has it.
 DYNAMIC_FORMAT_VERSION = 4
-READABLE_FORMATS = (1, 2, 3, 4)
+# 5 = 4 plus FP8 E4M3 layers (per layer "fmt": "fp8", qweight float8_e4m3fn); written only when a layer has it.
+FP8_FORMAT_VERSION = 5
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 
 
 def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -67,12 +71,17 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
     for name, m in quant_layers(model):
         q = m.weight_quantizer
         ints = m.integer_weight().detach().cpu()  # a split layer: on both halves' combined grid
-        tensors[f"{name}.qweight"] = pack_int(ints, q.bits)
+        if q.fmt == "fp8":  # FP8 values in units of the scale, stored as themselves (1 byte each)
+            tensors[f"{name}.qweight"] = ints.float().to(FP8_DTYPE).contiguous()
+        else:
+            tensors[f"{name}.qweight"] = pack_int(ints, q.bits)
         tensors[f"{name}.scale"] = q.scale.detach().cpu().float()
         tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().float()
         entry = {"type": type(m).__name__, "wbits": q.bits, "shape": list(m.weight.shape),
                  "abits": m.abits if m.act_quantizer is not None else None,
                  "a_symmetric": bool(m.act_quantizer.symmetric) if m.act_quantizer is not None else None}
+        if q.fmt != "int":
+            entry["fmt"] = q.fmt
         if m.a_dynamic:
             entry["a_dynamic"] = True  # the grid is computed per token at run time: nothing stored
         elif m.act_quantizer is not None:
@@ -102,7 +111,9 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
         floats[k] = v.detach().cpu().contiguous()
     smoothed = any(e.get("smooth") for e in layers.values())
     dynamic = any(e.get("a_dynamic") for e in layers.values())
-    version = DYNAMIC_FORMAT_VERSION if dynamic else SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION
+    fp8 = any(e.get("fmt") == "fp8" for e in layers.values())
+    version = FP8_FORMAT_VERSION if fp8 else DYNAMIC_FORMAT_VERSION if dynamic else \
+        SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION
     meta = {"format_version": version,
             "diffusers": diffusers.__version__, "torch": torch.__version__, **config, "layers": layers}
     from .attention import attention_quantizers
@@ -184,12 +195,13 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
     layers = meta["layers"]
     groups: dict[tuple, set[str]] = {}
     for n, e in layers.items():  # layers may differ in bits (W8A8 first/last) or keep float inputs
-        groups.setdefault((e["wbits"], e["abits"], bool(e["a_symmetric"]), bool(e.get("a_dynamic"))), set()).add(n)
+        key = (e["wbits"], e["abits"], bool(e["a_symmetric"]), bool(e.get("a_dynamic")), e.get("fmt", "int"))
+        groups.setdefault(key, set()).add(n)
     wrapped = []
     try:
-        for (wb, ab, sym, dyn), names in groups.items():
+        for (wb, ab, sym, dyn, fmt), names in groups.items():
             wrapped += wrap_layers(model, wb, ab, skip=lambda n, m, names=names: n not in names, a_symmetric=sym,
-                                   dynamic=dyn)
+                                   dynamic=dyn, fmt=fmt)
     except GacqError as e:
         raise GacqError(f"{folder}: the quantized layers do not match the model architecture ({e})") from e
     if sorted(wrapped) != sorted(layers):
@@ -210,9 +222,16 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
                             f"the model has {list(m.weight.shape)}/{m.weight_quantizer.bits}")
         q = m.weight_quantizer
         scale, zp = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
-        ints = unpack_int(tensors[f"{name}.qweight"], q.bits, math.prod(entry["shape"])).view(entry["shape"])
-        if ints.max() > q.qmax or ints.min() < q.qmin:
-            raise GacqError(f"{folder}: layer {name} holds integers outside its {q.bits}-bit range")
+        if q.fmt == "fp8":
+            ints = tensors[f"{name}.qweight"]
+            if ints.dtype != FP8_DTYPE or list(ints.shape) != entry["shape"] or not torch.isfinite(ints.float()).all():
+                raise GacqError(f"{folder}: layer {name} is marked fp8 but its weight is not a finite float8_e4m3fn "
+                                f"tensor of shape {entry['shape']}; the checkpoint is corrupt: quantize again")
+            ints = ints.float()
+        else:
+            ints = unpack_int(tensors[f"{name}.qweight"], q.bits, math.prod(entry["shape"])).view(entry["shape"])
+            if ints.max() > q.qmax or ints.min() < q.qmin:
+                raise GacqError(f"{folder}: layer {name} holds integers outside its {q.bits}-bit range")
         if entry.get("split"):
             m.set_split(entry["split"])
             m.weight_quantizer_0._set(tensors[f"{name}.scale_0"], tensors[f"{name}.zero_point_0"])

@@ -140,7 +140,7 @@ def finite_set_calibration(model: nn.Module, x: torch.Tensor, t: torch.Tensor, s
                     raise GacqError(f"no calibration sample of step {k} reached layer {n}")
                 q = m.act_quantizer
                 lo_, hi_ = torch.clamp(ema[n][0], max=0.0), torch.clamp(ema[n][1], min=0.0)
-                s, z = qparams_from_range(lo_.cpu(), hi_.cpu(), q.bits, q.symmetric)
+                s, z = qparams_from_range(lo_.cpu(), hi_.cpu(), q.bits, q.symmetric, q.fmt)
                 scales[n][k], zps[n][k] = s.reshape(()), z.reshape(())
     finally:
         for h in handles:

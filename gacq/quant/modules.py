@@ -47,7 +47,7 @@ class QuantLayer(SplitInputs, nn.Module):
     in_axis = 1  # channel axis of the layer's input (Linear: -1)
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: int, abits: int | None,
-                 a_symmetric: bool = False, a_dynamic: bool = False):
+                 a_symmetric: bool = False, a_dynamic: bool = False, fmt: str = "int"):
         super().__init__()
         if a_dynamic and self.in_axis != -1:
             raise GacqError(f"dynamic per-token input quantization is for Linear layers, not {type(layer).__name__} "
@@ -55,7 +55,9 @@ class QuantLayer(SplitInputs, nn.Module):
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.wbits, self.abits = wbits, abits
-        self.weight_quantizer = UniformQuantizer(wbits, symmetric=False, channel_axis=0, shape=tuple(self.weight.shape))
+        self.fmt = fmt  # the number format of weights and inputs (`primitives.FORMATS`): "int" or "fp8"
+        self.weight_quantizer = UniformQuantizer(wbits, symmetric=False, channel_axis=0, shape=tuple(self.weight.shape),
+                                                 fmt=fmt)
         self.act_quantizer = self._new_act_quantizer(abits, a_symmetric, a_dynamic) if abits is not None else None
         self.adaround: AdaRoundQuantizer | None = None
         self.w_quant = True
@@ -70,12 +72,11 @@ class QuantLayer(SplitInputs, nn.Module):
         # before quantizing it. None: no smoothing (and no state-dict entry).
         self.register_buffer("smooth", None)
 
-    @staticmethod
-    def _new_act_quantizer(abits: int, symmetric: bool, dynamic: bool) -> UniformQuantizer:
+    def _new_act_quantizer(self, abits: int, symmetric: bool, dynamic: bool) -> UniformQuantizer:
         """Static per-tensor with a learnable step size, or (dynamic) one grid per token, computed per call."""
         if dynamic:
-            return UniformQuantizer(abits, symmetric=symmetric, dynamic_axis=-1)
-        return UniformQuantizer(abits, symmetric=symmetric, learn_scale=True)
+            return UniformQuantizer(abits, symmetric=symmetric, dynamic_axis=-1, fmt=self.fmt)
+        return UniformQuantizer(abits, symmetric=symmetric, learn_scale=True, fmt=self.fmt)
 
     @property
     def a_dynamic(self) -> bool:
@@ -107,7 +108,7 @@ class QuantLayer(SplitInputs, nn.Module):
         # the whole weight (or the whole input), so it is void.
         self.weight_quantizer.mark_initialized(False)
         self.weight_quantizer_0 = UniformQuantizer(self.wbits, symmetric=False, channel_axis=0,
-                                                   shape=tuple(self.weight[:, k:].shape))
+                                                   shape=tuple(self.weight[:, k:].shape), fmt=self.fmt)
         if self.act_quantizer is not None:
             if not self.a_dynamic:  # a dynamic grid has nothing to calibrate: it stays initialised
                 self.act_quantizer.mark_initialized(False)
@@ -186,6 +187,9 @@ class QuantLayer(SplitInputs, nn.Module):
         (block_recon.py L221-224), and from [TF], which weights the two halves' sums by their
         channel fractions, (k * sum_0 + (I - k) * sum_1) / I (reconstruction_util.py L76-83).
         """
+        if self.fmt != "int":
+            raise GacqError(f"AdaRound learns roundings on a uniform integer grid; this layer's weights are {self.fmt} "
+                            "and are rounded to nearest (use a method without weight reconstruction, e.g. --method rtn)")
         if not self.split:
             base = self.weight_quantizer
         else:
@@ -199,12 +203,12 @@ class QuantLayer(SplitInputs, nn.Module):
         return self.adaround
 
     def integer_weight(self) -> torch.Tensor:
-        """The weight's integers on its grid (hard AdaRound when enabled, else round-to-nearest)."""
+        """The weight's integers on its grid (hard AdaRound when enabled, else round-to-nearest); for fp8 weights
+        their FP8 E4M3 values in units of the scale (`UniformQuantizer.codes`), as floats."""
         if self.adaround is not None:
             return self.adaround.integer_weight()
         scale, zp = self.weight_qparams()
-        q = self.weight_quantizer
-        return torch.clamp(torch.round(self.weight / scale) + zp, q.qmin, q.qmax)
+        return self.weight_quantizer.codes(self.weight, scale, zp)
 
     def quantized_weight(self) -> torch.Tensor:
         if self.frozen_weight is not None:
@@ -236,15 +240,15 @@ class QuantLayer(SplitInputs, nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        parts = ([f"split={self.split}"] if self.split else []) + (["smoothed"] if self.smooth is not None else []) \
+        parts = (["fp8"] if self.fmt == "fp8" else []) + ([f"split={self.split}"] if self.split else []) + (["smoothed"] if self.smooth is not None else []) \
             + (["dynamic per-token inputs"] if self.a_dynamic else [])
         return ", ".join(parts)
 
 
 class QuantConv2d(QuantLayer):
     def __init__(self, layer: nn.Conv2d, wbits: int, abits: int | None, a_symmetric: bool = False,
-                 a_dynamic: bool = False):
-        super().__init__(layer, wbits, abits, a_symmetric, a_dynamic)
+                 a_dynamic: bool = False, fmt: str = "int"):
+        super().__init__(layer, wbits, abits, a_symmetric, a_dynamic, fmt)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding mode {layer.padding_mode!r} is not supported")
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups

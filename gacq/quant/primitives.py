@@ -19,6 +19,15 @@ from ..errors import GacqError
 
 MIN_SCALE = 1e-8  # floor for the step size of constant channels (max == min)
 
+# Number formats of a quantizer's grid. "int": the uniform integer grid above. "fp8": FP8 E4M3 (torch.float8_e4m3fn,
+# the format of Hopper's and Ada's FP8 tensor cores): x_hat = fp8(clamp(x / scale, -448, 448)) * scale, with fp8()
+# torch's round-to-nearest-even cast; symmetric, zero point 0, scale = max|x| / 448 (per tensor or per channel). Its
+# grid is not uniform (3 mantissa bits: steps of 2^(e-3) in [2^e, 2^(e+1))), so learned rounding (AdaRound) does not
+# apply; only 8-bit weights and activations use it.
+FORMATS = ("int", "fp8")
+FP8_MAX = 448.0  # the largest finite E4M3FN value
+FP8_DTYPE = torch.float8_e4m3fn
+
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """Integer range of a `bits`-bit quantizer."""
@@ -91,6 +100,32 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (x_int - zp) * scale
 
 
+def fp8_round(v: torch.Tensor) -> torch.Tensor:
+    """v clamped to [-448, 448] and rounded to the nearest FP8 E4M3 value (ties to even), in v's dtype."""
+    return v.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(v.dtype)
+
+
+def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8(clamp(x / scale, -448, 448)) * scale: FP8 E4M3 quantize and dequantize.
+
+    Gradients as `fake_quantize`'s: w.r.t. x, 1 inside the clamp range and 0 outside (STE through the rounding); w.r.t.
+    scale, the plain STE gradient (learned step sizes work on this grid too).
+    """
+    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
+        return fp8_round(x / scale) * scale
+    v = x / scale
+    inside = (v.abs() <= FP8_MAX).to(v.dtype)
+    q = fp8_round(v.detach()) + (v - v.detach()) * inside
+    return q * scale
+
+
+def check_format(fmt: str, bits: int) -> None:
+    if fmt not in FORMATS:
+        raise GacqError(f"unknown number format {fmt!r}; choose {' or '.join(FORMATS)}")
+    if fmt == "fp8" and bits != 8:
+        raise GacqError(f"the fp8 format has 8 bits, not {bits}: use 8-bit weights and activations with it")
+
+
 def _reduce_dims(x: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
     if channel_axis is None:
         return tuple(range(x.ndim))
@@ -103,13 +138,19 @@ def _amin_amax(x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor,
     return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
 
 
-def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point that map [lo, hi] onto the integer grid.
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                       fmt: str = "int") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map [lo, hi] onto the integer grid (fmt "fp8": onto FP8 E4M3's [-448, 448],
+    scale = max(|lo|, |hi|) / 448, zero point 0, whatever `symmetric` says).
 
     Asymmetric: the range is widened to include 0 (so 0 is exactly representable, as padding and
     ReLU/SiLU outputs need), scale = (hi - lo) / (2^b - 1), zero_point = round(-lo / scale).
     Symmetric: scale = max(|lo|, |hi|) / (2^(b-1) - 1), zero_point = 0.
     """
+    if fmt == "fp8":
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        scale = (absmax / lo.new_tensor(FP8_MAX)).clamp_min(MIN_SCALE)
+        return scale, torch.zeros_like(scale)
     qmin, qmax = qrange(bits, symmetric)
     # divisors as tensors on lo's device, not Python numbers: CUDA torch computes `t / number` as t * (1 / number),
     # which can be 1 ulp off the IEEE quotient that the CPU (and the int8 backend's Triton kernels) compute, and a
@@ -125,33 +166,35 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
 
 
 def choose_qparams_minmax(x: torch.Tensor, bits: int, symmetric: bool = False,
-                          channel_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          channel_axis: int | None = None, fmt: str = "int") -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max step size and zero point ([QD]'s 'max' init), per tensor or per channel."""
     lo, hi = _amin_amax(x.detach(), channel_axis)
-    return qparams_from_range(lo, hi, bits, symmetric)
+    return qparams_from_range(lo, hi, bits, symmetric, fmt)
 
 
 def choose_qparams_mse(x: torch.Tensor, bits: int, symmetric: bool = False, channel_axis: int | None = None,
-                       p: float = 2.4, n_candidates: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+                       p: float = 2.4, n_candidates: int = 80, fmt: str = "int") -> tuple[torch.Tensor, torch.Tensor]:
     """Clipping-range search for the least Lp reconstruction error (Q-Diffusion/TFMQ-DM 'mse' init).
 
     For i = 0..n_candidates-1 the range [lo, hi] = (1 - 0.01 i) [min, max] is tried
-    (symmetric: the range is symmetrised first) and the candidate with the least
+    (symmetric, and fmt "fp8": the range is symmetrised first) and the candidate with the least
     mean |x - Q(x)|^p (per channel when `channel_axis` is set) is kept.
     """
     x = x.detach()
     dims = _reduce_dims(x, channel_axis)
-    qmin, qmax = qrange(bits, symmetric)
+    fp8 = fmt == "fp8"
+    qmin, qmax = (0, 0) if fp8 else qrange(bits, symmetric)
     lo0, hi0 = _amin_amax(x, channel_axis)
-    if symmetric:
+    if symmetric or fp8:
         hi0 = torch.maximum(lo0.abs(), hi0.abs())
         lo0 = -hi0
     best_err = torch.full_like(lo0, float("inf"))
-    best_scale, best_zp = qparams_from_range(lo0, hi0, bits, symmetric)
+    best_scale, best_zp = qparams_from_range(lo0, hi0, bits, symmetric, fmt)
     for i in range(n_candidates):
         shrink = 1.0 - 0.01 * i
-        scale, zp = qparams_from_range(lo0 * shrink, hi0 * shrink, bits, symmetric)
-        err = (x - fake_quantize(x, scale, zp, qmin, qmax)).abs().pow(p).mean(dim=dims, keepdim=True)
+        scale, zp = qparams_from_range(lo0 * shrink, hi0 * shrink, bits, symmetric, fmt)
+        xq = fp8_fake_quantize(x, scale) if fp8 else fake_quantize(x, scale, zp, qmin, qmax)
+        err = (x - xq).abs().pow(p).mean(dim=dims, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import GacqError
-from .primitives import (MIN_SCALE, choose_qparams_minmax, choose_qparams_mse, fake_quantize, fused_rows_apply,
-                         qparams_from_range, qrange)
+from .primitives import (FP8_MAX, MIN_SCALE, check_format, choose_qparams_minmax, choose_qparams_mse, fake_quantize,
+                         fp8_fake_quantize, fp8_round, fused_rows_apply, qparams_from_range, qrange)
 
 
 class UniformQuantizer(nn.Module):
@@ -31,16 +31,25 @@ class UniformQuantizer(nn.Module):
             `qparams_from_range` maps them (asymmetric grids include 0). Nothing to calibrate: the quantizer is
             initialised from the start, and `init_*` / `_set` refuse. The `scale` and `zero_point` buffers stay
             (unused, shape ()) so that code reading a quantizer's state finds the same attributes.
+        fmt: the grid's number format (`primitives.FORMATS`): "int" (uniform integers) or "fp8" (FP8 E4M3, 8 bits,
+            symmetric, zero point 0: x_hat = fp8(clamp(x / scale, -448, 448)) * scale). An fp8 quantizer's qmin and
+            qmax are -448 and 448, the ends of its grid in units of the scale; it is never dynamic.
     """
 
     def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = None,
-                 shape: tuple[int, ...] | None = None, learn_scale: bool = False, dynamic_axis: int | None = None):
+                 shape: tuple[int, ...] | None = None, learn_scale: bool = False, dynamic_axis: int | None = None,
+                 fmt: str = "int"):
         super().__init__()
         if dynamic_axis is not None and (learn_scale or channel_axis is not None):
             raise GacqError("a dynamic per-token quantizer has no stored grid: no learned scale, no channel axis")
-        self.bits, self.symmetric, self.channel_axis = bits, symmetric, channel_axis
+        check_format(fmt, bits)
+        if fmt == "fp8" and dynamic_axis is not None:
+            raise GacqError("dynamic per-token inputs (--act-granularity token) are not available with the fp8 format; "
+                            "use per-tensor inputs (the default)")
+        self.fmt = fmt
+        self.bits, self.symmetric, self.channel_axis = bits, symmetric or fmt == "fp8", channel_axis
         self.dynamic_axis = dynamic_axis
-        self.qmin, self.qmax = qrange(bits, symmetric)
+        self.qmin, self.qmax = (-FP8_MAX, FP8_MAX) if fmt == "fp8" else qrange(bits, self.symmetric)
         if channel_axis is None:
             pshape: tuple[int, ...] = ()
         else:
@@ -102,11 +111,22 @@ class UniformQuantizer(nn.Module):
 
     def init_minmax(self, x: torch.Tensor) -> None:
         """Step size from the min and max of `x` (per channel if per-channel)."""
-        self._set(*choose_qparams_minmax(x, self.bits, self.symmetric, self.channel_axis))
+        self._set(*choose_qparams_minmax(x, self.bits, self.symmetric, self.channel_axis, self.fmt))
 
     def init_mse(self, x: torch.Tensor, p: float = 2.4, n_candidates: int = 80) -> None:
         """Step size by the clipping-range search for least Lp error."""
-        self._set(*choose_qparams_mse(x, self.bits, self.symmetric, self.channel_axis, p, n_candidates))
+        self._set(*choose_qparams_mse(x, self.bits, self.symmetric, self.channel_axis, p, n_candidates, self.fmt))
+
+    def codes(self, x: torch.Tensor, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """x on this grid, in grid units: the integers qmin..qmax (fmt "int", round-to-nearest), or the FP8 E4M3
+        values of x / scale (fmt "fp8", as floats), so that (codes - zero point) * scale is the fake-quantized x.
+        `scale` and `zero_point` default to the stored grid (a split layer passes its combined one)."""
+        scale = self.scale if scale is None else scale
+        if self.fmt == "fp8":
+            return fp8_round(x / scale)
+        zp = self.zero_point if zero_point is None else zero_point
+        return torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -121,12 +141,16 @@ class UniformQuantizer(nn.Module):
                 return fake_quantize_rows_fused(xf, self.symmetric, self.qmin, self.qmax, MIN_SCALE).to(x.dtype)
             scale, zp = self.qparams(x)
             return fake_quantize(xf, scale, zp, self.qmin, self.qmax).to(x.dtype)
+        if self.fmt == "fp8":
+            return fp8_fake_quantize(x, self.scale)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
         gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
         if self.dynamic:
             gran = f"dynamic per-token(over axis {self.dynamic_axis})"
+        if self.fmt == "fp8":
+            return f"fp8 e4m3, {gran}"
         return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {gran}"
 
 
@@ -164,6 +188,9 @@ class AdaRoundQuantizer(nn.Module):
         super().__init__()
         if not base.is_initialized:
             raise GacqError("AdaRound needs an initialised weight quantizer")
+        if base.fmt != "int":
+            raise GacqError("AdaRound learns roundings on a uniform integer grid; fp8 weights are rounded to nearest "
+                            "(use a method without weight reconstruction, e.g. --method rtn)")
         self.bits, self.qmin, self.qmax = base.bits, base.qmin, base.qmax
         self.register_buffer("scale", base.scale.detach().clone())
         self.register_buffer("zero_point", base.zero_point.detach().clone())

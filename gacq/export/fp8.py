@@ -1,0 +1,163 @@
+"""The `fp8` backend: FP8 E4M3 weights x FP8 E4M3 activations, for checkpoints quantized with `--format fp8`.
+
+The fake-quant layer (`UniformQuantizer(fmt="fp8")`) computes, per output channel o (weight scale sw[o]; input
+scale sa, read from the act quantizer at call time; fp8() the round-to-nearest-even cast to float8_e4m3fn):
+
+    y[n, o] = sum_k (fp8(x[n, k] / sa) * sa) (Wq[o, k] * sw[o]) + b[o],    Wq = fp8(W / sw), stored
+
+Here the codes themselves go into one scaled GEMM, `torch._scaled_mm` (FP8 tensor cores on Hopper and Ada; a float32
+reference on the CPU), and the scales come after it:
+
+    y[n, o] = sa * sw[o] * S[n, o] + b[o],    S = fp8(x / sa) @ Wq^T    (float32 accumulation)
+
+The codes are the fake quantizer's, bit for bit (the same x / sa in x's dtype, the same cast), so the only difference
+from fake quantization is float rounding: fake quant rounds each dequantized value (code * scale) to float32 before
+its GEMM, this layer rounds S and then the two products. Convolutions run as im2col (`F.unfold` over the input's
+codes, exact in float32) + the same GEMM, on every device: a Triton implicit-GEMM FP8 conv, the fast path on a GPU,
+is not written yet (session 28's measurement of im2col + cuBLAS FP8 on 3x3 convs: 5-11x slower than cuDNN bf16,
+results/conv_paths). A split (shortcut) layer runs one GEMM per channel group, each with its own scales.
+
+Layers whose inputs stay float (a weight-only W8A32 fp8 checkpoint, or the first and last layers of some recipes)
+keep their weights as FP8 codes, one byte each, and dequantize them at call time for the float conv / linear, whose
+output then equals fake quantization's exactly (as the w4a16 backend does for int4).
+
+`torch._scaled_mm` on CUDA needs the reduction length and the output channels in multiples of 16: the stored weight
+is padded with zero codes at export and the input's K with zero columns at call time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.modules import QuantConv2d, QuantLayer
+from ..quant.primitives import FP8_DTYPE, FP8_MAX
+from .base import ExportedLayer, _Part, conv_output_size
+
+ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8(clamp(x / scale, -448, 448)) as float8_e4m3fn: the fake quantizer's codes (`primitives.fp8_round`)."""
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+class FP8Part(_Part):
+    """One channel group of the weight: FP8 codes (O16, K16) row-major, zero-padded, and the per-channel scales."""
+
+    # both survive `model.to(torch.bfloat16)` as they are: qweight is a floating-point dtype to torch, which would
+    # otherwise cast the codes to bf16 (and then torch._scaled_mm refuses them)
+    exact_buffers = ("qweight", "w_scale")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, channels: tuple[int, int]):
+        super().__init__()
+        o, k = codes.shape
+        self.k, self.out_channels, self.channels = k, o, channels
+        padded = torch.zeros(_round_up(o, ALIGN), _round_up(k, ALIGN), dtype=FP8_DTYPE, device=codes.device)
+        padded[:o, :k] = codes.to(FP8_DTYPE)
+        self.register_buffer("qweight", padded)
+        self.register_buffer("w_scale", scale.float().reshape(o).clone())
+
+    def codes(self) -> torch.Tensor:
+        """The unpadded codes (O, K) as float32 (exact)."""
+        return self.qweight[:self.out_channels, :self.k].float()
+
+    def gemm(self, a: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+        """a (M, K) float8 codes -> (M, O) float32: a_scale * sw[o] * (a @ codes^T)."""
+        kp = self.qweight.shape[1]
+        if a.shape[1] != kp:  # zero codes add nothing
+            a = F.pad(a.view(torch.uint8), (0, kp - a.shape[1])).view(FP8_DTYPE)
+        one = torch.ones((), dtype=torch.float32, device=a.device)
+        s = torch._scaled_mm(a.contiguous(), self.qweight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return s[:, :self.out_channels] * (a_scale.float().reshape(()) * self.w_scale)
+
+
+def fp8_parts(layer: QuantLayer) -> list[FP8Part]:
+    """The layer's FP8 weight codes per channel group (one unless split), as the fake quantizer rounds them."""
+    codes = layer.integer_weight().detach()  # fp8 values of W / scale, on both halves' grids when split
+    o, i = codes.shape[:2]
+    groups = [(layer.weight_quantizer, 0, layer.split or i)]
+    if layer.split:
+        groups.append((layer.weight_quantizer_0, layer.split, i))
+    return [FP8Part(codes[:, lo:hi].reshape(o, -1), q.scale.detach().reshape(o), (lo, hi)) for q, lo, hi in groups]
+
+
+class FP8Layer(ExportedLayer):
+    """FP8 E4M3 conv / linear: `torch._scaled_mm` on the input's and the weight's codes (float inputs: the weight's
+    codes dequantized, then the float op)."""
+
+    exact_buffers = ()
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__(layer)
+        self.parts = torch.nn.ModuleList(fp8_parts(layer))
+
+    def _columns(self, u: torch.Tensor) -> torch.Tensor:
+        """The GEMM's input rows (M, K): u itself (linear) or its im2col patches (conv), k in (c, r, s) order."""
+        if not self.is_conv:
+            return u.reshape(-1, u.shape[-1])
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0):
+            return u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
+        cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fake-quant weight (codes * scale per output channel and channel group), in float32."""
+        ws = [p.codes() * p.w_scale[:, None] for p in self.parts]
+        w = torch.cat(ws, 1) if len(ws) > 1 else ws[0]
+        return w.reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.a_quant:
+            return self.dense(x, self.dequantized_weight().to(x.dtype))
+        y = None
+        for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
+            # the codes in x's dtype (fp8 values are exact in bf16, fp16 and float32), unfolded, then cast (exact)
+            u = fp8_codes(xs, q.scale).to(xs.dtype)
+            s = part.gemm(self._columns(u).to(FP8_DTYPE), q.scale)
+            y = s if y is None else y + s
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return self._output(y, x).to(x.dtype)
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_conv:
+            return y.reshape(*x.shape[:-1], self.out_channels)
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = self.padding
+        ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
+        return y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2).contiguous()
+
+
+class FP8Conv2d(FP8Layer):
+    pass
+
+
+class FP8Linear(FP8Layer):
+    pass
+
+
+def fp8_unsupported(layer: QuantLayer) -> str | None:
+    """Why the fp8 backend cannot run this layer, or None."""
+    if getattr(layer, "fmt", "int") != "fp8":
+        return "integer grid (not an fp8 layer)"
+    if not layer.w_quant:
+        return "weight quantization is switched off"
+    if layer.act_quantizer is not None and layer.a_quant:
+        for q in layer.act_quantizers():
+            if q is None or not q.enabled or not q.is_initialized:
+                return "activation quantizer missing, disabled or uninitialised"
+    if getattr(layer, "groups", 1) != 1:
+        return f"grouped convolution (groups={layer.groups})"
+    if isinstance(getattr(layer, "padding", (0, 0)), str):
+        return f"padding={layer.padding!r}"
+    return None
+
+
+def to_fp8(layer: QuantLayer) -> FP8Layer:
+    return (FP8Conv2d if isinstance(layer, QuantConv2d) else FP8Linear)(layer)
