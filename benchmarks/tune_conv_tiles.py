@@ -1,4 +1,4 @@
-"""Tile sweep of the implicit-GEMM conv kernels (int8 W8A8, W4A8, W4A16) on the `ddpm-cifar10` model's conv shapes,
+"""Tile sweep of the implicit-GEMM conv kernels (int8 W8A8, W4A8, W4A16, FP8) on the `ddpm-cifar10` model's conv shapes,
 against cuDNN's bf16 conv of the same shape, so `triton_w4.tiles` can be chosen from measurements.
 
 For each shape (batch 256 at the model's resolutions, or --batch) and each kernel it times every (BLOCK_M, BLOCK_N, BLOCK_K,
@@ -58,8 +58,10 @@ def configs(grid: str) -> list[tuple[int, int, int, int, int]]:
 
 def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str = "both"):
     """{(name, halo): fn(x, block, warps, stages)} for one conv shape, random weights; halo None for W4A16, True /
-    False (as `halo` asks) for int8 and W4A8."""
+    False (as `halo` asks) for int8 and W4A8; FP8 (`triton_fp8.fp8_conv2d`: the halo path only, K-major weight, its
+    own quantize kernel; float32 accumulation, so Triton pipelines its wgmma) as ("fp8", True)."""
     from gacq.export.base import pack_int4
+    from gacq.export.triton_fp8 import fp8_conv2d
     from gacq.export.triton_int8 import int8_conv2d
     from gacq.export.triton_w4 import w4a16_conv2d
 
@@ -85,6 +87,12 @@ def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str
         return int8_conv2d(x, packed, kk, o, w_scale, None, row, bias, a_scale, a_zero, 0, 255, 128, *geo,
                            w_zero=w_zero, block=block, num_warps=warps, num_stages=stages, halo=halo)
 
+    wf8 = torch.zeros(((o + 15) // 16 * 16, (kk + 15) // 16 * 16), device=device, dtype=torch.float8_e4m3fn)
+    wf8[:o, :kk] = (torch.randn(o, kk, generator=g, device=device) * 50).to(torch.float8_e4m3fn)
+
+    def fp8(x, block=None, warps=None, stages=None):
+        return fp8_conv2d(x, wf8, kk, o, w_scale, bias, a_scale, *geo, block=block, num_warps=warps, num_stages=stages)
+
     def w4a16(x, block=None, warps=None, stages=None):
         return w4a16_conv2d(x, packed, w_scale, w_zero, (o, c, k, k), bias, geo[1], geo[2], geo[3],
                             block=block, num_warps=warps, num_stages=stages)
@@ -94,7 +102,7 @@ def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str
     for name, fn in (("int8", int8), ("w4a8", w4a8)):
         for h in ways:
             out[name, h] = lambda x, *a, _fn=fn, _h=h, **kw: _fn(x, *a, halo=_h, **kw)
-    return {**out, ("w4a16", None): w4a16}
+    return {**out, ("w4a16", None): w4a16, ("fp8", True): fp8}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -66,7 +66,8 @@ need quantized activations (no W/A32 bits in that grid).
 recipe takes those overrides (`gacq quantize --act-mode / --split-shortcuts`, `QuantConfig.act_mode` /
 `split_shortcuts`): ablations across the methods' recipes, e.g. TFMQ-DM with Q-Diffusion's learned activation step
 sizes. Such cells and jobs get `_r<NAME>` in their id, and their report rows read `<method>+<NAME>`. NAME is letters
-and digits; one name means the same overrides in every grid of the spec.
+and digits; one name means the same overrides in every grid of the spec. `fmt = "fp8"` in a recipe quantizes to
+FP8 E4M3 instead of integer grids (`gacq quantize --format fp8`: W8A8 or W8A32, methods without learned rounding).
 
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32

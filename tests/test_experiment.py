@@ -698,6 +698,7 @@ def test_recipe_grid_key_overrides_the_methods_recipe(extras, tiny32):
            "methods = ['tfmq']\nrecipe = {s = {split_shortcuts = 'yes'}}": "must be a bool",
            "methods = ['fp', 'tfmq']\nrecipe = {l = {act_mode = 'lsq'}}": "not with method fp",
            "methods = ['tfmq']\nrecipe = {'l-1' = {act_mode = 'lsq'}}": "letters and digits",
+           "methods = ['tfmq']\nrecipe = {f = {fmt = 'fp8'}}": "--format fp8",
            "methods = ['tfmq']\nrecipe = {l = {act_mode = 'lsq'}}\n[[grid]]\nmethods = ['gac']\n"
            "recipe = {l = {act_mode = 'minmax'}}": "one name, one set of overrides"}
     for text, msg in bad.items():

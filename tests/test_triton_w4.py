@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is 
 
 
 CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "split_k", "halo", "kmajor", "int8_token",
-         "fake_quant", "fake_quant_token", "compiled_ops"]
+         "fake_quant", "fake_quant_token", "compiled_ops", "fp8_conv"]
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +65,14 @@ def test_tile_sweep_runs_in_the_interpreter(tmp_path):
     summaries = [x["summary"] for x in rows if "summary" in x]
     # --halo both (the default): int8 and W4A8 through the halo path and the masked path, side by side
     assert [(s["kernel"], s["halo"]) for s in summaries] == [("int8", True), ("int8", False), ("w4a8", True),
-                                                            ("w4a8", False), ("w4a16", None)]
+                                                            ("w4a8", False), ("w4a16", None), ("fp8", True)]
     assert all(s["best_matches_default"] for s in summaries)
     assert summaries[0]["general_taps_equal"]  # int8: the per-element tap path gives the aligned path's integers
     assert summaries[1]["same_as_halo"] and summaries[3]["same_as_halo"]  # the same integers both ways
     assert all(set(summaries[i]["halo_vs_masked"]) == {"default", "best"} for i in (0, 2))
     assert "| int8 | on |" in (tmp_path / "conv_tiles.md").read_text()
     configs = [x for x in rows if "summary" not in x]
-    assert len(configs) == 10 and all(x.get("matches_default") for x in configs), configs  # the 16-row tile too
+    assert len(configs) == 12 and all(x.get("matches_default") for x in configs), configs  # the 16-row tile too
 
 
 def test_tile_sweep_at_batch_one(tmp_path):
@@ -337,3 +337,57 @@ def test_triton_waits_for_every_int32_accumulating_wgmma_on_sm90():
                          loop), dtype  # both operands read from shared memory
         waits[dtype] = [int(p) for p in re.findall(r"warp_group_dot_wait .*pendings = (\d+)", loop)]
     assert waits == {"i8": [0], "fp16": [1], "bf16": [1], "fp8e4nv": [1]}
+
+
+def _fp8_conv_ttgir() -> str:
+    """`triton_fp8._fp8_conv_kernel` compiled for sm_90 on this machine (as `_sm90_ttgir`: a 3x3 conv, C = O = 128 at
+    32x32, batch 256, (128, 128, 128) tiles, 8 warps, 3 stages, the halo buffer and the K-major weight)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gacq.export import triton_fp8
+
+    fn = triton_fp8._fp8_conv_kernel
+    c, o, hw = 128, 128, 32
+    hp = hw + 2
+    ints = dict(M=256 * hw * hw, O=o, C=c, HP=hp, WP=hp, HO=hw, WO=hw, sxn=hp * hp * c, sxh=hp * c, sxw=c, swk=c * 9,
+                syn=o * hw * hw, syc=hw * hw, syh=hw, syw=1, SH=1, SW=1, DH=1, DW=1)
+    consts = dict(K=c * 9, KH=3, KW=3, HAS_BIAS=True, ALIGNED=True, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
+                  BLOCK_K=128)
+    ptrs = dict(q_ptr="*fp8e4nv", w_ptr="*fp8e4nv", wscale_ptr="*fp32", bias_ptr="*fp32", y_ptr="*bf16",
+                ascale_ptr="*fp32")
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = consts.get(name, ints.get(name))
+        if name in consts or value == 1:
+            sig[name], constexprs[name] = "constexpr", value
+        else:
+            sig[name] = ptrs.get(name, "i32")
+            if name in ptrs or value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 8, "num_stages": 3})
+    return kernel.asm["ttgir"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: not in the interpreter")
+def test_fp8_conv_wgmma_is_pipelined_on_sm90():
+    """Why the fp8 backend's conv is FP8 (read off Triton 3.6's TTGIR for sm_90; not a timing): with a float32
+    accumulator its wgmma is "properly async" (`warp_group_dot_wait {pendings = 1}`: left running while the next K
+    block is prepared), which no int32-accumulating (int8) Triton GEMM gets
+    (`test_triton_waits_for_every_int32_accumulating_wgmma_on_sm90`); and both tiles, the halo buffer's input codes and
+    the K-major weight codes, are copied asynchronously into shared memory and read there by the wgmma."""
+    import re
+
+    import triton
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton without its NVIDIA backend")
+    ttgir = _fp8_conv_ttgir()
+    loop = ttgir[ttgir.index("scf.for"):ttgir.index("scf.yield")]
+    tile = "128x128xf8E4M3FN"
+    assert len(re.findall(r"async_copy_global_to_local .*tensor<128x128x!tt\.ptr<f8E4M3FN>", loop)) == 2
+    assert re.search(rf"warp_group_dot %\S+, %\S+, %\S+ .*isAsync = true.*!ttg\.memdesc<{tile}.*\* "
+                     rf"!ttg\.memdesc<{tile}", loop), "wgmma not from shared memory"
+    assert [int(p) for p in re.findall(r"warp_group_dot_wait .*pendings = (\d+)", loop)] == [1]

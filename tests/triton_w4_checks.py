@@ -727,6 +727,93 @@ def compiled_ops():
                            ex.bias.detach(), q.qmin, q.qmax, act_center(q.qmin, q.qmax), q.symmetric, MIN_SCALE))
 
 
+F32_TOL = 2.0 ** -20 if DEVICE == "cpu" else 2.0 ** -10  # fp8_conv's float32 outputs, of max |y|
+
+
+def fp8_conv():
+    """The fp8 backend's Triton conv (`triton_fp8`: the input's codes into a padded channels-last buffer, then an
+    implicit GEMM with float32 accumulation) against the layer's torch path (im2col + torch._scaled_mm) and float64:
+    the codes bitwise (float32, bf16 and fp16 inputs; the border's codes 0), the outputs to float rounding (the sums
+    run in another order), over 3x3 stride 1 and 2, 1x1, channel counts off the tiles, and the custom op's opcheck."""
+    from torch import nn
+
+    from gacq.export import triton_fp8
+    from gacq.export.fp8 import fp8_codes, to_fp8
+    from gacq.quant.modules import QuantConv2d
+    from gacq.quant.wrap import set_quant_state
+
+    g = torch.Generator().manual_seed(3)
+    for cin, cout, k, stride, pad in [(8, 12, 3, 1, 1), (32, 40, 3, 2, 1), (64, 16, 1, 1, 0), (5, 7, 3, 1, 1)]:
+        conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
+        q = QuantConv2d(conv, 8, 8, fmt="fp8")
+        q.init_weight("mse")
+        x = torch.randn(3, cin, 9, 9, generator=g) * 3
+        x[0, 0, 0, :4] = torch.tensor([126.9, -30.9, 1e-4, 0.0]) * 0.01  # codes that carry into the next binade
+        q.act_quantizer.init_minmax(x)
+        set_quant_state(q, True, True)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            ex = to_fp8(q).to(DEVICE, dt)
+            xd = x.to(DEVICE, dt)
+            scale = ex.act_quantizer.scale.detach().reshape(1)
+            # the codes: the kernel's halo buffer against the torch path's cast, the border 0
+            c = xd.shape[1]
+            buf = torch.empty((3, 9 + 2 * pad, 9 + 2 * pad, c), dtype=torch.float8_e4m3fn, device=DEVICE)
+            triton_fp8._fp8_quantize_halo_kernel[(3, triton_fp8.triton.cdiv(buf.shape[1] * buf.shape[2], 32), 1)](
+                xd, buf, scale, c, 9, 9, pad, pad, ROUND_SCALE=xd.is_cuda, BLOCK_C=64, BLOCK_P=32)
+            want = F.pad(fp8_codes(xd, scale.reshape(())).float(), (pad,) * 4).permute(0, 2, 3, 1)
+            assert torch.equal(buf.float(), want), (cin, dt, (buf.float() != want).sum())
+            assert ex.kernel_applies(xd), (cin, dt)
+            with torch.no_grad():
+                y = ex(xd)
+                ex.use_kernel = False
+                ref = ex(xd)
+                ex.use_kernel = True
+            assert y.dtype == dt and y.shape == ref.shape
+            # float32: the sums in another order; compiled for Hopper, FP8 wgmma accumulates with fewer bits
+            # (Triton's default maxNumImpreciseAcc, as cuBLAS's fast accumulation), hence the looser CUDA bound
+            eps = torch.finfo(dt).eps
+            err = float((y.float() - ref.float()).abs().max())
+            tol = (2 * eps if dt != torch.float32 else F32_TOL) * float(ref.float().abs().max())
+            assert err <= tol, (cin, cout, k, stride, dt, err, tol)
+        # float32 against float64 on the codes
+        ex = to_fp8(q).to(DEVICE)
+        with torch.no_grad():
+            y = ex(x.to(DEVICE)).cpu().double()
+        (part,) = ex.parts
+        codes_x = fp8_codes(x, q.act_quantizer.scale.detach()).double()
+        w = part.codes().cpu().double().reshape(cout, k, k, cin).permute(0, 3, 1, 2) * part.w_scale.cpu().double()[:, None, None, None]
+        ref64 = F.conv2d(codes_x * q.act_quantizer.scale.detach().double(), w, conv.bias.detach().double(),
+                         stride, pad)
+        assert float((y - ref64).abs().max()) <= F32_TOL * float(ref64.abs().max()), (cin, cout)
+    # under torch.compile(fullgraph): the conv reaches its kernels through the custom op `gacq::fp8_conv2d`, one op
+    # in the graph, no traced launch, and gives the eager output (bitwise in the interpreter via aot_eager)
+    from torch._dynamo.backends.registry import lookup_backend
+
+    backend = lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append(gm)
+        return backend(gm, inputs)
+
+    ex, xd = to_fp8(q).to(DEVICE), x.to(DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = ex(xd)
+        got = torch.compile(ex, backend=record, fullgraph=True, dynamic=False)(xd)
+    (gm,) = graphs
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gacq" in str(n.target)]
+    assert len(ops) == 1 and not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    _same_epilogue(got, want, "fp8 compiled")
+    (part,) = ex.parts
+    # not "test_schema": it compares the inputs before and after with torch.allclose, which has no float8 kernel on
+    # the CPU (torch 2.13: "mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn')
+    torch.library.opcheck(triton_fp8.fp8_conv2d_op,
+                          (x.to(DEVICE), part.qweight, part.k, part.out_channels, part.w_scale, ex.bias.detach(),
+                           ex.act_quantizer.scale.detach().reshape(1), [3, 3], [1, 1], [1, 1], [1, 1]),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 if __name__ == "__main__":
     # one or more cases; several share one interpreter (importing torch and triton once), each from the default
     # generator's state of a new process, a failure reported and the next case run

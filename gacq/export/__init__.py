@@ -14,6 +14,9 @@ Backends (`BACKENDS`):
   CUDA, with `W4A16Layer.use_kernel`, a Triton GEMM dequantizes them tile by tile instead: `triton_w4`,
   convs as an implicit GEMM; slower than dequantize + cuDNN in session 10's measurement); inputs as in
   the fake-quant model (module `w4a16`).
+- `fp8`: FP8 E4M3 weights x FP8 E4M3 activations for checkpoints quantized with `--format fp8`: one
+  `torch._scaled_mm` per linear (float32 accumulation); convs on CUDA as two Triton kernels (codes into a padded
+  channels-last buffer, then an implicit GEMM: `triton_fp8`), elsewhere as im2col + `torch._scaled_mm` (module `fp8`).
 Layers a backend cannot run stay on a dense path with the fake-quant weight, counted in the
 report and in one warning.
 
@@ -42,6 +45,7 @@ from .folder import (
     load_exported,
     read_export_info,
 )
+from .fp8 import FP8Conv2d, FP8Linear
 from .int8 import Int8Conv2d, Int8Linear, W4A8Conv2d, W4A8Linear, int_mm
 from .w4a16 import W4A16Conv2d, W4A16Linear
 
@@ -53,6 +57,8 @@ __all__ = [
     "DenseLinear",
     "ExportReport",
     "ExportedLayer",
+    "FP8Conv2d",
+    "FP8Linear",
     "Int8Conv2d",
     "Int8Linear",
     "W4A8Conv2d",

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..quant.modules import QuantConv2d, QuantLayer
 from ..quant.primitives import FP8_DTYPE, FP8_MAX
-from .base import ExportedLayer, _Part, conv_output_size
+from .base import ExportedLayer, _Part, conv_output_size, rsc_order
 
 ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
 
@@ -77,13 +77,19 @@ class FP8Part(_Part):
 
 
 def fp8_parts(layer: QuantLayer) -> list[FP8Part]:
-    """The layer's FP8 weight codes per channel group (one unless split), as the fake quantizer rounds them."""
+    """The layer's FP8 weight codes per channel group (one unless split), as the fake quantizer rounds them; a conv's
+    with k in (r, s, c) order."""
     codes = layer.integer_weight().detach()  # fp8 values of W / scale, on both halves' grids when split
     o, i = codes.shape[:2]
     groups = [(layer.weight_quantizer, 0, layer.split or i)]
     if layer.split:
         groups.append((layer.weight_quantizer_0, layer.split, i))
-    return [FP8Part(codes[:, lo:hi].reshape(o, -1), q.scale.detach().reshape(o), (lo, hi)) for q, lo, hi in groups]
+    parts = []
+    for q, lo, hi in groups:
+        c = codes[:, lo:hi]
+        flat = rsc_order(c.reshape(o, -1), tuple(c.shape[2:])) if c.ndim == 4 else c
+        parts.append(FP8Part(flat, q.scale.detach().reshape(o), (lo, hi)))
+    return parts
 
 
 class FP8Layer(ExportedLayer):
@@ -97,23 +103,53 @@ class FP8Layer(ExportedLayer):
         self.parts = torch.nn.ModuleList(fp8_parts(layer))
 
     def _columns(self, u: torch.Tensor) -> torch.Tensor:
-        """The GEMM's input rows (M, K): u itself (linear) or its im2col patches (conv), k in (c, r, s) order."""
+        """The GEMM's input rows (M, K): u itself (linear) or its im2col patches (conv), k in (r, s, c) order."""
         if not self.is_conv:
             return u.reshape(-1, u.shape[-1])
         if self.kernel_size == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0):
             return u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
-        cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        n, c = u.shape[:2]
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L), k in (c, r, s)
+        cols = cols.view(n, c, taps, -1).permute(0, 3, 2, 1)  # (N, L, r s, c)
+        return cols.reshape(-1, taps * c)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The fake-quant weight (codes * scale per output channel and channel group), in float32."""
-        ws = [p.codes() * p.w_scale[:, None] for p in self.parts]
+        """The fake-quant weight (codes * scale per output channel and channel group), in float32, in its own shape."""
+        ws = []
+        for p in self.parts:
+            w = p.codes() * p.w_scale[:, None]
+            if self.is_conv:  # (O, r s c) -> (O, c, r, s)
+                kh, kw = self.kernel_size
+                w = w.reshape(self.out_channels, kh, kw, -1).permute(0, 3, 1, 2)
+            ws.append(w)
         w = torch.cat(ws, 1) if len(ws) > 1 else ws[0]
         return w.reshape(self.weight_shape)
+
+    use_kernel = True  # convs: the Triton kernel where it applies; False: always the torch path (benchmarks)
+
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """The Triton conv (`triton_fp8`) runs this call: an unsplit conv with groups 1 and quantized inputs, on CUDA
+        (or in Triton's interpreter)."""
+        from .triton_fp8 import available
+
+        return self.use_kernel and self.is_conv and self.groups == 1 and len(self.parts) == 1 and available(x)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        from .triton_fp8 import fp8_conv2d, fp8_conv2d_op
+
+        p, q = self.parts[0], self.act_quantizer
+        args = (x, p.qweight, p.k, self.out_channels, p.w_scale, self.bias, q.scale.detach().reshape(1))
+        geom = (self.kernel_size, self.stride, tuple(self.padding), self.dilation)
+        if torch.compiler.is_compiling():  # one opaque op per layer for Dynamo (as the int8 layers)
+            return fp8_conv2d_op(*args, *(list(g) for g in geom))
+        return fp8_conv2d(*args, *geom)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.a_quant:
             return self.dense(x, self.dequantized_weight().to(x.dtype))
+        if self.kernel_applies(x):
+            return self._fused(x)
         y = None
         for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
             # the codes in x's dtype (fp8 values are exact in bf16, fp16 and float32), unfolded, then cast (exact)
