@@ -115,6 +115,17 @@ class ExportedLayer(SplitInputs, nn.Module):
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return F.linear(x, weight, bias)
 
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A GEMM's (M, O) output rows in the layer's output shape: (..., O) for a linear, (N, O, HO, WO) for a conv
+        whose rows are its output positions (n, ho, wo) (im2col's order)."""
+        if not self.is_conv:
+            return y.reshape(*x.shape[:-1], self.out_channels)
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = self.padding
+        ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
+        return y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2).contiguous()
+
     # ---------------------------------------------------------------- storage ---
     def weight_bytes(self) -> int:
         """Bytes of everything stored for the weight (codes, scales, offsets); the bias excluded."""

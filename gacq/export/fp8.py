@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..quant.modules import QuantConv2d, QuantLayer
 from ..quant.primitives import FP8_DTYPE, FP8_MAX
-from .base import ExportedLayer, _Part, conv_output_size, rsc_order
+from .base import ExportedLayer, _Part, rsc_order
 
 ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
 
@@ -159,15 +159,6 @@ class FP8Layer(ExportedLayer):
         if self.bias is not None:
             y = y + self.bias.float()
         return self._output(y, x).to(x.dtype)
-
-    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_conv:
-            return y.reshape(*x.shape[:-1], self.out_channels)
-        n, _, h, w = x.shape
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        ph, pw = self.padding
-        ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
-        return y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2).contiguous()
 
 
 class FP8Conv2d(FP8Layer):

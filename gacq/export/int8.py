@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.modules import QuantLayer
-from .base import ExportedLayer, WeightPart, _Part, conv_output_size, weight_parts
+from .base import ExportedLayer, WeightPart, _Part, weight_parts
 
 MAX_K = 2**15 - 1  # int32-exact accumulation bound (see the module docstring)
 CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: self.size(0) > 16
@@ -249,15 +249,6 @@ class Int8Layer(ExportedLayer):
         if self.bias is not None:
             y = y + self.bias.float()
         return self._output(y, x).to(x.dtype)
-
-    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_conv:
-            return y.reshape(*x.shape[:-1], self.out_channels)
-        n, _, h, w = x.shape
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        ph, pw = self.padding
-        ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
-        return y.reshape(n, ho, wo, self.out_channels).permute(0, 3, 1, 2).contiguous()
 
 
 class Int8Conv2d(Int8Layer):
