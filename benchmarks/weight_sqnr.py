@@ -9,7 +9,6 @@ minimum and maximum over its layers. The float model is the bundled one unless -
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -75,12 +75,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ------------------------------------------------------------------ models ---
 def fake_quant(model: nn.Module, wbits: int, abits: int | None, device: torch.device, seed: int,
-               token: bool = False, fmt: str = "int") -> nn.Module:
+               token: bool = False, fmt: str = "int", afmt: str | None = None) -> nn.Module:
     """Round-to-nearest W/A fake quantization of a copy of `model` (float32), gacq's common layer set; `token`:
     the Linear layers' inputs dynamic per token (`--act-granularity token`); `fmt`: the grids' number format
-    ("fp8": FP8 E4M3, `--format fp8`)."""
+    ("fp8": FP8 E4M3, `--format fp8`); `afmt`: the inputs' format where it differs (`--act-format fp8`)."""
     q = copy.deepcopy(model).to(device).float().eval()
-    wrap_layers(q, wbits, abits, skip=lambda n, m: n in COMMON_SKIP, dynamic=token, fmt=fmt)
+    wrap_layers(q, wbits, abits, skip=lambda n, m: n in COMMON_SKIP, dynamic=token, fmt=fmt, afmt=afmt)
     q.to(device)
     for m in q.modules():
         if isinstance(m, QuantLayer):
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     fq4 = lambda: fake_quant(fp, 4, None, device, args.seed)
     fq48 = lambda: fake_quant(fp, 4, 8, device, args.seed)
     fqf8 = lambda: fake_quant(fp, 8, 8, device, args.seed, fmt="fp8")
+    fq4f8 = lambda: fake_quant(fp, 4, 8, device, args.seed, afmt="fp8")  # int4 weights, FP8 inputs
     modes = [
         (f"{args.dtype} eager", lambda: copy.deepcopy(fp), False),
         ("fake-quant W8A8", fq8, False),
@@ -368,14 +369,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ("w4a16 W4A16", lambda: convert(fq4(), "w4a16")[0], False),  # dequantize per call + cuDNN (the default)
         ("w4a16 W4A16 triton", lambda: kernels_on(convert(fq4(), "w4a16")[0]), False),  # the Triton kernel (CUDA)
         ("fake-quant FP8", fqf8, False),
-        ("fp8 FP8", lambda: convert(fqf8(), "fp8")[0], False),  # torch._scaled_mm; convs as im2col
+        ("fp8 FP8", lambda: convert(fqf8(), "fp8")[0], False),  # torch._scaled_mm; convs: Triton (CUDA) or im2col
+        ("fake-quant W4A8-FP8", fq4f8, False),
+        ("fp8 W4A8-FP8", lambda: convert(fq4f8(), "fp8")[0], False),
     ]
     if not args.no_compile:
         modes.insert(1, (modes[0][0].replace("eager", "compiled"), lambda: copy.deepcopy(fp), True))
         modes += [("int8 W8A8 compiled", lambda: convert(fq8(), "int8")[0], True),
                   ("w4a8 W4A8 compiled", lambda: convert(fq48(), "w4a8")[0], True),
                   ("w4a16 W4A16 compiled", lambda: convert(fq4(), "w4a16")[0], True),
-                  ("fp8 FP8 compiled", lambda: convert(fqf8(), "fp8")[0], True)]
+                  ("fp8 FP8 compiled", lambda: convert(fqf8(), "fp8")[0], True),
+                  ("fp8 W4A8-FP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True)]
 
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]

@@ -296,6 +296,7 @@ def quantize(
     w8_layer: Optional[list[str]] = typer.Option(None, "--w8-layer", help="Give the layers this name pattern matches 8-bit weights (mixed precision; repeatable; their inputs keep --abits), e.g. 'up_blocks.3.resnets.*.conv_shortcut'. Not part of any paper's method."),
     act_granularity: str = typer.Option("tensor", "--act-granularity", help="tensor: one calibrated grid per layer input (the papers'); token: every quantized Linear's input gets one grid per token, computed at run time from its min and max (dynamic per-token quantization, against outlier tokens in transformers; convolutions stay per tensor). Not part of any paper's method."),
     fmt: str = typer.Option("int", "--format", help="Number format of the quantized weights and inputs: int (uniform integer grids, the papers') or fp8 (FP8 E4M3, the 8-bit float of Hopper's and Ada's tensor cores; needs --wbits 8, --abits 8 or 32 and a method without learned rounding, e.g. rtn). Not part of any paper's method."),
+    act_fmt: Optional[str] = typer.Option(None, "--act-format", help="Number format of the quantized inputs where it differs from --format: fp8 with integer weights, e.g. --wbits 4 --abits 8 --act-format fp8 (W4 weights, learned rounding and all, with FP8 E4M3 inputs: the fp8 export backend runs such layers on FP8 tensor cores). Not part of any paper's method."),
     quick: bool = typer.Option(False, "--quick", help="A CPU-sized run: 16 trajectories, 100 AdaRound / 50 step-size iterations, 10 GAC meta-iterations (far below the papers' settings)."),
     compare_num: int = typer.Option(0, "--compare", min=0, help="Then sample N images from the FP and the quantized model with the same noise: QDIR/compare/ (side-by-side grid, report)."),
     gpus: int = typer.Option(1, "--gpus", "--procs", min=1, help=GPUS_HELP + " Each reconstruction minibatch is split over the processes and their gradients summed."),
@@ -328,7 +329,7 @@ def quantize(
                           act_recon=ActReconConfig(iters=act_iters, batch_size=recon_batch, seed=seed),
                           recon_checkpoints=str(out) + ".recon-ckpt", gac=gac, bias_correction=bias_correction,
                           smooth=smooth, act_granularity=act_granularity, w8_layers=tuple(w8_layer) if w8_layer else None,
-                          fmt=fmt, calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed,
+                          fmt=fmt, act_fmt=act_fmt, calib=CalibDataConfig(n_trajectories=calib_trajectories, n_steps=record_steps, seed=seed,
                                                 draws=gaussian_draws))
         if gdist.relaunch(gpus, device, "gacq quantize"):
             return

@@ -67,7 +67,8 @@ recipe takes those overrides (`gacq quantize --act-mode / --split-shortcuts`, `Q
 `split_shortcuts`): ablations across the methods' recipes, e.g. TFMQ-DM with Q-Diffusion's learned activation step
 sizes. Such cells and jobs get `_r<NAME>` in their id, and their report rows read `<method>+<NAME>`. NAME is letters
 and digits; one name means the same overrides in every grid of the spec. `fmt = "fp8"` in a recipe quantizes to
-FP8 E4M3 instead of integer grids (`gacq quantize --format fp8`: W8A8 or W8A32, methods without learned rounding).
+FP8 E4M3 instead of integer grids (`gacq quantize --format fp8`: W8A8 or W8A32, methods without learned rounding);
+`act_fmt = "fp8"` only the inputs (`--act-format fp8`: e.g. W4 weights of any method with FP8 inputs).
 
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
@@ -124,7 +125,7 @@ _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_S
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws",
               "act_granularity", "w8_layers", "recipe"}
 # QuantConfig's recipe overrides a grid's `recipe` may set (fmt: the number format, e.g. recipe = {fp8 = {fmt = "fp8"}})
-RECIPE_KEYS = {"act_mode": str, "split_shortcuts": bool, "fmt": str}
+RECIPE_KEYS = {"act_mode": str, "split_shortcuts": bool, "fmt": str, "act_fmt": str}
 
 
 def parse_bits(text: str) -> tuple[int, int | None]:

@@ -734,7 +734,8 @@ def fp8_conv():
     """The fp8 backend's Triton conv (`triton_fp8`: the input's codes into a padded channels-last buffer, then an
     implicit GEMM with float32 accumulation) against the layer's torch path (im2col + torch._scaled_mm) and float64:
     the codes bitwise (float32, bf16 and fp16 inputs; the border's codes 0), the outputs to float rounding (the sums
-    run in another order), over 3x3 stride 1 and 2, 1x1, channel counts off the tiles, and the custom op's opcheck."""
+    run in another order), over 3x3 stride 1 and 2, 1x1, channel counts off the tiles, W4 integer weights, and the
+    custom op's opcheck."""
     from torch import nn
 
     from gacq.export import triton_fp8
@@ -743,9 +744,11 @@ def fp8_conv():
     from gacq.quant.wrap import set_quant_state
 
     g = torch.Generator().manual_seed(3)
-    for cin, cout, k, stride, pad in [(8, 12, 3, 1, 1), (32, 40, 3, 2, 1), (64, 16, 1, 1, 0), (5, 7, 3, 1, 1)]:
+    # the last: W4 integer weights with FP8 inputs (`--act-format fp8`), their centred codes as FP8 values
+    for cin, cout, k, stride, pad, wbits in [(8, 12, 3, 1, 1, 8), (32, 40, 3, 2, 1, 8), (64, 16, 1, 1, 0, 8),
+                                              (5, 7, 3, 1, 1, 8), (16, 24, 3, 1, 1, 4)]:
         conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
-        q = QuantConv2d(conv, 8, 8, fmt="fp8")
+        q = QuantConv2d(conv, wbits, 8, fmt="fp8" if wbits == 8 else "int", afmt="fp8")
         q.init_weight("mse")
         x = torch.randn(3, cin, 9, 9, generator=g) * 3
         x[0, 0, 0, :4] = torch.tensor([126.9, -30.9, 1e-4, 0.0]) * 0.01  # codes that carry into the next binade
@@ -781,7 +784,8 @@ def fp8_conv():
             y = ex(x.to(DEVICE)).cpu().double()
         (part,) = ex.parts
         codes_x = fp8_codes(x, q.act_quantizer.scale.detach()).double()
-        w = part.codes().cpu().double().reshape(cout, k, k, cin).permute(0, 3, 1, 2) * part.w_scale.cpu().double()[:, None, None, None]
+        w = part.codes().cpu().double().reshape(cout, k, k, cin).permute(0, 3, 1, 2)  # (r, s, c) -> (c, r, s)
+        w = w * part.w_scale.cpu().double()[:, None, None, None]
         ref64 = F.conv2d(codes_x * q.act_quantizer.scale.detach().double(), w, conv.bias.detach().double(),
                          stride, pad)
         assert float((y - ref64).abs().max()) <= F32_TOL * float(ref64.abs().max()), (cin, cout)

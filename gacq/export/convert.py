@@ -139,15 +139,17 @@ BACKENDS: dict[str, Backend] = {
 
 
 def _refuse_fp8(wbits: int, abits: int | None) -> str | None:
-    if wbits != 8 or abits not in (8, None):
-        return f"the fp8 backend runs FP8 E4M3 weights and inputs; this model is W{wbits}A{abits or 32}"
+    if 4 < wbits < 8 or abits not in (8, None):
+        return (f"the fp8 backend runs FP8 E4M3 inputs against FP8 weights or integer weights of at most 4 bits; this "
+                f"model is W{wbits}A{abits or 32}")
     return None
 
 
 BACKENDS["fp8"] = Backend(
-    "fp8", "FP8 E4M3 weights x FP8 E4M3 activations (checkpoints from `gacq quantize --format fp8`), one "
-    "torch._scaled_mm per layer with float32 accumulation; convs as im2col + that GEMM; float-input layers keep FP8 "
-    "weights and dequantize them",
+    "fp8", "FP8 E4M3 activations x FP8 E4M3 weights (`gacq quantize --format fp8`) or x integer weights of at most 4 "
+    "bits (`--act-format fp8`), one byte per weight; linears through torch._scaled_mm, convs through a Triton FP8 "
+    "implicit GEMM on CUDA and im2col + torch._scaled_mm elsewhere, float32 accumulation; float-input layers "
+    "dequantize their weights",
     fp8_unsupported, to_fp8, _refuse_fp8,
     sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
     tolerance_note=(
@@ -159,14 +161,14 @@ BACKENDS["fp8"] = Backend(
 
 
 def _check_formats(layers: list[tuple[str, QuantLayer]], backend: str) -> None:
-    """The fp8 backend takes fp8 checkpoints only, the integer backends integer ones."""
-    fmts = {getattr(m, "fmt", "int") for _, m in layers}
+    """The fp8 backend takes checkpoints with FP8 grids only, the integer backends integer ones."""
+    fmts = {f for _, m in layers for f in (m.fmt, m.afmt)}
     if backend == "fp8" and "fp8" not in fmts:
-        raise GacqError("the fp8 backend runs checkpoints quantized with `gacq quantize --format fp8`; this one has "
-                        "integer grids: use --backend int8, w4a8 or w4a16")
+        raise GacqError("the fp8 backend runs checkpoints quantized with `gacq quantize --format fp8` or "
+                        "`--act-format fp8`; this one has integer grids: use --backend int8, w4a8 or w4a16")
     if backend != "fp8" and "fp8" in fmts:
-        raise GacqError(f"this checkpoint is FP8 E4M3 (`--format fp8`); the {backend} backend runs integer grids: use "
-                        "--backend fp8")
+        raise GacqError(f"this checkpoint has FP8 E4M3 grids (`--format fp8` / `--act-format fp8`); the {backend} "
+                        "backend runs integer grids: use --backend fp8")
 
 
 def get_backend(name: str) -> Backend:

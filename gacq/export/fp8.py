@@ -1,4 +1,6 @@
-"""The `fp8` backend: FP8 E4M3 weights x FP8 E4M3 activations, for checkpoints quantized with `--format fp8`.
+"""The `fp8` backend: FP8 E4M3 activations x FP8 E4M3 weights (`--format fp8`) or x integer weights of at most 4 bits
+(`--act-format fp8`, e.g. W4 weights of any method: their codes minus the zero point are integers of at most 15 in
+magnitude, exact in E4M3, so they go into the same FP8 GEMM, one byte each, and the product of the two codes is exact).
 
 The fake-quant layer (`UniformQuantizer(fmt="fp8")`) computes, per output channel o (weight scale sw[o]; input
 scale sa, read from the act quantizer at call time; fp8() the round-to-nearest-even cast to float8_e4m3fn):
@@ -77,9 +79,13 @@ class FP8Part(_Part):
 
 
 def fp8_parts(layer: QuantLayer) -> list[FP8Part]:
-    """The layer's FP8 weight codes per channel group (one unless split), as the fake quantizer rounds them; a conv's
-    with k in (r, s, c) order."""
-    codes = layer.integer_weight().detach()  # fp8 values of W / scale, on both halves' grids when split
+    """The layer's weight codes per channel group (one unless split) as FP8 values, a conv's with k in (r, s, c)
+    order: an fp8 weight's FP8 values of W / scale as the fake quantizer rounds them, or an integer weight's codes
+    minus their zero point (at most 4 bits: integers of at most 15 in magnitude, exact in E4M3), so that
+    codes * scale is the fake-quant weight either way."""
+    codes = layer.integer_weight().detach()  # on both halves' grids when split
+    if layer.fmt != "fp8":
+        codes = codes - layer.weight_qparams()[1]  # centred integers
     o, i = codes.shape[:2]
     groups = [(layer.weight_quantizer, 0, layer.split or i)]
     if layer.split:
@@ -170,15 +176,24 @@ class FP8Linear(FP8Layer):
 
 
 def fp8_unsupported(layer: QuantLayer) -> str | None:
-    """Why the fp8 backend cannot run this layer, or None."""
-    if getattr(layer, "fmt", "int") != "fp8":
-        return "integer grid (not an fp8 layer)"
+    """Why the fp8 backend cannot run this layer, or None: it runs FP8 inputs (or float ones) against FP8 weights or
+    integer weights of at most 4 bits."""
+    from .w4a16 import weight_bits
+
     if not layer.w_quant:
         return "weight quantization is switched off"
+    if layer.fmt != "fp8":
+        if weight_bits(layer) > 4:
+            return f"{weight_bits(layer)}-bit integer weights (FP8 holds integers exactly up to 4 bits)"
+        zp = layer.weight_qparams()[1]
+        if not torch.equal(zp, zp.round()):
+            return "weight zero point is not an integer"
     if layer.act_quantizer is not None and layer.a_quant:
         for q in layer.act_quantizers():
             if q is None or not q.enabled or not q.is_initialized:
                 return "activation quantizer missing, disabled or uninitialised"
+            if q.fmt != "fp8":
+                return "integer inputs (the fp8 backend runs FP8 inputs)"
     if getattr(layer, "groups", 1) != 1:
         return f"grouped convolution (groups={layer.groups})"
     if isinstance(getattr(layer, "padding", (0, 0)), str):

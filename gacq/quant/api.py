@@ -72,6 +72,10 @@ class QuantConfig:
             max|W| / 448 or MSE-searched, per-tensor input scales max|x| / 448 from the calibration data). fp8 takes
             8-bit weights and 8-bit (or float) inputs and recipes without learned rounding (rtn, ptq4dm's faithful
             preset). Not part of any paper's method.
+        act_fmt: the inputs' number format where it differs from `fmt` (None: `fmt`'s). 'fp8' with integer weights
+            gives e.g. W4 weights (learned rounding and all) with FP8 E4M3 inputs: 4-bit weight codes minus their
+            zero point are integers of at most 15 in magnitude, exact in FP8, so the `fp8` backend runs such layers
+            on FP8 tensor cores. Needs 8-bit inputs. FP8 weights take FP8 inputs only.
     """
 
     method: str = "rtn"
@@ -98,6 +102,7 @@ class QuantConfig:
     act_granularity: str = "tensor"
     w8_layers: tuple[str, ...] | None = None
     fmt: str = "int"
+    act_fmt: str | None = None
 
     def __post_init__(self) -> None:
         s = self.spec()  # validates method and preset
@@ -145,16 +150,29 @@ class QuantConfig:
 
         if self.fmt not in FORMATS:
             raise GacqError(f"--format must be {' or '.join(FORMATS)}, not {self.fmt!r}")
-        if self.fmt != "fp8":
-            return
-        if self.wbits != 8 or self.abits not in (8, None):
-            raise GacqError(f"--format fp8 quantizes to FP8 E4M3, an 8-bit format: use --wbits 8 and --abits 8 (or "
-                            f"32), not W{self.wbits}A{self.abits or 32}")
-        if s.weight_recon or s.tib:
-            raise GacqError(f"--format fp8 rounds weights to nearest; method {self.method} ({self.preset}) learns "
-                            "roundings on an integer grid (AdaRound): use --method rtn, or --format int")
-        if self.act_granularity != "tensor":
-            raise GacqError("--format fp8 has per-tensor input scales only: drop --act-granularity token")
+        if self.act_fmt not in (None, *FORMATS):
+            raise GacqError(f"--act-format must be {' or '.join(FORMATS)}, not {self.act_fmt!r}")
+        if self.fmt == "fp8":
+            if self.act_fmt == "int":
+                raise GacqError("FP8 weights take FP8 inputs (the fp8 backend multiplies FP8 by FP8): drop "
+                                "--act-format int")
+            if self.wbits != 8 or self.abits not in (8, None):
+                raise GacqError(f"--format fp8 quantizes to FP8 E4M3, an 8-bit format: use --wbits 8 and --abits 8 "
+                                f"(or 32), not W{self.wbits}A{self.abits or 32}")
+            if s.weight_recon or s.tib:
+                raise GacqError(f"--format fp8 rounds weights to nearest; method {self.method} ({self.preset}) learns "
+                                "roundings on an integer grid (AdaRound): use --method rtn, or --format int (with "
+                                "--act-format fp8 for FP8 inputs)")
+        if self.input_format == "fp8" and (self.abits is not None or self.act_fmt is not None):
+            if self.abits != 8:
+                raise GacqError(f"--act-format fp8: FP8 E4M3 inputs are 8-bit; use --abits 8, not {self.abits or 32}")
+            if self.act_granularity != "tensor":
+                raise GacqError("FP8 inputs have per-tensor input scales only: drop --act-granularity token")
+
+    @property
+    def input_format(self) -> str:
+        """The inputs' number format: `act_fmt`, else `fmt`."""
+        return self.act_fmt or self.fmt
 
     def needs_calibration(self) -> bool:
         """Any reconstruction or activation quantization needs calibration data."""
@@ -194,6 +212,8 @@ class QuantConfig:
                 d.pop(k)
         if self.fmt == "int":  # absent at the default, likewise
             d.pop("fmt")
+        if self.act_fmt is None:
+            d.pop("act_fmt")
         d["recipe"] = self.spec().to_json()
         return d
 
@@ -260,12 +280,13 @@ def quantize(loaded: LoadedModel, config: QuantConfig, calib: CalibrationSet | N
     w8 = _w8_names([n for n, m in model.named_modules() if type(m) in QUANT_CLASSES and not skip(n, m)],
                    config.w8_layers)
     wrap_layers(model, config.wbits, abits, skip=lambda n, m: skip(n, m) or n in w8, a_symmetric=spec.a_symmetric,
-                dynamic=dynamic, fmt=config.fmt)
+                dynamic=dynamic, fmt=config.fmt, afmt=config.act_fmt)
     if w8:
-        wrap_layers(model, 8, abits, skip=lambda n, m: n not in w8, a_symmetric=spec.a_symmetric, dynamic=dynamic)
+        wrap_layers(model, 8, abits, skip=lambda n, m: n not in w8, a_symmetric=spec.a_symmetric, dynamic=dynamic,
+                    afmt=config.act_fmt)
     if eight:
         wrap_layers(model, 8, 8 if abits is not None else None, skip=lambda n, m: not _match(n, eight),
-                    a_symmetric=spec.a_symmetric, dynamic=dynamic, fmt=config.fmt)
+                    a_symmetric=spec.a_symmetric, dynamic=dynamic, fmt=config.fmt, afmt=config.act_fmt)
     float_inputs = float_input_layers(model, spec.act_skip_fn)
     for name, m in quant_layers(model):
         if name in float_inputs:
@@ -549,7 +570,8 @@ def config_from_json(c: dict) -> QuantConfig:
             bias_correction=c.get("bias_correction", False), smooth=c.get("smooth"),
             smooth_layers=None if c.get("smooth_layers") is None else tuple(c["smooth_layers"]),
             smooth_samples=c.get("smooth_samples", 256), act_granularity=c.get("act_granularity", "tensor"),
-            w8_layers=None if c.get("w8_layers") is None else tuple(c["w8_layers"]), fmt=c.get("fmt", "int"))
+            w8_layers=None if c.get("w8_layers") is None else tuple(c["w8_layers"]), fmt=c.get("fmt", "int"),
+            act_fmt=c.get("act_fmt"))
     except (KeyError, TypeError) as e:
         raise GacqError(f"a quantization config this gacq cannot read ({type(e).__name__}: {e}); the checkpoint "
                         "comes from another gacq version: quantize again") from e

@@ -36,7 +36,8 @@ SMOOTH_FORMAT_VERSION = 3
 # 4 = 3 plus dynamic per-token input quantization (per layer "a_dynamic": true, no act_scale / act_zero_point);
 # written only when a layer has it.
 DYNAMIC_FORMAT_VERSION = 4
-# 5 = 4 plus FP8 E4M3 layers (per layer "fmt": "fp8", qweight float8_e4m3fn); written only when a layer has it.
+# 5 = 4 plus FP8 E4M3 layers (per layer "fmt": "fp8", qweight float8_e4m3fn) and FP8 inputs of integer-weight layers
+# ("afmt": "fp8"); written only when a layer has either.
 FP8_FORMAT_VERSION = 5
 READABLE_FORMATS = (1, 2, 3, 4, 5)
 
@@ -82,6 +83,8 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
                  "a_symmetric": bool(m.act_quantizer.symmetric) if m.act_quantizer is not None else None}
         if q.fmt != "int":
             entry["fmt"] = q.fmt
+        if m.afmt != m.fmt:  # inputs in another format than the weight (int4 weights, FP8 inputs)
+            entry["afmt"] = m.afmt
         if m.a_dynamic:
             entry["a_dynamic"] = True  # the grid is computed per token at run time: nothing stored
         elif m.act_quantizer is not None:
@@ -111,7 +114,7 @@ def save_quantized(model: torch.nn.Module, out: str | Path, config: dict[str, An
         floats[k] = v.detach().cpu().contiguous()
     smoothed = any(e.get("smooth") for e in layers.values())
     dynamic = any(e.get("a_dynamic") for e in layers.values())
-    fp8 = any(e.get("fmt") == "fp8" for e in layers.values())
+    fp8 = any("fp8" in (e.get("fmt"), e.get("afmt")) for e in layers.values())
     version = FP8_FORMAT_VERSION if fp8 else DYNAMIC_FORMAT_VERSION if dynamic else \
         SMOOTH_FORMAT_VERSION if smoothed else FORMAT_VERSION
     meta = {"format_version": version,
@@ -195,13 +198,14 @@ def load_quantized(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any],
     layers = meta["layers"]
     groups: dict[tuple, set[str]] = {}
     for n, e in layers.items():  # layers may differ in bits (W8A8 first/last) or keep float inputs
-        key = (e["wbits"], e["abits"], bool(e["a_symmetric"]), bool(e.get("a_dynamic")), e.get("fmt", "int"))
+        key = (e["wbits"], e["abits"], bool(e["a_symmetric"]), bool(e.get("a_dynamic")), e.get("fmt", "int"),
+               e.get("afmt"))
         groups.setdefault(key, set()).add(n)
     wrapped = []
     try:
-        for (wb, ab, sym, dyn, fmt), names in groups.items():
+        for (wb, ab, sym, dyn, fmt, afmt), names in groups.items():
             wrapped += wrap_layers(model, wb, ab, skip=lambda n, m, names=names: n not in names, a_symmetric=sym,
-                                   dynamic=dyn, fmt=fmt)
+                                   dynamic=dyn, fmt=fmt, afmt=afmt)
     except GacqError as e:
         raise GacqError(f"{folder}: the quantized layers do not match the model architecture ({e})") from e
     if sorted(wrapped) != sorted(layers):

@@ -47,7 +47,7 @@ class QuantLayer(SplitInputs, nn.Module):
     in_axis = 1  # channel axis of the layer's input (Linear: -1)
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: int, abits: int | None,
-                 a_symmetric: bool = False, a_dynamic: bool = False, fmt: str = "int"):
+                 a_symmetric: bool = False, a_dynamic: bool = False, fmt: str = "int", afmt: str | None = None):
         super().__init__()
         if a_dynamic and self.in_axis != -1:
             raise GacqError(f"dynamic per-token input quantization is for Linear layers, not {type(layer).__name__} "
@@ -55,7 +55,8 @@ class QuantLayer(SplitInputs, nn.Module):
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.wbits, self.abits = wbits, abits
-        self.fmt = fmt  # the number format of weights and inputs (`primitives.FORMATS`): "int" or "fp8"
+        # the number formats (`primitives.FORMATS`, "int" or "fp8") of the weight and of the inputs (afmt None: fmt's)
+        self.fmt, self.afmt = fmt, afmt or fmt
         self.weight_quantizer = UniformQuantizer(wbits, symmetric=False, channel_axis=0, shape=tuple(self.weight.shape),
                                                  fmt=fmt)
         self.act_quantizer = self._new_act_quantizer(abits, a_symmetric, a_dynamic) if abits is not None else None
@@ -75,8 +76,8 @@ class QuantLayer(SplitInputs, nn.Module):
     def _new_act_quantizer(self, abits: int, symmetric: bool, dynamic: bool) -> UniformQuantizer:
         """Static per-tensor with a learnable step size, or (dynamic) one grid per token, computed per call."""
         if dynamic:
-            return UniformQuantizer(abits, symmetric=symmetric, dynamic_axis=-1, fmt=self.fmt)
-        return UniformQuantizer(abits, symmetric=symmetric, learn_scale=True, fmt=self.fmt)
+            return UniformQuantizer(abits, symmetric=symmetric, dynamic_axis=-1, fmt=self.afmt)
+        return UniformQuantizer(abits, symmetric=symmetric, learn_scale=True, fmt=self.afmt)
 
     @property
     def a_dynamic(self) -> bool:
@@ -188,8 +189,9 @@ class QuantLayer(SplitInputs, nn.Module):
         channel fractions, (k * sum_0 + (I - k) * sum_1) / I (reconstruction_util.py L76-83).
         """
         if self.fmt != "int":
-            raise GacqError(f"AdaRound learns roundings on a uniform integer grid; this layer's weights are {self.fmt} "
-                            "and are rounded to nearest (use a method without weight reconstruction, e.g. --method rtn)")
+            raise GacqError(f"AdaRound learns roundings on a uniform integer grid; this layer's weights are "
+                            f"{self.fmt} and are rounded to nearest (use a method without weight reconstruction, e.g. "
+                            "--method rtn)")
         if not self.split:
             base = self.weight_quantizer
         else:
@@ -240,15 +242,17 @@ class QuantLayer(SplitInputs, nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        parts = (["fp8"] if self.fmt == "fp8" else []) + ([f"split={self.split}"] if self.split else []) + (["smoothed"] if self.smooth is not None else []) \
+        fmt = ["fp8"] if self.fmt == "fp8" else ["fp8 inputs"] if self.afmt == "fp8" else []
+        parts = fmt + ([f"split={self.split}"] if self.split else []) \
+            + (["smoothed"] if self.smooth is not None else []) \
             + (["dynamic per-token inputs"] if self.a_dynamic else [])
         return ", ".join(parts)
 
 
 class QuantConv2d(QuantLayer):
     def __init__(self, layer: nn.Conv2d, wbits: int, abits: int | None, a_symmetric: bool = False,
-                 a_dynamic: bool = False, fmt: str = "int"):
-        super().__init__(layer, wbits, abits, a_symmetric, a_dynamic, fmt)
+                 a_dynamic: bool = False, fmt: str = "int", afmt: str | None = None):
+        super().__init__(layer, wbits, abits, a_symmetric, a_dynamic, fmt, afmt)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding mode {layer.padding_mode!r} is not supported")
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups

@@ -19,17 +19,20 @@ SkipFn = Callable[[str, nn.Module], bool]
 
 
 def wrap_layers(model: nn.Module, wbits: int, abits: int | None, skip: SkipFn | None = None,
-                a_symmetric: bool = False, dynamic: bool = False, fmt: str = "int") -> list[str]:
+                a_symmetric: bool = False, dynamic: bool = False, fmt: str = "int",
+                afmt: str | None = None) -> list[str]:
     """Replace every Conv2d/Linear (except skipped ones) in place; returns the wrapped names in order.
     `dynamic`: the wrapped Linear layers quantize their inputs per token, dynamically (convolutions per tensor).
-    `fmt`: the number format of their weight and input grids ("int", or "fp8": FP8 E4M3, 8 bits only)."""
+    `fmt`: the number format of their weight and input grids ("int", or "fp8": FP8 E4M3, 8 bits only); `afmt`: the
+    inputs' format where it differs (e.g. int4 weights with FP8 inputs)."""
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) in QUANT_CLASSES and not (skip is not None and skip(name, m))]
     if not targets:
         raise GacqError("the model has no Conv2d or Linear layers to quantize (or the skip list excludes all)")
     for name, layer in targets:
         dyn = dynamic and isinstance(layer, nn.Linear)
-        model.set_submodule(name, QUANT_CLASSES[type(layer)](layer, wbits, abits, a_symmetric, a_dynamic=dyn, fmt=fmt))
+        model.set_submodule(name, QUANT_CLASSES[type(layer)](layer, wbits, abits, a_symmetric, a_dynamic=dyn, fmt=fmt,
+                                                             afmt=afmt))
     return [name for name, _ in targets]
 
 

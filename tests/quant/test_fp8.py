@@ -124,6 +124,11 @@ def test_grids_minmax_and_mse():
     ({"fmt": "fp8", "wbits": 8, "method": "tfmq"}, "learns roundings"),
     ({"fmt": "fp8", "wbits": 8, "method": "qdiffusion"}, "learns roundings"),
     ({"fmt": "fp8", "wbits": 8, "act_granularity": "token"}, "per-tensor input scales only"),
+    ({"fmt": "fp8", "wbits": 8, "act_fmt": "int"}, "FP8 weights take FP8 inputs"),
+    ({"act_fmt": "fp9"}, "--act-format must be"),
+    ({"act_fmt": "fp8", "abits": 6}, "inputs are 8-bit"),
+    ({"act_fmt": "fp8", "abits": None}, "inputs are 8-bit"),
+    ({"act_fmt": "fp8", "act_granularity": "token"}, "per-tensor input scales only"),
 ])
 def test_config_refusals(kw, msg):
     with pytest.raises(GacqError, match=msg):
@@ -179,16 +184,13 @@ def test_tiny_unet_quantizes_saves_and_loads_bit_exactly(fp8_model, tmp_path):
 
 def _layer_reference(m, x: torch.Tensor) -> torch.Tensor:
     """The fp8 layer in float64 from the fake quantizers' codes and scales (each channel group on its own)."""
-    w = m.weight.detach().double()
-    scale, _ = m.weight_qparams()
-    wq = m.weight_quantizer.codes(m.weight.detach(), scale).double() * scale.double()
+    wq = m.quantized_weight().detach().double()  # codes * scale: exact for integer codes, 2^-24 relative for fp8
     groups = m.split_input(x) if m.split else (x,)
     xq = torch.cat([q.codes(g).double() * q.scale.double() for q, g in zip(m.act_quantizers(), groups)],
                    m.in_axis)
     b = None if m.bias is None else m.bias.double()
     if isinstance(m, QuantConv2d):
         return torch.nn.functional.conv2d(xq, wq, b, m.stride, m.padding, m.dilation)
-    assert wq.shape == w.shape
     return torch.nn.functional.linear(xq, wq, b)
 
 
@@ -262,3 +264,57 @@ def test_cli_quantize_and_export_fp8(tiny_model_dir, tmp_path):
                   "--out", tmp_path / "bad")
     assert r.returncode != 0 and "an 8-bit format" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "bad").exists()
+    r = gacq_here("quantize", "--model", tiny_model_dir, "--method", "rtn", "--wbits", "4", "--abits", "32",
+                  "--act-format", "fp8", "--out", tmp_path / "bad2")
+    assert r.returncode != 0 and "inputs are 8-bit" in r.stderr and not (tmp_path / "bad2").exists()
+
+
+@pytest.fixture(scope="module")
+def w4_fp8_inputs():
+    """A tiny UNet at W4 with FP8 inputs: TFMQ-DM (AdaRound weights, per-step FP8 input scales), a few iterations."""
+    from gacq.quant.recon import ReconConfig
+
+    torch.manual_seed(0)
+    fp = build_model("tiny").eval()
+    loaded = LoadedModel(fp)
+    cs = collect(loaded, SampleConfig(steps=5), CalibDataConfig(selection="all", n_trajectories=4, n_steps=5),
+                 progress=False)
+    cfg = QuantConfig(method="tfmq", wbits=4, abits=8, act_fmt="fp8", recon=ReconConfig(iters=5, batch_size=4),
+                      calib=CalibDataConfig(n_trajectories=4, n_steps=5))
+    return loaded, cfg, quantize(loaded, cfg, cs, progress=False)
+
+
+def test_w4_weights_with_fp8_inputs(w4_fp8_inputs, tmp_path):
+    """--act-format fp8: the integer W4 weights (learned rounding) stay, the inputs take FP8 grids, TFMQ-DM's per-step
+    sets included; saved and loaded bit-exactly; the fp8 backend runs every layer, matching float64 on the codes."""
+    import copy
+
+    loaded, cfg, q = w4_fp8_inputs
+    layers = quant_layers(q)
+    assert all(m.fmt == "int" and m.afmt == "fp8" and m.weight_quantizer.bits == 4 and m.adaround is not None
+               for _, m in layers)
+    assert all(m.act_quantizer.fmt == "fp8" for _, m in layers if m.act_quantizer is not None)
+    fsc = q.gacq_fsc  # per-step input scales on FP8's grid: zero points 0, one scale per step
+    assert all(not z.any() for z in fsc.zero_point.values()) and len({float(v[0]) for v in fsc.scale.values()}) > 1
+    assert cfg.to_json()["act_fmt"] == "fp8" and config_from_json(cfg.to_json()).act_fmt == "fp8"
+    save_quantized(q, tmp_path / "q", {"config": cfg.to_json()}, dict(loaded.model.config), loaded.scheduler_config)
+    meta = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    assert meta["format_version"] == 5 and all(e["afmt"] == "fp8" and "fmt" not in e for e in meta["layers"].values())
+    back = load_model(tmp_path / "q")
+    x, t = _io()
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(x, t).sample, q(x, t).sample, rtol=0, atol=0)
+    exported, report = convert(copy.deepcopy(q), "fp8")
+    assert report.n_fallbacks == 0
+    g = torch.Generator().manual_seed(4)
+    for name, m in layers:
+        e = exported.get_submodule(name)
+        p = e.parts[0]  # the centred 4-bit codes, exact in FP8
+        assert p.codes().abs().max() <= 15 and torch.equal(p.codes(), p.codes().round())
+        shape = (2, m.weight.shape[1], 8, 8) if isinstance(m, QuantConv2d) else (2, 5, m.weight.shape[1])
+        xin = torch.randn(shape, generator=g) * m.act_quantizer.scale * 100
+        with torch.no_grad():
+            ref, y = _layer_reference(m, xin), e(xin).double()
+        assert (y - ref).abs().max() <= 2.0 ** -20 * ref.abs().amax() + 1e-30, name
+    with pytest.raises(GacqError, match="integer grids"):
+        convert(copy.deepcopy(q), "w4a8")
