@@ -342,8 +342,9 @@ def quantize(
                                    extra_meta={"quick": quick})
             if gdist.rank() != 0:  # the checkpoint is written; the comparison runs once
                 return
-            typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}) checkpoint to {out} "
-                       f"in {meta['wall_seconds']:.1f} s")
+            fmts = "".join(f", {what} {f}" for what, f in (("format", fmt), ("inputs", act_fmt)) if f not in (None, "int"))
+            typer.echo(f"wrote W{wbits}A{abits} {method} ({preset}{', quick' if quick else ''}{fmts}) checkpoint to "
+                       f"{out} in {meta['wall_seconds']:.1f} s")
             if compare_num:
                 from .compare import compare as compare_fn
 

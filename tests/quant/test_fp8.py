@@ -255,6 +255,7 @@ def test_cli_quantize_and_export_fp8(tiny_model_dir, tmp_path):
                         "--record-steps", "3", "--steps", "3", "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "wrote W8A8 rtn (common, format fp8) checkpoint" in r.stdout
     meta = json.loads((out / "quant_config.json").read_text())
     assert meta["format_version"] == 5 and meta["config"]["fmt"] == "fp8"
     r = gacq_here("export", out, "--backend", "fp8", "--out", tmp_path / "e")
