@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ("w4a16 W4A16 triton", lambda: kernels_on(convert(fq4(), "w4a16")[0]), False),  # the Triton kernel (CUDA)
         ("fake-quant FP8", fqf8, False),
         ("fp8 FP8", lambda: convert(fqf8(), "fp8")[0], False),  # torch._scaled_mm; convs: Triton (CUDA) or im2col
-        ("fake-quant W4A8-FP8", fq4f8, False),
-        ("fp8 W4A8-FP8", lambda: convert(fq4f8(), "fp8")[0], False),
+        ("fake-quant W4xFP8", fq4f8, False),
+        ("fp8 W4xFP8", lambda: convert(fq4f8(), "fp8")[0], False),
     ]
     if not args.no_compile:
         modes.insert(1, (modes[0][0].replace("eager", "compiled"), lambda: copy.deepcopy(fp), True))
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                   ("w4a8 W4A8 compiled", lambda: convert(fq48(), "w4a8")[0], True),
                   ("w4a16 W4A16 compiled", lambda: convert(fq4(), "w4a16")[0], True),
                   ("fp8 FP8 compiled", lambda: convert(fqf8(), "fp8")[0], True),
-                  ("fp8 W4A8-FP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True)]
+                  ("fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True)]
 
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
