@@ -650,6 +650,29 @@ def fake_quant_token():
     assert not fused_rows_apply(x.detach(), -1)  # off unless switched on
 
 
+def _compiled_once(ex, x):
+    """ex(x) eager and through torch.compile(fullgraph=True, dynamic=False) (in the interpreter through the aot_eager
+    backend, on CUDA through inductor), from a reset Dynamo: (eager output, compiled output, Dynamo's one graph, its
+    calls of gacq's custom ops, its traced Triton launches)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    backend = lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append(gm)
+        return backend(gm, inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = ex(x)
+        got = torch.compile(ex, backend=record, fullgraph=True, dynamic=False)(x)
+    (gm,) = graphs
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gacq" in str(n.target)]
+    launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    return want, got, gm, ops, launches
+
+
 def compiled_ops():
     """The exported layers under torch.compile with fullgraph=True (a graph break fails): their kernels are reached
     through the custom ops `gacq::int8_conv2d` / `gacq::int8_linear_dynamic` (one per layer in Dynamo's graph, no
@@ -661,7 +684,6 @@ def compiled_ops():
     ops (inference only: neither has an autograd formula, so their tensor arguments are detached)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch.nn as nn
-    from torch._dynamo.backends.registry import lookup_backend
 
     from gacq.export import triton_int8
     from gacq.export.int8 import act_center, to_int8, to_w4a8
@@ -687,22 +709,9 @@ def compiled_ops():
              (to_w4a8(token_linear(4, True)), xt, 1),
              (nn.Sequential(to_int8(make_conv(cout=6)[0]), nn.SiLU(), to_int8(make_conv(cin=6, cout=4, seed=1)[0])),
               xc, 2)]
-    backend = lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")
     for i, (ex, x, n_ops) in enumerate(cases):
         ex, x = ex.to(DEVICE), x.to(DEVICE)
-        graphs = []
-
-        def record(gm, inputs):
-            graphs.append(gm)
-            return backend(gm, inputs)
-
-        torch._dynamo.reset()
-        with torch.no_grad():
-            want = ex(x)
-            got = torch.compile(ex, backend=record, fullgraph=True, dynamic=False)(x)
-        (gm,) = graphs
-        ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gacq" in str(n.target)]
-        launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        want, got, gm, ops, launches = _compiled_once(ex, x)
         assert len(ops) == n_ops and not launches, (i, [str(n.target) for n in gm.graph.nodes])
         assert got.shape == want.shape, (i, got.shape, want.shape)
         if DEVICE == "cuda" and isinstance(ex, nn.Sequential):
@@ -791,23 +800,9 @@ def fp8_conv():
         assert float((y - ref64).abs().max()) <= F32_TOL * float(ref64.abs().max()), (cin, cout)
     # under torch.compile(fullgraph): the conv reaches its kernels through the custom op `gacq::fp8_conv2d`, one op
     # in the graph, no traced launch, and gives the eager output (bitwise in the interpreter via aot_eager)
-    from torch._dynamo.backends.registry import lookup_backend
-
-    backend = lookup_backend("inductor" if DEVICE == "cuda" else "aot_eager")
-    graphs = []
-
-    def record(gm, inputs):
-        graphs.append(gm)
-        return backend(gm, inputs)
-
-    ex, xd = to_fp8(q).to(DEVICE), x.to(DEVICE)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        want = ex(xd)
-        got = torch.compile(ex, backend=record, fullgraph=True, dynamic=False)(xd)
-    (gm,) = graphs
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and "gacq" in str(n.target)]
-    assert len(ops) == 1 and not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    ex = to_fp8(q).to(DEVICE)
+    want, got, gm, ops, launches = _compiled_once(ex, x.to(DEVICE))
+    assert len(ops) == 1 and not launches
     _same_epilogue(got, want, "fp8 compiled")
     (part,) = ex.parts
     # not "test_schema": it compares the inputs before and after with torch.allclose, which has no float8 kernel on

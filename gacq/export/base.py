@@ -61,6 +61,11 @@ def weight_parts(m: QuantLayer) -> list[WeightPart]:
     return parts
 
 
+def round_up(n: int, m: int) -> int:
+    """n rounded up to a multiple of m (the padded sizes of the GEMM backends' stored weights)."""
+    return (n + m - 1) // m * m
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -129,8 +134,7 @@ class ExportedLayer(SplitInputs, nn.Module):
     # ---------------------------------------------------------------- storage ---
     def weight_bytes(self) -> int:
         """Bytes of everything stored for the weight (codes, scales, offsets); the bias excluded."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None) + \
-            sum(c.weight_bytes() for c in self.modules() if isinstance(c, _Part))
+        return _stored_bytes(self) + sum(c.weight_bytes() for c in self.modules() if isinstance(c, _Part))
 
     def _apply(self, fn, recurse=True):
         keep = {n: self._buffers[n] for n in self.exact_buffers if self._buffers.get(n) is not None}
@@ -151,13 +155,20 @@ class _Part(nn.Module):
     exact_buffers: tuple[str, ...] = ()
 
     def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
+        return _stored_bytes(self)
 
     def _apply(self, fn, recurse=True):
         keep = {n: self._buffers[n] for n in self.exact_buffers if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         _restore_exact(self, keep)
         return self
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own persistent buffers (non-persistent ones, such as constants kept on the device for a
+    kernel call, are not stored)."""
+    return sum(b.numel() * b.element_size() for n, b in module._buffers.items()
+               if b is not None and n not in module._non_persistent_buffers_set)
 
 
 def _restore_exact(module: nn.Module, keep: dict[str, torch.Tensor]) -> None:

@@ -14,10 +14,14 @@ reference on the CPU), and the scales come after it:
 
 The codes are the fake quantizer's, bit for bit (the same x / sa in x's dtype, the same cast), so the only difference
 from fake quantization is float rounding: fake quant rounds each dequantized value (code * scale) to float32 before
-its GEMM, this layer rounds S and then the two products. Convolutions run as im2col (`F.unfold` over the input's
-codes, exact in float32) + the same GEMM, on every device: a Triton implicit-GEMM FP8 conv, the fast path on a GPU,
-is not written yet (session 28's measurement of im2col + cuBLAS FP8 on 3x3 convs: 5-11x slower than cuDNN bf16,
-results/conv_paths). A split (shortcut) layer runs one GEMM per channel group, each with its own scales.
+its GEMM, this layer rounds S and then the two products. On CUDA (and in Triton's interpreter) convolutions run
+as two Triton kernels (`triton_fp8`: the input's codes into a padded channels-last buffer, then an implicit GEMM with
+the scales and bias in its epilogue); elsewhere, and for split or grouped convs, as im2col (`F.unfold` over the
+input's codes in x's dtype, exact) + `torch._scaled_mm` (session 28's measurement of im2col + cuBLAS FP8 on 3x3
+convs: 5-11x slower than cuDNN bf16, results/conv_paths). A conv's codes are stored with k in (r, s, c) order,
+channels fastest: the kernel's K loop order, each K block's weight tile contiguous (K-major, as wgmma reads it); the
+im2col path reorders its columns to match. A split (shortcut) layer runs one GEMM per channel group, each with its
+own scales.
 
 Layers whose inputs stay float (a weight-only W8A32 fp8 checkpoint, or the first and last layers of some recipes)
 keep their weights as FP8 codes, one byte each, and dequantize them at call time for the float conv / linear, whose
@@ -33,36 +37,35 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.modules import QuantConv2d, QuantLayer
-from ..quant.primitives import FP8_DTYPE, FP8_MAX
-from .base import ExportedLayer, _Part, rsc_order
+from ..quant.primitives import FP8_DTYPE, fp8_cast
+from .base import ExportedLayer, _Part, round_up, rsc_order
+from .w4a16 import weight_bits
 
 ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
 
 
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
 def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp8(clamp(x / scale, -448, 448)) as float8_e4m3fn: the fake quantizer's codes (`primitives.fp8_round`)."""
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return fp8_cast(x / scale)
 
 
 class FP8Part(_Part):
     """One channel group of the weight: FP8 codes (O16, K16) row-major, zero-padded, and the per-channel scales."""
 
-    # both survive `model.to(torch.bfloat16)` as they are: qweight is a floating-point dtype to torch, which would
-    # otherwise cast the codes to bf16 (and then torch._scaled_mm refuses them)
-    exact_buffers = ("qweight", "w_scale")
+    # they survive `model.to(torch.bfloat16)` as they are: qweight is a floating-point dtype to torch, which would
+    # otherwise cast the codes to bf16 (and then torch._scaled_mm refuses them); `one` is torch._scaled_mm's unit
+    # scale, which must be float32
+    exact_buffers = ("qweight", "w_scale", "one")
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, channels: tuple[int, int]):
         super().__init__()
         o, k = codes.shape
         self.k, self.out_channels, self.channels = k, o, channels
-        padded = torch.zeros(_round_up(o, ALIGN), _round_up(k, ALIGN), dtype=FP8_DTYPE, device=codes.device)
+        padded = torch.zeros(round_up(o, ALIGN), round_up(k, ALIGN), dtype=FP8_DTYPE, device=codes.device)
         padded[:o, :k] = codes.to(FP8_DTYPE)
         self.register_buffer("qweight", padded)
         self.register_buffer("w_scale", scale.float().reshape(o).clone())
+        self.register_buffer("one", torch.ones((), device=codes.device), persistent=False)
 
     def codes(self) -> torch.Tensor:
         """The unpadded codes (O, K) as float32 (exact)."""
@@ -73,8 +76,8 @@ class FP8Part(_Part):
         kp = self.qweight.shape[1]
         if a.shape[1] != kp:  # zero codes add nothing
             a = F.pad(a.view(torch.uint8), (0, kp - a.shape[1])).view(FP8_DTYPE)
-        one = torch.ones((), dtype=torch.float32, device=a.device)
-        s = torch._scaled_mm(a.contiguous(), self.qweight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        s = torch._scaled_mm(a.contiguous(), self.qweight.t(), scale_a=self.one, scale_b=self.one,
+                             out_dtype=torch.float32)
         return s[:, :self.out_channels] * (a_scale.float().reshape(()) * self.w_scale)
 
 
@@ -102,23 +105,22 @@ class FP8Layer(ExportedLayer):
     """FP8 E4M3 conv / linear: `torch._scaled_mm` on the input's and the weight's codes (float inputs: the weight's
     codes dequantized, then the float op)."""
 
-    exact_buffers = ()
-
     def __init__(self, layer: QuantLayer):
         super().__init__(layer)
         self.parts = torch.nn.ModuleList(fp8_parts(layer))
 
-    def _columns(self, u: torch.Tensor) -> torch.Tensor:
-        """The GEMM's input rows (M, K): u itself (linear) or its im2col patches (conv), k in (r, s, c) order."""
+    def _columns(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM's input rows (M, K) of the input's codes u (float8): u itself (linear) or its im2col patches
+        (conv), k in (r, s, c) order. `F.unfold` has no float8 kernel: it runs on the codes in `dtype` (exact)."""
         if not self.is_conv:
             return u.reshape(-1, u.shape[-1])
         if self.kernel_size == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0):
             return u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
         n, c = u.shape[:2]
         taps = self.kernel_size[0] * self.kernel_size[1]
-        cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L), k in (c, r, s)
+        cols = F.unfold(u.to(dtype), self.kernel_size, self.dilation, self.padding, self.stride)  # k in (c, r, s)
         cols = cols.view(n, c, taps, -1).permute(0, 3, 2, 1)  # (N, L, r s, c)
-        return cols.reshape(-1, taps * c)
+        return cols.reshape(-1, taps * c).to(FP8_DTYPE)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fake-quant weight (codes * scale per output channel and channel group), in float32, in its own shape."""
@@ -158,9 +160,7 @@ class FP8Layer(ExportedLayer):
             return self._fused(x)
         y = None
         for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
-            # the codes in x's dtype (fp8 values are exact in bf16, fp16 and float32), unfolded, then cast (exact)
-            u = fp8_codes(xs, q.scale).to(xs.dtype)
-            s = part.gemm(self._columns(u).to(FP8_DTYPE), q.scale)
+            s = part.gemm(self._columns(fp8_codes(xs, q.scale), xs.dtype), q.scale)
             y = s if y is None else y + s
         if self.bias is not None:
             y = y + self.bias.float()
@@ -178,8 +178,6 @@ class FP8Linear(FP8Layer):
 def fp8_unsupported(layer: QuantLayer) -> str | None:
     """Why the fp8 backend cannot run this layer, or None: it runs FP8 inputs (or float ones) against FP8 weights or
     integer weights of at most 4 bits."""
-    from .w4a16 import weight_bits
-
     if not layer.w_quant:
         return "weight quantization is switched off"
     if layer.fmt != "fp8":

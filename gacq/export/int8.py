@@ -40,14 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.modules import QuantLayer
-from .base import ExportedLayer, WeightPart, _Part, weight_parts
+from .base import ExportedLayer, WeightPart, _Part, round_up, weight_parts
 
 MAX_K = 2**15 - 1  # int32-exact accumulation bound (see the module docstring)
 CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: self.size(0) > 16
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_layout: bool | None = None) -> torch.Tensor:
@@ -64,7 +60,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, cuda_layout: bool | None = None) ->
     m = a.shape[0]
     if cuda_layout is None:
         cuda_layout = a.is_cuda
-    rows = _round_up(max(m, CUDA_MIN_ROWS), 8) if cuda_layout else m
+    rows = round_up(max(m, CUDA_MIN_ROWS), 8) if cuda_layout else m
     if rows != m:
         a = F.pad(a, (0, 0, 0, rows - m))
     transposed = not b.is_contiguous() and b.t().is_contiguous()
@@ -93,7 +89,7 @@ class Int8Part(_Part):
         dw = cw - zw
         self.k, self.out_channels = k, o
         self.has_offset = bool((dw != 0).any())
-        padded = torch.zeros(_round_up(k, 8), _round_up(o, 8), dtype=torch.int8, device=codes.device)
+        padded = torch.zeros(round_up(k, 8), round_up(o, 8), dtype=torch.int8, device=codes.device)
         padded[:k, :o] = w8.t().to(torch.int8)
         self.register_buffer("qweight", padded)  # (K8, O8) row-major: torch._int_mm's second operand
         self.register_buffer("w_scale", p.scale.float().clone())
@@ -341,7 +337,7 @@ class W4A8Part(_Part):
         from .base import unpack_int4
 
         w8 = unpack_int4(self.qweight, self.k).to(torch.int32) - self.w_zero.to(torch.int32)[:, None]
-        padded = torch.zeros(_round_up(self.k, 8), _round_up(self.out_channels, 8), dtype=torch.int8,
+        padded = torch.zeros(round_up(self.k, 8), round_up(self.out_channels, 8), dtype=torch.int8,
                              device=w8.device)
         padded[:self.k, :self.out_channels] = w8.t().to(torch.int8)
         return padded

@@ -100,9 +100,14 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (x_int - zp) * scale
 
 
+def fp8_cast(v: torch.Tensor) -> torch.Tensor:
+    """v clamped to [-448, 448] and rounded to the nearest FP8 E4M3 value (ties to even), as float8_e4m3fn."""
+    return v.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
 def fp8_round(v: torch.Tensor) -> torch.Tensor:
-    """v clamped to [-448, 448] and rounded to the nearest FP8 E4M3 value (ties to even), in v's dtype."""
-    return v.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(v.dtype)
+    """`fp8_cast(v)` in v's dtype (exact: every E4M3 value is a float16, bfloat16 and float32 value)."""
+    return fp8_cast(v).to(v.dtype)
 
 
 def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
