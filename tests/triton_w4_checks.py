@@ -813,6 +813,59 @@ def fp8_conv():
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def fp8_linear():
+    """The fp8 backend's linears (`torch._scaled_mm`, cuBLAS FP8 on CUDA) against the fake-quant layer and float64 on
+    the codes: row counts off 16, K and O off 16 (the stored weight padded, the input's K padded per call), 3-d
+    inputs, bf16 inputs, FP8 and W4 integer weights; then a whole UNet (`small` on CUDA, `tiny` in the interpreter) exported against its fake-quant model."""
+    from torch import nn
+
+    from gacq.bench import build_model, fake_quant
+    from gacq.export.convert import convert
+    from gacq.export.fp8 import fp8_codes, to_fp8
+    from gacq.quant.modules import QuantLinear
+    from gacq.quant.wrap import set_quant_state
+
+    g = torch.Generator().manual_seed(4)
+    for k, o, wbits in [(40, 24, 8), (64, 64, 8), (33, 7, 4)]:
+        lin = nn.Linear(k, o)
+        q = QuantLinear(lin, wbits, 8, fmt="fp8" if wbits == 8 else "int", afmt="fp8")
+        q.init_weight("mse")
+        q.act_quantizer.init_minmax(torch.randn(64, k, generator=g) * 2)
+        set_quant_state(q, True, True)
+        ex = to_fp8(q).to(DEVICE)
+        for shape in [(1, k), (5, k), (16, k), (33, k), (2, 7, k)]:
+            x = torch.randn(*shape, generator=g) * 2
+            with torch.no_grad():
+                y = ex(x.to(DEVICE)).cpu()
+                fq = q(x)
+            (part,) = ex.parts
+            codes = fp8_codes(x, q.act_quantizer.scale.detach()).double() * q.act_quantizer.scale.detach().double()
+            w = part.codes().cpu().double() * part.w_scale.cpu().double()[:, None]
+            ref64 = codes @ w.t() + lin.bias.detach().double()
+            bound = float(ref64.abs().max())
+            assert float((y.double() - ref64).abs().max()) <= 2.0 ** -20 * bound, (k, o, shape)
+            assert float((y - fq).abs().max()) <= 2.0 ** -20 * bound, (k, o, shape)
+            with torch.no_grad():
+                yb = to_fp8(q).to(DEVICE, torch.bfloat16)(x.to(DEVICE, torch.bfloat16)).cpu()
+            assert yb.dtype == torch.bfloat16 and yb.shape == y.shape
+            # bf16 input codes may differ where x rounds to bf16 across a code boundary: bound the typical error
+            rel = float((yb.double() - ref64).pow(2).mean().sqrt()) / float(ref64.pow(2).mean().sqrt())
+            assert rel <= 0.05, (k, o, shape, rel)
+    torch.manual_seed(0)
+    config = "small" if DEVICE == "cuda" else "tiny"  # the interpreter runs `small`'s convs for minutes
+    fp = build_model(config).eval()
+    fq = fake_quant(fp, 8, 8, torch.device(DEVICE), 0, fmt="fp8")
+    ex, _ = convert(fake_quant(fp, 8, 8, torch.device(DEVICE), 0, fmt="fp8"), "fp8")
+    size = fp.config.sample_size
+    x = torch.randn(4, 3, size, size, generator=g).to(DEVICE)
+    t = torch.tensor([999, 500, 100, 1], device=DEVICE)
+    with torch.no_grad():
+        want, got = fq(x, t).sample, ex(x, t).sample
+    rel = float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt())
+    print(f"fp8_linear: {config} UNet exported vs fake quant, relative RMS {rel:.2e}", flush=True)
+    assert rel <= 1e-2, rel
+
+
 if __name__ == "__main__":
     # one or more cases; several share one interpreter (importing torch and triton once), each from the default
     # generator's state of a new process, a failure reported and the next case run
