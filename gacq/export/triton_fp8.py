@@ -39,7 +39,7 @@ if triton is not None:
     import triton.language as tl
 
     from ..quant.triton_fq import _round_half_even
-    from .triton_w4 import conv_rows, conv_taps
+    from .triton_w4 import conv_rows, conv_taps, tile_offsets
 
     @triton.jit
     def _round_to_format(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
@@ -102,11 +102,7 @@ if triton is not None:
         # and every tap of a valid output row is in bounds; w: (O16, K16) codes row-major, k in (r, s, c) order (row
         # stride swk). EVEN_K: K % BLOCK_K == 0, no k mask. Every argument without a default (torch.compile's
         # wrapper of user Triton kernels drops omitted defaulted constexprs: triton_int8's note).
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m, mask_n = offs_m < M, offs_n < O
+        offs_m, offs_n, mask_m, mask_n = tile_offsets(M, O, BLOCK_M, BLOCK_N)
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):

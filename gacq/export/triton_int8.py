@@ -101,7 +101,7 @@ if triton is not None:
     import triton.language as tl
 
     from ..quant.triton_fq import _round_half_even, grid_codes, row_grid
-    from .triton_w4 import conv_rows, conv_taps, int4_codes
+    from .triton_w4 import conv_rows, conv_taps, int4_codes, tile_offsets
 
     @triton.jit
     def _quantize_kernel(x_ptr, x8_ptr, ascale_ptr, azp_ptr, C, HW, qmin, qmax, center,
@@ -186,11 +186,7 @@ if triton is not None:
         # every argument without a default: torch.compile's wrapper of user Triton kernels (torch 2.11) drops an
         # omitted defaulted constexpr from the launch, and the compiled launcher then fails ("launcher() missing 1
         # required positional argument: '_grid_2'"; `gacq bench` mode int8 W8A8 compiled, session 18)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m, mask_n = offs_m < M, offs_n < O
+        offs_m, offs_n, mask_m, mask_n = tile_offsets(M, O, BLOCK_M, BLOCK_N)
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
         a_zp = tl.load(azp_ptr).to(tl.float32)  # an integer on the grid (int8_unsupported checks)
         pad = (tl.minimum(tl.maximum(a_zp, qmin), qmax) - center).to(tl.int8)  # the code of 0.0
@@ -241,7 +237,7 @@ if triton is not None:
             base = pid_k.to(tl.int64) * M
             tl.store(part_ptr + (base + offs_m[:, None]) * O + offs_n[None, :], acc, mask=mask)
             if HAS_OFFSET:
-                tl.store(rpart_ptr + pid_k.to(tl.int64) * M + offs_m, rsum, mask=mask_m & (pid_n == 0))
+                tl.store(rpart_ptr + pid_k.to(tl.int64) * M + offs_m, rsum, mask=mask_m & (tl.program_id(1) == 0))
         else:
             _int8_epilogue(acc, rsum, offs_m, offs_n, mask_m, mask_n, n_idx, ho, wo, wscale_ptr, woff_ptr, row_ptr,
                            bias_ptr, y_ptr, ascale_ptr, azp_ptr, center, syn, syc, syh, syw, HAS_OFFSET, HAS_BIAS,
@@ -278,11 +274,7 @@ if triton is not None:
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
         """Split-K's second kernel: the SPLIT int32 partial sums of a tile added (exact, in any order), then
         `_int8_epilogue`, so the output equals the unsplit kernel's bit for bit."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m, mask_n = offs_m < M, offs_n < O
+        offs_m, offs_n, mask_m, mask_n = tile_offsets(M, O, BLOCK_M, BLOCK_N)
         mask = mask_m[:, None] & mask_n[None, :]
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)

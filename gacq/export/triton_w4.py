@@ -133,6 +133,14 @@ if triton is not None:
         return (byte >> ((offs_k[None, :] % 2) * 4).to(tl.uint8)) & 0xF
 
     @triton.jit
+    def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's output tile (program ids 0 and 1 over rows and output channels): the row and channel
+        offsets and their masks."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_m, offs_n, offs_m < M, offs_n < N
+
+    @triton.jit
     def conv_rows(offs_m, HO, WO):
         """Output rows m of an implicit-GEMM conv -> (image, output row, output column)."""
         rem = offs_m % (HO * WO)
@@ -188,11 +196,7 @@ if triton is not None:
     def _w4a16_kernel(x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N,
                       stride_xm, stride_xk, stride_qn, stride_ym, stride_yn,
                       K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m, mask_n = offs_m < M, offs_n < N
+        offs_m, offs_n, mask_m, mask_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
         scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
         zero = tl.load(zero_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -219,11 +223,7 @@ if triton is not None:
                            K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                            IEEE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m, mask_n = offs_m < M, offs_n < O
+        offs_m, offs_n, mask_m, mask_n = tile_offsets(M, O, BLOCK_M, BLOCK_N)
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
         scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
         zero = tl.load(zero_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
