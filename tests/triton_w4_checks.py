@@ -739,6 +739,15 @@ def compiled_ops():
 F32_TOL = 2.0 ** -20 if DEVICE == "cpu" else 2.0 ** -10  # fp8_conv's float32 outputs, of max |y|
 
 
+def _fp8_reference(q, x: torch.Tensor) -> torch.Tensor:
+    """The fake-quant fp8 layer q on x in float64 from its quantizers' codes and scales (test_fp8's reference)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.quant.test_fp8 import _layer_reference
+
+    with torch.no_grad():
+        return _layer_reference(q, x)
+
+
 def fp8_conv():
     """The fp8 backend's Triton conv (`triton_fp8`: the input's codes into a padded channels-last buffer, then an
     implicit GEMM with float32 accumulation) against the layer's torch path (im2col + torch._scaled_mm) and float64:
@@ -787,16 +796,11 @@ def fp8_conv():
             err = float((y.float() - ref.float()).abs().max())
             tol = (2 * eps if dt != torch.float32 else F32_TOL) * float(ref.float().abs().max())
             assert err <= tol, (cin, cout, k, stride, dt, err, tol)
-        # float32 against float64 on the codes
+        # float32 against float64 on the fake quantizers' codes
         ex = to_fp8(q).to(DEVICE)
         with torch.no_grad():
             y = ex(x.to(DEVICE)).cpu().double()
-        (part,) = ex.parts
-        codes_x = fp8_codes(x, q.act_quantizer.scale.detach()).double()
-        w = part.codes().cpu().double().reshape(cout, k, k, cin).permute(0, 3, 1, 2)  # (r, s, c) -> (c, r, s)
-        w = w * part.w_scale.cpu().double()[:, None, None, None]
-        ref64 = F.conv2d(codes_x * q.act_quantizer.scale.detach().double(), w, conv.bias.detach().double(),
-                         stride, pad)
+        ref64 = _fp8_reference(q, x)
         assert float((y - ref64).abs().max()) <= F32_TOL * float(ref64.abs().max()), (cin, cout)
     # under torch.compile(fullgraph): the conv reaches its kernels through the custom op `gacq::fp8_conv2d`, one op
     # in the graph, no traced launch, and gives the eager output (bitwise in the interpreter via aot_eager)
@@ -821,9 +825,11 @@ def fp8_linear():
     accumulate inside an MMA with fewer than float32's bits."""
     from torch import nn
 
+    import copy
+
     from gacq.bench import build_model, fake_quant
     from gacq.export.convert import convert
-    from gacq.export.fp8 import fp8_codes, to_fp8
+    from gacq.export.fp8 import to_fp8
     from gacq.quant.modules import QuantLinear
     from gacq.quant.wrap import set_quant_state
 
@@ -840,10 +846,7 @@ def fp8_linear():
             with torch.no_grad():
                 y = ex(x.to(DEVICE)).cpu()
                 fake = q(x)
-            (part,) = ex.parts
-            codes = fp8_codes(x, q.act_quantizer.scale.detach()).double() * q.act_quantizer.scale.detach().double()
-            w = part.codes().cpu().double() * part.w_scale.cpu().double()[:, None]
-            ref64 = codes @ w.t() + lin.bias.detach().double()
+            ref64 = _fp8_reference(q, x)
             bound = float(ref64.abs().max())
             assert float((y.double() - ref64).abs().max()) <= F32_TOL * bound, (k, o, shape)
             assert float((y - fake).abs().max()) <= F32_TOL * bound, (k, o, shape)
@@ -857,7 +860,7 @@ def fp8_linear():
     config = "small" if DEVICE == "cuda" else "tiny"  # the interpreter runs `small`'s convs for minutes
     fp = build_model(config).eval()
     fq = fake_quant(fp, 8, 8, torch.device(DEVICE), 0, fmt="fp8")
-    ex, _ = convert(fake_quant(fp, 8, 8, torch.device(DEVICE), 0, fmt="fp8"), "fp8")
+    ex, _ = convert(copy.deepcopy(fq), "fp8")
     size = fp.config.sample_size
     x = torch.randn(4, 3, size, size, generator=g).to(DEVICE)
     t = torch.tensor([999, 500, 100, 1], device=DEVICE)
