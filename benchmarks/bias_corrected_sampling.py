@@ -38,7 +38,7 @@ from gacq.conditioning import predict_eps  # noqa: E402
 from gacq.models import load_model  # noqa: E402
 from gacq.quant.bias_correction import fold_output_bias  # noqa: E402
 from gacq.sampling import SampleConfig, generate, make_scheduler  # noqa: E402
-from gacq.utils import atomic_path, git_commit, image_grid, machine_info, save_image, write_json  # noqa: E402
+from gacq.utils import git_commit, image_grid, machine_info, save_image, write_json  # noqa: E402
 
 
 def corrected_fn(model, bias: torch.Tensor, rec_steps: list[int], timesteps: list[int]):

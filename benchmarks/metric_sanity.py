@@ -14,7 +14,6 @@ DIR/metric_sanity.json + .md with:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -20,7 +20,6 @@ step, seeded), so they are estimates; min and max are exact.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path

@@ -199,7 +199,7 @@ def train_autoencoder(cfg: AETrainConfig, out: str | Path, resume: bool = False,
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
     reserve_s = min(10.0, 0.1 * budget_s)
     stopped_by = "max_steps"
-    sums, n_sum = [], 0
+    sums = []
     last_t, last_step = time.monotonic(), state["step"]
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="autoencoder", unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=5.0)

@@ -248,7 +248,6 @@ def split_k():
     splits, and a split larger than the K blocks (clamped)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from gacq.export.int8 import to_int8, to_w4a8
-    from tests.test_export import make_conv
 
     rule = triton_int8.split_k_rule
     seen = set()
