@@ -161,10 +161,9 @@ def test_quantize_gac_with_compare(tiny_model_dir, tmp_path):
     """The README's main job in miniature: gac (faithful preset) at W4A8, then FP vs quantized from the same noise."""
     q = tmp_path / "q"
     proc = gacq("quantize", "--model", tiny_model_dir, "--method", "gac", "--preset", "faithful", "--wbits", 4,
-                "--abits", 8, "--quick",
-                "--calib-trajectories", 6, "--record-steps", 3, "--steps", 6, "--iters", 2, "--gac-meta-iters", 2,
-                "--gac-val-fraction", 0.1, "--gac-groups", 3, "--compare", 3, "--out", q, "--device", "cpu",
-                "--save-calib", tmp_path / "calib")
+                "--abits", 8, "--quick", "--calib-trajectories", 6, "--record-steps", 3, "--steps", 6, "--iters", 2,
+                "--gac-meta-iters", 2, "--gac-val-fraction", 0.1, "--gac-groups", 3, "--compare", 3, "--out", q,
+                "--device", "cpu", "--save-calib", tmp_path / "calib")
     assert "gac (faithful, quick) checkpoint" in proc.stdout and "mean PSNR" in proc.stdout
     assert (q / "gac_weights.safetensors").exists()
     assert json.loads((tmp_path / "calib" / "calib.json").read_text())["count"] == 6 * 6  # all steps kept

@@ -822,9 +822,9 @@ def fp8_linear():
     inputs, bf16 inputs, FP8 and W4 integer weights; then a whole UNet (`small` on CUDA, `tiny` in the interpreter)
     exported against its fake-quant model. On CUDA the bound is fp8_conv's F32_TOL: Hopper's FP8 tensor cores
     accumulate inside an MMA with fewer than float32's bits."""
-    from torch import nn
-
     import copy
+
+    from torch import nn
 
     from gacq.bench import build_model, fake_quant
     from gacq.export.convert import convert
