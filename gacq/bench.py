@@ -126,6 +126,17 @@ def unpack_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def triton_quantize(model: nn.Module) -> nn.Module:
+    """An fp8 export whose convs, under torch.compile, quantize their input with the eager path's Triton kernel (inside
+    the conv's custom op) instead of torch ops that inductor fuses into the input's producer (the default)."""
+    from gacq.export.fp8 import FP8Layer
+
+    for m in model.modules():
+        if isinstance(m, FP8Layer):
+            m.compile_fuses_quantize = False
+    return model
+
+
 def triton_linears(model: nn.Module) -> nn.Module:
     """An int8 export whose linears also run the fused Triton kernel (as 1x1 convs over 1x1 images) instead of
     `torch._int_mm` (935 TOPS at 8192^3 on the H200 in its default "nt" layout, results/int_mm_probe)."""
@@ -379,6 +390,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                   ("w4a8 W4A8 compiled", lambda: convert(fq48(), "w4a8")[0], True),
                   ("w4a16 W4A16 compiled", lambda: convert(fq4(), "w4a16")[0], True),
                   ("fp8 FP8 compiled", lambda: convert(fqf8(), "fp8")[0], True),
+                  ("fp8 FP8 compiled triton-quantize", lambda: triton_quantize(convert(fqf8(), "fp8")[0]), True),
                   ("fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True)]
 
     if args.modes:

@@ -143,15 +143,23 @@ class FP8Layer(ExportedLayer):
 
         return self.use_kernel and self.is_conv and self.groups == 1 and len(self.parts) == 1 and available(x)
 
+    # under torch.compile: True, the input's codes come from torch ops (`triton_fp8.fp8_halo_codes`) that inductor
+    # fuses into the kernel producing the input, and only the GEMM is an opaque op; False: the eager path's Triton
+    # quantize kernel and the GEMM, both inside one opaque op (benchmarks compare the two)
+    compile_fuses_quantize = True
+
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        from .triton_fp8 import fp8_conv2d, fp8_conv2d_op
+        from .triton_fp8 import fp8_conv2d, fp8_conv2d_codes_op, fp8_conv2d_op, fp8_halo_codes
 
         p, q = self.parts[0], self.act_quantizer
-        args = (x, p.qweight, p.k, self.out_channels, p.w_scale, self.bias, q.scale.detach().reshape(1))
+        scale = q.scale.detach().reshape(1)
+        weight = (p.qweight, p.k, self.out_channels, p.w_scale, self.bias, scale)
         geom = (self.kernel_size, self.stride, tuple(self.padding), self.dilation)
-        if torch.compiler.is_compiling():  # one opaque op per layer for Dynamo (as the int8 layers)
-            return fp8_conv2d_op(*args, *(list(g) for g in geom))
-        return fp8_conv2d(*args, *geom)
+        if not torch.compiler.is_compiling():
+            return fp8_conv2d(x, *weight, *geom)
+        if self.compile_fuses_quantize:
+            return fp8_conv2d_codes_op(fp8_halo_codes(x, scale, geom[2]), *weight, *(list(g) for g in geom), x.dtype)
+        return fp8_conv2d_op(x, *weight, *(list(g) for g in geom))  # one opaque op per layer (as the int8 layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.a_quant:

@@ -31,7 +31,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from ..quant.primitives import fp8_cast
 from .base import conv_output_size
 from .triton_w4 import INTERPRET, available, tiles, triton
 
@@ -145,8 +147,7 @@ def fp8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int
     kh, kw = kernel_size
     if c * kh * kw != k:
         raise ValueError(f"fp8_conv2d: input has {c} channels, the weight expects {k // (kh * kw)}")
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
+    ph, pw = padding
     x = x.contiguous()
     hp, wp = h + 2 * ph, w + 2 * pw
     q = torch.empty((n, hp, wp, c), dtype=torch.float8_e4m3fn, device=x.device)
@@ -154,7 +155,39 @@ def fp8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int
     bc = min(max(32, 4096 // bp), triton.next_power_of_2(c))
     _fp8_quantize_halo_kernel[(n, triton.cdiv(hp * wp, bp), triton.cdiv(c, bc))](
         x, q, act_scale, c, h, w, ph, pw, ROUND_SCALE=x.is_cuda, BLOCK_C=bc, BLOCK_P=bp)
-    y = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=x.device)
+    return fp8_conv2d_codes(q, qweight, k, out_channels, w_scale, bias, act_scale, kernel_size, stride, padding,
+                            dilation, x.dtype, block, num_warps, num_stages)
+
+
+def fp8_halo_codes(x: torch.Tensor, act_scale: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """The halo buffer `_fp8_quantize_halo_kernel` writes, (N, H + 2*PH, W + 2*PW, C) float8 codes with 0 on the
+    border, in torch ops: what the layers run under torch.compile, where inductor fuses it into the kernel that
+    produces x (a group norm and SiLU, an upsampling), which then writes one byte per element instead of x's two and
+    no quantize kernel runs (session 34 on the H100: the Triton quantize took 35% of the fp8 model's time at batch
+    256). Eager, these are the fake quantizer's codes bit for bit (`fp8.fp8_codes` on the padded input: 0 / s is
+    code 0); compiled, inductor computes x / s in float32 where eager rounds it to x's dtype first, so a code may
+    differ by one FP8 step where the quotient lies within half a bf16 step of a rounding boundary."""
+    ph, pw = padding
+    return fp8_cast(F.pad(x, (pw, pw, ph, ph)) / act_scale.reshape(())).permute(0, 2, 3, 1).contiguous()
+
+
+def fp8_conv2d_codes(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, act_scale: torch.Tensor, kernel_size: tuple[int, int],
+                     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                     out_dtype: torch.dtype, block: tuple[int, int, int] | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
+    """`fp8_conv2d`'s implicit GEMM alone, on the halo buffer q (N, HP, WP, C) of the input's codes
+    (`fp8_halo_codes`), -> (N, O, HO, WO) in out_dtype."""
+    if triton is None:
+        raise RuntimeError("the FP8 Triton kernel needs the triton package")
+    q = q.contiguous()
+    n, hp, wp, c = q.shape
+    kh, kw = kernel_size
+    if c * kh * kw != k:
+        raise ValueError(f"fp8_conv2d: input has {c} channels, the weight expects {k // (kh * kw)}")
+    (sh, sw), (dh, dw) = stride, dilation  # padding: already in q's border
+    ho, wo = conv_output_size(hp, kh, sh, 0, dh), conv_output_size(wp, kw, sw, 0, dw)
+    y = torch.empty((n, out_channels, ho, wo), dtype=out_dtype, device=q.device)
     m = n * ho * wo
     bm, bn, bk, warps = tiles(m, out_channels, "int8", c)
     if block is not None:
@@ -186,4 +219,24 @@ def _fp8_conv2d_shape(x, qweight, k, out_channels, w_scale, bias, act_scale, ker
     return x.new_empty((n, out_channels, ho, wo))
 
 
-__all__ = ["INTERPRET", "available", "fp8_conv2d", "fp8_conv2d_op"]
+# The GEMM alone, on codes that inductor computes (`fp8_halo_codes`, fused into the op producing the conv's input).
+@torch.library.custom_op("gacq::fp8_conv2d_codes", mutates_args=())
+def fp8_conv2d_codes_op(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
+                        bias: Optional[torch.Tensor], act_scale: torch.Tensor, kernel_size: list[int],
+                        stride: list[int], padding: list[int], dilation: list[int],
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_conv2d_codes` as the custom op `gacq::fp8_conv2d_codes`."""
+    return fp8_conv2d_codes(q, qweight, k, out_channels, w_scale, bias, act_scale, tuple(kernel_size), tuple(stride),
+                            tuple(padding), tuple(dilation), out_dtype)
+
+
+@fp8_conv2d_codes_op.register_fake
+def _fp8_conv2d_codes_shape(q, qweight, k, out_channels, w_scale, bias, act_scale, kernel_size, stride, padding,
+                            dilation, out_dtype):
+    n, hp, wp, _ = q.shape
+    ho, wo = (conv_output_size(size, kk, s, 0, d) for size, kk, s, d in zip((hp, wp), kernel_size, stride, dilation))
+    return q.new_empty((n, out_channels, ho, wo), dtype=out_dtype)
+
+
+__all__ = ["INTERPRET", "available", "fp8_conv2d", "fp8_conv2d_codes", "fp8_conv2d_codes_op", "fp8_conv2d_op",
+           "fp8_halo_codes"]
