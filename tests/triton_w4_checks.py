@@ -770,6 +770,7 @@ def fp8_conv():
     from gacq.export import triton_fp8
     from gacq.export.fp8 import fp8_codes
     from gacq.quant.modules import QuantConv2d
+    from gacq.quant.primitives import fp8_cast
     from gacq.quant.wrap import set_quant_state
 
     g = torch.Generator().manual_seed(3)
@@ -831,14 +832,29 @@ def fp8_conv():
             assert err <= F32_TOL * float(want.abs().max()), ("fp8 compiled, fused quantize", err)
     (part,), bias = ex.parts, ex.bias.detach()
     scale = ex.act_quantizer.scale.detach().reshape(1)
-    # torch.compile with a bf16 input: the fused codes may differ from eager's by one FP8 step where x / s lies within
-    # half a bf16 step of a rounding boundary (`fp8_halo_codes`), so a bound on the output, not bitwise
+    # torch.compile with a bf16 input: eager rounds x / s to bf16 and then to FP8 (two roundings: a code can differ
+    # by one step where the bf16 quotient lands on an FP8 midpoint); inductor keeps the float32 quotient. The codes
+    # the compiled graph computes are checked against that single rounding exactly, and its output against the eager
+    # GEMM kernel on those codes (in the interpreter the graph's ops run eagerly: eager's codes)
     ex = _fp8_on_device(q, torch.bfloat16)
     xb = x.to(DEVICE, torch.bfloat16)
     want, got, _, _, _ = _compiled_once(ex, xb)
-    rel = float((got.float() - want.float()).pow(2).mean().sqrt() / want.float().pow(2).mean().sqrt())
-    print(f"fp8_conv: compiled bf16 with fused codes vs eager: relative RMS {rel:.2e}", flush=True)
-    assert rel <= 1e-2, rel
+    torch._dynamo.reset()
+    with torch.no_grad():
+        codes_c = torch.compile(triton_fp8.fp8_halo_codes, fullgraph=True, dynamic=False,
+                                backend="inductor" if DEVICE == "cuda" else "aot_eager")(xb, scale, (1, 1))
+        codes_e = triton_fp8.fp8_halo_codes(xb, scale, (1, 1))
+        single = fp8_cast(F.pad(xb.float(), (1,) * 4) / scale.reshape(())).permute(0, 2, 3, 1)
+        single_rs = fp8_cast(F.pad(xb.float(), (1,) * 4) / scale.bfloat16().float().reshape(())).permute(0, 2, 3, 1)
+        want_c = triton_fp8.fp8_conv2d_codes(codes_c, part.qweight, part.k, part.out_channels, part.w_scale,
+                                             ex.bias.detach(), scale, (3, 3), (1, 1), (1, 1), (1, 1), torch.bfloat16)
+    flips = int((codes_c.float() != codes_e.float()).sum())
+    print(f"fp8_conv: compiled bf16 codes differ from eager's in {flips} of {codes_e.numel()}", flush=True)
+    if DEVICE == "cpu":
+        assert flips == 0 and torch.equal(got, want)
+    else:
+        assert torch.equal(codes_c.float(), single.float()) or torch.equal(codes_c.float(), single_rs.float())
+        _same_epilogue(got, want_c, "fp8 compiled bf16, eager GEMM on the compiled codes")
     # the codes alone, in torch ops, against the Triton quantize kernel's: bitwise where both round x / s to x's dtype
     codes = triton_fp8.fp8_halo_codes(xd, scale, (1, 1))
     buf = torch.empty_like(codes)
@@ -860,8 +876,8 @@ def fp8_linear():
     """The fp8 backend's linears (`torch._scaled_mm`, cuBLAS FP8 on CUDA) against the fake-quant layer and float64 on
     the codes: row counts off 16, K and O off 16 (the stored weight padded, the input's K padded per call), 3-d
     inputs, bf16 inputs, FP8 and W4 integer weights; then a whole UNet (`small` on CUDA, `tiny` in the interpreter)
-    exported against its fake-quant model. On CUDA the bound is fp8_conv's F32_TOL: Hopper's FP8 tensor cores
-    accumulate inside an MMA with fewer than float32's bits."""
+    exported against its fake-quant model, layer by layer on the same inputs and as a whole. On CUDA the per-layer
+    bound is fp8_conv's F32_TOL: Hopper's FP8 tensor cores accumulate inside an MMA with fewer than float32's bits."""
     import copy
 
     from torch import nn
@@ -902,11 +918,40 @@ def fp8_linear():
     size = fp.config.sample_size
     x = torch.randn(4, 3, size, size, generator=g).to(DEVICE)
     t = torch.tensor([999, 500, 100, 1], device=DEVICE)
-    with torch.no_grad():
-        want, got = fq(x, t).sample, ex(x, t).sample
+    # every layer of the exported UNet on the input its fake-quant twin saw (forward hooks), against that twin's
+    # output: the kernels alone, without the cascade through the network (a float difference moves an input code of
+    # the next layer by one FP8 step, 6-12% of that value, and such moves add up over ~60 layers: session 34's H100
+    # run gave 7.5% relative RMS at the output). The reference in float32 without TF32 (cuDNN's default for float32
+    # convs), whose 10-bit products would exceed the bound themselves.
+    from gacq.quant.modules import QuantLayer
+
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+             for name, m in fq.named_modules() if isinstance(m, QuantLayer)]
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            want = fq(x, t).sample
+            for h in hooks:
+                h.remove()
+            worst = (0.0, "")
+            for name, (xin, out) in seen.items():
+                err = float((ex.get_submodule(name)(xin) - out).abs().max()) / float(out.abs().max())
+                worst = max(worst, (err, name))
+                assert err <= F32_TOL, (name, err)
+            got = ex(x, t).sample
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+            want_tf32 = fq(x, t).sample
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     rel = float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt())
-    print(f"fp8_linear: {config} UNet exported vs fake quant, relative RMS {rel:.2e}", flush=True)
-    assert rel <= 1e-2, rel
+    floor = float((want_tf32 - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt())
+    print(f"fp8_linear: {config} UNet, {len(seen)} layers each within {worst[0]:.1e} of max |y| (worst: {worst[1]}); "
+          f"the whole model vs fake quant: relative RMS {rel:.2e} (fake quant with TF32 vs without: {floor:.2e})",
+          flush=True)
+    # the whole model: bitwise codes and float32 sums in the interpreter; on CUDA the cascade above, bounded loosely
+    assert rel <= (1e-2 if DEVICE == "cpu" else 0.25), rel
 
 
 if __name__ == "__main__":
