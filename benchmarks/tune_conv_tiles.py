@@ -16,6 +16,7 @@ row gets the masked row's default and best times divided by its own (`halo_vs_ma
     python benchmarks/tune_conv_tiles.py --out results/conv_tiles          # GPU; about 2-4 minutes
     python benchmarks/tune_conv_tiles.py --out /tmp/t --grid quick         # fewer configs
     python benchmarks/tune_conv_tiles.py --out /tmp/t --grid quick --halo on   # only the halo path (half the time)
+    python benchmarks/tune_conv_tiles.py --out /tmp/t --grid fp8 --kernels fp8-gemm   # the FP8 GEMM alone, wider
     python benchmarks/tune_conv_tiles.py --out /tmp/t --batch 1 --grid small-m   # batch 1: few output rows (M = H*W),
         # so the large tiles leave most of the GPU's SMs idle; small-m tries tiles of 16-64 rows
     TRITON_INTERPRET=1 python benchmarks/tune_conv_tiles.py --out /tmp/t --grid smoke   # CPU smoke test
@@ -43,6 +44,7 @@ from gacq.utils import atomic_path, write_json
 SHAPES = [(128, 128, 32, 3, 1), (256, 256, 16, 3, 1), (512, 256, 16, 3, 1), (256, 256, 8, 3, 1),
           (256, 256, 16, 1, 1), (128, 128, 32, 3, 2)]
 BATCH = 256
+KERNELS = ("int8", "w4a8", "w4a16", "fp8", "fp8-gemm")
 
 
 def configs(grid: str) -> list[tuple[int, int, int, int, int]]:
@@ -51,17 +53,23 @@ def configs(grid: str) -> list[tuple[int, int, int, int, int]]:
     if grid == "small-m":
         blocks = [(16, 32, 64), (16, 64, 64), (32, 32, 64), (32, 64, 64), (64, 64, 64), (32, 128, 64), (64, 128, 64)]
         return [(*b, w, 3) for b, w in itertools.product(blocks, [2, 4])]
+    if grid == "fp8":  # larger K blocks (one byte an element) and deeper pipelines
+        blocks = [(128, 128, 128), (128, 256, 128), (256, 128, 128), (64, 256, 128), (128, 256, 64), (128, 128, 256)]
+        return [(*b, w, s) for b, w, s in itertools.product(blocks, [4, 8], [3, 4])]
     blocks = [(128, 128, 64), (128, 128, 128), (128, 256, 64), (256, 128, 64), (64, 128, 128), (128, 64, 128)]
     warps, stages = {"quick": ([8], [3]), "default": ([4, 8], [3]), "full": ([4, 8], [2, 3, 4])}[grid]
     return [(*b, w, s) for b, w, s in itertools.product(blocks, warps, stages)]
 
 
-def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str = "both"):
+def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str = "both",
+            only: set[str] | None = None):
     """{(name, halo): fn(x, block, warps, stages)} for one conv shape, random weights; halo None for W4A16, True /
     False (as `halo` asks) for int8 and W4A8; FP8 (`triton_fp8.fp8_conv2d`: the halo path only, K-major weight, its
-    own quantize kernel; float32 accumulation, so Triton pipelines its wgmma) as ("fp8", True)."""
+    own quantize kernel; float32 accumulation, so Triton pipelines its wgmma) as ("fp8", True), and its GEMM alone on
+    codes quantized beforehand (what runs under torch.compile, where the quantization fuses into the op producing x)
+    as ("fp8-gemm", True); `only`: these kernel names."""
     from gacq.export.base import pack_int4
-    from gacq.export.triton_fp8 import fp8_conv2d
+    from gacq.export.triton_fp8 import fp8_conv2d, fp8_conv2d_codes, fp8_halo_codes
     from gacq.export.triton_int8 import int8_conv2d
     from gacq.export.triton_w4 import w4a16_conv2d
 
@@ -93,6 +101,14 @@ def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str
     def fp8(x, block=None, warps=None, stages=None):
         return fp8_conv2d(x, wf8, kk, o, w_scale, bias, a_scale, *geo, block=block, num_warps=warps, num_stages=stages)
 
+    cache = {}
+
+    def fp8_gemm(x, block=None, warps=None, stages=None):  # the GEMM alone, on x's codes quantized once
+        if cache.get("x") is not x:
+            cache.update(x=x, q=fp8_halo_codes(x, a_scale, geo[2]))
+        return fp8_conv2d_codes(cache["q"], wf8, kk, o, w_scale, bias, a_scale, *geo, x.dtype, block=block,
+                                num_warps=warps, num_stages=stages)
+
     def w4a16(x, block=None, warps=None, stages=None):
         return w4a16_conv2d(x, packed, w_scale, w_zero, (o, c, k, k), bias, geo[1], geo[2], geo[3],
                             block=block, num_warps=warps, num_stages=stages)
@@ -102,22 +118,30 @@ def kernels(c: int, o: int, k: int, stride: int, device: torch.device, halo: str
     for name, fn in (("int8", int8), ("w4a8", w4a8)):
         for h in ways:
             out[name, h] = lambda x, *a, _fn=fn, _h=h, **kw: _fn(x, *a, halo=_h, **kw)
-    return {**out, ("w4a16", None): w4a16, ("fp8", True): fp8}
+    out = {**out, ("w4a16", None): w4a16, ("fp8", True): fp8, ("fp8-gemm", True): fp8_gemm}
+    return {key: fn for key, fn in out.items() if only is None or key[0] in only}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--grid", choices=["quick", "default", "full", "small-m", "smoke"], default="default",
+    p.add_argument("--grid", choices=["quick", "default", "full", "small-m", "fp8", "smoke"], default="default",
                    help="quick: 6 tile shapes at 8 warps, 3 stages; default: 4 and 8 warps; full: also 2 and 4 stages; "
                         "small-m: 7 tile shapes of 16-64 rows at 2 and 4 warps (for small batches); "
+                        "fp8: 6 tile shapes with K blocks of 64-256 at 4 and 8 warps, 3 and 4 stages; "
                         "smoke: one tiny shape and two configs in Triton's interpreter (TRITON_INTERPRET=1, CPU; the test)")
     p.add_argument("--halo", choices=["both", "on", "off"], default="both",
                    help="int8 and W4A8: sweep the halo path (on, int8_conv2d's default), the masked path (off, "
                         "halo=False) or both, side by side (default)")
+    p.add_argument("--kernels", default=",".join(KERNELS),
+                   help=f"comma-separated: which of {', '.join(KERNELS)} to sweep (fp8-gemm: the FP8 conv's GEMM "
+                        "alone, on codes quantized beforehand)")
     p.add_argument("--batch", type=int, default=None,
                    help=f"images per conv call (default {BATCH}; the smoke grid 2)")
     args = p.parse_args(argv)
+    only = {k.strip() for k in args.kernels.split(",") if k.strip()}
+    if not only or only - set(KERNELS):
+        p.error(f"--kernels {args.kernels!r}: the kernels are {', '.join(KERNELS)}")
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
     smoke = args.grid == "smoke"
@@ -172,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "cudnn_bf16_tflops": round(ops / bf16 / 1e9, 1)}
         print(shape, flush=True)
         halo_rows = {}  # kernel name -> (its halo summary, its halo default output)
-        for (name, halo), fn in kernels(c, o, k, stride, device, args.halo).items():
+        for (name, halo), fn in kernels(c, o, k, stride, device, args.halo, only).items():
             default = fn(x)
             best = None
             default_ms = time_ms(lambda: fn(x))

@@ -65,14 +65,15 @@ def test_tile_sweep_runs_in_the_interpreter(tmp_path):
     summaries = [x["summary"] for x in rows if "summary" in x]
     # --halo both (the default): int8 and W4A8 through the halo path and the masked path, side by side
     assert [(s["kernel"], s["halo"]) for s in summaries] == [("int8", True), ("int8", False), ("w4a8", True),
-                                                            ("w4a8", False), ("w4a16", None), ("fp8", True)]
+                                                            ("w4a8", False), ("w4a16", None), ("fp8", True),
+                                                            ("fp8-gemm", True)]
     assert all(s["best_matches_default"] for s in summaries)
     assert summaries[0]["general_taps_equal"]  # int8: the per-element tap path gives the aligned path's integers
     assert summaries[1]["same_as_halo"] and summaries[3]["same_as_halo"]  # the same integers both ways
     assert all(set(summaries[i]["halo_vs_masked"]) == {"default", "best"} for i in (0, 2))
     assert "| int8 | on |" in (tmp_path / "conv_tiles.md").read_text()
     configs = [x for x in rows if "summary" not in x]
-    assert len(configs) == 12 and all(x.get("matches_default") for x in configs), configs  # the 16-row tile too
+    assert len(configs) == 14 and all(x.get("matches_default") for x in configs), configs  # the 16-row tile too
 
 
 def test_tile_sweep_at_batch_one(tmp_path):
