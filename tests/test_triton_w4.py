@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="triton is 
 
 
 CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "split_k", "halo", "kmajor", "int8_token",
-         "fake_quant", "fake_quant_token", "compiled_ops", "fp8_conv", "fp8_linear"]
+         "fake_quant", "fake_quant_token", "compiled_ops", "fp8_conv", "fp8_codes_sweep", "fp8_linear"]
 
 
 @pytest.fixture(scope="module")

@@ -872,6 +872,38 @@ def fp8_conv():
     torch.library.opcheck(triton_fp8.fp8_conv2d_codes_op, (codes, *weight, *geom, torch.float32), test_utils=utils)
 
 
+def fp8_codes_sweep():
+    """`triton_fp8`'s quantize kernel against torch's cast (`fp8.fp8_codes`), the same values (-0 and +0 alike),
+    over every finite bf16 value
+    and 2^18 float32 values spread over every binade (subnormals included), each at a power-of-two scale and at two
+    others: the rounding of x / s to x's dtype and then to E4M3 (ties to even, saturating at 448), carries into the
+    next binade included."""
+    from gacq.export import triton_fp8
+    from gacq.export.fp8 import fp8_codes
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    xb = bits.view(torch.bfloat16)
+    xb = xb[torch.isfinite(xb)]
+    g = torch.Generator().manual_seed(5)
+    mant = 1 + torch.rand(2 ** 18, generator=g)
+    exps = torch.randint(-149, 128, (2 ** 18,), generator=g).float()
+    sign = torch.randint(0, 2, (2 ** 18,), generator=g).float() * 2 - 1
+    xf = (sign * mant * torch.exp2(exps)).float()
+    xf = xf[torch.isfinite(xf)]
+    for x0 in (xb, xf, xf.half()):
+        x0 = x0[torch.isfinite(x0)]
+        n = x0.numel() // 256 * 256
+        x = x0[:n].reshape(1, 256, n // 256, 1).to(DEVICE)
+        for s in (1.0, 0.0371, 3.3e3):
+            scale = torch.tensor([s], device=DEVICE)
+            buf = torch.empty((1, n // 256, 1, 256), dtype=torch.float8_e4m3fn, device=DEVICE)
+            triton_fp8._fp8_quantize_halo_kernel[(1, triton_fp8.triton.cdiv(n // 256, 64), 4)](
+                x, buf, scale, 256, n // 256, 1, 0, 0, ROUND_SCALE=x.is_cuda, BLOCK_C=64, BLOCK_P=64)
+            want = fp8_codes(x, scale.reshape(())).permute(0, 2, 3, 1)
+            same = buf.float() == want.float()  # values: the kernel gives +0 where torch keeps the sign of -0
+            assert bool(same.all()), (x.dtype, s, int((~same).sum()), x.permute(0, 2, 3, 1)[~same][:5])
+
+
 def fp8_linear():
     """The fp8 backend's linears (`torch._scaled_mm`, cuBLAS FP8 on CUDA) against the fake-quant layer and float64 on
     the codes: row counts off 16, K and O off 16 (the stored weight padded, the input's K padded per call), 3-d

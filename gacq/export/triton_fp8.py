@@ -46,13 +46,15 @@ if triton is not None:
     @triton.jit
     def _round_to_format(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
         """float32 v rounded to the nearest value with MBITS mantissa bits and binades down to EMIN (below: the
-        subnormal step 2^(EMIN - MBITS)), ties to even, in float32 (exact: v / step is a division by a power of two,
-        the step read off v's exponent bits). Triton 3.6's interpreter truncates its float32 -> bf16 casts and rounds
+        subnormal step 2^(EMIN - MBITS)), ties to even, in float32 (exact: v / step is v times the power of two
+        1 / step, both read off v's exponent bits; a multiplication, where Triton's `/` is div.full.f32 on GPUs). Triton 3.6's interpreter truncates its float32 -> bf16 casts and rounds
         its float32 -> fp8 casts wrongly where rounding up carries into the next binade (fp8(-126.9) gave -64, not
         -128), so the codes are rounded here and the casts that follow only convert representable values."""
         e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # the binade of |v| (-127 for 0 and subnormals)
-        step = ((tl.maximum(e, EMIN) - MBITS + 127) << 23).to(tl.float32, bitcast=True)  # 2^(max(e, EMIN) - MBITS)
-        return _round_half_even(v / step) * step
+        E = tl.maximum(e, EMIN) - MBITS  # in [EMIN - MBITS, 128 - MBITS]: both 2^E and 2^-E are normal float32
+        step = ((E + 127) << 23).to(tl.float32, bitcast=True)
+        inv_step = ((127 - E) << 23).to(tl.float32, bitcast=True)
+        return _round_half_even(v * inv_step) * step
 
     @triton.jit
     def _fp8_codes(x, scale_ptr, ROUND_SCALE: tl.constexpr):
