@@ -107,7 +107,7 @@ def test_int_mm_probe_needs_a_gpu(tmp_path):
 def test_tiles_follow_the_measured_sweep(monkeypatch):
     """The GPU tile rule (results/conv_tiles): int8 convs (128, 128, 128) x 8 warps from 8,192 rows when the
     channels split into whole K blocks, int4-weight convs (256, 128, 64) x 8 warps from 65,536 rows, the generic
-    rule elsewhere; every tile is 32 in the interpreter."""
+    rule elsewhere, FP8 convs their own sweep's tiles; every tile is 32 in the interpreter."""
     from gacq.export import triton_w4
 
     monkeypatch.setattr(triton_w4, "INTERPRET", True)
@@ -119,6 +119,13 @@ def test_tiles_follow_the_measured_sweep(monkeypatch):
     assert triton_w4.tiles(262144, 128, "w4", 128) == (256, 128, 64, 8)
     assert triton_w4.tiles(16384, 256, "w4", 256) == (128, 128, 64, 8)
     assert triton_w4.tiles(2000, 64) == (64, 64, 64, 4) and triton_w4.tiles(2000, 300) == (64, 128, 64, 4)
+    # FP8 (session 34's H100 sweep): 4 warps on 128-square tiles, 128 x 256 with 8 where O >= 256 and C >= 512; the
+    # int8 rule where the channels do not split into whole 128-blocks, and for few rows
+    assert triton_w4.tiles(262144, 128, "fp8", 128) == (128, 128, 128, 4)
+    assert triton_w4.tiles(65536, 256, "fp8", 256) == (128, 128, 128, 4)
+    assert triton_w4.tiles(65536, 256, "fp8", 512) == (128, 256, 128, 8)
+    assert triton_w4.tiles(16384, 256, "fp8", 192) == triton_w4.tiles(16384, 256, "int8", 192)
+    assert triton_w4.tiles(1024, 256, "fp8", 256) == triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
     assert triton_w4.set_tile_rule("no-small-m") == "small-m"  # the batch-256 rule down to the smallest outputs
     try:
         assert triton_w4.tiles(1000, 64) == (64, 64, 64, 4) and triton_w4.tiles(100, 300) == (32, 64, 64, 4)

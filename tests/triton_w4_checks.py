@@ -737,6 +737,12 @@ def compiled_ops():
 
 
 F32_TOL = 2.0 ** -20 if DEVICE == "cpu" else 2.0 ** -10  # fp8_conv's float32 outputs, of max |y|
+# fp8_linear's UNet layers on the inputs a real model gives them (sums of many same-signed products, where random
+# inputs cancel): on the H100 of session 34 `down_blocks.0.resnets.0.conv1` of `small` was 1.16e-3 of max |y| off
+# the float32 reference (TF32 off), above F32_TOL: Hopper's FP8 MMAs keep fewer accumulator bits than float32
+# (Triton's default maxNumImpreciseAcc never promotes; DeepSeek-V3's report measured about 14 bits). A wrong code
+# would be off by a whole FP8 step of an input, 6-12% of it.
+UNET_TOL = F32_TOL if DEVICE == "cpu" else 2.0 ** -9
 
 
 def _fp8_on_device(q, dtype: torch.dtype | None = None):
@@ -823,7 +829,7 @@ def fp8_conv():
     xd = x.to(DEVICE)
     for fuse, op in ((True, "gacq.fp8_conv2d_codes.default"), (False, "gacq.fp8_conv2d.default")):
         ex.compile_fuses_quantize = fuse
-        want, got, gm, ops, launches = _compiled_once(ex, xd)
+        want, got, _, ops, launches = _compiled_once(ex, xd)
         assert [str(n.target) for n in ops] == [op] and not launches, (fuse, ops)
         if DEVICE == "cpu" or not fuse:
             _same_epilogue(got, want, ("fp8 compiled", fuse))
@@ -909,7 +915,8 @@ def fp8_linear():
     the codes: row counts off 16, K and O off 16 (the stored weight padded, the input's K padded per call), 3-d
     inputs, bf16 inputs, FP8 and W4 integer weights; then a whole UNet (`small` on CUDA, `tiny` in the interpreter)
     exported against its fake-quant model, layer by layer on the same inputs and as a whole. On CUDA the per-layer
-    bound is fp8_conv's F32_TOL: Hopper's FP8 tensor cores accumulate inside an MMA with fewer than float32's bits."""
+    bounds are F32_TOL (random inputs) and UNET_TOL (the UNet's): Hopper's FP8 tensor cores accumulate with fewer
+    than float32's bits."""
     import copy
 
     from torch import nn
@@ -967,11 +974,13 @@ def fp8_linear():
             want = fq(x, t).sample
             for h in hooks:
                 h.remove()
-            worst = (0.0, "")
-            for name, (xin, out) in seen.items():
-                err = float((ex.get_submodule(name)(xin) - out).abs().max()) / float(out.abs().max())
-                worst = max(worst, (err, name))
-                assert err <= F32_TOL, (name, err)
+            errs = {name: float((ex.get_submodule(name)(xin) - out).abs().max()) / float(out.abs().max())
+                    for name, (xin, out) in seen.items()}
+            worst = max((e, name) for name, e in errs.items())
+            over = {name: e for name, e in errs.items() if e > UNET_TOL}
+            print(f"fp8_linear: {config} UNet, layers off their fake-quant twins by at most {worst[0]:.2e} of max |y| "
+                  f"({worst[1]}); over {UNET_TOL:.2e}: {over or 'none'}", flush=True)
+            assert not over
             got = ex(x, t).sample
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
             want_tf32 = fq(x, t).sample
@@ -979,9 +988,8 @@ def fp8_linear():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     rel = float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt())
     floor = float((want_tf32 - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt())
-    print(f"fp8_linear: {config} UNet, {len(seen)} layers each within {worst[0]:.1e} of max |y| (worst: {worst[1]}); "
-          f"the whole model vs fake quant: relative RMS {rel:.2e} (fake quant with TF32 vs without: {floor:.2e})",
-          flush=True)
+    print(f"fp8_linear: {config} UNet, {len(seen)} layers; the whole model vs fake quant: relative RMS {rel:.2e} "
+          f"(fake quant with TF32 vs without: {floor:.2e})", flush=True)
     # the whole model: bitwise codes and float32 sums in the interpreter; on CUDA the cascade above, bounded loosely
     assert rel <= (1e-2 if DEVICE == "cpu" else 0.25), rel
 

@@ -141,7 +141,7 @@ def fp8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int
     (`FP8Part.qweight` of a conv); k = C*kh*kw; w_scale: (O,) float32; bias: (O,) or None; act_scale: the input
     quantizer's scale as a one-element tensor on x's device, read by the kernels (no host sync: per-step scales
     written into it work under CUDA graphs). `block` = (BLOCK_M, BLOCK_N, BLOCK_K), `num_warps` and `num_stages`
-    override `triton_w4.tiles`' int8 choice (FP8 tiles are as many bytes as int8's) and Triton's default pipelining
+    override `triton_w4.tiles`' FP8 choice and Triton's default pipelining
     (benchmarks/tune_conv_tiles.py)."""
     if triton is None:
         raise RuntimeError("the FP8 Triton kernel needs the triton package")
@@ -191,7 +191,7 @@ def fp8_conv2d_codes(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channel
     ho, wo = conv_output_size(hp, kh, sh, 0, dh), conv_output_size(wp, kw, sw, 0, dw)
     y = torch.empty((n, out_channels, ho, wo), dtype=out_dtype, device=q.device)
     m = n * ho * wo
-    bm, bn, bk, warps = tiles(m, out_channels, "int8", c)
+    bm, bn, bk, warps = tiles(m, out_channels, "fp8", c)
     if block is not None:
         (bm, bn, bk), warps = block, 4
     b = bias if bias is not None else w_scale  # any pointer when unused
