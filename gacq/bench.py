@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         ("fp8 FP8", lambda: convert(fqf8(), "fp8")[0], False),  # torch._scaled_mm; convs: Triton (CUDA) or im2col
         ("fake-quant W4xFP8", fq4f8, False),
         ("fp8 W4xFP8", lambda: convert(fq4f8(), "fp8")[0], False),
+        ("w4fp8 W4xFP8", lambda: convert(fq4f8(), "w4fp8")[0], False),  # the same, int4 packed, unpacked per call
     ]
     if not args.no_compile:
         modes.insert(1, (modes[0][0].replace("eager", "compiled"), lambda: copy.deepcopy(fp), True))
@@ -391,7 +392,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                   ("w4a16 W4A16 compiled", lambda: convert(fq4(), "w4a16")[0], True),
                   ("fp8 FP8 compiled", lambda: convert(fqf8(), "fp8")[0], True),
                   ("fp8 FP8 compiled triton-quantize", lambda: triton_quantize(convert(fqf8(), "fp8")[0]), True),
-                  ("fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True)]
+                  ("fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True),
+                  ("w4fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "w4fp8")[0], True)]
 
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]

@@ -19,7 +19,7 @@ def _fail(e: GacqError) -> None:
 
 def export_cmd(
     qdir: Path = typer.Argument(..., help="Quantized checkpoint folder (from `gacq quantize`)."),
-    backend: str = typer.Option(..., "--backend", help="int8 (W<=8 A<=8, int32 GEMM), w4a8 (packed int4 weights x int8 activations), w4a16 (packed int4 weights, float activations) or fp8 (FP8 E4M3 weights and activations, for checkpoints quantized with --format fp8)."),
+    backend: str = typer.Option(..., "--backend", help="int8 (W<=8 A<=8, int32 GEMM), w4a8 (packed int4 weights x int8 activations), w4a16 (packed int4 weights, float activations), fp8 (FP8 E4M3 activations x FP8 weights, --format fp8, or x W4 integer weights, --act-format fp8) or w4fp8 (--act-format fp8 W4 weights packed two per byte, unpacked to FP8 per call)."),
     out: Path = typer.Option(..., "--out", help="Exported folder: QDIR's files + export.json."),
     device: str = typer.Option("auto", help="Where the agreement check runs: auto, cpu, cuda or cuda:N."),
     strict: bool = typer.Option(False, "--strict",

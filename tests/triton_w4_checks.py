@@ -814,6 +814,14 @@ def fp8_conv():
             err = float((y.float() - ref.float()).abs().max())
             tol = (2 * eps if dt != torch.float32 else F32_TOL) * float(ref.float().abs().max())
             assert err <= tol, (cin, cout, k, stride, dt, err, tol)
+            if wbits == 4:  # the w4fp8 backend: the same FP8 codes unpacked from packed int4 per call, same output
+                import copy
+
+                from gacq.export.fp8 import to_w4fp8
+
+                with torch.no_grad():
+                    y4 = to_w4fp8(copy.deepcopy(q)).to(DEVICE).to(dt)(xd)
+                assert torch.equal(y4, y), (dt, (y4.float() - y.float()).abs().max())
         # float32 against float64 on the fake quantizers' codes
         ex = _fp8_on_device(q)
         with torch.no_grad():

@@ -27,7 +27,7 @@ from ..errors import GacqError
 from ..quant.modules import QuantLayer
 from ..quant.wrap import quant_layers
 from .base import ExportedLayer, dense_fallback
-from .fp8 import fp8_unsupported, to_fp8
+from .fp8 import fp8_unsupported, to_fp8, to_w4fp8
 from .int8 import int8_unsupported, to_int8, to_w4a8, w4a8_unsupported
 from .w4a16 import to_w4a16, w4a16_unsupported, weight_bits
 
@@ -160,15 +160,34 @@ BACKENDS["fp8"] = Backend(
 )
 
 
+def _refuse_w4fp8(wbits: int, abits: int | None) -> str | None:
+    if wbits > 4:
+        return (f"the w4fp8 backend packs integer weights of at most 4 bits; this model's are {wbits}-bit: use "
+                "--backend fp8")
+    return _refuse_fp8(wbits, abits)
+
+
+BACKENDS["w4fp8"] = Backend(
+    "w4fp8", "integer weights of at most 4 bits packed two per byte and unpacked to FP8 E4M3 codes at each call "
+    "(`--act-format fp8` checkpoints) x FP8 E4M3 activations: the fp8 backend's GEMMs at a quarter of bf16's weight "
+    "bytes",
+    fp8_unsupported, to_w4fp8, _refuse_w4fp8,
+    sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
+    tolerance_note="as fp8: the unpacked codes are the fp8 backend's, so the same GEMMs and the same bounds.",
+)
+
+FP8_BACKENDS = ("fp8", "w4fp8")
+
+
 def _check_formats(layers: list[tuple[str, QuantLayer]], backend: str) -> None:
-    """The fp8 backend takes checkpoints with FP8 grids only, the integer backends integer ones."""
+    """The fp8 backends take checkpoints with FP8 grids only, the integer backends integer ones."""
     fmts = {f for _, m in layers for f in (m.fmt, m.afmt)}
-    if backend == "fp8" and "fp8" not in fmts:
-        raise GacqError("the fp8 backend runs checkpoints quantized with `gacq quantize --format fp8` or "
+    if backend in FP8_BACKENDS and "fp8" not in fmts:
+        raise GacqError(f"the {backend} backend runs checkpoints quantized with `gacq quantize --format fp8` or "
                         "`--act-format fp8`; this one has integer grids: use --backend int8, w4a8 or w4a16")
-    if backend != "fp8" and "fp8" in fmts:
+    if backend not in FP8_BACKENDS and "fp8" in fmts:
         raise GacqError(f"this checkpoint has FP8 E4M3 grids (`--format fp8` / `--act-format fp8`); the {backend} "
-                        "backend runs integer grids: use --backend fp8")
+                        "backend runs integer grids: use --backend fp8 (or w4fp8 for W4 weights)")
 
 
 def get_backend(name: str) -> Backend:

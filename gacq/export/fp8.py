@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..quant.modules import QuantConv2d, QuantLayer
 from ..quant.primitives import FP8_DTYPE, fp8_cast
-from .base import ExportedLayer, _Part, round_up, rsc_order
+from .base import ExportedLayer, _Part, pack_int4, round_up, rsc_order, unpack_int4
 from .w4a16 import weight_bits
 
 ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
@@ -50,44 +50,65 @@ def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class FP8Part(_Part):
-    """One channel group of the weight: FP8 codes (O16, K16) row-major, zero-padded, and the per-channel scales."""
+    """One channel group of the weight: FP8 codes (O16, K16) row-major, zero-padded, and the per-channel scales.
+
+    With `zero` (the `w4fp8` backend): `codes` are a 4-bit integer weight's own codes (0..15) and `zero` its integer
+    zero points per output channel; they are kept packed two per byte (`pack_int4`, a quarter of bf16's bytes), and
+    the FP8 codes of code - zero (in [-15, 15]: exact in E4M3) are unpacked from them at each call (`fp8_weight`)."""
 
     # they survive `model.to(torch.bfloat16)` as they are: qweight is a floating-point dtype to torch, which would
     # otherwise cast the codes to bf16 (and then torch._scaled_mm refuses them); `one` is torch._scaled_mm's unit
     # scale, which must be float32
     exact_buffers = ("qweight", "w_scale", "one")
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, channels: tuple[int, int]):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, channels: tuple[int, int],
+                 zero: torch.Tensor | None = None):
         super().__init__()
         o, k = codes.shape
         self.k, self.out_channels, self.channels = k, o, channels
-        padded = torch.zeros(round_up(o, ALIGN), round_up(k, ALIGN), dtype=FP8_DTYPE, device=codes.device)
-        padded[:o, :k] = codes.to(FP8_DTYPE)
-        self.register_buffer("qweight", padded)
+        self.packed = zero is not None
+        if self.packed:
+            self.register_buffer("qweight_packed", pack_int4(codes.round().to(torch.int32)))
+            self.register_buffer("w_zero", zero.reshape(o).round().to(torch.uint8).clone())
+        else:
+            padded = torch.zeros(round_up(o, ALIGN), round_up(k, ALIGN), dtype=FP8_DTYPE, device=codes.device)
+            padded[:o, :k] = codes.to(FP8_DTYPE)
+            self.register_buffer("qweight", padded)
         self.register_buffer("w_scale", scale.float().reshape(o).clone())
         self.register_buffer("one", torch.ones((), device=codes.device), persistent=False)
 
+    def fp8_weight(self) -> torch.Tensor:
+        """The FP8 codes (O16, K16), zero-padded, that the GEMMs take: `qweight`, or a packed part's code - zero
+        unpacked now (torch ops: under torch.compile one fused kernel per weight)."""
+        if not self.packed:
+            return self.qweight
+        o, k = self.out_channels, self.k
+        centred = unpack_int4(self.qweight_packed, k).float() - self.w_zero.float()[:, None]
+        return F.pad(centred, (0, round_up(k, ALIGN) - k, 0, round_up(o, ALIGN) - o)).to(FP8_DTYPE)
+
     def codes(self) -> torch.Tensor:
         """The unpadded codes (O, K) as float32 (exact)."""
-        return self.qweight[:self.out_channels, :self.k].float()
+        return self.fp8_weight()[:self.out_channels, :self.k].float()
 
     def gemm(self, a: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
         """a (M, K) float8 codes -> (M, O) float32: a_scale * sw[o] * (a @ codes^T)."""
-        kp = self.qweight.shape[1]
+        w = self.fp8_weight()
+        kp = w.shape[1]
         if a.shape[1] != kp:  # zero codes add nothing
             a = F.pad(a.view(torch.uint8), (0, kp - a.shape[1])).view(FP8_DTYPE)
-        s = torch._scaled_mm(a.contiguous(), self.qweight.t(), scale_a=self.one, scale_b=self.one,
+        s = torch._scaled_mm(a.contiguous(), w.t(), scale_a=self.one, scale_b=self.one,
                              out_dtype=torch.float32)
         return s[:, :self.out_channels] * (a_scale.float().reshape(()) * self.w_scale)
 
 
-def fp8_parts(layer: QuantLayer) -> list[FP8Part]:
+def fp8_parts(layer: QuantLayer, packed: bool = False) -> list[FP8Part]:
     """The layer's weight codes per channel group (one unless split) as FP8 values, a conv's with k in (r, s, c)
     order: an fp8 weight's FP8 values of W / scale as the fake quantizer rounds them, or an integer weight's codes
     minus their zero point (at most 4 bits: integers of at most 15 in magnitude, exact in E4M3), so that
-    codes * scale is the fake-quant weight either way."""
+    codes * scale is the fake-quant weight either way. `packed` (integer weights only): the codes themselves, packed
+    two per byte, and the zero points, unpacked to those FP8 values at call time."""
     codes = layer.integer_weight().detach()  # on both halves' grids when split
-    if layer.fmt != "fp8":
+    if layer.fmt != "fp8" and not packed:
         codes = codes - layer.weight_qparams()[1]  # centred integers
     o, i = codes.shape[:2]
     groups = [(layer.weight_quantizer, 0, layer.split or i)]
@@ -97,7 +118,8 @@ def fp8_parts(layer: QuantLayer) -> list[FP8Part]:
     for q, lo, hi in groups:
         c = codes[:, lo:hi]
         flat = rsc_order(c.reshape(o, -1), tuple(c.shape[2:])) if c.ndim == 4 else c
-        parts.append(FP8Part(flat, q.scale.detach().reshape(o), (lo, hi)))
+        zero = q.zero_point.detach().reshape(o) if packed else None
+        parts.append(FP8Part(flat, q.scale.detach().reshape(o), (lo, hi), zero))
     return parts
 
 
@@ -105,9 +127,9 @@ class FP8Layer(ExportedLayer):
     """FP8 E4M3 conv / linear: `torch._scaled_mm` on the input's and the weight's codes (float inputs: the weight's
     codes dequantized, then the float op)."""
 
-    def __init__(self, layer: QuantLayer):
+    def __init__(self, layer: QuantLayer, packed: bool = False):
         super().__init__(layer)
-        self.parts = torch.nn.ModuleList(fp8_parts(layer))
+        self.parts = torch.nn.ModuleList(fp8_parts(layer, packed))
 
     def _columns(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The GEMM's input rows (M, K) of the input's codes u (float8): u itself (linear) or its im2col patches
@@ -153,7 +175,7 @@ class FP8Layer(ExportedLayer):
 
         p, q = self.parts[0], self.act_quantizer
         scale = q.scale.detach().reshape(1)
-        weight = (p.qweight, p.k, self.out_channels, p.w_scale, self.bias, scale)
+        weight = (p.fp8_weight(), p.k, self.out_channels, p.w_scale, self.bias, scale)
         geom = (self.kernel_size, self.stride, tuple(self.padding), self.dilation)
         if not torch.compiler.is_compiling():
             return fp8_conv2d(x, *weight, *geom)
@@ -207,5 +229,11 @@ def fp8_unsupported(layer: QuantLayer) -> str | None:
     return None
 
 
-def to_fp8(layer: QuantLayer) -> FP8Layer:
-    return (FP8Conv2d if isinstance(layer, QuantConv2d) else FP8Linear)(layer)
+def to_fp8(layer: QuantLayer, packed: bool = False) -> FP8Layer:
+    return (FP8Conv2d if isinstance(layer, QuantConv2d) else FP8Linear)(layer, packed)
+
+
+def to_w4fp8(layer: QuantLayer) -> FP8Layer:
+    """The `w4fp8` backend's layer: integer weights of at most 4 bits packed two per byte, unpacked to FP8 codes at
+    each call; FP8 weights as the fp8 backend's."""
+    return to_fp8(layer, packed=layer.fmt != "fp8")

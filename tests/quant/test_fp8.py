@@ -319,3 +319,38 @@ def test_w4_weights_with_fp8_inputs(w4_fp8_inputs, tmp_path):
         assert (y - ref).abs().max() <= 2.0 ** -20 * ref.abs().amax() + 1e-30, name
     with pytest.raises(GacqError, match="integer grids"):
         convert(copy.deepcopy(q), "w4a8")
+
+
+def test_w4fp8_backend_packs_the_fp8_backends_codes(w4_fp8_inputs, fp8_model, tmp_path):
+    """The w4fp8 backend: the same W4 / FP8-input checkpoint as the fp8 backend, its 4-bit codes packed two per byte
+    and unpacked to the fp8 backend's FP8 codes at each call, so every layer and the whole model give the fp8
+    backend's outputs bitwise, from about half its weight bytes; it refuses wider weights and integer inputs."""
+    import copy
+
+    loaded, cfg, q = w4_fp8_inputs
+    fp8_model_, rep8 = convert(copy.deepcopy(q), "fp8")
+    packed, rep4 = convert(copy.deepcopy(q), "w4fp8")
+    assert rep4.n_fallbacks == 0 and rep4.converted == rep8.converted
+    for (name, a), b in zip(fp8_model_.named_modules(), packed.modules()):
+        if hasattr(a, "parts"):
+            for pa, pb in zip(a.parts, b.parts):
+                assert pb.packed and not pa.packed and "qweight" not in dict(pb.named_buffers())
+                assert pb.qweight_packed.dtype == torch.uint8 and pb.qweight_packed.shape[1] == (pb.k + 1) // 2
+                assert torch.equal(pb.fp8_weight().view(torch.uint8), pa.qweight.view(torch.uint8)), name
+    # bytes: half a byte a weight plus a zero point per channel, against a byte a weight (padded to 16) for fp8
+    assert rep4.weight_bytes_after < 0.6 * rep8.weight_bytes_after
+    assert rep4.weight_bytes_after < 0.3 * rep4.weight_bytes_fp16  # a quarter of fp16's, plus scales and zeros
+    x, t = _io()
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x, t).sample, fp8_model_(x, t).sample, rtol=0, atol=0)
+    # an exported folder of the backend, reloaded
+    save_quantized(q, tmp_path / "q", {"config": cfg.to_json()}, dict(loaded.model.config), loaded.scheduler_config)
+    info = export(tmp_path / "q", "w4fp8", tmp_path / "e")
+    assert info["report"]["fallbacks"] == [] and info["check"]["agree_fraction"] >= 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path / "e")(x, t).sample, packed(x, t).sample, rtol=0, atol=0)
+    with pytest.raises(GacqError, match="integer grids: use --backend int8"):
+        convert(quantize(loaded, QuantConfig(method="rtn", wbits=4, abits=None), None), "w4fp8")
+    _, _, q8 = fp8_model  # FP8 W8A8: the fp8 backend's
+    with pytest.raises(GacqError, match="8-bit: use --backend fp8"):
+        convert(copy.deepcopy(q8), "w4fp8")
