@@ -105,7 +105,7 @@ def test_int_mm_probe_needs_a_gpu(tmp_path):
 
 
 def test_tiles_follow_the_measured_sweep(monkeypatch):
-    """The GPU tile rule (results/conv_tiles): int8 convs (128, 128, 128) x 8 warps from 8,192 rows when the
+    """The GPU tile rule (results/conv_tiles): int8 convs (256, 128, 64) x 8 warps from 8,192 rows when the
     channels split into whole K blocks, int4-weight convs (256, 128, 64) x 8 warps from 65,536 rows, the generic
     rule elsewhere, FP8 convs their own sweep's tiles; every tile is 32 in the interpreter."""
     from gacq.export import triton_w4
@@ -113,9 +113,9 @@ def test_tiles_follow_the_measured_sweep(monkeypatch):
     monkeypatch.setattr(triton_w4, "INTERPRET", True)
     assert triton_w4.tiles(10**6, 256, "int8", 256) == (32, 32, 32, 4)
     monkeypatch.setattr(triton_w4, "INTERPRET", False)
-    assert triton_w4.tiles(262144, 128, "int8", 128) == (128, 128, 128, 8)
-    assert triton_w4.tiles(16384, 256, "int8", 256) == (128, 128, 128, 8)
-    assert triton_w4.tiles(16384, 256, "int8", 192) == (128, 128, 64, 8)  # 192 channels: not whole 128-blocks
+    assert triton_w4.tiles(262144, 128, "int8", 128) == (256, 128, 64, 8)
+    assert triton_w4.tiles(16384, 256, "int8", 192) == (256, 128, 64, 8)
+    assert triton_w4.tiles(16384, 256, "int8", 96) == (128, 128, 64, 8)  # 96 channels: not whole 64-blocks
     assert triton_w4.tiles(262144, 128, "w4", 128) == (256, 128, 64, 8)
     assert triton_w4.tiles(16384, 256, "w4", 256) == (128, 128, 64, 8)
     assert triton_w4.tiles(2000, 64) == (64, 64, 64, 4) and triton_w4.tiles(2000, 300) == (64, 128, 64, 4)

@@ -78,10 +78,11 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
     tile's cost is its size). The integer kernels' results do not depend on the tiles.
 
     `kind` "int8" (the int8 implicit-GEMM conv) and "w4" (the convs on packed int4 weights, W4A8 and W4A16) take
-    the tiles that won benchmarks/tune_conv_tiles.py's sweep on the H200 at batch 256 (results/conv_tiles,
-    session 11): int8 (128, 128, 128) with 8 warps from M = 8,192 rows (1.2-1.4x the generic tiles; only where
-    `channels` % 128 == 0, so that a K block stays within one kernel tap), w4 (256, 128, 64) with 8 warps from
-    M = 65,536 (1.1-1.5x). "fp8" (the FP8 implicit-GEMM conv's GEMM, `triton_fp8`) takes the winners of the H100
+    the tiles that won benchmarks/tune_conv_tiles.py's sweeps at batch 256 (results/conv_tiles): int8 (256, 128,
+    64) with 8 warps from M = 8,192 rows (the halo path on the H100, session 34: 1.2-1.5x the (128, 128, 128) that
+    won session 11's sweep on the H200 before the halo path, on the four shapes measured; only where `channels` %
+    64 == 0, so that a K block stays within one kernel tap), w4 (256, 128, 64) with 8 warps from M = 65,536
+    (1.1-1.5x). "fp8" (the FP8 implicit-GEMM conv's GEMM, `triton_fp8`) takes the winners of the H100
     sweep of session 34 (results/conv_tiles/s34-fp8-gemm, batch 256): (128, 128, 128) with 4 warps from M = 8,192
     (1.05-1.26x the int8 rule's 8 warps on all six shapes), (128, 256, 128) with 8 warps where O >= 256 and C >= 512
     (905 against 837 T/s). Outputs of at most SMALL_M rows take smaller tiles under the default "small-m" rule
@@ -94,8 +95,8 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
         return (128, 256, 128, 8) if n >= 256 and channels is not None and channels >= 512 else (128, 128, 128, 4)
     if kind == "fp8":
         kind = "int8"  # the int8 kernel's tiles otherwise (FP8 tiles are as many bytes)
-    if n >= 128 and kind == "int8" and m >= 8192 and (channels is None or channels % 128 == 0):
-        return 128, 128, 128, 8
+    if n >= 128 and kind == "int8" and m >= 8192 and (channels is None or channels % 64 == 0):
+        return 256, 128, 64, 8
     if n >= 128 and kind == "w4" and m >= 65536:
         return 256, 128, 64, 8
     bm = 128 if m >= 8192 else 64 if m >= 512 else 32
