@@ -814,6 +814,14 @@ def fp8_conv():
             err = float((y.float() - ref.float()).abs().max())
             tol = (2 * eps if dt != torch.float32 else F32_TOL) * float(ref.float().abs().max())
             assert err <= tol, (cin, cout, k, stride, dt, err, tol)
+            if k == 1:  # cublas_pointwise: the torch path (torch._scaled_mm on channels-last codes) instead
+                ex.cublas_pointwise = True
+                assert not ex.kernel_applies(xd)
+                with torch.no_grad():
+                    yc = ex(xd)
+                ex.cublas_pointwise = False
+                err = float((yc.float() - y.float()).abs().max())
+                assert err <= tol, ("cublas_pointwise", dt, err, tol)
             if wbits == 4:  # the w4fp8 backend: the same FP8 codes unpacked from packed int4 per call, same output
                 import copy
 

@@ -157,12 +157,20 @@ class FP8Layer(ExportedLayer):
         return w.reshape(self.weight_shape)
 
     use_kernel = True  # convs: the Triton kernel where it applies; False: always the torch path (benchmarks)
+    # 1x1 stride-1 convs on the torch path (channels-last codes through cuBLAS's FP8 GEMM, `torch._scaled_mm`) instead
+    # of the Triton conv, which ran them at 0.64x of cuDNN bf16 on the H100 where its 3x3 convs ran 1.15-1.9x
+    # (session 34, results/conv_tiles/s34-fp8-gemm); off until a benchmark shows it pays (`gacq bench`'s mode
+    # "fp8 FP8 compiled 1x1-cublas")
+    cublas_pointwise = False
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
         """The Triton conv (`triton_fp8`) runs this call: an unsplit conv with groups 1 and quantized inputs, on CUDA
-        (or in Triton's interpreter)."""
+        (or in Triton's interpreter), unless it is a 1x1 stride-1 conv and `cublas_pointwise` is on."""
         from .triton_fp8 import available
 
+        if self.cublas_pointwise and self.is_conv and self.kernel_size == (1, 1) and self.stride == (1, 1) \
+                and tuple(self.padding) == (0, 0):
+            return False
         return self.use_kernel and self.is_conv and self.groups == 1 and len(self.parts) == 1 and available(x)
 
     # under torch.compile: True, the input's codes come from torch ops (`triton_fp8.fp8_halo_codes`) that inductor
