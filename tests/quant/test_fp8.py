@@ -261,6 +261,9 @@ def test_cli_quantize_and_export_fp8(tiny_model_dir, tmp_path):
     r = gacq_here("export", out, "--backend", "fp8", "--out", tmp_path / "e")
     assert r.returncode == 0, r.stderr
     assert "FP8Conv2d" in r.stdout
+    r = gacq_here("export", out, "--backend", "w4fp8", "--out", tmp_path / "e4")  # W8 FP8 weights: nothing to pack
+    assert r.returncode != 0 and "use --backend fp8" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "e4").exists()
     r = gacq_here("quantize", "--model", tiny_model_dir, "--method", "rtn", "--wbits", "4", "--format", "fp8",
                   "--out", tmp_path / "bad")
     assert r.returncode != 0 and "an 8-bit format" in r.stderr and "Traceback" not in r.stderr
