@@ -148,6 +148,16 @@ def cublas_pointwise(model: nn.Module) -> nn.Module:
     return model
 
 
+def nhwc_out(model: nn.Module) -> nn.Module:
+    """An fp8 export whose convs, under torch.compile, write their outputs in channels-last memory."""
+    from gacq.export.fp8 import FP8Layer
+
+    for m in model.modules():
+        if isinstance(m, FP8Layer):
+            m.channels_last_out = True
+    return model
+
+
 def triton_linears(model: nn.Module) -> nn.Module:
     """An int8 export whose linears also run the fused Triton kernel (as 1x1 convs over 1x1 images) instead of
     `torch._int_mm` (935 TOPS at 8192^3 on the H200 in its default "nt" layout, results/int_mm_probe)."""
@@ -404,6 +414,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                   ("fp8 FP8 compiled", lambda: convert(fqf8(), "fp8")[0], True),
                   ("fp8 FP8 compiled triton-quantize", lambda: triton_quantize(convert(fqf8(), "fp8")[0]), True),
                   ("fp8 FP8 compiled 1x1-cublas", lambda: cublas_pointwise(convert(fqf8(), "fp8")[0]), True),
+                  ("fp8 FP8 compiled nhwc-out", lambda: nhwc_out(convert(fqf8(), "fp8")[0]), True),
                   ("fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True),
                   ("w4fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "w4fp8")[0], True)]
 

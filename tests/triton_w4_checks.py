@@ -852,6 +852,13 @@ def fp8_conv():
         else:
             err = float((got - want).abs().max())
             assert err <= F32_TOL * float(want.abs().max()), ("fp8 compiled, fused quantize", err)
+    # channels_last_out: the same values, written in channels-last memory
+    ex.compile_fuses_quantize, ex.channels_last_out = True, True
+    want, got, _, ops, _ = _compiled_once(ex, xd)
+    ex.channels_last_out = False
+    assert got.is_contiguous(memory_format=torch.channels_last) and not want.is_contiguous(
+        memory_format=torch.channels_last), got.stride()
+    _same_epilogue(got.contiguous(), want, "fp8 compiled, channels-last output")
     (part,), bias = ex.parts, ex.bias.detach()
     scale = ex.act_quantizer.scale.detach().reshape(1)
     # torch.compile with a bf16 input: eager rounds x / s to bf16 and then to FP8 (two roundings: a code can differ
@@ -892,6 +899,8 @@ def fp8_conv():
     weight = (part.qweight, part.k, part.out_channels, part.w_scale, bias, scale)
     torch.library.opcheck(triton_fp8.fp8_conv2d_op, (xd, *weight, *geom), test_utils=utils)
     torch.library.opcheck(triton_fp8.fp8_conv2d_codes_op, (codes, *weight, *geom, torch.float32), test_utils=utils)
+    torch.library.opcheck(triton_fp8.fp8_conv2d_codes_op, (codes, *weight, *geom, torch.float32, True),
+                          test_utils=utils)
 
 
 def fp8_codes_sweep():

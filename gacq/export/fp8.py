@@ -177,6 +177,10 @@ class FP8Layer(ExportedLayer):
     # fuses into the kernel producing the input, and only the GEMM is an opaque op; False: the eager path's Triton
     # quantize kernel and the GEMM, both inside one opaque op (benchmarks compare the two)
     compile_fuses_quantize = True
+    # under torch.compile with compile_fuses_quantize: the conv's output in channels-last memory (coalesced stores
+    # along the output channels; `triton_fp8.fp8_conv2d_codes`); off until a benchmark shows it pays (`gacq bench`'s
+    # mode "fp8 FP8 compiled nhwc-out")
+    channels_last_out = False
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         from .triton_fp8 import fp8_conv2d, fp8_conv2d_codes_op, fp8_conv2d_op, fp8_halo_codes
@@ -188,7 +192,8 @@ class FP8Layer(ExportedLayer):
         if not torch.compiler.is_compiling():
             return fp8_conv2d(x, *weight, *geom)
         if self.compile_fuses_quantize:
-            return fp8_conv2d_codes_op(fp8_halo_codes(x, scale, geom[2]), *weight, *(list(g) for g in geom), x.dtype)
+            return fp8_conv2d_codes_op(fp8_halo_codes(x, scale, geom[2]), *weight, *(list(g) for g in geom), x.dtype,
+                                       self.channels_last_out)
         return fp8_conv2d_op(x, *weight, *(list(g) for g in geom))  # one opaque op per layer (as the int8 layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -177,9 +177,11 @@ def fp8_conv2d_codes(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channel
                      bias: torch.Tensor | None, act_scale: torch.Tensor, kernel_size: tuple[int, int],
                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                      out_dtype: torch.dtype, block: tuple[int, int, int] | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, channels_last_out: bool = False) -> torch.Tensor:
     """`fp8_conv2d`'s implicit GEMM alone, on the halo buffer q (N, HP, WP, C) of the input's codes
-    (`fp8_halo_codes`), -> (N, O, HO, WO) in out_dtype."""
+    (`fp8_halo_codes`), -> (N, O, HO, WO) in out_dtype. `channels_last_out`: the output in channels-last memory
+    (N, HO, WO, O) strides, so that a tile's stores run along O, the tile's provably contiguous axis (NCHW stores
+    run along the output rows, whose contiguity Triton cannot see through the (n, ho, wo) decomposition)."""
     if triton is None:
         raise RuntimeError("the FP8 Triton kernel needs the triton package")
     q = q.contiguous()
@@ -189,7 +191,10 @@ def fp8_conv2d_codes(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channel
         raise ValueError(f"fp8_conv2d: input has {c} channels, the weight expects {k // (kh * kw)}")
     (sh, sw), (dh, dw) = stride, dilation  # padding: already in q's border
     ho, wo = conv_output_size(hp, kh, sh, 0, dh), conv_output_size(wp, kw, sw, 0, dw)
-    y = torch.empty((n, out_channels, ho, wo), dtype=out_dtype, device=q.device)
+    if channels_last_out:
+        y = torch.empty((n, ho, wo, out_channels), dtype=out_dtype, device=q.device).permute(0, 3, 1, 2)
+    else:
+        y = torch.empty((n, out_channels, ho, wo), dtype=out_dtype, device=q.device)
     m = n * ho * wo
     bm, bn, bk, warps = tiles(m, out_channels, "fp8", c)
     if block is not None:
@@ -226,17 +231,19 @@ def _fp8_conv2d_shape(x, qweight, k, out_channels, w_scale, bias, act_scale, ker
 def fp8_conv2d_codes_op(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
                         bias: Optional[torch.Tensor], act_scale: torch.Tensor, kernel_size: list[int],
                         stride: list[int], padding: list[int], dilation: list[int],
-                        out_dtype: torch.dtype) -> torch.Tensor:
+                        out_dtype: torch.dtype, channels_last_out: bool = False) -> torch.Tensor:
     """`fp8_conv2d_codes` as the custom op `gacq::fp8_conv2d_codes`."""
     return fp8_conv2d_codes(q, qweight, k, out_channels, w_scale, bias, act_scale, tuple(kernel_size), tuple(stride),
-                            tuple(padding), tuple(dilation), out_dtype)
+                            tuple(padding), tuple(dilation), out_dtype, channels_last_out=channels_last_out)
 
 
 @fp8_conv2d_codes_op.register_fake
 def _fp8_conv2d_codes_shape(q, qweight, k, out_channels, w_scale, bias, act_scale, kernel_size, stride, padding,
-                            dilation, out_dtype):
+                            dilation, out_dtype, channels_last_out=False):
     n, hp, wp, _ = q.shape
     ho, wo = (conv_output_size(size, kk, s, 0, d) for size, kk, s, d in zip((hp, wp), kernel_size, stride, dilation))
+    if channels_last_out:
+        return q.new_empty((n, ho, wo, out_channels), dtype=out_dtype).permute(0, 3, 1, 2)
     return q.new_empty((n, out_channels, ho, wo), dtype=out_dtype)
 
 
