@@ -126,35 +126,17 @@ def unpack_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def triton_quantize(model: nn.Module) -> nn.Module:
-    """An fp8 export whose convs, under torch.compile, quantize their input with the eager path's Triton kernel (inside
-    the conv's custom op) instead of torch ops that inductor fuses into the input's producer (the default)."""
+def fp8_variant(model: nn.Module, **switches) -> nn.Module:
+    """An fp8 export with `FP8Layer` switches set on every layer, e.g. compile_fuses_quantize=False (under
+    torch.compile the eager path's Triton quantize kernel inside the conv's custom op, not torch ops inductor fuses
+    into the input's producer), cublas_pointwise=True (1x1 stride-1 convs through cuBLAS's FP8 GEMM) or
+    channels_last_out=True (the compiled convs write channels-last outputs)."""
     from gacq.export.fp8 import FP8Layer
 
     for m in model.modules():
         if isinstance(m, FP8Layer):
-            m.compile_fuses_quantize = False
-    return model
-
-
-def cublas_pointwise(model: nn.Module) -> nn.Module:
-    """An fp8 export whose 1x1 stride-1 convs run cuBLAS's FP8 GEMM (`torch._scaled_mm`) on channels-last codes
-    instead of the Triton conv."""
-    from gacq.export.fp8 import FP8Layer
-
-    for m in model.modules():
-        if isinstance(m, FP8Layer):
-            m.cublas_pointwise = True
-    return model
-
-
-def nhwc_out(model: nn.Module) -> nn.Module:
-    """An fp8 export whose convs, under torch.compile, write their outputs in channels-last memory."""
-    from gacq.export.fp8 import FP8Layer
-
-    for m in model.modules():
-        if isinstance(m, FP8Layer):
-            m.channels_last_out = True
+            for name, value in switches.items():
+                setattr(m, name, value)
     return model
 
 
@@ -377,6 +359,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     fq48 = lambda: fake_quant(fp, 4, 8, device, args.seed)
     fqf8 = lambda: fake_quant(fp, 8, 8, device, args.seed, fmt="fp8")
     fq4f8 = lambda: fake_quant(fp, 4, 8, device, args.seed, afmt="fp8")  # int4 weights, FP8 inputs
+    fp8x = lambda **switches: fp8_variant(convert(fqf8(), "fp8")[0], **switches)  # FP8Layer switches
     modes = [
         (f"{args.dtype} eager", lambda: copy.deepcopy(fp), False),
         ("fake-quant W8A8", fq8, False),
@@ -412,9 +395,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                   ("w4a8 W4A8 compiled", lambda: convert(fq48(), "w4a8")[0], True),
                   ("w4a16 W4A16 compiled", lambda: convert(fq4(), "w4a16")[0], True),
                   ("fp8 FP8 compiled", lambda: convert(fqf8(), "fp8")[0], True),
-                  ("fp8 FP8 compiled triton-quantize", lambda: triton_quantize(convert(fqf8(), "fp8")[0]), True),
-                  ("fp8 FP8 compiled 1x1-cublas", lambda: cublas_pointwise(convert(fqf8(), "fp8")[0]), True),
-                  ("fp8 FP8 compiled nhwc-out", lambda: nhwc_out(convert(fqf8(), "fp8")[0]), True),
+                  ("fp8 FP8 compiled triton-quantize", lambda: fp8x(compile_fuses_quantize=False), True),
+                  ("fp8 FP8 compiled 1x1-cublas", lambda: fp8x(cublas_pointwise=True), True),
+                  ("fp8 FP8 compiled nhwc-out", lambda: fp8x(channels_last_out=True), True),
                   ("fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "fp8")[0], True),
                   ("w4fp8 W4xFP8 compiled", lambda: convert(fq4f8(), "w4fp8")[0], True)]
 
