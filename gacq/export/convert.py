@@ -167,11 +167,16 @@ def _refuse_w4fp8(wbits: int, abits: int | None) -> str | None:
     return _refuse_fp8(wbits, abits)
 
 
+def _w4fp8_unsupported(layer: QuantLayer) -> str | None:
+    """The fp8 backend's conditions, and for packed integer weights w4a16's (codes and zero points in 0..15)."""
+    return fp8_unsupported(layer) or (w4a16_unsupported(layer) if layer.fmt != "fp8" else None)
+
+
 BACKENDS["w4fp8"] = Backend(
     "w4fp8", "integer weights of at most 4 bits packed two per byte and unpacked to FP8 E4M3 codes at each call "
     "(`--act-format fp8` checkpoints) x FP8 E4M3 activations: the fp8 backend's GEMMs at a quarter of bf16's weight "
     "bytes",
-    fp8_unsupported, to_w4fp8, _refuse_w4fp8,
+    _w4fp8_unsupported, to_w4fp8, _refuse_w4fp8,
     sample_rtol=1e-5, min_agree=0.5, max_rtol=0.1,
     tolerance_note="as fp8: the unpacked codes are the fp8 backend's, so the same GEMMs and the same bounds.",
 )

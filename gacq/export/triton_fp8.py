@@ -47,9 +47,10 @@ if triton is not None:
     def _round_to_format(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
         """float32 v rounded to the nearest value with MBITS mantissa bits and binades down to EMIN (below: the
         subnormal step 2^(EMIN - MBITS)), ties to even, in float32 (exact: v / step is v times the power of two
-        1 / step, both read off v's exponent bits; a multiplication, where Triton's `/` is div.full.f32 on GPUs). Triton 3.6's interpreter truncates its float32 -> bf16 casts and rounds
-        its float32 -> fp8 casts wrongly where rounding up carries into the next binade (fp8(-126.9) gave -64, not
-        -128), so the codes are rounded here and the casts that follow only convert representable values."""
+        1 / step, both read off v's exponent bits; a multiplication, where Triton's `/` is div.full.f32 on GPUs).
+        Triton 3.6's interpreter truncates its float32 -> bf16 casts and rounds its float32 -> fp8 casts wrongly
+        where rounding up carries into the next binade (fp8(-126.9) gave -64, not -128), so the codes are rounded
+        here and the casts that follow only convert representable values."""
         e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # the binade of |v| (-127 for 0 and subnormals)
         E = tl.maximum(e, EMIN) - MBITS  # in [EMIN - MBITS, 128 - MBITS]: both 2^E and 2^-E are normal float32
         step = ((E + 127) << 23).to(tl.float32, bitcast=True)
