@@ -19,7 +19,7 @@ def _fail(e: GacqError) -> None:
 
 def export_cmd(
     qdir: Path = typer.Argument(..., help="Quantized checkpoint folder (from `gacq quantize`)."),
-    backend: str = typer.Option(..., "--backend", help="int8 (W<=8 A<=8, int32 GEMM), w4a8 (packed int4 weights x int8 activations), w4a16 (packed int4 weights, float activations), fp8 (FP8 E4M3 activations x FP8 weights, --format fp8, or x W4 integer weights, --act-format fp8) or w4fp8 (--act-format fp8 W4 weights packed two per byte, unpacked to FP8 per call)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (default: the backend that runs the checkpoint as calibrated with the fewest weight bytes, for its weight and input bits and formats), int8 (W<=8 A<=8, int32 GEMM), w4a8 (packed int4 weights x int8 activations), w4a16 (packed int4 weights, float activations), fp8 (FP8 E4M3 activations x FP8 weights, --format fp8, or x W4 integer weights, --act-format fp8) or w4fp8 (--act-format fp8 W4 weights packed two per byte, unpacked to FP8 per call)."),
     out: Path = typer.Option(..., "--out", help="Exported folder: QDIR's files + export.json."),
     device: str = typer.Option("auto", help="Where the agreement check runs: auto, cpu, cuda or cuda:N."),
     strict: bool = typer.Option(False, "--strict",
@@ -41,7 +41,7 @@ def export_cmd(
 
     report = ExportReport(**info["report"])
     c = info["check"]
-    typer.echo(f"{backend}: {report.summary()}")
+    typer.echo(f"{info['backend']}: {report.summary()}")
     typer.echo(f"check: {c['agree_fraction']:.0%} of {c['samples']} samples within {c['sample_rtol']:g} of the "
                f"fake-quant output, largest difference {c['max_rel_error']:.2g} of max |y|")
     typer.echo(f"wrote {out}")

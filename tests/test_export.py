@@ -392,6 +392,27 @@ def test_mixed_precision_w4a8_runs_its_8_bit_layers_on_the_int8_kernel(qdirs, tm
     assert len(rep16.fallbacks) == 4 and all("8-bit weights" in f["reason"] for f in rep16.fallbacks)
 
 
+def test_auto_backend_runs_each_checkpoint_as_calibrated(qdirs, tmp_path):
+    """`--backend auto` (the default): int8 for W8A8, w4a8 for W4A8, w4a16 for weight-only W4; a weight-only W8
+    checkpoint, which no backend runs, is refused with the fix named. Through the real CLI with no --backend: the
+    export.json and the printed summary name the backend chosen."""
+    from gacq.export import auto_backend
+    from gacq.models import load_model
+    from gacq.quant.api import QuantConfig, quantize
+
+    assert auto_backend(load_quantized(qdirs["w8a8"])[0]) == "int8"
+    assert auto_backend(load_quantized(qdirs["w4a8"])[0]) == "w4a8"
+    loaded = load_model(str(qdirs["root"] / "tiny"))
+    assert auto_backend(quantize(loaded, QuantConfig(method="rtn", wbits=4, abits=None), None)) == "w4a16"
+    with pytest.raises(GacqError, match="no backend runs W8 weights with float inputs.*--abits 8"):
+        auto_backend(quantize(loaded, QuantConfig(method="rtn", wbits=8, abits=None), None))
+    r = gacq_here("export", qdirs["w4a8"], "--out", tmp_path / "e", "--device", "cpu", "--check-batches", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("w4a8: ")
+    assert json.loads((tmp_path / "e" / "export.json").read_text())["backend"] == "w4a8"
+    assert type(load_exported(tmp_path / "e").get_submodule("down_blocks.0.resnets.0.conv1")).__name__ == "W4A8Conv2d"
+
+
 def test_export_w4a16_via_the_command(qdirs, tmp_path):
     """`export_cmd` through a typer app (the function gacq/cli.py registers); outputs equal fake quant exactly."""
     import typer

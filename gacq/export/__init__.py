@@ -34,6 +34,7 @@ from .convert import (
     apply_step,
     convert,
     convert_loaded,
+    auto_backend,
     get_backend,
     step_hook,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "convert_loaded",
     "example_inputs",
     "export",
+    "auto_backend",
     "get_backend",
     "int_mm",
     "load_exported",

@@ -197,8 +197,31 @@ def _check_formats(layers: list[tuple[str, QuantLayer]], backend: str) -> None:
 
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
-        raise GacqError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+        raise GacqError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)} (or auto)")
     return BACKENDS[name]
+
+
+def auto_backend(model: nn.Module) -> str:
+    """The backend that runs the checkpoint's quantized layers as they were calibrated (its weight and input grids)
+    with the fewest weight bytes: fp8 for FP8 weights, w4fp8 for W4 weights with FP8 inputs, w4a8 / int8 for integer
+    inputs (W<=4 / W<=8), w4a16 for W<=4 weights with float inputs. Not the fastest: on the GPUs measured so far
+    (results/bench_lowbit) w4a16, which runs W4 weights with float inputs, is faster than every backend with
+    quantized inputs, and it does not reproduce a W4A8 checkpoint's outputs."""
+    layers = quant_layers(model)
+    if not layers:
+        raise GacqError("the model has no quantized layers (QuantConv2d / QuantLinear); export a checkpoint "
+                        "written by `gacq quantize`")
+    wbits, abits = model_bits(layers)
+    if any(m.fmt == "fp8" for _, m in layers):
+        return "fp8"
+    if any(m.afmt == "fp8" for _, m in layers):
+        return "w4fp8" if wbits <= 4 else "fp8"
+    if abits is None:
+        if wbits > 4:
+            raise GacqError(f"no backend runs W{wbits} weights with float inputs (the int8 backend needs quantized "
+                            "inputs, w4a16 at most 4-bit weights); quantize with --abits 8 or --wbits 4")
+        return "w4a16"
+    return "w4a8" if wbits <= 4 else "int8"
 
 
 @dataclass
@@ -270,6 +293,8 @@ def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Mo
         >>> model, report = convert(model, "int8")
         >>> report.summary()
     """
+    if backend == "auto":
+        backend = auto_backend(model)
     b = get_backend(backend)
     layers = quant_layers(model)
     if not layers:

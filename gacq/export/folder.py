@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import GacqError
 from ..quant.checkpoint import is_quantized_folder, load_quantized
 from ..utils import atomic_dir, git_commit
-from .convert import apply_step, convert, get_backend
+from .convert import apply_step, auto_backend, convert, get_backend
 
 EXPORT_FILE = "export.json"
 EXPORT_VERSION = 1
@@ -135,7 +135,8 @@ def export(qdir: str | Path, backend: str, out: str | Path, device: torch.device
 
     Args:
         qdir: a folder written by `gacq quantize`.
-        backend: 'int8', 'w4a8', 'w4a16' or 'fp8' (see `BACKENDS`).
+        backend: 'int8', 'w4a8', 'w4a16', 'fp8', 'w4fp8' (see `BACKENDS`) or 'auto' (`auto_backend`: the one that
+            runs the checkpoint as calibrated with the fewest weight bytes; export.json records which).
         out: the exported folder (QDIR's files + export.json); must not be QDIR or inside it.
         device: where the check runs.
         strict: refuse layers the backend cannot run instead of leaving them on the dense path.
@@ -146,7 +147,8 @@ def export(qdir: str | Path, backend: str, out: str | Path, device: torch.device
         fails the backend's check against the fake-quant model (fewer than `min_agree` of the samples
         within `sample_rtol` of max |y|, or any beyond `max_rtol`; see `Backend`).
     """
-    b = get_backend(backend)
+    if backend != "auto":
+        get_backend(backend)  # an unknown name fails before anything is loaded
     qdir, out = Path(qdir), Path(out)
     if not qdir.is_dir() or not is_quantized_folder(qdir):
         raise GacqError(f"{qdir} is not a quantized checkpoint (no quant_config.json); write one with `gacq quantize`")
@@ -155,6 +157,9 @@ def export(qdir: str | Path, backend: str, out: str | Path, device: torch.device
     device = torch.device(device)
     ref, meta, sched = load_quantized(qdir)
     ref = ref.to(device).eval()
+    if backend == "auto":
+        backend = auto_backend(ref)
+    b = get_backend(backend)
     t0 = time.time()
     model, report = convert(copy.deepcopy(ref), backend, strict)
     convert_s = time.time() - t0

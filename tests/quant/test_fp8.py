@@ -330,7 +330,10 @@ def test_w4fp8_backend_packs_the_fp8_backends_codes(w4_fp8_inputs, fp8_model, tm
     backend's outputs bitwise, from about half its weight bytes; it refuses wider weights and integer inputs."""
     import copy
 
+    from gacq.export import auto_backend
+
     loaded, cfg, q = w4_fp8_inputs
+    assert auto_backend(q) == "w4fp8" and auto_backend(fp8_model[2]) == "fp8"
     fp8_model_, rep8 = convert(copy.deepcopy(q), "fp8")
     packed, rep4 = convert(copy.deepcopy(q), "w4fp8")
     assert rep4.n_fallbacks == 0 and rep4.converted == rep8.converted
