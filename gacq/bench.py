@@ -639,7 +639,7 @@ def time_sampling(model, x: torch.Tensor, device: torch.device, steps: int, grap
         return {"sample_steps": steps, "sample_error": f"{type(e).__name__}: {e}"}
 
 
-LOWBIT_PREFIXES = ("int8", "w4a8", "w4a16", "fake-quant")
+LOWBIT_PREFIXES = ("int8", "w4a8", "w4a16", "fp8", "w4fp8", "fake-quant")  # rows that are never a float baseline
 
 
 def add_best_float_ratio(results: list[dict]) -> None:
@@ -659,7 +659,7 @@ def write_results(args, results: list[dict], share, t_start: float, kernels: dic
     """Ratios against the float compiled baseline, then JSON + markdown (called after every mode, so a
     run cut short by a time limit keeps what it measured)."""
     base_label = next((r["mode"] for r in results if "compiled" in r["mode"] and "ms_median" in r
-                       and not r["mode"].startswith(("int8", "w4a8", "w4a16"))), results[0]["mode"] if results else None)
+                       and not r["mode"].startswith(LOWBIT_PREFIXES)), results[0]["mode"] if results else None)
     base = {r["batch"]: r["ms_median"] for r in results if r["mode"] == base_label and "ms_median" in r}
     for r in results:
         if "ms_median" in r and r["batch"] in base:

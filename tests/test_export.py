@@ -551,10 +551,12 @@ def test_bench_best_float_ratio_takes_the_fastest_float_row_per_batch():
             {"mode": "fake-quant W8A8", "batch": 256, "ms_median": 1.0},  # faster, but not a float baseline
             {"mode": "int8 W8A8 + CUDA graph", "batch": 1, "ms_median": 4.0},
             {"mode": "w4a8 W4A8", "batch": 256, "ms_median": 24.0},
-            {"mode": "int8 W8A8", "batch": 64, "error": "boom"}]
+            {"mode": "int8 W8A8", "batch": 64, "error": "boom"},
+            {"mode": "fp8 FP8 compiled + CUDA graph", "batch": 256, "ms_median": 3.0},  # faster: not a baseline
+            {"mode": "w4fp8 W4xFP8 compiled", "batch": 1, "ms_median": 1.0}]
     add_best_float_ratio(rows)
     got = [r.get("speedup_vs_best_float") for r in rows]
-    assert got == [0.2, 1.0, 0.25, 0.5, 1.0, 6.0, 0.5, 0.25, None]
+    assert got == [0.2, 1.0, 0.25, 0.5, 1.0, 6.0, 0.5, 0.25, None, 2.0, 2.0]
 
 
 def test_bench_lowbit_cpu_smoke(tmp_path):
