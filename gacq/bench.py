@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import json
 import shlex
 import statistics
 import sys
@@ -56,6 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import GacqError
 from .export import ExportedLayer, convert
 from .export.triton_w4 import TILE_RULES, set_tile_rule
 from .models import NAMED_CONFIGS, build_model
@@ -68,7 +70,7 @@ from .quant.wrap import (
     set_quant_state,
     wrap_layers,
 )
-from .utils import atomic_path, git_commit, machine_info, write_json
+from .utils import atomic_path, git_commit, machine_info, save_figure, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -338,8 +340,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                     help="also record each mode's kernels at each batch size with torch.profiler (3 calls, no CUDA "
                          "graph): the device time of all its kernels per call and the costliest ones (CPU: its ops)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", type=Path, help="the results folder (required unless --plot-from)")
+    ap.add_argument("--plot-from", type=Path, default=None, metavar="JSON",
+                    help="run nothing: redraw bench_lowbit.png next to this bench_lowbit.json of an earlier run")
     args = ap.parse_args(argv)
+    if args.plot_from is not None:
+        try:
+            png = plot_file(args.plot_from)
+        except GacqError as e:
+            ap.error(str(e))
+        print(f"wrote {png}" if png else f"{args.plot_from}: no timed rows to plot", flush=True)
+        return
+    if args.out is None:
+        ap.error("--out is required (or --plot-from JSON to redraw an earlier run's plot)")
     args.command = " ".join([prog or "python " + sys.argv[0], shlex.join(sys.argv[1:] if argv is None else argv)])
     t_start = time.time()
     import diffusers
@@ -674,7 +687,56 @@ def write_results(args, results: list[dict], share, t_start: float, kernels: dic
     write_json(out / "bench_lowbit.json", result)
     with atomic_path(out / "bench_lowbit.md") as tmp:  # a time limit may stop the run mid-write
         tmp.write_text(render_markdown(result))
-    print(f"wrote {out / 'bench_lowbit.json'} and {out / 'bench_lowbit.md'}", flush=True)
+    png = plot_results(result, out / "bench_lowbit.png")
+    print(f"wrote {out / 'bench_lowbit.json'} and {out / 'bench_lowbit.md'}" + (f" and {png}" if png else ""),
+          flush=True)
+
+
+def plot_results(res: dict, path: Path) -> Path | None:
+    """`res`'s timings as a picture: one panel per batch size, a bar per timed mode of its speed against the fastest
+    float row at that batch (`speedup_vs_best_float`: right of the line at 1 is faster than every float mode), the
+    CUDA-graph rows dark, the others light. None (nothing drawn) when no row has that ratio."""
+    rows = [r for r in res["results"] if "speedup_vs_best_float" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    per = {b: [r for r in rows if r["batch"] == b] for b in batches}
+    height = 0.8 + 0.28 * max(len(v) for v in per.values())
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), height), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        rs = per[b]
+        vals = [r["speedup_vs_best_float"] for r in rs]
+        colors = ["#1f4e79" if "CUDA graph" in r["mode"] else "#9dc3e6" for r in rs]
+        ax.barh(range(len(rs)), vals, color=colors)
+        ax.set_yticks(range(len(rs)), [r["mode"] for r in rs], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", lw=0.8)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize=6)
+        ax.set_xlim(0, max(1.2, max(vals) * 1.2))
+        ax.set_xlabel("speed vs the fastest float mode (higher is faster)", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"batch {b}", fontsize=8)
+    where = res["machine"].get("gpu", "CPU")
+    fig.suptitle(f"gacq bench: {res['args']['config']}, {where}, commit {str(res.get('commit'))[:7]}", fontsize=8)
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_file(json_path: str | Path) -> Path | None:
+    """Redraw bench_lowbit.png next to a bench_lowbit.json written by `gacq bench` (say, an older run's)."""
+    json_path = Path(json_path)
+    try:
+        res = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GacqError(f"{json_path} cannot be read as a `gacq bench` result: {e}") from e
+    if not isinstance(res, dict) or "results" not in res or "machine" not in res:
+        raise GacqError(f"{json_path} is not a `gacq bench` result (no 'results' / 'machine')")
+    return plot_results(res, json_path.with_suffix(".png"))
 
 
 def render_markdown(res: dict) -> str:

@@ -50,3 +50,32 @@ def test_benchmark_plots_draw(tmp_path, name):
         runs = [{"model": m, "contrast": [1.0, 0.5, 0.4], "dist": [0.0 if m == "fp" else 0.3] * 3} for m in ("fp", "q")]
         mod.plot(runs, path)
     assert Image.open(path).format == "PNG"
+
+
+def test_bench_plot_from_an_earlier_run(tmp_path):
+    """`gacq bench --plot-from JSON` draws bench_lowbit.png next to a bench result without running anything: one
+    panel per batch size, as wide as the widest bar needs; a file that is not a bench result is refused by name
+    and nothing is written."""
+    import json
+    import subprocess
+
+    rows = [{"mode": "bf16 compiled", "batch": 1, "ms_median": 2.0, "speedup_vs_best_float": 1.0},
+            {"mode": "fp8 FP8 compiled + CUDA graph", "batch": 1, "ms_median": 1.0, "speedup_vs_best_float": 2.0},
+            {"mode": "int8 W8A8", "batch": 256, "ms_median": 4.0, "speedup_vs_best_float": 0.25},
+            {"mode": "w4a8 W4A8", "batch": 256, "error": "boom"}]
+    res = {"results": rows, "machine": {"gpu": "a GPU"}, "args": {"config": "tiny"}, "commit": "abcdef0123"}
+    path = tmp_path / "run" / "bench_lowbit.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(res))
+    r = subprocess.run([sys.executable, "-m", "gacq", "bench", "--plot-from", str(path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    png = path.with_suffix(".png")
+    w, h = Image.open(png).size
+    assert w > 2 * h  # two panels side by side
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    r = subprocess.run([sys.executable, "-m", "gacq", "bench", "--plot-from", str(bad)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "is not a `gacq bench` result" in r.stderr and "Traceback" not in r.stderr
+    assert not bad.with_suffix(".png").exists()

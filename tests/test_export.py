@@ -580,6 +580,7 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     i8 = next(r for r in res["results"] if r["mode"] == "int8 W8A8")
     assert i8["speedup_vs_best_float"] == pytest.approx(fp["ms_median"] / i8["ms_median"], abs=1e-3)
     assert "| vs best float |" in (out / "bench_lowbit.md").read_text()
+    assert (out / "bench_lowbit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the same ratios as bars
     # the first call (compilation, capture, kernel builds) is timed apart from the steady state, in JSON and table
     assert all(r["first_call_s"] > 0 for r in res["results"])
     assert "| first call s |" in (out / "bench_lowbit.md").read_text()
