@@ -36,7 +36,9 @@ On CUDA every mode is also timed as one CUDA-graph replay per step (`--no-graphs
 conv/linear layer timed alone at the largest batch, in float and in each backend, as TFLOPS / TOPS next
 to the machine's measured bf16, int8 and FP8 GEMM peaks (`--modes none --kernels`: only that).
 
-Writes OUT/bench_lowbit.json (command, commit, machine, args, results, wall time) and OUT/bench_lowbit.md.
+Writes OUT/bench_lowbit.json (command, commit, machine, args, results, wall time), OUT/bench_lowbit.md and
+OUT/bench_lowbit.png (each mode's speed against the fastest float mode, a panel per batch size; `--plot-from JSON`
+redraws it for an earlier run without running anything).
 A mode that fails (say torch.compile of an exported model) is recorded with its error, not fatal.
 """
 
