@@ -745,6 +745,20 @@ F32_TOL = 2.0 ** -20 if DEVICE == "cpu" else 2.0 ** -10  # fp8_conv's float32 ou
 UNET_TOL = F32_TOL if DEVICE == "cpu" else 2.0 ** -9
 
 
+def _halo_kernel_codes(x: torch.Tensor, scale: torch.Tensor, pad: int, block_c: int = 64,
+                       block_p: int = 32) -> torch.Tensor:
+    """`triton_fp8._fp8_quantize_halo_kernel` on x (N, C, H, W) padded by `pad` on each side: its (N, HP, WP, C)
+    buffer of codes, every tile of it written."""
+    from gacq.export import triton_fp8
+
+    n, c, h, w = x.shape
+    buf = torch.empty((n, h + 2 * pad, w + 2 * pad, c), dtype=torch.float8_e4m3fn, device=x.device)
+    grid = (n, triton_fp8.triton.cdiv(buf.shape[1] * buf.shape[2], block_p), triton_fp8.triton.cdiv(c, block_c))
+    triton_fp8._fp8_quantize_halo_kernel[grid](x, buf, scale, c, h, w, pad, pad, ROUND_SCALE=x.is_cuda,
+                                               BLOCK_C=block_c, BLOCK_P=block_p)
+    return buf
+
+
 def _fp8_on_device(q, dtype: torch.dtype | None = None):
     """The fp8 layer of q on DEVICE (in dtype): exported from a copy, since an exported layer shares q's quantizers
     and moving it would move them (q itself stays on the CPU for the float64 reference and the fake-quant output)."""
@@ -795,10 +809,7 @@ def fp8_conv():
             xd = x.to(DEVICE, dt)
             scale = ex.act_quantizer.scale.detach().reshape(1)
             # the codes: the kernel's halo buffer against the torch path's cast, the border 0
-            c = xd.shape[1]
-            buf = torch.empty((3, 9 + 2 * pad, 9 + 2 * pad, c), dtype=torch.float8_e4m3fn, device=DEVICE)
-            triton_fp8._fp8_quantize_halo_kernel[(3, triton_fp8.triton.cdiv(buf.shape[1] * buf.shape[2], 32), 1)](
-                xd, buf, scale, c, 9, 9, pad, pad, ROUND_SCALE=xd.is_cuda, BLOCK_C=64, BLOCK_P=32)
+            buf = _halo_kernel_codes(xd, scale, pad)
             want = F.pad(fp8_codes(xd, scale.reshape(())).float(), (pad,) * 4).permute(0, 2, 3, 1)
             assert torch.equal(buf.float(), want), (cin, dt, (buf.float() != want).sum())
             assert ex.kernel_applies(xd), (cin, dt)
@@ -886,12 +897,7 @@ def fp8_conv():
         _same_epilogue(got, want_c, "fp8 compiled bf16, eager GEMM on the compiled codes")
     # the codes alone, in torch ops, against the Triton quantize kernel's: bitwise where both round x / s to x's dtype
     codes = triton_fp8.fp8_halo_codes(xd, scale, (1, 1))
-    buf = torch.empty_like(codes)
-    triton_fp8._fp8_quantize_halo_kernel[(xd.shape[0], triton_fp8.triton.cdiv(codes.shape[1] * codes.shape[2], 32),
-                                          triton_fp8.triton.cdiv(codes.shape[3], 64))](
-        xd, buf, scale, codes.shape[3], xd.shape[2], xd.shape[3], 1, 1, ROUND_SCALE=xd.is_cuda, BLOCK_C=64,
-        BLOCK_P=32)
-    assert torch.equal(codes.float(), buf.float())
+    assert torch.equal(codes.float(), _halo_kernel_codes(xd, scale, 1).float())
     # not "test_schema": it compares the inputs before and after with torch.allclose, which has no float8 kernel on
     # the CPU (torch 2.13: "mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn')
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -909,7 +915,6 @@ def fp8_codes_sweep():
     and 2^18 float32 values spread over every binade (subnormals included), each at a power-of-two scale and at two
     others: the rounding of x / s to x's dtype and then to E4M3 (ties to even, saturating at 448), carries into the
     next binade included."""
-    from gacq.export import triton_fp8
     from gacq.export.fp8 import fp8_codes
 
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
@@ -927,9 +932,7 @@ def fp8_codes_sweep():
         x = x0[:n].reshape(1, 256, n // 256, 1).to(DEVICE)
         for s in (1.0, 0.0371, 3.3e3):
             scale = torch.tensor([s], device=DEVICE)
-            buf = torch.empty((1, n // 256, 1, 256), dtype=torch.float8_e4m3fn, device=DEVICE)
-            triton_fp8._fp8_quantize_halo_kernel[(1, triton_fp8.triton.cdiv(n // 256, 64), 4)](
-                x, buf, scale, 256, n // 256, 1, 0, 0, ROUND_SCALE=x.is_cuda, BLOCK_C=64, BLOCK_P=64)
+            buf = _halo_kernel_codes(x, scale, 0, block_p=64)
             want = fp8_codes(x, scale.reshape(())).permute(0, 2, 3, 1)
             same = buf.float() == want.float()  # values: the kernel gives +0 where torch keeps the sign of -0
             assert bool(same.all()), (x.dtype, s, int((~same).sum()), x.permute(0, 2, 3, 1)[~same][:5])
