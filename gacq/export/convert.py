@@ -201,16 +201,22 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def _quantized_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """`quant_layers(model)`, refusing a model that has none."""
+    layers = quant_layers(model)
+    if not layers:
+        raise GacqError("the model has no quantized layers (QuantConv2d / QuantLinear); export a checkpoint "
+                        "written by `gacq quantize`")
+    return layers
+
+
 def auto_backend(model: nn.Module) -> str:
     """The backend that runs the checkpoint's quantized layers as they were calibrated (its weight and input grids)
     with the fewest weight bytes: fp8 for FP8 weights, w4fp8 for W4 weights with FP8 inputs, w4a8 / int8 for integer
     inputs (W<=4 / W<=8), w4a16 for W<=4 weights with float inputs. Not the fastest: on the GPUs measured so far
     (results/bench_lowbit) w4a16, which runs W4 weights with float inputs, is faster than every backend with
     quantized inputs, and it does not reproduce a W4A8 checkpoint's outputs."""
-    layers = quant_layers(model)
-    if not layers:
-        raise GacqError("the model has no quantized layers (QuantConv2d / QuantLinear); export a checkpoint "
-                        "written by `gacq quantize`")
+    layers = _quantized_layers(model)
     wbits, abits = model_bits(layers)
     if any(m.fmt == "fp8" for _, m in layers):
         return "fp8"
@@ -296,10 +302,7 @@ def convert(model: nn.Module, backend: str, strict: bool = False) -> tuple[nn.Mo
     if backend == "auto":
         backend = auto_backend(model)
     b = get_backend(backend)
-    layers = quant_layers(model)
-    if not layers:
-        raise GacqError("the model has no quantized layers (QuantConv2d / QuantLinear); export a checkpoint "
-                        "written by `gacq quantize`")
+    layers = _quantized_layers(model)
     _check_formats(layers, backend)
     why = b.refuse(*model_bits(layers))
     if why:
