@@ -559,6 +559,36 @@ def test_bench_best_float_ratio_takes_the_fastest_float_row_per_batch():
     assert got == [0.2, 1.0, 0.25, 0.5, 1.0, 6.0, 0.5, 0.25, None, 2.0, 2.0]
 
 
+def test_bench_compiles_every_mode_past_dynamos_recompile_limit():
+    """`gacq bench` compiles each mode with an empty Dynamo cache (`compile_fresh`): five models of different
+    structure at two batch sizes each are ten graphs of one code object, past Dynamo's limit of 8, where plain
+    torch.compile runs the rest eager (the control below; session 35's w4fp8 row ran so). Dynamo's own counter of
+    graphs made, backend "eager" (no inductor compile on the CPU)."""
+    from torch._dynamo.utils import counters
+
+    from gacq.bench import compile_fresh
+
+    def new_graphs(compile_):
+        counters.clear()
+        made = []
+        for depth in range(1, 6):
+            f = compile_(nn.Sequential(*[nn.Linear(4, 4) for _ in range(depth)]))
+            for batch in (1, 2):
+                before = counters["stats"]["unique_graphs"]
+                f(torch.randn(batch, 4))
+                made.append(counters["stats"]["unique_graphs"] - before)
+        return made
+
+    limit = torch._dynamo.config.recompile_limit
+    assert limit < 10  # else the control proves nothing
+    try:
+        assert new_graphs(lambda m: compile_fresh(m, backend="eager")) == [1] * 10
+        torch._dynamo.reset()
+        assert new_graphs(lambda m: torch.compile(m, dynamic=False, backend="eager")) == [1] * limit + [0] * (10 - limit)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bench_lowbit_cpu_smoke(tmp_path):
     """`gacq bench` end to end on the CPU; `--modes` keeps only the asked modes (the benchmarks/ script is the same
     code: `gacq.bench.main`)."""

@@ -347,7 +347,7 @@ def test_triton_waits_for_every_int32_accumulating_wgmma_on_sm90():
     assert waits == {"i8": [0], "fp16": [1], "bf16": [1], "fp8e4nv": [1]}
 
 
-def _fp8_conv_ttgir() -> str:
+def _fp8_conv_ttgir(precise_acc: bool = False) -> str:
     """`triton_fp8._fp8_conv_kernel` compiled for sm_90 on this machine (as `_sm90_ttgir`: a 3x3 conv, C = O = 128 at
     32x32, batch 256, (128, 128, 128) tiles, 8 warps, 3 stages, the halo buffer and the K-major weight)."""
     import triton
@@ -361,8 +361,8 @@ def _fp8_conv_ttgir() -> str:
     hp = hw + 2
     ints = dict(M=256 * hw * hw, O=o, C=c, HP=hp, WP=hp, HO=hw, WO=hw, sxn=hp * hp * c, sxh=hp * c, sxw=c, swk=c * 9,
                 syn=o * hw * hw, syc=hw * hw, syh=hw, syw=1, SH=1, SW=1, DH=1, DW=1)
-    consts = dict(K=c * 9, KH=3, KW=3, HAS_BIAS=True, ALIGNED=True, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
-                  BLOCK_K=128)
+    consts = dict(K=c * 9, KH=3, KW=3, HAS_BIAS=True, ALIGNED=True, EVEN_K=True, PRECISE_ACC=precise_acc,
+                  BLOCK_M=128, BLOCK_N=128, BLOCK_K=128)
     ptrs = dict(q_ptr="*fp8e4nv", w_ptr="*fp8e4nv", wscale_ptr="*fp32", bias_ptr="*fp32", y_ptr="*bf16",
                 ascale_ptr="*fp32")
     sig, constexprs, attrs = {}, {}, {}
@@ -399,3 +399,22 @@ def test_fp8_conv_wgmma_is_pipelined_on_sm90():
     assert re.search(rf"warp_group_dot %\S+, %\S+, %\S+ .*isAsync = true.*!ttg\.memdesc<{tile}.*\* "
                      rf"!ttg\.memdesc<{tile}", loop), "wgmma not from shared memory"
     assert [int(p) for p in re.findall(r"warp_group_dot_wait .*pendings = (\d+)", loop)] == [1]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: not in the interpreter")
+def test_fp8_conv_precise_acc_promotes_each_k_block_and_stays_async_on_sm90():
+    """`precise_acc` (`FP8Layer.precise_acc`): the wgmma carries maxNumImpreciseAcc = BLOCK_K (128), so its products
+    are added into the float32 accumulator after each K block, where the default carries Triton's sm_90 default
+    2^30 (never); and the wgmma is still left running over the next block's loads (pendings = 1). Read off the TTGIR,
+    not timed."""
+    import re
+
+    import triton
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton without its NVIDIA backend")
+    for precise, limit in ((False, 2 ** 30), (True, 128)):
+        ttgir = _fp8_conv_ttgir(precise)
+        loop = ttgir[ttgir.index("scf.for"):ttgir.index("scf.yield")]
+        assert [int(v) for v in re.findall(r"warp_group_dot .*maxNumImpreciseAcc = (\d+)", loop)] == [limit]
+        assert [int(p) for p in re.findall(r"warp_group_dot_wait .*pendings = (\d+)", loop)] == [1]

@@ -741,8 +741,10 @@ F32_TOL = 2.0 ** -20 if DEVICE == "cpu" else 2.0 ** -10  # fp8_conv's float32 ou
 # inputs cancel): on the H100 of session 34 `down_blocks.0.resnets.0.conv1` of `small` was 1.16e-3 of max |y| off
 # the float32 reference (TF32 off), above F32_TOL: Hopper's FP8 MMAs keep fewer accumulator bits than float32
 # (Triton's default maxNumImpreciseAcc never promotes; DeepSeek-V3's report measured about 14 bits). A wrong code
-# would be off by a whole FP8 step of an input, 6-12% of it.
-UNET_TOL = F32_TOL if DEVICE == "cpu" else 2.0 ** -9
+# would be off by a whole FP8 step of an input, 6-12% of it. Session 35 (H100): `up_blocks.3.resnets.0.conv1` 2.5e-3,
+# over the 2^-9 set after session 34, so 2^-8 for the default; with `FP8Layer.precise_acc` (each K block promoted into
+# the float32 accumulator) the layers are held to F32_TOL, the random inputs' bound.
+UNET_TOL = F32_TOL if DEVICE == "cpu" else 2.0 ** -8
 
 
 def _halo_kernel_codes(x: torch.Tensor, scale: torch.Tensor, pad: int, block_c: int = 64,
@@ -1002,13 +1004,21 @@ def fp8_linear():
             want = fq(x, t).sample
             for h in hooks:
                 h.remove()
-            errs = {name: float((ex.get_submodule(name)(xin) - out).abs().max()) / float(out.abs().max())
-                    for name, (xin, out) in seen.items()}
-            worst = max((e, name) for name, e in errs.items())
-            over = {name: e for name, e in errs.items() if e > UNET_TOL}
-            print(f"fp8_linear: {config} UNet, layers off their fake-quant twins by at most {worst[0]:.2e} of max |y| "
-                  f"({worst[1]}); over {UNET_TOL:.2e}: {over or 'none'}", flush=True)
-            assert not over
+            over = {}
+            for precise, tol in ((False, UNET_TOL), (True, F32_TOL)):
+                for m in ex.modules():
+                    if hasattr(m, "precise_acc"):
+                        m.precise_acc = precise
+                errs = {name: float((ex.get_submodule(name)(xin) - out).abs().max()) / float(out.abs().max())
+                        for name, (xin, out) in seen.items()}
+                worst = max((e, name) for name, e in errs.items())
+                over[precise] = {name: e for name, e in errs.items() if e > tol}
+                print(f"fp8_linear: {config} UNet, precise_acc={precise}: layers off their fake-quant twins by at most "
+                      f"{worst[0]:.2e} of max |y| ({worst[1]}); over {tol:.2e}: {over[precise] or 'none'}", flush=True)
+            for m in ex.modules():
+                if hasattr(m, "precise_acc"):
+                    m.precise_acc = False
+            assert not over[False] and not over[True]
             got = ex(x, t).sample
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
             want_tf32 = fq(x, t).sample

@@ -181,6 +181,10 @@ class FP8Layer(ExportedLayer):
     # along the output channels; `triton_fp8.fp8_conv2d_codes`); off until a benchmark shows it pays (`gacq bench`'s
     # mode "fp8 FP8 compiled nhwc-out")
     channels_last_out = False
+    # the convs' FP8 products promoted into the float32 accumulator after each K block (`triton_fp8.fp8_conv2d_codes`'s
+    # precise_acc) instead of Triton's sm_90 default, the MMA's narrower accumulator over the whole K loop; off until a
+    # benchmark prices it (`gacq bench`'s mode "fp8 FP8 compiled precise-acc")
+    precise_acc = False
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         from .triton_fp8 import fp8_conv2d, fp8_conv2d_codes_op, fp8_conv2d_op, fp8_halo_codes
@@ -190,11 +194,12 @@ class FP8Layer(ExportedLayer):
         weight = (p.fp8_weight(), p.k, self.out_channels, p.w_scale, self.bias, scale)
         geom = (self.kernel_size, self.stride, tuple(self.padding), self.dilation)
         if not torch.compiler.is_compiling():
-            return fp8_conv2d(x, *weight, *geom)
+            return fp8_conv2d(x, *weight, *geom, precise_acc=self.precise_acc)
         if self.compile_fuses_quantize:
             return fp8_conv2d_codes_op(fp8_halo_codes(x, scale, geom[2]), *weight, *(list(g) for g in geom), x.dtype,
-                                       self.channels_last_out)
-        return fp8_conv2d_op(x, *weight, *(list(g) for g in geom))  # one opaque op per layer (as the int8 layers)
+                                       self.channels_last_out, self.precise_acc)
+        # one opaque op per layer (as the int8 layers)
+        return fp8_conv2d_op(x, *weight, *(list(g) for g in geom), self.precise_acc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.a_quant:

@@ -101,11 +101,13 @@ if triton is not None:
     def _fp8_conv_kernel(q_ptr, w_ptr, wscale_ptr, bias_ptr, y_ptr, ascale_ptr,
                          M, O, C, HP, WP, HO, WO, sxn, sxh, sxw, swk, syn, syc, syh, syw, SH, SW, DH, DW,
                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+                         ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, PRECISE_ACC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # q: the halo buffer (N, HP, WP, C) of codes, so the taps are those of an unpadded conv over the padded image
         # and every tap of a valid output row is in bounds; w: (O16, K16) codes row-major, k in (r, s, c) order (row
-        # stride swk). EVEN_K: K % BLOCK_K == 0, no k mask. Every argument without a default (torch.compile's
+        # stride swk). EVEN_K: K % BLOCK_K == 0, no k mask. PRECISE_ACC: each K block's products are added to the
+        # float32 accumulator in full precision (`max_num_imprecise_acc` = BLOCK_K; Triton's default on sm_90 never
+        # promotes, and Hopper's FP8 MMAs keep fewer accumulator bits than float32). Every argument without a default (torch.compile's
         # wrapper of user Triton kernels drops omitted defaulted constexprs: triton_int8's note).
         offs_m, offs_n, mask_m, mask_n = tile_offsets(M, O, BLOCK_M, BLOCK_N)
         n_idx, ho, wo = conv_rows(offs_m, HO, WO)
@@ -122,7 +124,10 @@ if triton is not None:
                 a = tl.load(q_ptr + offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 w = tl.load(w_ptr + offs_n[None, :] * swk + kk[:, None], mask=mask_k[:, None] & mask_n[None, :],
                             other=0.0)
-            acc = tl.dot(a, w, acc, out_dtype=tl.float32)
+            if PRECISE_ACC:
+                acc = tl.dot(a, w, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(a, w, acc, out_dtype=tl.float32)
         sw = tl.load(wscale_ptr + offs_n, mask=mask_n, other=0.0)
         y = acc * (tl.load(ascale_ptr).to(tl.float32) * sw)[None, :]
         if HAS_BIAS:
@@ -135,7 +140,7 @@ def fp8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int
                bias: torch.Tensor | None, act_scale: torch.Tensor, kernel_size: tuple[int, int],
                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                block: tuple[int, int, int] | None = None, num_warps: int | None = None,
-               num_stages: int | None = None) -> torch.Tensor:
+               num_stages: int | None = None, precise_acc: bool = False) -> torch.Tensor:
     """The FP8 conv of one weight group, (N, C, H, W) float -> (N, O, HO, WO) in x's dtype.
 
     qweight: (O16, K16) float8_e4m3fn, the codes of W / sw with k = (r, s, c), channels fastest, zero-padded
@@ -143,7 +148,7 @@ def fp8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int
     quantizer's scale as a one-element tensor on x's device, read by the kernels (no host sync: per-step scales
     written into it work under CUDA graphs). `block` = (BLOCK_M, BLOCK_N, BLOCK_K), `num_warps` and `num_stages`
     override `triton_w4.tiles`' FP8 choice and Triton's default pipelining
-    (benchmarks/tune_conv_tiles.py)."""
+    (benchmarks/tune_conv_tiles.py). `precise_acc`: `fp8_conv2d_codes`'."""
     if triton is None:
         raise RuntimeError("the FP8 Triton kernel needs the triton package")
     n, c, h, w = x.shape
@@ -159,7 +164,7 @@ def fp8_conv2d(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int
     _fp8_quantize_halo_kernel[(n, triton.cdiv(hp * wp, bp), triton.cdiv(c, bc))](
         x, q, act_scale, c, h, w, ph, pw, ROUND_SCALE=x.is_cuda, BLOCK_C=bc, BLOCK_P=bp)
     return fp8_conv2d_codes(q, qweight, k, out_channels, w_scale, bias, act_scale, kernel_size, stride, padding,
-                            dilation, x.dtype, block, num_warps, num_stages)
+                            dilation, x.dtype, block, num_warps, num_stages, precise_acc=precise_acc)
 
 
 def fp8_halo_codes(x: torch.Tensor, act_scale: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
@@ -178,11 +183,16 @@ def fp8_conv2d_codes(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channel
                      bias: torch.Tensor | None, act_scale: torch.Tensor, kernel_size: tuple[int, int],
                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                      out_dtype: torch.dtype, block: tuple[int, int, int] | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, channels_last_out: bool = False) -> torch.Tensor:
+                     num_stages: int | None = None, channels_last_out: bool = False,
+                     precise_acc: bool = False) -> torch.Tensor:
     """`fp8_conv2d`'s implicit GEMM alone, on the halo buffer q (N, HP, WP, C) of the input's codes
     (`fp8_halo_codes`), -> (N, O, HO, WO) in out_dtype. `channels_last_out`: the output in channels-last memory
     (N, HO, WO, O) strides, so that a tile's stores run along O, the tile's provably contiguous axis (NCHW stores
-    run along the output rows, whose contiguity Triton cannot see through the (n, ho, wo) decomposition)."""
+    run along the output rows, whose contiguity Triton cannot see through the (n, ho, wo) decomposition).
+    `precise_acc`: each K block's FP8 products are promoted into the float32 accumulator (Triton's
+    `max_num_imprecise_acc` = BLOCK_K) instead of accumulating in the MMA's own, narrower accumulator over the whole
+    K loop, Triton's default on sm_90 (session 35 on the H100: one of the `small` UNet's convs 2.5e-3 of max |y| off
+    its fake-quant twin so). Ignored off sm_90 and in the interpreter."""
     if triton is None:
         raise RuntimeError("the FP8 Triton kernel needs the triton package")
     q = q.contiguous()
@@ -205,7 +215,7 @@ def fp8_conv2d_codes(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channel
     _fp8_conv_kernel[grid](q, qweight, w_scale, b, y, act_scale, m, out_channels, c, hp, wp, ho, wo,
                            hp * wp * c, wp * c, c, qweight.stride(0), *y.stride(), sh, sw, dh, dw,
                            K=k, KH=kh, KW=kw, HAS_BIAS=bias is not None, ALIGNED=c % bk == 0, EVEN_K=k % bk == 0,
-                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps or warps,
+                           PRECISE_ACC=precise_acc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps or warps,
                            **({"num_stages": num_stages} if num_stages else {}))
     return y
 
@@ -214,14 +224,15 @@ def fp8_conv2d_codes(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channel
 @torch.library.custom_op("gacq::fp8_conv2d", mutates_args=())
 def fp8_conv2d_op(x: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
                   bias: Optional[torch.Tensor], act_scale: torch.Tensor, kernel_size: list[int], stride: list[int],
-                  padding: list[int], dilation: list[int]) -> torch.Tensor:
+                  padding: list[int], dilation: list[int], precise_acc: bool = False) -> torch.Tensor:
     """`fp8_conv2d` as the custom op `gacq::fp8_conv2d`."""
     return fp8_conv2d(x, qweight, k, out_channels, w_scale, bias, act_scale, tuple(kernel_size), tuple(stride),
-                      tuple(padding), tuple(dilation))
+                      tuple(padding), tuple(dilation), precise_acc=precise_acc)
 
 
 @fp8_conv2d_op.register_fake
-def _fp8_conv2d_shape(x, qweight, k, out_channels, w_scale, bias, act_scale, kernel_size, stride, padding, dilation):
+def _fp8_conv2d_shape(x, qweight, k, out_channels, w_scale, bias, act_scale, kernel_size, stride, padding, dilation,
+                      precise_acc=False):
     n, _, h, w = x.shape
     ho, wo = (conv_output_size(size, *geom) for size, *geom in zip((h, w), kernel_size, stride, padding, dilation))
     return x.new_empty((n, out_channels, ho, wo))
@@ -232,15 +243,17 @@ def _fp8_conv2d_shape(x, qweight, k, out_channels, w_scale, bias, act_scale, ker
 def fp8_conv2d_codes_op(q: torch.Tensor, qweight: torch.Tensor, k: int, out_channels: int, w_scale: torch.Tensor,
                         bias: Optional[torch.Tensor], act_scale: torch.Tensor, kernel_size: list[int],
                         stride: list[int], padding: list[int], dilation: list[int],
-                        out_dtype: torch.dtype, channels_last_out: bool = False) -> torch.Tensor:
+                        out_dtype: torch.dtype, channels_last_out: bool = False,
+                        precise_acc: bool = False) -> torch.Tensor:
     """`fp8_conv2d_codes` as the custom op `gacq::fp8_conv2d_codes`."""
     return fp8_conv2d_codes(q, qweight, k, out_channels, w_scale, bias, act_scale, tuple(kernel_size), tuple(stride),
-                            tuple(padding), tuple(dilation), out_dtype, channels_last_out=channels_last_out)
+                            tuple(padding), tuple(dilation), out_dtype, channels_last_out=channels_last_out,
+                            precise_acc=precise_acc)
 
 
 @fp8_conv2d_codes_op.register_fake
 def _fp8_conv2d_codes_shape(q, qweight, k, out_channels, w_scale, bias, act_scale, kernel_size, stride, padding,
-                            dilation, out_dtype, channels_last_out=False):
+                            dilation, out_dtype, channels_last_out=False, precise_acc=False):
     n, hp, wp, _ = q.shape
     ho, wo = (conv_output_size(size, kk, s, 0, d) for size, kk, s, d in zip((hp, wp), kernel_size, stride, dilation))
     if channels_last_out:
