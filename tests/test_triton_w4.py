@@ -125,7 +125,12 @@ def test_tiles_follow_the_measured_sweep(monkeypatch):
     assert triton_w4.tiles(65536, 256, "fp8", 256) == (128, 128, 128, 4)
     assert triton_w4.tiles(65536, 256, "fp8", 512) == (128, 256, 128, 8)
     assert triton_w4.tiles(16384, 256, "fp8", 192) == triton_w4.tiles(16384, 256, "int8", 192)
-    assert triton_w4.tiles(1024, 256, "fp8", 256) == triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
+    assert triton_w4.tiles(1024, 256, "int8", 256) == (16, 64, 64, 4)
+    # FP8 at batch 1 (session 35's H100 sweep): 64 x 64 x 128 from 512 rows, 16 x 64 x 128 for C >= 512, else 32 x 64
+    assert triton_w4.tiles(1024, 128, "fp8", 128) == (64, 64, 128, 4)
+    assert triton_w4.tiles(1024, 128, "fp8", 96) == (64, 64, 64, 4)  # 96 channels: no whole 128-blocks
+    assert triton_w4.tiles(256, 256, "fp8", 512) == (16, 64, 128, 4)
+    assert triton_w4.tiles(256, 256, "fp8", 256) == triton_w4.tiles(64, 256, "fp8", 256) == (32, 64, 64, 4)
     assert triton_w4.set_tile_rule("no-small-m") == "small-m"  # the batch-256 rule down to the smallest outputs
     try:
         assert triton_w4.tiles(1000, 64) == (64, 64, 64, 4) and triton_w4.tiles(100, 300) == (32, 64, 64, 4)

@@ -86,11 +86,19 @@ def tiles(m: int, n: int, kind: str = "gemm", channels: int | None = None) -> tu
     sweep of session 34 (results/conv_tiles/s34-fp8-gemm, batch 256): (128, 128, 128) with 4 warps from M = 8,192
     (1.05-1.26x the int8 rule's 8 warps on all six shapes), (128, 256, 128) with 8 warps where O >= 256 and C >= 512
     (905 against 837 T/s). Outputs of at most SMALL_M rows take smaller tiles under the default "small-m" rule
-    (`set_tile_rule`: session 27's batch-1 measurements; FP8 as int8, not measured)."""
+    (`set_tile_rule`: session 27's batch-1 measurements); FP8 the winners of session 35's batch-1 sweep on the H100
+    (results/conv_tiles/s35-batch1, three of its four 3x3 shapes): (64, 64, 128) x 4 warps from 512 rows (5.4
+    against the int8 rule's 1.3 T/s at 32x32, C = 128), (16, 64, 128) x 4 where C >= 512 (11.1 against 8.8), else
+    (32, 64, 64) x 4 (5.2 against 3.3); BLOCK_K 64 where the channels do not split into 128-blocks."""
     if INTERPRET:
         return 32, 32, 32, 4
     if _tile_rule != "no-small-m" and m <= SMALL_M:  # few output rows: enough blocks for the SMs (see set_tile_rule)
-        return (16, 64, 64, 4) if kind in ("int8", "fp8") else (32, 32, 64, 4)
+        if kind == "fp8":  # the H100's batch-1 sweep of session 35 (results/conv_tiles/s35-batch1)
+            bk = 128 if channels is not None and channels % 128 == 0 else 64
+            if m >= 512:
+                return 64, 64, bk, 4
+            return (16, 64, 128, 4) if bk == 128 and channels >= 512 else (32, 64, 64, 4)
+        return (16, 64, 64, 4) if kind == "int8" else (32, 32, 64, 4)
     if kind == "fp8" and m >= 8192 and (channels is None or channels % 128 == 0):
         return (128, 256, 128, 8) if n >= 256 and channels is not None and channels >= 512 else (128, 128, 128, 4)
     if kind == "fp8":
