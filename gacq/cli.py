@@ -165,6 +165,8 @@ def sample(
     batch_size: int = typer.Option(64, min=1, help="Images per model call (images do not depend on it)."),
     seed: int = typer.Option(0, min=0, help="Base seed; every image has its own generator derived from (seed, index)."),
     shard_size: int = typer.Option(5000, min=1, help="Images per resumable shard."),
+    first: int = typer.Option(0, "--first", min=0, help="Index of the first image: images FIRST .. FIRST+NUM-1 of "
+                              "this seed's run (one run made in parts)."),
     timestep_spacing: str = typer.Option("leading", help="leading, trailing, linspace, or quad (DDIM only: the DDIM code's quadratic skip, as Q-Diffusion/TFMQ-DM on CIFAR-10)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (GPU)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", min=0, help="Class-conditional models: this class for every image (default: balanced over the classes)."),
@@ -196,7 +198,7 @@ def sample(
         cfg = SampleConfig(scheduler=scheduler, steps=steps, eta=eta, num=num, batch_size=batch_size, seed=seed,
                            shard_size=shard_size, timestep_spacing=timestep_spacing, precision=precision,
                            class_label=class_label, guidance_scale=guidance_scale,
-                           prompt_embeds=str(prompt_embeds) if prompt_embeds else None)
+                           prompt_embeds=str(prompt_embeds) if prompt_embeds else None, first=first)
         with gdist.session(resolve_device(device)) as dev:
             loaded = load_model(model, device=dev, act_quant=not float_acts)
             if float_acts and not loaded.source.endswith("(activations float)"):

@@ -70,6 +70,13 @@ and digits; one name means the same overrides in every grid of the spec. `fmt = 
 FP8 E4M3 instead of integer grids (`gacq quantize --format fp8`: W8A8 or W8A32, methods without learned rounding);
 `act_fmt = "fp8"` only the inputs (`--act-format fp8`: e.g. W4 weights of any method with FP8 inputs).
 
+Cells of more than 10,000 samples (e.g. `[sample] num = 50000`) are sampled in parts of 5,000 (`[sample] part_size`
+sets the part size for any cell count: a positive multiple of 10), each reduced to its feature statistics in
+work/parts/<cell>/ as soon as it is drawn; a rerun samples only the parts without statistics, so a 50,000-sample cell
+can be made over several 10-minute device calls (the statistics, a few MB a part, travel; the images do not). The
+merged statistics equal one pass's up to float rounding; precision/recall then use a seeded uniform subset of 10,000
+samples (`gacq.metrics.stats.pr_rows`) instead of one pass's reservoir. Not part of the settings digest.
+
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
 by default (`torch.backends.cudnn.allow_tf32`), so a UNet's cost is mostly TF32 anyway; a transformer's is
@@ -120,7 +127,11 @@ _SECTIONS = {
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 # optional keys: absent unless given, so that the settings digests of specs without them stay what they were
-_OPTIONAL = {"quantize": {"smooth"}}
+_OPTIONAL = {"quantize": {"smooth"}, "sample": {"part_size"}}
+# cells of more samples than this sample in parts of PART_SIZE images unless [sample] part_size says otherwise
+# (`_sample_in_parts`): each part a few minutes of GPU time, its feature statistics a few MB, so that a cell of 50,000
+# samples can be made over several 10-minute device calls
+PARTS_ABOVE, PART_SIZE = 10000, 5000
 _TOP = {"name", "model", "work", "results", "device", "matmul_tf32", "grid", *_SECTIONS}
 _GRID_KEYS = {"methods", "bits", "steps", "seeds", "gac", "calib_seeds", "bias_correction", "gaussian_draws",
               "act_granularity", "w8_layers", "recipe"}
@@ -244,6 +255,10 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
     name = str(raw.get("name", path.stem))
     sections = {s: _section(raw, s, str(path)) for s in _SECTIONS}
     seeds0 = _as_list(sections["sample"]["seeds"], "[sample] seeds", str(path))
+    ps = sections["sample"].get("part_size")
+    if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 10 or ps % 10):
+        raise GacqError(f"{path}: [sample] part_size must be a positive multiple of 10 (the Inception Score's "
+                        f"splits), e.g. 5000; got {ps!r}")
     grids = raw.get("grid")
     if not isinstance(grids, list) or not grids:
         raise GacqError(f"{path}: no [[grid]] tables; add e.g. [[grid]] methods = [\"fp\", \"gac\"] bits = [\"W4A8\"]")
@@ -418,7 +433,7 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
 def settings(spec: ExperimentSpec) -> dict:
     """What makes cells of different specs comparable (everything but the grid, seeds and steps)."""
     out = {"model": spec.model, "calib": spec.calib, "quantize": spec.quantize,
-           "sample": {k: v for k, v in spec.sample.items() if k not in ("seeds", "steps", "batch_size")},
+           "sample": {k: v for k, v in spec.sample.items() if k not in ("seeds", "steps", "batch_size", "part_size")},
            "eval": spec.eval}
     if spec.matmul_tf32:  # only when on: the digests of specs without the key stay what they were
         out["matmul_tf32"] = True
@@ -670,11 +685,16 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         except GacqError as e:  # a diagnostic that cannot be made never stops the cell
             print(f"warning: no GAC weight profile for {qdir.name}: {e}", file=sys.stderr)
     loaded = load_model(spec.model if qdir is None else qdir, device=device, act_quant=not float_acts)
-    sdir = spec.work / "samples" / cell.id
-    smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
-    phase(f"{smeta['shape'][0]} samples drawn")
     ev = spec.eval
-    metrics = evaluate(sdir / "samples.npz", ev["ref"] or None, features=ev["features"],
+    part_size = spec.sample.get("part_size", PART_SIZE if spec.sample["num"] > PARTS_ABOVE else None)
+    if part_size is not None and part_size < spec.sample["num"]:
+        stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase)
+    else:
+        sdir = spec.work / "samples" / cell.id
+        smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
+        stats, grid_png = sdir / "samples.npz", sdir / "grid.png"
+    phase(f"{smeta['shape'][0]} samples drawn")
+    metrics = evaluate(stats, ev["ref"] or None, features=ev["features"],
                        inception_weights=ev["inception_weights"] or None, device=device, progress=progress)
     phase("evaluated")
     qmeta = json.loads((qdir / "quant_config.json").read_text()) if qdir is not None else {}
@@ -684,7 +704,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
 
     grid = spec.results / "grids" / f"{cell.id}.jpg"
     grid.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(grid) as tmp, Image.open(sdir / "grid.png") as im:
+    with atomic_path(grid) as tmp, Image.open(grid_png) as im:
         im.convert("RGB").save(tmp, "JPEG", quality=90, subsampling=0)
     res = {
         "schema": CELL_SCHEMA, "experiment": spec.name, "spec": str(spec.path), "spec_sha256": spec.text_sha256,
@@ -701,7 +721,10 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                    "steps": smeta["steps"], "eta": smeta["eta"], "timestep_spacing": smeta["timestep_spacing"],
                    "wall_seconds_last_run": smeta["wall_seconds_this_run"], "model": smeta["model"],
                    "fused_fake_quant": smeta.get("fused_fake_quant", False),
-                   "matmul_tf32": smeta.get("matmul_tf32", False)},
+                   "matmul_tf32": smeta.get("matmul_tf32", False),
+                   # sampled in parts (`_sample_in_parts`): how many, and the images this run drew (the rest carried)
+                   **({k: smeta[k] for k in ("parts", "part_size", "images_made_this_run")} if "parts" in smeta
+                      else {})},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
             "wall_seconds": qmeta.get("wall_seconds"), "wall_seconds_runs": qmeta.get("wall_seconds_runs"),
@@ -717,6 +740,61 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     }
     write_json(out, res)
     return res
+
+
+_PART_RUN = ("scheduler", "steps", "eta", "seed", "timestep_spacing", "guidance_scale", "num", "first")
+
+
+def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size: int, progress: bool, phase):
+    """Sample a cell's images in parts of `part_size` (images first .. first + part_size - 1 of its seed's run:
+    `SampleConfig.first`, so the same images as one run) and reduce each part to its feature statistics
+    (`gacq.metrics.stats.part_stats`) in work/parts/<cell>/ as soon as it is drawn; parts whose statistics are there
+    are not sampled again, also when they were made in another device call and carried in (scripts/gpu-dit-call.sh;
+    a part's images stay where they were drawn). Returns the merged statistics (`merge_stats`), the sampling record
+    of the run (part 0's, with the whole count and this run's wall time) and part 0's grid."""
+    import shutil
+
+    from .metrics import get_feature_extractor
+    from .metrics.evaluate import stats_for
+    from .metrics.stats import load_stats, merge_stats, part_stats
+    from .sampling import sample
+    from .utils import write_json
+
+    cfg = _sample_config(spec, cell.steps, cell.seed)
+    n, ev = cfg.num, spec.eval
+    pdir = spec.work / "parts" / cell.id
+    pdir.mkdir(parents=True, exist_ok=True)
+    starts = range(0, n, part_size)
+    ext = None
+    t0, made = time.time(), 0
+    for k, first in enumerate(starts):
+        path = pdir / f"stats_{k:04d}.npz"
+        pcfg = dataclasses.replace(cfg, num=min(part_size, n - first), first=first)
+        want = {"model": loaded.source, **{f: getattr(pcfg, f) for f in _PART_RUN}}
+        if path.exists():  # made here or carried in: only when it is a part of this very run
+            meta_file = pdir / f"meta_{k:04d}.json"
+            got = {"first": 0, **json.loads(meta_file.read_text())} if meta_file.exists() else {}  # 0: not recorded
+            if {f: got.get(f) for f in want} != want:
+                diff = sorted(f for f in want if got.get(f) != want[f])
+                raise GacqError(f"{path} is not part {k} of this cell's run ({', '.join(diff)} differ): another "
+                                f"checkpoint, sampler or part size; delete {pdir} to sample its parts again")
+            continue
+        sdir = spec.work / "samples" / f"{cell.id}.part{k:04d}"
+        smeta = sample(loaded, pcfg, sdir, device=device, progress=progress)
+        ext = ext or get_feature_extractor(ev["features"], device, ev["inception_weights"] or None)
+        st = stats_for(sdir / "samples.npz", ext, pr_max=pcfg.num, progress=progress)
+        if k == 0:  # the cell's grid and sampling record travel with the statistics
+            shutil.copyfile(sdir / "grid.png", pdir / "grid.png")
+        write_json(pdir / f"meta_{k:04d}.json", smeta)
+        part_stats(st, first, n).save(path)  # the runner's evaluation defaults: pr_max 10,000, seed 0
+        made += pcfg.num
+        phase(f"part {k + 1} of {len(starts)} ({first + pcfg.num} of {n} images) sampled and reduced")
+    parts = [load_stats(pdir / f"stats_{k:04d}.npz") for k in range(len(starts))]
+    merged = merge_stats(parts, source=f"{n} samples of {cell.id} in {len(parts)} parts of {part_size}")
+    smeta = json.loads((pdir / "meta_0000.json").read_text())
+    smeta.update(shape=[n, *smeta["shape"][1:]], wall_seconds_this_run=round(time.time() - t0, 2),
+                 parts=len(parts), part_size=part_size, images_made_this_run=made)
+    return merged, smeta, pdir / "grid.png"
 
 
 def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:

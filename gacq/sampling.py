@@ -51,6 +51,9 @@ class SampleConfig:
         guidance_scale: classifier-free guidance (1: the conditional prediction alone).
         prompt_embeds: text-conditioned models: a safetensors file of stored encoder states
             (`gacq.conditioning.load_prompt_embeds`); image i uses prompt i mod P.
+        first: the index of the first image: images first .. first + num - 1 of the run of `seed` (their noise,
+            labels and prompts are those images'), so that one run can be made in parts (`gacq experiment run`
+            samples large cells in parts of 5,000 so).
     """
 
     scheduler: str = "ddim"
@@ -65,6 +68,7 @@ class SampleConfig:
     class_label: int | None = None
     guidance_scale: float = 1.0
     prompt_embeds: str | None = None
+    first: int = 0
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -76,6 +80,8 @@ class SampleConfig:
                 raise GacqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.eta <= 1.0:
             raise GacqError(f"--eta must be in [0, 1], got {self.eta}")
+        if self.first < 0:
+            raise GacqError(f"--first must be at least 0, got {self.first}")
         if not 0 <= self.seed < 2**31:
             raise GacqError(f"--seed must be in [0, 2^31), got {self.seed}")
         if self.guidance_scale < 0:
@@ -295,7 +301,9 @@ def sample(
     if loaded.step_hook is not None:
         loaded.step_hook(0, cfg)  # a model calibrated for one sampler refuses another before anything is written
     device = torch.device(device)
-    run = {"model": loaded.source, **{k: v for k, v in asdict(cfg).items() if k != "batch_size"}}
+    # `first` only where set, so that a folder sampled before it existed still resumes
+    run = {"model": loaded.source, **{k: v for k, v in asdict(cfg).items()
+                                      if k != "batch_size" and not (k == "first" and v == 0)}}
     shard_dir = out / "shards"
     n_shards = -(-cfg.num // cfg.shard_size)
     start = time.time()
@@ -317,7 +325,7 @@ def sample(
             continue
         parts = []
         for b in range(lo, hi, cfg.batch_size):
-            idx = range(b, min(hi, b + cfg.batch_size))
+            idx = range(cfg.first + b, cfg.first + min(hi, b + cfg.batch_size))
             parts.append(generate(loaded, cfg, idx, device, model_fn, on_step=advance(bar)))
             made += len(idx)
             bar.n = round(bar.n)  # undo float drift of the per-step fractions
@@ -356,7 +364,7 @@ def _assemble(loaded: LoadedModel, cfg: SampleConfig, out: Path, n_shards: int, 
     if missing:
         raise GacqError(f"{shard_dir} lacks shard(s) {missing[:5]} after every rank finished; rerun to make them")
     images = np.concatenate([np.load(shard_dir / f"shard_{k:05d}.npz")["images"] for k in range(n_shards)])
-    labels = sample_labels(loaded.model, range(cfg.num), cfg.class_label)
+    labels = sample_labels(loaded.model, range(cfg.first, cfg.first + cfg.num), cfg.class_label)
     extra = {"labels": labels.numpy()} if labels is not None else {}
     with atomic_path(out / "samples.npz") as tmp:
         with open(tmp, "wb") as f:

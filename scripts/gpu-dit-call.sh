@@ -35,6 +35,11 @@
 # its resume points the same way (q/JOB.recon-ckpt, 1.5-3 MB for the bundled UNet since session 28), and the call
 # that carries them goes on from its last finished unit (its calibration set is collected again from the same seed,
 # and must come out the same: the resume points record its digest). Sample shards do not travel.
+# Cells of more than 10,000 samples (a spec's [sample] num = 50000) sample in parts of 5,000 whose feature statistics
+# come back in $OUT/p/parts.tgz.* (finished parts only); scripts/gpu-unpack.sh joins them into .data/parts, and a
+# later call that carries .data/parts (carry [".whl", ".data/parts"], with .data/q.tgz where the checkpoints travel
+# too) samples only the parts still missing. A call returns at most 8 files of 16 MiB, 64 MiB in all: q's parts,
+# call.tgz and p's parts share that.
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u
@@ -120,7 +125,24 @@ PY
     fi
     rm -rf "$OUT/q" && mv "$OUT/q.tmp" "$OUT/q"
   fi
-  tar czf "$OUT/call.tgz.tmp" --exclude=./.start --exclude=./q-carry.new -C "$LOGS" . && mv "$OUT/call.tgz.tmp" "$OUT/call.tgz"
+  # the feature statistics of the parts of cells sampled in parts (`gacq.experiment._sample_in_parts`) made in this
+  # call, in parts of at most 15 MiB ($OUT/p/parts.tgz.*, a few MB a part): a later call that carries them
+  # (.data/parts, joined here by scripts/gpu-unpack.sh) samples only the parts without statistics
+  if [ -d "$WORK/parts" ]; then
+    # not those carried in (.data/parts: the machine that made them returned them already)
+    (cd "$WORK" && find parts -type f -newer "$LOGS/.start" ! -name '.*' | sort) | while read -r f; do
+      [ -e ".data/$f" ] || echo "$f"; done > "$LOGS/parts.new"
+    if ! cmp -s "$LOGS/parts.new" "$LOGS/parts.txt"; then
+      mv "$LOGS/parts.new" "$LOGS/parts.txt"
+      rm -rf "$OUT/p.tmp" && mkdir -p "$OUT/p.tmp"
+      if [ -s "$LOGS/parts.txt" ]; then
+        tar czf - -C "$WORK" -T "$LOGS/parts.txt" | split -b 15M - "$OUT/p.tmp/parts.tgz."
+      fi
+      rm -rf "$OUT/p" && mv "$OUT/p.tmp" "$OUT/p"
+    fi
+  fi
+  tar czf "$OUT/call.tgz.tmp" --exclude=./.start --exclude=./q-carry.new --exclude=./parts.new -C "$LOGS" . \
+    && mv "$OUT/call.tgz.tmp" "$OUT/call.tgz"
   if [ "${1:-}" = final ]; then
     [ -s "$LOGS/q-carry.txt" ] && echo "checkpoints to carry: $(grep -v '^#' "$LOGS/q-carry.txt" | tr '\n' ' ')($(du -ch "$OUT"/q/q.tgz.* \
       | tail -1 | cut -f1)): here bash scripts/gpu-q-carry.sh FILES_AT/q [JOB ...]"
@@ -161,6 +183,12 @@ case $MODE in
     if [ -f .data/q.tgz ]; then
       mkdir -p "$WORK" && tar xzf .data/q.tgz -C "$WORK" --skip-old-files && echo "carried checkpoints: $(tar tzf \
         .data/q.tgz | grep -c '/quant_config.json$')"
+    fi
+    # part statistics of cells sampled in parts, made by earlier calls (.data/parts: scripts/gpu-unpack.sh joins a
+    # call's $OUT/p there): those parts are not sampled again
+    if [ -d .data/parts ]; then
+      mkdir -p "$WORK/parts" && cp -rnp .data/parts/. "$WORK/parts/" && echo "carried part statistics: $(find \
+        .data/parts -name 'stats_*.npz' | wc -l)"
     fi
     # a spec without `model` (None) uses the bundled UNet (keep it in the tree: UNET=keep with gpu-dit-stash.sh)
     if [ "$MODEL" != None ] && [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then

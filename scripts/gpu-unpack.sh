@@ -6,7 +6,8 @@
 # The call's result files (cells/, grids/, diagnostics/) join RESULTS_FOLDER without replacing any file already there
 # (a finished cell is never overwritten; a GAC profile of a job quantized again replaces the old one, which moves to
 # diagnostics/superseded/); its logs (the runner's, each cell's, the GPU monitor, the quant configs and
-# GAC's weights) go to RESULTS_FOLDER/runs/RUN_NAME-logs/. TITLE defaults to the folder's current report heading.
+# GAC's weights) go to RESULTS_FOLDER/runs/RUN_NAME-logs/; the part statistics beside it (p/parts.tgz.*) to .data/parts
+# (here, the working directory), for the next call to carry. TITLE defaults to the folder's current report heading.
 set -eu
 [ $# -ge 3 ] || { echo "usage: gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]"; exit 2; }
 TGZ=$1; RES=$2; NAME=$3
@@ -42,6 +43,23 @@ if [ -d "$T/results" ]; then
   rm -rf "$T/results"
 fi
 mkdir -p "$LOGS" && cp -r "$T/." "$LOGS/"
+# part statistics of cells sampled in parts ($OUT/p/parts.tgz.* beside call.tgz) join .data/parts for the next call
+# to carry; the parts of cells now finished leave it
+P=$(dirname "$TGZ")/p
+if ls "$P"/parts.tgz.* > /dev/null 2>&1; then
+  mkdir -p .data && cat "$P"/parts.tgz.* | tar xzf - -C .data
+  echo "gpu-unpack: part statistics in .data/parts: $(find .data/parts -name 'stats_*.npz' | wc -l)"
+fi
+if [ -d .data/parts ]; then
+  for d in .data/parts/*/; do
+    [ -d "$d" ] && [ -f "$RES/cells/$(basename "$d").json" ] && rm -rf "$d" \
+      && echo "gpu-unpack: $(basename "$d") is finished: dropped its part statistics from .data/parts"
+  done
+fi
 echo "gpu-unpack: $NEW new cell result(s); logs in $LOGS"
-TITLE=${4:-$(sed -n '1s/^# //p' "$RES/README.md" 2>/dev/null)}
-python -m gacq report "$RES" ${TITLE:+--title "$TITLE"}
+TITLE=${4:-$(sed -n '1s/^# //p' "$RES/README.md" 2>/dev/null || true)}  # none before the folder's first report
+if ls "$RES"/cells/*.json > /dev/null 2>&1; then
+  python -m gacq report "$RES" ${TITLE:+--title "$TITLE"}
+else
+  echo "gpu-unpack: no cell results in $RES yet: no report"
+fi

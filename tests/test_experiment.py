@@ -252,6 +252,48 @@ def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
     assert r.returncode == 2 and "no cell(s) ['nope']" in r.stderr
 
 
+def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp_path):
+    """`[sample] part_size`: the FP cell's 24 images in parts of 10, 10 and 4 (`SampleConfig.first`), each reduced to
+    its feature statistics at once; FID and IS equal `gacq sample` + `gacq eval` of the same 24 images in one run (the
+    parts' covariances are stored in float32). A rerun after losing one part's statistics (and the cell) samples that
+    part only. A part size the IS splits do not divide is refused."""
+    spec = SPEC.replace("num = 10\nbatch_size = 10", "num = 24\nbatch_size = 8\npart_size = 10").replace(
+        'methods = ["fp", "rtn", "tfmq"]\nbits = ["W4A8", "W4A32"]', 'methods = ["fp"]').replace("steps = 5", "steps = 3")
+    (tmp_path / "spec.toml").write_text(spec.format(model=tiny32))
+    r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cell = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
+    parts = tmp_path / "runs/experiments/t/parts/fp_steps3_seed0"
+    assert sorted(p.name for p in parts.glob("stats_*.npz")) == ["stats_0000.npz", "stats_0001.npz", "stats_0002.npz"]
+    assert cell["metrics"]["samples"]["n"] == 24 and cell["sample"]["n"] == 24
+    r = gacq("sample", "--model", tiny32, "--steps", 3, "--num", 24, "--batch-size", 24, "--out", tmp_path / "one",
+             "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    direct = evaluate(tmp_path / "one/samples.npz", progress=False)
+    got = cell["metrics"]
+    assert got["fid"] == pytest.approx(direct["fid"], rel=1e-4) and got["sfid"] == pytest.approx(direct["sfid"], rel=1e-3)
+    assert got["is_mean"] == pytest.approx(direct["is_mean"], rel=1e-9)
+    assert got["pr_n"] == direct["pr_n"] == {"samples": 24, "reference": 10000}
+    # lose the last part's statistics and the cell: the rerun samples that part alone
+    (parts / "stats_0002.npz").unlink()
+    (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
+    r = gacq("experiment", "run", "spec.toml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "part 3 of 3 (24 of 24 images)" in out and "part 1 of 3" not in out and "part 2 of 3" not in out, out
+    again = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
+    assert again["metrics"]["fid"] == pytest.approx(got["fid"], rel=1e-9)
+    # statistics of another run's part (here: another model) are refused, not merged
+    meta = parts / "meta_0001.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": "elsewhere"}))
+    (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
+    r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=tmp_path)
+    assert r.returncode != 0 and "stats_0001.npz is not part 1 of this cell's run (model differ)" in r.stdout + r.stderr
+    (tmp_path / "bad.toml").write_text(spec.format(model=tiny32).replace("part_size = 10", "part_size = 15"))
+    with pytest.raises(GacqError, match="multiple of 10"):
+        load_spec(tmp_path / "bad.toml")
+
+
 def test_report_renders_the_run(ran):
     r = here("report", "results/experiments/t", cwd=ran)
     assert r.returncode == 0, r.stderr

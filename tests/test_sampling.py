@@ -105,6 +105,21 @@ def test_sample_writes_and_resumes(tiny, tmp_path):
     np.testing.assert_array_equal(np.load(out / "samples.npz")["images"], images)
 
 
+def test_sample_in_parts_gives_the_whole_runs_images(tiny, tmp_path):
+    """`first`: images 3..6 of seed 1's run are the same images whether sampled as part of one run of 7 or as a run of
+    their own starting at 3; the folder of a part records `first`, one without it does not (older folders resume)."""
+    whole = sample(tiny, SampleConfig(steps=3, num=7, batch_size=4, seed=1), tmp_path / "w", progress=False)
+    assert "first" not in json.loads((tmp_path / "w" / "run.json").read_text())
+    head = sample(tiny, SampleConfig(steps=3, num=3, batch_size=2, seed=1), tmp_path / "a", progress=False)
+    tail = sample(tiny, SampleConfig(steps=3, num=4, batch_size=3, seed=1, first=3), tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["first"] == 3
+    assert head["shape"][0] == 3 and tail["shape"][0] == 4 and whole["shape"][0] == 7
+    parts = np.concatenate([np.load(tmp_path / d / "samples.npz")["images"] for d in ("a", "b")])
+    np.testing.assert_array_equal(parts, np.load(tmp_path / "w" / "samples.npz")["images"])
+    with pytest.raises(GacqError, match="--first"):
+        SampleConfig(first=-1)
+
+
 def test_sample_refuses_other_settings_in_same_folder(tiny, tmp_path):
     sample(tiny, SampleConfig(steps=2, num=2), tmp_path / "s", progress=False)
     with pytest.raises(GacqError, match="seed"):

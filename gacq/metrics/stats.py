@@ -5,10 +5,16 @@ A statistics file holds, for one feature network (name + weights hash):
 - a uniform random subset (reservoir sample, seeded) of the pooled features for precision/recall;
 - per-split sums for the Inception Score (sample i goes to split i % splits).
 Files are plain `.npz` read with `allow_pickle=False`.
+
+Statistics of one run made in parts (a cell of 50,000 samples over several 10-minute GPU calls, each part's
+statistics a few MB where its images are 15): `part_stats` marks each part's statistics with its place in the run
+and keeps the precision/recall features of the run's own uniform subset (`pr_rows`); `merge_stats` pools them into
+the statistics of the whole run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,3 +180,77 @@ class StatsAccumulator:
         mu_s, sigma_s = self.spatial.result()
         return FeatureStats(self.feature_name, self.feature_hash, self.n, mu, sigma, mu_s, sigma_s,
                             self.reservoir[:min(self.n, self.pr_max)].copy(), self.p_sum, self.plogp, self.count, dict(meta or {}))
+
+
+def pr_rows(n_total: int, pr_max: int, seed: int) -> np.ndarray:
+    """The indices (sorted) of the images whose pooled features precision/recall use when the statistics of a run of
+    n_total images are made in parts: a uniform random subset of pr_max of them (`np.random.default_rng(seed)`,
+    without replacement), or all of them where n_total <= pr_max (the features one pass keeps too)."""
+    if n_total <= pr_max:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, pr_max, replace=False))
+
+
+def part_stats(stats: FeatureStats, first: int, n_total: int, pr_max: int = 10000, seed: int = 0) -> FeatureStats:
+    """The statistics of images first .. first + stats.n - 1 of a run of n_total, for `merge_stats`. `stats` must hold
+    every one of its images' pooled features in order (made with pr_max at least its image count), and `first` must be
+    a multiple of the Inception Score's split count (image i of a part goes to split i % splits counted from the
+    part's first image, so that the run's images keep their splits). Keeps the pooled features of the run's
+    `pr_rows` that fall in this part."""
+    splits = len(stats.is_count)
+    if len(stats.pr_features) != stats.n:
+        raise GacqError(f"part statistics need every image's features: {len(stats.pr_features)} kept of {stats.n}; "
+                        f"make them with pr_max >= {stats.n}")
+    if first < 0 or first % splits:
+        raise GacqError(f"a part must start at a multiple of the {splits} Inception Score splits, not at image {first}")
+    if first + stats.n > n_total:
+        raise GacqError(f"images {first}..{first + stats.n - 1} do not lie in a run of {n_total}")
+    rows = pr_rows(n_total, pr_max, seed)
+    keep = rows[(rows >= first) & (rows < first + stats.n)] - first
+    meta = {**stats.meta, "part": {"first": first, "n": stats.n, "n_total": n_total, "pr_max": pr_max,
+                                   "pr_seed": seed}}
+    return dataclasses.replace(stats, pr_features=stats.pr_features[keep], meta=meta)
+
+
+def merge_stats(parts: list[FeatureStats], source: str | None = None) -> FeatureStats:
+    """The statistics of one run from those of its parts (`part_stats`), which must cover images 0 .. n_total - 1 of
+    it once each: the pooled and spatial features' mean and covariance from the parts' (exact up to float rounding:
+    the within-part scatter (n_k - 1) S_k plus the between-part n_k (m_k - m)(m_k - m)^T, over n - 1), the Inception
+    Score's per-split sums added, and the precision/recall features of the run's `pr_rows`, in image order."""
+    if not parts:
+        raise GacqError("no part statistics to merge")
+    info = [p.meta.get("part") for p in parts]
+    if any(i is None for i in info):
+        raise GacqError("statistics to merge must be parts of one run (made by part_stats)")
+    parts = [p for _, p in sorted(zip((i["first"] for i in info), parts), key=lambda t: t[0])]
+    info = [p.meta["part"] for p in parts]
+    run = {(i["n_total"], i["pr_max"], i["pr_seed"]) for i in info}
+    nets = {(p.feature_name, p.feature_hash, len(p.is_count)) for p in parts}
+    if len(run) > 1 or len(nets) > 1:
+        raise GacqError(f"the parts come from different runs or feature networks: {sorted(run)}, {sorted(nets)}")
+    n_total = info[0]["n_total"]
+    at = 0
+    for i in info:
+        if i["first"] != at:
+            raise GacqError(f"the parts do not tile the run of {n_total} images: a part starts at image {i['first']} "
+                            f"where {at} was expected (a part missing or repeated)")
+        at += i["n"]
+    if at != n_total:
+        raise GacqError(f"the parts cover images 0..{at - 1} of a run of {n_total}: parts are missing")
+
+    def pooled(means, covs):
+        ns = np.array([p.n for p in parts], np.float64)
+        m = (ns[:, None] * np.stack(means)).sum(0) / n_total
+        scatter = sum((n - 1) * c + n * np.outer(mk - m, mk - m) for n, mk, c in zip(ns, means, covs))
+        return m, scatter / (n_total - 1)
+
+    mu, sigma = pooled([p.mu for p in parts], [p.sigma for p in parts])
+    mu_s, sigma_s = pooled([p.mu_spatial for p in parts], [p.sigma_spatial for p in parts])
+    first = parts[0]
+    meta = {k: v for k, v in first.meta.items() if k not in ("part", "source")}
+    meta.update(source=source or f"{len(parts)} parts of a run of {n_total} images", parts=len(parts),
+                pr_max=info[0]["pr_max"], seed=info[0]["pr_seed"])
+    return FeatureStats(first.feature_name, first.feature_hash, n_total, mu, sigma, mu_s, sigma_s,
+                        np.concatenate([p.pr_features for p in parts]),
+                        sum(p.is_p_sum for p in parts), sum(p.is_plogp_sum for p in parts),
+                        sum(p.is_count for p in parts), meta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -121,6 +122,69 @@ def test_stats_accumulator_matches_numpy_and_roundtrips(tmp_path):
     assert back.meta["source"] == "test"
     with pytest.raises(GacqError, match="NaN"):
         acc.add({"pool": pool[:2] * np.nan, "spatial": spatial[:2], "logits": logits[:2]})
+
+
+def _stats_of(pool, spatial, logits, pr_max, splits=5):
+    acc = StatsAccumulator("cifar10", "abc", pr_max=pr_max, is_splits=splits, seed=0)
+    for i in range(0, len(pool), 7):
+        acc.add({"pool": pool[i:i + 7], "spatial": spatial[i:i + 7], "logits": logits[i:i + 7]})
+    return acc.result({"source": "test"})
+
+
+def test_stats_merged_from_parts_equal_one_pass(tmp_path):
+    """A run's statistics made in parts (`part_stats`, saved and loaded, then `merge_stats`) against numpy on all of
+    its features: moments to float rounding (the parts' covariances stored as float32: 1e-6), the Inception Score's
+    split sums exactly those of one pass, precision/recall's features exactly the run's `pr_rows`."""
+    from gacq.metrics.stats import merge_stats, part_stats, pr_rows
+
+    rng = np.random.default_rng(5)
+    n = 120
+    pool = rng.normal(size=(n, 6)) * rng.uniform(0.5, 3, 6) + 1e2
+    spatial, logits = rng.normal(size=(n, 4)), rng.normal(size=(n, 3)) * 3
+    bounds = [0, 35, 80, 120]  # parts of 35, 45 and 40 images, each starting at a multiple of the 5 splits
+    parts = []
+    for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        part = part_stats(_stats_of(pool[lo:hi], spatial[lo:hi], logits[lo:hi], pr_max=hi - lo), lo, n, pr_max=50,
+                          seed=3)
+        part.save(tmp_path / f"p{k}.npz")
+        parts.append(load_stats(tmp_path / f"p{k}.npz"))
+    merged = merge_stats(parts[::-1], source="three parts")  # in any order
+    one = _stats_of(pool, spatial, logits, pr_max=n)
+    assert merged.n == n and merged.meta["source"] == "three parts"
+    np.testing.assert_allclose(merged.mu, pool.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged.sigma, np.cov(pool, rowvar=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(merged.mu_spatial, spatial.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(merged.sigma_spatial, np.cov(spatial, rowvar=False), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(merged.is_p_sum, one.is_p_sum, rtol=1e-12)
+    np.testing.assert_array_equal(merged.is_count, one.is_count)
+    assert merged.inception_score()[0] == pytest.approx(one.inception_score()[0], rel=1e-10)
+    rows = pr_rows(n, 50, 3)
+    assert len(rows) == 50 == len(set(rows.tolist()))
+    np.testing.assert_array_equal(merged.pr_features, pool[rows].astype(np.float16).astype(np.float32))
+    # a run of at most pr_max images keeps every image's features, as one pass does
+    small = merge_stats([part_stats(_stats_of(pool[lo:hi], spatial[lo:hi], logits[lo:hi], hi - lo), lo, n, pr_max=n)
+                         for lo, hi in itertools.pairwise(bounds)])
+    np.testing.assert_array_equal(small.pr_features, one.pr_features)
+    # parts that do not tile the run, or come from other runs, are refused
+    with pytest.raises(GacqError, match="missing"):
+        merge_stats(parts[:2])
+    with pytest.raises(GacqError, match="expected"):
+        merge_stats([parts[0], parts[2]])
+    with pytest.raises(GacqError, match="different runs"):
+        merge_stats([parts[0], part_stats(_stats_of(pool[35:], spatial[35:], logits[35:], 85), 35, n, 50, seed=4)])
+    with pytest.raises(GacqError, match="multiple"):
+        part_stats(_stats_of(pool[:33], spatial[:33], logits[:33], 33), 33, n)
+    with pytest.raises(GacqError, match="every image"):
+        part_stats(_stats_of(pool[:35], spatial[:35], logits[:35], 10), 0, n)
+
+
+def test_pr_rows_are_uniform():
+    hits = np.zeros(100)
+    from gacq.metrics.stats import pr_rows
+
+    for seed in range(300):
+        hits[pr_rows(100, 10, seed)] += 1
+    assert hits[:50].mean() == pytest.approx(30, rel=0.15) and hits[50:].mean() == pytest.approx(30, rel=0.15)
 
 
 def test_reservoir_is_uniform():
