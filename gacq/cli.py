@@ -444,8 +444,13 @@ def eval_cmd(
 
 @app.command()
 def stats(
-    data: Path = typer.Option(..., "--data", help="Images: dataset folder/zip/mosaic zip/npz or samples.npz."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Images: dataset folder/zip/mosaic zip/npz or samples.npz."),
     out: Path = typer.Option(..., "--out", help="Statistics file to write (.npz)."),
+    part_of: Optional[str] = typer.Option(None, "--part-of", metavar="FIRST:TOTAL", help="--data holds images "
+                                          "FIRST.. of a run of TOTAL (e.g. `gacq sample --first FIRST`): write part "
+                                          "statistics for --merge (FIRST a multiple of 10)."),
+    merge: Optional[list[Path]] = typer.Option(None, "--merge", help="Part statistics files (--part-of) covering one "
+                                               "run: write that run's statistics (repeat the option per file)."),
     features: str = typer.Option("cifar10", "--features", help=FEATURES_HELP),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="FID Inception-v3 weights."),
     batch_size: int = typer.Option(500, min=1, help="Images per feature-network call."),
@@ -453,12 +458,25 @@ def stats(
     seed: int = typer.Option(0, help="Seed of the precision/recall subset."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Precompute reference statistics (means, covariances, P/R features, IS sums) of a dataset."""
-    from .metrics import make_stats
+    """Precompute reference statistics (means, covariances, P/R features, IS sums) of a dataset; or of one part of
+    a run sampled in parts (--part-of), and of the whole run from its parts (--merge)."""
+    from .metrics import make_part_stats, make_stats, merge_stats_files
 
     try:
-        st = make_stats(data, out, features=features, inception_weights=inception_weights, device=device,
-                        batch_size=batch_size, pr_max=pr_max, seed=seed)
+        if (data is None) == (not merge):
+            raise GacqError("give --data (images) or --merge (part statistics files), one of them")
+        if merge:
+            st = merge_stats_files(merge, out)
+        elif part_of is not None:
+            try:
+                first, total = (int(v) for v in part_of.split(":"))
+            except ValueError:
+                raise GacqError(f"--part-of takes FIRST:TOTAL, e.g. 5000:50000, not {part_of!r}") from None
+            st = make_part_stats(data, out, first, total, features=features, inception_weights=inception_weights,
+                                 device=device, batch_size=batch_size, pr_max=pr_max, seed=seed)
+        else:
+            st = make_stats(data, out, features=features, inception_weights=inception_weights, device=device,
+                            batch_size=batch_size, pr_max=pr_max, seed=seed)
     except GacqError as e:
         _fail(e)
     typer.echo(f"wrote {out}: {st.n} images, features {st.feature_name} (hash {st.feature_hash})")

@@ -59,6 +59,36 @@ def make_stats(data, out: str | Path, features: str = "cifar10", inception_weigh
     return stats
 
 
+def make_part_stats(data, out: str | Path, first: int, total: int, features: str = "cifar10", inception_weights=None,
+                    device=None, batch_size: int = 500, pr_max: int = 10000, is_splits: int = 10, seed: int = 0,
+                    progress: bool = True) -> FeatureStats | None:
+    """The statistics of images first .. first + n - 1 of a run of `total` images (`data`: those n images, e.g. a
+    `gacq sample --first FIRST` folder), saved for `merge_stats_files` (`gacq stats --part-of FIRST:TOTAL`):
+    every image's features are reduced, of the pooled features those of the run's precision/recall subset kept
+    (`stats.pr_rows(total, pr_max, seed)`)."""
+    from .stats import part_stats
+
+    ext = get_feature_extractor(features, device, inception_weights)
+    images = data if isinstance(data, np.ndarray) else load_images(data).images
+    source = "images" if isinstance(data, np.ndarray) else str(data)
+    stats = compute_stats(images, ext, batch_size, max(len(images), 2), is_splits, seed, source, progress)
+    if stats is None:  # not rank 0 of a process group
+        return None
+    part = part_stats(stats, first, total, pr_max=pr_max, seed=seed)
+    part.save(out)
+    return part
+
+
+def merge_stats_files(paths, out: str | Path) -> FeatureStats:
+    """One run's statistics file from the files of its parts (`make_part_stats`; `gacq stats --merge`)."""
+    from .stats import load_stats, merge_stats
+
+    paths = [Path(p) for p in paths]
+    merged = merge_stats([load_stats(p) for p in paths], source=f"{len(paths)} parts: {', '.join(p.name for p in paths)}")
+    merged.save(out)
+    return merged
+
+
 def evaluate(samples, ref=None, features: str = "cifar10", inception_weights=None, device=None,
              batch_size: int = 500, pr_k: int = 3, pr_max: int = 10000, is_splits: int = 10, seed: int = 0,
              progress: bool = True) -> dict:
