@@ -754,9 +754,8 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     of the run (part 0's, with the whole count and this run's wall time) and part 0's grid."""
     import shutil
 
-    from .metrics import get_feature_extractor
-    from .metrics.evaluate import stats_for
-    from .metrics.stats import load_stats, merge_stats, part_stats
+    from .metrics import make_part_stats
+    from .metrics.stats import load_stats, merge_stats
     from .sampling import sample
     from .utils import write_json
 
@@ -765,7 +764,6 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     pdir = spec.work / "parts" / cell.id
     pdir.mkdir(parents=True, exist_ok=True)
     starts = range(0, n, part_size)
-    ext = None
     t0, made = time.time(), 0
     for k, first in enumerate(starts):
         path = pdir / f"stats_{k:04d}.npz"
@@ -781,12 +779,12 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
             continue
         sdir = spec.work / "samples" / f"{cell.id}.part{k:04d}"
         smeta = sample(loaded, pcfg, sdir, device=device, progress=progress)
-        ext = ext or get_feature_extractor(ev["features"], device, ev["inception_weights"] or None)
-        st = stats_for(sdir / "samples.npz", ext, pr_max=pcfg.num, progress=progress)
         if k == 0:  # the cell's grid and sampling record travel with the statistics
             shutil.copyfile(sdir / "grid.png", pdir / "grid.png")
         write_json(pdir / f"meta_{k:04d}.json", smeta)
-        part_stats(st, first, n).save(path)  # the runner's evaluation defaults: pr_max 10,000, seed 0
+        # written last (what marks the part done); the runner's evaluation defaults: pr_max 10,000, seed 0
+        make_part_stats(sdir / "samples.npz", path, first, n, features=ev["features"],
+                        inception_weights=ev["inception_weights"] or None, device=device, progress=progress)
         made += pcfg.num
         phase(f"part {k + 1} of {len(starts)} ({first + pcfg.num} of {n} images) sampled and reduced")
     parts = [load_stats(pdir / f"stats_{k:04d}.npz") for k in range(len(starts))]

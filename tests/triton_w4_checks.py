@@ -890,6 +890,17 @@ def fp8_conv():
         single_rs = fp8_cast(F.pad(xb.float(), (1,) * 4) / scale.bfloat16().float().reshape(())).permute(0, 2, 3, 1)
         want_c = triton_fp8.fp8_conv2d_codes(codes_c, part.qweight, part.k, part.out_channels, part.w_scale,
                                              ex.bias.detach(), scale, (3, 3), (1, 1), (1, 1), (1, 1), torch.bfloat16)
+        # precise_acc (each K block promoted into the float32 accumulator): in the interpreter, which has no
+        # narrower accumulator, the same output; on sm_90 within the float32 bound of the default's
+        precise = triton_fp8.fp8_conv2d_codes(codes_c, part.qweight, part.k, part.out_channels, part.w_scale,
+                                              ex.bias.detach(), scale, (3, 3), (1, 1), (1, 1), (1, 1), torch.float32,
+                                              precise_acc=True)
+        plain = triton_fp8.fp8_conv2d_codes(codes_c, part.qweight, part.k, part.out_channels, part.w_scale,
+                                            ex.bias.detach(), scale, (3, 3), (1, 1), (1, 1), (1, 1), torch.float32)
+    if DEVICE == "cpu":
+        assert torch.equal(precise, plain)
+    else:
+        assert float((precise - plain).abs().max()) <= 2 * UNET_TOL * float(plain.abs().max())
     flips = int((codes_c.float() != codes_e.float()).sum())
     print(f"fp8_conv: compiled bf16 codes differ from eager's in {flips} of {codes_e.numel()}", flush=True)
     if DEVICE == "cpu":
