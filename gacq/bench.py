@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                          "as TFLOPS/TOPS, next to the machine's measured bf16, int8 and FP8 GEMM peaks (CUDA)")
     ap.add_argument("--modes", default="",
                     help="comma-separated substrings: run only the modes whose label contains one (e.g. 'bf16,int8'); "
-                         "the float compiled baseline is always kept for the ratios")
+                         "one ending in '$' only the mode of exactly that label (e.g. 'fp8 FP8 compiled$', none of "
+                         "its variants); the float compiled baseline is always kept for the ratios")
     ap.add_argument("--tile-rules", default=TILE_RULES[0],
                     help="comma-separated tile rules of the Triton low-bit kernels (gacq.export.triton_w4.TILE_RULES: "
                          "small-m, the default, no-small-m, small-m-splitk, small-m-masked: the int8 / W4A8 convs "
@@ -421,7 +422,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         labels = [m[0] for m in modes]
-        modes = [m for i, m in enumerate(modes) if i == 1 and not args.no_compile or any(w in m[0] for w in wanted)]
+        # a name ending in "$" matches that mode alone, e.g. 'fp8 FP8 compiled$' without its variants
+        modes = [m for i, m in enumerate(modes) if i == 1 and not args.no_compile
+                 or any(m[0] == w[:-1] if w.endswith("$") else w in m[0] for w in wanted)]
         if not modes and not args.kernels:
             ap.error(f"--modes {args.modes!r} matches no mode; the modes are: {', '.join(labels)}")
     rules = [r.strip() for r in args.tile_rules.split(",") if r.strip()]
@@ -480,7 +483,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         print("[bench] kernels: each layer alone", flush=True)
         kernels = kernel_report(fp, {"int8": lambda: convert(fq8(), "int8")[0],
                                      "w4a8": lambda: convert(fq48(), "w4a8")[0],
-                                     "w4a16": lambda: kernels_on(convert(fq4(), "w4a16")[0])},
+                                     "w4a16": lambda: kernels_on(convert(fq4(), "w4a16")[0]),
+                                     "fp8": lambda: convert(fqf8(), "fp8")[0],
+                                     "w4fp8": lambda: convert(fq4f8(), "w4fp8")[0]},
                                 args, device, dtype, max(batch_sizes))
     write_results(args, results, share, t_start, kernels)
 

@@ -589,6 +589,19 @@ def test_bench_compiles_every_mode_past_dynamos_recompile_limit():
         torch._dynamo.reset()
 
 
+def test_bench_modes_ending_in_dollar_match_one_label_only(tmp_path):
+    """`--modes 'w4a8 W4A8$'` runs the mode of that label and not "w4a8 W4A8 unpacked", which the bare substring
+    also matches."""
+    args = ["--config", "tiny", "--device", "cpu", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+            "--no-compile"]
+    rows = {}
+    for key, modes in (("exact", "w4a8 W4A8$"), ("substring", "w4a8 W4A8")):
+        r = gacq_here("bench", *args, "--modes", modes, "--out", tmp_path / key)
+        assert r.returncode == 0, r.stderr
+        rows[key] = {row["mode"] for row in json.loads((tmp_path / key / "bench_lowbit.json").read_text())["results"]}
+    assert rows == {"exact": {"w4a8 W4A8"}, "substring": {"w4a8 W4A8", "w4a8 W4A8 unpacked"}}
+
+
 def test_bench_lowbit_cpu_smoke(tmp_path):
     """`gacq bench` end to end on the CPU; `--modes` keeps only the asked modes (the benchmarks/ script is the same
     code: `gacq.bench.main`)."""
@@ -642,7 +655,9 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     conv1 = model.get_submodule("down_blocks.0.resnets.0.conv1")
     assert by["down_blocks.0.resnets.0.conv1"]["K"] == conv1.in_channels * 9
     assert by["down_blocks.0.resnets.0.conv1"]["M"] == 1 * model.config.sample_size ** 2  # batch 1, stride 1
-    assert set(kern["variants"]) == {"fp32", "int8", "w4a8", "w4a16"} and kern["peaks"] == "not measured on the CPU"
+    assert kern["variants"] == dict.fromkeys(("fp32", "int8", "w4a8", "w4a16", "fp8", "w4fp8"), "ok")
+    assert kern["peaks"] == "not measured on the CPU"
+    assert by["down_blocks.0.resnets.0.conv1"]["fp8_tops"] > 0 and "fp8_float" not in by["down_blocks.0.resnets.0.conv1"]
     proc = gacq_here("bench", *args, "--modes", "none", "--out", tmp_path / "b4")  # a refusal: in this process
     assert proc.returncode == 2 and "matches no mode" in proc.stderr  # nothing to run is an error
     assert res["command"] and res["machine"]["torch"] == torch.__version__ and (out / "bench_lowbit.md").exists()
