@@ -495,8 +495,24 @@ def cell_status(spec: ExperimentSpec, cell: Cell) -> str:
         return "done"
     job = quant_job_of(spec, cell)[0]
     partial = (spec.work / "samples" / cell.id).exists() or job is not None and any(
-        (spec.work / "q" / name).exists() for name in (job, f"{job}.recon-ckpt"))
+        (spec.work / "q" / name).exists() for name in (job, f"{job}.recon-ckpt")) or cell_parts(spec, cell)
     return "started" if partial else "pending"
+
+
+def part_size_of(spec: ExperimentSpec) -> int | None:
+    """The images per part of the spec's cells when they sample in parts (`_sample_in_parts`), else None."""
+    size = spec.sample.get("part_size", PART_SIZE if spec.sample["num"] > PARTS_ABOVE else None)
+    return size if size is not None and size < spec.sample["num"] else None
+
+
+def cell_parts(spec: ExperimentSpec, cell: Cell) -> tuple[int, int] | None:
+    """(parts whose statistics are in the work folder, parts in all) of a cell that samples in parts and has begun
+    to; None otherwise (`gacq experiment list` shows them)."""
+    size = part_size_of(spec)
+    folder = spec.work / "parts" / cell.id
+    if size is None or not folder.is_dir():
+        return None
+    return len(list(folder.glob("stats_*.npz"))), -(-spec.sample["num"] // size)
 
 
 def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
@@ -686,8 +702,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
             print(f"warning: no GAC weight profile for {qdir.name}: {e}", file=sys.stderr)
     loaded = load_model(spec.model if qdir is None else qdir, device=device, act_quant=not float_acts)
     ev = spec.eval
-    part_size = spec.sample.get("part_size", PART_SIZE if spec.sample["num"] > PARTS_ABOVE else None)
-    if part_size is not None and part_size < spec.sample["num"]:
+    part_size = part_size_of(spec)
+    if part_size is not None:
         stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase)
     else:
         sdir = spec.work / "samples" / cell.id

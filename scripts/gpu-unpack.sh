@@ -48,7 +48,8 @@ mkdir -p "$LOGS" && cp -r "$T/." "$LOGS/"
 P=$(dirname "$TGZ")/p
 if ls "$P"/parts.tgz.* > /dev/null 2>&1; then
   mkdir -p .data && cat "$P"/parts.tgz.* | tar xzf - -C .data
-  echo "gpu-unpack: part statistics in .data/parts: $(find .data/parts -name 'stats_*.npz' | wc -l)"
+  echo "gpu-unpack: part statistics in .data/parts: $(find .data/parts -name 'stats_*.npz' | wc -l) ($(for d in \
+    .data/parts/*/; do echo "$(basename "$d") $(ls "$d" | grep -c '^stats_')"; done | paste -sd, -))"
 fi
 if [ -d .data/parts ]; then
   for d in .data/parts/*/; do

@@ -277,6 +277,8 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     # lose the last part's statistics and the cell: the rerun samples that part alone
     (parts / "stats_0002.npz").unlink()
     (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
+    r = here("experiment", "list", "spec.toml", cwd=tmp_path)
+    assert "started  fp_steps3_seed0  [parts 2 of 3 sampled]" in r.stdout, r.stdout
     r = gacq("experiment", "run", "spec.toml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr

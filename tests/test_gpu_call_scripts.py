@@ -279,6 +279,7 @@ def test_part_statistics_travel_between_calls_and_a_later_call_samples_no_part_a
     assert r.returncode == 0, r.stdout + r.stderr
     stats = sorted(p.name for p in (here / ".data/parts" / cell).glob("stats_*.npz"))
     assert stats == ["stats_0000.npz", "stats_0001.npz"], r.stdout
+    assert f"part statistics in .data/parts: 2 ({cell} 2)" in r.stdout, r.stdout
 
     dev2 = tmp_path / "device2"
     dev2.mkdir()
