@@ -962,7 +962,7 @@ def fp8_linear():
 
     from torch import nn
 
-    from gacq.bench import build_model, fake_quant
+    from gacq.bench import build_model, fake_quant, fp8_variant
     from gacq.export.convert import convert
     from gacq.quant.modules import QuantLinear
     from gacq.quant.wrap import set_quant_state
@@ -1017,18 +1017,14 @@ def fp8_linear():
                 h.remove()
             over = {}
             for precise, tol in ((False, UNET_TOL), (True, F32_TOL)):
-                for m in ex.modules():
-                    if hasattr(m, "precise_acc"):
-                        m.precise_acc = precise
+                fp8_variant(ex, precise_acc=precise)
                 errs = {name: float((ex.get_submodule(name)(xin) - out).abs().max()) / float(out.abs().max())
                         for name, (xin, out) in seen.items()}
                 worst = max((e, name) for name, e in errs.items())
                 over[precise] = {name: e for name, e in errs.items() if e > tol}
                 print(f"fp8_linear: {config} UNet, precise_acc={precise}: layers off their fake-quant twins by at most "
                       f"{worst[0]:.2e} of max |y| ({worst[1]}); over {tol:.2e}: {over[precise] or 'none'}", flush=True)
-            for m in ex.modules():
-                if hasattr(m, "precise_acc"):
-                    m.precise_acc = False
+            fp8_variant(ex, precise_acc=False)
             assert not over[False] and not over[True]
             got = ex(x, t).sample
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
