@@ -25,18 +25,56 @@ CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "s
          "fake_quant", "fake_quant_token", "compiled_ops", "fp8_conv", "fp8_codes_sweep", "fp8_linear"]
 
 
+# Two interpreter processes, balanced by their measured CPU time (about 115 s each on the 2-core CI machine)
+GROUPS = [["halo", "fp8_conv", "split_k", "compiled_ops", "int8_conv", "int8_token", "matmul_fp32", "matmul_fp16",
+           "layers"],
+          ["fp8_linear", "kmajor", "fp8_codes_sweep", "w4a8", "conv", "fake_quant_token", "fake_quant"]]
+assert sorted(sum(GROUPS, [])) == sorted(CASES)
+SWEEP = CHECKS.parent.parent / "benchmarks" / "tune_conv_tiles.py"
+
+
+class Job:
+    """A subprocess started at once, its output in files (pipes nobody reads could fill and block it)."""
+
+    def __init__(self, args: list[str], env: dict, workdir: Path, timeout: float = 600):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.out, self.err, self.timeout = workdir / "stdout", workdir / "stderr", timeout
+        self.report: Path | None = None  # where a job writes its report, for the test that reads it
+        with open(self.out, "w") as o, open(self.err, "w") as e:
+            self.proc = subprocess.Popen(args, stdout=o, stderr=e, text=True, env=env, cwd=CHECKS.parent.parent)
+
+    def result(self) -> subprocess.CompletedProcess:
+        try:
+            rc = self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        return subprocess.CompletedProcess(self.proc.args, rc, self.out.read_text(), self.err.read_text())
+
+
 @pytest.fixture(scope="module")
-def interpreter_run() -> subprocess.CompletedProcess:
-    """Every case in one interpreter process (torch and triton imported once; each case starts from a new process's
-    generator state and a failing case does not stop the others)."""
+def interpreter_jobs(tmp_path_factory) -> dict[str, Job]:
+    """Every single-threaded interpreter run of this file, started together so they share the machine's cores:
+    the checks in two processes (torch and triton imported once each; every case starts from a new process's
+    generator state and a failing case does not stop the others), and the tile sweeps at batch 256 and 1."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(CHECKS), *CASES], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=CHECKS.parent.parent)
+    root = tmp_path_factory.mktemp("interpreter")
+    jobs = {f"checks{i}": Job([sys.executable, str(CHECKS), *group], env, root / f"checks{i}")
+            for i, group in enumerate(GROUPS)}
+    for name, extra in (("sweep", []), ("sweep_batch1", ["--batch", "1"])):
+        jobs[name] = Job([sys.executable, str(SWEEP), "--out", str(root / name / "report"), "--grid", "smoke", *extra],
+                         env, root / name)
+        jobs[name].report = root / name / "report"
+    yield jobs
+    for job in jobs.values():
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait()
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_w4a16_kernel_in_the_interpreter(interpreter_run, case):
-    r = interpreter_run
+def test_w4a16_kernel_in_the_interpreter(interpreter_jobs, case):
+    r = interpreter_jobs[f"checks{next(i for i, g in enumerate(GROUPS) if case in g)}"].result()
     report = r.stdout.split(f"FAILED {case}\n", 1)[-1][:4000] if f"FAILED {case}\n" in r.stdout else r.stdout[-2000:]
     assert f"ok {case}\n" in r.stdout, report + r.stderr[-4000:]
     assert r.returncode == 0 or "FAILED" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]  # no crash past the cases
@@ -53,15 +91,13 @@ def test_w4a16_kernel_on_cuda(case):
     assert f"ok {case}" in r.stdout
 
 
-def test_tile_sweep_runs_in_the_interpreter(tmp_path):
+def test_tile_sweep_runs_in_the_interpreter(interpreter_jobs):
     """benchmarks/tune_conv_tiles.py's smoke grid: every kernel runs through the sweep's code path and the report is
     written (speed itself is only measured on the GPU)."""
-    script = CHECKS.parent.parent / "benchmarks" / "tune_conv_tiles.py"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--grid", "smoke"], capture_output=True,
-                       text=True, env=env, timeout=600, cwd=CHECKS.parent.parent)
+    job = interpreter_jobs["sweep"]
+    r, report = job.result(), job.report
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "conv_tiles.json").read_text())["rows"]
+    rows = json.loads((report / "conv_tiles.json").read_text())["rows"]
     summaries = [x["summary"] for x in rows if "summary" in x]
     # --halo both (the default): int8 and W4A8 through the halo path and the masked path, side by side
     assert [(s["kernel"], s["halo"]) for s in summaries] == [("int8", True), ("int8", False), ("w4a8", True),
@@ -71,23 +107,22 @@ def test_tile_sweep_runs_in_the_interpreter(tmp_path):
     assert summaries[0]["general_taps_equal"]  # int8: the per-element tap path gives the aligned path's integers
     assert summaries[1]["same_as_halo"] and summaries[3]["same_as_halo"]  # the same integers both ways
     assert all(set(summaries[i]["halo_vs_masked"]) == {"default", "best"} for i in (0, 2))
-    assert "| int8 | on |" in (tmp_path / "conv_tiles.md").read_text()
+    assert "| int8 | on |" in (report / "conv_tiles.md").read_text()
     configs = [x for x in rows if "summary" not in x]
     assert len(configs) == 14 and all(x.get("matches_default") for x in configs), configs  # the 16-row tile too
 
 
-def test_tile_sweep_at_batch_one(tmp_path):
+def test_tile_sweep_at_batch_one(interpreter_jobs, tmp_path):
     """--batch 1 (the small-M case): a 16-row tile over a single image gives the default tiles' output, and the
     report says the batch; a bad --batch is refused before anything runs."""
-    script = CHECKS.parent.parent / "benchmarks" / "tune_conv_tiles.py"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--grid", "smoke", "--batch", "1"],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=CHECKS.parent.parent)
+    job = interpreter_jobs["sweep_batch1"]
+    r, report = job.result(), job.report
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "conv_tiles.json").read_text())["rows"]
+    rows = json.loads((report / "conv_tiles.json").read_text())["rows"]
     assert all(x.get("matches_default") for x in rows if "summary" not in x)
-    assert "tile sweep at batch 1" in (tmp_path / "conv_tiles.md").read_text()
-    bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "bad"), "--grid", "smoke", "--batch",
+    assert "tile sweep at batch 1" in (report / "conv_tiles.md").read_text()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, str(SWEEP), "--out", str(tmp_path / "bad"), "--grid", "smoke", "--batch",
                           "0"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "--batch must be at least 1" in bad.stderr
     assert not (tmp_path / "bad").exists()
