@@ -29,7 +29,7 @@ CASES = ["matmul_fp32", "matmul_fp16", "conv", "layers", "int8_conv", "w4a8", "s
 GROUPS = [["halo", "fp8_conv", "split_k", "compiled_ops", "int8_conv", "int8_token", "matmul_fp32", "matmul_fp16",
            "layers"],
           ["fp8_linear", "kmajor", "fp8_codes_sweep", "w4a8", "conv", "fake_quant_token", "fake_quant"]]
-assert sorted(sum(GROUPS, [])) == sorted(CASES)
+assert sorted(c for group in GROUPS for c in group) == sorted(CASES)
 SWEEP = CHECKS.parent.parent / "benchmarks" / "tune_conv_tiles.py"
 
 
