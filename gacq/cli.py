@@ -701,6 +701,13 @@ def main() -> None:
     except GacqError as e:  # errors raised outside a command's own handler
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as e:  # the file system refused (missing folder, no permission, disk full): say which path
+        if os.environ.get("GACQ_TRACEBACK"):
+            raise
+        where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+        typer.secho(f"error: {e.strerror or e}{': ' + where if where else ''} (GACQ_TRACEBACK=1 shows where it "
+                    "was raised)", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

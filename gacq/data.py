@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import GacqError
+from .utils import npz_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
@@ -175,6 +176,8 @@ def _idx_dataset(path: Path, size, channels, resize) -> ImageDataset:
 
 def _npz_dataset(path: Path, size, channels, resize) -> ImageDataset:
     try:
+        if (problem := npz_problem(path)) is not None:
+            raise GacqError(f"cannot read {path}: {problem}")
         with np.load(path, allow_pickle=False) as z:
             key = next((k for k in ("images", "samples", "arr_0") if k in z.files), None)
             if key is None:
@@ -184,7 +187,8 @@ def _npz_dataset(path: Path, size, channels, resize) -> ImageDataset:
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise GacqError(f"cannot read {path}: {e}") from e
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise GacqError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        hint = " (grayscale images need a channel axis of 1: images[..., None])" if images.ndim == 3 else ""
+        raise GacqError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}{hint}")
     if (size is not None and size != images.shape[1]) or (channels is not None and channels != images.shape[3]):
         images = np.stack([_fit(Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a), f"{path}[{i}]",
                                 size, channels, resize) for i, a in enumerate(images)])

@@ -94,6 +94,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def npz_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be an .npz archive (numpy's savez format, a zip), or None if it starts like one.
+
+    np.load reads any other file as a pickle and then tells the user to load it with allow_pickle;
+    gacq never unpickles, so the caller says what the file is not instead."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head in (b"PK\x03\x04", b"PK\x05\x06"):
+        return None
+    return "not an .npz archive (numpy's savez format); gacq reads arrays only from .npz files, never from pickles"
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()

@@ -62,11 +62,18 @@ def test_train_sample_info_end_to_end(image_folder, tmp_path):
     (["sample", "--scheduler", "euler", "--out", "x"], "unknown scheduler"),
     (["train", "--data", "/nonexistent", "--out", "r", "--max-steps", "1", "--config", "tiny"], "does not exist"),
     (["train", "--data", ".", "--out", "r", "--config", "tiny"], "--max-steps or --time-budget"),
+    # np.load would read these as pickles and suggest allow_pickle; gacq says what the file is not
+    (["eval", "--samples", "notes.npz"], "notes.npz: not an .npz archive"),
+    (["eval", "--samples", "gray.npz"], "grayscale images need a channel axis of 1"),
+    # the file system's refusals name the path instead of a traceback
+    (["sample", "--num", "1", "--steps", "1", "--out", "weights.ckpt/x"], "Not a directory: weights.ckpt/x"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, msg):
     # through the entry point in this process (an uncaught exception would be exit status 1 with its traceback on
     # stderr, as in a new interpreter); test_hub_id_uses_real_hub_code_offline checks a refusal in a real subprocess
     (tmp_path / "weights.ckpt").write_bytes(b"not really a pickle")
+    (tmp_path / "notes.npz").write_text("a text file named like an array archive")
+    np.savez(tmp_path / "gray.npz", images=np.zeros((12, 32, 32), np.uint8))
     proc = gacq_here(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert msg in proc.stderr and "Traceback" not in proc.stderr

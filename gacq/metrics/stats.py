@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GacqError
-from ..utils import atomic_path
+from ..utils import atomic_path, npz_problem
 from .fid import inception_score_from_sums, is_split_sums
 
 STATS_VERSION = 1
@@ -107,6 +107,8 @@ def is_stats_file(path: str | Path) -> bool:
 def load_stats(path: str | Path) -> FeatureStats:
     path = Path(path)
     try:
+        if (problem := npz_problem(path)) is not None:
+            raise GacqError(f"cannot read statistics file {path}: {problem}")
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise GacqError(f"cannot read statistics file {path}: {e}") from e

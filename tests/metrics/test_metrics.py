@@ -265,6 +265,9 @@ def test_evaluate_inputs_and_errors(tmp_path):
         evaluate(_imgs(20), a, features="vgg", device="cpu")
     with pytest.raises(GacqError, match="--inception-weights"):
         evaluate(_imgs(20), a, features="inception", device="cpu")
+    (tmp_path / "text.npz").write_text("not an archive")  # np.load would try it as a pickle
+    with pytest.raises(GacqError, match="statistics file .*text.npz: not an .npz archive"):
+        load_stats(tmp_path / "text.npz")
 
 
 def test_evaluate_with_inception_random_weights(tmp_path):
