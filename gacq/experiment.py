@@ -218,6 +218,31 @@ class ExperimentSpec:
         return self.results / "cells"
 
 
+# section keys that count things: at least 1 (every other integer key at least 0)
+_POSITIVE = {"trajectories", "batch_size", "record_steps", "recon_batch", "steps", "num"}
+
+
+def _check_value(name: str, key: str, v, default, where: str) -> None:
+    """A section value of the default's type (an integer where the default is one, a number for a float, ...),
+    in range; the value itself is kept as written (it enters the settings digest)."""
+    what = f"{where}: [{name}] {key} = {v!r}"
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise GacqError(f"{what}: must be true or false")
+    elif isinstance(default, int):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise GacqError(f"{what}: must be an integer, e.g. {default}")
+        if v < (1 if key in _POSITIVE else 0):
+            raise GacqError(f"{what}: must be at least {1 if key in _POSITIVE else 0}")
+    elif isinstance(default, float):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise GacqError(f"{what}: must be a number, e.g. {default}")
+        if key == "eta" and v < 0:
+            raise GacqError(f"{what}: must be at least 0")
+    elif isinstance(default, str) and not isinstance(v, str):
+        raise GacqError(f"{what}: must be a string, e.g. {default!r}")
+
+
 def _section(raw: dict, name: str, where: str) -> dict:
     got = raw.get(name, {})
     if not isinstance(got, dict):
@@ -226,7 +251,18 @@ def _section(raw: dict, name: str, where: str) -> dict:
     unknown = set(got) - known
     if unknown:
         raise GacqError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
+    for key, v in got.items():
+        if key in _SECTIONS[name]:
+            _check_value(name, key, v, _SECTIONS[name][key], where)
     return {**_SECTIONS[name], **got}
+
+
+def _ints(v, what: str, where: str, minimum: int) -> list[int]:
+    """A grid's list of integers (one integer alone is a list of one), each at least `minimum`."""
+    vals = _as_list(v, what, where)
+    if any(not isinstance(x, int) or isinstance(x, bool) or x < minimum for x in vals):
+        raise GacqError(f"{where}: {what} must be integers of at least {minimum} (or a list of them); got {v!r}")
+    return vals
 
 
 def _as_list(v, what: str, where: str) -> list:
@@ -254,7 +290,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         raise GacqError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(_TOP)}")
     name = str(raw.get("name", path.stem))
     sections = {s: _section(raw, s, str(path)) for s in _SECTIONS}
-    seeds0 = _as_list(sections["sample"]["seeds"], "[sample] seeds", str(path))
+    seeds0 = _ints(sections["sample"]["seeds"], "[sample] seeds", str(path), 0)
     ps = sections["sample"].get("part_size")
     if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 10 or ps % 10):
         raise GacqError(f"{path}: [sample] part_size must be a positive multiple of 10 (the Inception Score's "
@@ -275,8 +311,8 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
             if m != "fp" and m not in METHODS:
                 raise GacqError(f"{where}: unknown method {m!r}; choose fp or one of {', '.join(METHODS)}")
         bits = [parse_bits(b) for b in _as_list(g.get("bits", ["W4A8"]), "bits", where)]
-        steps = [int(s) for s in _as_list(g.get("steps", sections["sample"]["steps"]), "steps", where)]
-        seeds = [int(s) for s in _as_list(g.get("seeds", seeds0), "seeds", where)]
+        steps = _ints(g.get("steps", sections["sample"]["steps"]), "steps", where, 1)
+        seeds = _ints(g.get("seeds", seeds0), "seeds", where, 0)
         gac = g.get("gac", {})
         if not isinstance(gac, dict) or set(gac) - set(GAC_KEYS):
             raise GacqError(f"{where}: gac must be a table with keys among {sorted(GAC_KEYS)}")

@@ -217,7 +217,10 @@ def _model_class(folder: Path):
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise GacqError(f"{cfg_path} is not valid JSON: {e}") from e
-    name = cfg.get("_class_name")
+    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if name is None:
+        raise GacqError(f"{cfg_path} has no _class_name: not a diffusers model config (gacq loads denoisers of "
+                        f"type {', '.join(MODEL_CLASSES)}, saved with save_pretrained)")
     if name not in MODEL_CLASSES:
         raise GacqError(
             f"{cfg_path} describes a {name!r}; gacq loads denoisers of type {', '.join(MODEL_CLASSES)}"

@@ -67,6 +67,7 @@ def test_train_sample_info_end_to_end(image_folder, tmp_path):
     (["eval", "--samples", "gray.npz"], "grayscale images need a channel axis of 1"),
     # the file system's refusals name the path instead of a traceback
     (["sample", "--num", "1", "--steps", "1", "--out", "weights.ckpt/x"], "Not a directory: weights.ckpt/x"),
+    (["info", "--model", "classifier"], "has no _class_name: not a diffusers model config"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, msg):
     # through the entry point in this process (an uncaught exception would be exit status 1 with its traceback on
@@ -74,6 +75,8 @@ def test_bad_input_is_a_clear_error(tmp_path, args, msg):
     (tmp_path / "weights.ckpt").write_bytes(b"not really a pickle")
     (tmp_path / "notes.npz").write_text("a text file named like an array archive")
     np.savez(tmp_path / "gray.npz", images=np.zeros((12, 32, 32), np.uint8))
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "config.json").write_text('{"widths": [64, 128]}')  # a folder of another kind
     proc = gacq_here(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert msg in proc.stderr and "Traceback" not in proc.stderr

@@ -78,13 +78,24 @@ def test_bits_and_spec_errors(tmp_path, tiny32):
              ("name = 'x'\n", "no \\[\\[grid\\]\\]"),
              ("[sample]\nstep = 3\n[[grid]]\nmethods = ['fp']\n", "unknown key.*step"),
              ("[[grid]]\nmethods = ['tfmq']\ngac = {tau = [1.0]}\n", "gac only"),
-             ("[[grid\n", "not valid TOML")]
+             ("[[grid\n", "not valid TOML"),
+             # values of the wrong type or out of range: refused when the spec loads, not deep inside a run
+             ("[sample]\nnum = 'ten'\n[[grid]]\nmethods = ['fp']\n", "num = 'ten': must be an integer"),
+             ("[sample]\nnum = 0\n[[grid]]\nmethods = ['fp']\n", "num = 0: must be at least 1"),
+             ("[quantize]\niters = 2.5\n[[grid]]\nmethods = ['fp']\n", "iters = 2.5: must be an integer"),
+             ("[quantize]\niters = true\n[[grid]]\nmethods = ['fp']\n", "iters = True: must be an integer"),
+             ("[sample]\neta = -1\n[[grid]]\nmethods = ['fp']\n", "eta = -1: must be at least 0"),
+             ("[sample]\nscheduler = 3\n[[grid]]\nmethods = ['fp']\n", "scheduler = 3: must be a string"),
+             ("[sample]\nseeds = ['a']\n[[grid]]\nmethods = ['fp']\n", "seeds must be integers of at least 0"),
+             ("[[grid]]\nmethods = ['fp']\nsteps = [0]\n", "steps must be integers of at least 1")]
     for text, msg in cases:
         p.write_text(text)
         with pytest.raises(GacqError, match=msg):
             load_spec(p)
     with pytest.raises(GacqError, match="does not exist"):
         load_spec(tmp_path / "missing.toml")
+    p.write_text("[sample]\neta = 0\nsteps = 20\nseeds = 3\n[[grid]]\nmethods = ['fp']\n")  # an int for a float
+    assert [(c.steps, c.seed) for c in load_spec(p).cells] == [(20, 3)]
 
 
 def test_matmul_tf32_is_a_setting_only_when_on_and_set_for_the_run(tmp_path, tiny32, monkeypatch):
