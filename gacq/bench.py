@@ -604,10 +604,49 @@ def kernel_report(fp: nn.Module, builders: dict, args, device: torch.device, dty
             "total_ms": {v: round(t, 3) for v, t in totals.items()}, "layers": rows}
 
 
+# What a kernel (CUDA) or op (CPU) is, by its name, for the bound a faster GEMM can give (`kernel_class`):
+# inductor's pointwise / reduction kernels first (their names list the ops they fused, "convolution" among them)
+_FUSED_PREFIXES = ("triton_poi", "triton_red", "triton_per")
+_ATTENTION = ("sdpa", "flash", "fmha", "scaled_dot_product", "efficient_attention")
+# cuBLAS / cuDNN / CUTLASS GEMMs and implicit-GEMM convolutions, inductor's GEMM templates, gacq's Triton GEMMs and
+# their split-K epilogues
+_GEMM_CUDA = ("gemm", "xmma", "nvjet", "cutlass", "wgmma", "triton_tem", "_conv_kernel", "_w4a16_kernel",
+              "_int8_epilogue", "_int8_splitk_epilogue")
+_GEMM_CPU = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d",
+             "aten::_slow_conv2d_forward", "aten::thnn_conv2d", "aten::addmm", "aten::mm", "aten::bmm",
+             "aten::matmul", "aten::linear", "aten::_int_mm", "aten::_scaled_mm", "aten::baddbmm"}
+
+
+def kernel_class(name: str) -> str:
+    """'gemm' (matrix products and convolutions), 'attention' (fused attention kernels) or 'other' (norms,
+    activations, additions, copies, quantization), read off a CUDA kernel's or a CPU op's name. A heuristic: names
+    are the libraries' (cuBLAS, cuDNN, CUTLASS, inductor, gacq's Triton kernels), and one of a new library may land
+    in 'other'."""
+    low = name.lower()
+    if low.startswith(_FUSED_PREFIXES):
+        return "other"
+    if any(k in low for k in _ATTENTION):
+        return "attention"
+    if name in _GEMM_CPU or (not name.startswith("aten::") and any(k in low for k in _GEMM_CUDA)):
+        return "gemm"
+    return "other"
+
+
+def gemm_bound(by_class: dict[str, float], factor: float = 2.0) -> float | None:
+    """How much faster a call could get at most if its GEMM time alone ran `factor` times faster (Amdahl):
+    total / (total - gemm + gemm / factor)."""
+    total = sum(by_class.values())
+    gemm = by_class.get("gemm", 0.0)
+    if total <= 0:
+        return None
+    return total / (total - gemm + gemm / factor)
+
+
 def top_kernels(call, device: torch.device, calls: int = 3, top: int = 8) -> dict:
     """`calls` calls of `call` under torch.profiler, after one unrecorded call: on CUDA the device time of all
     kernels per call (what a CUDA graph's replay cannot go below) and the `top` kernels by their own device time;
-    on the CPU the same for the ops' own CPU time."""
+    on the CPU the same for the ops' own CPU time. `by_class`: the time per call of all kernels by `kernel_class`,
+    and `bound_2x_gemm`: at most how much faster the call gets with GEMMs twice as fast (`gemm_bound`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -621,9 +660,15 @@ def top_kernels(call, device: torch.device, calls: int = 3, top: int = 8) -> dic
             torch.cuda.synchronize(device)
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted((e for e in prof.key_averages() if getattr(e, attr) > 0), key=lambda e: -getattr(e, attr))
+    by_class = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        by_class[kernel_class(e.key)] += getattr(e, attr) / calls / 1e3
+    bound = gemm_bound(by_class)
     return {"what": "CUDA kernels" if cuda else "CPU ops", "calls": calls,
             "ms_per_call": round(sum(getattr(e, attr) for e in events) / calls / 1e3, 4),
             "launches_per_call": round(sum(e.count for e in events) / calls, 1),
+            "by_class": {k: round(v, 4) for k, v in by_class.items()},
+            "bound_2x_gemm": None if bound is None else round(bound, 3),
             "top": [{"name": e.key[:120], "ms_per_call": round(getattr(e, attr) / calls / 1e3, 4),
                      "launches_per_call": round(e.count / calls, 1)} for e in events[:top]]}
 
@@ -789,15 +834,22 @@ def render_markdown(res: dict) -> str:
     profiled = [r for r in res["results"] if "profile" in r]
     if profiled:
         lines += ["", "## Where the time goes (--profile: torch.profiler, 3 calls without a CUDA graph)", "",
-                  f"Per call: the {profiled[0]['profile']['what']}' own time summed, their number, and the costliest.",
-                  "", "| mode | batch | ms per call | launches | costliest (ms per call, launches) |",
-                  "|---|---:|---:|---:|---|"]
+                  f"Per call: the {profiled[0]['profile']['what']}' own time summed, their number, and the costliest. "
+                  "GEMM / attention / other: that time split by kernel name (`bench.kernel_class`: matrix products and "
+                  "convolutions; fused attention; the rest). 2x-GEMM bound: the most a call could gain if its GEMMs "
+                  "alone ran twice as fast (8-bit tensor cores' limit against 16-bit), total / (total - GEMM / 2).",
+                  "", "| mode | batch | ms per call | launches | GEMM / attention / other ms | 2x-GEMM bound "
+                  "| costliest (ms per call, launches) |",
+                  "|---|---:|---:|---:|---|---:|---|"]
         for r in profiled:
             p = r["profile"]
             top = "; ".join(f"`{t['name'][:60]}` {t['ms_per_call']:.3f} ({t['launches_per_call']:g})"
                             for t in p["top"][:4])
+            split = " / ".join(f"{p['by_class'][k]:.3f}" for k in ("gemm", "attention", "other")) \
+                if "by_class" in p else "-"
+            bound = f"{p['bound_2x_gemm']:.2f}x" if p.get("bound_2x_gemm") else "-"
             lines.append(f"| {r['mode']} | {r['batch']} | {p['ms_per_call']:.3f} | {p['launches_per_call']:g} "
-                         f"| {top} |")
+                         f"| {split} | {bound} | {top} |")
     kern = res.get("kernels")
     if kern:
         vs = [v for v, state in kern["variants"].items() if state == "ok"]

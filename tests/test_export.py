@@ -663,6 +663,32 @@ def test_bench_lowbit_cpu_smoke(tmp_path):
     assert res["command"] and res["machine"]["torch"] == torch.__version__ and (out / "bench_lowbit.md").exists()
 
 
+def test_kernel_classes_and_the_gemm_bound():
+    """Kernel names from an H100 profile of the compiled bf16 and fp8 `ddpm-cifar10` (session 35's
+    results/bench_lowbit JSON) and CPU op names, each in its class; the bound against hand arithmetic."""
+    from gacq.bench import gemm_bound, kernel_class
+
+    h100 = {"sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "gemm",
+            "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_TNN": "gemm",
+            "nvjet_sm90_qqsss_128x128_128x6_1x2_h_bz_coopA_algo2_TNT": "gemm",  # torch._scaled_mm
+            "_fp8_conv_kernel": "gemm", "_int8_conv_kernel": "gemm", "_w4a16_conv_kernel": "gemm",
+            "triton_tem_fused_convolution_3": "gemm",
+            # inductor's fused pointwise kernels name the ops they fused, convolution and attention among them
+            "triton_poi_fused_convolution_native_group_norm_silu_83": "other",
+            "triton_red_fused_add_convolution_native_group_norm_silu_unsqueeze_8": "other",
+            "triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_mul_transpose_view_26": "other",
+            "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x256": "attention",
+            "_fp8_quantize_halo_kernel": "other",
+            "aten::mkldnn_convolution": "gemm", "aten::addmm": "gemm", "aten::_int_mm": "gemm",
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::add": "other",
+            "aten::native_group_norm": "other"}
+    assert {n: kernel_class(n) for n in h100} == h100
+    # session 35's bf16 step: GEMMs 4.65 of 11.61 ms -> 11.61 / (11.61 - 4.65 / 2) = 1.25x at best
+    assert gemm_bound({"gemm": 4.65, "attention": 0.3, "other": 6.66}) == pytest.approx(11.61 / (11.61 - 2.325))
+    assert gemm_bound({"gemm": 1.0, "other": 0.0}, factor=4) == pytest.approx(4.0)
+    assert gemm_bound({"gemm": 0.0, "other": 0.0}) is None
+
+
 def test_bench_tile_rules_and_profile(tmp_path):
     """`gacq bench --tile-rules small-m,no-small-m --profile`: each Triton low-bit mode runs once per tile rule (the
     rule named in its label), a float or fake-quant mode once; every timed row carries its profile (time per call
@@ -685,8 +711,11 @@ def test_bench_tile_rules_and_profile(tmp_path):
         assert p["what"] == "CPU ops" and p["calls"] == 3 and p["launches_per_call"] >= 1
         assert 0 < p["top"][0]["ms_per_call"] <= p["ms_per_call"] and len(p["top"]) <= 8
         assert [t["ms_per_call"] for t in p["top"]] == sorted((t["ms_per_call"] for t in p["top"]), reverse=True)
+        # every op's time in exactly one class; the tiny model's convolutions are GEMM time
+        assert sum(p["by_class"].values()) == pytest.approx(p["ms_per_call"], abs=1e-3)
+        assert p["by_class"]["gemm"] > 0 and 1 < p["bound_2x_gemm"] < 2
     md = (out / "bench_lowbit.md").read_text()
-    assert "## Where the time goes" in md and "| w4a8 W4A8 tiles=no-small-m | 1 |" in md
+    assert "## Where the time goes" in md and "| w4a8 W4A8 tiles=no-small-m | 1 |" in md and "2x-GEMM bound" in md
     proc = gacq_here("bench", *args, "--tile-rules", "small-m,huge", "--out", tmp_path / "b2")
     assert proc.returncode == 2 and "unknown rule(s) huge" in proc.stderr and "small-m, no-small-m" in proc.stderr
     assert not (tmp_path / "b2").exists()
