@@ -184,6 +184,8 @@ def check_int8_layer(layer, x):
     {"k": 3, "stride": 1, "padding": 1, "wbits": 4, "abits": 6},
     {"k": 3, "stride": 1, "padding": 1, "a_symmetric": True},
     {"k": 3, "stride": 1, "padding": 1, "cin": 16, "cout": 8, "x_shape": (3, 16, 6, 6)},
+    # every size of its own along height and width (the channels-last patches' strides)
+    {"k": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)},
 ])
 def test_int8_conv_matches_fake_quant_and_the_integer_reference(kw):
     layer, x = make_conv(**kw)
@@ -202,29 +204,46 @@ def test_int8_linear_matches_fake_quant_and_the_integer_reference(kw):
                                      (make_conv, {"k": 3, "stride": 1, "padding": 1})])
 def test_int8_nt_and_nn_weight_layouts_give_the_same_integers(make, kw):
     """The default `Int8Part.int_mm_layout = "nt"` (torch._int_mm on the transposed view of a row-major (O, K)
-    weight copy, made once, not saved) gives bitwise the output of the row-major (K, O) operand ("nn")."""
+    weight copy, made once, not saved) gives bitwise the output of the row-major (K, O) operand ("nn"). A conv
+    larger than 1x1 gathers its patches channels-last, so its copy has k in (r, s, c) order (`kernel_weight`'s)."""
+    import torch.nn.functional as F
+
+    from gacq.export.base import rsc_order
+
     layer, x = make(**kw)
     ex = to_int8(layer)
     ex.use_kernel = False
     assert all(part.int_mm_layout == "nt" for part in ex.parts)
+    kxk = ex.is_conv and ex.kernel_size != (1, 1)
+    name = "_qweight_kmajor" if kxk else "_qweight_nt"
     with torch.no_grad():
         got = ex(x)
-        copy = ex.parts[0]._qweight_nt
-        assert torch.equal(ex(x), got) and ex.parts[0]._qweight_nt is copy
+        copy = getattr(ex.parts[0], name)
+        assert torch.equal(ex(x), got) and getattr(ex.parts[0], name) is copy
         for part in ex.parts:
             part.int_mm_layout = "nn"
         want = ex(x)
     assert torch.equal(got, want)
-    assert copy.is_contiguous() and torch.equal(copy.t(), ex.parts[0].qweight)
-    assert "_qweight_nt" not in "".join(ex.state_dict())  # not saved with the export
+    part = ex.parts[0]
+    stored = part.qweight if not kxk else \
+        F.pad(rsc_order(part.qweight[:part.k, :part.out_channels].t(), ex.kernel_size), (0, part.qweight.shape[0] - part.k,
+                                                                                       0, part.qweight.shape[1] - part.out_channels)).t()
+    assert copy.is_contiguous() and torch.equal(copy.t(), stored)
+    assert name not in "".join(ex.state_dict())  # not saved with the export
 
 
-def test_int8_weight_rows_that_need_the_128_shift():
+@pytest.mark.parametrize("make,kw", [(make_linear, {"cin": 24, "cout": 8}),
+                                     # a conv's offset term from its per-pixel channel sums, padding included
+                                     (make_conv, {"cin": 6, "cout": 8, "stride": 2, "padding": 1, "x_shape": (2, 6, 7, 9)}),
+                                     (make_conv, {"cin": 6, "cout": 8, "k": (3, 2), "padding": (2, 1), "x_shape": (2, 6, 7, 9),
+                                                  "dilation": (2, 1)})])
+def test_int8_weight_rows_that_need_the_128_shift(make, kw):
     """An 8-bit row whose codes minus zero point leave int8 is shifted by 128 and corrected exactly."""
-    layer, x = make_linear(cin=24, cout=8)
+    layer, x = make(**kw)
     with torch.no_grad():
-        layer.weight[0] = torch.linspace(0.1, 2.0, 24)  # all positive: zero point 0, codes up to 255
-        layer.weight[1] = -torch.linspace(0.1, 2.0, 24)  # all negative: zero point 255, codes down to 0
+        n = layer.weight[0].numel()
+        layer.weight[0] = torch.linspace(0.1, 2.0, n).reshape(layer.weight[0].shape)  # zero point 0, codes to 255
+        layer.weight[1] = -torch.linspace(0.1, 2.0, n).reshape(layer.weight[1].shape)  # zero point 255, codes to 0
     layer.init_weight("minmax")
     ex = check_int8_layer(layer, x)
     part = ex.parts[0]

@@ -36,6 +36,8 @@ results for a non-contiguous second operand (torchao's `safe_int_mm` makes it co
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -133,13 +135,26 @@ class Int8Part(_Part):
             self._qweight_kmajor = cached
         return cached
 
-    def accumulate(self, x8: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-        """S (M, O) int32 for centred inputs x8 (M, K) int8 and da = ca - za (int32 scalar tensor)."""
+    def gemm_weight(self, kernel_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The torch path's second operand, (K8, O8) int8: `qweight` (k in (c, r, s) order), or, for a conv
+        kernel larger than 1x1 whose patches come channels-last (`Int8Layer._code_columns`), k in (r, s, c) order
+        (the transposed view of `kernel_weight`'s cached copy). "nt" or "nn" as `int_mm_layout` says."""
+        if kernel_size is None or kernel_size[0] * kernel_size[1] == 1:
+            return self._weight_nt() if self.int_mm_layout == "nt" else self.qweight
+        w = self.kernel_weight(kernel_size).t()
+        return w if self.int_mm_layout == "nt" else w.contiguous()
+
+    def accumulate(self, x8: torch.Tensor, da: torch.Tensor, kernel_size: tuple[int, int] | None = None,
+                   row_sums: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """S (M, O) int32 for centred inputs x8 (M, K) int8 and da = ca - za (int32 scalar tensor); x8's k in
+        `gemm_weight(kernel_size)`'s order. `row_sums()`: x8's sums over k (M,) int32, where the caller has a
+        cheaper way to them than summing x8 (`Int8Layer._code_columns`)."""
         kp = self.qweight.shape[0]
         a = x8 if kp == self.k else F.pad(x8, (0, kp - self.k))
-        acc = int_mm(a, self._weight_nt() if self.int_mm_layout == "nt" else self.qweight)[:, :self.out_channels]
+        acc = int_mm(a, self.gemm_weight(kernel_size))[:, :self.out_channels]
         if self.has_offset:
-            acc = acc + x8.sum(1, dtype=torch.int32)[:, None] * self.w_offset
+            sums = row_sums() if row_sums is not None else x8.sum(1, dtype=torch.int32)
+            acc = acc + sums[:, None] * self.w_offset
         return acc + da * self.row_term
 
 
@@ -150,14 +165,36 @@ class Int8Layer(ExportedLayer):
         super().__init__(layer)
         self.parts = torch.nn.ModuleList(Int8Part(p) for p in weight_parts(layer))
 
-    def _columns(self, u: torch.Tensor) -> torch.Tensor:
-        """The GEMM's input rows (M, K): u itself (linear) or its im2col patches (conv)."""
-        if not self.is_conv:
-            return u.reshape(-1, u.shape[-1])
-        if self.kernel_size == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0):
-            return u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
-        cols = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, K, L)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    def _code_columns(self, u: torch.Tensor, off: torch.Tensor
+                      ) -> tuple[torch.Tensor, tuple[int, int] | None, Callable[[], torch.Tensor] | None]:
+        """The GEMM's int8 input rows (M, K), x8 = u + off: a linear's input rows, or a conv's im2col patches
+        (padded positions hold off), and the kernel size whose (r, s, c) weight order they need (None: `qweight`'s
+        (c, r, s) order), and, for a conv with patches, a function giving each row's sum over k (the offset term
+        of `Int8Part.accumulate`) from the per-pixel channel sums, a pass over the input instead of its kh * kw
+        times larger patches. A conv's codes become int8 before any reshaping, and its patches are gathered
+        channels-last, k in (r, s, c) order, in one int8 copy. Until session 36 they were float im2col columns
+        (F.unfold, transpose, add, cast, over K x the input), which took most of a CPU call (int8 W8A8 on `small`:
+        1.6 s at batch 16, its int8 GEMMs 0.08 s of it). The same integers, so the same outputs."""
+        if not self.is_conv:  # linears: per-row offsets (dynamic grids) broadcast over the rows
+            return (u.reshape(-1, u.shape[-1]) + off).to(torch.int8), None, None
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel_size, self.stride, self.dilation, tuple(self.padding)
+        if (ph, pw) != (0, 0):
+            u = F.pad(u, (pw, pw, ph, ph))  # zeros: the padding's codes are off, as unfold's zeros + off
+        x8 = (u + off).to(torch.int8).permute(0, 2, 3, 1).contiguous()  # (N, Hp, Wp, C)
+        n, hp, wp, c = x8.shape
+        if (kh, kw) == (1, 1) and (sh, sw) == (1, 1):
+            return x8.reshape(-1, c), None, None
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+
+        def windows(t: torch.Tensor) -> torch.Tensor:  # (N, Hp, Wp, ...) -> (N, HO, WO, kh, kw, ...) view
+            sn, sr, sc = t.stride()[:3]
+            return t.as_strided((n, ho, wo, kh, kw, *t.shape[3:]), (sn, sh * sr, sw * sc, dh * sr, dw * sc,
+                                                                    *t.stride()[3:]))
+
+        def row_sums() -> torch.Tensor:
+            return windows(x8.sum(-1, dtype=torch.int32)).sum((-2, -1), dtype=torch.int32).reshape(-1)
+
+        return windows(x8).reshape(n * ho * wo, kh * kw * c), (kh, kw), row_sums
 
     use_kernel = True  # the Triton kernel where it applies; False: always the torch path (benchmarks)
     # W4A8 only: unpack the int4 codes to int8 once per call and run the int8 kernel on them, instead of unpacking
@@ -238,9 +275,9 @@ class Int8Layer(ExportedLayer):
             if q.dynamic:
                 scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
             off = (zp - c).to(u.dtype)
-            x8 = (self._columns(u) + off).to(torch.int8)  # Xq - ca; padded positions hold za - ca
+            x8, order, row_sums = self._code_columns(u, off)  # Xq - ca; padded positions hold za - ca
             da = (c - zp).round().to(torch.int32)
-            s = part.accumulate(x8, da).float() * (scale.float() * part.w_scale)
+            s = part.accumulate(x8, da, order, row_sums).float() * (scale.float() * part.w_scale)
             y = s if y is None else y + s
         if self.bias is not None:
             y = y + self.bias.float()
@@ -332,19 +369,25 @@ class W4A8Part(_Part):
             self._qweight_kmajor = cached
         return cached
 
-    def int8_weight(self) -> torch.Tensor:
-        """W8 = Wq - zw as (K8, O8) int8, padded as `Int8Part` stores it (the torch path's operand)."""
-        from .base import unpack_int4
+    def int8_weight(self, kernel_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """W8 = Wq - zw as (K8, O8) int8, padded as `Int8Part` stores it (the torch path's operand); k in (r, s, c)
+        order for a `kernel_size` larger than 1x1 (`Int8Part.gemm_weight`)."""
+        from .base import rsc_order, unpack_int4
 
-        w8 = unpack_int4(self.qweight, self.k).to(torch.int32) - self.w_zero.to(torch.int32)[:, None]
+        codes = unpack_int4(self.qweight, self.k)
+        if kernel_size is not None and kernel_size[0] * kernel_size[1] > 1:
+            codes = rsc_order(codes, kernel_size)
+        w8 = codes.to(torch.int32) - self.w_zero.to(torch.int32)[:, None]
         padded = torch.zeros(round_up(self.k, 8), round_up(self.out_channels, 8), dtype=torch.int8,
                              device=w8.device)
         padded[:self.k, :self.out_channels] = w8.t().to(torch.int8)
         return padded
 
-    def accumulate(self, x8: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-        """S (M, O) int32, as `Int8Part.accumulate` (the weight unpacked for this call)."""
-        w = self.int8_weight()
+    def accumulate(self, x8: torch.Tensor, da: torch.Tensor, kernel_size: tuple[int, int] | None = None,
+                   row_sums: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """S (M, O) int32, as `Int8Part.accumulate` (the weight unpacked for this call; no offset term, so
+        `row_sums` goes unused)."""
+        w = self.int8_weight(kernel_size)
         a = x8 if w.shape[0] == self.k else F.pad(x8, (0, w.shape[0] - self.k))
         return int_mm(a, w)[:, :self.out_channels] + da * self.row_term
 
