@@ -224,6 +224,18 @@ def pack_int4(codes: torch.Tensor, check: bool = True) -> torch.Tensor:
     return v[..., 0::2] | (v[..., 1::2] << 4)
 
 
+def conv_windows(t: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int]) -> torch.Tensor:
+    """A conv's input windows as a view: t (N, Hp, Wp, ...) channels-last and already padded -> (N, HO, WO, kh, kw,
+    ...), element [n, i, j, r, s] = t[n, i * sh + r * dh, j * sw + s * dw]. Reshaped to (N HO WO, kh kw C) a
+    channels-last conv input's im2col rows, k in (r, s, c) order (`rsc_order`'s), in one copy of t's dtype."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    n, hp, wp = t.shape[:3]
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    sn, sr, sc = t.stride()[:3]
+    return t.as_strided((n, ho, wo, kh, kw, *t.shape[3:]), (sn, sh * sr, sw * sc, dh * sr, dw * sc, *t.stride()[3:]))
+
+
 def rsc_order(w: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
     """A conv weight flattened as `weight.reshape(O, -1)`, (O, K) with k in (c, r, s) order, reordered to k in
     (r, s, c) order, channels fastest (the int8 conv kernel's K loop order)."""

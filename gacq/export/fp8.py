@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..quant.modules import QuantConv2d, QuantLayer
 from ..quant.primitives import FP8_DTYPE, fp8_cast
-from .base import ExportedLayer, _Part, pack_int4, round_up, rsc_order, unpack_int4
+from .base import ExportedLayer, _Part, conv_windows, pack_int4, round_up, rsc_order, unpack_int4
 from .w4a16 import weight_bits
 
 ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
@@ -131,18 +131,20 @@ class FP8Layer(ExportedLayer):
         super().__init__(layer)
         self.parts = torch.nn.ModuleList(fp8_parts(layer, packed))
 
-    def _columns(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _columns(self, u: torch.Tensor) -> torch.Tensor:
         """The GEMM's input rows (M, K) of the input's codes u (float8): u itself (linear) or its im2col patches
-        (conv), k in (r, s, c) order. `F.unfold` has no float8 kernel: it runs on the codes in `dtype` (exact)."""
+        (conv), k in (r, s, c) order, gathered channels-last in one byte copy (`base.conv_windows`; zero bytes pad,
+        FP8's +0). Until session 36 an `F.unfold` in float (no float8 kernel) took most of a CPU call."""
         if not self.is_conv:
             return u.reshape(-1, u.shape[-1])
-        if self.kernel_size == (1, 1) and self.stride == (1, 1) and tuple(self.padding) == (0, 0):
-            return u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
-        n, c = u.shape[:2]
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        cols = F.unfold(u.to(dtype), self.kernel_size, self.dilation, self.padding, self.stride)  # k in (c, r, s)
-        cols = cols.view(n, c, taps, -1).permute(0, 3, 2, 1)  # (N, L, r s, c)
-        return cols.reshape(-1, taps * c).to(FP8_DTYPE)
+        (ph, pw), b = tuple(self.padding), u.view(torch.uint8)  # bytes: padding and copies need no float8 kernels
+        if (ph, pw) != (0, 0):
+            b = F.pad(b, (pw, pw, ph, ph))
+        b = b.permute(0, 2, 3, 1).contiguous()  # (N, Hp, Wp, C)
+        if self.kernel_size == (1, 1) and self.stride == (1, 1):
+            return b.reshape(-1, b.shape[-1]).view(FP8_DTYPE)
+        cols = conv_windows(b, self.kernel_size, self.stride, self.dilation)
+        return cols.reshape(-1, cols.shape[3:].numel()).view(FP8_DTYPE)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fake-quant weight (codes * scale per output channel and channel group), in float32, in its own shape."""
@@ -208,7 +210,7 @@ class FP8Layer(ExportedLayer):
             return self._fused(x)
         y = None
         for part, q, xs in zip(self.parts, self.act_quantizers(), self.split_input(x)):
-            s = part.gemm(self._columns(fp8_codes(xs, q.scale), xs.dtype), q.scale)
+            s = part.gemm(self._columns(fp8_codes(xs, q.scale)), q.scale)
             y = s if y is None else y + s
         if self.bias is not None:
             y = y + self.bias.float()

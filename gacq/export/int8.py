@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.modules import QuantLayer
-from .base import ExportedLayer, WeightPart, _Part, round_up, weight_parts
+from .base import ExportedLayer, WeightPart, _Part, conv_windows, round_up, weight_parts
 
 MAX_K = 2**15 - 1  # int32-exact accumulation bound (see the module docstring)
 CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: self.size(0) > 16
@@ -181,20 +181,15 @@ class Int8Layer(ExportedLayer):
         if (ph, pw) != (0, 0):
             u = F.pad(u, (pw, pw, ph, ph))  # zeros: the padding's codes are off, as unfold's zeros + off
         x8 = (u + off).to(torch.int8).permute(0, 2, 3, 1).contiguous()  # (N, Hp, Wp, C)
-        n, hp, wp, c = x8.shape
         if (kh, kw) == (1, 1) and (sh, sw) == (1, 1):
-            return x8.reshape(-1, c), None, None
-        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-
-        def windows(t: torch.Tensor) -> torch.Tensor:  # (N, Hp, Wp, ...) -> (N, HO, WO, kh, kw, ...) view
-            sn, sr, sc = t.stride()[:3]
-            return t.as_strided((n, ho, wo, kh, kw, *t.shape[3:]), (sn, sh * sr, sw * sc, dh * sr, dw * sc,
-                                                                    *t.stride()[3:]))
+            return x8.reshape(-1, x8.shape[-1]), None, None
+        geom = (kh, kw), (sh, sw), (dh, dw)
+        cols = conv_windows(x8, *geom)
 
         def row_sums() -> torch.Tensor:
-            return windows(x8.sum(-1, dtype=torch.int32)).sum((-2, -1), dtype=torch.int32).reshape(-1)
+            return conv_windows(x8.sum(-1, dtype=torch.int32), *geom).sum((-2, -1), dtype=torch.int32).reshape(-1)
 
-        return windows(x8).reshape(n * ho * wo, kh * kw * c), (kh, kw), row_sums
+        return cols.reshape(-1, cols.shape[3:].numel()), (kh, kw), row_sums
 
     use_kernel = True  # the Triton kernel where it applies; False: always the torch path (benchmarks)
     # W4A8 only: unpack the int4 codes to int8 once per call and run the int8 kernel on them, instead of unpacking

@@ -360,3 +360,23 @@ def test_w4fp8_backend_packs_the_fp8_backends_codes(w4_fp8_inputs, fp8_model, tm
     _, _, q8 = fp8_model  # FP8 W8A8: the fp8 backend's
     with pytest.raises(GacqError, match="8-bit: use --backend fp8"):
         convert(copy.deepcopy(q8), "w4fp8")
+
+
+@pytest.mark.parametrize("kw", [{"kernel_size": 3, "stride": 2, "padding": 1},
+                                {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)},
+                                {"kernel_size": 1, "stride": 1, "padding": 1}])
+def test_conv_torch_path_patches_match_float64(kw):
+    """The CPU (torch) path's channels-last patches (`base.conv_windows`, zero bytes padding) for strides, padding and
+    dilation of their own along each axis: within float32 accumulation of the float64 reference."""
+    torch.manual_seed(0)
+    m = QuantConv2d(torch.nn.Conv2d(6, 5, **kw), 8, 8, fmt="fp8")
+    x = torch.randn(2, 6, 7, 9) * 2
+    m.init_weight("minmax")
+    m.act_quantizer.init_minmax(x)
+    m.w_quant, m.a_quant = True, True
+    e = FP8Conv2d(m)
+    e.use_kernel = False
+    with torch.no_grad():
+        ref, y = _layer_reference(m, x), e(x).double()
+    assert y.shape == ref.shape
+    assert (y - ref).abs().max() <= 2.0 ** -20 * ref.abs().amax() + 1e-30
