@@ -165,22 +165,29 @@ class Int8Layer(ExportedLayer):
         super().__init__(layer)
         self.parts = torch.nn.ModuleList(Int8Part(p) for p in weight_parts(layer))
 
-    def _code_columns(self, u: torch.Tensor, off: torch.Tensor
+    def _code_columns(self, codes: torch.Tensor, c: int, zp: torch.Tensor
                       ) -> tuple[torch.Tensor, tuple[int, int] | None, Callable[[], torch.Tensor] | None]:
-        """The GEMM's int8 input rows (M, K), x8 = u + off: a linear's input rows, or a conv's im2col patches
-        (padded positions hold off), and the kernel size whose (r, s, c) weight order they need (None: `qweight`'s
-        (c, r, s) order), and, for a conv with patches, a function giving each row's sum over k (the offset term
-        of `Int8Part.accumulate`) from the per-pixel channel sums, a pass over the input instead of its kh * kw
-        times larger patches. A conv's codes become int8 before any reshaping, and its patches are gathered
-        channels-last, k in (r, s, c) order, in one int8 copy. Until session 36 they were float im2col columns
-        (F.unfold, transpose, add, cast, over K x the input), which took most of a CPU call (int8 W8A8 on `small`:
-        1.6 s at batch 16, its int8 GEMMs 0.08 s of it). The same integers, so the same outputs."""
-        if not self.is_conv:  # linears: per-row offsets (dynamic grids) broadcast over the rows
-            return (u.reshape(-1, u.shape[-1]) + off).to(torch.int8), None, None
+        """The GEMM's int8 input rows (M, K), the input's codes (the fake quantizer's integers, as floats) minus the
+        centre c: a linear's input rows, or a conv's im2col patches, whose padded positions hold zp - c (the code of
+        a zero input); the kernel size whose (r, s, c) weight order they need (None: `qweight`'s (c, r, s) order);
+        and, for a conv with patches, a function giving each row's sum over k (the offset term of
+        `Int8Part.accumulate`) from the per-pixel channel sums, a pass over the input instead of its kh * kw times
+        larger patches. A conv's codes become int8 on the input itself, then go channels-last into a padded buffer,
+        and its patches are gathered with k in (r, s, c) order in one int8 copy. Until session 36 they were float
+        im2col columns (F.unfold, transpose, add, cast, over K x the input), which took most of a CPU call (int8
+        W8A8 on `small`: 1.6 s at batch 16, its int8 GEMMs 0.08 s of it). The same integers, so the same outputs."""
+        if not self.is_conv:
+            return (codes.reshape(-1, codes.shape[-1]) - c).to(torch.int8), None, None
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel_size, self.stride, self.dilation, tuple(self.padding)
-        if (ph, pw) != (0, 0):
-            u = F.pad(u, (pw, pw, ph, ph))  # zeros: the padding's codes are off, as unfold's zeros + off
-        x8 = (u + off).to(torch.int8).permute(0, 2, 3, 1).contiguous()  # (N, Hp, Wp, C)
+        x8 = (codes - c).to(torch.int8)
+        if (ph, pw) == (0, 0):
+            x8 = x8.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
+        else:
+            n, ch, h, w = x8.shape
+            padded = x8.new_empty((n, h + 2 * ph, w + 2 * pw, ch))
+            padded.fill_((zp - c).reshape(()))  # a 0-dim tensor: no host sync on CUDA
+            padded[:, ph:ph + h, pw:pw + w] = x8.permute(0, 2, 3, 1)
+            x8 = padded
         if (kh, kw) == (1, 1) and (sh, sw) == (1, 1):
             return x8.reshape(-1, x8.shape[-1]), None, None
         geom = (kh, kw), (sh, sw), (dh, dw)
@@ -264,13 +271,11 @@ class Int8Layer(ExportedLayer):
             scale, zp = q.qparams(xs)  # the stored grid, or (dynamic, linears only) one grid per row of xs
             if q.dynamic:  # the fake quantizer's float32 arithmetic; per-row grids as (M, 1) columns
                 xs = xs.float()
-            # the fake quantizer's integers, centred on the zero point (exact small integers)
-            u = torch.clamp(torch.round(xs / scale) + zp, q.qmin, q.qmax) - zp
+            codes = torch.clamp(torch.round(xs / scale) + zp, q.qmin, q.qmax)  # the fake quantizer's integers
             c = act_center(q.qmin, q.qmax)
             if q.dynamic:
                 scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
-            off = (zp - c).to(u.dtype)
-            x8, order, row_sums = self._code_columns(u, off)  # Xq - ca; padded positions hold za - ca
+            x8, order, row_sums = self._code_columns(codes, c, zp)  # Xq - ca; padded positions hold za - ca
             da = (c - zp).round().to(torch.int32)
             s = part.accumulate(x8, da, order, row_sums).float() * (scale.float() * part.w_scale)
             y = s if y is None else y + s
