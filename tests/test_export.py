@@ -225,18 +225,20 @@ def test_int8_nt_and_nn_weight_layouts_give_the_same_integers(make, kw):
         want = ex(x)
     assert torch.equal(got, want)
     part = ex.parts[0]
-    stored = part.qweight if not kxk else \
-        F.pad(rsc_order(part.qweight[:part.k, :part.out_channels].t(), ex.kernel_size), (0, part.qweight.shape[0] - part.k,
-                                                                                       0, part.qweight.shape[1] - part.out_channels)).t()
+    stored = part.qweight  # (K8, O8)
+    if kxk:  # the same weight with k in (r, s, c) order, padded alike
+        (kp, op), (k, o) = part.qweight.shape, (part.k, part.out_channels)
+        stored = F.pad(rsc_order(part.qweight[:k, :o].t(), ex.kernel_size), (0, kp - k, 0, op - o)).t()
     assert copy.is_contiguous() and torch.equal(copy.t(), stored)
     assert name not in "".join(ex.state_dict())  # not saved with the export
 
 
-@pytest.mark.parametrize("make,kw", [(make_linear, {"cin": 24, "cout": 8}),
-                                     # a conv's offset term from its per-pixel channel sums, padding included
-                                     (make_conv, {"cin": 6, "cout": 8, "stride": 2, "padding": 1, "x_shape": (2, 6, 7, 9)}),
-                                     (make_conv, {"cin": 6, "cout": 8, "k": (3, 2), "padding": (2, 1), "x_shape": (2, 6, 7, 9),
-                                                  "dilation": (2, 1)})])
+@pytest.mark.parametrize("make,kw", [
+    (make_linear, {"cin": 24, "cout": 8}),
+    # a conv's offset term from its per-pixel channel sums, padding included
+    (make_conv, {"cin": 6, "cout": 8, "stride": 2, "padding": 1, "x_shape": (2, 6, 7, 9)}),
+    (make_conv, {"cin": 6, "cout": 8, "k": (3, 2), "padding": (2, 1), "dilation": (2, 1), "x_shape": (2, 6, 7, 9)}),
+])
 def test_int8_weight_rows_that_need_the_128_shift(make, kw):
     """An 8-bit row whose codes minus zero point leave int8 is shifted by 128 and corrected exactly."""
     layer, x = make(**kw)
