@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GacqError
 from ..utils import atomic_path, write_json
-from .modules import QuantLayer, frozen_weights
+from .modules import QuantLayer
 from .quantizer import beta_schedule
 
 
@@ -600,10 +600,7 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
             continue
         fp_unit = fp_model.get_submodule(name)
         if stage == "weights":
-            # nothing trains during a capture: each quantized weight computed once, not once per batch (the
-            # same values; on the CPU the weights' fake quantization had been a large part of the captures)
-            with frozen_weights(q_model):
-                args, kwargs, _ = capture_unit_io(q_model, unit, run, len(t), capture_batch, want_output=False)
+            args, kwargs, _ = capture_unit_io(q_model, unit, run, len(t), capture_batch, want_output=False)
             _, _, target = capture_unit_io(fp_model, fp_unit, run, len(t), capture_batch, want_output=True)
         else:
             args, kwargs, target = capture_unit_io(fp_model, fp_unit, run, len(t), capture_batch, want_output=True)
