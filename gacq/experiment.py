@@ -222,6 +222,11 @@ class ExperimentSpec:
 _POSITIVE = {"trajectories", "batch_size", "record_steps", "recon_batch", "steps", "num"}
 
 
+def _is_int(v) -> bool:
+    """An integer as TOML gives it (a bool is not one, though Python counts it so)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_value(name: str, key: str, v, default, where: str) -> None:
     """A section value of the default's type (an integer where the default is one, a number for a float, ...),
     in range; the value itself is kept as written (it enters the settings digest)."""
@@ -230,7 +235,7 @@ def _check_value(name: str, key: str, v, default, where: str) -> None:
         if not isinstance(v, bool):
             raise GacqError(f"{what}: must be true or false")
     elif isinstance(default, int):
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not _is_int(v):
             raise GacqError(f"{what}: must be an integer, e.g. {default}")
         if v < (1 if key in _POSITIVE else 0):
             raise GacqError(f"{what}: must be at least {1 if key in _POSITIVE else 0}")
@@ -260,7 +265,7 @@ def _section(raw: dict, name: str, where: str) -> dict:
 def _ints(v, what: str, where: str, minimum: int) -> list[int]:
     """A grid's list of integers (one integer alone is a list of one), each at least `minimum`."""
     vals = _as_list(v, what, where)
-    if any(not isinstance(x, int) or isinstance(x, bool) or x < minimum for x in vals):
+    if any(not _is_int(x) or x < minimum for x in vals):
         raise GacqError(f"{where}: {what} must be integers of at least {minimum} (or a list of them); got {v!r}")
     return vals
 
@@ -292,7 +297,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
     sections = {s: _section(raw, s, str(path)) for s in _SECTIONS}
     seeds0 = _ints(sections["sample"]["seeds"], "[sample] seeds", str(path), 0)
     ps = sections["sample"].get("part_size")
-    if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 10 or ps % 10):
+    if ps is not None and (not _is_int(ps) or ps < 10 or ps % 10):
         raise GacqError(f"{path}: [sample] part_size must be a positive multiple of 10 (the Inception Score's "
                         f"splits), e.g. 5000; got {ps!r}")
     grids = raw.get("grid")
@@ -335,7 +340,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
         if any(not isinstance(b, bool) for b in bcs):
             raise GacqError(f"{where}: bias_correction must be true, false or a list of them")
         draws = _as_list(g.get("gaussian_draws", [1]), "gaussian_draws", where)
-        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in draws):
+        if any(not _is_int(d) or d < 1 for d in draws):
             raise GacqError(f"{where}: gaussian_draws must be a positive integer or a list of them")
         if draws != [1]:
             from .quant.methods import method_spec
