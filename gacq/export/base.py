@@ -227,13 +227,36 @@ def pack_int4(codes: torch.Tensor, check: bool = True) -> torch.Tensor:
 def conv_windows(t: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
                  dilation: tuple[int, int]) -> torch.Tensor:
     """A conv's input windows as a view: t (N, Hp, Wp, ...) channels-last and already padded -> (N, HO, WO, kh, kw,
-    ...), element [n, i, j, r, s] = t[n, i * sh + r * dh, j * sw + s * dw]. Reshaped to (N HO WO, kh kw C) a
-    channels-last conv input's im2col rows, k in (r, s, c) order (`rsc_order`'s), in one copy of t's dtype."""
+    ...), element [n, i, j, r, s] = t[n, i * sh + r * dh, j * sw + s * dw]."""
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
     n, hp, wp = t.shape[:3]
     ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     sn, sr, sc = t.stride()[:3]
     return t.as_strided((n, ho, wo, kh, kw, *t.shape[3:]), (sn, sh * sr, sw * sc, dh * sr, dw * sc, *t.stride()[3:]))
+
+
+def channels_last_padded(x: torch.Tensor, padding: tuple[int, int], fill: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, C, H, W) -> (N, H + 2 ph, W + 2 pw, C), contiguous, the border zeros or `fill` (a 0-dim tensor: no host
+    sync on CUDA): a conv's input as its integer/byte GEMM paths gather it (`im2col_rows`)."""
+    ph, pw = padding
+    if (ph, pw) == (0, 0):
+        return x.permute(0, 2, 3, 1).contiguous()
+    n, c, h, w = x.shape
+    out = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c)) if fill is None else x.new_empty((n, h + 2 * ph, w + 2 * pw, c))
+    if fill is not None:
+        out.fill_(fill)
+    out[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
+    return out
+
+
+def im2col_rows(t: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+                dilation: tuple[int, int]) -> torch.Tensor:
+    """A conv's im2col rows (N HO WO, kh kw C), k in (r, s, c) order (`rsc_order`'s), from its padded channels-last
+    input t (`channels_last_padded`), in one copy of t's dtype (a view for a 1x1 stride-1 kernel)."""
+    if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1):
+        return t.reshape(-1, t.shape[-1])
+    cols = conv_windows(t, kernel_size, stride, dilation)
+    return cols.reshape(-1, cols.shape[3:].numel())
 
 
 def rsc_order(w: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:

@@ -16,12 +16,12 @@ The codes are the fake quantizer's, bit for bit (the same x / sa in x's dtype, t
 from fake quantization is float rounding: fake quant rounds each dequantized value (code * scale) to float32 before
 its GEMM, this layer rounds S and then the two products. On CUDA (and in Triton's interpreter) convolutions run
 as two Triton kernels (`triton_fp8`: the input's codes into a padded channels-last buffer, then an implicit GEMM with
-the scales and bias in its epilogue); elsewhere, and for split or grouped convs, as im2col (`F.unfold` over the
-input's codes in x's dtype, exact) + `torch._scaled_mm` (session 28's measurement of im2col + cuBLAS FP8 on 3x3
-convs: 5-11x slower than cuDNN bf16, results/conv_paths). A conv's codes are stored with k in (r, s, c) order,
-channels fastest: the kernel's K loop order, each K block's weight tile contiguous (K-major, as wgmma reads it); the
-im2col path reorders its columns to match. A split (shortcut) layer runs one GEMM per channel group, each with its
-own scales.
+the scales and bias in its epilogue); elsewhere, and for split convs (grouped ones are refused), as im2col (the
+input's codes as bytes, gathered channels-last: `base.im2col_rows`) + `torch._scaled_mm` (session 28's measurement
+of im2col + cuBLAS FP8 on 3x3 convs: 5-11x slower than cuDNN bf16, results/conv_paths). A conv's codes are stored
+with k in (r, s, c) order, channels fastest: the kernel's K loop order, each K block's weight tile contiguous
+(K-major, as wgmma reads it); the im2col path gathers its columns in that order. A split (shortcut) layer runs one
+GEMM per channel group, each with its own scales.
 
 Layers whose inputs stay float (a weight-only W8A32 fp8 checkpoint, or the first and last layers of some recipes)
 keep their weights as FP8 codes, one byte each, and dequantize them at call time for the float conv / linear, whose
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from ..quant.modules import QuantConv2d, QuantLayer
 from ..quant.primitives import FP8_DTYPE, fp8_cast
-from .base import ExportedLayer, _Part, conv_windows, pack_int4, round_up, rsc_order, unpack_int4
+from .base import ExportedLayer, _Part, channels_last_padded, im2col_rows, pack_int4, round_up, rsc_order, \
+    unpack_int4
 from .w4a16 import weight_bits
 
 ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
@@ -133,18 +134,12 @@ class FP8Layer(ExportedLayer):
 
     def _columns(self, u: torch.Tensor) -> torch.Tensor:
         """The GEMM's input rows (M, K) of the input's codes u (float8): u itself (linear) or its im2col patches
-        (conv), k in (r, s, c) order, gathered channels-last in one byte copy (`base.conv_windows`; zero bytes pad,
+        (conv), k in (r, s, c) order, gathered channels-last in one byte copy (`base.im2col_rows`; zero bytes pad,
         FP8's +0). Until session 36 an `F.unfold` in float (no float8 kernel) took most of a CPU call."""
         if not self.is_conv:
             return u.reshape(-1, u.shape[-1])
-        (ph, pw), b = tuple(self.padding), u.view(torch.uint8)  # bytes: padding and copies need no float8 kernels
-        if (ph, pw) != (0, 0):
-            b = F.pad(b, (pw, pw, ph, ph))
-        b = b.permute(0, 2, 3, 1).contiguous()  # (N, Hp, Wp, C)
-        if self.kernel_size == (1, 1) and self.stride == (1, 1):
-            return b.reshape(-1, b.shape[-1]).view(FP8_DTYPE)
-        cols = conv_windows(b, self.kernel_size, self.stride, self.dilation)
-        return cols.reshape(-1, cols.shape[3:].numel()).view(FP8_DTYPE)
+        b = channels_last_padded(u.view(torch.uint8), tuple(self.padding))  # bytes: no float8 kernels needed
+        return im2col_rows(b, self.kernel_size, self.stride, self.dilation).view(FP8_DTYPE)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fake-quant weight (codes * scale per output channel and channel group), in float32, in its own shape."""

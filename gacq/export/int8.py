@@ -24,9 +24,10 @@ float32 GEMM/conv. Stated layer tolerance (tested):
 
 On CUDA, convolutions with one weight group run as one fused Triton kernel (`triton_int8`: implicit
 GEMM, activation quantization in the prologue, this arithmetic in the epilogue, bitwise equal to the
-torch path). Elsewhere, convolutions run as im2col (`F.unfold`) + the same GEMM: the input is quantized and centred
-(Xq - za, exact small integers in the input dtype) before unfold, so the zero padding is the
-padding of the dequantized input, as in the fake-quant conv. Grouped convolutions fall back.
+torch path). Elsewhere, convolutions run as im2col + the same GEMM: the input's codes, centred and cast to int8,
+go channels-last into a buffer whose border holds the code of a zero input (the padding of the dequantized input,
+as in the fake-quant conv), and the patches are gathered from it with k in (r, s, c) order
+(`base.channels_last_padded`, `base.im2col_rows`). Grouped convolutions fall back.
 
 `torch._int_mm` on CUDA needs M > 16 rows and K, N multiples of 8: weights are stored padded to
 multiples of 8 at export and the rows of small batches are padded at call time (`int_mm`). The
@@ -42,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.modules import QuantLayer
-from .base import ExportedLayer, WeightPart, _Part, conv_windows, round_up, weight_parts
+from .base import ExportedLayer, WeightPart, _Part, channels_last_padded, conv_windows, im2col_rows, round_up, \
+    weight_parts
 
 MAX_K = 2**15 - 1  # int32-exact accumulation bound (see the module docstring)
 CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: self.size(0) > 16
@@ -169,8 +171,8 @@ class Int8Layer(ExportedLayer):
                       ) -> tuple[torch.Tensor, tuple[int, int] | None, Callable[[], torch.Tensor] | None]:
         """The GEMM's int8 input rows (M, K), the input's codes (the fake quantizer's integers, as floats) minus the
         centre c: a linear's input rows, or a conv's im2col patches, whose padded positions hold zp - c (the code of
-        a zero input); the kernel size whose (r, s, c) weight order they need (None: `qweight`'s (c, r, s) order);
-        and, for a conv with patches, a function giving each row's sum over k (the offset term of
+        a zero input); a conv's kernel size, whose (r, s, c) weight order the patches need (`Int8Part.gemm_weight`;
+        None for a linear); and, for a conv, a function giving each row's sum over k (the offset term of
         `Int8Part.accumulate`) from the per-pixel channel sums, a pass over the input instead of its kh * kw times
         larger patches. A conv's codes become int8 on the input itself, then go channels-last into a padded buffer,
         and its patches are gathered with k in (r, s, c) order in one int8 copy. Until session 36 they were float
@@ -178,25 +180,13 @@ class Int8Layer(ExportedLayer):
         W8A8 on `small`: 1.6 s at batch 16, its int8 GEMMs 0.08 s of it). The same integers, so the same outputs."""
         if not self.is_conv:
             return (codes.reshape(-1, codes.shape[-1]) - c).to(torch.int8), None, None
-        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel_size, self.stride, self.dilation, tuple(self.padding)
-        x8 = (codes - c).to(torch.int8)
-        if (ph, pw) == (0, 0):
-            x8 = x8.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
-        else:
-            n, ch, h, w = x8.shape
-            padded = x8.new_empty((n, h + 2 * ph, w + 2 * pw, ch))
-            padded.fill_((zp - c).reshape(()))  # a 0-dim tensor: no host sync on CUDA
-            padded[:, ph:ph + h, pw:pw + w] = x8.permute(0, 2, 3, 1)
-            x8 = padded
-        if (kh, kw) == (1, 1) and (sh, sw) == (1, 1):
-            return x8.reshape(-1, x8.shape[-1]), None, None
-        geom = (kh, kw), (sh, sw), (dh, dw)
-        cols = conv_windows(x8, *geom)
+        geom = self.kernel_size, self.stride, self.dilation
+        x8 = channels_last_padded((codes - c).to(torch.int8), tuple(self.padding), fill=(zp - c).reshape(()))
 
         def row_sums() -> torch.Tensor:
             return conv_windows(x8.sum(-1, dtype=torch.int32), *geom).sum((-2, -1), dtype=torch.int32).reshape(-1)
 
-        return cols.reshape(-1, cols.shape[3:].numel()), (kh, kw), row_sums
+        return im2col_rows(x8, *geom), self.kernel_size, row_sums
 
     use_kernel = True  # the Triton kernel where it applies; False: always the torch path (benchmarks)
     # W4A8 only: unpack the int4 codes to int8 once per call and run the int8 kernel on them, instead of unpacking
