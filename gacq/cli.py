@@ -404,7 +404,8 @@ def methods() -> None:
                 typer.echo(f"    deviation: {d}")
 
 
-FEATURES_HELP = "Feature network: cifar10 (the bundled classifier, default) or inception (needs --inception-weights)."
+FEATURES_HELP = ("Feature network: cifar10 (the bundled classifier, default), inception (needs --inception-weights), "
+                 "or the folder of a classifier trained with `gacq train-classifier`.")
 
 
 @app.command("eval")

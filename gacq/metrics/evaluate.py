@@ -101,8 +101,12 @@ def evaluate(samples, ref=None, features: str = "cifar10", inception_weights=Non
     """
     ext = get_feature_extractor(features, device, inception_weights)
     if ref is None:
-        if features != "cifar10":
+        if ext.name != "cifar10":
             raise GacqError("--ref is needed with the inception features (no reference statistics ship for them)")
+        if features != "cifar10":  # a network of one's own: the shipped statistics are the bundled network's
+            raise GacqError(f"--ref is needed with the feature network in {features} (hash {ext.hash}): the bundled "
+                            "reference statistics are the bundled network's; make the reference's with "
+                            f"`gacq stats --data TRAIN_IMAGES --features {features} --out STATS.npz`")
         ref = bundled_stats_path("train")
         if not ref.is_file():
             raise GacqError(f"the bundled reference statistics {ref} are missing; pass --ref")

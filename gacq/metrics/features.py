@@ -66,12 +66,16 @@ def get_feature_extractor(name: str = "cifar10", device: str | torch.device | No
     """Build a feature extractor.
 
     Args:
-        name: "cifar10" (the project's classifier, bundled) or "inception" (needs `inception_weights`).
+        name: "cifar10" (the project's classifier, bundled), "inception" (needs `inception_weights`), or the
+            folder of a classifier from `gacq train-classifier` (the cifar10 architecture with those weights: its
+            figures carry that file's hash, so they never mix with the bundled network's).
         device: where to run it (default: CUDA if available).
         inception_weights: FID Inception-v3 weights file (.pth state dict or .safetensors).
         cifar10_weights: a folder from `gacq train-classifier` instead of the bundled network.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if name not in FEATURE_NAMES and cifar10_weights is None and is_network_folder(name):
+        name, cifar10_weights = "cifar10", name  # a folder from `gacq train-classifier` given as --features
     if name == "cifar10":
         from .cifar10_net import bundled_features_path, load_cifar10_net
 
@@ -83,7 +87,16 @@ def get_feature_extractor(name: str = "cifar10", device: str | torch.device | No
 
         net = load_inception(inception_weights, dev)
         return FeatureExtractor("inception", file_sha256(Path(inception_weights))[:16], net, dev, None, False)
-    raise GacqError(f"unknown feature network {name!r}; choose one of {', '.join(FEATURE_NAMES)}")
+    raise GacqError(f"unknown feature network {name!r}; choose one of {', '.join(FEATURE_NAMES)}, or give the folder "
+                    "of a network trained with `gacq train-classifier`")
+
+
+def is_network_folder(name) -> bool:
+    """Whether `--features NAME` names a folder (a path that exists, or one with a path separator) rather than one
+    of FEATURE_NAMES: such a folder must hold a `gacq train-classifier` network (load_cifar10_net says what is
+    missing)."""
+    text = str(name)
+    return Path(text).exists() or "/" in text or "\\" in text
 
 
 def compute_stats(images: np.ndarray, extractor: FeatureExtractor, batch_size: int = 500, pr_max: int = 10000,
