@@ -36,6 +36,21 @@ def test_help(sub):
     assert "Usage" in proc.stdout
 
 
+def test_methods_lists_every_method_and_preset():
+    """`gacq methods`: one line per registered method, then each preset's recipe as the registry holds it."""
+    from gacq.quant.methods import METHODS, method_spec
+
+    out = here("methods").stdout.splitlines()
+    heads = [line.split(":")[0] for line in out if not line.startswith(" ")]
+    assert heads == list(METHODS) and {"rtn", "ptq4dm", "qdiffusion", "tfmq", "gac"} <= set(heads)
+    gac = out[out.index(next(line for line in out if line.startswith("gac:"))):]
+    assert gac[1].startswith("  common: calib=all ") and "tib=True acts=fsc" in gac[1]
+    faithful = next(line for line in gac if line.startswith("  faithful:"))
+    assert "'tfmq-rule'" in faithful  # the released code's float layers, by rule
+    deviations = [line for line in out if line.startswith("    deviation: ")]
+    assert len(deviations) == sum(len(method_spec(m, p).deviations) for m in METHODS for p in ("common", "faithful"))
+
+
 def test_train_sample_info_end_to_end(image_folder, tmp_path):
     run = tmp_path / "run"
     gacq("train", "--data", image_folder, "--config", "tiny", "--out", run, "--max-steps", 12, "--batch-size", 4,
