@@ -113,31 +113,30 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, device: str | None 
 
     log = []
     t0 = time.time()
-    bar = tqdm(total=total, desc="train-classifier", unit="step")
-    for epoch in range(cfg.epochs):
-        net.train()
-        perm = torch.randperm(n, generator=gen, device=dev)
-        loss_sum = torch.zeros((), device=dev)
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb = (augment(x[idx], gen, cutout=cfg.cutout) / 255).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(net(xb), y[idx], label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach()
-            bar.update(1)
-        loss_mean = float(loss_sum) / steps_per_epoch
-        if not math.isfinite(loss_mean):
-            raise GacqError(f"training diverged at epoch {epoch + 1} (loss {loss_mean}); lower --lr")
-        row = {"epoch": epoch + 1, "loss": loss_mean, "lr": sched.get_last_lr()[0], "time_s": time.time() - t0}
-        if test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            row["test_acc"] = classifier_accuracy(net, test[0], test[1], dev)
-            bar.set_postfix(loss=f"{loss_mean:.3f}", acc=f"{row['test_acc']:.4f}")
-        log.append(row)
-    bar.close()
+    with tqdm(total=total, desc="train-classifier", unit="step") as bar:  # closed on an error too
+        for epoch in range(cfg.epochs):
+            net.train()
+            perm = torch.randperm(n, generator=gen, device=dev)
+            loss_sum = torch.zeros((), device=dev)
+            for i in range(steps_per_epoch):
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                xb = (augment(x[idx], gen, cutout=cfg.cutout) / 255).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = F.cross_entropy(net(xb), y[idx], label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach()
+                bar.update(1)
+            loss_mean = float(loss_sum) / steps_per_epoch
+            if not math.isfinite(loss_mean):
+                raise GacqError(f"training diverged at epoch {epoch + 1} (loss {loss_mean}); lower --lr")
+            row = {"epoch": epoch + 1, "loss": loss_mean, "lr": sched.get_last_lr()[0], "time_s": time.time() - t0}
+            if test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                row["test_acc"] = classifier_accuracy(net, test[0], test[1], dev)
+                bar.set_postfix(loss=f"{loss_mean:.3f}", acc=f"{row['test_acc']:.4f}")
+            log.append(row)
     wall = time.time() - t0
 
     net.eval()

@@ -101,4 +101,6 @@ def test_train_classifier_refusals(trained, tmp_path):
     r = gacq_here("train-classifier", "--data", train, "--test", other, "--out", tmp_path / "c", "--epochs", "1",
                   *SMALL)
     assert r.returncode == 2 and "class names differ" in r.stderr
-    assert not any((tmp_path / d).exists() for d in "abc")  # nothing half-written
+    r = gacq_here("train-classifier", "--data", train, "--out", tmp_path / "d", "--epochs", "2", "--lr", "1e9", *SMALL)
+    assert r.returncode == 2 and "training diverged at epoch 1 (loss nan); lower --lr" in r.stderr
+    assert not any((tmp_path / d).exists() for d in "abcd")  # nothing half-written
