@@ -102,5 +102,5 @@ def test_train_classifier_refusals(trained, tmp_path):
                   *SMALL)
     assert r.returncode == 2 and "class names differ" in r.stderr
     r = gacq_here("train-classifier", "--data", train, "--out", tmp_path / "d", "--epochs", "2", "--lr", "1e9", *SMALL)
-    assert r.returncode == 2 and "training diverged at epoch 1 (loss nan); lower --lr" in r.stderr
+    assert r.returncode == 2 and "training diverged at epoch" in r.stderr and "(loss nan); lower --lr" in r.stderr
     assert not any((tmp_path / d).exists() for d in "abcd")  # nothing half-written
