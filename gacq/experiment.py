@@ -879,6 +879,14 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
         cells = [c for c in cells if c.id in set(only)]
     todo = [c for c in cells if not _done(spec, c)]
+    if todo:  # a cell's metrics come last: a feature network or reference they cannot use is refused before
+        from .metrics.evaluate import check_eval_setup  # any cell spends time calibrating and sampling
+
+        ev = spec.eval
+        try:
+            check_eval_setup(ev["features"], ev["ref"] or None, ev["inception_weights"] or None)
+        except GacqError as e:
+            raise GacqError(f"{spec.path} [eval]: {e}") from None
     echo(f"{spec.name}: {len(cells) - len(todo)} of {len(cells)} cells done, running {len(todo)}")
     if parallel <= 1 or len(todo) <= 1:
         out = []

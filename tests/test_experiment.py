@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,27 @@ def test_bits_and_spec_errors(tmp_path, tiny32):
         load_spec(tmp_path / "missing.toml")
     p.write_text("[sample]\neta = 0\nsteps = 20\nseeds = 3\n[[grid]]\nmethods = ['fp']\n")  # an int for a float
     assert [(c.steps, c.seed) for c in load_spec(p).cells] == [(20, 3)]
+
+
+def test_eval_settings_that_cannot_evaluate_are_refused_before_any_cell_runs(tmp_path, tiny32):
+    """A cell's metrics come after its calibration and sampling: an [eval] feature network or reference that the
+    evaluation would refuse stops `gacq experiment run` at once, with nothing made in its work folder."""
+    from gacq.metrics.evaluate import bundled_stats_path
+    from gacq.metrics.stats import FeatureStats, load_stats
+
+    other = load_stats(bundled_stats_path("train"))
+    FeatureStats(**{**other.__dict__, "feature_hash": "0123456789abcdef"}).save(tmp_path / "other.npz")
+    cases = [("features = 'vgg'", "unknown feature network 'vgg'"),
+             ("features = 'inception'", "--inception-weights"),
+             ("features = 'nets/mine'", "nets/mine is not a CIFAR-10 feature network folder"),
+             ("ref = 'missing.npz'", "the reference missing.npz does not exist"),
+             ("ref = 'other.npz'", "hash 0123456789abcdef.*recompute")]
+    for i, (line, msg) in enumerate(cases):
+        spec = tmp_path / f"e{i}.toml"
+        spec.write_text(SPEC.format(model=tiny32) + f"[eval]\n{line}\n")
+        r = here("experiment", "run", spec, cwd=tmp_path)
+        assert r.returncode == 2 and "[eval]" in r.stderr and re.search(msg, r.stderr), (line, r.stderr)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
 def test_matmul_tf32_is_a_setting_only_when_on_and_set_for_the_run(tmp_path, tiny32, monkeypatch):

@@ -89,6 +89,35 @@ def merge_stats_files(paths, out: str | Path) -> FeatureStats:
     return merged
 
 
+def reference_for(ref, features, ext: FeatureExtractor):
+    """`ref`, or where it is None the bundled CIFAR-10 training-set statistics, which serve the bundled cifar10
+    network only."""
+    if ref is not None:
+        return ref
+    if ext.name != "cifar10":
+        raise GacqError("--ref is needed with the inception features (no reference statistics ship for them)")
+    if features != "cifar10":  # a network of one's own: the shipped statistics are the bundled network's
+        raise GacqError(f"--ref is needed with the feature network in {features} (hash {ext.hash}): the bundled "
+                        "reference statistics are the bundled network's; make the reference's with "
+                        f"`gacq stats --data TRAIN_IMAGES --features {features} --out STATS.npz`")
+    ref = bundled_stats_path("train")
+    if not ref.is_file():
+        raise GacqError(f"the bundled reference statistics {ref} are missing; pass --ref")
+    return ref
+
+
+def check_eval_setup(features: str = "cifar10", ref=None, inception_weights=None) -> None:
+    """Refuse now what `evaluate` would refuse about its feature network and reference after the samples were made
+    (`gacq experiment run` checks its [eval] settings so before a cell calibrates or samples): the network loads
+    (on the CPU), the reference exists, and a statistics file given as the reference comes from that network."""
+    ext = get_feature_extractor(features, "cpu", inception_weights)
+    ref = reference_for(ref, features, ext)
+    if not Path(ref).exists():
+        raise GacqError(f"the reference {ref} does not exist")
+    if is_stats_file(ref):
+        stats_for(ref, ext, role="reference")  # the feature network's name and hash must match
+
+
 def evaluate(samples, ref=None, features: str = "cifar10", inception_weights=None, device=None,
              batch_size: int = 500, pr_k: int = 3, pr_max: int = 10000, is_splits: int = 10, seed: int = 0,
              progress: bool = True) -> dict:
@@ -100,16 +129,7 @@ def evaluate(samples, ref=None, features: str = "cifar10", inception_weights=Non
     calls this; the feature extraction is split over the ranks and every rank gets the metrics.
     """
     ext = get_feature_extractor(features, device, inception_weights)
-    if ref is None:
-        if ext.name != "cifar10":
-            raise GacqError("--ref is needed with the inception features (no reference statistics ship for them)")
-        if features != "cifar10":  # a network of one's own: the shipped statistics are the bundled network's
-            raise GacqError(f"--ref is needed with the feature network in {features} (hash {ext.hash}): the bundled "
-                            "reference statistics are the bundled network's; make the reference's with "
-                            f"`gacq stats --data TRAIN_IMAGES --features {features} --out STATS.npz`")
-        ref = bundled_stats_path("train")
-        if not ref.is_file():
-            raise GacqError(f"the bundled reference statistics {ref} are missing; pass --ref")
+    ref = reference_for(ref, features, ext)
     s = stats_for(samples, ext, batch_size, pr_max, is_splits, seed, progress, role="samples")
     r = stats_for(ref, ext, batch_size, pr_max, is_splits, seed, progress, role="reference")
     # under a process group the statistics are on rank 0, which computes the metrics for all
