@@ -96,7 +96,8 @@ def reference_for(ref, features, ext: FeatureExtractor):
         return ref
     if ext.name != "cifar10":
         raise GacqError("--ref is needed with the inception features (no reference statistics ship for them)")
-    if features != "cifar10":  # a network of one's own: the shipped statistics are the bundled network's
+    # the shipped statistics are the bundled network's (a folder holding the same weights may use them)
+    if features != "cifar10" and ext.hash != _bundled_network_hash():
         raise GacqError(f"--ref is needed with the feature network in {features} (hash {ext.hash}): the bundled "
                         "reference statistics are the bundled network's; make the reference's with "
                         f"`gacq stats --data TRAIN_IMAGES --features {features} --out STATS.npz`")
@@ -104,6 +105,13 @@ def reference_for(ref, features, ext: FeatureExtractor):
     if not ref.is_file():
         raise GacqError(f"the bundled reference statistics {ref} are missing; pass --ref")
     return ref
+
+
+def _bundled_network_hash() -> str:
+    from ..utils import file_sha256
+    from .cifar10_net import bundled_features_path
+
+    return file_sha256(bundled_features_path() / "model.safetensors")[:16]
 
 
 def check_eval_setup(features: str = "cifar10", ref=None, inception_weights=None) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -80,6 +81,13 @@ def test_trained_network_as_features_of_stats_and_eval(trained, tmp_path):
     assert r.returncode == 2 and "--ref is needed" in r.stderr and f"--features {out}" in r.stderr
     with pytest.raises(GacqError, match="recompute"):
         evaluate(test, bundled_stats_path("train"), features=str(out), device="cpu", progress=False)
+    # a folder holding the bundled weights themselves is the bundled network: the shipped statistics serve it
+    copy = tmp_path / "bundled-copy"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(bundled_stats_path("train").parent / name, copy / name)
+    res = evaluate(test, features=str(copy), device="cpu", progress=False)
+    assert res["feature_network"]["hash"] == get_feature_extractor("cifar10", "cpu").hash and res["reference"]["n"] == 50000
     r = gacq_here("eval", "--samples", test, "--features", tmp_path / "no-such-net", "--device", "cpu")
     assert r.returncode == 2 and "not a CIFAR-10 feature network folder" in r.stderr
     r = gacq_here("eval", "--samples", test, "--features", "vgg", "--device", "cpu")
