@@ -87,7 +87,8 @@ def test_trained_network_as_features_of_stats_and_eval(trained, tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(bundled_stats_path("train").parent / name, copy / name)
     res = evaluate(test, features=str(copy), device="cpu", progress=False)
-    assert res["feature_network"]["hash"] == get_feature_extractor("cifar10", "cpu").hash and res["reference"]["n"] == 50000
+    assert res["feature_network"]["hash"] == get_feature_extractor("cifar10", "cpu").hash
+    assert res["reference"]["n"] == 50000
     r = gacq_here("eval", "--samples", test, "--features", tmp_path / "no-such-net", "--device", "cpu")
     assert r.returncode == 2 and "not a CIFAR-10 feature network folder" in r.stderr
     r = gacq_here("eval", "--samples", test, "--features", "vgg", "--device", "cpu")
