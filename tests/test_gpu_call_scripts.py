@@ -89,10 +89,11 @@ def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples
     torch.manual_seed(0)
     model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
     cell = "rtn_w4a8_steps5_seed0"
-    # call 1: the cell quantizes, then fails at evaluation (a reference that does not exist): its checkpoint returns
+    # call 1: the cell quantizes, then fails at evaluation (a reference folder without images, which the run's
+    # check before the cells lets through as it exists): its checkpoint returns
     dev1 = tmp_path / "device1"
-    dev1.mkdir()
-    (dev1 / "spec.toml").write_text(SPEC.format(model=model) + '[eval]\nref = "no-such-stats.npz"\n')
+    (dev1 / "empty-ref").mkdir(parents=True)
+    (dev1 / "spec.toml").write_text(SPEC.format(model=model) + '[eval]\nref = "empty-ref"\n')
     out1 = tmp_path / "out1"
     r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out1, cwd=dev1,
               env={"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500"})
@@ -255,7 +256,7 @@ ensure_quantized(spec, next(c for c in spec.cells if c.id == sys.argv[1]), "cpu"
 
 
 def test_part_statistics_travel_between_calls_and_a_later_call_samples_no_part_again(tmp_path):
-    """A cell sampled in parts (`[sample] part_size`): call 1 samples every part and then fails (a missing reference);
+    """A cell sampled in parts (`[sample] part_size`): call 1 samples every part and then fails (a reference without images);
     its part statistics come back in $OUT/p, gpu-unpack joins them into .data/parts, and call 2 on a fresh machine
     that carries them samples nothing and finishes the cell; unpacking call 2 drops the finished cell's parts."""
     torch.manual_seed(0)
@@ -263,8 +264,8 @@ def test_part_statistics_travel_between_calls_and_a_later_call_samples_no_part_a
     cell = "fp_steps5_seed0"
     spec = SPEC.format(model=model).replace("num = 10\nbatch_size = 10", "num = 20\nbatch_size = 10\npart_size = 10")
     dev1 = tmp_path / "device1"
-    dev1.mkdir()
-    (dev1 / "spec.toml").write_text(spec + '[eval]\nref = "no-such-stats.npz"\n')
+    (dev1 / "empty-ref").mkdir(parents=True)  # a reference that exists without images: the evaluation fails
+    (dev1 / "spec.toml").write_text(spec + '[eval]\nref = "empty-ref"\n')
     out1 = tmp_path / "out1"
     env = {"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500"}
     r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out1, cwd=dev1, env=env)
