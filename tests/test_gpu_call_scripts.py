@@ -256,9 +256,10 @@ ensure_quantized(spec, next(c for c in spec.cells if c.id == sys.argv[1]), "cpu"
 
 
 def test_part_statistics_travel_between_calls_and_a_later_call_samples_no_part_again(tmp_path):
-    """A cell sampled in parts (`[sample] part_size`): call 1 samples every part and then fails (a reference without images);
-    its part statistics come back in $OUT/p, gpu-unpack joins them into .data/parts, and call 2 on a fresh machine
-    that carries them samples nothing and finishes the cell; unpacking call 2 drops the finished cell's parts."""
+    """A cell sampled in parts (`[sample] part_size`): call 1 samples every part and then fails (a reference without
+    images); its part statistics come back in $OUT/p, gpu-unpack joins them into .data/parts, and call 2 on a fresh
+    machine that carries them samples nothing and finishes the cell; unpacking call 2 drops the finished cell's
+    parts."""
     torch.manual_seed(0)
     model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
     cell = "fp_steps5_seed0"

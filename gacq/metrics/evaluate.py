@@ -99,7 +99,7 @@ def reference_for(ref, features, ext: FeatureExtractor):
     # the shipped statistics are the bundled network's (a folder holding the same weights may use them)
     if features != "cifar10" and ext.hash != _bundled_network_hash():
         raise GacqError(f"--ref is needed with the feature network in {features} (hash {ext.hash}): the bundled "
-                        "reference statistics are the bundled network's; make the reference's with "
+                        "reference statistics are the bundled network's; make reference statistics for it with "
                         f"`gacq stats --data TRAIN_IMAGES --features {features} --out STATS.npz`")
     ref = bundled_stats_path("train")
     if not ref.is_file():

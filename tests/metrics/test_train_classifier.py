@@ -19,7 +19,7 @@ from gacq.metrics.cifar10_net import load_cifar10_net
 from gacq.metrics.evaluate import bundled_stats_path
 from gacq.metrics.train_classifier import classifier_accuracy
 from gacq.utils import file_sha256
-from tests.conftest import gacq_here, write_images
+from ..conftest import gacq_here, write_images
 
 SMALL = ["--widths", "8,16,16,32", "--batch-size", "16", "--cutout", "0", "--device", "cpu"]
 
