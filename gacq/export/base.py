@@ -242,9 +242,8 @@ def channels_last_padded(x: torch.Tensor, padding: tuple[int, int], fill: torch.
     if (ph, pw) == (0, 0):
         return x.permute(0, 2, 3, 1).contiguous()
     n, c, h, w = x.shape
-    out = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c)) if fill is None else x.new_empty((n, h + 2 * ph, w + 2 * pw, c))
-    if fill is not None:
-        out.fill_(fill)
+    out = x.new_empty((n, h + 2 * ph, w + 2 * pw, c))
+    out.fill_(0 if fill is None else fill)
     out[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
     return out
 
