@@ -9,7 +9,7 @@ import numpy as np
 from ..data import load_images
 from ..distributed import on_rank0
 from ..errors import GacqError
-from .features import FeatureExtractor, compute_stats, get_feature_extractor
+from .features import FeatureExtractor, cifar10_network_hash, compute_stats, get_feature_extractor
 from .fid import frechet_distance
 from .precision_recall import precision_recall
 from .stats import FeatureStats, is_stats_file, load_stats
@@ -97,7 +97,7 @@ def reference_for(ref, features, ext: FeatureExtractor):
     if ext.name != "cifar10":
         raise GacqError("--ref is needed with the inception features (no reference statistics ship for them)")
     # the shipped statistics are the bundled network's (a folder holding the same weights may use them)
-    if features != "cifar10" and ext.hash != _bundled_network_hash():
+    if features != "cifar10" and ext.hash != cifar10_network_hash():
         raise GacqError(f"--ref is needed with the feature network in {features} (hash {ext.hash}): the bundled "
                         "reference statistics are the bundled network's; make reference statistics for it with "
                         f"`gacq stats --data TRAIN_IMAGES --features {features} --out STATS.npz`")
@@ -105,13 +105,6 @@ def reference_for(ref, features, ext: FeatureExtractor):
     if not ref.is_file():
         raise GacqError(f"the bundled reference statistics {ref} are missing; pass --ref")
     return ref
-
-
-def _bundled_network_hash() -> str:
-    from ..utils import file_sha256
-    from .cifar10_net import bundled_features_path
-
-    return file_sha256(bundled_features_path() / "model.safetensors")[:16]
 
 
 def check_eval_setup(features: str = "cifar10", ref=None, inception_weights=None) -> None:

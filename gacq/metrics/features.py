@@ -81,7 +81,7 @@ def get_feature_extractor(name: str = "cifar10", device: str | torch.device | No
 
         folder = Path(cifar10_weights) if cifar10_weights else bundled_features_path()
         net = load_cifar10_net(folder, dev)
-        return FeatureExtractor("cifar10", file_sha256(folder / "model.safetensors")[:16], net, dev, 32, True)
+        return FeatureExtractor("cifar10", cifar10_network_hash(folder), net, dev, 32, True)
     if name == "inception":
         from .inception import load_inception
 
@@ -89,6 +89,14 @@ def get_feature_extractor(name: str = "cifar10", device: str | torch.device | No
         return FeatureExtractor("inception", file_sha256(Path(inception_weights))[:16], net, dev, None, False)
     raise GacqError(f"unknown feature network {name!r}; choose one of {', '.join(FEATURE_NAMES)}, or give the folder "
                     "of a network trained with `gacq train-classifier`")
+
+
+def cifar10_network_hash(folder: str | Path | None = None) -> str:
+    """The hash every figure of a cifar10 network carries: the first 16 hex digits of the SHA-256 of its
+    `model.safetensors` (`folder`: one from `gacq train-classifier`; default: the bundled network)."""
+    from .cifar10_net import bundled_features_path
+
+    return file_sha256(Path(folder or bundled_features_path()) / "model.safetensors")[:16]
 
 
 def is_network_folder(name) -> bool:
