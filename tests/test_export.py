@@ -628,7 +628,7 @@ def test_bench_keeps_each_finished_batch_size_when_a_mode_is_cut_short(tmp_path,
     of the modes before and this mode's earlier batch sizes, is on disk by then (session 38 lost a mode's batch 1
     and 64 rows to the limit: the results were written once per mode). Simulated here by an interrupt at the second
     batch size of the second mode."""
-    import gacq.bench as bench
+    from gacq import bench
 
     real = bench.timed_row
 
