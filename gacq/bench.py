@@ -596,7 +596,7 @@ def kernel_report(fp: nn.Module, builders: dict, args, device: torch.device, dty
                 mod = model.get_submodule(name)
                 ms = statistics.median(time_calls(functools.partial(mod, x), device, args.warmup, args.repeats))
                 row[f"{v}_ms"] = round(ms, 4)
-                # four significant digits, not three decimals: a small layer on a loaded CPU runs at a few
+                # four significant digits, not three decimals: a tiny layer on a loaded CPU runs at under one
                 # GOPS, which three decimals of TOPS rounded to 0 (a test's flake in session 38)
                 row[f"{v}_tops"] = float(f"{2 * m * n * k / (ms * 1e-3) / 1e12:.4g}")
                 if v != args.dtype and not isinstance(mod, ExportedLayer):
