@@ -296,6 +296,10 @@ def load_model(
         vae = _load_autoencoder(folder / "vae", device) if (folder / "vae" / "config.json").exists() else None
         sched = {**DDPM_SCHEDULE, **{k: v for k, v in sched_cfg.items() if not k.startswith("_")}}
         qmodel = qmodel.to(device).eval()
+        from .export.folder import EXPORT_FILE
+
+        if (folder / EXPORT_FILE).exists():  # `gacq export`: run it on its backend, not as fake quant
+            return _load_exported(folder, qmodel, sched, source, vae, act_quant)
         if not act_quant:
             from .quant.attention import set_attention_quant
             from .quant.wrap import set_quant_state
@@ -332,6 +336,23 @@ def load_model(
     if sched_file is not None and sched_file.exists():
         sched.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
     return LoadedModel(model=model, scheduler_config=sched, source=source, vae=vae)
+
+
+def _load_exported(folder: Path, qmodel: torch.nn.Module, sched: dict, source: str, vae, act_quant: bool) -> LoadedModel:
+    """The quantized model of an exported folder, converted to the backend its export.json names (as
+    `gacq.export.load_exported`), with the step hook that reaches exported layers."""
+    from .export import convert_loaded, read_export_info
+
+    info = read_export_info(folder)
+    if not act_quant:
+        raise GacqError(f"{folder} is exported for the {info['backend']} backend, whose layers quantize their inputs; "
+                        "for float activations sample the quantized checkpoint it was exported from with --float-acts")
+    loaded, report = convert_loaded(LoadedModel(model=qmodel, scheduler_config=sched, source=source, vae=vae),
+                                    info["backend"])
+    if report.converted != info["report"]["converted"]:
+        raise GacqError(f"{folder} was exported with layers {info['report']['converted']}, this gacq converts "
+                        f"{report.converted}; export it again")
+    return loaded
 
 
 def _load_autoencoder(folder: Path, device) -> torch.nn.Module:

@@ -469,6 +469,35 @@ def test_gacq_export_subprocess(qdirs, tmp_path):
     assert bad.returncode == 2 and "at most 4 bits" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_gacq_sample_runs_an_exported_folder_on_its_backend(qdirs, tmp_path):
+    """`gacq sample --model EXPORTED` (and `load_model`) runs the exported layers, not the fake-quant checkpoint the
+    folder also holds: until session 38 it loaded the folder as a quantized checkpoint and sampled fake quant, saying
+    nothing. The images equal those of `load_exported`'s model; `--float-acts` is refused for such a folder."""
+    from gacq.export.base import ExportedLayer
+    from gacq.models import load_model
+    from gacq.sampling import SampleConfig, generate
+
+    out = tmp_path / "int8"
+    _gacq("export", qdirs["w8a8"], "--backend", "int8", "--out", out, "--device", "cpu", "--check-batches", 1)
+    _gacq("sample", "--model", out, "--num", 2, "--steps", 3, "--out", tmp_path / "s", "--device", "cpu")
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["model"].endswith("(int8)")
+
+    def exported_layers(model):
+        return sum(isinstance(m, ExportedLayer) for m in model.modules())
+
+    loaded = load_model(out)
+    assert exported_layers(loaded.model) == 49 and loaded.source.endswith("(int8)")
+    assert exported_layers(load_model(qdirs["w8a8"]).model) == 0  # the checkpoint itself stays fake quant
+    ref = load_model(qdirs["w8a8"])
+    ref.model = load_exported(out)
+    cfg = SampleConfig(steps=3, num=2)
+    assert (generate(loaded, cfg, range(2)) == generate(ref, cfg, range(2))).all()
+    bad = gacq_here("sample", "--model", out, "--float-acts", "--num", 2, "--steps", 3, "--out", tmp_path / "f",
+                    "--device", "cpu")
+    assert bad.returncode == 2 and "exported for the int8 backend" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "f").exists()
+
+
 def test_refusals(qdirs, tmp_path):
     with pytest.raises(GacqError, match="unknown backend 'fp4'; choose one of: int8, w4a8, w4a16"):
         export(qdirs["w8a8"], "fp4", tmp_path / "x")

@@ -373,7 +373,8 @@ def step_hook(model: nn.Module) -> Callable[[int, Any], None] | None:
 def convert_loaded(loaded, backend: str, strict: bool = False):
     """Convert a `LoadedModel` of a quantized checkpoint in place; returns (loaded, report).
 
-    Its step hook is replaced by one that also reaches exported layers (for `gacq sample --backend`).
+    Its step hook is replaced by one that also reaches exported layers (`load_model` of an exported folder, so
+    `gacq sample --model EXPORTED`, uses it).
     """
     _, report = convert(loaded.model, backend, strict)
     loaded.step_hook = step_hook(loaded.model)
