@@ -342,6 +342,7 @@ def _load_exported(folder: Path, qmodel: torch.nn.Module, sched: dict, source: s
     """The quantized model of an exported folder, converted to the backend its export.json names (as
     `gacq.export.load_exported`), with the step hook that reaches exported layers."""
     from .export import convert_loaded, read_export_info
+    from .export.folder import check_converted
 
     info = read_export_info(folder)
     if not act_quant:
@@ -349,9 +350,7 @@ def _load_exported(folder: Path, qmodel: torch.nn.Module, sched: dict, source: s
                         "for float activations sample the quantized checkpoint it was exported from with --float-acts")
     loaded, report = convert_loaded(LoadedModel(model=qmodel, scheduler_config=sched, source=source, vae=vae),
                                     info["backend"])
-    if report.converted != info["report"]["converted"]:
-        raise GacqError(f"{folder} was exported with layers {info['report']['converted']}, this gacq converts "
-                        f"{report.converted}; export it again")
+    check_converted(folder, info, report)
     return loaded
 
 

@@ -496,6 +496,13 @@ def test_gacq_sample_runs_an_exported_folder_on_its_backend(qdirs, tmp_path):
                     "--device", "cpu")
     assert bad.returncode == 2 and "exported for the int8 backend" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "f").exists()
+    # an export whose layers this gacq would convert otherwise (another version's rules) is refused by both loaders
+    info = json.loads((out / "export.json").read_text())
+    info["report"]["converted"] = {kind: n - 1 for kind, n in info["report"]["converted"].items()}
+    (out / "export.json").write_text(json.dumps(info))
+    for load in (load_model, load_exported):
+        with pytest.raises(GacqError, match="export it again"):
+            load(out)
 
 
 def test_refusals(qdirs, tmp_path):

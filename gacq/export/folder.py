@@ -212,7 +212,13 @@ def load_exported(folder: str | Path, device: torch.device | str = "cpu") -> nn.
     model, _, _ = load_quantized(folder)
     model = model.to(torch.device(device)).eval()
     _, report = convert(model, info["backend"])
+    check_converted(folder, info, report)
+    return model
+
+
+def check_converted(folder: str | Path, info: dict, report) -> None:
+    """Refuse a conversion of an exported folder that converted other layers than its export did (another gacq
+    version's rules): its outputs would not be the ones export checked against fake quant."""
     if report.converted != info["report"]["converted"]:
         raise GacqError(f"{folder} was exported with layers {info['report']['converted']}, this gacq converts "
                         f"{report.converted}; export it again")
-    return model
