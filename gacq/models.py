@@ -339,8 +339,8 @@ def load_model(
 
 
 def _load_exported(folder: Path, qmodel: torch.nn.Module, sched: dict, source: str, vae, act_quant: bool) -> LoadedModel:
-    """The quantized model of an exported folder, converted to the backend its export.json names (as
-    `gacq.export.load_exported`), with the step hook that reaches exported layers."""
+    """The quantized model of an exported folder, converted to the backend its export.json names, with the step
+    hook that reaches exported layers (`gacq.export.load_exported` returns its model)."""
     from .export import convert_loaded, read_export_info
     from .export.folder import check_converted
 

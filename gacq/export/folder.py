@@ -4,8 +4,9 @@ An exported folder is a copy of the quantized checkpoint (its packed integer wei
 the low-bit storage) plus `export.json`: the backend, the conversion report, and the measured
 agreement with the fake-quant model on random inputs next to the backend's tolerance. Loading
 rebuilds the fake-quant model from the copy and converts it again (deterministic, a fraction of a
-second), checking that the same layers convert as at export. The folder still loads as a plain
-quantized checkpoint (`gacq sample --model OUT`) for fake-quant use.
+second), checking that the same layers convert as at export. `load_model(OUT)` (so `gacq sample --model OUT`)
+loads it so, on its backend; for fake quant, load the checkpoint it was exported from (until session 38 the
+folder loaded as that checkpoint, fake quant, which only this docstring said).
 """
 
 from __future__ import annotations
@@ -203,17 +204,16 @@ def read_export_info(folder: str | Path) -> dict[str, Any]:
 
 
 def load_exported(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """The converted model of an exported folder, on `device`, in eval mode.
+    """The converted model of an exported folder, on `device`, in eval mode: `load_model(folder).model`, which
+    converts an exported folder to its backend.
 
     TFMQ-DM per-step activation sets stay on `model.gacq_fsc`; `gacq.export.step_hook(model)` is the
-    sampler's step hook for them (or use `convert_loaded(load_model(folder), backend)`).
+    sampler's step hook for them (`load_model(folder).step_hook` is that hook).
     """
-    info = read_export_info(folder)
-    model, _, _ = load_quantized(folder)
-    model = model.to(torch.device(device)).eval()
-    _, report = convert(model, info["backend"])
-    check_converted(folder, info, report)
-    return model
+    from ..models import load_model
+
+    read_export_info(folder)  # a folder that is no export is refused as such, not as some other model folder
+    return load_model(folder, torch.device(device)).model
 
 
 def check_converted(folder: str | Path, info: dict, report) -> None:
