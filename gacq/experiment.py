@@ -780,8 +780,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                    "fused_fake_quant": smeta.get("fused_fake_quant", False),
                    "matmul_tf32": smeta.get("matmul_tf32", False),
                    # sampled in parts (`_sample_in_parts`): how many, and the images this run drew (the rest carried)
-                   **({k: smeta[k] for k in ("parts", "part_size", "images_made_this_run")} if "parts" in smeta
-                      else {})},
+                   **({k: smeta[k] for k in ("parts", "part_size", "images_made_this_run", "part_runs")}
+                      if "parts" in smeta else {})},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
             "wall_seconds": qmeta.get("wall_seconds"), "wall_seconds_runs": qmeta.get("wall_seconds_runs"),
@@ -846,9 +846,13 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         phase(f"part {k + 1} of {len(starts)} ({first + pcfg.num} of {n} images) sampled and reduced")
     parts = [load_stats(pdir / f"stats_{k:04d}.npz") for k in range(len(starts))]
     merged = merge_stats(parts, source=f"{n} samples of {cell.id} in {len(parts)} parts of {part_size}")
-    smeta = json.loads((pdir / "meta_0000.json").read_text())
+    metas = [json.loads((pdir / f"meta_{k:04d}.json").read_text()) for k in range(len(starts))]
+    smeta = metas[0]
+    # parts can come from several device calls, commits and machines: the cell records each one's
+    part_runs = [{"part": k, **{f: m.get(f) for f in ("commit", "device", "wall_seconds_this_run")},
+                  "gpu": (m.get("machine") or {}).get("gpu")} for k, m in enumerate(metas)]
     smeta.update(shape=[n, *smeta["shape"][1:]], wall_seconds_this_run=round(time.time() - t0, 2),
-                 parts=len(parts), part_size=part_size, images_made_this_run=made)
+                 parts=len(parts), part_size=part_size, images_made_this_run=made, part_runs=part_runs)
     return merged, smeta, pdir / "grid.png"
 
 

@@ -318,6 +318,10 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     assert "part 3 of 3 (24 of 24 images)" in out and "part 1 of 3" not in out and "part 2 of 3" not in out, out
     again = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
     assert again["metrics"]["fid"] == pytest.approx(got["fid"], rel=1e-9)
+    # each part's own run is recorded (parts can come from several device calls and commits)
+    runs = again["sample"]["part_runs"]
+    assert [r["part"] for r in runs] == [0, 1, 2] and {r["device"] for r in runs} == {"cpu"}
+    assert runs[:2] == cell["sample"]["part_runs"][:2] and all(r["wall_seconds_this_run"] > 0 for r in runs)
     # statistics of another run's part (here: another model) are refused, not merged
     meta = parts / "meta_0001.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": "elsewhere"}))
