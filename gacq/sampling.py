@@ -54,6 +54,11 @@ class SampleConfig:
         first: the index of the first image: images first .. first + num - 1 of the run of `seed` (their noise,
             labels and prompts are those images'), so that one run can be made in parts (`gacq experiment run`
             samples large cells in parts of 5,000 so).
+        compile: torch.compile the model call (one static graph per batch shape) and, on CUDA, replay each
+            denoising step as one CUDA graph (`gacq bench`'s fastest modes): faster where launches or unfused
+            elementwise work (fake quantization, exported low-bit layers) dominate. Compiled kernels round
+            differently from eager ones, so the images are close to, not bitwise equal to, the eager run's;
+            a folder records it and refuses to mix the two.
     """
 
     scheduler: str = "ddim"
@@ -69,6 +74,7 @@ class SampleConfig:
     guidance_scale: float = 1.0
     prompt_embeds: str | None = None
     first: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -236,23 +242,72 @@ def generate(
     step_kwargs = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
     if cfg.scheduler != "dpm":
         step_kwargs["generator"] = gens
-    fn = model_fn if model_fn is not None else (lambda x_, t_, cond: predict_eps(model, x_, t_, cond))
+    if cfg.compile and model_fn is not None:
+        raise GacqError("compile applies to gacq's own model call; a custom model_fn runs eagerly")
+    if model_fn is not None:
+        fn = model_fn
+    elif cfg.compile:
+        fn = functools.partial(_compiled_predict_eps(), model)
+    else:
+        fn = functools.partial(predict_eps, model)
+
+    def eps_of(inp: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
+            return guided_eps(fn, inp, tt, cond, uncond, cfg.guidance_scale)
+
     from .quant.modules import frozen_weights
 
     with frozen_weights(model):  # quantize each weight once, not at every step
+        step_eps = eps_of
         for i, t in enumerate(sched.timesteps):
             if loaded.step_hook is not None:
-                loaded.step_hook(i, cfg)
+                loaded.step_hook(i, cfg)  # in place: a captured graph reads the step's set
             inp = sched.scale_model_input(x, t)
             tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-            with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
-                eps = guided_eps(fn, inp, tt, cond, uncond, cfg.guidance_scale)
+            if cfg.compile and device.type == "cuda" and step_eps is eps_of:  # captured at the first step
+                step_eps = graphed_call(eps_of, inp, tt)
+            eps = step_eps(inp, tt)
             x = sched.step(eps.float(), t, x, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(len(gens) / len(sched.timesteps))
     if loaded.vae is not None:  # latent diffusion: only the denoiser above is (ever) quantized
         x = loaded.decode(x)
     return to_uint8(x)
+
+
+@functools.cache
+def _compiled_predict_eps():
+    """`predict_eps` under torch.compile, made once per process: Dynamo caches a static graph per model, batch shape
+    and conditioning (guarded on each), so later batches and runs of the same model reuse the compilation."""
+    from .conditioning import predict_eps
+
+    return torch.compile(predict_eps, dynamic=False)
+
+
+def graphed_call(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor):
+    """`fn(x, t)` captured as one CUDA graph on static copies of x and t (after warm-up calls on a side stream, as
+    torch.cuda.graphs requires). The returned call copies its inputs into the static ones, replays the graph and
+    returns a copy of the output (a later replay overwrites the graph's own). Buffers the model reads (weights,
+    per-step activation grids written in place by a step hook) are read at replay time."""
+    device = x.device
+    x_in, t_in = x.clone(), t.clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(x_in, t_in)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x_in, t_in)
+
+    def replay(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        x_in.copy_(xs)
+        t_in.copy_(ts)
+        graph.replay()
+        return out.clone()
+
+    return replay
 
 
 def advance(bar) -> Callable[[float], None]:
@@ -301,9 +356,9 @@ def sample(
     if loaded.step_hook is not None:
         loaded.step_hook(0, cfg)  # a model calibrated for one sampler refuses another before anything is written
     device = torch.device(device)
-    # `first` only where set, so that a folder sampled before it existed still resumes
+    # `first` and `compile` only where set, so that a folder sampled before they existed still resumes
     run = {"model": loaded.source, **{k: v for k, v in asdict(cfg).items()
-                                      if k != "batch_size" and not (k == "first" and v == 0)}}
+                                      if k != "batch_size" and not (k in ("first", "compile") and not v)}}
     shard_dir = out / "shards"
     n_shards = -(-cfg.num // cfg.shard_size)
     start = time.time()

@@ -147,6 +147,10 @@ def test_quantize_then_sample(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["fused_fake_quant"] is False
     assert np.array_equal(np.load(tmp_path / "f" / "samples.npz")["images"],
                           np.load(tmp_path / "s" / "samples.npz")["images"])
+    # --compile reaches the sampler: an eager folder is not resumed compiled (test_sampling compiles for real)
+    bad = here("sample", "--model", q, "--num", 3, "--steps", 4, "--out", tmp_path / "s", "--device", "cpu",
+               "--compile", check=False)
+    assert bad.returncode == 2 and "(compile differ)" in bad.stderr, bad.stderr
     bad = here("quantize", "--model", tiny_model_dir, "--method", "foo", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "unknown method 'foo'" in bad.stderr
     assert not (tmp_path / "x").exists()
