@@ -1,3 +1,5 @@
+import contextlib
+import dataclasses
 import json
 
 import numpy as np
@@ -159,64 +161,56 @@ def test_progress_bar_stays_within_its_total(tiny, tmp_path):
         sample(tiny, SampleConfig(num=64, batch_size=64, steps=100), tmp_path / "s", progress=True)
 
 
-def test_compiled_sampling_reads_what_a_step_hook_writes_in_place(tiny, tmp_path):
-    """`SampleConfig(compile=True)`: the model call runs under torch.compile (one graph for every step: no recompiles)
-    and reads, at each step, what the step hook wrote in place (the way per-step activation sets are loaded): here a
-    bias set to a different value at each step. The images equal the eager run's to one level (float model; compiled
-    kernels may round differently), and differ plainly from a run without the hook, so the writes are not ignored. The
-    folder records compile, and a folder sampled eagerly refuses to be resumed compiled."""
-    import dataclasses
 
-    from torch._dynamo.utils import counters
-
-    bias = tiny.model.conv_out.bias
-    saved = bias.detach().clone()
-
-    def hook(i, cfg):
-        with torch.no_grad():
-            bias.copy_(saved + 0.3 * (i % 2))  # odd steps shift the noise prediction
-
-    hooked = dataclasses.replace(tiny, step_hook=hook)
-    cfg = SampleConfig(steps=4, num=3, batch_size=3, seed=2)
-    try:
-        eager = sample(hooked, cfg, tmp_path / "eager", progress=False)
-        graphs = counters["stats"]["unique_graphs"]
-        compiled = sample(hooked, dataclasses.replace(cfg, compile=True), tmp_path / "compiled", progress=False)
-        assert counters["stats"]["unique_graphs"] == graphs + 1  # compiled once, for all four steps
-    finally:
-        with torch.no_grad():
-            bias.copy_(saved)
-    sample(tiny, cfg, tmp_path / "plain", progress=False)
-    images = {k: np.load(tmp_path / k / "samples.npz")["images"].astype(int) for k in ("eager", "compiled", "plain")}
-    assert np.abs(images["compiled"] - images["eager"]).max() <= 1
-    assert np.abs(images["plain"] - images["eager"]).mean() > 10
-    assert compiled["compile"] is True and "compile" not in eager
-    with pytest.raises(GacqError, match="compile differ"):
-        sample(hooked, dataclasses.replace(cfg, compile=True), tmp_path / "eager", progress=False)
-    with pytest.raises(GacqError, match="custom model_fn"):
-        generate(tiny, dataclasses.replace(cfg, compile=True), range(1), model_fn=lambda x, t, c: x)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_compiled_sampling_on_cuda_replays_a_graph_per_step(tiny, tmp_path):
-    """On CUDA `compile` also captures each batch's model call as one CUDA graph and replays it per step: the images
-    equal eager CUDA sampling's to one level, with a step hook writing in place (read at replay time)."""
-    import dataclasses
-
-    tiny.model.cuda()
-    bias = tiny.model.conv_out.bias
+@contextlib.contextmanager
+def _shifting_bias(loaded):
+    """`loaded` with a step hook that writes conv_out's bias in place, shifted by 0.3 at odd steps (the way per-step
+    activation sets are loaded); the bias is restored afterwards."""
+    bias = loaded.model.conv_out.bias
     saved = bias.detach().clone()
 
     def hook(i, cfg):
         with torch.no_grad():
             bias.copy_(saved + 0.3 * (i % 2))
 
-    hooked = dataclasses.replace(tiny, step_hook=hook)
-    cfg = SampleConfig(steps=4, num=6, batch_size=3, seed=2)
     try:
-        eager = generate(hooked, cfg, range(6), device="cuda")
-        compiled = generate(hooked, dataclasses.replace(cfg, compile=True), range(6), device="cuda")
+        yield dataclasses.replace(loaded, step_hook=hook)
     finally:
         with torch.no_grad():
             bias.copy_(saved)
+
+
+def test_compiled_sampling_reads_what_a_step_hook_writes_in_place(tiny, tmp_path):
+    """`SampleConfig(compile=True)`: the model call runs under torch.compile (one graph for every step: no recompiles)
+    and reads, at each step, what the step hook wrote in place. The images equal the eager run's to one level (float
+    model; compiled kernels may round differently), and differ plainly from a run without the hook, so the writes are
+    not ignored. The folder records compile, and a folder sampled eagerly refuses to be resumed compiled."""
+    from torch._dynamo.utils import counters
+
+    cfg = SampleConfig(steps=4, num=3, batch_size=3, seed=2)
+    with _shifting_bias(tiny) as hooked:
+        eager = sample(hooked, cfg, tmp_path / "eager", progress=False)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled = sample(hooked, dataclasses.replace(cfg, compile=True), tmp_path / "compiled", progress=False)
+        assert counters["stats"]["unique_graphs"] == graphs + 1  # compiled once, for all four steps
+        with pytest.raises(GacqError, match="compile differ"):
+            sample(hooked, dataclasses.replace(cfg, compile=True), tmp_path / "eager", progress=False)
+    sample(tiny, cfg, tmp_path / "plain", progress=False)
+    images = {k: np.load(tmp_path / k / "samples.npz")["images"].astype(int) for k in ("eager", "compiled", "plain")}
+    assert np.abs(images["compiled"] - images["eager"]).max() <= 1
+    assert np.abs(images["plain"] - images["eager"]).mean() > 10
+    assert compiled["compile"] is True and "compile" not in eager
+    with pytest.raises(GacqError, match="custom model_fn"):
+        generate(tiny, dataclasses.replace(cfg, compile=True), range(1), model_fn=lambda x, t, c: x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_compiled_sampling_on_cuda_replays_a_graph_per_step(tiny):
+    """On CUDA `compile` also captures each batch's model call as one CUDA graph and replays it per step: the images
+    equal eager CUDA sampling's to one level, with a step hook writing in place (read at replay time)."""
+    tiny.model.cuda()
+    cfg = SampleConfig(steps=4, num=6, batch_size=3, seed=2)
+    with _shifting_bias(tiny) as hooked:
+        eager = generate(hooked, cfg, range(6), device="cuda")
+        compiled = generate(hooked, dataclasses.replace(cfg, compile=True), range(6), device="cuda")
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
