@@ -77,6 +77,11 @@ can be made over several 10-minute device calls (the statistics, a few MB a part
 merged statistics equal one pass's up to float rounding; precision/recall then use a seeded uniform subset of 10,000
 samples (`gacq.metrics.stats.pr_rows`) instead of one pass's reservoir. Not part of the settings digest.
 
+`[sample] compile = true` (optional) samples with `gacq sample --compile` (torch.compile, and one CUDA graph per batch
+replayed per step on CUDA): faster, images close to but not bitwise equal to eager ones. Each cell's JSON records it,
+and a cell's parts never mix the two (a part made otherwise is refused). Not part of the settings digest: compiled and
+eager cells of one spec stay comparable, as with batch sizes.
+
 `matmul_tf32 = true` lets CUDA run float32 matrix products (linear layers, attention) in TF32 for the whole
 run: calibration, quantization and sampling, in every process. PyTorch already runs float32 convolutions in TF32
 by default (`torch.backends.cudnn.allow_tf32`), so a UNet's cost is mostly TF32 anyway; a transformer's is
@@ -127,7 +132,7 @@ _SECTIONS = {
     "eval": {"features": "cifar10", "ref": "", "inception_weights": ""},
 }
 # optional keys: absent unless given, so that the settings digests of specs without them stay what they were
-_OPTIONAL = {"quantize": {"smooth"}, "sample": {"part_size"}}
+_OPTIONAL = {"quantize": {"smooth"}, "sample": {"part_size", "compile"}}
 # cells of more samples than this sample in parts of PART_SIZE images unless [sample] part_size says otherwise
 # (`_sample_in_parts`): each part a few minutes of GPU time, its feature statistics a few MB, so that a cell of 50,000
 # samples can be made over several 10-minute device calls
@@ -300,6 +305,8 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
     if ps is not None and (not _is_int(ps) or ps < 10 or ps % 10):
         raise GacqError(f"{path}: [sample] part_size must be a positive multiple of 10 (the Inception Score's "
                         f"splits), e.g. 5000; got {ps!r}")
+    if not isinstance(sections["sample"].get("compile", False), bool):
+        raise GacqError(f"{path}: [sample] compile must be true or false, got {sections['sample']['compile']!r}")
     grids = raw.get("grid")
     if not isinstance(grids, list) or not grids:
         raise GacqError(f"{path}: no [[grid]] tables; add e.g. [[grid]] methods = [\"fp\", \"gac\"] bits = [\"W4A8\"]")
@@ -474,7 +481,8 @@ def quant_job_of(spec: ExperimentSpec, cell: Cell) -> tuple[str | None, bool, in
 def settings(spec: ExperimentSpec) -> dict:
     """What makes cells of different specs comparable (everything but the grid, seeds and steps)."""
     out = {"model": spec.model, "calib": spec.calib, "quantize": spec.quantize,
-           "sample": {k: v for k, v in spec.sample.items() if k not in ("seeds", "steps", "batch_size", "part_size")},
+           "sample": {k: v for k, v in spec.sample.items()
+                      if k not in ("seeds", "steps", "batch_size", "part_size", "compile")},
            "eval": spec.eval}
     if spec.matmul_tf32:  # only when on: the digests of specs without the key stay what they were
         out["matmul_tf32"] = True
@@ -592,7 +600,7 @@ def _sample_config(spec: ExperimentSpec, steps: int, seed: int):
     s = spec.sample
     return SampleConfig(scheduler=s["scheduler"], steps=steps, eta=float(s["eta"]), num=s["num"],
                         batch_size=s["batch_size"], seed=seed, timestep_spacing=s["timestep_spacing"],
-                        guidance_scale=float(s["guidance_scale"]))
+                        guidance_scale=float(s["guidance_scale"]), compile=s.get("compile", False))
 
 
 def ensure_calib(spec: ExperimentSpec, steps: int, loaded, device, seed: int | None = None) -> Path:
@@ -778,7 +786,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                    "steps": smeta["steps"], "eta": smeta["eta"], "timestep_spacing": smeta["timestep_spacing"],
                    "wall_seconds_last_run": smeta["wall_seconds_this_run"], "model": smeta["model"],
                    "fused_fake_quant": smeta.get("fused_fake_quant", False),
-                   "matmul_tf32": smeta.get("matmul_tf32", False),
+                   "matmul_tf32": smeta.get("matmul_tf32", False), "compile": smeta.get("compile", False),
                    # sampled in parts (`_sample_in_parts`): how many, and the images this run drew (the rest carried)
                    **({k: smeta[k] for k in ("parts", "part_size", "images_made_this_run", "part_runs")}
                       if "parts" in smeta else {})},
@@ -799,7 +807,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     return res
 
 
-_PART_RUN = ("scheduler", "steps", "eta", "seed", "timestep_spacing", "guidance_scale", "num", "first")
+_PART_RUN = ("scheduler", "steps", "eta", "seed", "timestep_spacing", "guidance_scale", "num", "first", "compile")
 
 
 def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size: int, progress: bool, phase):
@@ -828,7 +836,8 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         want = {"model": loaded.source, **{f: getattr(pcfg, f) for f in _PART_RUN}}
         if path.exists():  # made here or carried in: only when it is a part of this very run
             meta_file = pdir / f"meta_{k:04d}.json"
-            got = {"first": 0, **json.loads(meta_file.read_text())} if meta_file.exists() else {}  # 0: not recorded
+            # first 0 and compile False are not recorded
+            got = {"first": 0, "compile": False, **json.loads(meta_file.read_text())} if meta_file.exists() else {}
             if {f: got.get(f) for f in want} != want:
                 diff = sorted(f for f in want if got.get(f) != want[f])
                 raise GacqError(f"{path} is not part {k} of this cell's run ({', '.join(diff)} differ): another "

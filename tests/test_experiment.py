@@ -328,6 +328,21 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
     r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=tmp_path)
     assert r.returncode != 0 and "stats_0001.npz is not part 1 of this cell's run (model differ)" in r.stdout + r.stderr
+    # `[sample] compile = true`: not in the settings digest, but parts sampled eagerly are refused (before any
+    # compilation), so a cell's parts never mix compiled and eager images
+    import gacq.experiment as ex
+
+    compiled_toml = spec.format(model=tiny32).replace("part_size = 10", "part_size = 10\ncompile = true")
+    (tmp_path / "compiled.toml").write_text(compiled_toml)
+    compiled_spec = load_spec(tmp_path / "compiled.toml")
+    assert ex.settings_digest(compiled_spec) == ex.settings_digest(load_spec(tmp_path / "spec.toml"))
+    assert ex._sample_config(compiled_spec, 3, 0).compile is True
+    r = gacq("experiment", "run", "compiled.toml", "--quiet", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "stats_0000.npz is not part 0 of this cell's run (compile differ)" in r.stdout + r.stderr
+    (tmp_path / "compiled.toml").write_text(compiled_toml.replace("compile = true", "compile = 'yes'"))
+    with pytest.raises(GacqError, match="compile must be true or false"):
+        load_spec(tmp_path / "compiled.toml")
     (tmp_path / "bad.toml").write_text(spec.format(model=tiny32).replace("part_size = 10", "part_size = 15"))
     with pytest.raises(GacqError, match="multiple of 10"):
         load_spec(tmp_path / "bad.toml")
