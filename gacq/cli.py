@@ -606,15 +606,22 @@ def experiment_run(
     fused_fake_quant: bool = typer.Option(True, "--fused-fake-quant/--no-fused-fake-quant", help="Sample quantized "
                                           "cells with `gacq sample --fused-fake-quant`'s one-kernel activation "
                                           "quantization (bitwise the same values; recorded in each cell's JSON)."),
+    deadline: Optional[float] = typer.Option(None, "--deadline", min=0, help="Seconds from now after which no "
+                                             "new part of a cell sampled in parts is started, nor one that would "
+                                             "not end by then (judged by the last part's time); such a run exits "
+                                             "with code 3 and a rerun resumes. For device calls of fixed length."),
 ) -> None:
     """Calibrate, quantize, sample and evaluate every unfinished cell; rerun to resume."""
     import contextlib
     import os
+    import time
 
-    from .experiment import load_spec, run_experiment
+    from .experiment import DEADLINE_ENV, DEADLINE_EXIT, DeadlineStop, load_spec, run_experiment
     from .quant.primitives import use_fused_fake_quant
 
     try:
+        if deadline is not None:
+            os.environ[DEADLINE_ENV] = str(time.time() + deadline)  # the --parallel processes inherit it
         s = load_spec(spec, results=results)
         only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
         if fused_fake_quant:
@@ -622,6 +629,9 @@ def experiment_run(
         with use_fused_fake_quant() if fused_fake_quant else contextlib.nullcontext():
             run_experiment(s, only=only, parallel=parallel, command=" ".join(["gacq"] + sys.argv[1:]),
                            progress=not quiet, echo=typer.echo)
+    except DeadlineStop as e:
+        typer.echo(f"stopped: {e}")
+        raise typer.Exit(code=DEADLINE_EXIT) from None
     except GacqError as e:
         _fail(e)
     typer.echo(f"cell results in {s.cell_dir}; render them with `gacq report {s.results}`")

@@ -76,6 +76,9 @@ work/parts/<cell>/ as soon as it is drawn; a rerun samples only the parts withou
 can be made over several 10-minute device calls (the statistics, a few MB a part, travel; the images do not). The
 merged statistics equal one pass's up to float rounding; precision/recall then use a seeded uniform subset of 10,000
 samples (`gacq.metrics.stats.pr_rows`) instead of one pass's reservoir. Not part of the settings digest.
+`gacq experiment run --deadline SECONDS` starts no part that would not end by then (judged by the last part this
+run made, else the longest one recorded) and exits with code 3: a device call of fixed length then returns early
+instead of losing a part cut at its end (session 39 lost about 120 s and 55 s of three cells' sampling so).
 
 `[sample] compile = true` (optional) samples with `gacq sample --compile` (torch.compile, and one CUDA graph per batch
 replayed per step on CUDA): faster, images close to but not bitwise equal to eager ones. Each cell's JSON records it,
@@ -807,6 +810,22 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     return res
 
 
+DEADLINE_ENV = "GACQ_DEADLINE"  # unix time after which no new part is started (`gacq experiment run --deadline`)
+DEADLINE_EXIT = 3  # the exit code of a run (and of a cell process) stopped at the deadline
+
+
+class DeadlineStop(GacqError):
+    """A cell stopped before a part it could not finish by the deadline; a rerun resumes at that part."""
+
+
+def part_fits(stop_at: float | None, now: float, part_seconds: float | None) -> bool:
+    """Whether a part started now ends by `stop_at` (None: no deadline), judged by how long a part took
+    (`part_seconds`; None: not known, and the part is started while any time is left)."""
+    if stop_at is None:
+        return True
+    return now < stop_at and (part_seconds is None or now + part_seconds <= stop_at)
+
+
 _PART_RUN = ("scheduler", "steps", "eta", "seed", "timestep_spacing", "guidance_scale", "num", "first", "compile")
 
 
@@ -830,6 +849,8 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     pdir.mkdir(parents=True, exist_ok=True)
     starts = range(0, n, part_size)
     t0, made = time.time(), 0
+    stop_at = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
+    part_seconds = None  # how long a part takes: the last one made in this run, else the longest one recorded
     for k, first in enumerate(starts):
         path = pdir / f"stats_{k:04d}.npz"
         pcfg = dataclasses.replace(cfg, num=min(part_size, n - first), first=first)
@@ -843,6 +864,15 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
                 raise GacqError(f"{path} is not part {k} of this cell's run ({', '.join(diff)} differ): another "
                                 f"checkpoint, sampler or part size; delete {pdir} to sample its parts again")
             continue
+        if part_seconds is None:
+            walls = [json.loads(f.read_text()).get("wall_seconds_this_run") for f in pdir.glob("meta_*.json")]
+            part_seconds = max((w for w in walls if w), default=None)
+        if not part_fits(stop_at, time.time(), part_seconds):
+            left = stop_at - time.time()
+            raise DeadlineStop(f"{cell.id}: part {k + 1} of {len(starts)} not started, {max(left, 0):.0f} s before "
+                               f"the deadline" + (f" and a part takes about {part_seconds:.0f} s" if part_seconds
+                                                  else "") + "; rerun to resume at that part")
+        t_part = time.time()
         sdir = spec.work / "samples" / f"{cell.id}.part{k:04d}"
         smeta = sample(loaded, pcfg, sdir, device=device, progress=progress)
         if k == 0:  # the cell's grid and sampling record travel with the statistics
@@ -852,6 +882,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         make_part_stats(sdir / "samples.npz", path, first, n, features=ev["features"],
                         inception_weights=ev["inception_weights"] or None, device=device, progress=progress)
         made += pcfg.num
+        part_seconds = time.time() - t_part
         phase(f"part {k + 1} of {len(starts)} ({first + pcfg.num} of {n} images) sampled and reduced")
     parts = [load_stats(pdir / f"stats_{k:04d}.npz") for k in range(len(starts))]
     merged = merge_stats(parts, source=f"{n} samples of {cell.id} in {len(parts)} parts of {part_size}")
@@ -953,23 +984,30 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         # the first cell quantizes (or finds the checkpoint); the others only sample it, so they then run as
         # processes of their own, side by side, instead of one after another behind the quantization
         first = launch(group[:1])
-        if first[1] != 0 or len(group) == 1:
-            return [first] + ([(group[1:], None, first[2])] if len(group) > 1 else [])
+        if first[1] != 0 or len(group) == 1:  # the rest wait for the next run: stopped with it, or not run
+            rest = DEADLINE_EXIT if first[1] == DEADLINE_EXIT else None
+            return [first] + ([(group[1:], rest, first[2])] if len(group) > 1 else [])
         with ThreadPoolExecutor(len(group) - 1) as sub:
             return [first] + list(sub.map(lambda c: launch([c]), group[1:]))
 
     groups = _groups(spec, todo)
     echo(f"{len(groups)} quantization group(s) of {len(todo)} cell(s), {parallel} process(es) at a time"
          + (f" over {n_gpus} GPUs" if n_gpus > 1 else "") + f"; logs in {logs}")
-    failed = []
+    failed, stopped = [], []
     with ThreadPoolExecutor(parallel) as pool:
         for runs in pool.map(run_group, groups):
             for group, rc, log in runs:
                 state = ("done" if rc == 0 else "not run: the group's first cell failed" if rc is None
+                         else "stopped at the deadline (rerun to resume)" if rc == DEADLINE_EXIT
                          else f"FAILED (exit {rc}, see {log})")
                 echo(f"  {', '.join(c.id for c in group)}: {state}")
-                if rc != 0:
+                if rc == DEADLINE_EXIT:
+                    stopped.append(group[0].id)
+                elif rc != 0:
                     failed.append(log)
+    if stopped and not failed:
+        raise DeadlineStop(f"{len(stopped)} cell(s) stopped at the deadline before a part they could not finish: "
+                           f"{', '.join(stopped)}; rerun the same command to resume them")
     if failed:
         failed = list(dict.fromkeys(failed))
         raise GacqError(f"{len(failed)} cell process(es) failed; logs: {', '.join(map(str, failed))}. "

@@ -312,6 +312,23 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
     r = here("experiment", "list", "spec.toml", cwd=tmp_path)
     assert "started  fp_steps3_seed0  [parts 2 of 3 sampled]" in r.stdout, r.stdout
+    # --deadline: a part that would not end by it is not started, judged by the longest part recorded (here made
+    # to read 1e6 s), and the run exits with code 3 having drawn nothing; a deadline already passed stops the cell
+    # processes of a --parallel run too (two cells: seeds 0 and 1)
+    m1 = parts / "meta_0001.json"
+    saved = m1.read_text()
+    m1.write_text(json.dumps({**json.loads(saved), "wall_seconds_this_run": 1e6}))
+    r = gacq("experiment", "run", "spec.toml", "--quiet", "--deadline", 600, cwd=tmp_path)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "part 3 of 3 not started" in r.stdout and "a part takes about 1000000 s" in r.stdout, r.stdout
+    assert not (parts / "stats_0002.npz").exists()
+    m1.write_text(saved)
+    (tmp_path / "two.toml").write_text(spec.format(model=tiny32).replace('methods = ["fp"]',
+                                                                         'methods = ["fp"]\nseeds = [0, 1]'))
+    r = gacq("experiment", "run", "two.toml", "--quiet", "--parallel", 2, "--deadline", 0, cwd=tmp_path)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "2 cell(s) stopped at the deadline" in r.stdout and r.stdout.count("stopped at the deadline (rerun") == 2
+    assert not (parts / "stats_0002.npz").exists() and not list((parts.parent / "fp_steps3_seed1").glob("stats_*"))
     r = gacq("experiment", "run", "spec.toml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
@@ -816,3 +833,11 @@ def test_every_shipped_spec_loads(spec, tmp_path):
 
     loaded = load_spec(Path(__file__).parents[1] / "experiments" / spec, results=tmp_path)
     assert loaded.cells
+
+
+def test_part_fits_the_deadline():
+    from gacq.experiment import part_fits
+
+    assert part_fits(None, 100.0, 1e9)  # no deadline
+    assert part_fits(200.0, 100.0, None) and not part_fits(200.0, 200.0, None)  # time left, no estimate
+    assert part_fits(200.0, 100.0, 100.0) and not part_fits(200.0, 100.0, 100.5)
