@@ -72,6 +72,7 @@ from .quant.wrap import (
     set_quant_state,
     wrap_layers,
 )
+from .sampling import cuda_graph_replay
 from .utils import atomic_path, git_commit, machine_info, save_figure, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -227,22 +228,6 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> list[floa
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
-
-
-def cuda_graph_replay(fn, device: torch.device):
-    """`fn` captured as one CUDA graph (warm-up calls on a side stream first, as torch.cuda.graphs
-    requires): the returned replay runs every kernel of one call with a single launch, which takes the
-    host's per-kernel launch cost out of the step."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 class _Range:
