@@ -840,7 +840,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
 
     from .metrics import make_part_stats
     from .metrics.stats import load_stats, merge_stats
-    from .sampling import sample
+    from .sampling import RUN_DEFAULTS, sample
     from .utils import write_json
 
     cfg = _sample_config(spec, cell.steps, cell.seed)
@@ -857,8 +857,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         want = {"model": loaded.source, **{f: getattr(pcfg, f) for f in _PART_RUN}}
         if path.exists():  # made here or carried in: only when it is a part of this very run
             meta_file = pdir / f"meta_{k:04d}.json"
-            # first 0 and compile False are not recorded
-            got = {"first": 0, "compile": False, **json.loads(meta_file.read_text())} if meta_file.exists() else {}
+            got = {**RUN_DEFAULTS, **json.loads(meta_file.read_text())} if meta_file.exists() else {}
             if {f: got.get(f) for f in want} != want:
                 diff = sorted(f for f in want if got.get(f) != want[f])
                 raise GacqError(f"{path} is not part {k} of this cell's run ({', '.join(diff)} differ): another "

@@ -338,7 +338,8 @@ def load_model(
     return LoadedModel(model=model, scheduler_config=sched, source=source, vae=vae)
 
 
-def _load_exported(folder: Path, qmodel: torch.nn.Module, sched: dict, source: str, vae, act_quant: bool) -> LoadedModel:
+def _load_exported(folder: Path, qmodel: torch.nn.Module, sched: dict, source: str, vae,
+                   act_quant: bool) -> LoadedModel:
     """The quantized model of an exported folder, converted to the backend its export.json names, with the step
     hook that reaches exported layers (`gacq.export.load_exported` returns its model)."""
     from .export import convert_loaded, read_export_info

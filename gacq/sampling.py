@@ -28,6 +28,9 @@ from .utils import atomic_path, git_commit, image_grid, machine_info, save_image
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("ddim", "ddpm", "dpm")
+# SampleConfig fields a run records only when set otherwise, so that folders (and experiment parts) sampled before the
+# field existed still resume: their run.json / meta.json read as these values
+RUN_DEFAULTS = {"first": 0, "compile": False}
 SPACINGS = ("leading", "trailing", "linspace", "quad")
 
 
@@ -368,9 +371,8 @@ def sample(
     if loaded.step_hook is not None:
         loaded.step_hook(0, cfg)  # a model calibrated for one sampler refuses another before anything is written
     device = torch.device(device)
-    # `first` and `compile` only where set, so that a folder sampled before they existed still resumes
     run = {"model": loaded.source, **{k: v for k, v in asdict(cfg).items()
-                                      if k != "batch_size" and not (k in ("first", "compile") and not v)}}
+                                      if k != "batch_size" and not (k in RUN_DEFAULTS and v == RUN_DEFAULTS[k])}}
     shard_dir = out / "shards"
     n_shards = -(-cfg.num // cfg.shard_size)
     start = time.time()
