@@ -610,18 +610,25 @@ def experiment_run(
                                              "new part of a cell sampled in parts is started, nor one that would "
                                              "not end by then (judged by the last part's time); such a run exits "
                                              "with code 3 and a rerun resumes. For device calls of fixed length."),
+    parts: Optional[str] = typer.Option(None, "--parts", help="Sample only these parts (1-based: 8-10, 1,3) of "
+                                        "cells sampled in parts, leaving the others to other runs (exit code 3 "
+                                        "while a cell misses parts; a run that finds all its parts merges them); "
+                                        "'none' quantizes and samples nothing."),
 ) -> None:
     """Calibrate, quantize, sample and evaluate every unfinished cell; rerun to resume."""
     import contextlib
     import os
     import time
 
-    from .experiment import DEADLINE_ENV, DEADLINE_EXIT, DeadlineStop, load_spec, run_experiment
+    from .experiment import DEADLINE_ENV, PARTS_ENV, STOPPED_EXIT, StoppedEarly, load_spec, parse_parts, run_experiment
     from .quant.primitives import use_fused_fake_quant
 
     try:
         if deadline is not None:
             os.environ[DEADLINE_ENV] = str(time.time() + deadline)  # the --parallel processes inherit it
+        if parts is not None:
+            parse_parts(parts)  # a bad value fails here, not in each cell process
+            os.environ[PARTS_ENV] = parts
         s = load_spec(spec, results=results)
         only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
         if fused_fake_quant:
@@ -629,9 +636,9 @@ def experiment_run(
         with use_fused_fake_quant() if fused_fake_quant else contextlib.nullcontext():
             run_experiment(s, only=only, parallel=parallel, command=" ".join(["gacq"] + sys.argv[1:]),
                            progress=not quiet, echo=typer.echo)
-    except DeadlineStop as e:
+    except StoppedEarly as e:
         typer.echo(f"stopped: {e}")
-        raise typer.Exit(code=DEADLINE_EXIT) from None
+        raise typer.Exit(code=STOPPED_EXIT) from None
     except GacqError as e:
         _fail(e)
     typer.echo(f"cell results in {s.cell_dir}; render them with `gacq report {s.results}`")

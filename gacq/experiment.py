@@ -79,6 +79,10 @@ samples (`gacq.metrics.stats.pr_rows`) instead of one pass's reservoir. Not part
 `gacq experiment run --deadline SECONDS` starts no part that would not end by then (judged by the last part this
 run made, else the longest one recorded) and exits with code 3: a device call of fixed length then returns early
 instead of losing a part cut at its end (session 39 lost about 120 s and 55 s of three cells' sampling so).
+`gacq experiment run --parts 8-10` samples only those parts (1-based, as the runner's messages count them) and leaves
+the others to other runs: a cell's parts can then be drawn on several machines, or in device calls that do not carry
+the earlier parts' statistics, and the run that finds all of a cell's parts in its work folder merges them
+(sampling nothing). `--parts none` quantizes and samples no image. Cells it leaves unfinished stop with exit code 3.
 
 `[sample] compile = true` (optional) samples with `gacq sample --compile` (torch.compile, and one CUDA graph per batch
 replayed per step on CUDA): faster, images close to but not bitwise equal to eager ones. Each cell's JSON records it,
@@ -112,6 +116,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -758,6 +763,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     if part_size is not None:
         stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase)
     else:
+        if _parts_wanted() is not None:
+            raise StoppedEarly(f"{cell.id}: not sampled (--parts: it is sampled in one run, not in parts)")
         sdir = spec.work / "samples" / cell.id
         smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
         stats, grid_png = sdir / "samples.npz", sdir / "grid.png"
@@ -811,11 +818,35 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
 
 
 DEADLINE_ENV = "GACQ_DEADLINE"  # unix time after which no new part is started (`gacq experiment run --deadline`)
-DEADLINE_EXIT = 3  # the exit code of a run (and of a cell process) stopped at the deadline
+PARTS_ENV = "GACQ_PARTS"  # the parts this run samples (`gacq experiment run --parts`: "8-10", "1,3", "none")
+STOPPED_EXIT = 3  # the exit code of a run (and of a cell process) stopped early by --deadline or --parts
 
 
-class DeadlineStop(GacqError):
-    """A cell stopped before a part it could not finish by the deadline; a rerun resumes at that part."""
+class StoppedEarly(GacqError):
+    """A cell left unfinished on purpose: before a part it could not finish by the deadline, or with parts left to
+    other runs (--parts); a rerun resumes it."""
+
+
+def parse_parts(text: str) -> frozenset[int]:
+    """`--parts`' value: 1-based part numbers and ranges ("8-10", "1,3,5-6"), or "none" (the empty set)."""
+    text = text.strip()
+    if text.lower() == "none":
+        return frozenset()
+    got: set[int] = set()
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        lo, hi = (int(m[1]), int(m[2] or m[1])) if m else (0, -1)
+        if not m or lo < 1 or hi < lo:
+            raise GacqError(f"--parts {text!r}: expected 1-based part numbers and ranges such as 8-10 or 1,3,5-6, "
+                            f"or none (quantize and sample nothing)")
+        got.update(range(lo, hi + 1))
+    return frozenset(got)
+
+
+def _parts_wanted() -> frozenset[int] | None:
+    """The parts this process samples (PARTS_ENV, set by --parts), None for all."""
+    text = os.environ.get(PARTS_ENV)
+    return None if text is None else parse_parts(text)
 
 
 def part_fits(stop_at: float | None, now: float, part_seconds: float | None) -> bool:
@@ -850,6 +881,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     starts = range(0, n, part_size)
     t0, made = time.time(), 0
     stop_at = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
+    wanted, left = _parts_wanted(), []  # --parts: the others are left to other runs
     part_seconds = None  # how long a part takes: the last one made in this run, else the longest one recorded
     for k, first in enumerate(starts):
         path = pdir / f"stats_{k:04d}.npz"
@@ -863,12 +895,15 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
                 raise GacqError(f"{path} is not part {k} of this cell's run ({', '.join(diff)} differ): another "
                                 f"checkpoint, sampler or part size; delete {pdir} to sample its parts again")
             continue
+        if wanted is not None and k + 1 not in wanted:
+            left.append(k + 1)
+            continue
         if part_seconds is None:
             walls = [json.loads(f.read_text()).get("wall_seconds_this_run") for f in pdir.glob("meta_*.json")]
             part_seconds = max((w for w in walls if w), default=None)
         if not part_fits(stop_at, time.time(), part_seconds):
             left = stop_at - time.time()
-            raise DeadlineStop(f"{cell.id}: part {k + 1} of {len(starts)} not started, {max(left, 0):.0f} s before "
+            raise StoppedEarly(f"{cell.id}: part {k + 1} of {len(starts)} not started, {max(left, 0):.0f} s before "
                                f"the deadline" + (f" and a part takes about {part_seconds:.0f} s" if part_seconds
                                                   else "") + "; rerun to resume at that part")
         t_part = time.time()
@@ -883,6 +918,9 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         made += pcfg.num
         part_seconds = time.time() - t_part
         phase(f"part {k + 1} of {len(starts)} ({first + pcfg.num} of {n} images) sampled and reduced")
+    if left:
+        raise StoppedEarly(f"{cell.id}: {len(left)} of its {len(starts)} parts left to other runs (--parts): "
+                           f"{_ranges(left)}; a run that finds every part's statistics in {pdir} merges them")
     parts = [load_stats(pdir / f"stats_{k:04d}.npz") for k in range(len(starts))]
     merged = merge_stats(parts, source=f"{n} samples of {cell.id} in {len(parts)} parts of {part_size}")
     metas = [json.loads((pdir / f"meta_{k:04d}.json").read_text()) for k in range(len(starts))]
@@ -893,6 +931,17 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     smeta.update(shape=[n, *smeta["shape"][1:]], wall_seconds_this_run=round(time.time() - t0, 2),
                  parts=len(parts), part_size=part_size, images_made_this_run=made, part_runs=part_runs)
     return merged, smeta, pdir / "grid.png"
+
+
+def _ranges(nums: list[int]) -> str:
+    """1,2,3,5 -> "1-3, 5"."""
+    out, start = [], None
+    for i, n in enumerate(nums):
+        start = n if start is None else start
+        if i + 1 == len(nums) or nums[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n > start else str(n))
+            start = None
+    return ", ".join(out)
 
 
 def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:
@@ -984,7 +1033,7 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         # processes of their own, side by side, instead of one after another behind the quantization
         first = launch(group[:1])
         if first[1] != 0 or len(group) == 1:  # the rest wait for the next run: stopped with it, or not run
-            rest = DEADLINE_EXIT if first[1] == DEADLINE_EXIT else None
+            rest = STOPPED_EXIT if first[1] == STOPPED_EXIT else None
             return [first] + ([(group[1:], rest, first[2])] if len(group) > 1 else [])
         with ThreadPoolExecutor(len(group) - 1) as sub:
             return [first] + list(sub.map(lambda c: launch([c]), group[1:]))
@@ -997,16 +1046,16 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         for runs in pool.map(run_group, groups):
             for group, rc, log in runs:
                 state = ("done" if rc == 0 else "not run: the group's first cell failed" if rc is None
-                         else "stopped at the deadline (rerun to resume)" if rc == DEADLINE_EXIT
+                         else "stopped early by --deadline or --parts (rerun to resume)" if rc == STOPPED_EXIT
                          else f"FAILED (exit {rc}, see {log})")
                 echo(f"  {', '.join(c.id for c in group)}: {state}")
-                if rc == DEADLINE_EXIT:
+                if rc == STOPPED_EXIT:
                     stopped.append(group[0].id)
                 elif rc != 0:
                     failed.append(log)
     if stopped and not failed:
-        raise DeadlineStop(f"{len(stopped)} cell(s) stopped at the deadline before a part they could not finish: "
-                           f"{', '.join(stopped)}; rerun the same command to resume them")
+        raise StoppedEarly(f"{len(stopped)} cell(s) stopped early (--deadline, --parts; their logs say which): "
+                           f"{', '.join(stopped)}; rerun to resume them")
     if failed:
         failed = list(dict.fromkeys(failed))
         raise GacqError(f"{len(failed)} cell process(es) failed; logs: {', '.join(map(str, failed))}. "

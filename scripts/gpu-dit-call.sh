@@ -40,6 +40,11 @@
 # later call that carries .data/parts (carry [".whl", ".data/parts"], with .data/q.tgz where the checkpoints travel
 # too) samples only the parts still missing. A call returns at most 8 files of 16 MiB, 64 MiB in all: q's parts,
 # call.tgz and p's parts share that.
+# PARTS (`gacq experiment run --parts`, e.g. 8-10 or none) samples only those parts of such cells, so that a call
+# need not carry the earlier parts' statistics (2.1 MB a part: three cells' 21 parts did not fit beside the bundled
+# UNet and .whl in the 64 MiB a call carries); its parts come back as above, and `gacq experiment run` here, with
+# every part's statistics in the work folder (scripts/gpu-unpack.sh), merges and evaluates the cells on the CPU.
+# PARTS=none quantizes only.
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u
@@ -70,7 +75,8 @@ run_cells() {  # run the given cells until the deadline
   # --deadline: the runner starts no part of a cell sampled in parts that it cannot finish in time, and ends early
   # (the call returns sooner and spends less device time); the kill below stays for everything else
   setsid python -m gacq experiment run "$SPEC" --parallel "${P:-8}" --quiet --cells "$1" \
-    --fused-fake-quant --deadline $(( left > 10 ? left - 10 : 0 )) >> "$LOGS/experiment.log" 2>&1 &
+    --fused-fake-quant --deadline $(( left > 10 ? left - 10 : 0 )) ${PARTS:+--parts "$PARTS"} \
+    >> "$LOGS/experiment.log" 2>&1 &
   local pid=$! end=$(( SECONDS + left ))
   local packed=$SECONDS
   while kill -0 $pid 2>/dev/null && [ $SECONDS -lt $end ]; do
@@ -194,8 +200,8 @@ case $MODE in
     fi
     # a spec without `model` (None) uses the bundled UNet (keep it in the tree: UNET=keep with gpu-dit-stash.sh)
     if [ "$MODEL" != None ] && [ ! -f "$MODEL/config.json" ] && [ ! -f "$MODEL/model_index.json" ]; then
-      PARTS=.data/dit-s6-parts; [ -f $PARTS/manifest.json ] || PARTS=models/dit-s6-cifar10
-      python scripts/model_parts.py join $PARTS "$MODEL" || { echo "ERROR: could not join the model"; exit 1; }
+      MPARTS=.data/dit-s6-parts; [ -f $MPARTS/manifest.json ] || MPARTS=models/dit-s6-cifar10
+      python scripts/model_parts.py join $MPARTS "$MODEL" || { echo "ERROR: could not join the model"; exit 1; }
     fi
     run_cells "${CELLS:-$(cells_of "^(tfmq|gac)_.*_steps${STEPS}_")}"
     ;;

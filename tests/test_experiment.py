@@ -327,7 +327,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
                                                                          'methods = ["fp"]\nseeds = [0, 1]'))
     r = gacq("experiment", "run", "two.toml", "--quiet", "--parallel", 2, "--deadline", 0, cwd=tmp_path)
     assert r.returncode == 3, r.stdout + r.stderr
-    assert "2 cell(s) stopped at the deadline" in r.stdout and r.stdout.count("stopped at the deadline (rerun") == 2
+    assert "2 cell(s) stopped early" in r.stdout and r.stdout.count("stopped early by --deadline or --parts") == 2
     assert not (parts / "stats_0002.npz").exists() and not list((parts.parent / "fp_steps3_seed1").glob("stats_*"))
     r = gacq("experiment", "run", "spec.toml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -339,6 +339,23 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     runs = again["sample"]["part_runs"]
     assert [r["part"] for r in runs] == [0, 1, 2] and {r["device"] for r in runs} == {"cpu"}
     assert runs[:2] == cell["sample"]["part_runs"][:2] and all(r["wall_seconds_this_run"] > 0 for r in runs)
+    # --parts (1-based): a run samples only the parts named and leaves the others to other runs (exit 3); 'none'
+    # samples nothing; the run that finds every part's statistics merges them into the same figures
+    for k in (1, 2):
+        (parts / f"stats_{k:04d}.npz").unlink()
+    (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
+    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parts", "3", cwd=tmp_path)
+    assert r.returncode == 3 and "1 of its 3 parts left to other runs (--parts): 2;" in r.stdout, r.stdout + r.stderr
+    assert (parts / "stats_0002.npz").exists() and not (parts / "stats_0001.npz").exists()
+    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parts", "none", cwd=tmp_path)
+    assert r.returncode == 3 and not (parts / "stats_0001.npz").exists(), r.stdout + r.stderr
+    r = here("experiment", "run", "spec.toml", "--parts", "2-1", cwd=tmp_path)
+    assert r.returncode == 2 and "--parts '2-1': expected 1-based part numbers" in r.stderr, r.stderr
+    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parts", "1-2", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    merged = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
+    assert merged["metrics"]["fid"] == pytest.approx(got["fid"], rel=1e-9)
+    assert merged["sample"]["images_made_this_run"] == 10  # part 2 only
     # statistics of another run's part (here: another model) are refused, not merged
     meta = parts / "meta_0001.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": "elsewhere"}))
@@ -833,6 +850,17 @@ def test_every_shipped_spec_loads(spec, tmp_path):
 
     loaded = load_spec(Path(__file__).parents[1] / "experiments" / spec, results=tmp_path)
     assert loaded.cells
+
+
+def test_parse_parts():
+    from gacq.experiment import _ranges, parse_parts
+
+    assert parse_parts("8-10") == {8, 9, 10} and parse_parts(" 1, 3,5-6 ") == {1, 3, 5, 6}
+    assert parse_parts("none") == frozenset() and parse_parts("4-4") == {4}
+    for bad in ("0", "3-2", "a", "1,,2", "-1", ""):
+        with pytest.raises(GacqError, match="expected 1-based part numbers"):
+            parse_parts(bad)
+    assert _ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8" and _ranges([4]) == "4"
 
 
 def test_part_fits_the_deadline():
