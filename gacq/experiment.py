@@ -575,12 +575,16 @@ def cell_parts(spec: ExperimentSpec, cell: Cell) -> tuple[int, int] | None:
 def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
     """A finished cell's recorded wall times in seconds (None when it is not done): `cell` (its last run, all
     phases), `quantize` (its quantization job, when it has one and recorded it) and `sample` (the sampling of its
-    last run), for sizing the next runs (one GPU call holds what fits in ten minutes)."""
+    last run; of a cell sampled in parts, its parts' times summed), for sizing the next runs (one GPU call holds what fits in ten minutes)."""
     if not _done(spec, cell):
         return None
     res = json.loads((spec.cell_dir / f"{cell.id}.json").read_text())
+    smeta = res.get("sample") or {}
+    # a cell sampled in parts: the sum of its parts' times (the run that merged them may have sampled none)
+    walls = [p.get("wall_seconds_this_run") for p in smeta.get("part_runs") or []]
+    sample = sum(walls) if walls and None not in walls else smeta.get("wall_seconds_last_run")
     times = {"cell": res.get("wall_seconds_this_run"), "quantize": (res.get("quantize") or {}).get("wall_seconds"),
-             "sample": (res.get("sample") or {}).get("wall_seconds_last_run")}
+             "sample": sample}
     return {k: float(v) for k, v in times.items() if v is not None}
 
 
@@ -944,6 +948,12 @@ def _ranges(nums: list[int]) -> str:
     return ", ".join(out)
 
 
+def _checkpoint_made(spec: ExperimentSpec, cell: Cell) -> bool:
+    """Whether the cell's quantization checkpoint is in the work folder (FP cells have none to make)."""
+    job = quant_job_of(spec, cell)[0]
+    return job is None or (spec.work / "q" / job / "quant_config.json").exists()
+
+
 def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:
     """Cells that share a quantization job, in spec order (the first one's process quantizes). A w8_layers cell joins
     the group of the job it derives from, after that job's own cells (it derives once their checkpoint exists)."""
@@ -1029,6 +1039,11 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         return group, rc, log
 
     def run_group(group: list[Cell]) -> list[tuple[list[Cell], int, Path]]:
+        if len(group) > 1 and all(_checkpoint_made(spec, c) for c in group):
+            # every checkpoint is there (an earlier run or device call made it): no cell waits for another (a cell
+            # that samples only some of its parts, --parts, would otherwise hold the others back a whole run)
+            with ThreadPoolExecutor(len(group)) as sub:
+                return list(sub.map(lambda c: launch([c]), group))
         # the first cell quantizes (or finds the checkpoint); the others only sample it, so they then run as
         # processes of their own, side by side, instead of one after another behind the quantization
         first = launch(group[:1])

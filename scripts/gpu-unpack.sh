@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here, after a device call of scripts/gpu-dit-call.sh (and `gpu-dit-stash.sh in`): unpack the call's call.tgz into
 # the spec's results folder and render its report again.
-#   bash scripts/gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]
+#   [SPEC=SPEC.toml] bash scripts/gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]
 #   e.g. bash scripts/gpu-unpack.sh /work/.device/3/call.tgz results/experiments/cifar10-call-sized 2026-12-03-s20-call1
 # The call's result files (cells/, grids/, diagnostics/) join RESULTS_FOLDER without replacing any file already there
 # (a finished cell is never overwritten; a GAC profile of a job quantized again replaces the old one, which moves to
@@ -50,6 +50,44 @@ if ls "$P"/parts.tgz.* > /dev/null 2>&1; then
   mkdir -p .data && cat "$P"/parts.tgz.* | tar xzf - -C .data
   echo "gpu-unpack: part statistics in .data/parts: $(find .data/parts -name 'stats_*.npz' | wc -l) ($(for d in \
     .data/parts/*/; do echo "$(basename "$d") $(ls "$d" | grep -c '^stats_')"; done | paste -sd, -))"
+  python - <<'PY'  # which parts each cell has (1-based, as --parts takes them): the next call's PARTS are the others
+from pathlib import Path
+from gacq.experiment import _ranges
+for d in sorted(Path(".data/parts").iterdir()):
+    have = sorted(int(f.stem.split("_")[1]) + 1 for f in d.glob("stats_*.npz"))
+    print(f"gpu-unpack:   {d.name}: parts {_ranges(have) or 'none'}")
+PY
+fi
+# SPEC=<the spec> (optional): cells whose every part's statistics are now in .data/parts are merged and evaluated
+# here (`gacq experiment run --parts none` samples nothing; on the CPU a cell takes seconds), also when the calls
+# that sampled their parts carried none of them (PARTS=...): their quantization checkpoints must be in the spec's
+# work folder, or in .data/q.tgz (scripts/gpu-q-carry.sh), which is unpacked there first; a cell without one waits
+if [ -n "${SPEC:-}" ] && [ -d .data/parts ]; then
+  WORK=$(python -c 'import sys; from gacq.experiment import load_spec; print(load_spec(sys.argv[1]).work)' "$SPEC")
+  mkdir -p "$WORK/parts" && cp -rn .data/parts/. "$WORK/parts/"
+  [ -f .data/q.tgz ] && tar xzf .data/q.tgz -C "$WORK" --skip-old-files
+  READY=$(python - "$SPEC" "$RES" <<'PY'
+import sys
+from gacq.experiment import _done, cell_parts, load_spec, quant_job_of
+spec = load_spec(sys.argv[1], results=sys.argv[2])
+ready = []
+for c in spec.cells:
+    have = cell_parts(spec, c)
+    if _done(spec, c) or have is None or have[0] < have[1]:
+        continue
+    job = quant_job_of(spec, c)[0]
+    if job is not None and not (spec.work / "q" / job / "quant_config.json").exists():
+        print(f"gpu-unpack: {c.id} has all {have[1]} parts but no checkpoint {job} here: not merged", file=sys.stderr)
+        continue
+    ready.append(c.id)
+print(",".join(ready))
+PY
+)
+  if [ -n "$READY" ]; then
+    echo "gpu-unpack: merging the parts of $READY"
+    python -m gacq experiment run "$SPEC" --results "$RES" --cells "$READY" --parts none --quiet \
+      || echo "gpu-unpack: merging failed (exit $?): rerun the command above to see why"
+  fi
 fi
 if [ -d .data/parts ]; then
   for d in .data/parts/*/; do

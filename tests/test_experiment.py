@@ -356,6 +356,11 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     merged = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
     assert merged["metrics"]["fid"] == pytest.approx(got["fid"], rel=1e-9)
     assert merged["sample"]["images_made_this_run"] == 10  # part 2 only
+    from gacq.experiment import cell_times, load_spec
+
+    loaded = load_spec(tmp_path / "spec.toml", results=tmp_path / "results/experiments/t")
+    times = cell_times(loaded, next(c for c in loaded.cells if c.id == "fp_steps3_seed0"))
+    assert times["sample"] == pytest.approx(sum(p["wall_seconds_this_run"] for p in merged["sample"]["part_runs"]))
     # statistics of another run's part (here: another model) are refused, not merged
     meta = parts / "meta_0001.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": "elsewhere"}))
@@ -850,6 +855,23 @@ def test_every_shipped_spec_loads(spec, tmp_path):
 
     loaded = load_spec(Path(__file__).parents[1] / "experiments" / spec, results=tmp_path)
     assert loaded.cells
+
+
+def test_cells_of_a_made_checkpoint_run_side_by_side_with_parts(tiny32, tmp_path):
+    """A quantization group whose checkpoint exists runs all its cells at once: with --parts, each samples its named
+    parts (before, the group's first cell ran alone and its exit 3 held the others back). `--parts none` quantizes
+    only."""
+    text = SPEC.replace("num = 10\nbatch_size = 10", "num = 20\nbatch_size = 10\npart_size = 10").replace(
+        'methods = ["fp", "rtn", "tfmq"]\nbits = ["W4A8", "W4A32"]', 'methods = ["rtn"]\nbits = ["W4A8"]\nseeds = [0, 1]')
+    (tmp_path / "spec.toml").write_text(text.replace("steps = 5", "steps = 3").format(model=tiny32))
+    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parallel", 2, "--parts", "none", cwd=tmp_path)
+    assert r.returncode == 3, r.stdout + r.stderr
+    work = tmp_path / "runs/experiments/t"
+    assert (work / "q/rtn_w4a8_steps3/quant_config.json").exists() and not list(work.glob("parts/*/stats_*"))
+    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parallel", 2, "--parts", "1", cwd=tmp_path)
+    assert r.returncode == 3 and r.stdout.count("stopped early by --deadline or --parts") == 2, r.stdout + r.stderr
+    for seed in (0, 1):
+        assert [p.name for p in (work / f"parts/rtn_w4a8_steps3_seed{seed}").glob("stats_*")] == ["stats_0000.npz"]
 
 
 def test_parse_parts():

@@ -300,3 +300,37 @@ def test_part_statistics_travel_between_calls_and_a_later_call_samples_no_part_a
     r = _bash(ROOT / "scripts/gpu-unpack.sh", out2 / "call.tgz", res, "call2", cwd=here)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{cell} is finished: dropped its part statistics" in r.stdout and not (here / ".data/parts" / cell).exists()
+
+
+def test_calls_that_carry_no_parts_sample_only_theirs_and_unpack_merges_the_cell_here(tmp_path):
+    """PARTS (`gacq experiment run --parts`): call 1 samples part 1 and call 2, on a fresh machine that carries no
+    part, part 2; each returns only its own part (exit 3: a part left to other runs), and gpu-unpack with SPEC
+    merges and evaluates the cell here once both parts are in, sampling nothing."""
+    torch.manual_seed(0)
+    model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
+    cell = "fp_steps5_seed0"
+    spec = SPEC.format(model=model).replace("num = 10\nbatch_size = 10", "num = 20\nbatch_size = 10\npart_size = 10")
+    here = tmp_path / "here"
+    res = here / "results/experiments/t"
+    res.mkdir(parents=True)
+    (here / "spec.toml").write_text(spec)
+    for k in (1, 2):
+        dev = tmp_path / f"device{k}"
+        dev.mkdir()
+        (dev / "spec.toml").write_text(spec)
+        env = {"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500", "PARTS": str(k)}
+        r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", tmp_path / f"out{k}", cwd=dev, env=env)
+        assert r.returncode == 0 and "experiment rc 3" in r.stdout, r.stdout + r.stderr
+        made = sorted(p.name for p in (dev / "runs/experiments/t/parts" / cell).glob("stats_*.npz"))
+        assert made == [f"stats_{k - 1:04d}.npz"]
+        r = _bash(ROOT / "scripts/gpu-unpack.sh", tmp_path / f"out{k}/call.tgz", res, f"call{k}", "T", cwd=here,
+                  env={"SPEC": "spec.toml"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        if k == 1:
+            assert f"{cell}: parts 1\n" in r.stdout and "merging" not in r.stdout, r.stdout
+            assert not (res / f"cells/{cell}.json").exists()
+    assert f"{cell}: parts 1-2\n" in r.stdout and f"merging the parts of {cell}" in r.stdout, r.stdout
+    done = json.loads((res / f"cells/{cell}.json").read_text())
+    assert done["metrics"]["samples"]["n"] == 20 and done["sample"]["images_made_this_run"] == 0
+    assert [p["part"] for p in done["sample"]["part_runs"]] == [0, 1]
+    assert f"{cell} is finished: dropped its part statistics" in r.stdout and (res / "README.md").exists()
