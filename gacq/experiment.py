@@ -886,11 +886,15 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     t0, made = time.time(), 0
     stop_at = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
     wanted, left = _parts_wanted(), []  # --parts: the others are left to other runs
+    # a checkpoint in the work folder is named relative to it, so that parts drawn on machines whose checkouts lie
+    # elsewhere (another folder, a fresh clone) are recognised as parts of the same run
+    work = str(spec.work)
+    model_id = loaded.source.replace(work, "<work>", 1) if loaded.source.startswith(work) else loaded.source
     part_seconds = None  # how long a part takes: the last one made in this run, else the longest one recorded
     for k, first in enumerate(starts):
         path = pdir / f"stats_{k:04d}.npz"
         pcfg = dataclasses.replace(cfg, num=min(part_size, n - first), first=first)
-        want = {"model": loaded.source, **{f: getattr(pcfg, f) for f in _PART_RUN}}
+        want = {"model": model_id, **{f: getattr(pcfg, f) for f in _PART_RUN}}
         if path.exists():  # made here or carried in: only when it is a part of this very run
             meta_file = pdir / f"meta_{k:04d}.json"
             got = {**RUN_DEFAULTS, **json.loads(meta_file.read_text())} if meta_file.exists() else {}
@@ -915,7 +919,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         smeta = sample(loaded, pcfg, sdir, device=device, progress=progress)
         if k == 0:  # the cell's grid and sampling record travel with the statistics
             shutil.copyfile(sdir / "grid.png", pdir / "grid.png")
-        write_json(pdir / f"meta_{k:04d}.json", smeta)
+        write_json(pdir / f"meta_{k:04d}.json", {**smeta, "model": model_id})
         # written last (what marks the part done); the runner's evaluation defaults: pr_max 10,000, seed 0
         make_part_stats(sdir / "samples.npz", path, first, n, features=ev["features"],
                         inception_weights=ev["inception_weights"] or None, device=device, progress=progress)

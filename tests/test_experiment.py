@@ -872,6 +872,9 @@ def test_cells_of_a_made_checkpoint_run_side_by_side_with_parts(tiny32, tmp_path
     assert r.returncode == 3 and r.stdout.count("stopped early by --deadline or --parts") == 2, r.stdout + r.stderr
     for seed in (0, 1):
         assert [p.name for p in (work / f"parts/rtn_w4a8_steps3_seed{seed}").glob("stats_*")] == ["stats_0000.npz"]
+    # the parts name the checkpoint relative to the work folder (machines' checkouts may lie elsewhere)
+    meta = json.loads((work / "parts/rtn_w4a8_steps3_seed0/meta_0000.json").read_text())
+    assert meta["model"] == "<work>/q/rtn_w4a8_steps3", meta["model"]
 
 
 def test_parse_parts():
