@@ -575,7 +575,8 @@ def cell_parts(spec: ExperimentSpec, cell: Cell) -> tuple[int, int] | None:
 def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
     """A finished cell's recorded wall times in seconds (None when it is not done): `cell` (its last run, all
     phases), `quantize` (its quantization job, when it has one and recorded it) and `sample` (the sampling of its
-    last run; of a cell sampled in parts, its parts' times summed), for sizing the next runs (one GPU call holds what fits in ten minutes)."""
+    last run; of a cell sampled in parts, its parts' times summed), for sizing the next runs (one GPU call holds
+    what fits in ten minutes)."""
     if not _done(spec, cell):
         return None
     res = json.loads((spec.cell_dir / f"{cell.id}.json").read_text())
@@ -910,8 +911,8 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
             walls = [json.loads(f.read_text()).get("wall_seconds_this_run") for f in pdir.glob("meta_*.json")]
             part_seconds = max((w for w in walls if w), default=None)
         if not part_fits(stop_at, time.time(), part_seconds):
-            left = stop_at - time.time()
-            raise StoppedEarly(f"{cell.id}: part {k + 1} of {len(starts)} not started, {max(left, 0):.0f} s before "
+            remaining = max(stop_at - time.time(), 0)
+            raise StoppedEarly(f"{cell.id}: part {k + 1} of {len(starts)} not started, {remaining:.0f} s before "
                                f"the deadline" + (f" and a part takes about {part_seconds:.0f} s" if part_seconds
                                                   else "") + "; rerun to resume at that part")
         t_part = time.time()
