@@ -907,9 +907,10 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         if wanted is not None and k + 1 not in wanted:
             left.append(k + 1)
             continue
-        if part_seconds is None:
-            walls = [json.loads(f.read_text()).get("wall_seconds_this_run") for f in pdir.glob("meta_*.json")]
-            part_seconds = max((w for w in walls if w), default=None)
+        if part_seconds is None:  # the cell's own parts, else any cell's in this work folder (same sampler)
+            for metas in (pdir.glob("meta_*.json"), pdir.parent.glob("*/meta_*.json")):
+                walls = [json.loads(f.read_text()).get("wall_seconds_this_run") for f in metas]
+                part_seconds = part_seconds or max((w for w in walls if w), default=None)
         if not part_fits(stop_at, time.time(), part_seconds):
             remaining = max(stop_at - time.time(), 0)
             raise StoppedEarly(f"{cell.id}: part {k + 1} of {len(starts)} not started, {remaining:.0f} s before "
@@ -1052,7 +1053,11 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         # the first cell quantizes (or finds the checkpoint); the others only sample it, so they then run as
         # processes of their own, side by side, instead of one after another behind the quantization
         first = launch(group[:1])
-        if first[1] != 0 or len(group) == 1:  # the rest wait for the next run: stopped with it, or not run
+        went_on = first[1] == 0 or (first[1] == STOPPED_EXIT and os.environ.get(PARTS_ENV) is not None
+                                    and all(_checkpoint_made(spec, c) for c in group))
+        # stopped with parts left to other runs (--parts) after the checkpoint was made: the rest sample theirs (a
+        # deadline that stopped it stops them too, judged by its parts' times)
+        if not went_on or len(group) == 1:  # the rest wait for the next run: stopped with it, or not run
             rest = STOPPED_EXIT if first[1] == STOPPED_EXIT else None
             return [first] + ([(group[1:], rest, first[2])] if len(group) > 1 else [])
         with ThreadPoolExecutor(len(group) - 1) as sub:

@@ -857,17 +857,15 @@ def test_every_shipped_spec_loads(spec, tmp_path):
     assert loaded.cells
 
 
-def test_cells_of_a_made_checkpoint_run_side_by_side_with_parts(tiny32, tmp_path):
-    """A quantization group whose checkpoint exists runs all its cells at once: with --parts, each samples its named
-    parts (before, the group's first cell ran alone and its exit 3 held the others back). `--parts none` quantizes
-    only."""
+def test_with_parts_every_cell_of_a_quantization_group_samples_its_parts(tiny32, tmp_path):
+    """--parts and a quantization group (seeds 0 and 1 of one checkpoint): run 1 quantizes in the first cell's
+    process, which samples part 1 and stops (exit 3), and then the second cell samples its part 1 (before, the
+    first cell's exit 3 held it back); run 2 finds the checkpoint made and runs both cells at once, each sampling
+    part 2 and merging its two parts."""
     text = SPEC.replace("num = 10\nbatch_size = 10", "num = 20\nbatch_size = 10\npart_size = 10").replace(
         'methods = ["fp", "rtn", "tfmq"]\nbits = ["W4A8", "W4A32"]', 'methods = ["rtn"]\nbits = ["W4A8"]\nseeds = [0, 1]')
     (tmp_path / "spec.toml").write_text(text.replace("steps = 5", "steps = 3").format(model=tiny32))
-    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parallel", 2, "--parts", "none", cwd=tmp_path)
-    assert r.returncode == 3, r.stdout + r.stderr
     work = tmp_path / "runs/experiments/t"
-    assert (work / "q/rtn_w4a8_steps3/quant_config.json").exists() and not list(work.glob("parts/*/stats_*"))
     r = gacq("experiment", "run", "spec.toml", "--quiet", "--parallel", 2, "--parts", "1", cwd=tmp_path)
     assert r.returncode == 3 and r.stdout.count("stopped early by --deadline or --parts") == 2, r.stdout + r.stderr
     for seed in (0, 1):
@@ -875,6 +873,11 @@ def test_cells_of_a_made_checkpoint_run_side_by_side_with_parts(tiny32, tmp_path
     # the parts name the checkpoint relative to the work folder (machines' checkouts may lie elsewhere)
     meta = json.loads((work / "parts/rtn_w4a8_steps3_seed0/meta_0000.json").read_text())
     assert meta["model"] == "<work>/q/rtn_w4a8_steps3", meta["model"]
+    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parallel", 2, "--parts", "2", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count(": done") == 2, r.stdout + r.stderr
+    for seed in (0, 1):
+        cell = json.loads((tmp_path / f"results/experiments/t/cells/rtn_w4a8_steps3_seed{seed}.json").read_text())
+        assert cell["metrics"]["samples"]["n"] == 20 and cell["sample"]["images_made_this_run"] == 10
 
 
 def test_parse_parts():
