@@ -44,6 +44,15 @@ def export_cmd(
     typer.echo(f"{info['backend']}: {report.summary()}")
     typer.echo(f"check: {c['agree_fraction']:.0%} of {c['samples']} samples within {c['sample_rtol']:g} of the "
                f"fake-quant output, largest difference {c['max_rel_error']:.2g} of max |y|")
+    if c.get("float64") and c["agree_fraction"] < c["min_agree"]:  # passed through check_failures' float64 rule
+        f = c["float64"]
+        typer.echo(f"       rounding flips: against a float64 run of fake quant {f['exported_agree_fraction']:.0%} "
+                   f"agree (float32 fake quant: {f['fake_quant_agree_fraction']:.0%}), largest difference "
+                   f"{f['exported_max_rel_error']:.2g} (fake quant: {f['fake_quant_max_rel_error']:.2g})")
+    if c.get("layers"):
+        lay = c["layers"]
+        typer.echo(f"layers: {lay['layers']} exported layers on their fake-quant layers' inputs, largest difference "
+                   f"{lay['max_rel_error']:.2g} of max |y| ({lay['worst_layer']}; allowed {c['layer_rtol']:g})")
     typer.echo(f"wrote {out}")
 
 

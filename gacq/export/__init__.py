@@ -2,6 +2,8 @@
 
     QDIR (fake-quant checkpoint) --load_quantized--> fake-quant model --convert(backend)--> low-bit model
                                   export(QDIR, backend, OUT): convert + check + OUT/export.json
+    (the check, `compare_outputs` + `check_failures`: each exported layer on its fake-quant layer's inputs, and the
+    whole model on random inputs against fake quant and against a float64 run of it)
 
 Backends (`BACKENDS`):
 - `int8`: int8 weights x int8 activations, exact int32 GEMM (`torch._int_mm`); on CUDA convolutions
@@ -40,6 +42,7 @@ from .convert import (
 )
 from .folder import (
     EXPORT_FILE,
+    check_failures,
     compare_outputs,
     example_inputs,
     export,
@@ -67,6 +70,7 @@ __all__ = [
     "W4A16Conv2d",
     "W4A16Linear",
     "apply_step",
+    "check_failures",
     "compare_outputs",
     "convert",
     "convert_loaded",

@@ -43,9 +43,15 @@ class Backend:
         unsupported: why a layer cannot run on it (None: it can).
         make: the exported layer for a supported QuantLayer.
         refuse: why a model whose usual layer is W`wbits`A`abits` (abits None: float inputs) is refused.
-        sample_rtol, min_agree, max_rtol: `export`'s check on random inputs. A sample *agrees* when
+        sample_rtol, min_agree, max_rtol: `export`'s whole-model check on random inputs. A sample *agrees* when
             max |y - y_fake| <= sample_rtol * max |y_fake| over its elements; at least a `min_agree`
-            fraction of the samples must agree, and none may differ by more than max_rtol.
+            fraction of the samples must agree (or, where rounding-boundary flips make most samples differ, the
+            exported model must be as faithful to a float64 run of fake quant as float32 fake quant is: see
+            `folder.check_failures`), and none may differ by more than max_rtol.
+        layer_rtol: `export`'s layer check: every exported layer, called on the input its fake-quant layer gets in
+            the fake-quant model's forward, must give that layer's output within layer_rtol * max |y_fake| of the
+            call. The same input gives the same activation codes, so only float rounding remains (no rounding
+            flips cascading through later layers, which is what makes whole-model samples disagree).
         tolerance_note: where the tolerances come from (written into export.json).
     """
 
@@ -58,6 +64,7 @@ class Backend:
     min_agree: float
     max_rtol: float
     tolerance_note: str
+    layer_rtol: float = 1e-4
 
 
 def _refuse_int_acts(backend: str, max_wbits: int, wbits: int, abits: int | None) -> str | None:
@@ -116,7 +123,11 @@ BACKENDS: dict[str, Backend] = {
             "activation quantizer by one step, which changes that sample's output by up to a few percent; the "
             "float32 fake-quant model shows the same flips against a float64 run of itself (the 'float64' entry). "
             "So a sample agrees at 1e-5 of max |y|, at least half must agree, and max_rtol 0.1 only guards against "
-            "gross errors."),
+            "gross errors. Where such flips reach most samples (the bundled CIFAR-10 UNet: every sample, about 1% "
+            "of max |y|, for float32 fake quant against its own float64 run too), the int8 model passes instead if "
+            "it is as faithful to the float64 fake-quant run as float32 fake quant (folder.check_failures). Each "
+            "layer, on the fake-quant model's own inputs (the same codes, no flips): within layer_rtol 1e-4 of max "
+            "|y| (measured on the bundled model: <= 2e-6)."),
     ),
     "w4a8": Backend(
         "w4a8", "int4 weights packed two per byte (W<=4) x int8 activations (A<=8), int32 accumulation: on CUDA one "
@@ -129,7 +140,7 @@ BACKENDS: dict[str, Backend] = {
     "w4a16": Backend(
         "w4a16", "int4 weights packed two per byte, dequantized at call time; inputs as in the fake-quant model",
         w4a16_unsupported, to_w4a16, _refuse_w4a16,
-        sample_rtol=1e-6, min_agree=1.0, max_rtol=1e-6,
+        sample_rtol=1e-6, min_agree=1.0, max_rtol=1e-6, layer_rtol=1e-6,
         tolerance_note=(
             "the dequantized weight equals the fake-quant weight exactly and the float op is the same, so float32 "
             "outputs are identical (tested bitwise on the CPU); 1e-6 of max |y| per sample leaves room for GPU "
