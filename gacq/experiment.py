@@ -773,7 +773,9 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         sdir = spec.work / "samples" / cell.id
         smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
         stats, grid_png = sdir / "samples.npz", sdir / "grid.png"
-    phase(f"{smeta['shape'][0]} samples drawn")
+    phase(f"{smeta['shape'][0]} samples drawn" if smeta.get("parts") is None else
+          f"{smeta['shape'][0]} samples' statistics merged from {smeta['parts']} parts "
+          f"({smeta['images_made_this_run']} images drawn in this run)")
     metrics = evaluate(stats, ev["ref"] or None, features=ev["features"],
                        inception_weights=ev["inception_weights"] or None, device=device, progress=progress)
     phase("evaluated")

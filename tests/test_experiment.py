@@ -356,6 +356,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     merged = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
     assert merged["metrics"]["fid"] == pytest.approx(got["fid"], rel=1e-9)
     assert merged["sample"]["images_made_this_run"] == 10  # part 2 only
+    assert "24 samples' statistics merged from 3 parts (10 images drawn in this run)" in r.stdout + r.stderr
     from gacq.experiment import cell_times, load_spec
 
     loaded = load_spec(tmp_path / "spec.toml", results=tmp_path / "results/experiments/t")
