@@ -599,7 +599,7 @@ def _flip_prone_w8a8(folder: Path) -> Path:
 
 
 def test_int8_export_where_rounding_flips_reach_most_samples(tmp_path):
-    """Regression (session 41): `gacq export` of the bundled model's W8A8 RTN checkpoint was refused with "0% of
+    """Regression (session 40): `gacq export` of the bundled model's W8A8 RTN checkpoint was refused with "0% of
     samples agree to 1e-05 of max |y| (needed: 50%)", on the CPU and on an H100. No layer was wrong: each int8 layer,
     given its fake-quant layer's input, matched it within 2e-6 of max |y|, nearer the float64 result than fake quant
     itself. But a model that size puts some activation within a float32 ulp of a rounding boundary in every sample,
@@ -608,7 +608,7 @@ def test_int8_export_where_rounding_flips_reach_most_samples(tmp_path):
     model's own inputs, and where whole samples do not agree, that the exported model is as faithful to the float64
     run as float32 fake quant. This model shows the same: most samples flip, for fake quant against float64 too."""
     qdir = _flip_prone_w8a8(tmp_path / "q")
-    info = export(qdir, "int8", tmp_path / "e", check_batches=2, check_batch_size=4)  # until session 41: refused
+    info = export(qdir, "int8", tmp_path / "e", check_batches=2, check_batch_size=4)  # until session 40: refused
     from gacq.export import check_failures
     from gacq.export.folder import FLIP_SLACK
 
