@@ -122,10 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fid", action="store_true", help="FID of each run on gacq's CIFAR-10 features")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    specs = [m.strip() for m in args.models.split(",") if m.strip()]
+    missing = [m for m in specs if m != "bundled" and not Path(m).is_dir()]
+    if missing:  # before any model runs (session 40's call lost a finished model's rows to a missing second one)
+        ap.error(f"--models: no such folder(s): {', '.join(missing)}")
     t_start = time.time()
     rows = []
     with tempfile.TemporaryDirectory(prefix="gacq-compiled-") as tmp:
-        for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for spec in specs:
             rows += run_model(spec, args, Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python " + " ".join(map(shlex.quote, [sys.argv[0], *argv])), "commit": git_commit(),

@@ -44,3 +44,12 @@ def test_eager_and_compiled_rows_of_a_tiny_model(tiny_model_dir, tmp_path):
     assert compiled["difference_from_eager"]["max_abs_levels"] <= 1  # a float model
     md = (tmp_path / "out" / "compiled_sampling.md").read_text()
     assert "| tiny_model | compiled |" in md.replace(str(tiny_model_dir), "tiny_model") and res["commit"]
+
+
+def test_a_missing_model_folder_is_refused_before_any_model_runs(tmp_path):
+    import pytest
+    from compiled_sampling import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--models", f"bundled,{tmp_path / 'nope'}", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
