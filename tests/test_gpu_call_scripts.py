@@ -3,6 +3,7 @@ merges a call's results into a results folder without replacing or dropping anyt
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -255,82 +256,46 @@ ensure_quantized(spec, next(c for c in spec.cells if c.id == sys.argv[1]), "cpu"
     assert len(meta["wall_seconds_runs"]) == 2, meta  # the stopped run's time up to its last unit, and the resumed run
 
 
-def test_part_statistics_travel_between_calls_and_a_later_call_samples_no_part_again(tmp_path):
-    """A cell sampled in parts (`[sample] part_size`): call 1 samples every part and then fails (a reference without
-    images); its part statistics come back in $OUT/p, gpu-unpack joins them into .data/parts, and call 2 on a fresh
-    machine that carries them samples nothing and finishes the cell; unpacking call 2 drops the finished cell's
-    parts."""
+def test_part_statistics_travel_between_calls_and_unpack_merges_a_cell_here(tmp_path):
+    """A cell sampled in parts (`[sample] part_size`, 3 parts), over three calls on fresh machines:
+    1. PARTS=1 (`gacq experiment run --parts`): samples part 1 only (exit 3: parts left to other runs) and returns
+       its statistics in $OUT/p; gpu-unpack (SPEC set) keeps them in .data/parts and lists the cell's parts;
+    2. carries .data/parts: samples only part 2 (PARTS=2), and returns only that part (not the carried one);
+    3. carries nothing, PARTS=3: samples part 3; gpu-unpack then finds all three parts here and merges and evaluates
+       the cell on this machine (sampling nothing), and drops the finished cell's parts from .data/parts."""
     torch.manual_seed(0)
     model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
     cell = "fp_steps5_seed0"
-    spec = SPEC.format(model=model).replace("num = 10\nbatch_size = 10", "num = 20\nbatch_size = 10\npart_size = 10")
-    dev1 = tmp_path / "device1"
-    (dev1 / "empty-ref").mkdir(parents=True)  # a reference that exists without images: the evaluation fails
-    (dev1 / "spec.toml").write_text(spec + '[eval]\nref = "empty-ref"\n')
-    out1 = tmp_path / "out1"
-    env = {"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500"}
-    r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out1, cwd=dev1, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert not (dev1 / f"results/experiments/t/cells/{cell}.json").exists()
-    chunks = sorted((out1 / "p").glob("parts.tgz.*"))
-    assert chunks and all(c.stat().st_size <= 15 << 20 for c in chunks)
-    here = tmp_path / "here"
-    res = here / "results/experiments/t"
-    res.mkdir(parents=True)
-    r = _bash(ROOT / "scripts/gpu-unpack.sh", out1 / "call.tgz", res, "call1", "T", cwd=here)
-    assert r.returncode == 0, r.stdout + r.stderr
-    stats = sorted(p.name for p in (here / ".data/parts" / cell).glob("stats_*.npz"))
-    assert stats == ["stats_0000.npz", "stats_0001.npz"], r.stdout
-    assert f"part statistics in .data/parts: 2 ({cell} 2)" in r.stdout, r.stdout
-
-    dev2 = tmp_path / "device2"
-    dev2.mkdir()
-    (dev2 / ".data").mkdir()
-    subprocess.run(["cp", "-r", here / ".data/parts", dev2 / ".data/parts"], check=True)
-    (dev2 / "spec.toml").write_text(spec)
-    out2 = tmp_path / "out2"
-    r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", out2, cwd=dev2, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "carried part statistics: 2" in r.stdout, r.stdout
-    done = json.loads((dev2 / f"results/experiments/t/cells/{cell}.json").read_text())
-    assert done["metrics"]["samples"]["n"] == 20 and done["sample"]["images_made_this_run"] == 0
-    assert not (dev2 / "runs/experiments/t/samples").exists() or not any(
-        (dev2 / "runs/experiments/t/samples").iterdir())  # no image sampled on this machine
-    assert not list((out2 / "p").glob("parts.tgz.*"))  # nothing new to return
-    r = _bash(ROOT / "scripts/gpu-unpack.sh", out2 / "call.tgz", res, "call2", cwd=here)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"{cell} is finished: dropped its part statistics" in r.stdout and not (here / ".data/parts" / cell).exists()
-
-
-def test_calls_that_carry_no_parts_sample_only_theirs_and_unpack_merges_the_cell_here(tmp_path):
-    """PARTS (`gacq experiment run --parts`): call 1 samples part 1 and call 2, on a fresh machine that carries no
-    part, part 2; each returns only its own part (exit 3: a part left to other runs), and gpu-unpack with SPEC
-    merges and evaluates the cell here once both parts are in, sampling nothing."""
-    torch.manual_seed(0)
-    model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
-    cell = "fp_steps5_seed0"
-    spec = SPEC.format(model=model).replace("num = 10\nbatch_size = 10", "num = 20\nbatch_size = 10\npart_size = 10")
+    spec = SPEC.format(model=model).replace("num = 10\nbatch_size = 10", "num = 30\nbatch_size = 10\npart_size = 10")
     here = tmp_path / "here"
     res = here / "results/experiments/t"
     res.mkdir(parents=True)
     (here / "spec.toml").write_text(spec)
-    for k in (1, 2):
+    for k in (1, 2, 3):
         dev = tmp_path / f"device{k}"
         dev.mkdir()
         (dev / "spec.toml").write_text(spec)
+        if k == 2:
+            (dev / ".data").mkdir()
+            subprocess.run(["cp", "-r", here / ".data/parts", dev / ".data/parts"], check=True)
         env = {"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": cell, "DEADLINE": "500", "PARTS": str(k)}
         r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", tmp_path / f"out{k}", cwd=dev, env=env)
         assert r.returncode == 0 and "experiment rc 3" in r.stdout, r.stdout + r.stderr
-        made = sorted(p.name for p in (dev / "runs/experiments/t/parts" / cell).glob("stats_*.npz"))
-        assert made == [f"stats_{k - 1:04d}.npz"]
+        assert ("carried part statistics: 1" in r.stdout) == (k == 2), r.stdout
+        chunks = sorted((tmp_path / f"out{k}/p").glob("parts.tgz.*"))
+        assert chunks and all(c.stat().st_size <= 15 << 20 for c in chunks)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(c.read_bytes() for c in chunks))) as t:
+            returned = sorted(n for n in t.getnames() if n.endswith(".npz"))
+        assert returned == [f"parts/{cell}/stats_{k - 1:04d}.npz"], returned  # this call's part only
         r = _bash(ROOT / "scripts/gpu-unpack.sh", tmp_path / f"out{k}/call.tgz", res, f"call{k}", "T", cwd=here,
                   env={"SPEC": "spec.toml"})
         assert r.returncode == 0, r.stdout + r.stderr
-        if k == 1:
-            assert f"{cell}: parts 1\n" in r.stdout and "merging" not in r.stdout, r.stdout
+        if k < 3:
+            assert f"{cell}: parts {'1' if k == 1 else '1-2'}\n" in r.stdout and "merging" not in r.stdout, r.stdout
             assert not (res / f"cells/{cell}.json").exists()
-    assert f"{cell}: parts 1-2\n" in r.stdout and f"merging the parts of {cell}" in r.stdout, r.stdout
+    assert f"{cell}: parts 1-3\n" in r.stdout and f"merging the parts of {cell}" in r.stdout, r.stdout
     done = json.loads((res / f"cells/{cell}.json").read_text())
-    assert done["metrics"]["samples"]["n"] == 20 and done["sample"]["images_made_this_run"] == 0
-    assert [p["part"] for p in done["sample"]["part_runs"]] == [0, 1]
-    assert f"{cell} is finished: dropped its part statistics" in r.stdout and (res / "README.md").exists()
+    assert done["metrics"]["samples"]["n"] == 30 and done["sample"]["images_made_this_run"] == 0
+    assert [p["part"] for p in done["sample"]["part_runs"]] == [0, 1, 2]
+    assert f"{cell} is finished: dropped its part statistics" in r.stdout and not (here / ".data/parts" / cell).exists()
+    assert (res / "README.md").exists()
