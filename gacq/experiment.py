@@ -910,9 +910,11 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
             left.append(k + 1)
             continue
         if part_seconds is None:  # the cell's own parts, else any cell's in this work folder (same sampler)
-            for metas in (pdir.glob("meta_*.json"), pdir.parent.glob("*/meta_*.json")):
-                walls = [json.loads(f.read_text()).get("wall_seconds_this_run") for f in metas]
-                part_seconds = part_seconds or max((w for w in walls if w), default=None)
+            for folder, pattern in ((pdir, "meta_*.json"), (pdir.parent, "*/meta_*.json")):
+                walls = [json.loads(f.read_text()).get("wall_seconds_this_run") for f in folder.glob(pattern)]
+                part_seconds = max((w for w in walls if w), default=None)
+                if part_seconds is not None:
+                    break
         if not part_fits(stop_at, time.time(), part_seconds):
             remaining = max(stop_at - time.time(), 0)
             raise StoppedEarly(f"{cell.id}: part {k + 1} of {len(starts)} not started, {remaining:.0f} s before "
@@ -1046,12 +1048,15 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             slots.put(gpu)
         return group, rc, log
 
+    def side_by_side(cells: list[Cell]) -> list[tuple[list[Cell], int, Path]]:  # a process each, at once
+        with ThreadPoolExecutor(len(cells)) as sub:
+            return list(sub.map(lambda c: launch([c]), cells))
+
     def run_group(group: list[Cell]) -> list[tuple[list[Cell], int, Path]]:
         if len(group) > 1 and all(_checkpoint_made(spec, c) for c in group):
             # every checkpoint is there (an earlier run or device call made it): no cell waits for another (a cell
             # that samples only some of its parts, --parts, would otherwise hold the others back a whole run)
-            with ThreadPoolExecutor(len(group)) as sub:
-                return list(sub.map(lambda c: launch([c]), group))
+            return side_by_side(group)
         # the first cell quantizes (or finds the checkpoint); the others only sample it, so they then run as
         # processes of their own, side by side, instead of one after another behind the quantization
         first = launch(group[:1])
@@ -1062,8 +1067,7 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         if not went_on or len(group) == 1:  # the rest wait for the next run: stopped with it, or not run
             rest = STOPPED_EXIT if first[1] == STOPPED_EXIT else None
             return [first] + ([(group[1:], rest, first[2])] if len(group) > 1 else [])
-        with ThreadPoolExecutor(len(group) - 1) as sub:
-            return [first] + list(sub.map(lambda c: launch([c]), group[1:]))
+        return [first] + side_by_side(group[1:])
 
     groups = _groups(spec, todo)
     echo(f"{len(groups)} quantization group(s) of {len(todo)} cell(s), {parallel} process(es) at a time"
