@@ -1010,9 +1010,9 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
                  f"R {m['recall']:.3f}  ({m['feature_network']['name']} features, {m['samples']['n']} samples)")
             out.append(res)
         return out
-    # the processes share calibration sets: make them first, once
+    # the processes share calibration sets: make them first, once (only cells whose checkpoint is missing need one)
     device = resolve_device(spec.device)
-    need = sorted({(c.steps, calib_seed(spec, c)) for c in todo if c.method != "fp"})
+    need = sorted({(c.steps, calib_seed(spec, c)) for c in todo if c.method != "fp" and not _checkpoint_made(spec, c)})
     if need:
         fp = load_model(spec.model, device=device)
         for st, cs in need:

@@ -377,6 +377,18 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     compiled_spec = load_spec(tmp_path / "compiled.toml")
     assert ex.settings_digest(compiled_spec) == ex.settings_digest(load_spec(tmp_path / "spec.toml"))
     assert ex._sample_config(compiled_spec, 3, 0).compile is True
+    # calibration trajectories are drawn eagerly under it (their recording model call is no compiled one): the same
+    # set as the eager spec's (session 41's first GPU call failed here: "a custom model_fn runs eagerly")
+    import dataclasses
+
+    from gacq.models import load_model
+    from gacq.quant.calib_data import CalibrationSet
+
+    tiny = load_model(tiny32)
+    sets = [CalibrationSet.load(ex.ensure_calib(dataclasses.replace(s, work=tmp_path / f"calib{i}"), 3, tiny, "cpu"))
+            for i, s in enumerate([compiled_spec, load_spec(tmp_path / "spec.toml")])]
+    assert len(sets[0].x) > 0 and torch.equal(sets[0].x, sets[1].x) and torch.equal(sets[0].t, sets[1].t)
+    assert sets[0].meta["sampler"]["compile"] is False
     r = gacq("experiment", "run", "compiled.toml", "--quiet", cwd=tmp_path)
     assert r.returncode != 0
     assert "stats_0000.npz is not part 0 of this cell's run (compile differ)" in r.stdout + r.stderr

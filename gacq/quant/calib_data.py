@@ -194,6 +194,8 @@ def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
     last_needed = max(max(w) for w in wanted)
     counts = [Counter(w) for w in wanted]
     records: dict[int, list[tuple[int, int, torch.Tensor, dict]]] = {}
+    # drawn eagerly: the recording model_fn is no compiled model call (`SampleConfig.compile` is for sampling)
+    sample_cfg = SampleConfig(**{**asdict(sample_cfg), "compile": False})
     scfg = SampleConfig(**{**asdict(sample_cfg), "seed": cfg.seed})
     rank, world = gdist.rank(), gdist.world_size()
     starts = range(0, cfg.n_trajectories, cfg.batch_size)
