@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import gzip  # noqa: E402
+import shutil  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -22,6 +23,20 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gacq.models import build_model, save_model  # noqa: E402
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the Triton interpreter's jobs (tests/test_triton_w4.py) as soon as their tests are selected: niced,
+    they run in the idle gaps the rest of the suite leaves instead of blocking one test for minutes."""
+    import tempfile
+
+    mods = {item.module for item in session.items
+            if "interpreter_jobs" in getattr(item, "fixturenames", ()) and hasattr(item, "module")}
+    for mod in mods:
+        root = Path(tempfile.mkdtemp(prefix="gacq-interpreter-"))
+        session.config.add_cleanup(lambda r=root: shutil.rmtree(r, ignore_errors=True))
+        session.config.add_cleanup(mod.stop_early)  # runs before the folder goes (cleanups run last-in first-out)
+        mod.start_early(root)
 
 
 def perturbed_tiny_dit(seed: int = 0) -> torch.nn.Module:
