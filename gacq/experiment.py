@@ -991,6 +991,12 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
         cells = [c for c in cells if c.id in set(only)]
     todo = [c for c in cells if not _done(spec, c)]
+    wanted, size = _parts_wanted(), part_size_of(spec)
+    if wanted and size:  # a part number no cell has would leave every cell waiting for it
+        count = -(-spec.sample["num"] // size)
+        if max(wanted) > count:
+            raise GacqError(f"--parts {os.environ[PARTS_ENV]}: {spec.path}'s cells have {count} parts of {size} "
+                            f"samples (1-{count}); part {max(wanted)} does not exist")
     if todo:  # a cell's metrics come last: a feature network or reference they cannot use is refused before
         from .metrics.evaluate import check_eval_setup  # any cell spends time calibrating and sampling
 

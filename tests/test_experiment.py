@@ -351,6 +351,8 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     assert r.returncode == 3 and not (parts / "stats_0001.npz").exists(), r.stdout + r.stderr
     r = here("experiment", "run", "spec.toml", "--parts", "2-1", cwd=tmp_path)
     assert r.returncode == 2 and "--parts '2-1': expected 1-based part numbers" in r.stderr, r.stderr
+    r = here("experiment", "run", "spec.toml", "--parts", "3-4", cwd=tmp_path)
+    assert r.returncode == 2 and "cells have 3 parts of 10 samples (1-3); part 4 does not exist" in r.stderr, r.stderr
     r = gacq("experiment", "run", "spec.toml", "--quiet", "--parts", "1-2", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     merged = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
