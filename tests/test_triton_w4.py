@@ -72,10 +72,10 @@ def start_interpreter_jobs(root: Path, nice: int = 0) -> dict[str, Job]:
     return jobs
 
 
-# Started by conftest's pytest_collection_finish when a test of this file is selected (Linux only): the jobs take
-# about 400 s of one core's time, and on the 2-core CI machine the rest of the suite leaves about a third of the
-# cores idle (136% CPU over 24 min, session 41), so they run at nice 19 from the start, in those gaps, instead of
-# blocking the first test here for 190-250 s.
+# Started by conftest's pytest_collection_finish when a test of this file is selected (Linux only). Started by the
+# fixture, the jobs held the first test here for 190-250 s on the 2-core CI machine, while the rest of the suite
+# leaves about a third of the cores idle (136% CPU over 23.6 min); at nice 19 from the start they run in those gaps
+# (the same suite: 20.7 min, 164% CPU; session 41).
 EARLY: dict[str, Job] = {}
 
 
