@@ -562,14 +562,20 @@ def part_size_of(spec: ExperimentSpec) -> int | None:
     return size if size is not None and size < spec.sample["num"] else None
 
 
+def part_count(spec: ExperimentSpec) -> int | None:
+    """How many parts each of the spec's cells samples in (None: they sample in one run)."""
+    size = part_size_of(spec)
+    return None if size is None else -(-spec.sample["num"] // size)
+
+
 def cell_parts(spec: ExperimentSpec, cell: Cell) -> tuple[int, int] | None:
     """(parts whose statistics are in the work folder, parts in all) of a cell that samples in parts and has begun
     to; None otherwise (`gacq experiment list` shows them)."""
-    size = part_size_of(spec)
+    count = part_count(spec)
     folder = spec.work / "parts" / cell.id
-    if size is None or not folder.is_dir():
+    if count is None or not folder.is_dir():
         return None
-    return len(list(folder.glob("stats_*.npz"))), -(-spec.sample["num"] // size)
+    return len(list(folder.glob("stats_*.npz"))), count
 
 
 def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
@@ -991,12 +997,10 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
         cells = [c for c in cells if c.id in set(only)]
     todo = [c for c in cells if not _done(spec, c)]
-    wanted, size = _parts_wanted(), part_size_of(spec)
-    if wanted and size:  # a part number no cell has would leave every cell waiting for it
-        count = -(-spec.sample["num"] // size)
-        if max(wanted) > count:
-            raise GacqError(f"--parts {os.environ[PARTS_ENV]}: {spec.path}'s cells have {count} parts of {size} "
-                            f"samples (1-{count}); part {max(wanted)} does not exist")
+    wanted, count = _parts_wanted(), part_count(spec)
+    if wanted and count and max(wanted) > count:  # a part number no cell has would leave every cell waiting for it
+        raise GacqError(f"--parts {os.environ[PARTS_ENV]}: {spec.path}'s cells have {count} parts of "
+                        f"{part_size_of(spec)} samples (1-{count}); part {max(wanted)} does not exist")
     if todo:  # a cell's metrics come last: a feature network or reference they cannot use is refused before
         from .metrics.evaluate import check_eval_setup  # any cell spends time calibrating and sampling
 
