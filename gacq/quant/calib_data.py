@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,8 +195,8 @@ def collect(loaded: LoadedModel, sample_cfg: SampleConfig, cfg: CalibDataConfig,
     counts = [Counter(w) for w in wanted]
     records: dict[int, list[tuple[int, int, torch.Tensor, dict]]] = {}
     # drawn eagerly: the recording model_fn is no compiled model call (`SampleConfig.compile` is for sampling)
-    sample_cfg = SampleConfig(**{**asdict(sample_cfg), "compile": False})
-    scfg = SampleConfig(**{**asdict(sample_cfg), "seed": cfg.seed})
+    sample_cfg = replace(sample_cfg, compile=False)
+    scfg = replace(sample_cfg, seed=cfg.seed)
     rank, world = gdist.rank(), gdist.world_size()
     starts = range(0, cfg.n_trajectories, cfg.batch_size)
     mine = [starts[j] for j in gdist.owned(len(starts), rank, world)]  # whole batches: the same model calls
