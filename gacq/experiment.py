@@ -840,6 +840,10 @@ class StoppedEarly(GacqError):
     other runs (--parts); a rerun resumes it."""
 
 
+class DeadlineReached(StoppedEarly):
+    """A cell stopped before a part it could not finish by the deadline (`gacq experiment run --deadline`)."""
+
+
 def parse_parts(text: str) -> frozenset[int]:
     """`--parts`' value: 1-based part numbers and ranges ("8-10", "1,3,5-6"), or "none" (the empty set)."""
     text = text.strip()
@@ -923,7 +927,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
                     break
         if not part_fits(stop_at, time.time(), part_seconds):
             remaining = max(stop_at - time.time(), 0)
-            raise StoppedEarly(f"{cell.id}: part {k + 1} of {len(starts)} not started, {remaining:.0f} s before "
+            raise DeadlineReached(f"{cell.id}: part {k + 1} of {len(starts)} not started, {remaining:.0f} s before "
                                f"the deadline" + (f" and a part takes about {part_seconds:.0f} s" if part_seconds
                                                   else "") + "; rerun to resume at that part")
         t_part = time.time()
@@ -1011,14 +1015,27 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             raise GacqError(f"{spec.path} [eval]: {e}") from None
     echo(f"{spec.name}: {len(cells) - len(todo)} of {len(cells)} cells done, running {len(todo)}")
     if parallel <= 1 or len(todo) <= 1:
-        out = []
+        # one process, the cells in turn (a compiled model call is compiled once for all of them): a cell that leaves
+        # parts to other runs (--parts) does not stop the next; one the deadline stopped stops the run
+        out, stopped = [], []
         for i, c in enumerate(todo):
             echo(f"[{i + 1}/{len(todo)}] {c.id}")
-            res = run_cell(spec, c, command, progress)
+            try:
+                res = run_cell(spec, c, command, progress)
+            except StoppedEarly as e:
+                stopped.append(e)
+                if isinstance(e, DeadlineReached) or i + 1 == len(todo):
+                    break
+                echo(f"  stopped: {e}")
+                continue
             m = res["metrics"]
             echo(f"  FID {m['fid']:.3f}  sFID {m['sfid']:.4f}  IS {m['is_mean']:.3f}  P {m['precision']:.3f}  "
                  f"R {m['recall']:.3f}  ({m['feature_network']['name']} features, {m['samples']['n']} samples)")
             out.append(res)
+        if len(stopped) == 1:
+            raise stopped[0]
+        if stopped:
+            raise StoppedEarly(f"{len(stopped)} cell(s) stopped early, the last: {stopped[-1]}")
         return out
     # the processes share calibration sets: make them first, once (only cells whose checkpoint is missing need one)
     device = resolve_device(spec.device)

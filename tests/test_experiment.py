@@ -359,6 +359,19 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     assert merged["metrics"]["fid"] == pytest.approx(got["fid"], rel=1e-9)
     assert merged["sample"]["images_made_this_run"] == 10  # part 2 only
     assert "24 samples' statistics merged from 3 parts (10 images drawn in this run)" in r.stdout + r.stderr
+    # one process, several cells (no --parallel): a cell that leaves parts to other runs does not stop the next (one
+    # process compiles once for all), a deadline stops the run at the cell it stopped (seed 0 is done: 1 and 2 run)
+    (tmp_path / "three.toml").write_text(spec.format(model=tiny32).replace('methods = ["fp"]',
+                                                                           'methods = ["fp"]\nseeds = [0, 1, 2]'))
+    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "1", cwd=tmp_path)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "stopped: fp_steps3_seed1: 2 of its 3 parts left to other runs (--parts): 2-3;" in r.stdout, r.stdout
+    assert "2 cell(s) stopped early, the last: fp_steps3_seed2: 2 of its 3 parts" in r.stdout, r.stdout
+    for seed in (1, 2):
+        assert [p.name for p in (parts.parent / f"fp_steps3_seed{seed}").glob("stats_*")] == ["stats_0000.npz"]
+    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "2", "--deadline", 0, cwd=tmp_path)
+    assert r.returncode == 3 and "fp_steps3_seed1: part 2 of 3 not started" in r.stdout, r.stdout + r.stderr
+    assert "[2/2]" not in r.stdout and "seed2: part 2" not in r.stdout, r.stdout
     from gacq.experiment import cell_times, load_spec
 
     loaded = load_spec(tmp_path / "spec.toml", results=tmp_path / "results/experiments/t")
