@@ -88,9 +88,9 @@ def main() -> None:
     doc = {"command": " ".join(["python", *sys.argv]), "commit": git_commit(), "machine": machine_info(),
            "wall_seconds": round(time.time() - t0, 1), "feature_network": net, "rows": rows}
     write_json(out / "interim_parts.json", doc)
-    lines = [f"Interim: the first {k} parts ({rows[0]['metrics']['samples']['n']} samples) of each cell, on "
-             f"{net['name']} features (hash {net['hash']}; {net['note']}). Comparable with each other only: not with "
-             "a cell's figure at its full sample count.", "",
+    lines = [(f"Interim: the first {k} parts ({rows[0]['metrics']['samples']['n']} samples) of each cell, on "
+              f"{net['name']} features (hash {net['hash']}; {net['note']}). Comparable with each other only: not "
+              "with a cell's figure at its full sample count."), "",
              f"    {doc['command']}", "",
              f"Commit {doc['commit']}, {doc['wall_seconds']} s on the CPU.", "",
              "| cell | samples | FID | sFID | IS | precision | recall |",

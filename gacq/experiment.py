@@ -927,9 +927,9 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
                     break
         if not part_fits(stop_at, time.time(), part_seconds):
             remaining = max(stop_at - time.time(), 0)
-            raise DeadlineReached(f"{cell.id}: part {k + 1} of {len(starts)} not started, {remaining:.0f} s before "
-                               f"the deadline" + (f" and a part takes about {part_seconds:.0f} s" if part_seconds
-                                                  else "") + "; rerun to resume at that part")
+            raise DeadlineReached(f"{cell.id}: part {k + 1} of {len(starts)} not started, {remaining:.0f} s "
+                                  f"before the deadline" + (f" and a part takes about {part_seconds:.0f} s"
+                                                            if part_seconds else "") + "; rerun to resume at that part")
         t_part = time.time()
         sdir = spec.work / "samples" / f"{cell.id}.part{k:04d}"
         smeta = sample(loaded, pcfg, sdir, device=device, progress=progress)
