@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gacq.errors import GacqError  # noqa: E402
+from gacq.experiment import part_run  # noqa: E402
 from gacq.metrics.evaluate import evaluate  # noqa: E402
 from gacq.metrics.stats import load_stats, merge_stats  # noqa: E402
 from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
@@ -79,9 +80,7 @@ def main() -> None:
         except GacqError as e:
             sys.exit(f"error: {c}: {e}")
         rows.append({"cell": c, "parts": k, "parts_in_folder": have[c], "metrics": res,
-                     "part_runs": [{"part": i, **{f: m.get(f) for f in ("commit", "device", "wall_seconds_this_run",
-                                                                        "compile")},
-                                    "gpu": (m.get("machine") or {}).get("gpu")} for i, m in enumerate(metas)]})
+                     "part_runs": [{**part_run(i, m), "compile": m.get("compile")} for i, m in enumerate(metas)]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     net = rows[0]["metrics"]["feature_network"]

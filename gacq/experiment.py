@@ -949,12 +949,17 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     merged = merge_stats(parts, source=f"{n} samples of {cell.id} in {len(parts)} parts of {part_size}")
     metas = [json.loads((pdir / f"meta_{k:04d}.json").read_text()) for k in range(len(starts))]
     smeta = metas[0]
-    # parts can come from several device calls, commits and machines: the cell records each one's
-    part_runs = [{"part": k, **{f: m.get(f) for f in ("commit", "device", "wall_seconds_this_run")},
-                  "gpu": (m.get("machine") or {}).get("gpu")} for k, m in enumerate(metas)]
+    part_runs = [part_run(k, m) for k, m in enumerate(metas)]
     smeta.update(shape=[n, *smeta["shape"][1:]], wall_seconds_this_run=round(time.time() - t0, 2),
                  parts=len(parts), part_size=part_size, images_made_this_run=made, part_runs=part_runs)
     return merged, smeta, pdir / "grid.png"
+
+
+def part_run(k: int, meta: dict) -> dict:
+    """What a cell records of the run that drew its part `k` (0-based), from the part's meta_<k>.json: parts can come
+    from several device calls, commits and machines."""
+    return {"part": k, **{f: meta.get(f) for f in ("commit", "device", "wall_seconds_this_run")},
+            "gpu": (meta.get("machine") or {}).get("gpu")}
 
 
 def _ranges(nums: list[int]) -> str:
