@@ -613,21 +613,23 @@ def experiment_run(
     parts: Optional[str] = typer.Option(None, "--parts", help="Sample only these parts (1-based: 8-10, 1,3) of "
                                         "cells sampled in parts, leaving the others to other runs (exit code 3 "
                                         "while a cell misses parts; a run that finds all its parts merges them); "
-                                        "'none' quantizes and samples nothing."),
+                                        "'none' quantizes and samples nothing; per cell, 'CELL=8-10; CELL2=1-4' "
+                                        "(cells not named sample nothing), as `gacq experiment plan` prints."),
 ) -> None:
     """Calibrate, quantize, sample and evaluate every unfinished cell; rerun to resume."""
     import contextlib
     import os
     import time
 
-    from .experiment import DEADLINE_ENV, PARTS_ENV, STOPPED_EXIT, StoppedEarly, load_spec, parse_parts, run_experiment
+    from .experiment import (DEADLINE_ENV, PARTS_ENV, STOPPED_EXIT, StoppedEarly, load_spec, parse_cell_parts,
+                             run_experiment)
     from .quant.primitives import use_fused_fake_quant
 
     try:
         if deadline is not None:
             os.environ[DEADLINE_ENV] = str(time.time() + deadline)  # the --parallel processes inherit it
         if parts is not None:
-            parse_parts(parts)  # a bad value fails here, not in each cell process
+            parse_cell_parts(parts)  # a bad value fails here, not in each cell process
             os.environ[PARTS_ENV] = parts
         s = load_spec(spec, results=results)
         only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
@@ -666,6 +668,36 @@ def experiment_list(
         parts = None if times else cell_parts(s, c)
         took += f"  [parts {parts[0]} of {parts[1]} sampled]" if parts else ""
         typer.echo(f"{cell_status(s, c):8s} {c.id}{how}{took}")
+
+
+@experiment_app.command("plan")
+def experiment_plan(
+    spec: Path = typer.Argument(..., help="Experiment spec (TOML)."),
+    parts_per_call: int = typer.Option(..., "--parts-per-call", "-n", min=1, help="Parts the next run (a device "
+                                       "call) should sample: about (its seconds - first part) / a part's seconds."),
+    cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids to plan, in this order "
+                                        "(default: all, in spec order)."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Look for cell results here instead of "
+                                           "the spec's results folder."),
+) -> None:
+    """The next run's share of the parts not yet in the work folder, cell by cell: prints CELLS=... and PARTS=...
+    lines for `gacq experiment run --cells "$CELLS" --parts "$PARTS"` (or scripts/gpu-dit-call.sh), so that a run on
+    a machine that has none of the parts samples only missing ones."""
+    from .experiment import load_spec, plan_parts
+
+    try:
+        s = load_spec(spec, results=results)
+        only = [c.strip() for c in cells.split(",") if c.strip()] if cells else None
+        chosen, parts, notes = plan_parts(s, parts_per_call, only=only)
+    except GacqError as e:
+        _fail(e)
+    for line in notes:
+        typer.echo(f"# {line}", err=True)
+    if not chosen:
+        typer.echo("# no part is missing: every cell sampled in parts is done or has all its parts here", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"CELLS={','.join(chosen)}")
+    typer.echo(f"PARTS='{parts}'")
 
 
 @experiment_app.command("diagnostics")

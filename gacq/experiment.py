@@ -774,7 +774,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     if part_size is not None:
         stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase)
     else:
-        if _parts_wanted() is not None:
+        if _parts_wanted(cell.id) is not None:
             raise StoppedEarly(f"{cell.id}: not sampled (--parts: it is sampled in one run, not in parts)")
         sdir = spec.work / "samples" / cell.id
         smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
@@ -855,15 +855,77 @@ def parse_parts(text: str) -> frozenset[int]:
         lo, hi = (int(m[1]), int(m[2] or m[1])) if m else (0, -1)
         if not m or lo < 1 or hi < lo:
             raise GacqError(f"--parts {text!r}: expected 1-based part numbers and ranges such as 8-10 or 1,3,5-6, "
-                            f"or none (quantize and sample nothing)")
+                            f"or none (quantize and sample nothing), or CELL=PARTS entries joined by ';'")
         got.update(range(lo, hi + 1))
     return frozenset(got)
 
 
-def _parts_wanted() -> frozenset[int] | None:
-    """The parts this process samples (PARTS_ENV, set by --parts), None for all."""
+def parse_cell_parts(text: str) -> frozenset[int] | dict[str, frozenset[int]]:
+    """`--parts`' value, either one set of parts for every cell (`parse_parts`) or, per cell, entries
+    "CELL=PARTS" joined by ';' ("gac_w4a8_steps100_seed2=6-10; tfmq_w4a8_steps100_seed2=1-10"): a cell not named
+    then samples no part. `plan_parts` writes the second form."""
+    if "=" not in text:
+        return parse_parts(text)
+    per: dict[str, frozenset[int]] = {}
+    for entry in (e.strip() for e in text.split(";")):
+        cell, eq, parts = entry.partition("=")
+        if not entry:
+            continue
+        if not eq or not cell.strip():
+            raise GacqError(f"--parts {text!r}: entry {entry!r} is not CELL=PARTS (e.g. "
+                            f"gac_w4a8_steps100_seed2=6-10); join entries with ';'")
+        if cell.strip() in per:
+            raise GacqError(f"--parts {text!r}: cell {cell.strip()} is named twice")
+        per[cell.strip()] = parse_parts(parts)
+    return per
+
+
+def _parts_wanted(cell_id: str) -> frozenset[int] | None:
+    """The parts this process samples of the cell (PARTS_ENV, set by --parts), None for all."""
     text = os.environ.get(PARTS_ENV)
-    return None if text is None else parse_parts(text)
+    if text is None:
+        return None
+    got = parse_cell_parts(text)
+    return got.get(cell_id, frozenset()) if isinstance(got, dict) else got
+
+
+def plan_parts(spec: ExperimentSpec, n: int, only: list[str] | None = None) -> tuple[list[str], str, list[str]]:
+    """The next device call's share of the parts not yet in the work folder: the first `n` missing parts of the
+    unfinished cells sampled in parts, cell by cell in spec order (or `only`'s). Returns the cells' ids, the
+    `--parts` value for them (per cell: "CELL=PARTS; ...") and, per cell, a line saying what it takes and has.
+    A cell's parts are all planned before the next cell's, so that cells finish (and merge) one by one."""
+    count = part_count(spec)
+    if count is None:
+        raise GacqError(f"{spec.path}: its cells sample in one run, not in parts; there are no parts to plan")
+    if n < 1:
+        raise GacqError(f"parts per call must be at least 1, got {n}")
+    ids = {c.id: c for c in spec.cells}
+    bad = [o for o in only or [] if o not in ids]
+    if bad:
+        raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
+    cells = [ids[o] for o in only] if only else spec.cells
+    chosen: list[str] = []
+    entries: list[str] = []
+    notes: list[str] = []
+    for c in cells:
+        if n <= 0:
+            break
+        if _done(spec, c):
+            continue
+        folder = spec.work / "parts" / c.id
+        have = {int(f.stem.split("_")[1]) + 1 for f in folder.glob("stats_*.npz")} if folder.is_dir() else set()
+        missing = [k for k in range(1, count + 1) if k not in have][:n]
+        if not missing:  # every part is here: a run with --parts none merges it
+            notes.append(f"{c.id}: all {count} parts here, not merged yet (`gacq experiment run {spec.path} "
+                         f"--cells {c.id} --parts none` merges them)")
+            continue
+        n -= len(missing)
+        chosen.append(c.id)
+        entries.append(f"{c.id}={_ranges(missing).replace(' ', '')}")
+        notes.append(f"{c.id}: parts {_ranges(missing)} ({len(have)} of {count} here)"
+                     + ("" if _checkpoint_made(spec, c) else "; its checkpoint is not in the work folder: the call "
+                        "quantizes first"))
+    return chosen, "; ".join(entries), notes
 
 
 def part_fits(stop_at: float | None, now: float, part_seconds: float | None) -> bool:
@@ -898,7 +960,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     starts = range(0, n, part_size)
     t0, made = time.time(), 0
     stop_at = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
-    wanted, left = _parts_wanted(), []  # --parts: the others are left to other runs
+    wanted, left = _parts_wanted(cell.id), []  # --parts: the others are left to other runs
     # a checkpoint in the work folder is named relative to it, so that parts drawn on machines whose checkouts lie
     # elsewhere (another folder, a fresh clone) are recognised as parts of the same run
     work = str(spec.work)
@@ -1006,10 +1068,18 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
         cells = [c for c in cells if c.id in set(only)]
     todo = [c for c in cells if not _done(spec, c)]
-    wanted, count = _parts_wanted(), part_count(spec)
-    if wanted and count and max(wanted) > count:  # a part number no cell has would leave every cell waiting for it
-        raise GacqError(f"--parts {os.environ[PARTS_ENV]}: {spec.path}'s cells have {count} parts of "
-                        f"{part_size_of(spec)} samples (1-{count}); part {max(wanted)} does not exist")
+    count = part_count(spec)
+    wanted = parse_cell_parts(os.environ[PARTS_ENV]) if os.environ.get(PARTS_ENV) is not None else None
+    if isinstance(wanted, dict):
+        ids = {c.id for c in spec.cells}
+        bad = sorted(c for c in wanted if c not in ids)
+        if bad:
+            raise GacqError(f"--parts names cell(s) {bad} that {spec.path} does not have; `gacq experiment list "
+                            f"{spec.path}` shows the ids")
+    for got in (wanted.values() if isinstance(wanted, dict) else [wanted] if wanted else []):
+        if got and count and max(got) > count:  # a part number no cell has would leave a cell waiting for it
+            raise GacqError(f"--parts {os.environ[PARTS_ENV]}: {spec.path}'s cells have {count} parts of "
+                            f"{part_size_of(spec)} samples (1-{count}); part {max(got)} does not exist")
     if todo:  # a cell's metrics come last: a feature network or reference they cannot use is refused before
         from .metrics.evaluate import check_eval_setup  # any cell spends time calibrating and sampling
 

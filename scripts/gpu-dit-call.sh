@@ -44,7 +44,8 @@
 # need not carry the earlier parts' statistics (2.1 MB a part: three cells' 21 parts did not fit beside the bundled
 # UNet and .whl in the 64 MiB a call carries); its parts come back as above, and `gacq experiment run` here, with
 # every part's statistics in the work folder (scripts/gpu-unpack.sh), merges and evaluates the cells on the CPU.
-# PARTS=none quantizes only.
+# PARTS=none quantizes only. Per cell: PARTS='CELL=6-10; CELL2=1-4' (cells not named sample nothing), as
+# `gacq experiment plan SPEC -n N` prints it with CELLS from the parts already here.
 # Env: TRAIN_MIN (6), DEADLINE (seconds into the call when the cells are stopped and packed: 545), CELLS, P (8),
 #      SPEC (experiments/dit-s6-cifar10.toml), DEVICE (cuda); a CPU dry run: TRAIN_CMD, DEVICE=cpu, SPEC.
 set -u

@@ -372,6 +372,33 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "2", "--deadline", 0, cwd=tmp_path)
     assert r.returncode == 3 and "fp_steps3_seed1: part 2 of 3 not started" in r.stdout, r.stdout + r.stderr
     assert "[2/2]" not in r.stdout and "seed2: part 2" not in r.stdout, r.stdout
+    # `gacq experiment plan`: the next run's share of the missing parts, cell by cell, as per-cell --parts (a
+    # machine without the earlier parts then samples only missing ones); cells not named in it sample nothing
+    r = here("experiment", "plan", "three.toml", "-n", 3, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["CELLS=fp_steps3_seed1,fp_steps3_seed2",
+                                     "PARTS='fp_steps3_seed1=2-3; fp_steps3_seed2=2'"], r.stdout
+    assert "fp_steps3_seed1: parts 2-3 (1 of 3 here)" in r.stderr, r.stderr
+    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "fp_steps3_seed2=2; fp_steps3_seed1=2-3",
+             cwd=tmp_path)
+    assert r.returncode == 3 and "24 samples' statistics merged from 3 parts (14 images" in r.stdout + r.stderr, \
+        r.stdout + r.stderr
+    assert "fp_steps3_seed2: 1 of its 3 parts left to other runs (--parts): 3;" in r.stdout, r.stdout
+    assert (tmp_path / "results/experiments/t/cells/fp_steps3_seed1.json").exists()
+    assert sorted(p.name for p in (parts.parent / "fp_steps3_seed2").glob("stats_*")) == [
+        "stats_0000.npz", "stats_0001.npz"]
+    r = here("experiment", "plan", "three.toml", "-n", 5, cwd=tmp_path)
+    assert r.stdout.splitlines() == ["CELLS=fp_steps3_seed2", "PARTS='fp_steps3_seed2=3'"], r.stdout + r.stderr
+    r = here("experiment", "run", "three.toml", "--parts", "fp_steps3_seed9=3", cwd=tmp_path)
+    assert r.returncode == 2 and "--parts names cell(s) ['fp_steps3_seed9']" in r.stderr, r.stderr
+    r = here("experiment", "run", "three.toml", "--parts", "fp_steps3_seed2=4", cwd=tmp_path)
+    assert r.returncode == 2 and "part 4 does not exist" in r.stderr, r.stderr
+    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "fp_steps3_seed2=3", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "results/experiments/t/cells/fp_steps3_seed2.json").exists(), r.stdout
+    r = here("experiment", "plan", "three.toml", "-n", 5, cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == "" and "no part is missing" in r.stderr, r.stdout + r.stderr
+    r = here("experiment", "plan", "spec.toml", "-n", 0, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
     from gacq.experiment import cell_times, load_spec
 
     loaded = load_spec(tmp_path / "spec.toml", results=tmp_path / "results/experiments/t")
@@ -917,6 +944,14 @@ def test_parse_parts():
         with pytest.raises(GacqError, match="expected 1-based part numbers"):
             parse_parts(bad)
     assert _ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8" and _ranges([4]) == "4"
+    from gacq.experiment import parse_cell_parts
+
+    assert parse_cell_parts("8-10") == {8, 9, 10}  # one set for every cell
+    assert parse_cell_parts("a=1-2; b=none;c=4,6 ;") == {"a": {1, 2}, "b": frozenset(), "c": {4, 6}}
+    for bad, msg in (("a=1;a=2", "cell a is named twice"), ("=3", "is not CELL=PARTS"), ("a=1; 2", "is not CELL"),
+                     ("a=0", "expected 1-based part numbers")):
+        with pytest.raises(GacqError, match=msg):
+            parse_cell_parts(bad)
 
 
 def test_part_fits_the_deadline():

@@ -303,7 +303,8 @@ def test_part_statistics_travel_between_calls_and_unpack_merges_a_cell_here(tmp_
 
 def test_a_one_process_call_samples_the_named_parts_of_each_cell(tmp_path):
     """`P=1` with two cells (docs/next-gpu-runs.md §3's calls): one runner process samples PARTS of both cells in turn
-    (the first cell, left with parts to other runs, no longer stops the second) and the call returns both parts."""
+    (the first cell, left with parts to other runs, no longer stops the second) and the call returns both parts.
+    PARTS per cell, as `gacq experiment plan` prints it (';' and spaces pass through the script's quoting)."""
     torch.manual_seed(0)
     model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
     cells = ["fp_steps5_seed0", "fp_steps10_seed0"]
@@ -311,13 +312,14 @@ def test_a_one_process_call_samples_the_named_parts_of_each_cell(tmp_path):
     dev.mkdir()
     (dev / "spec.toml").write_text(SPEC.format(model=model).replace("num = 10\nbatch_size = 10",
                                                                      "num = 20\nbatch_size = 10\npart_size = 10"))
-    env = {"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": ",".join(cells), "DEADLINE": "500", "PARTS": "2", "P": "1"}
+    env = {"SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": ",".join(cells), "DEADLINE": "500", "P": "1",
+           "PARTS": "fp_steps5_seed0=2; fp_steps10_seed0=1"}
     r = _bash(ROOT / "scripts/gpu-dit-call.sh", "cells", tmp_path / "out", cwd=dev, env=env)
     assert r.returncode == 0 and "experiment rc 3" in r.stdout, r.stdout + r.stderr
     chunks = sorted((tmp_path / "out/p").glob("parts.tgz.*"))
     with tarfile.open(fileobj=io.BytesIO(b"".join(c.read_bytes() for c in chunks))) as t:
         returned = sorted(n for n in t.getnames() if n.endswith(".npz"))
-    assert returned == sorted(f"parts/{c}/stats_0001.npz" for c in cells), returned
+    assert returned == ["parts/fp_steps10_seed0/stats_0000.npz", "parts/fp_steps5_seed0/stats_0001.npz"], returned
     with tarfile.open(tmp_path / "out/call.tgz") as t:  # the runner's log travels in call.tgz
         log = t.extractfile("./experiment.log").read().decode()
     assert "stopped: fp_steps5_seed0: 1 of its 2 parts left" in log and "2 cell(s) stopped early" in log, log
