@@ -96,6 +96,10 @@ if [ -d .data/parts ]; then
   done
 fi
 echo "gpu-unpack: $NEW new cell result(s); logs in $LOGS"
+if [ -n "${SPEC:-}" ] && [ -d .data/parts ]; then  # the next call's CELLS and PARTS (NEXT_PARTS of them, 13)
+  echo "gpu-unpack: the next call (gacq experiment plan -n ${NEXT_PARTS:-13}):"
+  python -m gacq experiment plan "$SPEC" --results "$RES" -n "${NEXT_PARTS:-13}" 2>&1 | sed 's/^/gpu-unpack:   /' || true
+fi
 TITLE=${4:-$(sed -n '1s/^# //p' "$RES/README.md" 2>/dev/null || true)}  # none before the folder's first report
 if ls "$RES"/cells/*.json > /dev/null 2>&1; then
   python -m gacq report "$RES" ${TITLE:+--title "$TITLE"}

@@ -262,7 +262,8 @@ def test_part_statistics_travel_between_calls_and_unpack_merges_a_cell_here(tmp_
        its statistics in $OUT/p; gpu-unpack (SPEC set) keeps them in .data/parts and lists the cell's parts;
     2. carries .data/parts: samples only part 2 (PARTS=2), and returns only that part (not the carried one);
     3. carries nothing, PARTS=3: samples part 3; gpu-unpack then finds all three parts here and merges and evaluates
-       the cell on this machine (sampling nothing), and drops the finished cell's parts from .data/parts."""
+       the cell on this machine (sampling nothing), and drops the finished cell's parts from .data/parts.
+    After each call gpu-unpack prints the next call's plan (`gacq experiment plan`)."""
     torch.manual_seed(0)
     model = save_model(build_model(dict(NAMED_CONFIGS["tiny"], sample_size=32)).eval(), tmp_path / "tiny32")
     cell = "fp_steps5_seed0"
@@ -292,6 +293,8 @@ def test_part_statistics_travel_between_calls_and_unpack_merges_a_cell_here(tmp_
         assert r.returncode == 0, r.stdout + r.stderr
         if k < 3:
             assert f"{cell}: parts {'1' if k == 1 else '1-2'}\n" in r.stdout and "merging" not in r.stdout, r.stdout
+            # and the next call's plan (`gacq experiment plan`): this cell's missing parts come first
+            assert f"gpu-unpack:   PARTS='{cell}={'2-3' if k == 1 else '3'}; " in r.stdout, r.stdout
             assert not (res / f"cells/{cell}.json").exists()
     assert f"{cell}: parts 1-3\n" in r.stdout and f"merging the parts of {cell}" in r.stdout, r.stdout
     done = json.loads((res / f"cells/{cell}.json").read_text())
