@@ -128,6 +128,78 @@ def _seed_label(c: dict) -> str:
     return str(c["cell"]["seed"]) + ("" if cs is None or cs == default else f"/cs{cs}")
 
 
+# two-sided 95% quantiles of Student's t, 1-30 degrees of freedom (tests compare them with scipy's)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """Student's t quantile at 0.975 (a two-sided 95% interval) for `df` degrees of freedom: a table up to 30, the
+    Cornish-Fisher expansion beyond (within 1e-4 there); scipy is only a test dependency."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict[str, Any] | None:
+    """a − b over the seeds both have (seed label -> value): the differences, their mean, sample standard
+    deviation and a 95% t interval of the mean (None with one seed); None when no seed is shared."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[k] - b[k] for k in seeds]
+    mean, sd = _stat(d)
+    half = None if sd is None else t975(len(d) - 1) * sd / math.sqrt(len(d))
+    return {"seeds": seeds, "diffs": d, "mean": mean, "sd": sd,
+            "interval": None if half is None else (mean - half, mean + half)}
+
+
+def _by_seed(g: dict, metric: str) -> dict[str, float]:
+    """A pooled entry's metric per seed label (the mean where one label has several cells)."""
+    got: dict[str, list[float]] = defaultdict(list)
+    for c in g["cells"]:
+        got[_seed_label(c)].append(float(c["metrics"][metric]))
+    return {k: sum(v) / len(v) for k, v in got.items()}
+
+
+def _paired_section(gs: dict, a: str = "gac", b: str = "tfmq") -> list[str]:
+    """Method a − method b in FID, paired by sampling seed (the same initial noise), per experiment, bits and
+    steps: the table that says whether a beats b beyond the seed-to-seed spread."""
+    rows = []
+    for (exp, m, bits, steps, gac), g in sorted(gs.items(), key=lambda kv: (-kv[0][3], _bits_key(kv[0][2]))):
+        other = gs.get((exp, b, bits, steps, ()))
+        if m != a or gac or other is None:
+            continue
+        p = paired_difference(_by_seed(g, "fid"), _by_seed(other, "fid"))
+        if p is None:
+            continue
+        if p["interval"] is None:
+            verdict = "one seed: no interval"
+        elif p["interval"][1] < 0:
+            verdict = f"{a} lower (better)"
+        elif p["interval"][0] > 0:
+            verdict = f"{b} lower (better)"
+        else:
+            verdict = "not distinguishable"
+        n = sorted({c["metrics"]["samples"]["n"] for c in g["cells"]})
+        rows.append([bits, str(steps), ",".join(map(str, n)), ",".join(p["seeds"]),
+                     ", ".join(f"{x:+.2f}" for x in p["diffs"]),
+                     f"{p['mean']:+.2f}" + ("" if p["sd"] is None else f" ± {p['sd']:.2f}"),
+                     "" if p["interval"] is None else f"{p['interval'][0]:+.2f} to {p['interval'][1]:+.2f}", verdict])
+    if not rows:
+        return []
+    return [f"### {a} − {b}, FID paired by sampling seed", "",
+            f"Per seed that both rows sampled (the same sampling seed, so the same initial noise, and the same "
+            f"calibration seed, `/cs<n>`): {a}'s FID minus {b}'s (negative: {a} better), their mean ± sample "
+            "standard deviation, and a 95% Student-t interval of the mean. "
+            "\"Not distinguishable\" means the interval includes 0: the seeds run do not show either method "
+            "better.", ""] + _table(["bits", "steps", "samples", "seeds", "differences", "mean ± sd",
+                                    "95% interval", "verdict"], rows) + [""]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"] + \
         ["| " + " | ".join(r) + " |" for r in rows]
@@ -193,6 +265,7 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                          ",".join(map(str, sorted(g["n"])))] +
                         [_fmt(g["metrics"][k], nd, _runs(g)) for k, _, nd in METRICS])
         md += _table(["method", "bits", "steps", "seeds", "samples"] + [h for _, h, _ in METRICS], rows) + [""]
+        md += _paired_section(gs)
         cost = {}
         for g in gs.values():
             for c in g["cells"]:

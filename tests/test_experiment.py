@@ -529,6 +529,47 @@ def test_report_counts_the_quantization_runs_that_pooled_seeds_sampled(tmp_path)
     assert "| gac_w4a8 (run at 6a958af) | quantization | 792 |" in md
 
 
+def test_report_pairs_gac_and_tfmq_by_sampling_seed(tmp_path):
+    """The report's gac − tfmq table: FID differences per shared seed, their mean ± sd and a 95% t interval of the
+    mean (against scipy), with a verdict from the interval; seeds only one method has, ablations and other feature
+    networks stay out."""
+    from scipy import stats
+
+    from gacq.report import paired_difference, t975
+
+    gac = {"W4A8": [48.0, 50.5, 49.0, 60.0], "W4A32": [49.0, 49.2, 49.1], "W8A8": [47.0, 47.1], "W3A8": [55.0]}
+    tfmq = {"W4A8": [49.0, 49.5, 48.7], "W4A32": [48.0, 48.1, 48.3], "W8A8": [48.0, 48.0], "W3A8": [70.0]}
+    for bits in gac:
+        for s, f in enumerate(gac[bits]):
+            _cell(tmp_path, "gac", bits, s, f)
+        for s, f in enumerate(tfmq[bits]):
+            _cell(tmp_path, "tfmq", bits, s, f)
+    _cell(tmp_path, "gac", "W4A8", 0, 10.0, gac={"tau": 0.5})  # an ablation: not paired
+    _cell(tmp_path, "gac", "W4A8", 0, 99.0, net="inception", h="def")  # no tfmq on that network: no table there
+    render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    cif, inc = md.split("## Feature network: inception (def)")
+    assert "gac − tfmq, FID paired by sampling seed" in cif and "paired" not in inc
+    for bits, verdict in (("W4A8", "not distinguishable"), ("W4A32", "tfmq lower (better)"),
+                          ("W8A8", "gac lower (better)")):
+        d = [a - b for a, b in zip(gac[bits], tfmq[bits])]  # zip: the seeds both have
+        half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+        lo, hi = statistics.mean(d) - half, statistics.mean(d) + half
+        row = (f"| {bits} | 100 | 10000 | {','.join(map(str, range(len(d))))} | "
+               f"{', '.join(f'{x:+.2f}' for x in d)} | {statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} | "
+               f"{lo:+.2f} to {hi:+.2f} | {verdict} |")
+        assert row in cif, (row, cif)
+    assert "| W3A8 | 100 | 10000 | 0 | -15.00 | -15.00 |  | one seed: no interval |" in cif
+    p = paired_difference({"0": 1.0, "1": 3.0, "2": 7.0}, {"1": 1.0, "2": 2.0, "3": 0.0})
+    assert p["seeds"] == ["1", "2"] and p["diffs"] == [2.0, 5.0] and p["mean"] == 3.5
+    assert p["interval"] == pytest.approx((3.5 - 12.706 * 1.5, 3.5 + 12.706 * 1.5))
+    assert paired_difference({"0": 1.0}, {"1": 1.0}) is None
+    # the t table and its expansion beyond 30 degrees of freedom against scipy
+    assert max(abs(t975(df) - stats.t.ppf(0.975, df)) for df in range(1, 400)) < 1e-3
+    with pytest.raises(ValueError, match="at least 1"):
+        t975(0)
+
+
 def test_a_spec_with_other_settings_is_refused_on_shared_folders(ran, tiny32):
     other = SPEC.format(model=tiny32).replace("iters = 2\n", "iters = 3\n", 1)
     other = other.replace('name = "t"', 'name = "t2"\nresults = "results/experiments/t"\nwork = "runs/experiments/t"')
