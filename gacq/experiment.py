@@ -572,10 +572,23 @@ def cell_parts(spec: ExperimentSpec, cell: Cell) -> tuple[int, int] | None:
     """(parts whose statistics are in the work folder, parts in all) of a cell that samples in parts and has begun
     to; None otherwise (`gacq experiment list` shows them)."""
     count = part_count(spec)
-    folder = spec.work / "parts" / cell.id
-    if count is None or not folder.is_dir():
+    if count is None or not (spec.work / "parts" / cell.id).is_dir():
         return None
-    return len(list(folder.glob("stats_*.npz"))), count
+    return len(_parts_here(spec, cell)), count
+
+
+def _parts_here(spec: ExperimentSpec, cell: Cell) -> set[int]:
+    """The parts (1-based, as --parts names them) whose statistics are in the cell's work folder."""
+    folder = spec.work / "parts" / cell.id
+    return {int(f.stem.split("_")[1]) + 1 for f in folder.glob("stats_*.npz")} if folder.is_dir() else set()
+
+
+def _check_cell_ids(spec: ExperimentSpec, ids: list[str]) -> None:
+    """Refuse cell ids (--cells) that the spec does not have."""
+    known = {c.id for c in spec.cells}
+    bad = [i for i in ids if i not in known]
+    if bad:
+        raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
 
 
 def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
@@ -899,10 +912,8 @@ def plan_parts(spec: ExperimentSpec, n: int, only: list[str] | None = None) -> t
         raise GacqError(f"{spec.path}: its cells sample in one run, not in parts; there are no parts to plan")
     if n < 1:
         raise GacqError(f"parts per call must be at least 1, got {n}")
+    _check_cell_ids(spec, only or [])
     ids = {c.id: c for c in spec.cells}
-    bad = [o for o in only or [] if o not in ids]
-    if bad:
-        raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
     cells = [ids[o] for o in only] if only else spec.cells
     chosen: list[str] = []
     entries: list[str] = []
@@ -912,8 +923,7 @@ def plan_parts(spec: ExperimentSpec, n: int, only: list[str] | None = None) -> t
             break
         if _done(spec, c):
             continue
-        folder = spec.work / "parts" / c.id
-        have = {int(f.stem.split("_")[1]) + 1 for f in folder.glob("stats_*.npz")} if folder.is_dir() else set()
+        have = _parts_here(spec, c)
         missing = [k for k in range(1, count + 1) if k not in have][:n]
         if not missing:  # every part is here: a run with --parts none merges it
             notes.append(f"{c.id}: all {count} parts here, not merged yet (`gacq experiment run {spec.path} "
@@ -1062,10 +1072,7 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
     torch.backends.cuda.matmul.allow_tf32 = spec.matmul_tf32  # this process; every --parallel child sets its own
     cells = spec.cells
     if only:
-        ids = {c.id for c in cells}
-        bad = [o for o in only if o not in ids]
-        if bad:
-            raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
+        _check_cell_ids(spec, only)
         cells = [c for c in cells if c.id in set(only)]
     todo = [c for c in cells if not _done(spec, c)]
     count = part_count(spec)
@@ -1076,10 +1083,11 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
         if bad:
             raise GacqError(f"--parts names cell(s) {bad} that {spec.path} does not have; `gacq experiment list "
                             f"{spec.path}` shows the ids")
-    for got in (wanted.values() if isinstance(wanted, dict) else [wanted] if wanted else []):
-        if got and count and max(got) > count:  # a part number no cell has would leave a cell waiting for it
-            raise GacqError(f"--parts {os.environ[PARTS_ENV]}: {spec.path}'s cells have {count} parts of "
-                            f"{part_size_of(spec)} samples (1-{count}); part {max(got)} does not exist")
+    sets = list(wanted.values()) if isinstance(wanted, dict) else [wanted or frozenset()]
+    top = max((max(got) for got in sets if got), default=0)
+    if count and top > count:  # a part number no cell has would leave a cell waiting for it
+        raise GacqError(f"--parts {os.environ[PARTS_ENV]}: {spec.path}'s cells have {count} parts of "
+                        f"{part_size_of(spec)} samples (1-{count}); part {top} does not exist")
     if todo:  # a cell's metrics come last: a feature network or reference they cannot use is refused before
         from .metrics.evaluate import check_eval_setup  # any cell spends time calibrating and sampling
 
