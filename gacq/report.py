@@ -28,6 +28,7 @@ BC = "+bc"  # rows of cells quantized with output bias correction: "<method>+bc"
 TOK = "+tok"  # rows of cells with dynamic per-token Linear inputs (`act_granularity = "token"`): "<method>+tok"
 W8 = "+w8"  # rows of cells with 8-bit weights in chosen layers (`w8_layers`): "<method>+w8<name>"
 METHOD_ORDER = ["fp", "rtn", "brecq", "ptq4dm", "qdiffusion", "tfmq", "gac"]
+NOT_MERGED = "not-merged"  # scripts/gpu-unpack.sh's folder (in a call's logs) for files it found here already
 METRICS = [("fid", "FID", 2), ("sfid", "sFID", 4), ("is_mean", "IS", 3), ("precision", "precision", 3),
            ("recall", "recall", 3)]
 
@@ -38,6 +39,8 @@ def load_cells(folder: str | Path) -> list[dict]:
         raise GacqError(f"{folder} is not a folder of experiment results")
     cells = []
     for p in sorted(folder.rglob("*.json")):
+        if NOT_MERGED in p.relative_to(folder).parts[:-1]:
+            continue  # a call's copy of a cell already here, kept by gpu-unpack.sh beside its logs: not a result
         try:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):

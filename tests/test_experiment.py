@@ -487,6 +487,23 @@ def test_report_pools_seeds_and_separates_feature_networks(tmp_path):
         render(tmp_path / "missing", tmp_path / "x.md")
 
 
+def test_report_leaves_out_cell_copies_that_an_unpack_did_not_merge(tmp_path):
+    """gpu-unpack.sh keeps a call's copy of a cell already in the results folder under
+    runs/<call>-logs/not-merged/: the report counts the cell once, not once per copy."""
+    _cell(tmp_path, "gac", "W4A8", 0, 10.0)
+    _cell(tmp_path, "gac", "W4A8", 1, 12.0)
+    copy = tmp_path / "runs/c2-logs/not-merged"
+    copy.mkdir(parents=True)
+    _cell(copy, "gac", "W4A8", 1, 12.0)
+    info = render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert info["cells"] == 2 and "11.00 ± 1.41 (2 seeds)" in md, md
+    # only a folder of that name is left out, not a file or a results folder whose path holds the word
+    (tmp_path / "not-merged-notes").mkdir()
+    _cell(tmp_path / "not-merged-notes", "gac", "W4A8", 2, 14.0)
+    assert render(tmp_path, tmp_path / "r.md")["cells"] == 3
+
+
 def test_report_cost_table_names_bias_corrections_and_unrecorded_gpu_peaks(tmp_path):
     """A bias-corrected job is a correction of its base checkpoint, not a quantization; a GPU job
     without a recorded peak says so instead of claiming it ran on the CPU."""
