@@ -40,6 +40,12 @@ def tiles(path: Path, n: int = 8, size: int = 32, gap: int = 2) -> np.ndarray:
                      for i in range(n) for j in range(n)])
 
 
+def _label(p: Path, grids: list[Path]) -> str:
+    """A grid's name in the table: its file name, or its folder's where grids share a file name (`gacq sample`'s
+    grid.png)."""
+    return p.parent.name if sum(g.stem == p.stem for g in grids) > 1 else p.stem
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("grids", nargs="+", type=Path)
@@ -76,7 +82,7 @@ def main() -> None:
              "| grid | mean R | mean G | mean B | tiles with B > R + 10 | contrast |" + (" FID |" if fid else ""),
              "| --- | --- | --- | --- | --- | --- |" + (" --- |" if fid else "")]
     for r in sorted(rows, key=lambda r: r["fid"]) if fid else rows:
-        lines.append(f"| {Path(r['grid']).stem} | " + " | ".join(f"{v:.1f}" for v in r["mean_rgb"])
+        lines.append(f"| {_label(Path(r['grid']), args.grids)} | " + " | ".join(f"{v:.1f}" for v in r["mean_rgb"])
                      + f" | {r['blue_dominant_share']:.0%} | {r['contrast']:.1f} |" + (f" {r['fid']:.2f} |" if fid else ""))
     if corr:
         lines += ["", f"Spearman rank correlation of FID with contrast over the {corr['n']} grids: "

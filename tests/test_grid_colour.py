@@ -68,3 +68,20 @@ def test_missing_cell_result_is_a_clear_error(tmp_path):
     assert r.returncode != 0
     assert "no cell result" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_grids_that_share_a_file_name_are_named_by_their_folder(tmp_path):
+    """`gacq sample` writes every run's grid as grid.png: the table then names each by its folder."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for name in ("fp", "gac_w4a8"):
+        (tmp_path / name).mkdir()
+        write_grid(tmp_path / name / "grid.png", rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+        paths.append(str(tmp_path / name / "grid.png"))
+    r = subprocess.run([sys.executable, str(SCRIPT), *paths, "--out", str(tmp_path / "out")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "out/README.md").read_text()
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "mean R" not in line
+            and "---" not in line]
+    assert rows == ["| fp", "| gac_w4a8"], md
