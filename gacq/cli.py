@@ -598,7 +598,7 @@ app.add_typer(experiment_app, name="experiment")
 @experiment_app.command("run")
 def experiment_run(
     spec: Path = typer.Argument(..., help="Experiment spec (TOML)."),
-    cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids to run (default: all)."),
+    cells: Optional[str] = typer.Option(None, "--cells", help="Comma-separated cell ids to run, in this order (default: all, in the spec's order)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Cell groups run at once as separate processes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     results: Optional[Path] = typer.Option(None, "--results", help="Write (and look for) cell results here "

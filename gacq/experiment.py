@@ -1073,7 +1073,8 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
     cells = spec.cells
     if only:
         _check_cell_ids(spec, only)
-        cells = [c for c in cells if c.id in set(only)]
+        by_id = {c.id: c for c in cells}
+        cells = [by_id[i] for i in dict.fromkeys(only)]  # in the order given (`plan --cells`' order), not the spec's
     todo = [c for c in cells if not _done(spec, c)]
     count = part_count(spec)
     wanted = parse_cell_parts(os.environ[PARTS_ENV]) if os.environ.get(PARTS_ENV) is not None else None

@@ -283,6 +283,12 @@ def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
                      "sample": cell["sample"]["wall_seconds_last_run"]}
     r = here("experiment", "run", "spec.toml", "--cells", "nope", cwd=ran)
     assert r.returncode == 2 and "no cell(s) ['nope']" in r.stderr
+    # --cells runs the cells named in its own order, not the spec's (fp comes first there); from the samples on disk
+    for c in ("fp_steps5_seed0", "rtn_w4a32_steps5_seed0"):
+        (cell_dir / f"{c}.json").unlink()
+    r = gacq("experiment", "run", "spec.toml", "--cells", "rtn_w4a32_steps5_seed0,fp_steps5_seed0", "--quiet", cwd=ran)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.index("[1/2] rtn_w4a32_steps5_seed0") < r.stdout.index("[2/2] fp_steps5_seed0"), r.stdout
 
 
 def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp_path):
