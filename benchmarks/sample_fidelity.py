@@ -1,8 +1,8 @@
 """Fidelity of quantized samples to full-precision samples drawn from the same noise.
 
-A cheap check of a quantized model beside FID: with the same seeds, the FP and quantized samplers start from the same noise, so the per-image PSNR between the
-two sample sets measures how far quantization moves the generated images (higher is closer).
-It says nothing about sample quality or diversity on its own.
+A cheap check of a quantized model beside FID: with the same seeds, the FP and quantized samplers start
+from the same noise, so the per-image PSNR between the two sample sets measures how far quantization
+moves the generated images (higher is closer). It says nothing about sample quality or diversity on its own.
 
     python benchmarks/sample_fidelity.py --ref S_FP --out results/rtn_fidelity S_Q1 S_Q2 ...
 
@@ -24,7 +24,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gacq.utils import git_commit, machine_info, write_json  # noqa: E402
+from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -95,7 +95,8 @@ def main() -> None:
                   f"| {d['a_closer']} of {d['n']} |" for d in result["pairs"]]
     if times:
         lines += ["", "Wall times (s): " + ", ".join(f"{k} {v}" for k, v in times.items())]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
