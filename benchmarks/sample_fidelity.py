@@ -7,7 +7,7 @@ moves the generated images (higher is closer). It says nothing about sample qual
     python benchmarks/sample_fidelity.py --ref S_FP --out results/rtn_fidelity S_Q1 S_Q2 ...
 
 --pair A:B (repeatable; A and B are sample folders named among the positional ones) adds the paired
-per-image difference PSNR(A) - PSNR(B): its mean, a 95% Student-t interval of the mean (scipy) and the
+per-image difference PSNR(A) - PSNR(B): its mean, a 95% Student-t interval of the mean and the
 number of images A has closer to FP. The images are paired by their noise, so the interval is over images
 of one sampling seed, not over quantization runs.
 """
@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gacq.report import paired_difference  # noqa: E402
 from gacq.utils import atomic_path, git_commit, machine_info, write_json  # noqa: E402
 
 
@@ -33,13 +33,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
 
 
-def paired_difference(a: str, b: str, pa: np.ndarray, pb: np.ndarray) -> dict:
-    """Per-image PSNR(a) - PSNR(b): mean, 95% Student-t interval of the mean, images with a closer to FP."""
-    d = pa - pb
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    m = float(d.mean())
-    return {"a": a, "b": b, "n": len(d), "mean_db": round(m, 3), "ci95_db": [round(m - half, 3), round(m + half, 3)],
-            "a_closer": int((d > 0).sum())}
+def image_pair(a: str, b: str, pa: np.ndarray, pb: np.ndarray) -> dict:
+    """Per-image PSNR(a) - PSNR(b), paired by image (`gacq.report.paired_difference`): mean, 95% Student-t interval
+    of the mean (None with one image), images with a closer to FP."""
+    p = paired_difference(dict(enumerate(pa.tolist())), dict(enumerate(pb.tolist())))
+    lo_hi = None if p["interval"] is None else [round(v, 3) for v in p["interval"]]
+    return {"a": a, "b": b, "n": len(p["diffs"]), "mean_db": round(p["mean"], 3), "ci95_db": lo_hi,
+            "a_closer": sum(d > 0 for d in p["diffs"])}
+
+
+def _interval(lo_hi: list[float] | None) -> str:
+    return "" if lo_hi is None else f"{lo_hi[0]:+.2f} to {lo_hi[1]:+.2f}"
 
 
 def main() -> None:
@@ -76,7 +80,7 @@ def main() -> None:
     result = {"command": args.command, "this_script": "python " + " ".join(sys.argv), "commit": git_commit(),
               "machine": machine_info(), "reference": args.ref, "num": ref_meta["num"], "seed": ref_meta["seed"],
               "sampler": f"{ref_meta['scheduler']} {ref_meta['steps']} steps eta {ref_meta['eta']}",
-              "rows": rows, "pairs": [paired_difference(a, b, per_image[a], per_image[b]) for a, b in pairs],
+              "rows": rows, "pairs": [image_pair(a, b, per_image[a], per_image[b]) for a, b in pairs],
               "wall_seconds": times}
     out = Path(args.out)
     write_json(out.with_suffix(".json"), result)
@@ -91,7 +95,7 @@ def main() -> None:
         lines += ["", "Paired by image (the same noise): PSNR(A) − PSNR(B), its mean and a 95% Student-t interval "
                   "over the images (one sampling seed), and the images A has closer to FP.", "",
                   "| A | B | mean difference (dB) | 95% interval | A closer |", "|---|---|---|---|---|"]
-        lines += [f"| {d['a']} | {d['b']} | {d['mean_db']:+.2f} | {d['ci95_db'][0]:+.2f} to {d['ci95_db'][1]:+.2f} "
+        lines += [f"| {d['a']} | {d['b']} | {d['mean_db']:+.2f} | {_interval(d['ci95_db'])} "
                   f"| {d['a_closer']} of {d['n']} |" for d in result["pairs"]]
     if times:
         lines += ["", "Wall times (s): " + ", ".join(f"{k} {v}" for k, v in times.items())]

@@ -583,12 +583,23 @@ def _parts_here(spec: ExperimentSpec, cell: Cell) -> set[int]:
     return {int(f.stem.split("_")[1]) + 1 for f in folder.glob("stats_*.npz")} if folder.is_dir() else set()
 
 
-def _check_cell_ids(spec: ExperimentSpec, ids: list[str]) -> None:
-    """Refuse cell ids (--cells) that the spec does not have."""
+def _check_cell_ids(spec: ExperimentSpec, ids, option: str = "--cells") -> None:
+    """Refuse cell ids that the spec does not have (named by --cells, or by --parts' CELL=PARTS entries)."""
     known = {c.id for c in spec.cells}
     bad = [i for i in ids if i not in known]
     if bad:
-        raise GacqError(f"no cell(s) {bad} in {spec.path}; `gacq experiment list {spec.path}` shows the ids")
+        said = f"no cell(s) {bad} in {spec.path}" if option == "--cells" else \
+            f"{option} names cell(s) {bad} that {spec.path} does not have"
+        raise GacqError(f"{said}; `gacq experiment list {spec.path}` shows the ids")
+
+
+def _cells_named(spec: ExperimentSpec, only: list[str] | None) -> list[Cell]:
+    """The spec's cells, or those `only` names, in its order (each once; unknown ids refused)."""
+    if not only:
+        return spec.cells
+    _check_cell_ids(spec, only)
+    by_id = {c.id: c for c in spec.cells}
+    return [by_id[i] for i in dict.fromkeys(only)]
 
 
 def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
@@ -912,9 +923,7 @@ def plan_parts(spec: ExperimentSpec, n: int, only: list[str] | None = None) -> t
         raise GacqError(f"{spec.path}: its cells sample in one run, not in parts; there are no parts to plan")
     if n < 1:
         raise GacqError(f"parts per call must be at least 1, got {n}")
-    _check_cell_ids(spec, only or [])
-    ids = {c.id: c for c in spec.cells}
-    cells = [ids[o] for o in only] if only else spec.cells
+    cells = _cells_named(spec, only)
     chosen: list[str] = []
     entries: list[str] = []
     notes: list[str] = []
@@ -1070,20 +1079,12 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
     from .utils import resolve_device
 
     torch.backends.cuda.matmul.allow_tf32 = spec.matmul_tf32  # this process; every --parallel child sets its own
-    cells = spec.cells
-    if only:
-        _check_cell_ids(spec, only)
-        by_id = {c.id: c for c in cells}
-        cells = [by_id[i] for i in dict.fromkeys(only)]  # in the order given (`plan --cells`' order), not the spec's
+    cells = _cells_named(spec, only)  # in the order given (`plan --cells`' order), not the spec's
     todo = [c for c in cells if not _done(spec, c)]
     count = part_count(spec)
     wanted = parse_cell_parts(os.environ[PARTS_ENV]) if os.environ.get(PARTS_ENV) is not None else None
     if isinstance(wanted, dict):
-        ids = {c.id for c in spec.cells}
-        bad = sorted(c for c in wanted if c not in ids)
-        if bad:
-            raise GacqError(f"--parts names cell(s) {bad} that {spec.path} does not have; `gacq experiment list "
-                            f"{spec.path}` shows the ids")
+        _check_cell_ids(spec, sorted(wanted), option="--parts")
     sets = list(wanted.values()) if isinstance(wanted, dict) else [wanted or frozenset()]
     top = max((max(got) for got in sets if got), default=0)
     if count and top > count:  # a part number no cell has would leave a cell waiting for it
