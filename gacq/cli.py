@@ -744,6 +744,24 @@ _register_export(app)
 
 
 def main() -> None:
+    """The `gacq` entry point. A torchrun worker that formed a process group leaves through
+    `distributed.exit_now`, skipping the interpreter's finalization, where gloo can abort the process
+    after the command succeeded."""
+    try:
+        _main()
+    except SystemExit as e:
+        _leave_if_formed_group(e.code)
+        raise
+    _leave_if_formed_group(0)
+
+
+def _leave_if_formed_group(code: int | str | None) -> None:
+    gdist = sys.modules.get(f"{__package__}.distributed")  # not imported: no group (and no torch import here)
+    if gdist is not None and gdist.formed_group():
+        gdist.exit_now(code)
+
+
+def _main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run = app
     if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun worker: its summary shows uncaught errors

@@ -40,6 +40,7 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0
 
 _object_group = None  # gloo group for object collectives when the default group is NCCL
+_formed_group = False  # whether this process formed a process group (see `exit_now`)
 
 
 # ---- where am I -------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def init(device: torch.device) -> torch.device:
     small object collectives). Outside torchrun, or when a group exists already, only the
     device is worked out.
     """
-    global _object_group
+    global _object_group, _formed_group
     device = torch.device(device)
     if not in_torchrun():
         return device
@@ -128,6 +129,7 @@ def init(device: torch.device) -> torch.device:
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend, timeout=timeout(), device_id=device if backend == "nccl" else None)
+        _formed_group = True
         if backend == "nccl":
             _object_group = dist.new_group(backend="gloo", timeout=timeout())
     except (RuntimeError, ValueError) as e:  # DistStoreError and friends are RuntimeErrors
@@ -170,6 +172,33 @@ def session(device: torch.device | str) -> Iterator[torch.device]:
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
+
+
+def formed_group() -> bool:
+    """Whether this process formed a process group (it may be shut down by now)."""
+    return _formed_group
+
+
+def exit_now(code: int | str | None) -> None:
+    """End this process with `code` (as `sys.exit` reads it) without the interpreter's finalization.
+
+    A worker that formed a gloo group, even one shut down with `destroy_process_group`, can abort
+    during finalization ("terminate called without an active exception", SIGABRT) when gloo's C++
+    threads are torn down after Python's: seen once in CI, a 3-process `gacq sample` whose rank 0
+    had written every output (pytorch/pytorch#190489 and #179291 describe the same teardown). The
+    command's work is done and its files renamed into place by then, so the streams and the
+    logging handlers are flushed here and the process leaves at once.
+    """
+    import logging
+
+    if isinstance(code, str):  # sys.exit("message"): print it and exit 1
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0 if code is None else int(code))
 
 
 # ---- collectives (identity for one process) ---------------------------------------------------

@@ -110,6 +110,41 @@ def test_relaunch_refuses_a_mismatched_world(monkeypatch):
         gdist.relaunch(2, "cpu", "gacq sample")
 
 
+def test_exit_now_flushes_and_keeps_the_exit_code(tmp_path):
+    """A worker that formed a group leaves through exit_now (no finalization): buffered output
+    and log records still come out, and sys.exit's code (int, None or message) is kept."""
+    script = ("import logging, sys\n"
+              "from gacq import distributed as gdist\n"
+              f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r})\n"
+              "sys.stdout.write('partial line, no newline')\n"
+              "logging.getLogger('gacq').warning('logged before exit')\n"
+              "gdist.exit_now(eval(sys.argv[1]))\n"
+              "print('not reached')\n")
+    for arg, rc in (("3", 3), ("None", 0), ("'bad input'", 1)):
+        proc = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == rc, proc.stderr
+        assert proc.stdout == "partial line, no newline"
+        assert "logged before exit" in (tmp_path / "log.txt").read_text()
+        assert ("bad input" in proc.stderr) == (rc == 1)
+
+
+def test_main_leaves_through_exit_now_only_after_forming_a_group(monkeypatch):
+    from gacq import cli
+
+    calls = []
+    monkeypatch.setattr(gdist, "exit_now", calls.append)
+    monkeypatch.setattr(cli, "_main", lambda: sys.exit(5))
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == []  # no group formed in this process
+    monkeypatch.setattr(gdist, "_formed_group", True)
+    with pytest.raises(SystemExit):  # the real exit_now would not return
+        cli.main()
+    monkeypatch.setattr(cli, "_main", lambda: None)
+    cli.main()
+    assert calls == [5, 0]
+
+
 # ---- sampling ---------------------------------------------------------------------------------
 
 # 3 ranks over 5 shards (2/2/1: uneven, the last rank short); two ranks sample and equal the reference in
