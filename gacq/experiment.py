@@ -528,6 +528,59 @@ def model_digest(model: str | None) -> str | None:
     return _MODEL_DIGESTS[key]
 
 
+def checkpoint_digest(qdir: Path) -> str | None:
+    """sha256 (16 hex digits) of a quantized checkpoint's tensors (quantized.safetensors, float.safetensors): which
+    quantization run a cell or a part was sampled from. Two runs of one job differ (GPU reductions are not
+    deterministic), though their folder has the same name. None when the folder holds no checkpoint."""
+    files = [qdir / name for name in ("quantized.safetensors", "float.safetensors") if (qdir / name).is_file()]
+    if not files:
+        return None
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _MODEL_DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+        _MODEL_DIGESTS[key] = h.hexdigest()[:16]
+    return _MODEL_DIGESTS[key]
+
+
+def sampled_from_job(spec: ExperimentSpec, job: str) -> list[str]:
+    """What was sampled from quantization job `job` of this spec: its finished cells (their JSON's `quantize.job`)
+    and its cells' parts in the work folder (their meta's model, `<work>/q/<job>`)."""
+    found = []
+    for f in sorted(spec.cell_dir.glob("*.json")) if spec.cell_dir.is_dir() else []:
+        try:
+            if (json.loads(f.read_text()).get("quantize") or {}).get("job") == job:
+                found.append(f"cell {f.stem}")
+        except (ValueError, AttributeError):  # not a cell's JSON
+            continue
+    model_id = f"<work>/q/{job}"
+    parts: dict[str, list[int]] = {}
+    for meta in sorted((spec.work / "parts").glob("*/meta_*.json")):
+        model = json.loads(meta.read_text()).get("model", "")
+        if model == model_id or model.startswith(model_id + " "):
+            parts.setdefault(meta.parent.name, []).append(int(meta.stem.split("_")[1]) + 1)
+    found += [f"parts {_ranges(ks)} of {cid}" for cid, ks in parts.items()]
+    return found
+
+
+def _refuse_second_run(spec: ExperimentSpec, job: str) -> None:
+    """Refuse to quantize `job` again when cells or parts were sampled from an earlier run of it whose checkpoint is
+    gone: the new run would differ, and the table would pool two runs under one name."""
+    found = sampled_from_job(spec, job)
+    if found:
+        shown = "; ".join(found[:6]) + (f"; and {len(found) - 6} more" if len(found) > 6 else "")
+        raise GacqError(
+            f"{job}: its checkpoint is not in {spec.work / 'q' / job}, but these were sampled from an earlier "
+            f"quantization run of it: {shown}. Quantizing again would make another run (it need not match the first: GPU "
+            f"reductions are not deterministic), and this table would pool the two. Put that run's checkpoint back "
+            f"in {spec.work / 'q' / job} (scripts/gpu-dit-call.sh returns checkpoints as q.tgz), or give a new "
+            f"run a spec of its own (another `name`: its own results and work folders)")
+
+
 def _done(spec: ExperimentSpec, cell: Cell) -> bool:
     """A cell's result exists; one made with other settings (another spec sharing the folder), or from other model
     weights at the same path (a model retrained in place), is refused."""
@@ -705,7 +758,9 @@ def ensure_quantized(spec: ExperimentSpec, cell: Cell, device, progress=True) ->
         if settings_of(stored) != settings_of(json.loads(json.dumps(cfg.to_json()))):
             raise GacqError(f"{qdir} was quantized with other settings than this spec's; give the spec its own "
                             "`work` folder (or delete that checkpoint)")
-    elif cell.w8:  # always from the plain job's checkpoint (made first when missing): they differ in those layers only
+        return qdir, float_acts
+    _refuse_second_run(spec, job)
+    if cell.w8:  # always from the plain job's checkpoint (made first when missing): they differ in those layers only
         from .quant.api import w8_checkpoint
 
         base, _ = ensure_quantized(spec, dataclasses.replace(cell, w8=None), device, progress)
@@ -796,7 +851,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     ev = spec.eval
     part_size = part_size_of(spec)
     if part_size is not None:
-        stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase)
+        stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase,
+                                                  checkpoint_digest(qdir) if qdir is not None else None)
     else:
         if _parts_wanted(cell.id) is not None:
             raise StoppedEarly(f"{cell.id}: not sampled (--parts: it is sampled in one run, not in parts)")
@@ -839,6 +895,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                       if "parts" in smeta else {})},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
+            "checkpoint_digest": checkpoint_digest(qdir),
             "wall_seconds": qmeta.get("wall_seconds"), "wall_seconds_runs": qmeta.get("wall_seconds_runs"),
             "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
             "commit": qmeta.get("commit"), "config": qmeta.get("config"),
@@ -958,13 +1015,16 @@ def part_fits(stop_at: float | None, now: float, part_seconds: float | None) -> 
 _PART_RUN = ("scheduler", "steps", "eta", "seed", "timestep_spacing", "guidance_scale", "num", "first", "compile")
 
 
-def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size: int, progress: bool, phase):
+def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size: int, progress: bool, phase,
+                     digest: str | None = None):
     """Sample a cell's images in parts of `part_size` (images first .. first + part_size - 1 of its seed's run:
     `SampleConfig.first`, so the same images as one run) and reduce each part to its feature statistics
     (`gacq.metrics.stats.part_stats`) in work/parts/<cell>/ as soon as it is drawn; parts whose statistics are there
     are not sampled again, also when they were made in another device call and carried in (scripts/gpu-dit-call.sh;
     a part's images stay where they were drawn). Returns the merged statistics (`merge_stats`), the sampling record
-    of the run (part 0's, with the whole count and this run's wall time) and part 0's grid."""
+    of the run (part 0's, with the whole count and this run's wall time) and part 0's grid. `digest`: the quantized
+    checkpoint's (`checkpoint_digest`), kept with each part; a part drawn from another run of the checkpoint (a
+    folder of the same name) is refused. Parts made before gacq kept it are taken on their model's name alone."""
     import shutil
 
     from .metrics import make_part_stats
@@ -996,6 +1056,10 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
                 diff = sorted(f for f in want if got.get(f) != want[f])
                 raise GacqError(f"{path} is not part {k} of this cell's run ({', '.join(diff)} differ): another "
                                 f"checkpoint, sampler or part size; delete {pdir} to sample its parts again")
+            if digest is not None and got.get("checkpoint_digest") not in (None, digest):
+                raise GacqError(f"{path} is not part {k} of this cell's run: it was drawn from another quantization "
+                                f"run of {model_id} (checkpoint digest {got['checkpoint_digest']}, now {digest}); "
+                                f"delete {pdir} to sample its parts from this checkpoint")
             continue
         if wanted is not None and k + 1 not in wanted:
             left.append(k + 1)
@@ -1016,7 +1080,8 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
         smeta = sample(loaded, pcfg, sdir, device=device, progress=progress)
         if k == 0:  # the cell's grid and sampling record travel with the statistics
             shutil.copyfile(sdir / "grid.png", pdir / "grid.png")
-        write_json(pdir / f"meta_{k:04d}.json", {**smeta, "model": model_id})
+        write_json(pdir / f"meta_{k:04d}.json", {**smeta, "model": model_id,
+                                                  **({"checkpoint_digest": digest} if digest else {})})
         # written last (what marks the part done); the runner's evaluation defaults: pr_max 10,000, seed 0
         make_part_stats(sdir / "samples.npz", path, first, n, features=ev["features"],
                         inception_weights=ev["inception_weights"] or None, device=device, progress=progress)
