@@ -167,10 +167,13 @@ def test_the_public_names_resolve_to_the_functions_the_cli_calls():
 
 def test_a_compiled_model_call_reads_each_steps_activation_set(tfmq_dir):
     """`SampleConfig(compile=True)` on a tfmq checkpoint: under torch.compile (one graph for all steps) each step's
-    noise prediction, with that step's activation set loaded in place, equals the eager one to float32 rounding
-    (a flipped activation rounding moves an output by a few 1e-3 of its range at most; none flipped here when this
-    was written: 5e-7), while the sets themselves move it by far more. (Over a whole trajectory such flips compound:
-    in this tiny random W3A8 model compiled images differed from eager ones by 2.7 levels on average.)"""
+    noise prediction is the eager one of that step's activation set, not of another set: nearest to it, at less than
+    half the distance to any other set's, and within 5% of the output's range everywhere. Not equal: the compiled
+    kernels sum in another order, and where that flips an 8-bit activation rounding the output moves. How far depends
+    on the CPU: none flipped on the first machines (5e-7); on an AMD EPYC (session 45) one step differed by 1.3% of
+    the range (mean 0.003 against 0.015 to the other sets), as much as eager itself differs between a batch of 3 and
+    single samples there. (Over a whole trajectory such flips compound: in this tiny random W3A8 model compiled images
+    differed from eager ones by 2.7 levels on average.)"""
     from torch._dynamo.utils import counters
 
     from gacq.conditioning import predict_eps
@@ -183,12 +186,17 @@ def test_a_compiled_model_call_reads_each_steps_activation_set(tfmq_dir):
     x, t = torch.randn(3, *loaded.sample_shape, generator=g), torch.tensor([900, 500, 100])
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad(), frozen_weights(model):
-        outs = []
+        eager = []
         for k in range(STEPS):
             apply_step(model, k)
-            eager, compiled = predict_eps(model, x, t), _compiled_predict_eps()(model, x, t)
-            assert (compiled - eager).abs().max() <= 1e-2 * eager.abs().max(), k
-            outs.append(eager)
+            eager.append(predict_eps(model, x, t))
+        for k in range(STEPS):
+            apply_step(model, k)
+            compiled = _compiled_predict_eps()(model, x, t)
+            dist = [(compiled - e).abs().mean().item() for e in eager]
+            others = min(d for j, d in enumerate(dist) if j != k)
+            assert dist[k] <= 0.5 * others, (k, dist)
+            assert (compiled - eager[k]).abs().max() <= 5e-2 * eager[k].abs().max(), k
     assert counters["stats"]["unique_graphs"] == graphs + 1
-    moved = max((o - outs[0]).abs().max().item() for o in outs[1:])
-    assert moved > 0.05 * outs[0].abs().max().item()
+    moved = max((o - eager[0]).abs().max().item() for o in eager[1:])
+    assert moved > 0.05 * eager[0].abs().max().item()

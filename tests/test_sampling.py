@@ -22,7 +22,10 @@ def test_batch_size_does_not_change_images(tiny, scheduler, eta):
     whole = generate(tiny, cfg, range(5))
     pieces = np.concatenate([generate(tiny, cfg, range(0, 2)), generate(tiny, cfg, range(2, 3)),
                              generate(tiny, cfg, range(3, 5))])
-    np.testing.assert_array_equal(whole, pieces)
+    # each image's noise is its own (seed, index), so the batch split changes only the order in which CPU kernels sum:
+    # bit-equal on the first machines; on an AMD EPYC (session 45) 2 of 3,840 values one level apart
+    diff = np.abs(whole.astype(np.int16) - pieces)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.005, (diff.max(), (diff > 0).mean())
     assert not np.array_equal(whole, generate(tiny, SampleConfig(scheduler=scheduler, eta=eta, steps=6, seed=4),
                                               range(5)))
 
