@@ -515,7 +515,11 @@ def model_digest(model: str | None) -> str | None:
         folder, _ = resolve_model_folder(model)
     except GacqError:
         return None
-    files = sorted(folder.rglob("*.safetensors"))
+    return _files_digest(sorted(folder.rglob("*.safetensors")), folder)
+
+
+def _files_digest(files: list[Path], folder: Path) -> str:
+    """sha256 (16 hex digits) over the files' names (relative to `folder`) and bytes; cached per folder state."""
     key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if key not in _MODEL_DIGESTS:
         h = hashlib.sha256()
@@ -530,21 +534,10 @@ def model_digest(model: str | None) -> str | None:
 
 def checkpoint_digest(qdir: Path) -> str | None:
     """sha256 (16 hex digits) of a quantized checkpoint's tensors (quantized.safetensors, float.safetensors): which
-    quantization run a cell or a part was sampled from. Two runs of one job differ (GPU reductions are not
-    deterministic), though their folder has the same name. None when the folder holds no checkpoint."""
+    quantization run a cell or a part was sampled from. Two runs of one job need not be equal (GPU reductions are
+    not deterministic), though their folder has the same name. None when the folder holds no checkpoint."""
     files = [qdir / name for name in ("quantized.safetensors", "float.safetensors") if (qdir / name).is_file()]
-    if not files:
-        return None
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _MODEL_DIGESTS:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(chunk)
-        _MODEL_DIGESTS[key] = h.hexdigest()[:16]
-    return _MODEL_DIGESTS[key]
+    return _files_digest(files, qdir) if files else None
 
 
 def sampled_from_job(spec: ExperimentSpec, job: str) -> list[str]:
@@ -575,8 +568,8 @@ def _refuse_second_run(spec: ExperimentSpec, job: str) -> None:
         shown = "; ".join(found[:6]) + (f"; and {len(found) - 6} more" if len(found) > 6 else "")
         raise GacqError(
             f"{job}: its checkpoint is not in {spec.work / 'q' / job}, but these were sampled from an earlier "
-            f"quantization run of it: {shown}. Quantizing again would make another run (it need not match the first: GPU "
-            f"reductions are not deterministic), and this table would pool the two. Put that run's checkpoint back "
+            f"quantization run of it: {shown}. Quantizing again would make another run (it need not match the "
+            f"first: GPU reductions are not deterministic), and this table would pool the two. Put that run's checkpoint back "
             f"in {spec.work / 'q' / job} (scripts/gpu-dit-call.sh returns checkpoints as q.tgz), or give a new "
             f"run a spec of its own (another `name`: its own results and work folders)")
 
