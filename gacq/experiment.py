@@ -550,7 +550,7 @@ def sampled_from_job(spec: ExperimentSpec, job: str) -> list[str]:
                 found.append(f"cell {f.stem}")
         except (ValueError, AttributeError):  # not a cell's JSON
             continue
-    model_id = f"<work>/q/{job}"
+    model_id = _work_relative(spec, str(spec.work / "q" / job))  # as _sample_in_parts names the model of a part
     parts: dict[str, list[int]] = {}
     for meta in sorted((spec.work / "parts").glob("*/meta_*.json")):
         model = json.loads(meta.read_text()).get("model", "")
@@ -558,6 +558,13 @@ def sampled_from_job(spec: ExperimentSpec, job: str) -> list[str]:
             parts.setdefault(meta.parent.name, []).append(int(meta.stem.split("_")[1]) + 1)
     found += [f"parts {_ranges(ks)} of {cid}" for cid, ks in parts.items()]
     return found
+
+
+def _work_relative(spec: ExperimentSpec, source: str) -> str:
+    """A model's name in a part's record: a checkpoint in the work folder relative to it (`<work>/q/JOB`), so that
+    parts drawn on machines whose checkouts lie elsewhere (another folder, a fresh clone) are recognised."""
+    work = str(spec.work)
+    return source.replace(work, "<work>", 1) if source.startswith(work) else source
 
 
 def _refuse_second_run(spec: ExperimentSpec, job: str) -> None:
@@ -569,9 +576,9 @@ def _refuse_second_run(spec: ExperimentSpec, job: str) -> None:
         raise GacqError(
             f"{job}: its checkpoint is not in {spec.work / 'q' / job}, but these were sampled from an earlier "
             f"quantization run of it: {shown}. Quantizing again would make another run (it need not match the "
-            f"first: GPU reductions are not deterministic), and this table would pool the two. Put that run's checkpoint back "
-            f"in {spec.work / 'q' / job} (scripts/gpu-dit-call.sh returns checkpoints as q.tgz), or give a new "
-            f"run a spec of its own (another `name`: its own results and work folders)")
+            f"first: GPU reductions are not deterministic), and this table would pool the two. Put that run's "
+            f"checkpoint back in {spec.work / 'q' / job} (scripts/gpu-dit-call.sh returns checkpoints as q.tgz), or "
+            f"give a new run a spec of its own (another `name`: its own results and work folders)")
 
 
 def _done(spec: ExperimentSpec, cell: Cell) -> bool:
@@ -834,6 +841,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         print(f"  {cell.id}: {what} at {time.time() - t0:.0f} s", flush=True)
 
     qdir, float_acts = ensure_quantized(spec, cell, device, progress)
+    digest = checkpoint_digest(qdir) if qdir is not None else None
     if qdir is not None:
         phase(f"checkpoint {qdir.name} ready")
         try:
@@ -844,8 +852,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
     ev = spec.eval
     part_size = part_size_of(spec)
     if part_size is not None:
-        stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase,
-                                                  checkpoint_digest(qdir) if qdir is not None else None)
+        stats, smeta, grid_png = _sample_in_parts(spec, cell, loaded, device, part_size, progress, phase, digest)
     else:
         if _parts_wanted(cell.id) is not None:
             raise StoppedEarly(f"{cell.id}: not sampled (--parts: it is sampled in one run, not in parts)")
@@ -888,7 +895,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                       if "parts" in smeta else {})},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
-            "checkpoint_digest": checkpoint_digest(qdir),
+            "checkpoint_digest": digest,
             "wall_seconds": qmeta.get("wall_seconds"), "wall_seconds_runs": qmeta.get("wall_seconds_runs"),
             "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
             "commit": qmeta.get("commit"), "config": qmeta.get("config"),
@@ -1033,10 +1040,7 @@ def _sample_in_parts(spec: ExperimentSpec, cell: Cell, loaded, device, part_size
     t0, made = time.time(), 0
     stop_at = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
     wanted, left = _parts_wanted(cell.id), []  # --parts: the others are left to other runs
-    # a checkpoint in the work folder is named relative to it, so that parts drawn on machines whose checkouts lie
-    # elsewhere (another folder, a fresh clone) are recognised as parts of the same run
-    work = str(spec.work)
-    model_id = loaded.source.replace(work, "<work>", 1) if loaded.source.startswith(work) else loaded.source
+    model_id = _work_relative(spec, loaded.source)
     part_seconds = None  # how long a part takes: the last one made in this run, else the longest one recorded
     for k, first in enumerate(starts):
         path = pdir / f"stats_{k:04d}.npz"
