@@ -27,7 +27,9 @@ def gacq(*args, cwd):
 
 
 # quick commands (list, report, diagnostics, refusals, runs with nothing left to do) go through the same entry point
-# in this process; every run that calibrates, quantizes or samples is a real subprocess
+# in this process; each test's first run that calibrates, quantizes or samples is a real subprocess (the command as
+# a user starts it). A test's later runs (resuming, sampling further parts) may run here too: a new interpreter
+# spends 8-11 s importing torch and diffusers on a 2-core AMD EPYC (session 46), around a second of work here
 here = gacq_here
 
 
@@ -259,7 +261,7 @@ def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
     gone = cell_dir / "rtn_w4a32_steps5_seed0.json"
     old = json.loads(gone.read_text())
     gone.unlink()  # as if the run had been killed after sampling, before its result was written
-    r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=ran)
+    r = here("experiment", "run", "spec.toml", "--quiet", cwd=ran)
     assert r.returncode == 0, r.stderr
     assert "4 of 5 cells done, running 1" in r.stdout
     after = {p.name: p.stat().st_mtime_ns for p in cell_dir.glob("*.json")}
@@ -286,7 +288,7 @@ def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
     # --cells runs the cells named in its own order, not the spec's (fp comes first there); from the samples on disk
     for c in ("fp_steps5_seed0", "rtn_w4a32_steps5_seed0"):
         (cell_dir / f"{c}.json").unlink()
-    r = gacq("experiment", "run", "spec.toml", "--cells", "rtn_w4a32_steps5_seed0,fp_steps5_seed0", "--quiet", cwd=ran)
+    r = here("experiment", "run", "spec.toml", "--cells", "rtn_w4a32_steps5_seed0,fp_steps5_seed0", "--quiet", cwd=ran)
     assert r.returncode == 0, r.stderr
     assert r.stdout.index("[1/2] rtn_w4a32_steps5_seed0") < r.stdout.index("[2/2] fp_steps5_seed0"), r.stdout
 
@@ -305,7 +307,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     parts = tmp_path / "runs/experiments/t/parts/fp_steps3_seed0"
     assert sorted(p.name for p in parts.glob("stats_*.npz")) == ["stats_0000.npz", "stats_0001.npz", "stats_0002.npz"]
     assert cell["metrics"]["samples"]["n"] == 24 and cell["sample"]["n"] == 24
-    r = gacq("sample", "--model", tiny32, "--steps", 3, "--num", 24, "--batch-size", 24, "--out", tmp_path / "one",
+    r = here("sample", "--model", tiny32, "--steps", 3, "--num", 24, "--batch-size", 24, "--out", tmp_path / "one",
              "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     direct = evaluate(tmp_path / "one/samples.npz", progress=False)
@@ -326,18 +328,18 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     m1 = parts / "meta_0001.json"
     saved = m1.read_text()
     m1.write_text(json.dumps({**json.loads(saved), "wall_seconds_this_run": 1e6}))
-    r = gacq("experiment", "run", "spec.toml", "--quiet", "--deadline", 600, cwd=tmp_path)
+    r = here("experiment", "run", "spec.toml", "--quiet", "--deadline", 600, cwd=tmp_path)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "part 3 of 3 not started" in r.stdout and "a part takes about 1000000 s" in r.stdout, r.stdout
     assert not (parts / "stats_0002.npz").exists()
     m1.write_text(saved)
     (tmp_path / "two.toml").write_text(spec.format(model=tiny32).replace('methods = ["fp"]',
                                                                          'methods = ["fp"]\nseeds = [0, 1]'))
-    r = gacq("experiment", "run", "two.toml", "--quiet", "--parallel", 2, "--deadline", 0, cwd=tmp_path)
+    r = here("experiment", "run", "two.toml", "--quiet", "--parallel", 2, "--deadline", 0, cwd=tmp_path)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "2 cell(s) stopped early" in r.stdout and r.stdout.count("stopped early by --deadline or --parts") == 2
     assert not (parts / "stats_0002.npz").exists() and not list((parts.parent / "fp_steps3_seed1").glob("stats_*"))
-    r = gacq("experiment", "run", "spec.toml", cwd=tmp_path)
+    r = here("experiment", "run", "spec.toml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "part 3 of 3 (24 of 24 images)" in out and "part 1 of 3" not in out and "part 2 of 3" not in out, out
@@ -352,16 +354,16 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     for k in (1, 2):
         (parts / f"stats_{k:04d}.npz").unlink()
     (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
-    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parts", "3", cwd=tmp_path)
+    r = here("experiment", "run", "spec.toml", "--quiet", "--parts", "3", cwd=tmp_path)
     assert r.returncode == 3 and "1 of its 3 parts left to other runs (--parts): 2;" in r.stdout, r.stdout + r.stderr
     assert (parts / "stats_0002.npz").exists() and not (parts / "stats_0001.npz").exists()
-    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parts", "none", cwd=tmp_path)
+    r = here("experiment", "run", "spec.toml", "--quiet", "--parts", "none", cwd=tmp_path)
     assert r.returncode == 3 and not (parts / "stats_0001.npz").exists(), r.stdout + r.stderr
     r = here("experiment", "run", "spec.toml", "--parts", "2-1", cwd=tmp_path)
     assert r.returncode == 2 and "--parts '2-1': expected 1-based part numbers" in r.stderr, r.stderr
     r = here("experiment", "run", "spec.toml", "--parts", "3-4", cwd=tmp_path)
     assert r.returncode == 2 and "cells have 3 parts of 10 samples (1-3); part 4 does not exist" in r.stderr, r.stderr
-    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parts", "1-2", cwd=tmp_path)
+    r = here("experiment", "run", "spec.toml", "--quiet", "--parts", "1-2", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     merged = json.loads((tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").read_text())
     assert merged["metrics"]["fid"] == pytest.approx(got["fid"], rel=1e-9)
@@ -371,13 +373,13 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     # process compiles once for all), a deadline stops the run at the cell it stopped (seed 0 is done: 1 and 2 run)
     (tmp_path / "three.toml").write_text(spec.format(model=tiny32).replace('methods = ["fp"]',
                                                                            'methods = ["fp"]\nseeds = [0, 1, 2]'))
-    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "1", cwd=tmp_path)
+    r = here("experiment", "run", "three.toml", "--quiet", "--parts", "1", cwd=tmp_path)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "stopped: fp_steps3_seed1: 2 of its 3 parts left to other runs (--parts): 2-3;" in r.stdout, r.stdout
     assert "2 cell(s) stopped early, the last: fp_steps3_seed2: 2 of its 3 parts" in r.stdout, r.stdout
     for seed in (1, 2):
         assert [p.name for p in (parts.parent / f"fp_steps3_seed{seed}").glob("stats_*")] == ["stats_0000.npz"]
-    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "2", "--deadline", 0, cwd=tmp_path)
+    r = here("experiment", "run", "three.toml", "--quiet", "--parts", "2", "--deadline", 0, cwd=tmp_path)
     assert r.returncode == 3 and "fp_steps3_seed1: part 2 of 3 not started" in r.stdout, r.stdout + r.stderr
     assert "[2/2]" not in r.stdout and "seed2: part 2" not in r.stdout, r.stdout
     # `gacq experiment plan`: the next run's share of the missing parts, cell by cell, as per-cell --parts (a
@@ -387,7 +389,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     assert r.stdout.splitlines() == ["CELLS=fp_steps3_seed1,fp_steps3_seed2",
                                      "PARTS='fp_steps3_seed1=2-3; fp_steps3_seed2=2'"], r.stdout
     assert "fp_steps3_seed1: parts 2-3 (1 of 3 here)" in r.stderr, r.stderr
-    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "fp_steps3_seed2=2; fp_steps3_seed1=2-3",
+    r = here("experiment", "run", "three.toml", "--quiet", "--parts", "fp_steps3_seed2=2; fp_steps3_seed1=2-3",
              cwd=tmp_path)
     assert r.returncode == 3 and "24 samples' statistics merged from 3 parts (14 images" in r.stdout + r.stderr, \
         r.stdout + r.stderr
@@ -401,7 +403,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     assert r.returncode == 2 and "--parts names cell(s) ['fp_steps3_seed9']" in r.stderr, r.stderr
     r = here("experiment", "run", "three.toml", "--parts", "fp_steps3_seed2=4", cwd=tmp_path)
     assert r.returncode == 2 and "part 4 does not exist" in r.stderr, r.stderr
-    r = gacq("experiment", "run", "three.toml", "--quiet", "--parts", "fp_steps3_seed2=3", cwd=tmp_path)
+    r = here("experiment", "run", "three.toml", "--quiet", "--parts", "fp_steps3_seed2=3", cwd=tmp_path)
     assert r.returncode == 0 and (tmp_path / "results/experiments/t/cells/fp_steps3_seed2.json").exists(), r.stdout
     r = here("experiment", "plan", "three.toml", "-n", 5, cwd=tmp_path)
     assert r.returncode == 1 and r.stdout == "" and "no part is missing" in r.stderr, r.stdout + r.stderr
@@ -416,7 +418,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     meta = parts / "meta_0001.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": "elsewhere"}))
     (tmp_path / "results/experiments/t/cells/fp_steps3_seed0.json").unlink()
-    r = gacq("experiment", "run", "spec.toml", "--quiet", cwd=tmp_path)
+    r = here("experiment", "run", "spec.toml", "--quiet", cwd=tmp_path)
     assert r.returncode != 0 and "stats_0001.npz is not part 1 of this cell's run (model differ)" in r.stdout + r.stderr
     # `[sample] compile = true`: not in the settings digest, but parts sampled eagerly are refused (before any
     # compilation), so a cell's parts never mix compiled and eager images
@@ -439,7 +441,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
             for i, s in enumerate([compiled_spec, load_spec(tmp_path / "spec.toml")])]
     assert len(sets[0].x) > 0 and torch.equal(sets[0].x, sets[1].x) and torch.equal(sets[0].t, sets[1].t)
     assert sets[0].meta["sampler"]["compile"] is False
-    r = gacq("experiment", "run", "compiled.toml", "--quiet", cwd=tmp_path)
+    r = here("experiment", "run", "compiled.toml", "--quiet", cwd=tmp_path)
     assert r.returncode != 0
     assert "stats_0000.npz is not part 0 of this cell's run (compile differ)" in r.stdout + r.stderr
     (tmp_path / "compiled.toml").write_text(compiled_toml.replace("compile = true", "compile = 'yes'"))
@@ -1043,7 +1045,7 @@ def test_with_parts_every_cell_of_a_quantization_group_samples_its_parts(tiny32,
     # the parts name the checkpoint relative to the work folder (machines' checkouts may lie elsewhere)
     meta = json.loads((work / "parts/rtn_w4a8_steps3_seed0/meta_0000.json").read_text())
     assert meta["model"] == "<work>/q/rtn_w4a8_steps3", meta["model"]
-    r = gacq("experiment", "run", "spec.toml", "--quiet", "--parallel", 2, "--parts", "2", cwd=tmp_path)
+    r = here("experiment", "run", "spec.toml", "--quiet", "--parallel", 2, "--parts", "2", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count(": done") == 2, r.stdout + r.stderr
     for seed in (0, 1):
         cell = json.loads((tmp_path / f"results/experiments/t/cells/rtn_w4a8_steps3_seed{seed}.json").read_text())
