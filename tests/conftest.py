@@ -9,6 +9,12 @@ import os
 # of 0.04 s. One BLAS thread, set before numpy loads and inherited by every `gacq` subprocess, gives the same figures
 # (the same numpy in every process) without the contention; torch's own threads (MKL / OpenMP) are untouched.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# every interpreter a test starts (`gacq` subprocesses, torchrun workers, scripts) runs as after the README's base
+# install, without the `test` extra's transformers and scipy (tests/base_install/sitecustomize.py hides them): diffusers
+# imports both when present, 3.5-4 s of the 10 s a new interpreter spends on imports on a 2-core AMD EPYC
+_BASE_INSTALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_install")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_BASE_INSTALL, os.environ.get("PYTHONPATH")]))
+os.environ.setdefault("GACQ_TEST_HIDE", "transformers,scipy")
 
 import gzip  # noqa: E402
 import shutil  # noqa: E402

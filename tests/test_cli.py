@@ -203,3 +203,16 @@ def test_quantize_gac_with_compare(tiny_model_dir, tmp_path):
     proc = here("compare", "--model", q, "--fp-model", tiny_model_dir, "--num", 2, "--steps", 6,
                 "--out", tmp_path / "c", "--device", "cpu")
     assert "mean PSNR" in proc.stdout and (tmp_path / "c" / "report.md").exists()
+
+
+def test_subprocesses_run_without_the_test_extras():
+    """tests/conftest.py starts every interpreter as after the README's base install: the `test` extra's transformers
+    and scipy are hidden (tests/base_install/sitecustomize.py), so `gacq` works without them and starts faster."""
+    code = ("import importlib.util, sys; import gacq.cli; from diffusers import UNet2DModel; "
+            "print([importlib.util.find_spec(m) is None for m in ('transformers', 'scipy')], "
+            "sys.modules.get('scipy') is not None)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["[True,", "True]", "False"], r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "GACQ_TEST_HIDE": ""})
+    assert r.stdout.split()[:2] == ["[False,", "False]"], r.stdout + r.stderr

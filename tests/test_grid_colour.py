@@ -2,6 +2,7 @@
 columns against numpy on the tiles the test drew, and its rank correlation against a naive Spearman."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "grid_colour.py"
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    """The script in a new interpreter; it needs scipy, which tests/conftest.py hides from subprocesses by default."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "GACQ_TEST_HIDE": ""})
 
 
 def write_grid(path: Path, tiles: np.ndarray, gap: int = 2) -> None:
@@ -43,8 +50,7 @@ def test_contrast_fid_and_rank_correlation(tmp_path):
         t = tiles.astype(np.float64)
         expected[name] = (t.reshape(64, -1).std(axis=1).mean(), t.mean(axis=(1, 2)).mean(0))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(SCRIPT), *sorted(map(str, grids.glob("*.png"))),
-                        "--cells", str(cells), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    r = run_script(*sorted(map(str, grids.glob("*.png"))), "--cells", cells, "--out", out)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "grid_colour.json").read_text())
     assert len(res["rows"]) == 4
@@ -63,8 +69,7 @@ def test_contrast_fid_and_rank_correlation(tmp_path):
 
 def test_missing_cell_result_is_a_clear_error(tmp_path):
     write_grid(tmp_path / "lonely.png", np.zeros((64, 32, 32, 3), np.uint8))
-    r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "lonely.png"), "--cells", str(tmp_path),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    r = run_script(tmp_path / "lonely.png", "--cells", tmp_path, "--out", tmp_path / "out")
     assert r.returncode != 0
     assert "no cell result" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
@@ -78,8 +83,7 @@ def test_grids_that_share_a_file_name_are_named_by_their_folder(tmp_path):
         (tmp_path / name).mkdir()
         write_grid(tmp_path / name / "grid.png", rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
         paths.append(str(tmp_path / name / "grid.png"))
-    r = subprocess.run([sys.executable, str(SCRIPT), *paths, "--out", str(tmp_path / "out")], capture_output=True,
-                       text=True, cwd=ROOT)
+    r = run_script(*paths, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "out/README.md").read_text()
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "mean R" not in line
