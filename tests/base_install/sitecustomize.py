@@ -15,8 +15,8 @@ import importlib
 import os
 import sys
 
-for _name in filter(None, os.environ.get("GACQ_TEST_HIDE", "").split(",")):
-    sys.modules.setdefault(_name.strip(), None)
+for _name in filter(None, (n.strip() for n in os.environ.get("GACQ_TEST_HIDE", "").split(","))):
+    sys.modules.setdefault(_name, None)
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _path = sys.path[:]
