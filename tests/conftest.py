@@ -15,6 +15,17 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 _BASE_INSTALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_install")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_BASE_INSTALL, os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("GACQ_TEST_HIDE", "transformers,scipy")
+# A pytest-xdist worker (the README's `-n 2`) is a pytest process, but started after the lines above ran in the
+# controller, so base_install's sitecustomize hid transformers and scipy from it too: it gives them back. Two workers
+# share the cores: one torch thread each, inherited by the interpreters they start, so that their OpenMP pools do not
+# spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import sys as _sys
+
+    for _name in getattr(_sys.modules.get("sitecustomize"), "HIDDEN", ()):
+        if _sys.modules.get(_name, 0) is None:
+            del _sys.modules[_name]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import gzip  # noqa: E402
 import shutil  # noqa: E402
@@ -31,11 +42,45 @@ from PIL import Image  # noqa: E402
 from gacq.models import build_model, save_model  # noqa: E402
 
 
+# Test files by their measured wall time, longest first (2-core AMD EPYC, one process; session 47), then the rest in
+# collection order. pytest-xdist's --dist loadfile hands whole files to workers in this order (with
+# --no-loadscope-reorder), so the long files do not start last; the Triton interpreter's file comes first, its jobs
+# running beside the other worker's tests from the start.
+FIRST = ["test_triton_w4.py", "test_experiment.py", "test_gpu_call_scripts.py", "test_distributed.py", "test_export.py",
+         "test_cli.py", "quant/test_gac.py", "test_conditional.py", "test_latent.py", "quant/test_recon.py"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """`-n N` (the README's `-n 2`) without a --dist of one's own means whole files per worker, in FIRST's order: each
+    file's module fixtures are then built once, and the long files start first (xdist's default scheduler would split
+    files across workers, and its file scheduler orders files by their number of tests)."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in ("no", "load"):
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    rank = {name: i for i, name in enumerate(FIRST)}
+
+    def key(item: pytest.Item) -> int:
+        try:
+            return rank.get(Path(item.path).relative_to(here).as_posix(), len(FIRST))
+        except ValueError:
+            return len(FIRST)
+
+    items.sort(key=key)  # stable: within a file, and among the rest, collection order
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the Triton interpreter's jobs (tests/test_triton_w4.py) as soon as their tests are selected: niced,
-    they run in the idle gaps the rest of the suite leaves instead of blocking one test for minutes."""
+    they run in the idle gaps the rest of the suite leaves instead of blocking one test for minutes. Not in an xdist
+    worker: every worker collects every test, and the jobs start with the file's first test in the one that runs it."""
     import tempfile
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     mods = {item.module for item in session.items
             if "interpreter_jobs" in getattr(item, "fixturenames", ()) and hasattr(item, "module")}
     for mod in mods:

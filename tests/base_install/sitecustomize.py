@@ -15,8 +15,10 @@ import importlib
 import os
 import sys
 
-for _name in filter(None, (n.strip() for n in os.environ.get("GACQ_TEST_HIDE", "").split(","))):
-    sys.modules.setdefault(_name, None)
+HIDDEN = [n for n in filter(None, (n.strip() for n in os.environ.get("GACQ_TEST_HIDE", "").split(",")))
+          if n not in sys.modules]  # what this interpreter hid: an xdist worker (a pytest process) undoes it
+for _name in HIDDEN:
+    sys.modules[_name] = None
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _path = sys.path[:]

@@ -72,8 +72,10 @@ def test_measured_bias_matches_a_naive_per_sample_loop(fp, q_tfmq, calib_all):
     assert (m["bias"] - ref).abs().max() < 1e-4, (m["bias"] - ref)
     assert sum(m["count"].values()) == len(calib_all) and sorted(m["by_step"]) == list(range(STEPS))
     assert m["bias"].abs().max() > 1e-3  # a real bias to correct, far above the tolerance
+    # the gains (0.016-0.042) are ratios of sums over few samples, where one level flip moves them more: measured
+    # differences up to 6.9e-5 with two torch threads and 4.1e-4 with one (session 47, step 0), hence 1e-3
     for k in range(STEPS):
-        assert abs(m["gain_by_step"][k] - cross[k] / norm[k]) < 1e-4, (k, m["gain_by_step"][k], cross[k] / norm[k])
+        assert abs(m["gain_by_step"][k] - cross[k] / norm[k]) < 1e-3, (k, m["gain_by_step"][k], cross[k] / norm[k])
     assert max(abs(g) for g in m["gain_by_step"].values()) > 1e-2  # measured -0.016 to -0.042: far above the tolerance
 
 

@@ -334,8 +334,10 @@ def test_w_only_model_is_the_wa_checkpoint_with_float_acts(fp, method, preset, c
     assert back.step_hook is None and back.source.endswith("(activations float)")
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     with torch.no_grad():
-        assert torch.allclose(back.model(x, t).sample, q32(x, t).sample, rtol=0, atol=1e-6)
-        assert not torch.allclose(load_model(tmp_path / "q").model(x, t).sample, q32(x, t).sample, atol=1e-6)
+        # the same weights reached two ways (AdaRound's modules vs the saved integers): float32 outputs of magnitude
+        # about 2 (one ulp 2.4e-7) differ by up to 9.5e-7 (8 inputs, 1 and 2 threads; session 47)
+        assert torch.allclose(back.model(x, t).sample, q32(x, t).sample, rtol=0, atol=5e-6)
+        assert not torch.allclose(load_model(tmp_path / "q").model(x, t).sample, q32(x, t).sample, atol=5e-6)
 
 
 def test_common_preset_keeps_each_model_class_input_and_output_layers_float():
