@@ -42,10 +42,10 @@ from PIL import Image  # noqa: E402
 from gacq.models import build_model, save_model  # noqa: E402
 
 
-# Test files by their measured wall time, longest first (2-core AMD EPYC, one process; session 47), then the rest in
-# collection order. pytest-xdist's --dist loadfile hands whole files to workers in this order (with
-# --no-loadscope-reorder), so the long files do not start last; the Triton interpreter's file comes first, its jobs
-# running beside the other worker's tests from the start.
+# Test files by their wall time, longest first (measured in one process on a 2-core AMD EPYC, session 46), then the
+# rest in collection order. Under pytest-xdist, --dist loadfile hands whole files to the workers in this order (with
+# --no-loadscope-reorder; pytest_configure sets both), so the long files do not start last. The Triton interpreter's
+# file comes first: its jobs (about 820 s of CPU) hold one worker while the other runs the rest.
 FIRST = ["test_triton_w4.py", "test_experiment.py", "test_gpu_call_scripts.py", "test_distributed.py", "test_export.py",
          "test_cli.py", "quant/test_gac.py", "test_conditional.py", "test_latent.py", "quant/test_recon.py"]
 
@@ -61,6 +61,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In xdist workers only: in one process the Triton jobs run niced from collection, in the gaps, and their file
+    is best left where it is (late)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     here = Path(__file__).parent
     rank = {name: i for i, name in enumerate(FIRST)}
 
