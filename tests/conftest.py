@@ -17,8 +17,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_BASE_INSTALL, os.envir
 os.environ.setdefault("GACQ_TEST_HIDE", "transformers,scipy")
 # A pytest-xdist worker (the README's `-n 2`) is a pytest process, but started after the lines above ran in the
 # controller, so base_install's sitecustomize hid transformers and scipy from it too: it gives them back. Two workers
-# share the cores: one torch thread each, inherited by the interpreters they start, so that their OpenMP pools do not
-# spin against each other.
+# share the cores: one torch thread each, inherited by the interpreters they start, so that two OpenMP pools do not
+# contend for two cores (session 47: 194% CPU over the suite this way; two threads each was not measured).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import sys as _sys
 

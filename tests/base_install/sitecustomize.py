@@ -1,5 +1,6 @@
 """Run by every interpreter the tests start (tests/conftest.py puts this folder first on PYTHONPATH; the pytest
-process itself started before and is not affected).
+process itself started before and is not affected; pytest-xdist's workers start after, and conftest gives them back
+what HIDDEN lists).
 
 It hides the packages named in GACQ_TEST_HIDE (default: transformers and scipy, which only the `test` extra
 installs) from that interpreter, so that a `gacq` subprocess runs as after the README's base install
