@@ -9,23 +9,6 @@ import os
 # of 0.04 s. One BLAS thread, set before numpy loads and inherited by every `gacq` subprocess, gives the same figures
 # (the same numpy in every process) without the contention; torch's own threads (MKL / OpenMP) are untouched.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# every interpreter a test starts (`gacq` subprocesses, torchrun workers, scripts) runs as after the README's base
-# install, without the `test` extra's transformers and scipy (tests/base_install/sitecustomize.py hides them): diffusers
-# imports both when present, 3.5-4 s of the 10 s a new interpreter spends on imports on a 2-core AMD EPYC
-_BASE_INSTALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_install")
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_BASE_INSTALL, os.environ.get("PYTHONPATH")]))
-os.environ.setdefault("GACQ_TEST_HIDE", "transformers,scipy")
-# A pytest-xdist worker (the README's `-n 2`) is a pytest process, but started after the lines above ran in the
-# controller, so base_install's sitecustomize hid transformers and scipy from it too: it gives them back. Two workers
-# share the cores: one torch thread each, inherited by the interpreters they start, so that two OpenMP pools do not
-# contend for two cores (session 47: 194% CPU over the suite this way; two threads each was not measured).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    import sys as _sys
-
-    for _name in getattr(_sys.modules.get("sitecustomize"), "HIDDEN", ()):
-        if _sys.modules.get(_name, 0) is None:
-            del _sys.modules[_name]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import gzip  # noqa: E402
 import shutil  # noqa: E402
@@ -52,12 +35,27 @@ FIRST = ["test_triton_w4.py", "test_experiment.py", "test_gpu_call_scripts.py", 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """`-n N` (the README's `-n 2`) without a --dist of one's own means whole files per worker, in FIRST's order: each
-    file's module fixtures are then built once, and the long files start first (xdist's default scheduler would split
-    files across workers, and its file scheduler orders files by their number of tests)."""
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in ("no", "load"):
-        config.option.dist = "loadfile"
-        config.option.loadscopereorder = False
+    """The environment of the interpreters the tests start, set in the process that runs the tests.
+
+    Every interpreter a test starts (`gacq` subprocesses, torchrun workers, scripts) runs as after the README's base
+    install, without the `test` extra's transformers and scipy (tests/base_install/sitecustomize.py hides them):
+    diffusers imports both when present, 3.5-4 s of the 10 s a new interpreter spends on imports on a 2-core AMD EPYC.
+
+    A pytest-xdist controller (the README's `-n 2`) runs no tests: its workers are pytest processes and set this up
+    for themselves. The controller gives them one torch thread each (inherited by the interpreters they start), so
+    that two OpenMP pools do not contend for two cores (session 47: 194% CPU over the suite this way; two threads each
+    was not measured). A bare `-n N` means whole files per worker, in FIRST's order: each file's module fixtures are
+    then built once, and the long files start first (xdist's default scheduler would split files across workers, and
+    its file scheduler orders files by their number of tests)."""
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        if config.option.dist == "load":  # what xdist makes of a bare -n
+            config.option.dist = "loadfile"
+            config.option.loadscopereorder = False
+        return
+    base_install = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_install")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [base_install, os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("GACQ_TEST_HIDE", "transformers,scipy")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,6 +1,5 @@
-"""Run by every interpreter the tests start (tests/conftest.py puts this folder first on PYTHONPATH; the pytest
-process itself started before and is not affected; pytest-xdist's workers start after, and conftest gives them back
-what HIDDEN lists).
+"""Run by every interpreter the tests start (tests/conftest.py puts this folder first on PYTHONPATH in the process
+that runs the tests; that process itself started before and is not affected).
 
 It hides the packages named in GACQ_TEST_HIDE (default: transformers and scipy, which only the `test` extra
 installs) from that interpreter, so that a `gacq` subprocess runs as after the README's base install
@@ -16,10 +15,8 @@ import importlib
 import os
 import sys
 
-HIDDEN = [n for n in filter(None, (n.strip() for n in os.environ.get("GACQ_TEST_HIDE", "").split(",")))
-          if n not in sys.modules]  # what this interpreter hid: an xdist worker (a pytest process) undoes it
-for _name in HIDDEN:
-    sys.modules[_name] = None
+for _name in filter(None, (n.strip() for n in os.environ.get("GACQ_TEST_HIDE", "").split(","))):
+    sys.modules.setdefault(_name, None)
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _path = sys.path[:]
