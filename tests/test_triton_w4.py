@@ -63,11 +63,14 @@ def start_interpreter_jobs(root: Path, nice: int = 0) -> dict[str, Job]:
     the checks in two processes (torch and triton imported once each; every case starts from a new process's
     generator state and a failing case does not stop the others), and the tile sweeps at batch 256 and 1."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    jobs = {f"checks{i}": Job([sys.executable, str(CHECKS), *group], env, root / f"checks{i}", nice=nice)
+    # a hang guard, not a speed bound: under `pytest -n 2` the jobs start with this file, first, and share the two
+    # cores with the other worker's tests; checks0 (228 s of CPU alone) needed more than 600 s there in session 47
+    timeout = 1800
+    jobs = {f"checks{i}": Job([sys.executable, str(CHECKS), *group], env, root / f"checks{i}", timeout, nice)
             for i, group in enumerate(GROUPS)}
     for name, extra in (("sweep", []), ("sweep_batch1", ["--batch", "1"])):
         jobs[name] = Job([sys.executable, str(SWEEP), "--out", str(root / name / "report"), "--grid", "smoke", *extra],
-                         env, root / name, nice=nice)
+                         env, root / name, timeout, nice)
         jobs[name].report = root / name / "report"
     return jobs
 
