@@ -43,10 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     A pytest-xdist controller (the README's `-n 2`) runs no tests: its workers are pytest processes and set this up
     for themselves. The controller gives them one torch thread each (inherited by the interpreters they start), so
-    that two OpenMP pools do not contend for two cores (session 47: 194% CPU over the suite this way; two threads each,
-    by accident in session 48: 34.3 min against 22.7, below). A bare `-n N` means whole files per worker, in FIRST's order: each file's module fixtures are
-    then built once, and the long files start first (xdist's default scheduler would split files across workers, and
-    its file scheduler orders files by their number of tests)."""
+    that two OpenMP pools do not contend for two cores (session 47: 194% CPU over the suite this way; two threads
+    each, by accident in session 48: 34.3 min against 22.7, below). A bare `-n N` means whole files per worker, in
+    FIRST's order: each file's module fixtures are then built once, and the long files start first (xdist's default
+    scheduler would split files across workers, and its file scheduler orders files by their number of tests)."""
     if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
         # an empty value counts as unset: libgomp rejects it ("Invalid value") and runs one thread per core, which
         # made a session-48 run with `OMP_NUM_THREADS=` take 34.3 min (3,857 s of user CPU; da0600b: 22.7 min)
