@@ -366,9 +366,9 @@ def kmajor():
     `_same_epilogue`), and both against the torch path. int8 and packed int4 weights; 3x3 padding 1 at stride 1 and
     2, 1x1, 2x3 (kh != kw, so a transposed (s, r) order would differ), C = 3 (K blocks across taps: not ALIGNED), C
     = 64 (ALIGNED in the interpreter, also with `aligned=False`); with and without a bias, offset rows (HAS_OFFSET),
-    batches of 1-3; split-K 3 (halo path) and 2 (masked path), halo on and off. `kernel_weight`'s content against the permutation written out
-    index by index; and a layer compiled (fullgraph) before any eager call, which builds the cached copy inside the
-    traced call.
+    batches of 1-3; split-K 3 (halo path) and 2 (masked path), halo on and off. `kernel_weight`'s content against
+    the permutation written out index by index; and a layer compiled (fullgraph) before any eager call, which builds
+    the cached copy inside the traced call.
     """
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from gacq.export.base import unpack_int4
