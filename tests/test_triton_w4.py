@@ -69,7 +69,8 @@ def start_interpreter_jobs(root: Path, nice: int = 0) -> dict[str, Job]:
     jobs = {f"checks{i}": Job([sys.executable, str(CHECKS), *group], env, root / f"checks{i}", timeout, nice)
             for i, group in enumerate(GROUPS)}
     # at batch 1 (the small-M case) int8 (halo and masked paths) and FP8 (its own quantize kernel and tile rules)
-    # only: the other kernels share int8's tiling code, and the full batch-1 sweep took 132 s of CPU against 56 s
+    # only: W4A8 is int8's conv kernel on packed weights, W4A16 and the FP8 GEMM alone run at batch 2 in the sweep
+    # above, and the batch-1 sweep of every kernel took 132 s of CPU against 56 s so (session 48)
     for name, extra in (("sweep", []), ("sweep_batch1", ["--batch", "1", "--kernels", "int8,fp8"])):
         jobs[name] = Job([sys.executable, str(SWEEP), "--out", str(root / name / "report"), "--grid", "smoke", *extra],
                          env, root / name, timeout, nice)

@@ -337,9 +337,9 @@ def halo():
                 want = ex(x).cpu()
             plain = run(ex, x, halo=False)
             _same_epilogue(plain, want, ("masked", what))
-            # split-K 3 everywhere; 2 and 4 and the per-element taps where C
-            # = 64 (whole-channel K blocks; 18 of them, so 4 splits leave the last running past K). All three splits
-            # on every case took 126 s of the interpreter's CPU, 104 s so (session 48)
+            # split-K 3 everywhere; 2 and 4 and the per-element taps where C = 64 (whole-channel K blocks; 18 of
+            # them, so 4 splits leave the last running past K). All three splits on every case took 126 s of the
+            # interpreter's CPU, 104 s so (session 48)
             variants = [{}, {"split_k": 3}]
             if x.shape[1] == 64:
                 variants += [{"split_k": 2}, {"split_k": 4}, {"aligned": False}]
