@@ -61,7 +61,8 @@ class Job:
 def start_interpreter_jobs(root: Path, nice: int = 0) -> dict[str, Job]:
     """Every single-threaded interpreter run of this file, started together so they share the machine's cores:
     the checks in two processes (torch and triton imported once each; every case starts from a new process's
-    generator state and a failing case does not stop the others), and the tile sweeps at batch 256 and 1."""
+    generator state and a failing case does not stop the others), and the smoke grid's tile sweeps: every kernel at
+    its batch of 2, int8 and FP8 at batch 1."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     # a hang guard, not a speed bound: under `pytest -n 2` the jobs start with this file, first, and share the two
     # cores with the other worker's tests; checks0 (228 s of CPU alone) needed more than 600 s there in session 47
