@@ -506,7 +506,10 @@ _MODEL_DIGESTS: dict[tuple, str] = {}
 
 def model_digest(model: str | None) -> str | None:
     """sha256 (16 hex digits) over the safetensors files of the spec's model folder (denoiser, autoencoder), or
-    None when the model cannot be found here (not trained yet, a hub id not downloaded). Cached per folder state."""
+    None when the model cannot be found here (not trained yet, a hub id not downloaded) or its folder holds no
+    weights (a device call whose tree lacked the weights file and sampled only from a carried checkpoint: session 49
+    recorded the digest of no files then, which every later check took for a retrained model). Cached per folder
+    state."""
     from .models import resolve_model_folder
 
     if model is not None and not Path(model).expanduser().exists():
@@ -515,7 +518,8 @@ def model_digest(model: str | None) -> str | None:
         folder, _ = resolve_model_folder(model)
     except GacqError:
         return None
-    return _files_digest(sorted(folder.rglob("*.safetensors")), folder)
+    files = sorted(folder.rglob("*.safetensors"))
+    return _files_digest(files, folder) if files else None
 
 
 def _files_digest(files: list[Path], folder: Path) -> str:

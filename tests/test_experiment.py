@@ -163,6 +163,9 @@ def test_cells_of_a_model_retrained_in_place_are_refused(tmp_path, tiny32):
     cell = s.cells[0]
     digest = ex.model_digest(str(model))
     assert digest is not None and len(digest) == 16 and ex.model_digest(str(tmp_path / "not-trained-yet")) is None
+    weightless = tmp_path / "weightless"  # the configs without the weights file: unknown, not the digest of no files
+    shutil.copytree(tiny32, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert any(weightless.rglob("config.json")) and ex.model_digest(str(weightless)) is None
     s.cell_dir.mkdir(parents=True)
     path = s.cell_dir / f"{cell.id}.json"
     for recorded in (digest, None):  # the same weights, and cells written before the digest was recorded
