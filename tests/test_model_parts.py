@@ -155,3 +155,23 @@ def test_shipped_dit_joins_loads_and_matches_its_digest(tmp_path: Path, capsys):
     with torch.no_grad():
         out = net(torch.randn(2, 3, 32, 32), timestep=torch.tensor([500, 500]), class_labels=torch.tensor([3, 10])).sample
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_shipped_main_model_joins_loads_and_matches_its_digest(tmp_path: Path, capsys):
+    """models/ddpm-cifar10-main (issue 4's main FP model, trained on an H100 in session 49; its FID in
+    results/fp_fid.json): the parts pass the manifest's sha256 and join into the model that was measured (the weights
+    digest recorded with its FID row), a `ddpm-cifar10` UNet that runs a step."""
+    from gacq.experiment import model_digest
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = [r for r in json.loads((repo / "results" / "fp_fid.json").read_text())["rows"] if "model_digest" in r]
+    assert [r["model"] for r in rows] == ["main ddpm-cifar10 (FP, float16 weights)"]
+    model = tmp_path / "main"
+    r = parts_main("join", repo / "models" / "ddpm-cifar10-main", model, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    assert model_digest(str(model)) == rows[0]["model_digest"]
+    net = load_model(str(model), device="cpu").model
+    assert type(net).__name__ == "UNet2DModel" and sum(p.numel() for p in net.parameters()) == 35_746_307
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 32, 32), torch.tensor([500])).sample
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
