@@ -165,11 +165,13 @@ def test_shipped_main_model_joins_loads_and_matches_its_digest(tmp_path: Path, c
 
     repo = Path(__file__).resolve().parents[1]
     rows = [r for r in json.loads((repo / "results" / "fp_fid.json").read_text())["rows"] if "model_digest" in r]
-    assert [r["model"] for r in rows] == ["main ddpm-cifar10 (FP, float16 weights)"]
+    # its 10k and 50k rows (sessions 49 and 50), both of these weights
+    assert [(r["model"], r["samples"]) for r in rows] == [("main ddpm-cifar10 (FP, float16 weights)", n)
+                                                          for n in (10000, 50000)]
     model = tmp_path / "main"
     r = parts_main("join", repo / "models" / "ddpm-cifar10-main", model, capsys=capsys)
     assert r.returncode == 0, r.stderr
-    assert model_digest(str(model)) == rows[0]["model_digest"]
+    assert {r["model_digest"] for r in rows} == {model_digest(str(model))}
     net = load_model(str(model), device="cpu").model
     assert type(net).__name__ == "UNet2DModel" and sum(p.numel() for p in net.parameters()) == 35_746_307
     with torch.no_grad():
