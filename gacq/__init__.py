@@ -16,17 +16,28 @@ The quantization, evaluation and export names are imported on first use (they pu
 
 from importlib import import_module
 
-from .data import ImageDataset, load_images
 from .errors import GacqError
-from .models import NAMED_CONFIGS, LoadedModel, build_model, bundled_model_path, load_model, save_model
-from .pipeline import diffusers_pipeline, follow_timesteps
-from .sampling import SampleConfig, generate, sample
-from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
-# name -> (module, attribute), imported by __getattr__ on first use
+# name -> (module, attribute), imported by __getattr__ on first use: `import gacq` (and so `gacq experiment list`,
+# `plan`, `report`, and the GPU call scripts' spec listings) does not import torch
 _LAZY = {
+    "ImageDataset": (".data", "ImageDataset"),
+    "load_images": (".data", "load_images"),
+    "NAMED_CONFIGS": (".models", "NAMED_CONFIGS"),
+    "LoadedModel": (".models", "LoadedModel"),
+    "build_model": (".models", "build_model"),
+    "bundled_model_path": (".models", "bundled_model_path"),
+    "load_model": (".models", "load_model"),
+    "save_model": (".models", "save_model"),
+    "diffusers_pipeline": (".pipeline", "diffusers_pipeline"),
+    "follow_timesteps": (".pipeline", "follow_timesteps"),
+    "SampleConfig": (".sampling", "SampleConfig"),
+    "generate": (".sampling", "generate"),
+    "sample": (".sampling", "sample"),
+    "TrainConfig": (".train", "TrainConfig"),
+    "train": (".train", "train"),
     "QuantConfig": (".quant.api", "QuantConfig"),
     "quantize": (".quant.api", "quantize"),
     "quantize_to_dir": (".quant.api", "quantize_to_dir"),
@@ -47,6 +58,12 @@ def __getattr__(name: str):
         value = getattr(import_module(module, __name__), attr)
         globals()[name] = value
         return value
+    if not name.startswith("_"):  # a submodule not imported yet (`gacq.models` after a bare `import gacq`)
+        try:
+            return import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'gacq' has no attribute {name!r}")
 
 

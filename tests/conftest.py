@@ -10,6 +10,18 @@ import os
 # (the same numpy in every process) without the contention; torch's own threads (MKL / OpenMP) are untouched.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# Every evaluation against the shipped training statistics needs their 10,000 features' k-NN radii (precision and
+# recall): about 4 s on this CPU, cached on disk since session 50 (gacq.metrics.precision_recall.reference_radii).
+# The run's interpreters (xdist workers, `gacq` subprocesses) share a cache of their own, made here and removed at
+# the end: each run computes the radii afresh once, and never reads or writes the user's ~/.cache/gacq.
+if not os.environ.get("GACQ_CACHE_DIR"):
+    import atexit  # noqa: E402
+    import shutil as _shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["GACQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="gacq-test-cache-")
+    atexit.register(_shutil.rmtree, os.environ["GACQ_CACHE_DIR"], True)
+
 import gzip  # noqa: E402
 import shutil  # noqa: E402
 import struct  # noqa: E402

@@ -4,6 +4,9 @@ by index; the timestep -> step map on the 'quad' schedule's repeated timesteps; 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +167,19 @@ def test_the_public_names_resolve_to_the_functions_the_cli_calls():
     with pytest.raises(AttributeError, match="no attribute 'quantise'"):
         gacq.quantise
 
+
+
+def test_import_gacq_and_the_cli_help_do_not_import_torch():
+    """`import gacq` binds its public names on first use, so `gacq --help` (and the commands that need no model)
+    start without torch's 2-3 s of imports; a name or a submodule imports it when asked for."""
+    code = ("import sys, gacq; assert 'torch' not in sys.modules, 'import gacq'\n"
+            "from gacq.cli import main\nsys.argv = ['gacq', '--help']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "assert 'torch' not in sys.modules, 'gacq --help'\n"
+            "gacq.models.NAMED_CONFIGS; assert 'torch' in sys.modules\n"
+            "from gacq import load_model; assert load_model is gacq.models.load_model\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 def test_a_compiled_model_call_reads_each_steps_activation_set(tfmq_dir):
     """`SampleConfig(compile=True)` on a tfmq checkpoint: under torch.compile (one graph for all steps) each step's

@@ -75,6 +75,44 @@ def test_precision_recall_matches_naive_loop():
         precision_recall(real[:3], fake, k=3)
 
 
+def test_reference_radii_cache_returns_the_computed_radii_and_keys_on_the_features(tmp_path, monkeypatch):
+    """The reference's k-NN radii are cached in the process and on disk (GACQ_CACHE_DIR): a hit gives the radii
+    computed without the cache, bitwise; another reference (one value changed) or k gets its own entry; a damaged
+    cache file is recomputed; GACQ_CACHE_DIR=off writes nothing. And precision/recall against the naive loop with a
+    reference big enough to be cached."""
+    pr_mod = sys.modules["gacq.metrics.precision_recall"]
+    monkeypatch.setenv("GACQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(pr_mod, "_MEMO", {})
+    rng = np.random.default_rng(5)
+    real = torch.as_tensor(rng.normal(size=(pr_mod.CACHE_MIN + 17, 6)), dtype=torch.float64)
+    fresh = pr_mod._kth_radius(real, 3, 250)
+    assert torch.equal(pr_mod.reference_radii(real, 3, 250), fresh)
+    files = list((tmp_path / "cache/pr-radii").glob("*.npy"))
+    assert len(files) == 1 and np.array_equal(np.load(files[0]), fresh.numpy())
+    pr_mod._MEMO.clear()
+    files[0].write_bytes(np.save.__doc__.encode()[:100])  # damaged: not an .npy file
+    assert torch.equal(pr_mod.reference_radii(real, 3, 250), fresh)
+    pr_mod._MEMO.clear()
+    assert np.array_equal(np.load(files[0]), fresh.numpy())  # rewritten whole
+    assert torch.equal(pr_mod.reference_radii(real, 3, 250), fresh)  # read back from disk
+    other = real.clone()
+    other[5, 2] += 1.0
+    assert torch.equal(pr_mod.reference_radii(other, 3, 250), pr_mod._kth_radius(other, 3, 250))
+    assert torch.equal(pr_mod.reference_radii(real, 4, 250), pr_mod._kth_radius(real, 4, 250))
+    assert len(list((tmp_path / "cache/pr-radii").glob("*.npy"))) == 3
+    monkeypatch.setenv("GACQ_CACHE_DIR", "off")
+    pr_mod._MEMO.clear()
+    assert pr_mod.cache_dir() is None and torch.equal(pr_mod.reference_radii(other * 2, 3, 250),
+                                                       pr_mod._kth_radius(other * 2, 3, 250))
+    assert len(list((tmp_path / "cache/pr-radii").glob("*.npy"))) == 3
+    monkeypatch.setenv("GACQ_CACHE_DIR", str(tmp_path / "cache"))
+    fake = rng.normal(size=(40, 6)) * 1.3
+    got = precision_recall(real.numpy(), fake, k=3)
+    assert got == precision_recall(real.numpy(), fake, k=3)  # the second from the cache
+    want = _naive_pr(real.numpy(), fake, 3)
+    assert got == (pytest.approx(want[0], abs=1e-12), pytest.approx(want[1], abs=1e-12))
+
+
 def test_inception_score_limits():
     n, c = 200, 10
     assert inception_score(np.zeros((n, c)))[0] == pytest.approx(1.0, abs=1e-12)
