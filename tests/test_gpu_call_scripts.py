@@ -155,7 +155,11 @@ def test_a_call_killed_by_its_limit_still_returns_what_finished(tmp_path):
     dev.mkdir()
     (dev / "spec.toml").write_text(SPEC.format(model=model))
     out = tmp_path / "out"
-    env = {**os.environ, "SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": "fp_steps5_seed0,rtn_w4a8_steps5_seed0",
+    # after the float cell, two quantized ones (run in turn by one process): the call is still running when the float
+    # cell is packed (a pack starts an interpreter, 3-4 s here; the rtn cell alone took less than that once an
+    # evaluation no longer spent 4 s on the reference's radii, session 50)
+    env = {**os.environ, "SPEC": "spec.toml", "DEVICE": "cpu",
+           "CELLS": "fp_steps5_seed0,rtn_w4a8_steps5_seed0,tfmq_w4a8_steps5_seed0",
            "DEADLINE": "500", "P": "1", "PACK_EVERY": "1"}
     proc = subprocess.Popen(["bash", str(ROOT / "scripts/gpu-dit-call.sh"), "cells", str(out)], cwd=dev, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -172,8 +176,8 @@ def test_a_call_killed_by_its_limit_still_returns_what_finished(tmp_path):
         while "results/cells/fp_steps5_seed0.json" not in packed() and time.time() - t0 < 300:
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
-        # the float cell is packed while the quantized one still runs (one process runs them in turn)
-        assert proc.poll() is None and not (dev / "results/experiments/t/cells/rtn_w4a8_steps5_seed0.json").exists()
+        # the float cell is packed while the quantized ones still run
+        assert proc.poll() is None and not (dev / "results/experiments/t/cells/tfmq_w4a8_steps5_seed0.json").exists()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
