@@ -11,7 +11,7 @@ The public API (the CLI calls exactly these):
     from gacq.compare import compare                           # `gacq compare`
     from gacq import diffusers_pipeline, follow_timesteps      # quantized models in diffusers pipelines
 
-The quantization, evaluation and export names are imported on first use (they pull in more of torch's stack).
+Every name is imported on first use, so `import gacq` does not import torch (nor `gacq --help`, `gacq report`).
 """
 
 from importlib import import_module
