@@ -143,9 +143,26 @@ def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples
     assert "checkpoints to carry: q/rtn_w4a8_steps5 " in r.stdout, r.stdout
 
 
+def _runner_pids(dev: Path) -> list[int]:
+    """The `gacq experiment run` processes started in `dev` (the call starts its runner with setsid: a process group of
+    its own, which killing the call's group leaves running)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+                if b"experiment" in cmd and b"run" in cmd and os.readlink(d / "cwd") == str(dev):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
 def test_a_call_killed_by_its_limit_still_returns_what_finished(tmp_path):
     """The call packs while its cells run: killed whole (as the device kills a call at its limit), $OUT holds the
-    cells finished by then."""
+    cells finished by then. The runner is paused once the float cell is written, so that the call is certainly still
+    running when that cell is packed (racing it failed twice in session 50: under the suite's load a pack, which
+    starts an interpreter, took longer than the quantized cells after it)."""
     import signal
     import time
 
@@ -155,14 +172,11 @@ def test_a_call_killed_by_its_limit_still_returns_what_finished(tmp_path):
     dev.mkdir()
     (dev / "spec.toml").write_text(SPEC.format(model=model))
     out = tmp_path / "out"
-    # after the float cell, two quantized ones (run in turn by one process): the call is still running when the float
-    # cell is packed (a pack starts an interpreter, 3-4 s here; the rtn cell alone took less than that once an
-    # evaluation no longer spent 4 s on the reference's radii, session 50)
-    env = {**os.environ, "SPEC": "spec.toml", "DEVICE": "cpu",
-           "CELLS": "fp_steps5_seed0,rtn_w4a8_steps5_seed0,tfmq_w4a8_steps5_seed0",
+    env = {**os.environ, "SPEC": "spec.toml", "DEVICE": "cpu", "CELLS": "fp_steps5_seed0,rtn_w4a8_steps5_seed0",
            "DEADLINE": "500", "P": "1", "PACK_EVERY": "1"}
     proc = subprocess.Popen(["bash", str(ROOT / "scripts/gpu-dit-call.sh"), "cells", str(out)], cwd=dev, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cells = dev / "results/experiments/t/cells"
 
     def packed() -> set[str]:
         try:
@@ -171,17 +185,31 @@ def test_a_call_killed_by_its_limit_still_returns_what_finished(tmp_path):
         except (FileNotFoundError, tarfile.TarError):
             return set()
 
+    runners: list[int] = []
     try:
         t0 = time.time()
+        while not (cells / "fp_steps5_seed0.json").exists() and time.time() - t0 < 300:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        runners = _runner_pids(dev)
+        assert len(runners) == 1, runners  # one process runs the cells in turn
+        os.kill(runners[0], signal.SIGSTOP)
+        assert not (cells / "rtn_w4a8_steps5_seed0.json").exists()
         while "results/cells/fp_steps5_seed0.json" not in packed() and time.time() - t0 < 300:
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
-        # the float cell is packed while the quantized ones still run
-        assert proc.poll() is None and not (dev / "results/experiments/t/cells/tfmq_w4a8_steps5_seed0.json").exists()
+        # the float cell is packed while the quantized one has not finished: the call still runs
+        assert proc.poll() is None and not (cells / "rtn_w4a8_steps5_seed0.json").exists()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        for pid in runners:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert "results/cells/fp_steps5_seed0.json" in packed()  # a whole archive, left in place by the kill
+    assert "results/cells/rtn_w4a8_steps5_seed0.json" not in packed()
 
 
 def test_unpack_supersedes_the_gac_profile_of_a_requantized_job(tmp_path):
