@@ -168,10 +168,9 @@ def test_the_public_names_resolve_to_the_functions_the_cli_calls():
         gacq.quantise
 
 
-
 def test_import_gacq_and_the_cli_help_do_not_import_torch():
-    """`import gacq` binds its public names on first use, so `gacq --help` (and the commands that need no model)
-    start without torch's 2-3 s of imports; a name or a submodule imports it when asked for."""
+    """`import gacq` binds its public names on first use, so `gacq --help` starts without torch's 2-3 s of imports; a
+    name or a submodule imports it when asked for."""
     code = ("import sys, gacq; assert 'torch' not in sys.modules, 'import gacq'\n"
             "from gacq.cli import main\nsys.argv = ['gacq', '--help']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
@@ -180,6 +179,7 @@ def test_import_gacq_and_the_cli_help_do_not_import_torch():
             "from gacq import load_model; assert load_model is gacq.models.load_model\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
 
 def test_a_compiled_model_call_reads_each_steps_activation_set(tfmq_dir):
     """`SampleConfig(compile=True)` on a tfmq checkpoint: under torch.compile (one graph for all steps) each step's
