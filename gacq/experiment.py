@@ -902,6 +902,8 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
             "checkpoint_digest": digest,
             "wall_seconds": qmeta.get("wall_seconds"), "wall_seconds_runs": qmeta.get("wall_seconds_runs"),
             "peak_gpu_memory_bytes": qmeta.get("peak_gpu_memory_bytes"),
+            # a resumed quantization's peak: over "all runs" where their resume points logged it, else "last run"
+            **({"peak_gpu_memory_of": qmeta["peak_gpu_memory_of"]} if "peak_gpu_memory_of" in qmeta else {}),
             "commit": qmeta.get("commit"), "config": qmeta.get("config"),
             "bias_corrected_from": qmeta.get("bias_corrected_from"), "w8_from": qmeta.get("w8_from"),
             "quantize_seconds_of_base": qmeta.get("quantize_seconds_of_base"),

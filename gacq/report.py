@@ -281,7 +281,12 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
 
             def peak(q: dict, on_gpu: bool) -> str:
                 if q.get("peak_gpu_memory_bytes"):
-                    return f"{q['peak_gpu_memory_bytes'] / 2**30:.2f}"
+                    gib = f"{q['peak_gpu_memory_bytes'] / 2**30:.2f}"
+                    runs = q.get("wall_seconds_runs") or []
+                    # resumed: only the last run's peak unless its resume points logged the earlier runs' peaks
+                    if len(runs) > 1 and q.get("peak_gpu_memory_of") != "all runs":
+                        return f"{gib} (last of {len(runs)} runs)"
+                    return gib
                 return "not recorded" if on_gpu else "n/a (CPU)"
 
             def what(q: dict) -> str:

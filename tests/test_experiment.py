@@ -519,11 +519,17 @@ def test_report_leaves_out_cell_copies_that_an_unpack_did_not_merge(tmp_path):
 
 def test_report_cost_table_names_bias_corrections_and_unrecorded_gpu_peaks(tmp_path):
     """A bias-corrected job is a correction of its base checkpoint, not a quantization; a GPU job
-    without a recorded peak says so instead of claiming it ran on the CPU."""
+    without a recorded peak says so instead of claiming it ran on the CPU; a resumed job's peak says when it is the
+    last run's alone."""
     rows = [("gac_w3a8", {"wall_seconds": 783.0, "peak_gpu_memory_bytes": 2**30 * 7.81}, "H200"),
             ("gac_w3a8_bc", {"wall_seconds": 65.0, "quantize_seconds_of_base": 783.0,
                              "bias_corrected_from": {"checkpoint": "gac_w3a8"}}, "H200"),
-            ("tfmq_w3a8", {"wall_seconds": 900.0}, None)]
+            ("tfmq_w3a8", {"wall_seconds": 900.0}, None),
+            # resumed in a second call: the peak of the last run only, unless the resume points logged the others'
+            ("tfmq_w4a8", {"wall_seconds": 485.2, "wall_seconds_runs": [462.78, 22.42],
+                           "peak_gpu_memory_bytes": 2**30 * 0.26}, "H100"),
+            ("gac_w4a8", {"wall_seconds": 395.6, "wall_seconds_runs": [61.42, 334.18], "peak_gpu_memory_of": "all runs",
+                          "peak_gpu_memory_bytes": 2**30 * 8.03}, "H100")]
     for i, (job, q, gpu) in enumerate(rows):
         _cell(tmp_path, "gac", "W3A8", i, 50.0 + i)
         f = tmp_path / f"gacW3A8{i}cifar10None.json"
@@ -536,6 +542,8 @@ def test_report_cost_table_names_bias_corrections_and_unrecorded_gpu_peaks(tmp_p
     assert "| gac_w3a8 | quantization | 783 | 7.81 |" in md
     assert "| gac_w3a8_bc | bias correction of gac_w3a8 (base: 783 s) | 65 | not recorded |" in md
     assert "| tfmq_w3a8 | quantization | 900 | n/a (CPU) |" in md
+    assert "| tfmq_w4a8 | quantization | 485 | 0.26 (last of 2 runs) |" in md
+    assert "| gac_w4a8 | quantization | 396 | 8.03 |" in md
 
 
 def test_report_counts_the_quantization_runs_that_pooled_seeds_sampled(tmp_path):

@@ -1044,11 +1044,13 @@ def fp8_linear():
 if __name__ == "__main__":
     # one or more cases; several share one interpreter (importing torch and triton once), each from the default
     # generator's state of a new process, a failure reported and the next case run
+    import time
     import traceback
 
     failed = []
     for case in sys.argv[1:]:
         torch.manual_seed(torch.initial_seed())
+        start = time.process_time()
         try:
             globals()[case]()
         except Exception:  # noqa: BLE001
@@ -1056,4 +1058,6 @@ if __name__ == "__main__":
             failed.append(case)
         else:
             print("ok", case, flush=True)
+        finally:  # CPU seconds per case, for balancing the test file's two interpreter processes
+            print(f"{case}: {time.process_time() - start:.1f} s of CPU", file=sys.stderr, flush=True)
     sys.exit(1 if failed else 0)

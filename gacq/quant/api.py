@@ -23,7 +23,8 @@ from ..utils import atomic_path
 from .calib_data import CalibDataConfig, CalibrationSet
 from .gac import GACConfig, make_gac_weight_fn
 from .methods import MethodSpec, float_input_layers, float_layers, method_spec, with_overrides
-from .recon import ActReconConfig, ReconConfig, load_resume_point, reconstruct_model, save_resume_point
+from .recon import (ActReconConfig, ReconConfig, append_recon_log, load_resume_point, reconstruct_model,
+                    save_resume_point)
 from .modules import QUANT_CLASSES
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
 
@@ -423,8 +424,7 @@ def _run_tib(model, fp, wcal, config, ckpt, device, progress) -> None:
     if path is not None and gdist.rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_resume_point(path, [(names[id(m)] + ".", m) for m in TIB(model).layers()])
-        with open(path.parent / "recon_log.jsonl", "a") as f:
-            f.write(json.dumps({"index": -1, "stage": "tib", **stats}) + "\n")
+        append_recon_log(path.parent, {"index": -1, "stage": "tib", **stats}, device)
 
 
 def _calibrate_acts(model, fp, calib, wcal, spec, config, ckpt, fingerprint, device, progress) -> None:
@@ -488,6 +488,15 @@ def _earlier_runs_seconds(ckpt: Path, t0: float) -> list[float]:
     return [r["seconds"] for r in runs]
 
 
+def logged_peak(ckpt: Path) -> tuple[int, bool]:
+    """The highest peak GPU memory the resume points' log (`recon_log.jsonl`) holds, and whether every line holds
+    one: lines written before gacq logged peaks (or on the CPU) do not, and then a resumed run knows only its own."""
+    path = ckpt / "recon_log.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    peaks = [x["peak_gpu_memory_bytes"] for x in lines if "peak_gpu_memory_bytes" in x]
+    return max(peaks, default=0), bool(lines) and len(peaks) == len(lines)
+
+
 def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, calib: str | Path | None = None,
                     sample_cfg=None, save_calib: str | Path | None = None, device: torch.device | str = "cpu",
                     extra_meta: dict | None = None, progress: bool = True) -> dict:
@@ -540,6 +549,10 @@ def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, c
         meta["wall_seconds_runs"] = [*earlier, this_run]
     if device.type == "cuda":
         meta["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        if earlier:  # the earlier runs' peaks, as far as their resume points logged them
+            logged, complete = logged_peak(Path(config.recon_checkpoints))
+            meta["peak_gpu_memory_bytes"] = max(meta["peak_gpu_memory_bytes"], logged)
+            meta["peak_gpu_memory_of"] = "all runs" if complete else "last run"
     out = Path(out)
     meta["world_size"] = gdist.world_size()
     gdist.barrier("quantization")

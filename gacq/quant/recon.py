@@ -486,6 +486,16 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def append_recon_log(folder, entry: dict, device: torch.device | str) -> None:
+    """One line of a resume folder's recon_log.jsonl. On CUDA it holds the peak GPU memory so far, so that a
+    quantization resumed by later runs can report the peak over every run (`gacq.quant.api.logged_peak`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        entry = {**entry, "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated(device))}
+    with open(Path(folder) / "recon_log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def save_resume_point(path, parts: list[tuple[str, nn.Module]]) -> None:
     """Write the state of `parts` ((key prefix, module) pairs) to the safetensors file `path` (atomically), compact:
     see the comment above `_rebuilt_keys`."""
@@ -620,8 +630,7 @@ def reconstruct_model(q_model: nn.Module, fp_model: nn.Module, x: torch.Tensor, 
         bar.set_postfix(loss=f"{s['loss_before']:.3g}->{s['loss_after']:.3g}")
         if path is not None and gdist.rank() == 0:  # data-parallel ranks hold the same unit: one writes
             save_resume_point(path, [("", unit)])
-            with open(path.parent / "recon_log.jsonl", "a") as f:
-                f.write(json.dumps({"index": i, **s}) + "\n")
+            append_recon_log(path.parent, {"index": i, **s}, device)
         gdist.barrier(f"reconstruction of unit {i} ({name})")
         if on_unit_done is not None:
             on_unit_done(i, name, s)

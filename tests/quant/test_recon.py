@@ -305,6 +305,28 @@ def test_a_resumed_quantization_records_the_killed_runs_time(setup, tmp_path, mo
     assert not ckpt.exists()  # finished: the resume points and their run times are gone
 
 
+def test_resume_point_log_lines_carry_the_gpu_peak_for_the_resumed_runs_total(tmp_path, monkeypatch):
+    """On CUDA each resume point's log line holds the peak GPU memory so far, and a resumed quantization reports the
+    highest of them and its own; lines without one (an older gacq, the CPU) leave it knowing only the last run's."""
+    import json
+
+    from gacq.quant.api import logged_peak
+    from gacq.quant.recon import append_recon_log
+
+    assert logged_peak(tmp_path) == (0, False)  # no log at all
+    append_recon_log(tmp_path, {"index": 0, "loss_after": 1.0}, "cpu")
+    assert json.loads((tmp_path / "recon_log.jsonl").read_text()) == {"index": 0, "loss_after": 1.0}
+    assert logged_peak(tmp_path) == (0, False)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 7 * 2**30)
+    for i in (1, 2):
+        append_recon_log(tmp_path, {"index": i}, torch.device("cuda"))
+    lines = [json.loads(x) for x in (tmp_path / "recon_log.jsonl").read_text().splitlines()]
+    assert lines[1:] == [{"index": i, "peak_gpu_memory_bytes": 7 * 2**30} for i in (1, 2)]
+    assert logged_peak(tmp_path) == (7 * 2**30, False)  # the CPU line has none
+    (tmp_path / "recon_log.jsonl").write_text("\n".join(json.dumps(x) for x in lines[1:]) + "\n")
+    assert logged_peak(tmp_path) == (7 * 2**30, True)
+
+
 @pytest.mark.parametrize("method", ["tfmq", "qdiffusion"])
 def test_a_quantization_resumed_from_every_resume_point_writes_the_same_checkpoint(setup, tmp_path, monkeypatch,
                                                                                     method):
