@@ -97,8 +97,11 @@ if [ -d .data/parts ]; then
 fi
 echo "gpu-unpack: $NEW new cell result(s); logs in $LOGS"
 if [ -n "${SPEC:-}" ] && [ -d .data/parts ]; then  # the next call's CELLS and PARTS (NEXT_PARTS of them, 13)
-  echo "gpu-unpack: the next call (gacq experiment plan -n ${NEXT_PARTS:-13}):"
-  python -m gacq experiment plan "$SPEC" --results "$RES" -n "${NEXT_PARTS:-13}" 2>&1 | sed 's/^/gpu-unpack:   /' || true
+  PLAN=$(python -m gacq experiment plan "$SPEC" --results "$RES" -n "${NEXT_PARTS:-13}" 2>&1 || true)
+  case $PLAN in
+    *"no parts to plan"*) ;;  # a spec whose cells sample in one run: nothing to plan
+    *) echo "gpu-unpack: the next call (gacq experiment plan -n ${NEXT_PARTS:-13}):"; echo "$PLAN" | sed 's/^/gpu-unpack:   /' ;;
+  esac
 fi
 TITLE=${4:-$(sed -n '1s/^# //p' "$RES/README.md" 2>/dev/null || true)}  # none before the folder's first report
 if ls "$RES"/cells/*.json > /dev/null 2>&1; then
