@@ -313,7 +313,7 @@ def halo():
              {"offset_rows": True}, {"offset_rows": True, "cin": 64, "cout": 24, "x_shape": (2, 64, 7, 6)}]
     seen = set()
     for convert in (to_int8, to_w4a8):
-        for kw in cases:
+        for n, kw in enumerate(cases):
             kw = dict(kw)
             za, offset_rows = kw.pop("za", None), kw.pop("offset_rows", False)
             if convert is to_w4a8:
@@ -344,7 +344,8 @@ def halo():
             if x.shape[1] == 64:
                 variants += [{"split_k": 2}, {"split_k": 4}, {"aligned": False}]
             for v in variants:
-                for h in ([True, None] if not v else [True]):  # None: the default is the halo path
+                # None: the default (the halo path); once per weight type, as it gives halo=True's integers
+                for h in ([True, None] if not v and (n == 0 or DEVICE == "cuda") else [True]):
                     y = run(ex, x, halo=h, **v)
                     if DEVICE == "cpu":
                         assert torch.equal(y, plain), (what, v, (y - plain).abs().max())
@@ -432,14 +433,16 @@ def kmajor():
                 ex.use_kernel = True
             _same_epilogue(y_layer, want, ("layer", what))
             _same_epilogue(y_stored, want, ("layer, stored weight", what))
+            if DEVICE == "cpu":
+                assert torch.equal(y_layer, y_stored), (what, (y_layer - y_stored).abs().max())
+            # every path of the K-major weight gives the layer's integers, so the stored weight's; the stored
+            # weight's own paths are halo()'s (running them here too took a third of this case's interpreter time)
             variants = [{"halo": True}, {"halo": False}, {"split_k": 3}, {"split_k": 2, "halo": False}]
             if c % 32 == 0:  # whole-channel K blocks in the interpreter: also the per-element taps
                 variants.append({"aligned": False})
             for v in variants:
                 y = run(ex, x, True, **v)
-                ref = run(ex, x, False, **v)
                 if DEVICE == "cpu":
-                    assert torch.equal(y, ref), (what, v, (y - ref).abs().max())
                     assert torch.equal(y, y_layer), (what, v, (y - y_layer).abs().max())
                 _same_epilogue(y, want, ("kmajor", what, v))
     for key in [("to_int8", True, True, False), ("to_int8", False, True, False), ("to_int8", True, True, True),
@@ -1018,10 +1021,15 @@ def fp8_linear():
             for h in hooks:
                 h.remove()
             over = {}
+            # in the interpreter both accumulate in float32, so the precise kernels run on one layer of each type there
+            first = {}
+            for name in seen:
+                first.setdefault(type(ex.get_submodule(name)), name)
             for precise, tol in ((False, UNET_TOL), (True, F32_TOL)):
                 fp8_variant(ex, precise_acc=precise)
-                errs = {name: float((ex.get_submodule(name)(xin) - out).abs().max()) / float(out.abs().max())
-                        for name, (xin, out) in seen.items()}
+                names = seen if DEVICE == "cuda" or not precise else first.values()
+                errs = {name: float((ex.get_submodule(name)(seen[name][0]) - seen[name][1]).abs().max())
+                        / float(seen[name][1].abs().max()) for name in names}
                 worst = max((e, name) for name, e in errs.items())
                 over[precise] = {name: e for name, e in errs.items() if e > tol}
                 print(f"fp8_linear: {config} UNet, precise_acc={precise}: layers off their fake-quant twins by at most "
