@@ -510,7 +510,7 @@ def model_digest(model: str | None) -> str | None:
     weights (a device call whose tree lacked the weights file and sampled only from a carried checkpoint: session 49
     recorded the digest of no files then, which every later check took for a retrained model). Cached per folder
     state."""
-    from .models import resolve_model_folder
+    from .model_paths import resolve_model_folder
 
     if model is not None and not Path(model).expanduser().exists():
         return None  # a hub id (resolving it would download it) or a model not trained yet

@@ -13,18 +13,17 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import GacqError
+from .model_paths import BUNDLED_MODEL_NAME, PICKLE_SUFFIXES, bundled_model_path, resolve_model_folder  # noqa: F401
 from .utils import atomic_dir
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 # The DDPM CIFAR-10 noise schedule (Ho et al. 2020): T=1000, linear betas 1e-4..0.02.
 DDPM_SCHEDULE: dict[str, Any] = {
@@ -134,8 +133,6 @@ DENOISER_SUBFOLDERS = ("unet", "transformer")
 AUTOENCODER_SUBFOLDERS = ("vae", "vqvae")
 AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
 
-BUNDLED_MODEL_NAME = "cifar10-small"
-
 
 @dataclass
 class LoadedModel:
@@ -190,11 +187,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def bundled_model_path() -> Path:
-    """Folder of the CIFAR-10 model shipped inside the package."""
-    return Path(str(resources.files("gacq") / "assets" / BUNDLED_MODEL_NAME))
-
-
 def _refuse_pickles(folder: Path) -> None:
     files = [p for p in folder.iterdir() if p.is_file()]
     if any(p.suffix == ".safetensors" for p in files):
@@ -226,50 +218,6 @@ def _model_class(folder: Path):
             f"{cfg_path} describes a {name!r}; gacq loads denoisers of type {', '.join(MODEL_CLASSES)}"
         )
     return getattr(diffusers, name)
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch the JSON and safetensors files of a hub repository (never pickles)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt"])
-        )
-    except Exception as e:  # the hub client raises many types (offline, 404, auth)
-        raise GacqError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Check the id and your network, or pass a local folder."
-        ) from e
-
-
-def resolve_model_folder(spec: str | os.PathLike | None) -> tuple[Path, str]:
-    """Turn --model into a local folder: None -> bundled model, path -> itself, hub id -> download."""
-    if spec is None:
-        path = bundled_model_path()
-        if not (path / "model_index.json").exists():
-            raise GacqError(
-                f"the bundled model is missing from {path}; reinstall gacq from a full checkout "
-                "or pass --model"
-            )
-        return path, f"bundled:{BUNDLED_MODEL_NAME}"
-    path = Path(spec).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix in PICKLE_SUFFIXES:
-                raise GacqError(
-                    f"{path} is a pickle checkpoint; gacq never unpickles files. Pass a diffusers folder "
-                    "with safetensors weights (see `save_pretrained(..., safe_serialization=True)`)."
-                )
-            raise GacqError(
-                f"{path} is a file; --model wants a diffusers folder (config.json + "
-                "*.safetensors, or a pipeline folder with model_index.json) or a hub id"
-            )
-        return path, str(path)
-    text = str(spec)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return _download(text), f"hub:{text}"
-    raise GacqError(f"model path {path} does not exist (and is not a hub id of the form owner/name)")
 
 
 def load_model(

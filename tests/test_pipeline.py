@@ -168,17 +168,24 @@ def test_the_public_names_resolve_to_the_functions_the_cli_calls():
         gacq.quantise
 
 
-def test_import_gacq_and_the_cli_help_do_not_import_torch():
-    """`import gacq` binds its public names on first use, so `gacq --help` starts without torch's 2-3 s of imports; a
-    name or a submodule imports it when asked for."""
+def test_import_gacq_and_the_cli_help_do_not_import_torch(tmp_path):
+    """`import gacq` binds its public names on first use, so `gacq --help` starts without torch's 2-3 s of imports, and
+    so does `gacq experiment list` (the GPU call scripts list a spec's cells several times a call); a name or a
+    submodule imports it when asked for."""
+    spec = tmp_path / "s.toml"
+    spec.write_text(f"name = 's'\nmodel = '{tmp_path}'\nresults = '{tmp_path / 'res'}'\n[[grid]]\n"
+                    "methods = ['fp', 'gac']\nbits = ['W4A8']\n")
     code = ("import sys, gacq; assert 'torch' not in sys.modules, 'import gacq'\n"
-            "from gacq.cli import main\nsys.argv = ['gacq', '--help']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "assert 'torch' not in sys.modules, 'gacq --help'\n"
+            "from gacq.cli import main\n"
+            f"for argv in (['--help'], ['experiment', 'list', {str(spec)!r}]):\n"
+            "    sys.argv = ['gacq', *argv]\n"
+            "    try:\n        main()\n    except SystemExit as e:\n        assert e.code in (0, None), e.code\n"
+            "    assert 'torch' not in sys.modules, argv\n"
             "gacq.models.NAMED_CONFIGS; assert 'torch' in sys.modules\n"
             "from gacq import load_model; assert load_model is gacq.models.load_model\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    assert "pending  gac_w4a8_steps100_seed0  <- gac_w4a8_steps100" in r.stdout, r.stdout
 
 
 def test_a_compiled_model_call_reads_each_steps_activation_set(tfmq_dir):

@@ -17,10 +17,12 @@ finite set), which calibration timesteps it uses, and which layers it quantizes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import GacqError
+
+if TYPE_CHECKING:  # torch only where a model is given: the method table loads without it (`gacq experiment list`)
+    from torch import nn
 
 PRESETS = ("common", "faithful")
 # the input and output layers per model class: UNet2DModel / UNet2DConditionModel; DiTTransformer2DModel (patch
@@ -139,6 +141,7 @@ def float_layers(model: nn.Module, rule: str | None) -> set[str]:
     from diffusers.models.downsampling import Downsample2D
     from diffusers.models.embeddings import TimestepEmbedding
     from diffusers.models.resnet import ResnetBlock2D
+    from torch import nn
 
     names = set()
     for n, m in model.named_modules():
