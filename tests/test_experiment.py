@@ -351,7 +351,10 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     # each part's own run is recorded (parts can come from several device calls and commits)
     runs = again["sample"]["part_runs"]
     assert [r["part"] for r in runs] == [0, 1, 2] and {r["device"] for r in runs} == {"cpu"}
-    assert runs[:2] == cell["sample"]["part_runs"][:2] and all(r["wall_seconds_this_run"] > 0 for r in runs)
+    assert runs[:2] == cell["sample"]["part_runs"][:2] and all(r["wall_seconds_this_run"] > 0 for r in runs[:2])
+    # the third part's images were still on disk from the first run (its samples folder): the rerun only reassembled
+    # them, which can take less than the 0.01 s its wall time is rounded to (session 51's fresh clone: 0.0)
+    assert runs[2]["wall_seconds_this_run"] >= 0
     # --parts (1-based): a run samples only the parts named and leaves the others to other runs (exit 3); 'none'
     # samples nothing; the run that finds every part's statistics merges them into the same figures
     for k in (1, 2):
