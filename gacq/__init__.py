@@ -11,8 +11,8 @@ The public API (the CLI calls exactly these):
     from gacq.compare import compare                           # `gacq compare`
     from gacq import diffusers_pipeline, follow_timesteps      # quantized models in diffusers pipelines
 
-Every name is imported on first use, so `import gacq` does not import torch (nor does `gacq --help`; the commands
-that load specs, models or checkpoints still do).
+Every name is imported on first use, so `import gacq` does not import torch (nor do `gacq --help` and `gacq experiment
+list`; the commands that load models or checkpoints still do).
 """
 
 from importlib import import_module
@@ -21,9 +21,9 @@ from .errors import GacqError
 
 __version__ = "0.1.0"
 
-# name -> (module, attribute), imported by __getattr__ on first use: `import gacq` and `gacq --help` do not import
-# torch (0.8 s against 4 s on a 2-core CPU); `gacq experiment list` and `gacq report` still do, through the quantization
-# methods' table and the diagnostics
+# name -> (module, attribute), imported by __getattr__ on first use: `import gacq`, `gacq --help` and `gacq experiment
+# list` do not import torch (0.8 s against 4 s on a 2-core CPU); `gacq report` still does (the diagnostics), and so
+# does loading a spec with recipe overrides (`QuantConfig` checks them)
 _LAZY = {
     "ImageDataset": (".data", "ImageDataset"),
     "load_images": (".data", "load_images"),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import GacqError
+from ..utils import atomic_path
 
 
 def _kth_radius(feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -70,11 +71,8 @@ def reference_radii(real: torch.Tensor, k: int, chunk: int = 1000) -> torch.Tens
         radii = _kth_radius(real, k, chunk)
         if path is not None:
             try:  # written under a temporary name, then renamed: a reader never sees half a file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
                     np.save(f, radii.cpu().numpy())
-                os.replace(tmp, path)
             except OSError:
                 pass  # a read-only cache: the radii are computed each time
     if len(_MEMO) >= 4:
