@@ -23,7 +23,7 @@ from ..utils import atomic_path
 from .calib_data import CalibDataConfig, CalibrationSet
 from .gac import GACConfig, make_gac_weight_fn
 from .methods import MethodSpec, float_input_layers, float_layers, method_spec, with_overrides
-from .recon import (ActReconConfig, ReconConfig, append_recon_log, load_resume_point, reconstruct_model,
+from .recon import (ActReconConfig, ReconConfig, append_recon_log, load_resume_point, logged_peak, reconstruct_model,
                     save_resume_point)
 from .modules import QUANT_CLASSES
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
@@ -486,15 +486,6 @@ def _earlier_runs_seconds(ckpt: Path, t0: float) -> list[float]:
     os.makedirs(ckpt, exist_ok=True)
     write_json(path, runs + [{"start": t0}])
     return [r["seconds"] for r in runs]
-
-
-def logged_peak(ckpt: Path) -> tuple[int, bool]:
-    """The highest peak GPU memory the resume points' log (`recon_log.jsonl`) holds, and whether every line holds
-    one: lines written before gacq logged peaks (or on the CPU) do not, and then a resumed run knows only its own."""
-    path = ckpt / "recon_log.jsonl"
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    peaks = [x["peak_gpu_memory_bytes"] for x in lines if "peak_gpu_memory_bytes" in x]
-    return max(peaks, default=0), bool(lines) and len(peaks) == len(lines)
 
 
 def quantize_to_dir(loaded: LoadedModel, config: QuantConfig, out: str | Path, calib: str | Path | None = None,

@@ -488,12 +488,21 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def append_recon_log(folder, entry: dict, device: torch.device | str) -> None:
     """One line of a resume folder's recon_log.jsonl. On CUDA it holds the peak GPU memory so far, so that a
-    quantization resumed by later runs can report the peak over every run (`gacq.quant.api.logged_peak`)."""
+    quantization resumed by later runs can report the peak over every run (`logged_peak`)."""
     device = torch.device(device)
     if device.type == "cuda":
         entry = {**entry, "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated(device))}
     with open(Path(folder) / "recon_log.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def logged_peak(folder) -> tuple[int, bool]:
+    """The highest peak GPU memory the resume points' log (`recon_log.jsonl`) holds, and whether every line holds
+    one: lines written before gacq logged peaks (or on the CPU) do not, and then a resumed run knows only its own."""
+    path = Path(folder) / "recon_log.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    peaks = [x["peak_gpu_memory_bytes"] for x in lines if "peak_gpu_memory_bytes" in x]
+    return max(peaks, default=0), bool(lines) and len(peaks) == len(lines)
 
 
 def save_resume_point(path, parts: list[tuple[str, nn.Module]]) -> None:

@@ -310,7 +310,7 @@ def test_resume_point_log_lines_carry_the_gpu_peak_for_the_resumed_runs_total(tm
     highest of them and its own; lines without one (an older gacq, the CPU) leave it knowing only the last run's."""
     import json
 
-    from gacq.quant.api import logged_peak
+    from gacq.quant.recon import logged_peak
     from gacq.quant.recon import append_recon_log
 
     assert logged_peak(tmp_path) == (0, False)  # no log at all
