@@ -654,7 +654,7 @@ def experiment_list(
 ) -> None:
     """The spec's cells, their quantization jobs and whether they are done; for done cells their recorded wall times
     (the whole cell's last run, its quantization job's, its sampling's), to size the next runs."""
-    from .experiment import cell_parts, cell_status, cell_times, load_spec, quant_job_of
+    from .experiment import cell_parts, cell_status, cell_times, load_spec, quant_job_of, sampled_in_last_run
 
     try:
         s = load_spec(spec, results=results)
@@ -665,6 +665,8 @@ def experiment_list(
         how = "" if job is None else f"  <- {job}" + (" (float acts)" if float_acts else "")
         times = cell_times(s, c)
         took = "" if not times else "  [" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + "]"
+        share = sampled_in_last_run(s, c)
+        took += f"  [sampled {share[0]} of its {share[1]} images in that run]" if share else ""
         parts = None if times else cell_parts(s, c)
         took += f"  [parts {parts[0]} of {parts[1]} sampled]" if parts else ""
         typer.echo(f"{cell_status(s, c):8s} {c.id}{how}{took}")

@@ -55,6 +55,7 @@ from .quant.modules import QuantLayer
 from .quant.quantizer import GAMMA, ZETA
 from .quant.recon import (UnitData, capture_unit_io, find_units, lp_loss_per_sample, order_by_execution,
                           trainable_layers)
+from .plots import figure as _figure, plot_gac_profiles, save_png as _save_png  # noqa: F401 (plot_gac_profiles: API)
 from .utils import atomic_path, git_commit, write_json
 
 EDGE_TOL = 1e-3  # how far outside a clamp's interval its derivative is still taken from inside
@@ -505,21 +506,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
 
 
-def _figure(w: float = 6.4, h: float = 5.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    return path
-
-
 def _save_csv(rows: list[list], path: Path) -> Path:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
@@ -891,20 +877,3 @@ def gac_weight_profile(qdir: str | Path) -> dict:
             "mean_over_blocks": curves.mean(0).tolist(),
             "min_over_blocks": curves.min(0).values.tolist(), "max_over_blocks": curves.max(0).values.tolist(),
             "blocks": blocks}
-
-
-def plot_gac_profiles(profiles: list[dict], path: str | Path) -> Path:
-    """One line per checkpoint: GAC's mean relative sample weight per sampling step, averaged over blocks, with
-    the range over blocks shaded."""
-    fig = _figure(7.0, 4.2)
-    ax = fig.add_subplot()
-    for p in profiles:
-        line, = ax.plot(p["steps"], p["mean_over_blocks"], marker="o", ms=3, label=p["job"])
-        ax.fill_between(p["steps"], p["min_over_blocks"], p["max_over_blocks"], color=line.get_color(), alpha=0.12)
-    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
-    ax.set_xlabel("sampling step (0 = first, noisiest)")
-    ax.set_ylabel("mean weight / uniform (training samples)")
-    ax.set_title("GAC's learned sample weights per step: mean over blocks (shaded: min-max over blocks)",
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    return _save_png(fig, Path(path))

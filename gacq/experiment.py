@@ -676,6 +676,19 @@ def cell_times(spec: ExperimentSpec, cell: Cell) -> dict[str, float] | None:
     return {k: float(v) for k, v in times.items() if v is not None}
 
 
+def sampled_in_last_run(spec: ExperimentSpec, cell: Cell) -> tuple[int, int] | None:
+    """(images its last run drew, images in all) of a finished cell whose last run drew fewer than all, so that its
+    sampling time covers only those: the rest were shards of an earlier, stopped run, or parts of other runs. None
+    when it drew all of them, or is not done, or its record predates gacq keeping the count."""
+    if not _done(spec, cell):
+        return None
+    smeta = json.loads((spec.cell_dir / f"{cell.id}.json").read_text()).get("sample") or {}
+    made, n = smeta.get("images_made_this_run"), smeta.get("n")
+    if smeta.get("part_runs") or made is None or n is None or made >= n:  # parts: cell_times sums every part's time
+        return None
+    return int(made), int(n)
+
+
 def calib_seed(spec: ExperimentSpec, cell: Cell) -> int:
     """The seed of a cell's calibration trajectories."""
     return spec.calib["seed"] if cell.cseed is None else cell.cseed
@@ -863,7 +876,10 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
         sdir = spec.work / "samples" / cell.id
         smeta = sample(loaded, _sample_config(spec, cell.steps, cell.seed), sdir, device=device, progress=progress)
         stats, grid_png = sdir / "samples.npz", sdir / "grid.png"
-    phase(f"{smeta['shape'][0]} samples drawn" if smeta.get("parts") is None else
+    phase(f"{smeta['shape'][0]} samples drawn" + (f" ({smeta['images_made_this_run']} in this run, the rest in "
+                                                 f"{smeta['shards_resumed']} shard(s) of an earlier one)"
+                                                 if smeta.get("shards_resumed") else "")
+          if smeta.get("parts") is None else
           f"{smeta['shape'][0]} samples' statistics merged from {smeta['parts']} parts "
           f"({smeta['images_made_this_run']} images drawn in this run)")
     metrics = evaluate(stats, ev["ref"] or None, features=ev["features"],
@@ -896,7 +912,10 @@ def run_cell(spec: ExperimentSpec, cell: Cell, command: str, progress: bool = Tr
                    "matmul_tf32": smeta.get("matmul_tf32", False), "compile": smeta.get("compile", False),
                    # sampled in parts (`_sample_in_parts`): how many, and the images this run drew (the rest carried)
                    **({k: smeta[k] for k in ("parts", "part_size", "images_made_this_run", "part_runs")}
-                      if "parts" in smeta else {})},
+                      if "parts" in smeta else
+                      # in one run: the images it drew and the shards an earlier, stopped run left (its wall time
+                      # covers only the images drawn)
+                      {k: smeta[k] for k in ("images_made_this_run", "shards_resumed") if k in smeta})},
         "quantize": None if qdir is None else {
             "job": qdir.name, "weights_from": qdir.name if float_acts else None, "float_acts": float_acts,
             "checkpoint_digest": digest,

@@ -338,7 +338,7 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
 def _gac_diagnostics(folder: Path, out: Path) -> tuple[list[str], Path] | None:
     """The diagnostics section: GAC's learned sample weights per sampling step of every gac checkpoint whose
     profile the experiment runner wrote (`<folder>/diagnostics/<job>.json`), as a table and one plot."""
-    from .diagnostics import plot_gac_profiles
+    from .plots import plot_gac_profiles
 
     files = sorted((folder / "diagnostics").glob("*.json")) if (folder / "diagnostics").is_dir() else []
     profiles = []

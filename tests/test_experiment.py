@@ -273,8 +273,13 @@ def test_rerun_skips_done_cells_and_resumes_an_unfinished_one(ran):
     assert new["metrics"]["fid"] == old["metrics"]["fid"]
     meta = json.loads((ran / "runs/experiments/t/samples/rtn_w4a32_steps5_seed0/meta.json").read_text())
     assert meta["images_made_this_run"] == 0 and meta["shards_resumed"] == 1
+    # the cell records that its sampling time covers none of its images, and the listing says so for it alone
+    assert (new["sample"]["images_made_this_run"], new["sample"]["shards_resumed"]) == (0, 1)
+    assert "10 samples drawn (0 in this run, the rest in 1 shard(s) of an earlier one)" in r.stdout, r.stdout
     r = here("experiment", "list", "spec.toml", cwd=ran)
     assert r.stdout.count("done") == 5
+    noted = [ln.split()[1] for ln in r.stdout.splitlines() if "[sampled " in ln]
+    assert noted == ["rtn_w4a32_steps5_seed0"] and "[sampled 0 of its 10 images in that run]" in r.stdout, r.stdout
     # done cells show their recorded times: the cell's, its quantization job's (not FP's), its sampling's
     lines = {ln.split()[1]: ln for ln in r.stdout.splitlines() if ln.startswith("done")}
     assert all("[cell " in ln and ", sample " in ln for ln in lines.values()), r.stdout

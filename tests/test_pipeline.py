@@ -4,8 +4,10 @@ by index; the timestep -> step map on the 'quad' schedule's repeated timesteps; 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,14 +172,19 @@ def test_the_public_names_resolve_to_the_functions_the_cli_calls():
 
 def test_import_gacq_and_the_cli_help_do_not_import_torch(tmp_path):
     """`import gacq` binds its public names on first use, so `gacq --help` starts without torch's 2-3 s of imports, and
-    so does `gacq experiment list` (the GPU call scripts list a spec's cells several times a call); a name or a
-    submodule imports it when asked for."""
+    so do `gacq experiment list` (the GPU call scripts list a spec's cells several times a call) and `gacq report`
+    (here on two of the table's cells and a GAC weight profile, copied from results/, whose plot it draws); a name or
+    a submodule imports it when asked for."""
     spec = tmp_path / "s.toml"
     spec.write_text(f"name = 's'\nmodel = '{tmp_path}'\nresults = '{tmp_path / 'res'}'\n[[grid]]\n"
                     "methods = ['fp', 'gac']\nbits = ['W4A8']\n")
+    table, rep = Path(__file__).resolve().parents[1] / "results/experiments/cifar10-table", tmp_path / "rep"
+    for name in ("cells/fp_steps5_seed0.json", "cells/gac_w4a8_steps5_seed0.json", "diagnostics/gac_w4a8_steps5.json"):
+        (rep / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(table / name, rep / name)
     code = ("import sys, gacq; assert 'torch' not in sys.modules, 'import gacq'\n"
             "from gacq.cli import main\n"
-            f"for argv in (['--help'], ['experiment', 'list', {str(spec)!r}]):\n"
+            f"for argv in (['--help'], ['experiment', 'list', {str(spec)!r}], ['report', {str(rep)!r}]):\n"
             "    sys.argv = ['gacq', *argv]\n"
             "    try:\n        main()\n    except SystemExit as e:\n        assert e.code in (0, None), e.code\n"
             "    assert 'torch' not in sys.modules, argv\n"
@@ -186,6 +193,7 @@ def test_import_gacq_and_the_cli_help_do_not_import_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
     assert "pending  gac_w4a8_steps100_seed0  <- gac_w4a8_steps100" in r.stdout, r.stdout
+    assert "2 cells in 2 table entries" in r.stdout and (rep / "README_gac_weights.png").stat().st_size > 0, r.stdout
 
 
 def test_a_compiled_model_call_reads_each_steps_activation_set(tfmq_dir):
