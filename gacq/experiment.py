@@ -390,7 +390,7 @@ def load_spec(path: str | Path, results: str | Path | None = None) -> Experiment
                     raise GacqError(f"{where}: act_granularity 'token' quantizes activations per token; W{w}A32 "
                                     "cells keep them float: use bits like W8A8 in that grid")
                 if rc is not None:
-                    from .quant.api import QuantConfig
+                    from .quant.config import QuantConfig
 
                     try:  # the overrides' own checks (e.g. fsc needs every step), now rather than mid-run
                         QuantConfig(method=m, preset=sections["quantize"]["preset"], wbits=w, abits=a, **dict(rc[1]))
@@ -732,10 +732,7 @@ def ensure_calib(spec: ExperimentSpec, steps: int, loaded, device, seed: int | N
 
 
 def _quant_config(spec: ExperimentSpec, cell: Cell, abits: int | None, job: str):
-    from .quant.api import QuantConfig
-    from .quant.calib_data import CalibDataConfig
-    from .quant.gac import GACConfig
-    from .quant.recon import ActReconConfig, ReconConfig
+    from .quant.config import ActReconConfig, CalibDataConfig, GACConfig, QuantConfig, ReconConfig
 
     q = spec.quantize
     rs = recon_seed(spec, cell)

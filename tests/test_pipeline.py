@@ -172,12 +172,14 @@ def test_the_public_names_resolve_to_the_functions_the_cli_calls():
 
 def test_import_gacq_and_the_cli_help_do_not_import_torch(tmp_path):
     """`import gacq` binds its public names on first use, so `gacq --help` starts without torch's 2-3 s of imports, and
-    so do `gacq experiment list` (the GPU call scripts list a spec's cells several times a call) and `gacq report`
+    so do `gacq experiment list` (the GPU call scripts list a spec's cells several times a call; recipe overrides are
+    checked by the torch-free `gacq.quant.config.QuantConfig`) and `gacq report`
     (here on two of the table's cells and a GAC weight profile, copied from results/, whose plot it draws); a name or
     a submodule imports it when asked for."""
     spec = tmp_path / "s.toml"
     spec.write_text(f"name = 's'\nmodel = '{tmp_path}'\nresults = '{tmp_path / 'res'}'\n[[grid]]\n"
-                    "methods = ['fp', 'gac']\nbits = ['W4A8']\n")
+                    "methods = ['fp', 'gac']\nbits = ['W4A8']\n[[grid]]\nmethods = ['tfmq']\nbits = ['W3A8']\n"
+                    "recipe = {lsq = {act_mode = 'lsq'}}\n")  # recipe overrides: QuantConfig checks them
     table, rep = Path(__file__).resolve().parents[1] / "results/experiments/cifar10-table", tmp_path / "rep"
     for name in ("cells/fp_steps5_seed0.json", "cells/gac_w4a8_steps5_seed0.json", "diagnostics/gac_w4a8_steps5.json"):
         (rep / name).parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +195,7 @@ def test_import_gacq_and_the_cli_help_do_not_import_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
     assert "pending  gac_w4a8_steps100_seed0  <- gac_w4a8_steps100" in r.stdout, r.stdout
+    assert "pending  tfmq_w3a8_rlsq_steps100_seed0  <- tfmq_w3a8_rlsq_steps100" in r.stdout, r.stdout
     assert "2 cells in 2 table entries" in r.stdout and (rep / "README_gac_weights.png").stat().st_size > 0, r.stdout
 
 

@@ -33,41 +33,7 @@ from ..errors import GacqError
 from ..models import LoadedModel
 from ..sampling import SampleConfig, generate, make_scheduler
 from ..utils import atomic_path, write_json
-
-SELECTIONS = ("uniform", "gaussian", "all")
-
-
-@dataclass(frozen=True)
-class CalibDataConfig:
-    """What to collect.
-
-    Attributes:
-        selection: 'uniform', 'gaussian' or 'all'.
-        n_trajectories: trajectories to run (Q-Diffusion: 256 per step on CIFAR-10).
-        n_steps: recorded steps for 'uniform' (Q-Diffusion: 20 of 100).
-        mu, sigma: mean and std of the Gaussian timestep draw, as fractions of T ('gaussian').
-        draws: Gaussian draws per trajectory ('gaussian'; 1 = PTQ4DM's one sample per trajectory).
-        seed: trajectories use per-sample seeds derived from it; the Gaussian draw uses it too.
-        batch_size: trajectories per model call.
-    """
-
-    selection: str = "uniform"
-    n_trajectories: int = 256
-    n_steps: int = 20
-    mu: float = 0.5
-    sigma: float = 0.35
-    seed: int = 0
-    batch_size: int = 64
-    draws: int = 1
-
-    def __post_init__(self) -> None:
-        if self.selection not in SELECTIONS:
-            raise GacqError(f"unknown calibration selection {self.selection!r}; choose {', '.join(SELECTIONS)}")
-        if self.n_trajectories < 1 or self.n_steps < 1 or self.batch_size < 1 or self.draws < 1:
-            raise GacqError("calibration counts (trajectories, steps, batch size, draws) must be at least 1")
-        if self.sigma <= 0:
-            raise GacqError(f"sigma must be positive, got {self.sigma}")
-
+from .config import CalibDataConfig  # noqa: F401 (defined there, torch-free)
 
 @dataclass
 class CalibrationSet:

@@ -36,7 +36,6 @@ meta-iteration. If capture fails, the block warns once and runs eagerly.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,63 +43,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import GacqError
+from .config import GACConfig  # noqa: F401 (defined there, torch-free)
 from .recon import UnitData, lp_loss_per_sample, trainable_layers
-
-
-@dataclass(frozen=True)
-class GACConfig:
-    """GAC hyperparameters (paper values where it gives them).
-
-    Attributes:
-        tau: softmax temperature of the weights (paper: 1 best of 0.2, 0.5, 1, 2).
-        init_score: initial score of every sample (paper: 1/32; any constant gives uniform weights).
-        val_fraction: share of the calibration set held out for validation, balanced over
-            sampling steps (paper: 5% best of 2, 5, 10, 20%).
-        groups: K, timestep groups of the validation split (paper: 5).
-        meta_iters: M, meta-iterations per block (0: plain TFMQ-DM).
-        inner_lr: eta, step size of the differentiable inner update of the rounding variables.
-        meta_lr: Adam learning rate of the scores.
-        batch_size: minibatch of calibration samples per meta-iteration; minibatches run through
-            successive random permutations (epochs), so M x batch_size >= N visits every sample.
-        meta_optimizer: 'adam' (default): Adam on the minibatch's scores only (lazy moments, as
-            torch.optim.SparseAdam); 'sgd'; 'dense-adam': Adam on all N scores. Dense Adam was
-            the first implementation and is kept for comparison: the softmax normaliser gives
-            every score outside the minibatch a tiny gradient of one sign, which Adam's
-            per-coordinate normalisation turns into full-size steps, so all never-visited samples
-            drift together (on the H100 run with M=100, B=32, N=4860 about half the samples were
-            never visited and ended at 0.47x the uniform weight: the weights measured the visit
-            lottery, not gradient alignment). 'sgd' and 'adam' leave unvisited scores unchanged.
-        val_batch: validation samples per group per meta-iteration (None: all of the group).
-        p: exponent of the per-sample loss (the reconstruction's).
-        seed: minibatch and validation-subsample order.
-    """
-
-    tau: float = 1.0
-    init_score: float = 1.0 / 32
-    val_fraction: float = 0.05
-    groups: int = 5
-    meta_iters: int = 100
-    inner_lr: float = 1.0
-    meta_lr: float = 0.2
-    batch_size: int = 32
-    meta_optimizer: str = "adam"
-    val_batch: int | None = 32
-    p: float = 2.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise GacqError(f"GAC temperature tau must be positive, got {self.tau}")
-        if not 0 < self.val_fraction < 1:
-            raise GacqError(f"GAC validation fraction must be in (0, 1), got {self.val_fraction}")
-        if self.groups < 2:
-            raise GacqError(f"GAC needs at least 2 timestep groups (K), got {self.groups}")
-        if self.meta_iters < 0 or self.batch_size < 1:
-            raise GacqError("GAC meta-iterations must be >= 0 and the batch size >= 1")
-        if self.inner_lr <= 0:
-            raise GacqError(f"GAC inner step size must be positive, got {self.inner_lr}")
-        if self.meta_optimizer not in ("adam", "sgd", "dense-adam"):
-            raise GacqError(f"GAC meta optimiser must be adam, sgd or dense-adam, not {self.meta_optimizer!r}")
 
 
 def validation_split(step: torch.Tensor, fraction: float, groups: int, seed: int = 0

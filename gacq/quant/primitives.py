@@ -16,6 +16,7 @@ import os
 import torch
 
 from ..errors import GacqError
+from .config import FORMATS
 
 MIN_SCALE = 1e-8  # floor for the step size of constant channels (max == min)
 
@@ -24,7 +25,6 @@ MIN_SCALE = 1e-8  # floor for the step size of constant channels (max == min)
 # torch's round-to-nearest-even cast; symmetric, zero point 0, scale = max|x| / 448 (per tensor or per channel). Its
 # grid is not uniform (3 mantissa bits: steps of 2^(e-3) in [2^e, 2^(e+1))), so learned rounding (AdaRound) does not
 # apply; only 8-bit weights and activations use it.
-FORMATS = ("int", "fp8")
 FP8_MAX = 448.0  # the largest finite E4M3FN value
 FP8_DTYPE = torch.float8_e4m3fn
 

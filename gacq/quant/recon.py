@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GacqError
 from ..utils import atomic_path, write_json
+from .config import ActReconConfig, ReconConfig  # noqa: F401 (defined there, torch-free)
 from .modules import QuantLayer
 from .quantizer import beta_schedule
 
@@ -137,35 +137,6 @@ def capture_unit_io(model: nn.Module, unit: nn.Module, run: Callable[[nn.Module,
             for i in range(n_args)]
     kwargs = {k: (torch.cat(v) if torch.is_tensor(v[0]) else v[0]) for k, v in kw_store.items()}
     return args, kwargs, (torch.cat(outs) if want_output else None)
-
-
-@dataclass(frozen=True)
-class ReconConfig:
-    """AdaRound block reconstruction (defaults: the baselines' weight stage, baselines.md §1.3)."""
-
-    iters: int = 20000
-    batch_size: int = 32
-    lr: float = 1e-3
-    reg_weight: float = 0.01
-    warmup: float = 0.2
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    p: float = 2.0
-    seed: int = 0
-    cuda_graph: bool = True  # capture the step as a CUDA graph on GPUs (results as eager, much faster)
-
-
-@dataclass(frozen=True)
-class ActReconConfig:
-    """Activation step-size learning (Q-Diffusion's act stage, baselines.md §2.3): Adam on the
-    input quantizers' step sizes with a cosine schedule, Lp loss with p = 2.4, FP inputs."""
-
-    iters: int = 5000
-    batch_size: int = 32
-    lr: float = 4e-4
-    p: float = 2.4
-    seed: int = 0
-    cuda_graph: bool = True
 
 
 class UnitData:
