@@ -311,10 +311,8 @@ def quantize(
     """Quantize a model and write a quantized checkpoint (sample it with `gacq sample --model QDIR`)."""
     from . import distributed as gdist
     from .models import load_model
-    from .quant.api import QuantConfig, quantize_to_dir
-    from .quant.calib_data import CalibDataConfig
-    from .quant.gac import GACConfig
-    from .quant.recon import ActReconConfig, ReconConfig
+    from .quant.api import quantize_to_dir
+    from .quant.config import ActReconConfig, CalibDataConfig, GACConfig, QuantConfig, ReconConfig
     from .sampling import SampleConfig
     from .utils import resolve_device
 

@@ -20,12 +20,11 @@ from safetensors.torch import load_file, save_file
 from ..errors import GacqError
 from ..models import LoadedModel
 from ..utils import atomic_path
-from .calib_data import CalibDataConfig, CalibrationSet
-from .config import QuantConfig  # noqa: F401 (defined there, torch-free)
-from .gac import GACConfig, make_gac_weight_fn
+from .calib_data import CalibrationSet
+from .config import ActReconConfig, CalibDataConfig, GACConfig, QuantConfig, ReconConfig
+from .gac import make_gac_weight_fn
 from .methods import MethodSpec, float_input_layers, float_layers
-from .recon import (ActReconConfig, ReconConfig, append_recon_log, load_resume_point, logged_peak, reconstruct_model,
-                    save_resume_point)
+from .recon import append_recon_log, load_resume_point, logged_peak, reconstruct_model, save_resume_point
 from .modules import QUANT_CLASSES
 from .wrap import init_act_quantizers_minmax, observe_input_ranges, quant_layers, set_quant_state, wrap_layers
 
