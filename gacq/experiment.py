@@ -1154,6 +1154,22 @@ def _groups(spec: ExperimentSpec, cells: list[Cell]) -> list[list[Cell]]:
     return [sorted(g, key=lambda c: c.w8 is not None) for g in groups.values()]
 
 
+def _launch_units(todo: list[Cell], groups: list[list[Cell]], ready) -> list[list[Cell]]:
+    """What `run_experiment --parallel` hands its process slots, in the order the cells were given: a group whose
+    checkpoints are all made (`ready(cell)`) has no cell waiting for another, so each of its cells is a unit of its
+    own; any other group stays whole, at its first cell's place. Whole groups whose cells all started at once raced
+    for the slots: `--parallel 2 --cells A1,B1,A2,B2` (A, B two methods' checkpoints) could start A1 and A2 first."""
+    units, placed = [], set()
+    for c in todo:
+        g = next(g for g in groups if any(x.id == c.id for x in g))
+        if len(g) > 1 and all(ready(x) for x in g):
+            units.append([c])
+        elif id(g) not in placed:
+            placed.add(id(g))
+            units.append(g)
+    return units
+
+
 def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel: int = 1, command: str = "",
                    progress: bool = True, echo=print) -> list[dict]:
     """Run every unfinished cell (or the `only` ids); `parallel` > 1 runs cell groups as subprocesses."""
@@ -1270,7 +1286,7 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
          + (f" over {n_gpus} GPUs" if n_gpus > 1 else "") + f"; logs in {logs}")
     failed, stopped = [], []
     with ThreadPoolExecutor(parallel) as pool:
-        for runs in pool.map(run_group, groups):
+        for runs in pool.map(run_group, _launch_units(todo, groups, lambda c: _checkpoint_made(spec, c))):
             for group, rc, log in runs:
                 state = ("done" if rc == 0 else "not run: the group's first cell failed" if rc is None
                          else "stopped early by --deadline or --parts (rerun to resume)" if rc == STOPPED_EXIT

@@ -785,6 +785,30 @@ def test_w8_layers_cells_derive_from_the_plain_checkpoint(extras, tiny32, monkey
             load_spec(ran / "bad.toml")
 
 
+def test_parallel_runs_start_cells_in_the_order_given(tiny32, tmp_path):
+    """`--parallel N --cells ...` hands its N process slots the cells in the order given once their checkpoints are
+    made, instead of each quantization job's cells as a block (whose processes then raced for the slots: session 53
+    wanted GAC and TFMQ-DM at seed 1 side by side, and `--parallel 2` over both seeds could start GAC's two first).
+    A group whose checkpoint is still to be made stays whole (its first cell quantizes, the others wait for it)."""
+    from gacq.experiment import _cells_named, _groups, _launch_units
+
+    (tmp_path / "s.toml").write_text(SPEC.format(model=tiny32).replace(
+        'methods = ["fp", "rtn", "tfmq"]\nbits = ["W4A8", "W4A32"]', 'methods = ["rtn", "tfmq"]\nbits = ["W4A8"]\n'
+        'seeds = [0, 1]'))
+    s = load_spec(tmp_path / "s.toml")
+    order = ["rtn_w4a8_steps5_seed0", "tfmq_w4a8_steps5_seed0", "rtn_w4a8_steps5_seed1", "tfmq_w4a8_steps5_seed1"]
+    todo = _cells_named(s, order)
+    groups = _groups(s, todo)
+    assert [[c.id for c in g] for g in groups] == [order[0::2], order[1::2]]  # one per quantization job
+
+    def ids(ready):
+        return [[c.id for c in u] for u in _launch_units(todo, groups, ready)]
+
+    assert ids(lambda c: True) == [[i] for i in order]
+    assert ids(lambda c: c.method == "rtn") == [[order[0]], order[1::2], [order[2]]]
+    assert ids(lambda c: False) == [order[0::2], order[1::2]]
+
+
 def test_checkpoints_of_an_older_gacq_keep_their_cells(ran, tiny32, monkeypatch):
     """A checkpoint whose config predates a QuantConfig field (here bias_correction) is read with the
     field's default, not refused as 'other settings' (which would stop a whole GPU run)."""
