@@ -323,7 +323,7 @@ def test_a_cell_sampled_in_parts_equals_one_run_and_resumes_per_part(tiny32, tmp
     assert got["fid"] == pytest.approx(direct["fid"], rel=1e-4) and got["sfid"] == pytest.approx(direct["sfid"], rel=1e-3)
     # rel 1e-5, not equality: CPU kernels may sum in a batch-size-dependent order (parts of 10 against one batch of
     # 24; 4e-7 on an AMD EPYC in session 45, equal on the earlier machines; 2.7e-6 in session 53's fresh clone on a
-    # Zen 4 EPYC, two pytest-xdist workers, where the same test in one process had passed at 1e-6 an hour earlier)
+    # Zen 4 EPYC, two pytest-xdist workers, where the same test in one process had passed at 1e-6 earlier that session)
     assert got["is_mean"] == pytest.approx(direct["is_mean"], rel=1e-5)
     assert got["pr_n"] == direct["pr_n"] == {"samples": 24, "reference": 10000}
     # lose the last part's statistics and the cell: the rerun samples that part alone
