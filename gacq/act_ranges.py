@@ -115,7 +115,8 @@ def write_ranges(result: dict, out_dir: str | Path, meta: dict) -> dict:
     import csv
     import io
 
-    from .diagnostics import _figure, _save_png, _ticks
+    from .diagnostics import _ticks
+    from .plots import figure as _figure, save_png as _save_png
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1159,14 +1159,16 @@ def _launch_units(todo: list[Cell], groups: list[list[Cell]], ready) -> list[lis
     checkpoints are all made (`ready(cell)`) has no cell waiting for another, so each of its cells is a unit of its
     own; any other group stays whole, at its first cell's place. Whole groups whose cells all started at once raced
     for the slots: `--parallel 2 --cells A1,B1,A2,B2` (A, B two methods' checkpoints) could start A1 and A2 first."""
+    split = [len(g) > 1 and all(ready(x) for x in g) for g in groups]
+    of = {x.id: k for k, g in enumerate(groups) for x in g}
     units, placed = [], set()
     for c in todo:
-        g = next(g for g in groups if any(x.id == c.id for x in g))
-        if len(g) > 1 and all(ready(x) for x in g):
+        k = of[c.id]
+        if split[k]:
             units.append([c])
-        elif id(g) not in placed:
-            placed.add(id(g))
-            units.append(g)
+        elif k not in placed:
+            placed.add(k)
+            units.append(groups[k])
     return units
 
 
@@ -1265,12 +1267,11 @@ def run_experiment(spec: ExperimentSpec, only: list[str] | None = None, parallel
             return list(sub.map(lambda c: launch([c]), cells))
 
     def run_group(group: list[Cell]) -> list[tuple[list[Cell], int, Path]]:
-        if len(group) > 1 and all(_checkpoint_made(spec, c) for c in group):
-            # every checkpoint is there (an earlier run or device call made it): no cell waits for another (a cell
-            # that samples only some of its parts, --parts, would otherwise hold the others back a whole run)
-            return side_by_side(group)
-        # the first cell quantizes (or finds the checkpoint); the others only sample it, so they then run as
-        # processes of their own, side by side, instead of one after another behind the quantization
+        # a group whose checkpoints were all there (an earlier run or device call made them) came as one unit per
+        # cell (`_launch_units`): no cell waits for another (a cell that samples only some of its parts, --parts,
+        # would otherwise hold the others back a whole run). Here the first cell quantizes (or finds the checkpoint);
+        # the others only sample it, so they then run as processes of their own, side by side, instead of one after
+        # another behind the quantization
         first = launch(group[:1])
         went_on = first[1] == 0 or (first[1] == STOPPED_EXIT and os.environ.get(PARTS_ENV) is not None
                                     and all(_checkpoint_made(spec, c) for c in group))

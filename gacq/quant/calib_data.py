@@ -35,6 +35,7 @@ from ..sampling import SampleConfig, generate, make_scheduler
 from ..utils import atomic_path, write_json
 from .config import CalibDataConfig  # noqa: F401 (defined there, torch-free)
 
+
 @dataclass
 class CalibrationSet:
     """x: model inputs (N, C, H, W); t: their timesteps (N,); step: sampling-step index (N,);
