@@ -168,9 +168,10 @@ def _by_seed(g: dict, metric: str) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in got.items()}
 
 
-def _paired_section(gs: dict, a: str = "gac", b: str = "tfmq") -> list[str]:
+def _paired_section(gs: dict, labels: dict[str, str] | None = None, a: str = "gac", b: str = "tfmq") -> list[str]:
     """Method a − method b in FID, paired by sampling seed (the same initial noise), per experiment, bits and
-    steps: the table that says whether a beats b beyond the seed-to-seed spread."""
+    steps: the table that says whether a beats b beyond the seed-to-seed spread. `labels` (settings -> experiment
+    names) adds an experiment column: a report over several experiments."""
     rows = []
     for (exp, m, bits, steps, gac), g in sorted(gs.items(), key=lambda kv: (-kv[0][3], _bits_key(kv[0][2]))):
         other = gs.get((exp, b, bits, steps, ()))
@@ -188,7 +189,7 @@ def _paired_section(gs: dict, a: str = "gac", b: str = "tfmq") -> list[str]:
         else:
             verdict = "not distinguishable"
         n = sorted({c["metrics"]["samples"]["n"] for c in g["cells"]})
-        rows.append([bits, str(steps), ",".join(map(str, n)), ",".join(p["seeds"]),
+        rows.append(([labels[exp]] if labels else []) + [bits, str(steps), ",".join(map(str, n)), ",".join(p["seeds"]),
                      ", ".join(f"{x:+.2f}" for x in p["diffs"]),
                      f"{p['mean']:+.2f}" + ("" if p["sd"] is None else f" ± {p['sd']:.2f}"),
                      "" if p["interval"] is None else f"{p['interval'][0]:+.2f} to {p['interval'][1]:+.2f}", verdict])
@@ -199,8 +200,9 @@ def _paired_section(gs: dict, a: str = "gac", b: str = "tfmq") -> list[str]:
             f"calibration seed, `/cs<n>`): {a}'s FID minus {b}'s (negative: {a} better), their mean ± sample "
             "standard deviation, and a 95% Student-t interval of the mean. "
             "\"Not distinguishable\" means the interval includes 0: the seeds run do not show either method "
-            "better.", ""] + _table(["bits", "steps", "samples", "seeds", "differences", "mean ± sd",
-                                    "95% interval", "verdict"], rows) + [""]
+            "better.", ""] + _table((["experiment"] if labels else []) + ["bits", "steps", "samples", "seeds",
+                                                                          "differences", "mean ± sd", "95% interval",
+                                                                          "verdict"], rows) + [""]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -208,14 +210,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def render(folder: str | Path, out: str | Path, title: str | None = None) -> dict:
-    """Write the markdown report `out`, `<out stem>.html` and `<out stem>_fid.png` next to it."""
-    from .utils import atomic_path
-
+def build(folder: str | Path, out: str | Path, title: str | None = None) -> dict[str, Any]:
+    """The report of the cells under `folder` as it would be written to `out`, without writing anything: the
+    markdown lines and what its files need (`md`, `plot_rows`, `profiles`, `grids`). Over several experiments
+    (settings) each table names the experiment of its rows."""
     cells = load_cells(folder)
     groups = aggregate(cells)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# {title or 'Experiment results'}", "",
                      f"Rendered by `gacq report {folder} --out {out}` from {len(cells)} cell result(s). "
                      "Each cell JSON under the results folder holds its command, commit, machine and wall "
@@ -232,17 +233,27 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
     for net, gs in by_net.items():
         note = next(iter(gs.values()))["cells"][0]["metrics"]["feature_network"].get("note", "")
         md += [f"## Feature network: {net}", "", f"_{note}_" if note else "", ""]
+        names: dict[str, set] = defaultdict(set)
+        for k, g in gs.items():
+            names[k[0]].update(c["experiment"] for c in g["cells"])
+        # the experiments (settings) of this feature network: a column of their own where there are several
+        labels = {exp: ", ".join(sorted(n)) for exp, n in names.items()} if len(names) > 1 else None
+
+        def exp_col(exp: str) -> list[str]:
+            return [labels[exp]] if labels else []
+
+        exp_head = ["experiment"] if labels else []
         base = {k: g for k, g in gs.items() if not k[4]}
         for steps in sorted({k[3] for k in base}, reverse=True):
             sel = {k: g for k, g in base.items() if k[3] == steps}
-            bits = sorted({k[2] for k in sel if k[2] != "FP"}, key=_bits_key)
-            methods = sorted({k[1] for k in sel}, key=_mkey)
-            exps = sorted({k[0] for k in sel})
-            for exp in exps:
-                n = sorted({n for k, g in sel.items() if k[0] == exp for n in g["n"]})
-                names = sorted({c["experiment"] for k, g in sel.items() if k[0] == exp for c in g["cells"]})
-                md += [f"### FID, {steps} sampling steps ({', '.join(names)}: {exp}; {', '.join(map(str, n))} "
-                       "samples per seed)", ""]
+            for exp in sorted({k[0] for k in sel}):
+                mine = {k: g for k, g in sel.items() if k[0] == exp}
+                bits = sorted({k[2] for k in mine if k[2] != "FP"}, key=_bits_key)
+                methods = sorted({k[1] for k in mine}, key=_mkey)
+                n = sorted({n for g in mine.values() for n in g["n"]})
+                here = sorted({c["experiment"] for g in mine.values() for c in g["cells"]})
+                md += [f"### FID, {steps} sampling steps ({', '.join(here)}: {exp}; "
+                       f"{', '.join(map(str, n))} samples per seed)", ""]
                 if min(n) < 10000:
                     md += ["FID from fewer than 10,000 samples is biased upwards: compare only at equal counts.", ""]
                 cols = (["FP"] if "fp" in methods else []) + bits
@@ -250,10 +261,11 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
                 for m in methods:
                     row = [m]
                     for b in cols:
-                        g = sel.get((exp, m, b, steps, ())) if (b == "FP") == (m == "fp") else None
+                        g = mine.get((exp, m, b, steps, ())) if (b == "FP") == (m == "fp") else None
                         row.append(_fmt(g["metrics"]["fid"], 2, _runs(g)) if g else "")
                         if g:
-                            plot_rows.append(((net, steps), m, b, *_stat(g["metrics"]["fid"])))
+                            plot_rows.append(((net, labels[exp] if labels else "", steps), m, b,
+                                              *_stat(g["metrics"]["fid"])))
                     rows.append(row)
                 md += _table(["method"] + cols, rows) + [""]
         md += ["### Every cell", ""]
@@ -264,95 +276,124 @@ def render(folder: str | Path, out: str | Path, title: str | None = None) -> dic
             label = m + ("".join(f" {k}={v}" for k, v in gac))
             if q.get("float_acts"):
                 label += f" (W/A checkpoint {q['weights_from']}, float acts)"
-            rows.append([label, b, str(steps), ",".join(sorted(g["seeds"])),
-                         ",".join(map(str, sorted(g["n"])))] +
+            rows.append(exp_col(exp) + [label, b, str(steps), ",".join(sorted(g["seeds"])),
+                                        ",".join(map(str, sorted(g["n"])))] +
                         [_fmt(g["metrics"][k], nd, _runs(g)) for k, _, nd in METRICS])
-        md += _table(["method", "bits", "steps", "seeds", "samples"] + [h for _, h, _ in METRICS], rows) + [""]
-        md += _paired_section(gs)
+        md += _table(exp_head + ["method", "bits", "steps", "seeds", "samples"] + [h for _, h, _ in METRICS],
+                     rows) + [""]
+        md += _paired_section(gs, labels)
         cost = {}
-        for g in gs.values():
+        for (exp, *_), g in gs.items():
             for c in g["cells"]:
                 q = c.get("quantize")
                 if q and not q.get("float_acts"):
-                    cost[_qrun(c)] = (q, bool((c.get("machine") or {}).get("gpu")))
+                    cost[(exp, *_qrun(c))] = (q, bool((c.get("machine") or {}).get("gpu")))
         if cost:
             md += ["### Calibration cost (one quantization job each; wall time includes calibration-set loading)",
                    ""]
-
-            def peak(q: dict, on_gpu: bool) -> str:
-                if q.get("peak_gpu_memory_bytes"):
-                    gib = f"{q['peak_gpu_memory_bytes'] / 2**30:.2f}"
-                    runs = q.get("wall_seconds_runs") or []
-                    # resumed: only the last run's peak unless its resume points logged the earlier runs' peaks
-                    if len(runs) > 1 and q.get("peak_gpu_memory_of") != "all runs":
-                        return f"{gib} (last of {len(runs)} runs)"
-                    return gib
-                return "not recorded" if on_gpu else "n/a (CPU)"
-
-            def what(q: dict) -> str:
-                base, w8 = q.get("bias_corrected_from"), q.get("w8_from")
-                if not base and not w8:
-                    return "quantization"
-                sec = q.get("quantize_seconds_of_base")
-                work = f"bias correction of {base['checkpoint']}" if base else \
-                    f"8-bit weights for {len(w8['layers'])} layer(s) of {w8['checkpoint']}"
-                return work + (f" (base: {sec:.0f} s)" if sec else "")
-
             n_runs = defaultdict(int)
-            for job, _, _ in cost:
-                n_runs[job] += 1
-            rows = [[job + (f" (run at {commit or '?'})" if n_runs[job] > 1 else ""), what(q),
-                     f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None else "", peak(q, on_gpu)]
-                    for (job, commit, _), (q, on_gpu) in sorted(cost.items(), key=lambda kv: tuple(map(str, kv[0])))]
-            md += _table(["job", "work", "wall s", "peak GPU GiB"], rows) + [""]
+            for exp, job, _, _ in cost:
+                n_runs[(exp, job)] += 1
+            rows = [exp_col(exp) + [job + (f" (run at {commit or '?'})" if n_runs[(exp, job)] > 1 else ""),
+                                    _cost_work(q), f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None
+                                    else "", _cost_peak(q, on_gpu)]
+                    for (exp, job, commit, _), (q, on_gpu) in sorted(
+                        cost.items(), key=lambda kv: ((labels or {}).get(kv[0][0], ""),) + tuple(map(str, kv[0][1:])))]
+            md += _table(exp_head + ["job", "work", "wall s", "peak GPU GiB"], rows) + [""]
         abl = {k: g for k, g in gs.items() if k[4]}
         if abl:
             md += ["### GAC ablations (default = the gac row of the table above with the same bits and steps)", ""]
             rows = []
-            for (exp, m, b, steps, gac), g in sorted(abl.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][4])):
+            for (exp, m, b, steps, gac), g in sorted(abl.items(), key=lambda kv: ((labels or {}).get(kv[0][0], ""),
+                                                                                   kv[0][2], kv[0][3], kv[0][4])):
                 d = gs.get((exp, m, b, steps, ()))
-                rows.append([", ".join(f"{k}={v}" for k, v in gac), b, str(steps), _fmt(g["metrics"]["fid"], 2, _runs(g)),
-                             _fmt(d["metrics"]["fid"], 2, _runs(d)) if d else "not run"])
-            md += _table(["override", "bits", "steps", "FID", "default FID"], rows) + [""]
-    png = out.with_name(out.stem + "_fid.png")
-    images = []
+                rows.append(exp_col(exp) + [", ".join(f"{k}={v}" for k, v in gac), b, str(steps),
+                                            _fmt(g["metrics"]["fid"], 2, _runs(g)),
+                                            _fmt(d["metrics"]["fid"], 2, _runs(d)) if d else "not run"])
+            md += _table(exp_head + ["override", "bits", "steps", "FID", "default FID"], rows) + [""]
     if plot_rows:
-        _plot(plot_rows, png)
-        md += [f"![FID per method and bit width]({png.name})", ""]
-        images.append((png, "FID per method and bit width"))
-    diag = _gac_diagnostics(Path(folder), out)
-    if diag is not None:
-        md += diag[0]
-        images.append((diag[1], "GAC's learned sample weights per sampling step"))
+        md += [f"![FID per method and bit width]({out.stem}_fid.png)", ""]
+    profiles = _diag_profiles(Path(folder))
+    if profiles:
+        md += _diag_section(profiles, f"{out.stem}_gac_weights.png")
     grids = [(c["cell"]["id"], Path(c["_path"]).parent.parent / c["grid"]) for c in cells if c.get("grid")]
-    text = "\n".join(md) + "\n"
+    return {"cells": len(cells), "groups": len(groups), "md": md, "plot_rows": plot_rows, "profiles": profiles,
+            "grids": grids}
+
+
+def render(folder: str | Path, out: str | Path, title: str | None = None) -> dict:
+    """Write the markdown report `out`, `<out stem>.html`, `<out stem>_fid.png` and, where GAC's diagnostics are in
+    the folder, `<out stem>_gac_weights.png` next to it."""
+    from .plots import plot_gac_profiles
+    from .utils import atomic_path
+
+    out = Path(out)
+    rep = build(folder, out, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png, diag_png = out.with_name(out.stem + "_fid.png"), out.with_name(out.stem + "_gac_weights.png")
+    images = []
+    if rep["plot_rows"]:
+        _plot(rep["plot_rows"], png)
+        images.append((png, "FID per method and bit width"))
+    if rep["profiles"]:
+        where = [w for w, _ in rep["profiles"]]
+        plot_gac_profiles([p for _, p in rep["profiles"]], diag_png,
+                          panels=where if len(set(where)) > 1 else None)  # several folders: a panel each
+        images.append((diag_png, "GAC's learned sample weights per sampling step"))
     with atomic_path(out) as tmp:
-        tmp.write_text(text)
+        tmp.write_text("\n".join(rep["md"]) + "\n")
     page = out.with_suffix(".html")
     with atomic_path(page) as tmp:
-        tmp.write_text(_html(md, images, grids, page.parent))
-    return {"cells": len(cells), "groups": len(groups), "markdown": str(out), "html": str(page),
-            "plot": str(png) if plot_rows else None, "diagnostics": str(diag[1]) if diag else None}
+        tmp.write_text(_html(rep["md"], images, rep["grids"], page.parent))
+    return {"cells": rep["cells"], "groups": rep["groups"], "markdown": str(out), "html": str(page),
+            "plot": str(png) if rep["plot_rows"] else None, "diagnostics": str(diag_png) if rep["profiles"] else None}
 
 
-def _gac_diagnostics(folder: Path, out: Path) -> tuple[list[str], Path] | None:
-    """The diagnostics section: GAC's learned sample weights per sampling step of every gac checkpoint whose
-    profile the experiment runner wrote (`<folder>/diagnostics/<job>.json`), as a table and one plot."""
-    from .plots import plot_gac_profiles
+def _cost_peak(q: dict, on_gpu: bool) -> str:
+    if q.get("peak_gpu_memory_bytes"):
+        gib = f"{q['peak_gpu_memory_bytes'] / 2**30:.2f}"
+        runs = q.get("wall_seconds_runs") or []
+        # resumed: only the last run's peak unless its resume points logged the earlier runs' peaks
+        if len(runs) > 1 and q.get("peak_gpu_memory_of") != "all runs":
+            return f"{gib} (last of {len(runs)} runs)"
+        return gib
+    return "not recorded" if on_gpu else "n/a (CPU)"
 
-    files = sorted((folder / "diagnostics").glob("*.json")) if (folder / "diagnostics").is_dir() else []
+
+def _cost_work(q: dict) -> str:
+    base, w8 = q.get("bias_corrected_from"), q.get("w8_from")
+    if not base and not w8:
+        return "quantization"
+    sec = q.get("quantize_seconds_of_base")
+    work = f"bias correction of {base['checkpoint']}" if base else \
+        f"8-bit weights for {len(w8['layers'])} layer(s) of {w8['checkpoint']}"
+    return work + (f" (base: {sec:.0f} s)" if sec else "")
+
+
+def _diag_profiles(folder: Path) -> list[tuple[str, dict]]:
+    """GAC's learned-weight profiles the experiment runner wrote (`diagnostics/<job>.json`) in `folder` itself or in
+    any experiment results folder under it (one with `cells/`), each with that folder's path relative to `folder`."""
+    dirs = [folder / "diagnostics"] if (folder / "diagnostics").is_dir() else []
+    dirs += sorted(d for d in folder.rglob("diagnostics")
+                   if d.is_dir() and d.parent != folder and (d.parent / "cells").is_dir()
+                   and NOT_MERGED not in d.relative_to(folder).parts)
     profiles = []
-    for f in files:
-        try:
-            p = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise GacqError(f"{f} is not readable JSON ({e}); delete it and rerun `gacq experiment diagnostics`") from e
-        if "mean_over_blocks" in p:
-            profiles.append(p)
-    if not profiles:
-        return None
-    png = out.with_name(out.stem + "_gac_weights.png")
-    plot_gac_profiles(profiles, png)
+    for d in dirs:
+        for f in sorted(d.glob("*.json")):
+            try:
+                p = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise GacqError(f"{f} is not readable JSON ({e}); delete it and rerun `gacq experiment diagnostics`") \
+                    from e
+            if "mean_over_blocks" in p:
+                profiles.append((d.parent.relative_to(folder).as_posix(), p))
+    return profiles
+
+
+def _diag_section(profiles: list[tuple[str, dict]], png_name: str) -> list[str]:
+    """The diagnostics section: GAC's learned sample weights per sampling step of every gac checkpoint whose
+    profile the experiment runner wrote, as a table (a folder column where they come from several) and one plot."""
+    several = len({where for where, _ in profiles}) > 1
     md = ["## Diagnostics: GAC's learned sample weights", "",
           "Per gac checkpoint, from its `gac_weights.safetensors` (`gacq.diagnostics.gac_weight_profile`): the mean "
           "weight of each sampling step's training samples relative to uniform (1), averaged over blocks, and the "
@@ -361,15 +402,17 @@ def _gac_diagnostics(folder: Path, out: Path) -> tuple[list[str], Path] | None:
           "written by `gacq experiment run` for the checkpoints it makes or uses, or by `gacq experiment "
           "diagnostics SPEC` for checkpoints in the spec's work folder.", ""]
     rows = []
-    for p in profiles:
+    for where, p in profiles:
         ess = sorted(b["ess_over_n"] for b in p["blocks"].values())
         m = p["mean_over_blocks"]
-        rows.append([p["job"], f"W{p['wbits']}A{p['abits'] or 32}", str(len(p["blocks"])), f"{ess[0]:.3f}",
+        rows.append(([where] if several else []) +
+                    [p["job"], f"W{p['wbits']}A{p['abits'] or 32}", str(len(p["blocks"])), f"{ess[0]:.3f}",
                      f"{ess[len(ess) // 2]:.3f}", f"{m[0]:.3f}", f"{m[-1]:.3f}", f"{min(m):.3f}–{max(m):.3f}",
                      "recorded" if p["step_source"].startswith("recorded") else "inferred (older checkpoint)"])
-    md += _table(["job", "bits", "blocks", "ESS/N min", "ESS/N median", "first step", "last step", "range over steps",
-                  "steps"], rows) + ["", f"![GAC's learned sample weights per sampling step]({png.name})", ""]
-    return md, png
+    md += _table((["folder"] if several else []) +
+                 ["job", "bits", "blocks", "ESS/N min", "ESS/N median", "first step", "last step", "range over steps",
+                  "steps"], rows) + ["", f"![GAC's learned sample weights per sampling step]({png_name})", ""]
+    return md
 
 
 def _plot(rows, path: Path) -> None:
@@ -380,11 +423,16 @@ def _plot(rows, path: Path) -> None:
 
     from .utils import save_figure
 
-    panels = sorted({r[0] for r in rows}, key=lambda p: (p[0], -p[1]))
+    # a panel per (feature network, experiment label, step count); the label is "" in a report of one experiment
+    panels = sorted({r[0] for r in rows}, key=lambda p: (p[0], p[1], -p[2]))
     quantized = [p for p in panels if any(r[0] == p and r[1] != "fp" for r in rows)]
     panels = quantized or panels  # a panel with FP alone says nothing about quantization
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels):
         sel = [r for r in rows if r[0] == panel]
         bits = sorted({r[2] for r in sel if r[2] != "FP"}, key=_bits_key)
         methods = sorted({r[1] for r in sel if r[1] != "fp"}, key=_mkey)
@@ -413,8 +461,12 @@ def _plot(rows, path: Path) -> None:
         ax.margins(y=0.15)
         ax.set_ylabel(f"FID on {panel[0].split()[0]} features (lower is better)")
         spread = any(r[4] for r in sel)
-        ax.set_title(f"{panel[1]} sampling steps" + ("" if spread else " (one seed each: no spread shown; the axis "
-                                                     "does not start at 0)"), fontsize=9 if not spread else None)
+        note = "" if spread else "one seed each: no spread shown; the axis does not start at 0"
+        if panel[1]:  # a report over several experiments: the experiment first, each part on a line of its own
+            ax.set_title("\n".join([panel[1], f"{panel[2]} sampling steps"] + ([f"({note})"] if note else [])),
+                         fontsize=9)
+        else:
+            ax.set_title(f"{panel[2]} sampling steps" + (f" ({note})" if note else ""), fontsize=9 if note else None)
         ax.legend(fontsize=8)
     save_figure(fig, path)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Here, after a device call of scripts/gpu-dit-call.sh (and `gpu-dit-stash.sh in`): unpack the call's call.tgz into
-# the spec's results folder and render its report again.
+# the spec's results folder and render its report (and results/README.md, the report of every experiment) again.
 #   [SPEC=SPEC.toml] bash scripts/gpu-unpack.sh CALL_TGZ RESULTS_FOLDER RUN_NAME [TITLE]
 #   e.g. bash scripts/gpu-unpack.sh /work/.device/3/call.tgz results/experiments/cifar10-call-sized 2026-12-03-s20-call1
 # The call's result files (cells/, grids/, diagnostics/) join RESULTS_FOLDER without replacing any file already there
@@ -108,4 +108,9 @@ if ls "$RES"/cells/*.json > /dev/null 2>&1; then
   python -m gacq report "$RES" ${TITLE:+--title "$TITLE"}
 else
   echo "gpu-unpack: no cell results in $RES yet: no report"
+fi
+# the report over every experiment (`gacq report results`), where this checkout has one: tests/test_committed_reports.py
+# fails on a stale one
+if [ -f results/README.md ] && sed -n 3p results/README.md | grep -q '^Rendered by `gacq report results --out results/README.md`'; then
+  python -m gacq report results --out results/README.md --title "$(sed -n '1s/^# //p' results/README.md)"
 fi

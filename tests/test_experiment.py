@@ -1121,3 +1121,46 @@ def test_part_fits_the_deadline():
     assert part_fits(None, 100.0, 1e9)  # no deadline
     assert part_fits(200.0, 100.0, None) and not part_fits(200.0, 200.0, None)  # time left, no estimate
     assert part_fits(200.0, 100.0, 100.0) and not part_fits(200.0, 100.0, 100.5)
+
+
+def test_a_report_over_several_experiments_names_each_rows_experiment(tmp_path):
+    """`gacq report results/` over two experiments' folders: every table that mixes them gets an experiment column
+    (the same job name in two experiments stays two rows of the cost table), each FID table shows only its own
+    experiment's methods, the plot has a panel per experiment, and the GAC diagnostics of both folders are read.
+    A report of one experiment keeps its tables without that column."""
+    for exp, fids in (("a", {"gac": [48.0, 49.0], "tfmq": [48.5, 48.0]}), ("b", {"gac": [60.0], "rtn": [250.0]})):
+        d = tmp_path / "experiments" / exp
+        (d / "cells").mkdir(parents=True)
+        for m, vals in fids.items():
+            for s, f in enumerate(vals):
+                _cell(d / "cells", m, "W4A8", s, f)
+                p = d / "cells" / f"{m}W4A8{s}cifar10None.json"
+                c = json.loads(p.read_text())
+                c["experiment"] = exp
+                c["quantize"] = {"job": f"{m}_w4a8", "float_acts": False, "commit": exp * 7, "wall_seconds": 100.0}
+                p.write_text(json.dumps(c))
+        (d / "diagnostics").mkdir()
+        (d / "diagnostics" / "gac_w4a8.json").write_text(json.dumps({
+            "job": "gac_w4a8", "wbits": 4, "abits": 8, "steps": [0, 1], "mean_over_blocks": [0.9, 1.1],
+            "min_over_blocks": [0.8, 1.0], "max_over_blocks": [1.0, 1.2], "step_source": "recorded",
+            "blocks": {"b0": {"ess_over_n": 0.99}}}))
+    info = render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert info["cells"] == 6 and Path(info["diagnostics"]).stat().st_size > 1000
+    table_a = md.split("### FID, 100 sampling steps (a:")[1].split("###")[0]
+    table_b = md.split("### FID, 100 sampling steps (b:")[1].split("###")[0]
+    assert "| tfmq |" in table_a and "| rtn |" not in table_a and "| rtn | 250.00 |" in table_b
+    assert "| tfmq |" not in table_b
+    assert "| experiment | method | bits | steps | seeds | samples | FID |" in md
+    assert "| b | rtn | W4A8 | 100 | 0 | 10000 | 250.00 |" in md
+    assert "| a | W4A8 | 100 | 10000 | 0,1 | -0.50, +1.00 |" in md  # paired gac − tfmq, experiment a only
+    assert "| a | gac_w4a8 | quantization | 100 |" in md and "| b | gac_w4a8 | quantization | 100 |" in md
+    assert "| experiments/a | gac_w4a8 | W4A8 |" in md and "| experiments/b | gac_w4a8 | W4A8 |" in md
+    from gacq.report import build
+
+    assert {r[0][1:] for r in build(tmp_path, tmp_path / "r.md")["plot_rows"]} == {("a", 100), ("b", 100)}
+    # one experiment's own report: no experiment or folder column
+    render(tmp_path / "experiments/a", tmp_path / "a.md")
+    one = (tmp_path / "a.md").read_text()
+    assert "| experiment |" not in one and "| folder |" not in one
+    assert "| gac_w4a8 | quantization | 100 |" in one and "| gac_w4a8 | W4A8 |" in one

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -84,6 +85,16 @@ def test_call_packs_only_its_own_files_and_unpack_merges(tmp_path):
     # each call unpacks once
     r = _bash(ROOT / "scripts/gpu-unpack.sh", out / "call.tgz", res, "call1", cwd=tmp_path)
     assert r.returncode == 1 and "exists: choose another RUN_NAME" in r.stdout
+    # where the checkout has the report over every experiment (results/README.md), an unpack renders it again
+    here = tmp_path / "here"
+    r = subprocess.run([sys.executable, "-m", "gacq", "report", "results", "--out", "results/README.md", "--title",
+                        "Everything"], cwd=here, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    fresh = (here / "results/README.md").read_text()
+    (here / "results/README.md").write_text(fresh.replace("| fp |", "| stale |"))
+    r = _bash(ROOT / "scripts/gpu-unpack.sh", out / "call.tgz", res, "call2", cwd=here)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (here / "results/README.md").read_text() == fresh
 
 
 def test_call_returns_unfinished_cells_checkpoints_and_a_later_call_only_samples(tmp_path):
