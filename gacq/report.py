@@ -317,6 +317,7 @@ def build(folder: str | Path, out: str | Path, title: str | None = None) -> dict
     if profiles:
         md += _diag_section(profiles, f"{out.stem}_gac_weights.png")
     grids = [(c["cell"]["id"], Path(c["_path"]).parent.parent / c["grid"]) for c in cells if c.get("grid")]
+    grids = [(cid, p) for cid, p in grids if p.is_file()]  # a grid not kept beside its cell: no broken image
     return {"cells": len(cells), "groups": len(groups), "md": md, "plot_rows": plot_rows, "profiles": profiles,
             "grids": grids}
 

@@ -1138,7 +1138,11 @@ def test_a_report_over_several_experiments_names_each_rows_experiment(tmp_path):
                 c = json.loads(p.read_text())
                 c["experiment"] = exp
                 c["quantize"] = {"job": f"{m}_w4a8", "float_acts": False, "commit": exp * 7, "wall_seconds": 100.0}
+                c["grid"] = f"grids/{m}{s}.jpg"
                 p.write_text(json.dumps(c))
+                if m == "gac":  # the other cells' grids were not kept: the page shows no broken image for them
+                    (d / "grids").mkdir(exist_ok=True)
+                    (d / "grids" / f"{m}{s}.jpg").write_bytes(b"jpg")
         (d / "diagnostics").mkdir()
         (d / "diagnostics" / "gac_w4a8.json").write_text(json.dumps({
             "job": "gac_w4a8", "wbits": 4, "abits": 8, "steps": [0, 1], "mean_over_blocks": [0.9, 1.1],
@@ -1156,6 +1160,8 @@ def test_a_report_over_several_experiments_names_each_rows_experiment(tmp_path):
     assert "| a | W4A8 | 100 | 10000 | 0,1 | -0.50, +1.00 |" in md  # paired gac − tfmq, experiment a only
     assert "| a | gac_w4a8 | quantization | 100 |" in md and "| b | gac_w4a8 | quantization | 100 |" in md
     assert "| experiments/a | gac_w4a8 | W4A8 |" in md and "| experiments/b | gac_w4a8 | W4A8 |" in md
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<figure") == 3 and 'src="experiments/a/grids/gac1.jpg"' in page and "tfmq0.jpg" not in page
     from gacq.report import build
 
     assert {r[0][1:] for r in build(tmp_path, tmp_path / "r.md")["plot_rows"]} == {("a", 100), ("b", 100)}
