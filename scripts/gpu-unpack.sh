@@ -111,6 +111,6 @@ else
 fi
 # the report over every experiment (`gacq report results`), where this checkout has one: tests/test_committed_reports.py
 # fails on a stale one
-if [ -f results/README.md ] && sed -n 3p results/README.md | grep -q '^Rendered by `gacq report results --out results/README.md`'; then
+if [ -f results/README.md ] && sed -n 3p results/README.md | grep -q '^Rendered by `gacq report results/\? --out results/README.md`'; then
   python -m gacq report results --out results/README.md --title "$(sed -n '1s/^# //p' results/README.md)"
 fi
