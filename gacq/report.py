@@ -8,7 +8,8 @@ of the same cell (mean and sample standard deviation), and writes:
 - GAC hyperparameter ablations (cells with overrides) against the default;
 - an FID bar chart (PNG) and an HTML page with the tables, the plot and the sample grids.
 Every table names its feature network; cells measured on different feature networks are never
-mixed in one table.
+mixed in one table. Over a folder of several experiments (`gacq report results`) every table that
+mixes them names each row's experiment, and the plots get a panel per experiment.
 """
 
 from __future__ import annotations
@@ -95,14 +96,24 @@ def _runs(g: dict) -> int:
 
 
 def aggregate(cells: list[dict]) -> dict[tuple, dict[str, Any]]:
-    """Seeds of one (feature net, experiment, method, bits, steps, gac overrides) cell pooled together."""
+    """Seeds of one (feature net, experiment, method, bits, steps, gac overrides) cell pooled together. Cells of one
+    spec's settings whose models differ (`model_digest`: a model trained again under the same path) are never pooled:
+    where a settings digest has cells of several models, each model is an experiment of its own (cells older than
+    the digest field in one of their own, "model not recorded")."""
+    models: dict[str, set] = defaultdict(set)
+    for c in cells:
+        if c.get("model_digest"):
+            models[c.get("settings_digest", c["experiment"])].add(c["model_digest"])
     groups: dict[tuple, dict[str, Any]] = {}
     for c in cells:
         cell, m = c["cell"], c["metrics"]
         fn = m["feature_network"]
         gac = tuple(sorted(cell.get("gac", {}).items()))
         # cells of different specs with the same settings pool (e.g. extra seeds run by a second spec)
-        setting = f"settings {c.get('settings_digest', c['experiment'])}"
+        digest = c.get("settings_digest", c["experiment"])
+        setting = f"settings {digest}"
+        if len(models[digest]) > 1:
+            setting += f", model {c['model_digest'][:12]}" if c.get("model_digest") else ", model not recorded"
         draws = cell.get("gaussian_draws", 1)
         method = cell["method"] + (f" ({draws} draws)" if draws != 1 else "") \
             + (TOK if cell.get("act_granularity") == "token" else "") + (BC if cell.get("bias_correction") else "") \
@@ -238,6 +249,11 @@ def build(folder: str | Path, out: str | Path, title: str | None = None) -> dict
             names[k[0]].update(c["experiment"] for c in g["cells"])
         # the experiments (settings) of this feature network: a column of their own where there are several
         labels = {exp: ", ".join(sorted(n)) for exp, n in names.items()} if len(names) > 1 else None
+        if labels:  # experiment names that several settings (or models) share also name their settings
+            seen = defaultdict(int)
+            for lab in labels.values():
+                seen[lab] += 1
+            labels = {exp: lab if seen[lab] == 1 else f"{lab} ({exp})" for exp, lab in labels.items()}
 
         def exp_col(exp: str) -> list[str]:
             return [labels[exp]] if labels else []
@@ -270,7 +286,8 @@ def build(folder: str | Path, out: str | Path, title: str | None = None) -> dict
                 md += _table(["method"] + cols, rows) + [""]
         md += ["### Every cell", ""]
         rows = []
-        for (exp, m, b, steps, gac), g in sorted(gs.items(), key=lambda kv: (kv[0][0], -kv[0][3], _mkey(kv[0][1]),
+        for (exp, m, b, steps, gac), g in sorted(gs.items(), key=lambda kv: ((labels or {}).get(kv[0][0], ""), kv[0][0],
+                                                                             -kv[0][3], _mkey(kv[0][1]),
                                                                              _bits_key(kv[0][2]), kv[0][4])):
             q = g["cells"][0].get("quantize") or {}
             label = m + ("".join(f" {k}={v}" for k, v in gac))

@@ -1170,3 +1170,33 @@ def test_a_report_over_several_experiments_names_each_rows_experiment(tmp_path):
     one = (tmp_path / "a.md").read_text()
     assert "| experiment |" not in one and "| folder |" not in one
     assert "| gac_w4a8 | quantization | 100 |" in one and "| gac_w4a8 | W4A8 |" in one
+
+
+def test_a_report_never_pools_cells_of_different_models(tmp_path):
+    """Three FP cells of one spec's settings, each seed 0, sampled from three trainings of the model (sessions
+    12-14 of the DiT did this): three entries, not one of "3 seeds". Cells without a model digest (older than the
+    field) pool with the one model the others name, and stand apart where the others name several."""
+    def cell(name, digest, fid, seed=0):
+        _cell(tmp_path, "fp", "FP", seed, fid)
+        p = tmp_path / f"fpFP{seed}cifar10None.json"
+        d = json.loads(p.read_text())
+        d["model_digest"] = digest
+        p.rename(tmp_path / f"{name}.json")
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+
+    cell("a", None, 70.0)
+    cell("b", "5035896fd8d0e6bdff", 69.0)
+    cell("c", "5267c65289420603aa", 71.0)
+    render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert "(3 seeds)" not in md and "(2 seeds)" not in md, md
+    for model in ("model not recorded", "model 5035896fd8d0", "model 5267c6528942"):
+        assert f"(e: settings e, {model}; 10000 samples per seed)" in md, md
+    assert "| e (settings e, model 5035896fd8d0) | fp | FP | 100 | 0 | 10000 | 69.00 |" in md
+    # one model named, and a cell older than the field: that model's seeds, pooled as before
+    (tmp_path / "a.json").unlink()
+    (tmp_path / "c.json").unlink()
+    cell("d", None, 71.0, seed=1)
+    render(tmp_path, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert "| fp | 70.00 ± 1.41 (2 seeds) |" in md and "model" not in md.split("### Every cell")[0], md
