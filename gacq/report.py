@@ -255,6 +255,9 @@ def build(folder: str | Path, out: str | Path, title: str | None = None) -> dict
                 seen[lab] += 1
             labels = {exp: lab if seen[lab] == 1 else f"{lab} ({exp})" for exp, lab in labels.items()}
 
+        def exp_label(exp: str) -> str:  # "" in a report of one experiment
+            return labels[exp] if labels else ""
+
         def exp_col(exp: str) -> list[str]:
             return [labels[exp]] if labels else []
 
@@ -280,13 +283,13 @@ def build(folder: str | Path, out: str | Path, title: str | None = None) -> dict
                         g = mine.get((exp, m, b, steps, ())) if (b == "FP") == (m == "fp") else None
                         row.append(_fmt(g["metrics"]["fid"], 2, _runs(g)) if g else "")
                         if g:
-                            plot_rows.append(((net, labels[exp] if labels else "", steps), m, b,
+                            plot_rows.append(((net, exp_label(exp), steps), m, b,
                                               *_stat(g["metrics"]["fid"])))
                     rows.append(row)
                 md += _table(["method"] + cols, rows) + [""]
         md += ["### Every cell", ""]
         rows = []
-        for (exp, m, b, steps, gac), g in sorted(gs.items(), key=lambda kv: ((labels or {}).get(kv[0][0], ""), kv[0][0],
+        for (exp, m, b, steps, gac), g in sorted(gs.items(), key=lambda kv: (exp_label(kv[0][0]), kv[0][0],
                                                                              -kv[0][3], _mkey(kv[0][1]),
                                                                              _bits_key(kv[0][2]), kv[0][4])):
             q = g["cells"][0].get("quantize") or {}
@@ -315,13 +318,13 @@ def build(folder: str | Path, out: str | Path, title: str | None = None) -> dict
                                     _cost_work(q), f"{q['wall_seconds']:.0f}" if q.get("wall_seconds") is not None
                                     else "", _cost_peak(q, on_gpu)]
                     for (exp, job, commit, _), (q, on_gpu) in sorted(
-                        cost.items(), key=lambda kv: ((labels or {}).get(kv[0][0], ""),) + tuple(map(str, kv[0][1:])))]
+                        cost.items(), key=lambda kv: (exp_label(kv[0][0]),) + tuple(map(str, kv[0][1:])))]
             md += _table(exp_head + ["job", "work", "wall s", "peak GPU GiB"], rows) + [""]
         abl = {k: g for k, g in gs.items() if k[4]}
         if abl:
             md += ["### GAC ablations (default = the gac row of the table above with the same bits and steps)", ""]
             rows = []
-            for (exp, m, b, steps, gac), g in sorted(abl.items(), key=lambda kv: ((labels or {}).get(kv[0][0], ""),
+            for (exp, m, b, steps, gac), g in sorted(abl.items(), key=lambda kv: (exp_label(kv[0][0]),
                                                                                    kv[0][2], kv[0][3], kv[0][4])):
                 d = gs.get((exp, m, b, steps, ()))
                 rows.append(exp_col(exp) + [", ".join(f"{k}={v}" for k, v in gac), b, str(steps),
